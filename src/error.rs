@@ -1,0 +1,37 @@
+//! The crate's top-level error: one variant per stage, each knowing whose fault it is.
+
+use crate::graph::GraphError;
+use crate::model::{ModelError, WorkloadError};
+
+/// Exit code for bad input (a config, a flag, a file the user gave).
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code for an internal error (a bug).
+pub const EXIT_INTERNAL: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// Writing an output file the user named failed.
+    #[error("{path}: cannot write: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// 2 for the user's input, 1 for a bug.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Model(_) | Error::Workload(_) | Error::Write { .. } => EXIT_BAD_INPUT,
+            Error::Graph(g) if g.is_user_error() => EXIT_BAD_INPUT,
+            Error::Graph(_) => EXIT_INTERNAL,
+        }
+    }
+}

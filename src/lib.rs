@@ -1,0 +1,15 @@
+//! waferscale: a cycle-approximate emulator of a wafer-scale dataflow engine, with a companion GPU
+//! model running the same dataflow graph.
+//!
+//! The pipeline, each stage plain data with a printer:
+//! `config.json + workload` -> [`model::Model`] -> [`graph::Graph`] -> (plan -> mesh program ->
+//! engine -> report + trace; see ARCHITECTURE.md for the stages that exist today).
+//!
+//! The CLI (`src/main.rs`, `src/cli.rs`) is a thin layer over these functions.
+
+pub mod error;
+pub mod graph;
+pub mod model;
+pub mod report;
+
+pub use error::Error;

@@ -1,0 +1,7 @@
+//! Report types: the serde boundary of the crate. Everything a command prints as JSON is defined
+//! here, with a text printer beside it; internal IR types are never serialized.
+
+pub mod fmt;
+mod graph;
+
+pub use graph::{GraphSummary, KindRow, WorkloadSummary};
