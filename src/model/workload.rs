@@ -148,13 +148,14 @@ pub enum WorkloadError {
         value: String,
         expected: String,
     },
-    #[error("workload: `{key}` = {value} exceeds `{model_key}` = {limit} of {path}")]
+    #[error("workload: `{key}` = {value} exceeds `{model_key}` = {limit} of {path}{note}")]
     ExceedsModel {
         key: &'static str,
         value: u64,
         model_key: &'static str,
         limit: u64,
         path: String,
+        note: &'static str,
     },
     #[error("workload: phase `{phase}` does not apply to {model}: {reason}")]
     Phase {
@@ -286,14 +287,15 @@ impl WorkloadArgs {
             crate::model::Family::Gpt2 | crate::model::Family::GptJ => "n_positions",
             _ => "max_position_embeddings",
         };
-        let (key, used) = match phase {
-            Phase::Decode => ("context", context + 1),
-            _ => ("seq", seq),
+        let (key, value, used, note) = match phase {
+            Phase::Decode => ("context", context, context + 1, " (the new token needs one more position)"),
+            _ => ("seq", seq, seq, ""),
         };
         if used > spec.max_positions {
             return Err(WorkloadError::ExceedsModel {
                 key,
-                value: used,
+                value,
+                note,
                 model_key,
                 limit: spec.max_positions,
                 path: spec.source.clone(),
