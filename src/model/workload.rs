@@ -288,7 +288,12 @@ impl WorkloadArgs {
             _ => "max_position_embeddings",
         };
         let (key, value, used, note) = match phase {
-            Phase::Decode => ("context", context, context + 1, " (the new token needs one more position)"),
+            Phase::Decode => (
+                "context",
+                context,
+                context + 1,
+                " (the new token needs one more position)",
+            ),
             _ => ("seq", seq, seq, ""),
         };
         if used > spec.max_positions {
