@@ -1,6 +1,7 @@
 //! The crate's top-level error: one variant per stage, each knowing whose fault it is.
 
 use crate::graph::GraphError;
+use crate::hw::HwError;
 use crate::model::{ModelError, WorkloadError};
 
 /// Exit code for bad input (a config, a flag, a file the user gave).
@@ -16,6 +17,8 @@ pub enum Error {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Graph(#[from] GraphError),
+    #[error(transparent)]
+    Hw(#[from] HwError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -29,7 +32,7 @@ impl Error {
     /// 2 for the user's input, 1 for a bug.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Model(_) | Error::Workload(_) | Error::Write { .. } => EXIT_BAD_INPUT,
+            Error::Model(_) | Error::Workload(_) | Error::Hw(_) | Error::Write { .. } => EXIT_BAD_INPUT,
             Error::Graph(g) if g.is_user_error() => EXIT_BAD_INPUT,
             Error::Graph(_) => EXIT_INTERNAL,
         }

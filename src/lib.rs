@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod graph;
+pub mod hw;
 pub mod model;
 pub mod report;
 

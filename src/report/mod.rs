@@ -2,6 +2,10 @@
 //! here, with a text printer beside it; internal IR types are never serialized.
 
 pub mod fmt;
+mod gpu;
 mod graph;
+mod run;
 
+pub use gpu::{GpuDetails, KernelRow, LevelBytes, MemoryFootprint};
 pub use graph::{GraphSummary, KindRow, WorkloadSummary};
+pub use run::{Bottleneck, HostInfo, MachineSummary, OpRow, RunReport, Utilization};

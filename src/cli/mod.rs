@@ -1,14 +1,15 @@
-//! The command line: clap definitions, and for each command a few lines that call the library and
-//! print. No logic lives here that a library user would need.
+//! The command line: clap definitions, and for each command (one file each) a few lines that call the
+//! library and print. No logic lives here that a library user would need.
 
 use std::io::Write as _;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use waferscale::graph::{self, print_dot, print_graph};
-use waferscale::model::{self, embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
-use waferscale::report::GraphSummary;
+use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
 use waferscale::Error;
+
+mod demo;
+mod graph;
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +37,7 @@ pub enum Command {
         wafer graph gemm:8192x8192x8192 --dtype bf16\n  \
         wafer graph models/tiny/gpt-tiny.json --dot -o gpt-tiny.dot\n  \
         wafer graph gpt-tiny --dump-after graph")]
-    Graph(GraphCmd),
+    Graph(graph::GraphCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -97,38 +98,11 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     DType::parse(s).ok_or_else(|| format!("`{s}` is not a dtype; expected fp32, fp16, bf16 or fp8"))
 }
 
-/// Pipeline stages whose printer `--dump-after` can show.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Stage {
-    Graph,
-}
-
-#[derive(Args)]
-pub struct GraphCmd {
-    /// A shipped model name (gpt2-small, llama-3-8b, gpt-tiny), a config.json path,
-    /// or a single op: gemm:MxNxK, gemv:KxN, allreduce:BYTES, elementwise:N.
-    pub model: String,
-    #[command(flatten)]
-    pub workload: WorkloadFlags,
-    /// Print the summary as one JSON object.
-    #[arg(long, conflicts_with_all = ["dot", "dump_after"])]
-    pub json: bool,
-    /// Print the graph in Graphviz DOT instead of the summary.
-    #[arg(long, conflicts_with = "dump_after")]
-    pub dot: bool,
-    /// Print a stage's full text form (the printer the snapshots use).
-    #[arg(long, value_enum)]
-    pub dump_after: Option<Stage>,
-    /// Write the output to FILE instead of standard output.
-    #[arg(short = 'o', long, value_name = "FILE")]
-    pub output: Option<String>,
-}
-
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Demo => demo(),
-        Command::Graph(cmd) => graph_cmd(cmd),
+        Command::Demo => demo::run(),
+        Command::Graph(cmd) => graph::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {
@@ -146,69 +120,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
-fn graph_cmd(cmd: GraphCmd) -> Result<(), Error> {
-    let model = model::load(&cmd.model)?;
-    let workload = cmd.workload.args()?.resolve(&model)?;
-    let g = graph::build(&model, &workload)?;
-    let text = if cmd.json {
-        let summary = GraphSummary::new(&model, &g);
-        let mut s = serde_json::to_string_pretty(&summary).map_err(|e| {
-            Error::Graph(graph::GraphError::Internal(format!(
-                "cannot serialise the summary: {e}"
-            )))
-        })?;
-        s.push('\n');
-        s
-    } else if cmd.dot {
-        print_dot(&g)
-    } else if let Some(Stage::Graph) = cmd.dump_after {
-        print_graph(&g)
-    } else {
-        GraphSummary::new(&model, &g).to_text()
-    };
-    emit(&text, cmd.output.as_deref())
-}
-
-/// The main job on the embedded default. Until the compiler and engine exist, it runs the stages that
-/// do and says which are still to come; it prints no number that was not computed.
-fn demo() -> Result<(), Error> {
-    let model = model::load("gpt2-small")?;
-    let args = WorkloadArgs {
-        phase: Some(Phase::Train),
-        batch: Some(8),
-        seq: Some(1024),
-        ..Default::default()
-    };
-    let workload = args.resolve(&model)?;
-    let started = std::time::Instant::now();
-    let g = graph::build(&model, &workload)?;
-    let elapsed = started.elapsed();
-    let mut s = String::new();
-    s.push_str("waferscale demo: gpt2-small, one training step (batch 8 x seq 1024, fp16, Adam)\n\n");
-    s.push_str("[1/5] model frontend  done: models/gpt2-small.json parsed\n");
-    s.push_str(&format!(
-        "[2/5] dataflow graph  done: {} ops, verified, built in {:.0} ms\n\n",
-        g.n_ops(),
-        elapsed.as_secs_f64() * 1e3
-    ));
-    s.push_str(&GraphSummary::new(&model, &g).to_text());
-    s.push_str(
-        "\nStill to come (not yet built, so no numbers are shown for them):\n\
-         [3/5] wafer compiler: placement, tiling, routing on colors, SRAM allocation, perimeter IO (wafer compile)\n\
-         [4/5] wafer engine: cycle-approximate emulation of the mesh program (wafer run)\n\
-         [5/5] GPU model and the side-by-side comparison, traces and heatmaps (wafer gpu, wafer compare)\n\
-         \nTry next:\n  \
-         wafer models\n  \
-         wafer graph llama-3-8b --phase decode --context 4096\n  \
-         wafer graph gpt2-small --json\n  \
-         wafer graph gemm:8192x8192x8192 --dtype bf16\n",
-    );
-    emit(&s, None)
-}
-
 /// Prints to stdout (a closed pipe is not an error), or writes FILE whole: to a temporary file
 /// beside it that is renamed into place, so a failure never leaves a half-written file.
-fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
+pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
     match path {
         None => {
             let mut out = std::io::stdout().lock();

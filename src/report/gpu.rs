@@ -1,0 +1,45 @@
+//! GPU-specific parts of a run report: bytes per memory level, the per-kernel table, the footprint.
+
+use serde::Serialize;
+
+/// Bytes moved at one level of the memory hierarchy over the step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LevelBytes {
+    /// `hbm`, `l2`, `smem`, `nvlink`, `network`.
+    pub level: String,
+    pub bytes: u64,
+}
+
+/// One kernel of the lowered graph.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct KernelRow {
+    pub name: String,
+    /// The graph ops fused into it.
+    pub ops: Vec<String>,
+    pub seconds: f64,
+    pub flops: u64,
+    pub achieved_flops_per_s: f64,
+    /// `compute`, `hbm`, `l2`, `launch` or `network`.
+    pub bound: String,
+    /// Count of identical kernels folded into this row (one per layer, say).
+    pub count: u64,
+}
+
+/// Memory needed per GPU against its capacity.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MemoryFootprint {
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub total_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GpuDetails {
+    pub levels: Vec<LevelBytes>,
+    pub kernels: Vec<KernelRow>,
+    pub memory: MemoryFootprint,
+}
