@@ -10,6 +10,7 @@
 pub mod error;
 pub mod graph;
 pub mod hw;
+pub mod mesh;
 pub mod model;
 pub mod report;
 

@@ -1,0 +1,302 @@
+//! The mesh program: the compiler's output and the engine's only input.
+//!
+//! A flat, immutable description of what every PE of a wafer runs: which task template each PE
+//! executes (assigned to rectangles of PEs), how trains of wavelets sent on each color travel
+//! (route patterns, relative to the sender), and the perimeter IO ports with their streams.
+//! Semantics: `shared/design/MACHINE-MODEL.md`, restated on each type below.
+//!
+//! Architecture invariant: the program indexes everything with typed `u32` ids (`TemplateId`,
+//! `RegionId`, `PortId`, `ColorId`, local task indices) and holds no petgraph, no names on hot paths
+//! (names live in `Region`/`Template`/`Task` for printers only), and no floating point that could
+//! decide an ordering: rates are exact fractions of integers.
+//! The program is not a file format: plans are saved as their compile inputs and recompiled.
+
+use std::fmt;
+
+pub use crate::hw::{MeshDims, SimdOp};
+
+/// A color (virtual channel) on the fabric; at most `Timing::colors` distinct colors per router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ColorId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TemplateId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortId(pub u32);
+
+/// A task's index within its template (tasks of a PE are `0..template.tasks.len()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskIdx(pub u32);
+
+impl ColorId {
+    /// Not a fabric color: on an IO port, the link to its peer. A port task's `Recv` on `LINK` counts
+    /// wavelets arriving from the peer wafer's port; a port `Send` on a real color injects into the mesh.
+    pub const LINK: ColorId = ColorId(u32::MAX);
+}
+
+impl fmt::Display for ColorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// A PE position: x is the column (west to east), y the row (north to south).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Coord {
+    pub x: u32,
+    pub y: u32,
+}
+
+/// A rectangle of PEs: columns x..x+w, rows y..y+h.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+impl Rect {
+    pub fn contains(&self, c: Coord) -> bool {
+        c.x >= self.x && c.x < self.x + self.w && c.y >= self.y && c.y < self.y + self.h
+    }
+    pub fn pes(&self) -> u64 {
+        self.w as u64 * self.h as u64
+    }
+    pub fn overlaps(&self, o: &Rect) -> bool {
+        self.x < o.x + o.w && o.x < self.x + self.w && self.y < o.y + o.h && o.y < self.y + self.h
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dir {
+    North,
+    East,
+    South,
+    West,
+}
+
+impl Dir {
+    /// (dx, dy) of one hop.
+    pub fn delta(self) -> (i32, i32) {
+        match self {
+            Dir::North => (0, -1),
+            Dir::East => (1, 0),
+            Dir::South => (0, 1),
+            Dir::West => (-1, 0),
+        }
+    }
+}
+
+/// Engine-facing machine parameters, copied from the hardware description when the program is built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    pub clock_hz: f64,
+    pub hop_cycles: u32,
+    pub ramp_cycles: u32,
+    pub pick_cycles: u32,
+    pub queue_depth: u32,
+    pub colors: u32,
+    pub relay_cycles: u32,
+    pub link_wavelets_per_cycle: u32,
+    pub sram_bytes: u64,
+    /// The PE's exact vector rates (see `hw::PeSpec::rate`), so the engine needs no hardware file.
+    pub pe: crate::hw::PeSpec,
+}
+
+/// A region: the PEs that run one op (or one fused group of ops) of the graph, for reports and traces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Region {
+    pub name: String,
+    pub rect: Rect,
+    /// Graph op names mapped here.
+    pub ops: Vec<String>,
+    /// Graph op kind of the main op (`linear`, `attn_scores`, ...).
+    pub kind: String,
+    /// Mesh algorithm (`gemv-tree`, `summa`, `cannon`, `row-reduce`, `elementwise`, ...).
+    pub algorithm: String,
+    /// FLOPs of the region's graph ops (the region's tasks must execute exactly these).
+    pub flops: u64,
+}
+
+/// What a task waits for before it may start. All needs of a task must hold; they are counted per run:
+/// run n (1-based) of a task needs n x `wavelets` wavelets received in total on the color, and
+/// n x `times` completed runs of the other task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `wavelets` wavelets arriving on `color` at this PE's ramp, per run.
+    /// A data task: it becomes ready when the first of them arrives if its work is paced by this
+    /// color (it then consumes them as they come), else when the last has arrived.
+    /// On an IO port: wavelets arriving at the port from the mesh (leaving the wafer), or with
+    /// `ColorId::LINK`, from the peer wafer's port.
+    Recv { color: ColorId, wavelets: u64 },
+    /// Another task of this PE has completed `times` runs per run of this one (local activation).
+    Done { task: TaskIdx, times: u32 },
+}
+
+/// The vector work of one task run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub op: SimdOp,
+    /// Elements processed; cycles follow from the PE's rate for `op` (SIMD width and SRAM ports).
+    pub elems: u64,
+    /// A fabric-input operand: the work consumes the `Recv` on this color as it arrives, so it cannot
+    /// run ahead of the wavelets (and slow consumption backpressures the sender).
+    pub paced_by: Option<ColorId>,
+}
+
+/// A train a task sends per run: `wavelets` wavelets on `color`, routed by the route that covers
+/// this PE and color.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Send {
+    pub color: ColorId,
+    pub wavelets: u64,
+    /// True: the train leaves as the task computes (a fabric-output operand), paced by the work.
+    /// False: it leaves when the work is done (a result).
+    pub streamed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    /// For printers and traces only.
+    pub name: String,
+    pub needs: Vec<Need>,
+    pub work: Work,
+    pub sends: Vec<Send>,
+    /// Runs of this task; each run waits for its needs afresh (a run per chunk, per token, per layer).
+    pub repeat: u32,
+    /// FLOPs one run executes (a multiply-accumulate is two), summed by the engine for the invariant
+    /// "FLOPs executed = FLOPs of the graph".
+    pub flops: u64,
+}
+
+/// The program of every PE that runs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Template {
+    pub name: String,
+    pub region: RegionId,
+    pub tasks: Vec<Task>,
+    /// SRAM bytes the compiler allocated on each PE running this template (weights, buffers, KV cache).
+    pub sram_bytes: u64,
+}
+
+/// PEs running a template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub rect: Rect,
+    pub template: TemplateId,
+}
+
+/// How a train travels, relative to the PE (or port router) that sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// `hops` hops in `dir`; delivered to every PE it passes (multicast) or only to the last.
+    Line { dir: Dir, hops: u32, multicast: bool },
+    /// To the PE at (dx, dy) from the sender, X first then Y (dimension-ordered unicast).
+    To { dx: i32, dy: i32 },
+    /// Multicast to a rectangle of `w x h` PEs whose top-left corner is at (dx, dy) from the sender:
+    /// along the rectangle's first row reached, then up and down every column. Delivered to every PE of
+    /// the rectangle.
+    Rect { dx: i32, dy: i32, w: u32, h: u32 },
+    /// To the sender's own PE only (a loopback through the ramp).
+    Local,
+}
+
+/// Who sends on a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Senders {
+    /// Every PE in the rectangle, each with the pattern relative to itself.
+    Pes(Rect),
+    /// An IO port: the pattern is relative to the edge router the port attaches to.
+    Port(PortId),
+}
+
+/// Routing of `color` for the given senders. Each router a route passes holds the color.
+/// `relays` > 0 when the flow could not get a color end to end and PEs relay it: the engine charges
+/// `relay_cycles` to the train's head at each relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub color: ColorId,
+    pub senders: Senders,
+    pub pattern: Pattern,
+    pub relays: u32,
+}
+
+/// What is behind an IO port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Weights stream in from MemoryX (weight streaming).
+    MemoryX,
+    /// Gradients stream out to SwarmX / MemoryX.
+    SwarmX,
+    /// Activations and results to and from the host.
+    Host,
+    /// Another wafer (multi-wafer pipelined inference): hidden states.
+    Wafer(u32),
+}
+
+/// A perimeter IO port: attached to an edge router, with an exact integer rate and a latency.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Port {
+    pub name: String,
+    pub side: Dir,
+    /// The edge PE whose router the port attaches to.
+    pub at: Coord,
+    /// Rate as an exact fraction: `wavelets` per `per_cycles` cycles (an integer token bucket).
+    pub wavelets: u64,
+    pub per_cycles: u64,
+    pub latency_cycles: u64,
+    pub peer: Peer,
+    /// For `Peer::Wafer(w)`: the port of wafer `w` that this port's outgoing data arrives at.
+    pub peer_port: Option<PortId>,
+    /// The port's own tasks: streams in (sends) and out (receives), with the same semantics as a PE's,
+    /// their work ignored (a port computes nothing).
+    pub template: TemplateId,
+    /// Bytes the plan expects through this port in one run (the engine checks it).
+    pub planned_bytes: u64,
+}
+
+/// The whole program of one wafer for one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshProgram {
+    /// Format version of the program (bumped when semantics change).
+    pub version: u32,
+    /// The mesh in use (the `--mesh` rectangle, or the whole wafer).
+    pub mesh: MeshDims,
+    pub timing: Timing,
+    pub regions: Vec<Region>,
+    pub templates: Vec<Template>,
+    /// Disjoint rectangles of PEs and their templates; PEs in no tile are idle.
+    pub tiles: Vec<Tile>,
+    pub routes: Vec<Route>,
+    pub ports: Vec<Port>,
+    /// FLOPs of the graph this program computes: the engine checks that its tasks execute exactly these.
+    pub graph_flops: u64,
+}
+
+/// Several wafers run together (multi-wafer pipelined inference): ports with `Peer::Wafer` link them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    pub wafers: Vec<MeshProgram>,
+}
+
+/// Version of the program semantics above.
+pub const PROGRAM_VERSION: u32 = 1;
+
+impl MeshProgram {
+    /// FLOPs the tasks execute: every PE of every tile runs every task `repeat` times.
+    pub fn task_flops(&self) -> u64 {
+        self.tiles
+            .iter()
+            .map(|t| {
+                let per_pe: u64 =
+                    self.templates[t.template.0 as usize].tasks.iter().map(|k| k.flops * k.repeat as u64).sum();
+                per_pe * t.rect.pes()
+            })
+            .sum()
+    }
+}
