@@ -204,6 +204,10 @@ pub enum Pattern {
     Rect { dx: i32, dy: i32, w: u32, h: u32 },
     /// To the sender's own PE only (a loopback through the ramp).
     Local,
+    /// Off the wafer: X first then Y to the router of `port`, and out through the port (data leaving
+    /// the wafer: gradients to SwarmX, results to the host, hidden states to the next wafer). The
+    /// port's tasks `Recv` it on the route's color.
+    ToPort { port: PortId },
 }
 
 /// Who sends on a route.
