@@ -108,6 +108,24 @@ pub struct Timing {
     pub pe: crate::hw::PeSpec,
 }
 
+impl Timing {
+    /// The engine-facing parameters of a wafer description.
+    pub fn from_hw(hw: &crate::hw::WaferHw) -> Timing {
+        Timing {
+            clock_hz: hw.clock_hz,
+            hop_cycles: hw.fabric.hop_cycles,
+            ramp_cycles: hw.fabric.ramp_cycles,
+            pick_cycles: hw.pe.pick_cycles,
+            queue_depth: hw.fabric.queue_depth,
+            colors: hw.fabric.colors,
+            relay_cycles: hw.fabric.relay_cycles,
+            link_wavelets_per_cycle: hw.fabric.link_wavelets_per_cycle,
+            sram_bytes: hw.pe.sram_bytes,
+            pe: hw.pe,
+        }
+    }
+}
+
 /// A region: the PEs that run one op (or one fused group of ops) of the graph, for reports and traces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Region {
@@ -297,8 +315,11 @@ impl MeshProgram {
         self.tiles
             .iter()
             .map(|t| {
-                let per_pe: u64 =
-                    self.templates[t.template.0 as usize].tasks.iter().map(|k| k.flops * k.repeat as u64).sum();
+                let per_pe: u64 = self.templates[t.template.0 as usize]
+                    .tasks
+                    .iter()
+                    .map(|k| k.flops * k.repeat as u64)
+                    .sum();
                 per_pe * t.rect.pes()
             })
             .sum()

@@ -1,0 +1,182 @@
+//! The wafer engine: executes a mesh program on an emulated wafer, cycle-approximately.
+//!
+//! PEs run their tasks when the data they need has arrived (dataflow triggering) and the task picker
+//! picks them; a task's duration follows its SIMD op, width and SRAM ports; its results leave as trains
+//! of wavelets that reserve the links of their route trees (one wavelet per cycle per link direction,
+//! shared between trains, paced by their slowest consumer); IO ports are links with their own rate and
+//! latency. Time advances from event to event; events are ordered by (cycle, sequence number).
+//!
+//! Architecture invariant: the engine reads only the flat `mesh::MeshProgram` (never the graph or
+//! petgraph); all timing is integer cycles; no floating point decides an order; results do not depend
+//! on hash order or thread count.
+
+mod link;
+mod route;
+mod sim;
+
+pub use link::{Pace, Timeline, UNIT};
+
+use std::fmt;
+
+use crate::mesh::MeshProgram;
+
+/// How much of the machine is simulated individually.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fidelity {
+    /// Every PE and every train.
+    Detailed,
+    /// Equivalence classes of PEs and aggregated repeats.
+    Fast,
+}
+
+impl Fidelity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fidelity::Detailed => "detailed",
+            Fidelity::Fast => "fast",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub fidelity: Fidelity,
+    pub threads: usize,
+}
+
+/// Whole-run counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events: u64,
+    pub flops: u64,
+    pub wavelets_sent: u64,
+    /// Wavelets arriving at PEs and ports (a multicast counts once per receiver).
+    pub wavelets_delivered: u64,
+    /// Wavelets times router-to-router links crossed.
+    pub wavelet_hops: u64,
+    pub relays: u64,
+    /// Bytes through each IO port (in or out).
+    pub io_bytes: Vec<u64>,
+}
+
+/// What one PE or port did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Cycles computing.
+    pub busy: u64,
+    /// Cycles a running task waited for its paced input or its streamed output beyond its compute.
+    pub stalled: u64,
+    pub runs: u64,
+    pub flops: u64,
+}
+
+/// One task that could not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    pub agent: String,
+    pub task: String,
+    pub run: u32,
+    pub waits_for: Vec<String>,
+}
+
+/// No event can fire while work remains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadlockReport {
+    pub cycle: u64,
+    pub blocked_agents: u64,
+    /// The first `DEADLOCK_LISTED` blocked agents, in mesh order.
+    pub blocked: Vec<Blocked>,
+}
+
+/// How many blocked agents a deadlock report lists.
+pub const DEADLOCK_LISTED: usize = 12;
+
+impl fmt::Display for DeadlockReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "deadlock at cycle {}: {} PEs or ports have work left and no event can fire",
+            self.cycle, self.blocked_agents
+        )?;
+        for b in &self.blocked {
+            writeln!(
+                f,
+                "  {} task {} (run {}) waits for: {}",
+                b.agent,
+                b.task,
+                b.run,
+                b.waits_for.join("; ")
+            )?;
+        }
+        if self.blocked_agents as usize > self.blocked.len() {
+            writeln!(
+                f,
+                "  ... and {} more",
+                self.blocked_agents as usize - self.blocked.len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The program cannot progress: a result, reported with what each blocked PE waits for.
+    #[error("{0}")]
+    Deadlock(DeadlockReport),
+    /// The program breaks the mesh-program contract (a compiler bug or a hand-written program's).
+    #[error("invalid mesh program: {0}")]
+    Program(String),
+    /// An end-of-run invariant failed.
+    #[error("engine invariant violated: {0}")]
+    Invariant(String),
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug)]
+pub struct EngineRun {
+    pub cycles: u64,
+    pub totals: Totals,
+    /// Per PE (mesh order), then per port.
+    pub agents: Vec<AgentStats>,
+    /// Busy fraction of router-to-router links over the run.
+    pub fabric_utilization: f64,
+    pub fidelity: Fidelity,
+}
+
+/// Runs `program` to completion and checks the end-of-run invariants:
+/// FLOPs executed = the program's graph FLOPs, wavelets delivered = wavelets consumed,
+/// bytes through each port = the bytes its plan expects.
+pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
+    let mut sim = sim::Sim::new(program)?;
+    let cycles = sim.run()?;
+    let mut totals = sim.totals.clone();
+    totals.io_bytes.resize(program.ports.len(), 0);
+    if program.graph_flops != 0 && totals.flops != program.graph_flops {
+        return Err(EngineError::Invariant(format!(
+            "FLOPs executed {} != FLOPs of the graph {}",
+            totals.flops, program.graph_flops
+        )));
+    }
+    for (p, port) in program.ports.iter().enumerate() {
+        if totals.io_bytes[p] != port.planned_bytes {
+            return Err(EngineError::Invariant(format!(
+                "port {} carried {} bytes, the plan says {}",
+                port.name, totals.io_bytes[p], port.planned_bytes
+            )));
+        }
+    }
+    let mesh_links = 4.0 * program.mesh.pes() as f64;
+    let fabric_utilization = if cycles == 0 {
+        0.0
+    } else {
+        sim.hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64)
+    };
+    Ok(EngineRun {
+        cycles,
+        totals,
+        agents: sim.agent_stats,
+        fabric_utilization,
+        fidelity: opts.fidelity,
+    })
+}
