@@ -6,6 +6,8 @@
 //! after its head's arrival where its rate fits under the capacity for its whole duration (gap
 //! filling), so flows sharing a link share its bandwidth and contention emerges.
 
+use smallvec::SmallVec;
+
 /// Capacity units of a link that carries one wavelet per cycle. lcm(1..=16): paces of up to 16 cycles
 /// per wavelet are exact.
 pub const UNIT: u64 = 720_720;
@@ -62,7 +64,10 @@ struct Interval {
 /// simulation's present are dropped.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
-    iv: Vec<Interval>,
+    /// Most links hold at most a couple of reservations at a time: keep them inline.
+    iv: SmallVec<[Interval; 2]>,
+    /// Latest end of any interval held.
+    max_end: u64,
 }
 
 impl Timeline {
@@ -75,7 +80,12 @@ impl Timeline {
         }
         let units = units.min(cap);
         let len = len.max(1);
-        let start = self.earliest(t, len, units, cap);
+        // Most links are idle when a train arrives: skip the search.
+        let start = if self.iv.last().is_none_or(|i| i.end <= t) {
+            t
+        } else {
+            self.earliest(t, len, units, cap)
+        };
         let pos = self.iv.partition_point(|i| i.start <= start);
         self.iv.insert(
             pos,
@@ -89,7 +99,7 @@ impl Timeline {
     }
 
     fn earliest(&self, t: u64, len: u64, units: u64, cap: u64) -> u64 {
-        // Candidates: t itself, then every end of an interval after t (load only drops at ends).
+        // Candidates: t itself, then ends of intervals (load only drops at ends).
         let mut cand = t;
         loop {
             match self.blocking_end(cand, len, units, cap) {
@@ -103,23 +113,18 @@ impl Timeline {
     /// the overload (the next candidate start); None when it fits.
     fn blocking_end(&self, s: u64, len: u64, units: u64, cap: u64) -> Option<u64> {
         let e = s + len;
-        // Load changes only at interval starts within the window; check the load at s and at each start.
-        let mut points: Vec<u64> = vec![s];
-        for i in &self.iv {
-            if i.start >= e {
-                break;
-            }
-            if i.start > s {
-                points.push(i.start);
-            }
-        }
-        for &p in &points {
+        // Load changes only at interval starts; check it at s and at each start inside (s, e).
+        let starts = std::iter::once(s).chain(
+            self.iv
+                .iter()
+                .map(|i| i.start)
+                .take_while(|&st| st < e)
+                .filter(|&st| st > s),
+        );
+        for p in starts {
             let mut load = units;
             let mut first_end = u64::MAX;
-            for i in &self.iv {
-                if i.start > p {
-                    break;
-                }
+            for i in self.iv.iter().take_while(|i| i.start <= p) {
                 if i.end > p {
                     load += i.units;
                     first_end = first_end.min(i.end);
@@ -130,11 +135,6 @@ impl Timeline {
             }
         }
         None
-    }
-
-    /// Cycles x units reserved in [from, to): for utilisation counters.
-    pub fn is_empty(&self) -> bool {
-        self.iv.is_empty()
     }
 }
 

@@ -11,8 +11,10 @@
 //! on hash order or thread count.
 
 mod link;
+mod queue;
 mod route;
 mod sim;
+pub mod synth;
 
 pub use link::{Pace, Timeline, UNIT};
 

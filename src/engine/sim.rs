@@ -1,10 +1,12 @@
 //! The event loop: PEs and IO ports ("agents") run their tasks as data arrives; trains reserve the
 //! links of their route trees; time advances from event to event in (cycle, sequence) order.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
+
+use smallvec::{smallvec, SmallVec};
 
 use super::link::{Pace, Timeline, UNIT};
+use super::queue::RadixQueue;
 use super::route::{expand, Deliver, Links, Node, ROOT};
 use super::{AgentStats, Blocked, DeadlockReport, EngineError, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
@@ -20,7 +22,7 @@ struct Arrival {
 /// Wavelets of one color at one agent: arrivals in head order, and how many task runs have claimed.
 #[derive(Clone, Debug, Default)]
 struct Inbox {
-    arrivals: Vec<Arrival>,
+    arrivals: SmallVec<[Arrival; 1]>,
     /// Arrivals before this index are fully claimed and never read again.
     first: usize,
     /// Wavelets of `arrivals[first]` already claimed.
@@ -78,8 +80,8 @@ struct Agent {
     template: u32,
     busy_until: u64,
     running: bool,
-    runs_done: Vec<u32>,
-    inbox: Vec<(ColorId, Inbox)>,
+    runs_done: SmallVec<[u32; 4]>,
+    inbox: SmallVec<[(ColorId, Inbox); 2]>,
 }
 
 impl Agent {
@@ -114,8 +116,7 @@ pub(crate) struct Sim<'p> {
     port_cap: Vec<u64>,
     port_pace: Vec<Pace>,
     agents: Vec<Agent>,
-    queue: BinaryHeap<Reverse<(u64, u64, Ev)>>,
-    seq: u64,
+    queue: RadixQueue<Ev>,
     now: u64,
     /// Route index per (agent, color), looked up once.
     route_cache: BTreeMap<(u32, ColorId), u32>,
@@ -158,7 +159,7 @@ impl<'p> Sim<'p> {
                         return Err(EngineError::Program(format!("PE ({x},{y}) is in two tiles")));
                     }
                     a.template = tile.template.0;
-                    a.runs_done = vec![0; n_tasks];
+                    a.runs_done = smallvec![0; n_tasks];
                 }
             }
         }
@@ -173,7 +174,7 @@ impl<'p> Sim<'p> {
             }
             let a = &mut agents[(n_pes + i as u32) as usize];
             a.template = p.template.0;
-            a.runs_done = vec![0; prog.templates[p.template.0 as usize].tasks.len()];
+            a.runs_done = smallvec![0; prog.templates[p.template.0 as usize].tasks.len()];
             port_cap.push(((UNIT as u128 * p.wavelets as u128) / p.per_cycles as u128).max(1) as u64);
             port_pace.push(Pace::new(p.per_cycles, p.wavelets).max(Pace::FULL));
         }
@@ -186,8 +187,7 @@ impl<'p> Sim<'p> {
             port_cap,
             port_pace,
             agents,
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: RadixQueue::new(),
             now: 0,
             route_cache: BTreeMap::new(),
             scratch: Vec::new(),
@@ -202,8 +202,7 @@ impl<'p> Sim<'p> {
     }
 
     fn push(&mut self, t: u64, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse((t, self.seq, ev)));
+        self.queue.push(t, ev);
     }
 
     /// Runs to completion; returns the cycle of the last event.
@@ -214,7 +213,7 @@ impl<'p> Sim<'p> {
             }
         }
         let mut end = 0;
-        while let Some(Reverse((t, _, ev))) = self.queue.pop() {
+        while let Some((t, ev)) = self.queue.pop() {
             self.now = t;
             end = end.max(t);
             self.totals.events += 1;
@@ -378,11 +377,12 @@ impl<'p> Sim<'p> {
         }
     }
 
-    /// The pace a consumer at `d` imposes on color `c`: the per-wavelet compute of its next paced task.
-    fn consumer_pace(&self, d: u32, c: ColorId) -> Pace {
+    /// The pace a consumer at `d` imposes on color `c` (the per-wavelet compute of its next task that
+    /// receives on `c`, if that task is paced by it), and whether that task is paced.
+    fn consumer_pace(&self, d: u32, c: ColorId) -> (Pace, bool) {
         let agent = &self.agents[d as usize];
         if agent.template == u32::MAX || self.is_port(d) {
-            return Pace::FULL;
+            return (Pace::FULL, false);
         }
         for (k, task) in self.template(d).tasks.iter().enumerate() {
             if agent.runs_done[k] >= task.repeat {
@@ -392,19 +392,20 @@ impl<'p> Sim<'p> {
                 if let Need::Recv { color, wavelets } = *need {
                     if color == c && wavelets > 0 {
                         if task.work.paced_by != Some(c) {
-                            return Pace::FULL;
+                            return (Pace::FULL, false);
                         }
                         let compute = self.prog.timing.pe.cycles(task.work.op, task.work.elems);
-                        return if compute > wavelets {
+                        let pace = if compute > wavelets {
                             Pace::new(compute, wavelets)
                         } else {
                             Pace::FULL
                         };
+                        return (pace, true);
                     }
                 }
             }
         }
-        Pace::FULL
+        (Pace::FULL, false)
     }
 
     /// Sends a train; returns the cycle its tail has left the sender.
@@ -446,7 +447,7 @@ impl<'p> Sim<'p> {
         // Backpressure: a multicast moves no faster than its slowest paced consumer.
         for node in &nodes {
             if let Deliver::Pe(d) = node.deliver {
-                pace = pace.max(self.consumer_pace(d, c));
+                pace = pace.max(self.consumer_pace(d, c).0);
             }
         }
         let len = pace.cycles(n);
@@ -500,11 +501,11 @@ impl<'p> Sim<'p> {
         }
         self.agents[d as usize].inbox(c).add(Arrival { head, n, pace });
         self.totals.wavelets_delivered += n;
-        self.push(head, Ev::Wake(d));
-        let tail = head + pace.offset(n - 1);
-        if tail != head {
-            self.push(tail, Ev::Wake(d));
-        }
+        // Wake the receiver when its next consumer of this color can start: at the head for a paced
+        // consumer, at the tail otherwise.
+        let paced = d < self.n_pes && self.consumer_pace(d, c).1;
+        let at = if paced { head } else { head + pace.offset(n - 1) };
+        self.push(at, Ev::Wake(d));
         Ok(())
     }
 
