@@ -81,11 +81,12 @@ impl Timeline {
         let units = units.min(cap);
         let len = len.max(1);
         // Most links are idle when a train arrives: skip the search.
-        let start = if self.iv.last().is_none_or(|i| i.end <= t) {
+        let start = if self.max_end <= t {
             t
         } else {
             self.earliest(t, len, units, cap)
         };
+        self.max_end = self.max_end.max(start + len);
         let pos = self.iv.partition_point(|i| i.start <= start);
         self.iv.insert(
             pos,

@@ -66,6 +66,7 @@ impl<E> RadixQueue<E> {
         Some((t, e))
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
