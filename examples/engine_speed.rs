@@ -7,6 +7,7 @@ fn main() {
     let args: Vec<u32> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
     let (w, h) = (args.first().copied().unwrap_or(64), args.get(1).copied().unwrap_or(64));
     let k = args.get(2).copied().unwrap_or(16384) as u64;
+    let threads = args.get(3).copied().unwrap_or(1) as usize;
     let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap())
         .unwrap()
         .with_mesh(w, h)
@@ -18,15 +19,20 @@ fn main() {
         &prog,
         &EngineOptions {
             fidelity: Fidelity::Detailed,
-            threads: 1,
+            threads,
         },
     )
     .unwrap();
     let t2 = Instant::now();
     let secs = (t2 - t1).as_secs_f64();
+    let totals = &run.totals;
+    println!(
+        "  totals: flops {} sent {} delivered {} hops {}",
+        totals.flops, totals.wavelets_sent, totals.wavelets_delivered, totals.wavelet_hops
+    );
     let pe_cycles = run.cycles as f64 * (w as f64 * h as f64);
     println!(
-        "{w}x{h} gemv {k}x{k}: {} cycles ({:.3} us at 850 MHz), {} events, build {:.3}s, run {:.3}s, {:.1} M PE-cycles/s, {:.2} M events/s",
+        "{w}x{h} gemv {k}x{k} threads {threads}: {} cycles ({:.3} us at 850 MHz), {} events, build {:.3}s, run {:.3}s, {:.1} M PE-cycles/s, {:.2} M events/s",
         run.cycles,
         run.cycles as f64 / 850.0,
         run.totals.events,

@@ -150,10 +150,56 @@ pub struct EngineRun {
 /// FLOPs executed = the program's graph FLOPs, wavelets delivered = wavelets consumed,
 /// bytes through each port = the bytes its plan expects.
 pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
-    let mut sim = sim::Sim::new(program)?;
-    let cycles = sim.run()?;
-    let mut totals = sim.totals.clone();
-    totals.io_bytes.resize(program.ports.len(), 0);
+    let t0 = std::time::Instant::now();
+    let shared = sim::Shared::new(program)?;
+    let mut parts: Vec<sim::Part> = (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p)).collect();
+    let t1 = std::time::Instant::now();
+    let cycles = sim::run_parts(&shared, &mut parts, opts.threads)?;
+    if std::env::var_os("WAFER_ENGINE_TIMING").is_some() {
+        eprintln!(
+            "engine: setup {:.3}s, run {:.3}s",
+            (t1 - t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        );
+    }
+    // Blocked tasks and unconsumed deliveries, in mesh order.
+    let mut blocked: Vec<(u32, Blocked)> = parts.iter().flat_map(|p| p.blocked(&shared)).collect();
+    if !blocked.is_empty() {
+        blocked.sort_by_key(|(id, _)| *id);
+        let n = blocked.len() as u64;
+        blocked.truncate(DEADLOCK_LISTED);
+        return Err(EngineError::Deadlock(DeadlockReport {
+            cycle: cycles,
+            blocked_agents: n,
+            blocked: blocked.into_iter().map(|(_, b)| b).collect(),
+        }));
+    }
+    if let Some(msg) = parts.iter().find_map(|p| p.unconsumed(&shared)) {
+        return Err(EngineError::Program(msg));
+    }
+    let mut totals = Totals {
+        io_bytes: vec![0; program.ports.len()],
+        ..Totals::default()
+    };
+    let mut hop_unit_cycles = 0u128;
+    let n_agents = program.mesh.pes() as usize + program.ports.len();
+    let mut agents = vec![AgentStats::default(); n_agents];
+    for p in &parts {
+        let t = &p.totals;
+        totals.events += t.events;
+        totals.flops += t.flops;
+        totals.wavelets_sent += t.wavelets_sent;
+        totals.wavelets_delivered += t.wavelets_delivered;
+        totals.wavelet_hops += t.wavelet_hops;
+        totals.relays += t.relays;
+        for (a, b) in totals.io_bytes.iter_mut().zip(&t.io_bytes) {
+            *a += b;
+        }
+        hop_unit_cycles += p.hop_unit_cycles;
+        for (id, s) in p.agent_stats() {
+            agents[id as usize] = s;
+        }
+    }
     if program.graph_flops != 0 && totals.flops != program.graph_flops {
         return Err(EngineError::Invariant(format!(
             "FLOPs executed {} != FLOPs of the graph {}",
@@ -172,12 +218,12 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
     let fabric_utilization = if cycles == 0 {
         0.0
     } else {
-        sim.hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64)
+        hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64)
     };
     Ok(EngineRun {
         cycles,
         totals,
-        agents: sim.agent_stats,
+        agents,
         fabric_utilization,
         fidelity: opts.fidelity,
     })

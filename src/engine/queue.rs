@@ -13,6 +13,8 @@ pub(crate) struct RadixQueue<E> {
     buckets: Vec<Vec<(u64, u64, E)>>,
     len: usize,
     seq: u64,
+    /// The minimum time outside `now`, when known.
+    min_cache: Option<u64>,
 }
 
 impl<E> RadixQueue<E> {
@@ -23,6 +25,7 @@ impl<E> RadixQueue<E> {
             buckets: (0..65).map(|_| Vec::new()).collect(),
             len: 0,
             seq: 0,
+            min_cache: None,
         }
     }
 
@@ -42,13 +45,35 @@ impl<E> RadixQueue<E> {
         self.len += 1;
         match self.bucket(t) {
             0 => self.now.push_back((t, self.seq, e)),
-            b => self.buckets[b].push((t, self.seq, e)),
+            b => {
+                if let Some(m) = self.min_cache {
+                    self.min_cache = Some(m.min(t));
+                }
+                self.buckets[b].push((t, self.seq, e))
+            }
         }
     }
 
-    pub fn pop(&mut self) -> Option<(u64, E)> {
-        if self.now.is_empty() {
+    /// The time of the next event, without removing it. It does not move the heap's base, so events
+    /// may still be pushed at any time at or after the last popped one.
+    pub fn peek_time(&mut self) -> Option<u64> {
+        if let Some(e) = self.now.front() {
+            return Some(e.0);
+        }
+        if self.min_cache.is_none() {
             let b = (1..65).find(|&b| !self.buckets[b].is_empty())?;
+            self.min_cache = self.buckets[b].iter().map(|i| i.0).min();
+        }
+        self.min_cache
+    }
+
+    /// Moves the earliest non-empty bucket into `now` when `now` is empty.
+    fn refill(&mut self) {
+        if self.now.is_empty() {
+            let Some(b) = (1..65).find(|&b| !self.buckets[b].is_empty()) else {
+                return;
+            };
+            self.min_cache = None;
             let items = std::mem::take(&mut self.buckets[b]);
             self.last = items.iter().map(|i| i.0).min().unwrap_or(self.last);
             let mut now: Vec<(u64, u64, E)> = Vec::new();
@@ -61,6 +86,10 @@ impl<E> RadixQueue<E> {
             now.sort_by_key(|i| i.1);
             self.now.extend(now);
         }
+    }
+
+    pub fn pop(&mut self) -> Option<(u64, E)> {
+        self.refill();
         let (t, _, e) = self.now.pop_front()?;
         self.len -= 1;
         Some((t, e))

@@ -59,9 +59,6 @@ impl Links {
     pub fn port(&self, port: u32) -> LinkId {
         6 * self.pes() + port
     }
-    pub fn count(&self, ports: u32) -> usize {
-        (6 * self.pes() + ports) as usize
-    }
     fn step(&self, c: Coord, d: Dir) -> Option<Coord> {
         let (dx, dy) = d.delta();
         let x = c.x as i64 + dx as i64;

@@ -1,15 +1,24 @@
-//! The event loop: PEs and IO ports ("agents") run their tasks as data arrives; trains reserve the
-//! links of their route trees; time advances from event to event in (cycle, sequence) order.
+//! The event loop. The mesh is cut into fixed square blocks ("partitions"); each partition owns the
+//! PEs, routers, links and ports in its block, its own event queue and statistics. Time advances in
+//! windows of one cycle (the lookahead: no effect crosses a block boundary in less than a hop): every
+//! partition handles its events of the window, then the trains whose heads cross into a neighbour are
+//! handed over as continuation events, in a fixed order. The blocks are a function of the mesh alone,
+//! so the result is the same whether one thread runs all partitions or many threads share them.
+//! Threads take blocks along diagonals, so a wavefront moving along rows or columns is shared.
 
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use smallvec::{smallvec, SmallVec};
 
 use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::route::{expand, Deliver, Links, Node, ROOT};
-use super::{AgentStats, Blocked, DeadlockReport, EngineError, Totals};
+use super::{AgentStats, Blocked, EngineError, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
+
+/// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
+pub const BLOCK: u32 = 64;
 
 /// A train's arrival at one agent: wavelet j arrives at `head + pace.offset(j)`.
 #[derive(Clone, Copy, Debug)]
@@ -65,7 +74,6 @@ impl Inbox {
             self.first += 1;
             self.first_claimed = 0;
         }
-        // Drop fully claimed arrivals now and then so long runs stay small.
         if self.first > 64 {
             self.arrivals.drain(..self.first);
             self.first = 0;
@@ -76,12 +84,16 @@ impl Inbox {
 /// A PE or an IO port.
 #[derive(Clone, Debug, Default)]
 struct Agent {
+    /// Global agent id (PE index in the mesh, then n_pes + port index).
+    id: u32,
     /// Template index; u32::MAX for PEs that run nothing.
     template: u32,
     busy_until: u64,
     running: bool,
     runs_done: SmallVec<[u32; 4]>,
     inbox: SmallVec<[(ColorId, Inbox); 2]>,
+    /// Route index per color, looked up once.
+    routes: SmallVec<[(ColorId, u32); 2]>,
 }
 
 impl Agent {
@@ -90,7 +102,7 @@ impl Agent {
             Some(i) => &mut self.inbox[i].1,
             None => {
                 self.inbox.push((c, Inbox::default()));
-                &mut self.inbox.last_mut().unwrap().1
+                &mut self.inbox.last_mut().expect("just pushed").1
             }
         }
     }
@@ -99,50 +111,63 @@ impl Agent {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ev {
-    /// Re-evaluate which task the agent can start.
+    /// Re-evaluate which task the local agent can start.
     Wake(u32),
-    /// A task run finishes.
+    /// A task run of the local agent finishes.
     Done(u32, u32),
+    /// A train's head enters this partition (index into `Part::conts`).
+    Cont(u32),
 }
 
-pub(crate) struct Sim<'p> {
+/// A train in flight: everything a partition needs to continue it.
+#[derive(Debug)]
+struct Train {
+    color: ColorId,
+    n: u64,
+    pace: Pace,
+    len: u64,
+    units: u64,
+    nodes: Vec<Node>,
+}
+
+/// A train's head arriving at a partition's router at `time`, to continue from `node`.
+#[derive(Clone, Debug)]
+struct Cont {
+    time: u64,
+    train: Arc<Train>,
+    node: u32,
+}
+
+/// Read-only facts every partition shares.
+pub(crate) struct Shared<'p> {
     prog: &'p MeshProgram,
     links: Links,
     n_pes: u32,
-    timelines: Vec<Timeline>,
-    /// Capacity of each port link (units per cycle).
+    /// Blocks per row of blocks, and rows of blocks.
+    blocks_x: u32,
+    blocks_y: u32,
+    /// Template of every PE (u32::MAX: idle).
+    template_of: Vec<u32>,
     port_cap: Vec<u64>,
     port_pace: Vec<Pace>,
-    agents: Vec<Agent>,
-    queue: RadixQueue<Ev>,
-    now: u64,
-    /// Route index per (agent, color), looked up once.
-    route_cache: BTreeMap<(u32, ColorId), u32>,
-    scratch: Vec<Node>,
-    out_time: Vec<u64>,
-    pub totals: Totals,
-    pub agent_stats: Vec<AgentStats>,
-    /// Busy link-cycles in units (x UNIT per full-rate cycle), mesh hops only.
-    pub hop_unit_cycles: u128,
+    /// (partition, local index) of each port.
+    port_home: Vec<(u32, u32)>,
+    /// Route indices per color id (colors are small integers).
+    routes_by_color: Vec<Vec<u32>>,
+    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced).
+    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool); 2]>>,
 }
 
-impl<'p> Sim<'p> {
-    pub fn new(prog: &'p MeshProgram) -> Result<Sim<'p>, EngineError> {
+impl<'p> Shared<'p> {
+    pub fn new(prog: &'p MeshProgram) -> Result<Shared<'p>, EngineError> {
         let links = Links {
             width: prog.mesh.width,
             height: prog.mesh.height,
         };
         let n_pes = links.pes();
-        let n_ports = prog.ports.len() as u32;
-        let mut agents = vec![
-            Agent {
-                template: u32::MAX,
-                ..Default::default()
-            };
-            (n_pes + n_ports) as usize
-        ];
+        let mut template_of = vec![u32::MAX; n_pes as usize];
         for tile in &prog.tiles {
             let r = tile.rect;
             if r.x + r.w > links.width || r.y + r.h > links.height {
@@ -151,93 +176,296 @@ impl<'p> Sim<'p> {
                     links.width, links.height
                 )));
             }
-            let n_tasks = prog.templates[tile.template.0 as usize].tasks.len();
+            if tile.template.0 as usize >= prog.templates.len() {
+                return Err(EngineError::Program(format!(
+                    "tile {r:?} names a template that does not exist"
+                )));
+            }
             for y in r.y..r.y + r.h {
                 for x in r.x..r.x + r.w {
-                    let a = &mut agents[links.pe(Coord { x, y }) as usize];
-                    if a.template != u32::MAX {
+                    let slot = &mut template_of[links.pe(Coord { x, y }) as usize];
+                    if *slot != u32::MAX {
                         return Err(EngineError::Program(format!("PE ({x},{y}) is in two tiles")));
                     }
-                    a.template = tile.template.0;
-                    a.runs_done = smallvec![0; n_tasks];
+                    *slot = tile.template.0;
                 }
             }
         }
+        let (blocks_x, blocks_y) = (links.width.div_ceil(BLOCK), links.height.div_ceil(BLOCK));
+        let n_parts = blocks_x * blocks_y;
         let mut port_cap = Vec::new();
         let mut port_pace = Vec::new();
-        for (i, p) in prog.ports.iter().enumerate() {
+        let mut port_home = Vec::new();
+        let mut per_part = vec![0u32; n_parts as usize];
+        for p in &prog.ports {
             if p.at.x >= links.width || p.at.y >= links.height || p.wavelets == 0 || p.per_cycles == 0 {
                 return Err(EngineError::Program(format!(
                     "port {} is off the mesh or has no bandwidth",
                     p.name
                 )));
             }
-            let a = &mut agents[(n_pes + i as u32) as usize];
-            a.template = p.template.0;
-            a.runs_done = smallvec![0; prog.templates[p.template.0 as usize].tasks.len()];
             port_cap.push(((UNIT as u128 * p.wavelets as u128) / p.per_cycles as u128).max(1) as u64);
             port_pace.push(Pace::new(p.per_cycles, p.wavelets).max(Pace::FULL));
+            let part = (p.at.y / BLOCK) * blocks_x + p.at.x / BLOCK;
+            port_home.push((part, per_part[part as usize]));
+            per_part[part as usize] += 1;
         }
-        let n_agents = agents.len();
-        Ok(Sim {
+        let mut routes_by_color: Vec<Vec<u32>> = Vec::new();
+        for (i, r) in prog.routes.iter().enumerate() {
+            let c = r.color.0 as usize;
+            if c >= 4096 {
+                return Err(EngineError::Program(format!(
+                    "route {i} uses color {} (beyond any router)",
+                    r.color
+                )));
+            }
+            if routes_by_color.len() <= c {
+                routes_by_color.resize(c + 1, Vec::new());
+            }
+            routes_by_color[c].push(i as u32);
+        }
+        let recv_pace = prog
+            .templates
+            .iter()
+            .map(|t| {
+                let mut v: SmallVec<[(ColorId, Pace, bool); 2]> = SmallVec::new();
+                for task in &t.tasks {
+                    for need in &task.needs {
+                        if let Need::Recv { color, wavelets } = *need {
+                            if wavelets == 0 || v.iter().any(|(c, _, _)| *c == color) {
+                                continue;
+                            }
+                            let paced = task.work.paced_by == Some(color);
+                            let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
+                            let pace = if paced && compute > wavelets {
+                                Pace::new(compute, wavelets)
+                            } else {
+                                Pace::FULL
+                            };
+                            v.push((color, pace, paced));
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        Ok(Shared {
             prog,
             links,
             n_pes,
-            timelines: vec![Timeline::default(); links.count(n_ports)],
+            blocks_x,
+            blocks_y,
+            template_of,
             port_cap,
             port_pace,
-            agents,
-            queue: RadixQueue::new(),
-            now: 0,
-            route_cache: BTreeMap::new(),
-            scratch: Vec::new(),
-            out_time: Vec::new(),
-            totals: Totals {
-                io_bytes: vec![0; n_ports as usize],
-                ..Totals::default()
-            },
-            agent_stats: vec![AgentStats::default(); n_agents],
-            hop_unit_cycles: 0,
+            port_home,
+            routes_by_color,
+            recv_pace,
         })
     }
 
-    fn push(&mut self, t: u64, ev: Ev) {
-        self.queue.push(t, ev);
+    pub fn n_parts(&self) -> u32 {
+        self.blocks_x * self.blocks_y
     }
 
-    /// Runs to completion; returns the cycle of the last event.
-    pub fn run(&mut self) -> Result<u64, EngineError> {
-        for a in 0..self.agents.len() as u32 {
-            if self.agents[a as usize].template != u32::MAX {
-                self.push(0, Ev::Wake(a));
+    /// (x0, y0, w, h) of a partition's block.
+    fn block(&self, part: u32) -> (u32, u32, u32, u32) {
+        let (x0, y0) = ((part % self.blocks_x) * BLOCK, (part / self.blocks_x) * BLOCK);
+        (
+            x0,
+            y0,
+            BLOCK.min(self.links.width - x0),
+            BLOCK.min(self.links.height - y0),
+        )
+    }
+
+    /// The worker that runs a partition: blocks along diagonals alternate, so fronts moving along
+    /// rows or columns are split between workers.
+    fn worker_of(&self, part: u32, threads: usize) -> usize {
+        ((part % self.blocks_x + part / self.blocks_x) as usize) % threads
+    }
+
+    /// (partition, local index) of an agent.
+    fn home(&self, agent: u32) -> (u32, u32) {
+        if agent >= self.n_pes {
+            return self.port_home[(agent - self.n_pes) as usize];
+        }
+        let c = self.links.coord(agent);
+        let part = (c.y / BLOCK) * self.blocks_x + c.x / BLOCK;
+        let (x0, y0, w, _) = self.block(part);
+        (part, (c.y - y0) * w + (c.x - x0))
+    }
+
+    /// (partition, local index) of a link.
+    fn link_home(&self, l: u32) -> (u32, u32) {
+        let n = self.n_pes;
+        if l < 4 * n {
+            let (part, local) = self.home(l / 4);
+            (part, local * 4 + l % 4)
+        } else if l < 6 * n {
+            let pe = (l - 4 * n) / 2;
+            let (part, local) = self.home(pe);
+            let (_, _, w, h) = self.block(part);
+            (part, 4 * w * h + 2 * local + (l - 4 * n) % 2)
+        } else {
+            let (part, k) = self.port_home[(l - 6 * n) as usize];
+            let (_, _, w, h) = self.block(part);
+            (part, 6 * w * h + k)
+        }
+    }
+
+    fn pace_of(&self, template: u32, c: ColorId) -> (Pace, bool) {
+        if template == u32::MAX {
+            return (Pace::FULL, false);
+        }
+        self.recv_pace[template as usize]
+            .iter()
+            .find(|(k, _, _)| *k == c)
+            .map_or((Pace::FULL, false), |(_, p, paced)| (*p, *paced))
+    }
+
+    pub fn agent_name(&self, a: u32) -> String {
+        if a >= self.n_pes {
+            format!("port {}", self.prog.ports[(a - self.n_pes) as usize].name)
+        } else {
+            let c = self.links.coord(a);
+            format!("PE ({},{})", c.x, c.y)
+        }
+    }
+}
+
+/// One stripe of the mesh and everything it owns.
+pub(crate) struct Part {
+    id: u32,
+    agents: Vec<Agent>,
+    timelines: Vec<Timeline>,
+    queue: RadixQueue<Ev>,
+    conts: Vec<Option<Cont>>,
+    /// Continuations for other partitions, produced in this window.
+    outbox: Vec<(u32, Cont)>,
+    now: u64,
+    out_time: Vec<u64>,
+    scratch: Vec<Node>,
+    pub totals: Totals,
+    pub stats: Vec<AgentStats>,
+    pub hop_unit_cycles: u128,
+    pub error: Option<EngineError>,
+}
+
+const NOT_HERE: u64 = u64::MAX;
+
+impl Part {
+    pub fn new(sh: &Shared, id: u32) -> Part {
+        let (x0, y0, w, h) = sh.block(id);
+        let mut agents = Vec::with_capacity((w * h) as usize);
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                let g = sh.links.pe(Coord { x, y });
+                let t = sh.template_of[g as usize];
+                let n_tasks = if t == u32::MAX {
+                    0
+                } else {
+                    sh.prog.templates[t as usize].tasks.len()
+                };
+                agents.push(Agent {
+                    id: g,
+                    template: t,
+                    runs_done: smallvec![0; n_tasks],
+                    ..Default::default()
+                });
             }
         }
-        let mut end = 0;
-        while let Some((t, ev)) = self.queue.pop() {
+        for (i, p) in sh.prog.ports.iter().enumerate() {
+            if sh.port_home[i].0 == id {
+                let n_tasks = sh.prog.templates[p.template.0 as usize].tasks.len();
+                agents.push(Agent {
+                    id: sh.n_pes + i as u32,
+                    template: p.template.0,
+                    runs_done: smallvec![0; n_tasks],
+                    ..Default::default()
+                });
+            }
+        }
+        let n_ports_here = agents.len() - (w * h) as usize;
+        let n_links = 6 * (w * h) as usize + n_ports_here;
+        let mut queue = RadixQueue::new();
+        for (i, a) in agents.iter().enumerate() {
+            if a.template != u32::MAX {
+                queue.push(0, Ev::Wake(i as u32));
+            }
+        }
+        let n_agents = agents.len();
+        Part {
+            id,
+            agents,
+            timelines: vec![Timeline::default(); n_links],
+            queue,
+            conts: Vec::new(),
+            outbox: Vec::new(),
+            now: 0,
+            out_time: Vec::new(),
+            scratch: Vec::new(),
+            totals: Totals {
+                io_bytes: vec![0; sh.prog.ports.len()],
+                ..Totals::default()
+            },
+            stats: vec![AgentStats::default(); n_agents],
+            hop_unit_cycles: 0,
+            error: None,
+        }
+    }
+
+    /// The cycle of this partition's next event.
+    pub fn next_time(&mut self) -> Option<u64> {
+        self.queue.peek_time()
+    }
+
+    /// Takes in continuations handed over at the end of the last window.
+    fn accept(&mut self, conts: Vec<Cont>) {
+        for c in conts {
+            let idx = self.conts.len() as u32;
+            let t = c.time;
+            self.conts.push(Some(c));
+            self.queue.push(t, Ev::Cont(idx));
+        }
+    }
+
+    /// Handles every event at cycle `t`.
+    pub fn window(&mut self, sh: &Shared, t: u64) {
+        while self.queue.peek_time() == Some(t) {
+            let Some((t, ev)) = self.queue.pop() else { break };
             self.now = t;
-            end = end.max(t);
             self.totals.events += 1;
-            match ev {
-                Ev::Wake(a) => self.try_start(a)?,
-                Ev::Done(a, k) => self.finish(a, k)?,
+            let res = match ev {
+                Ev::Wake(a) => self.try_start(sh, a),
+                Ev::Done(a, k) => self.finish(sh, a, k),
+                Ev::Cont(i) => match self.conts[i as usize].take() {
+                    Some(c) => self.walk(sh, &c.train, c.node, c.time, None),
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = res {
+                self.error = Some(e);
+                return;
             }
         }
-        self.check_complete(end)?;
-        Ok(end)
+        if self.conts.iter().all(Option::is_none) {
+            self.conts.clear();
+        }
     }
 
-    fn template(&self, a: u32) -> &'p crate::mesh::Template {
-        &self.prog.templates[self.agents[a as usize].template as usize]
+    fn template<'p>(&self, sh: &Shared<'p>, a: u32) -> &'p crate::mesh::Template {
+        &sh.prog.templates[self.agents[a as usize].template as usize]
     }
 
-    fn is_port(&self, a: u32) -> bool {
-        a >= self.n_pes
+    fn is_port(&self, sh: &Shared, a: u32) -> bool {
+        self.agents[a as usize].id >= sh.n_pes
     }
 
-    /// Whether run `run` of task `k` of agent `a` has its needs met at `now`.
-    fn ready(&self, a: u32, k: usize, run: u64) -> bool {
+    /// Whether run `run` of task `k` of local agent `a` has its needs met now.
+    fn ready(&self, sh: &Shared, a: u32, k: usize, run: u64) -> bool {
         let agent = &self.agents[a as usize];
-        let task = &self.template(a).tasks[k];
+        let task = &self.template(sh, a).tasks[k];
         for need in &task.needs {
             match *need {
                 Need::Done { task: u, times } => {
@@ -264,32 +492,30 @@ impl<'p> Sim<'p> {
         true
     }
 
-    fn try_start(&mut self, a: u32) -> Result<(), EngineError> {
+    fn try_start(&mut self, sh: &Shared, a: u32) -> Result<(), EngineError> {
         let agent = &self.agents[a as usize];
-        if agent.running || agent.busy_until > self.now {
+        if agent.running || agent.busy_until > self.now || agent.template == u32::MAX {
             return Ok(());
         }
-        let tasks = &self.template(a).tasks;
-        let mut pick = None;
-        for (k, task) in tasks.iter().enumerate() {
+        let tasks = &self.template(sh, a).tasks;
+        let Some(k) = (0..tasks.len()).find(|&k| {
             let run = agent.runs_done[k] as u64 + 1;
-            if run <= task.repeat as u64 && self.ready(a, k, run) {
-                pick = Some(k);
-                break;
-            }
-        }
-        let Some(k) = pick else { return Ok(()) };
-        let task = &self.template(a).tasks[k];
-        let port = self.is_port(a);
+            run <= tasks[k].repeat as u64 && self.ready(sh, a, k, run)
+        }) else {
+            return Ok(());
+        };
+        let task = &tasks[k];
+        let port = self.is_port(sh, a);
+        let timing = &sh.prog.timing;
         let start = if port {
             self.now
         } else {
-            self.now + self.prog.timing.pick_cycles as u64
+            self.now + timing.pick_cycles as u64
         };
         let compute = if port {
             0
         } else {
-            self.prog.timing.pe.cycles(task.work.op, task.work.elems)
+            timing.pe.cycles(task.work.op, task.work.elems)
         };
         let mut finish = start + compute;
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
@@ -303,7 +529,6 @@ impl<'p> Sim<'p> {
                 inbox.claim(wavelets);
             }
         }
-        let mut sent_tail = finish;
         for s in &task.sends {
             if s.streamed && s.wavelets > 0 {
                 let pace = if compute > 0 {
@@ -311,134 +536,96 @@ impl<'p> Sim<'p> {
                 } else {
                     Pace::FULL
                 };
-                let tail = self.send(a, s.color, s.wavelets, pace, start)?;
-                sent_tail = sent_tail.max(tail);
+                let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
+                finish = finish.max(tail);
             }
         }
-        finish = finish.max(sent_tail);
-        let st = &mut self.agent_stats[a as usize];
+        let st = &mut self.stats[a as usize];
         st.busy += compute;
         st.stalled += finish - start - compute;
         st.runs += 1;
         let agent = &mut self.agents[a as usize];
         agent.running = true;
         agent.busy_until = finish;
-        self.push(finish, Ev::Done(a, k as u32));
+        self.queue.push(finish, Ev::Done(a, k as u32));
         Ok(())
     }
 
-    fn finish(&mut self, a: u32, k: u32) -> Result<(), EngineError> {
-        let task = &self.template(a).tasks[k as usize];
+    fn finish(&mut self, sh: &Shared, a: u32, k: u32) -> Result<(), EngineError> {
+        let task = &self.template(sh, a).tasks[k as usize];
         {
             let agent = &mut self.agents[a as usize];
             agent.running = false;
             agent.runs_done[k as usize] += 1;
         }
-        if !self.is_port(a) {
+        if !self.is_port(sh, a) {
             self.totals.flops += task.flops;
-            self.agent_stats[a as usize].flops += task.flops;
+            self.stats[a as usize].flops += task.flops;
         }
         for s in &task.sends {
             if !s.streamed && s.wavelets > 0 {
-                self.send(a, s.color, s.wavelets, Pace::FULL, self.now)?;
+                self.send(sh, a, s.color, s.wavelets, Pace::FULL, self.now)?;
             }
         }
-        self.try_start(a)
+        self.try_start(sh, a)
     }
 
-    /// The route agent `a` uses for color `c`.
-    fn route(&mut self, a: u32, c: ColorId) -> Result<u32, EngineError> {
-        if let Some(&r) = self.route_cache.get(&(a, c)) {
-            return Ok(r);
+    /// The route local agent `a` uses for color `c`.
+    fn route(&mut self, sh: &Shared, a: u32, c: ColorId) -> Result<u32, EngineError> {
+        let agent = &self.agents[a as usize];
+        if let Some((_, r)) = agent.routes.iter().find(|(k, _)| *k == c) {
+            return Ok(*r);
         }
-        let found = self.prog.routes.iter().position(|r| {
-            r.color == c
-                && match r.senders {
-                    Senders::Pes(rect) => a < self.n_pes && rect.contains(self.links.coord(a)),
-                    Senders::Port(p) => a == self.n_pes + p.0,
-                }
-        });
+        let g = agent.id;
+        let candidates = sh.routes_by_color.get(c.0 as usize).map(Vec::as_slice).unwrap_or(&[]);
+        let found = candidates
+            .iter()
+            .copied()
+            .find(|&r| match sh.prog.routes[r as usize].senders {
+                Senders::Pes(rect) => g < sh.n_pes && rect.contains(sh.links.coord(g)),
+                Senders::Port(p) => g == sh.n_pes + p.0,
+            });
         let Some(r) = found else {
             return Err(EngineError::Program(format!(
                 "{} sends on color {c} but no route covers it",
-                self.agent_name(a)
+                sh.agent_name(g)
             )));
         };
-        self.route_cache.insert((a, c), r as u32);
-        Ok(r as u32)
+        self.agents[a as usize].routes.push((c, r));
+        Ok(r)
     }
 
-    pub fn agent_name(&self, a: u32) -> String {
-        if self.is_port(a) {
-            format!("port {}", self.prog.ports[(a - self.n_pes) as usize].name)
-        } else {
-            let c = self.links.coord(a);
-            format!("PE ({},{})", c.x, c.y)
-        }
-    }
-
-    /// The pace a consumer at `d` imposes on color `c` (the per-wavelet compute of its next task that
-    /// receives on `c`, if that task is paced by it), and whether that task is paced.
-    fn consumer_pace(&self, d: u32, c: ColorId) -> (Pace, bool) {
-        let agent = &self.agents[d as usize];
-        if agent.template == u32::MAX || self.is_port(d) {
-            return (Pace::FULL, false);
-        }
-        for (k, task) in self.template(d).tasks.iter().enumerate() {
-            if agent.runs_done[k] >= task.repeat {
-                continue;
-            }
-            for need in &task.needs {
-                if let Need::Recv { color, wavelets } = *need {
-                    if color == c && wavelets > 0 {
-                        if task.work.paced_by != Some(c) {
-                            return (Pace::FULL, false);
-                        }
-                        let compute = self.prog.timing.pe.cycles(task.work.op, task.work.elems);
-                        let pace = if compute > wavelets {
-                            Pace::new(compute, wavelets)
-                        } else {
-                            Pace::FULL
-                        };
-                        return (pace, true);
-                    }
-                }
-            }
-        }
-        (Pace::FULL, false)
-    }
-
-    /// Sends a train; returns the cycle its tail has left the sender.
-    fn send(&mut self, a: u32, c: ColorId, n: u64, pace: Pace, t: u64) -> Result<u64, EngineError> {
-        let r = self.route(a, c)?;
-        let route = self.prog.routes[r as usize];
-        let timing = self.prog.timing;
-        let (entry, root_link, root_latency, root_cap, mut pace) = if self.is_port(a) {
-            let p = (a - self.n_pes) as usize;
-            let port = &self.prog.ports[p];
+    /// Sends a train from local agent `a`; returns the cycle its tail has left the sender.
+    fn send(&mut self, sh: &Shared, a: u32, c: ColorId, n: u64, pace: Pace, t: u64) -> Result<u64, EngineError> {
+        let r = self.route(sh, a, c)?;
+        let route = sh.prog.routes[r as usize];
+        let timing = &sh.prog.timing;
+        let g = self.agents[a as usize].id;
+        let (entry, root_link, root_latency, root_cap, mut pace) = if g >= sh.n_pes {
+            let p = (g - sh.n_pes) as usize;
+            let port = &sh.prog.ports[p];
             (
                 port.at,
-                self.links.port(p as u32),
+                sh.links.port(p as u32),
                 port.latency_cycles,
-                self.port_cap[p],
-                pace.max(self.port_pace[p]),
+                sh.port_cap[p],
+                pace.max(sh.port_pace[p]),
             )
         } else {
             (
-                self.links.coord(a),
-                self.links.up_ramp(a),
+                sh.links.coord(g),
+                sh.links.up_ramp(g),
                 timing.ramp_cycles as u64,
                 UNIT,
                 pace,
             )
         };
         let mut nodes = std::mem::take(&mut self.scratch);
-        let prog = self.prog;
-        let ports = &prog.ports;
-        expand(&self.links, entry, route.pattern, |p| ports[p as usize].at, &mut nodes).map_err(|e| {
+        let ports = &sh.prog.ports;
+        expand(&sh.links, entry, route.pattern, |p| ports[p as usize].at, &mut nodes).map_err(|e| {
             EngineError::Program(format!(
                 "{}: the route of color {c} ({:?}) leaves the mesh at ({},{})",
-                self.agent_name(a),
+                sh.agent_name(g),
                 route.pattern,
                 e.at.x,
                 e.at.y
@@ -447,118 +634,162 @@ impl<'p> Sim<'p> {
         // Backpressure: a multicast moves no faster than its slowest paced consumer.
         for node in &nodes {
             if let Deliver::Pe(d) = node.deliver {
-                pace = pace.max(self.consumer_pace(d, c).0);
+                pace = pace.max(sh.pace_of(sh.template_of[d as usize], c).0);
             }
         }
         let len = pace.cycles(n);
         let units = pace.units();
         let head = t + route.relays as u64 * timing.relay_cycles as u64;
-        let start = self.timelines[root_link as usize].reserve(head, len, units, root_cap, self.now);
-        let root_out = start + root_latency;
-        let tail = start + len;
+        let (_, root_local) = sh.link_home(root_link);
+        let start = self.timelines[root_local as usize].reserve(head, len, units, root_cap, self.now);
+        self.totals.wavelets_sent += n;
+        self.totals.relays += route.relays as u64;
+        if g >= sh.n_pes {
+            self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
+        }
+        let train = Arc::new(Train {
+            color: c,
+            n,
+            pace,
+            len,
+            units,
+            nodes,
+        });
+        self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
+        // Keep the allocation for the next train when nobody else holds it.
+        if let Ok(t) = Arc::try_unwrap(train) {
+            self.scratch = t.nodes;
+        }
+        Ok(start + len)
+    }
+
+    /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
+    /// owns; heads that cross into another partition are handed over. `root_in`: for the sender's walk,
+    /// the head time at the entry router (every node whose parent is the root starts there).
+    fn walk(
+        &mut self,
+        sh: &Shared,
+        train: &Arc<Train>,
+        first: u32,
+        first_in: u64,
+        root_in: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let nodes = &train.nodes;
         self.out_time.clear();
-        for node in &nodes {
-            let at = if node.parent == ROOT {
-                root_out
+        self.out_time.resize(nodes.len(), NOT_HERE);
+        let timing = &sh.prog.timing;
+        for (i, &node) in nodes.iter().enumerate().skip(first as usize) {
+            let t_in = if root_in.is_none() && i == first as usize {
+                first_in
+            } else if node.parent == ROOT {
+                match root_in {
+                    Some(t) => t,
+                    None => continue,
+                }
             } else {
-                self.out_time[node.parent as usize]
+                match self.out_time[node.parent as usize] {
+                    NOT_HERE => continue,
+                    t => t,
+                }
             };
+            let (owner, local) = sh.link_home(node.link);
+            if owner != self.id {
+                self.outbox.push((
+                    owner,
+                    Cont {
+                        time: t_in,
+                        train: Arc::clone(train),
+                        node: i as u32,
+                    },
+                ));
+                continue;
+            }
             let (cap, latency) = match node.deliver {
                 Deliver::Hop => (UNIT, timing.hop_cycles as u64),
                 Deliver::Pe(_) => (UNIT, timing.ramp_cycles as u64),
-                Deliver::Port(p) => (self.port_cap[p as usize], ports[p as usize].latency_cycles),
+                Deliver::Port(p) => (sh.port_cap[p as usize], sh.prog.ports[p as usize].latency_cycles),
             };
-            let s = self.timelines[node.link as usize].reserve(at, len, units, cap, self.now);
+            let s = self.timelines[local as usize].reserve(t_in, train.len, train.units, cap, self.now);
             let out = s + latency;
-            self.out_time.push(out);
+            self.out_time[i] = out;
             match node.deliver {
                 Deliver::Hop => {
-                    self.totals.wavelet_hops += n;
-                    self.hop_unit_cycles += len as u128 * units as u128;
+                    self.totals.wavelet_hops += train.n;
+                    self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
-                Deliver::Pe(d) => self.deliver(d, c, n, out, pace)?,
+                Deliver::Pe(d) => self.deliver(sh, d, train.color, train.n, out, train.pace)?,
                 Deliver::Port(p) => {
-                    self.totals.io_bytes[p as usize] += n * 4;
-                    self.deliver(self.n_pes + p, c, n, out, pace)?
+                    self.totals.io_bytes[p as usize] += train.n * 4;
+                    self.deliver(sh, sh.n_pes + p, train.color, train.n, out, train.pace)?;
                 }
             }
         }
-        self.scratch = nodes;
-        self.totals.wavelets_sent += n;
-        self.totals.relays += route.relays as u64;
-        if self.is_port(a) {
-            self.totals.io_bytes[(a - self.n_pes) as usize] += n * 4;
-        }
-        Ok(tail)
-    }
-
-    fn deliver(&mut self, d: u32, c: ColorId, n: u64, head: u64, pace: Pace) -> Result<(), EngineError> {
-        if self.agents[d as usize].template == u32::MAX {
-            return Err(EngineError::Program(format!(
-                "a train on color {c} is delivered to {}, which runs nothing",
-                self.agent_name(d)
-            )));
-        }
-        self.agents[d as usize].inbox(c).add(Arrival { head, n, pace });
-        self.totals.wavelets_delivered += n;
-        // Wake the receiver when its next consumer of this color can start: at the head for a paced
-        // consumer, at the tail otherwise.
-        let paced = d < self.n_pes && self.consumer_pace(d, c).1;
-        let at = if paced { head } else { head + pace.offset(n - 1) };
-        self.push(at, Ev::Wake(d));
         Ok(())
     }
 
-    /// After the last event: every task ran every run, and every delivered wavelet was consumed.
-    fn check_complete(&self, end: u64) -> Result<(), EngineError> {
-        let mut blocked = Vec::new();
-        let mut n_blocked = 0u64;
+    fn deliver(&mut self, sh: &Shared, d: u32, c: ColorId, n: u64, head: u64, pace: Pace) -> Result<(), EngineError> {
+        let (part, local) = sh.home(d);
+        debug_assert_eq!(part, self.id);
+        let agent = &mut self.agents[local as usize];
+        if agent.template == u32::MAX {
+            return Err(EngineError::Program(format!(
+                "a train on color {c} is delivered to {}, which runs nothing",
+                sh.agent_name(d)
+            )));
+        }
+        agent.inbox(c).add(Arrival { head, n, pace });
+        self.totals.wavelets_delivered += n;
+        // Wake the receiver when its consumer of this color can start: at the head for a paced
+        // consumer, at the tail otherwise.
+        let paced = d < sh.n_pes && sh.pace_of(agent.template, c).1;
+        let at = if paced { head } else { head + pace.offset(n - 1) };
+        self.queue.push(at, Ev::Wake(local));
+        Ok(())
+    }
+
+    /// Tasks that did not run all their runs: (global agent id, what it waits for).
+    pub fn blocked(&self, sh: &Shared) -> Vec<(u32, Blocked)> {
+        let mut out = Vec::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if agent.template == u32::MAX {
                 continue;
             }
-            let a = i as u32;
-            let tasks = &self.template(a).tasks;
-            for (k, task) in tasks.iter().enumerate() {
-                if agent.runs_done[k] < task.repeat {
-                    n_blocked += 1;
-                    if blocked.len() < super::DEADLOCK_LISTED {
-                        blocked.push(Blocked {
-                            agent: self.agent_name(a),
-                            task: task.name.clone(),
-                            run: agent.runs_done[k] + 1,
-                            waits_for: self.waits_for(a, k),
-                        });
-                    }
-                    break;
-                }
+            let tasks = &self.template(sh, i as u32).tasks;
+            if let Some(k) = (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat) {
+                out.push((
+                    agent.id,
+                    Blocked {
+                        agent: sh.agent_name(agent.id),
+                        task: tasks[k].name.clone(),
+                        run: agent.runs_done[k] + 1,
+                        waits_for: self.waits_for(sh, i as u32, k),
+                    },
+                ));
             }
         }
-        if n_blocked > 0 {
-            return Err(EngineError::Deadlock(DeadlockReport {
-                cycle: end,
-                blocked_agents: n_blocked,
-                blocked,
-            }));
-        }
-        for (i, agent) in self.agents.iter().enumerate() {
-            for (c, inbox) in &agent.inbox {
-                if inbox.delivered != inbox.claimed {
-                    return Err(EngineError::Program(format!(
-                        "{} received {} wavelets on color {c} but its tasks consumed {}",
-                        self.agent_name(i as u32),
-                        inbox.delivered,
-                        inbox.claimed
-                    )));
-                }
-            }
-        }
-        Ok(())
+        out
     }
 
-    fn waits_for(&self, a: u32, k: usize) -> Vec<String> {
+    /// The first delivery nobody consumed, if any.
+    pub fn unconsumed(&self, sh: &Shared) -> Option<String> {
+        for agent in &self.agents {
+            for (c, inbox) in &agent.inbox {
+                if inbox.delivered != inbox.claimed {
+                    return Some(format!(
+                        "{} received {} wavelets on color {c} but its tasks consumed {}",
+                        sh.agent_name(agent.id),
+                        inbox.delivered,
+                        inbox.claimed
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn waits_for(&self, sh: &Shared, a: u32, k: usize) -> Vec<String> {
         let agent = &self.agents[a as usize];
-        let tasks = &self.template(a).tasks;
+        let tasks = &self.template(sh, a).tasks;
         let run = agent.runs_done[k] as u64 + 1;
         let mut out = Vec::new();
         for need in &tasks[k].needs {
@@ -589,4 +820,203 @@ impl<'p> Sim<'p> {
         }
         out
     }
+
+    /// Agent statistics with their global ids.
+    pub fn agent_stats(&self) -> impl Iterator<Item = (u32, AgentStats)> + '_ {
+        self.agents.iter().zip(&self.stats).map(|(a, s)| (a.id, *s))
+    }
+}
+
+/// A sense-reversing spin barrier for the window loop (a window is one cycle, so waits are short).
+struct SpinBarrier {
+    n: usize,
+    count: AtomicUsize,
+    sense: AtomicBool,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> SpinBarrier {
+        SpinBarrier {
+            n,
+            count: AtomicUsize::new(0),
+            sense: AtomicBool::new(false),
+        }
+    }
+
+    fn wait(&self, local_sense: &mut bool) {
+        *local_sense = !*local_sense;
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Release);
+            self.sense.store(*local_sense, Ordering::Release);
+        } else {
+            let mut spins = 0u32;
+            while self.sense.load(Ordering::Acquire) != *local_sense {
+                spins += 1;
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+fn lock(c: &Mutex<Part>) -> std::sync::MutexGuard<'_, Part> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `with(i, f)` runs `f` on partition `i`, however the caller holds the partitions.
+type WithPart<'a> = dyn FnMut(usize, &mut dyn FnMut(&mut Part)) + 'a;
+
+/// The window loop's shared bookkeeping: each partition's next event cycle and whether it has
+/// continuations to hand over.
+struct Board {
+    next: Vec<AtomicU64>,
+    has_out: Vec<AtomicBool>,
+}
+
+impl Board {
+    fn new(parts: &mut [Part]) -> Board {
+        Board {
+            next: parts
+                .iter_mut()
+                .map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX)))
+                .collect(),
+            has_out: parts.iter().map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn window(&self) -> Option<u64> {
+        self.next
+            .iter()
+            .map(|n| n.load(Ordering::Acquire))
+            .min()
+            .filter(|&t| t != u64::MAX)
+    }
+
+    /// Runs partition `i`'s window at `t` if it has events then, and records what follows.
+    fn run(&self, sh: &Shared, i: usize, part: &mut Part, t: u64) {
+        if self.next[i].load(Ordering::Acquire) != t {
+            return;
+        }
+        part.window(sh, t);
+        self.next[i].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
+        if !part.outbox.is_empty() || part.error.is_some() {
+            self.has_out[i].store(true, Ordering::Release);
+        }
+    }
+
+    /// Between windows: the first error in partition order, then the hand-over of continuations in
+    /// (source partition, emission) order. `with(i, f)` runs `f` on partition `i`.
+    fn settle(&self, with: &mut WithPart) -> Result<(), EngineError> {
+        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
+        let mut error = None;
+        for i in 0..self.next.len() {
+            if !self.has_out[i].swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            with(i, &mut |p: &mut Part| {
+                if let Some(e) = p.error.take() {
+                    error.get_or_insert(e);
+                }
+                for (dest, c) in p.outbox.drain(..) {
+                    match inbound.iter_mut().find(|(d, _)| *d == dest) {
+                        Some((_, v)) => v.push(c),
+                        None => inbound.push((dest, vec![c])),
+                    }
+                }
+            });
+            if let Some(e) = error.take() {
+                return Err(e);
+            }
+        }
+        for (dest, conts) in inbound {
+            let mut conts = Some(conts);
+            with(dest as usize, &mut |p: &mut Part| {
+                if let Some(c) = conts.take() {
+                    p.accept(c);
+                }
+                self.next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs all partitions to completion with `threads` worker threads; returns the last event's cycle.
+pub(crate) fn run_parts(sh: &Shared, parts: &mut Vec<Part>, threads: usize) -> Result<u64, EngineError> {
+    let threads = threads.clamp(1, parts.len().max(1));
+    let board = Board::new(parts);
+    if threads == 1 {
+        let mut end = 0;
+        while let Some(t) = board.window() {
+            end = t;
+            for (i, p) in parts.iter_mut().enumerate() {
+                board.run(sh, i, p, t);
+            }
+            board.settle(&mut |i, f| f(&mut parts[i]))?;
+        }
+        return Ok(end);
+    }
+    // Worker w runs the partitions `worker_of` gives it; worker 0 also settles between the two
+    // barriers of each round. Partition order, not thread timing, decides every hand-over.
+    let cells: Vec<Mutex<Part>> = parts.drain(..).map(Mutex::new).collect();
+    let barrier = SpinBarrier::new(threads);
+    let window = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let outcome: Mutex<Result<u64, EngineError>> = Mutex::new(Ok(0));
+    match board.window() {
+        Some(t) => window.store(t, Ordering::Release),
+        None => stop.store(true, Ordering::Release),
+    }
+    let owned: Vec<Vec<usize>> = (0..threads)
+        .map(|w| {
+            (0..cells.len())
+                .filter(|&i| sh.worker_of(i as u32, threads) == w)
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (w, mine) in owned.iter().enumerate() {
+            let (cells, barrier, window, stop, outcome, board) = (&cells, &barrier, &window, &stop, &outcome, &board);
+            scope.spawn(move || {
+                let mut sense = false;
+                loop {
+                    barrier.wait(&mut sense);
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let t = window.load(Ordering::Acquire);
+                    for &i in mine {
+                        if board.next[i].load(Ordering::Acquire) == t {
+                            board.run(sh, i, &mut lock(&cells[i]), t);
+                        }
+                    }
+                    barrier.wait(&mut sense);
+                    if w == 0 {
+                        let mut out = outcome.lock().unwrap_or_else(|e| e.into_inner());
+                        match board.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
+                            Err(e) => {
+                                *out = Err(e);
+                                stop.store(true, Ordering::Release);
+                            }
+                            Ok(()) => {
+                                *out = Ok(t);
+                                match board.window() {
+                                    Some(next) => window.store(next, Ordering::Release),
+                                    None => stop.store(true, Ordering::Release),
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    *parts = cells
+        .into_iter()
+        .map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    outcome.into_inner().unwrap_or_else(|e| e.into_inner())
 }
