@@ -262,6 +262,8 @@ fn io_bound_stream_runs_at_the_port_rate() {
     );
     assert!(rel < 1e-3);
     assert_eq!(run.totals.io_bytes, vec![bytes]);
+    let io = run.critical_path.0[waferscale::engine::Res::PerimeterIo as usize] as f64 / run.cycles as f64;
+    assert!(io > 0.99, "the port binds: {:?}", run.critical_path);
 }
 
 /// A sum all-reduce over a PxP region: rows reduce toward the centre column (two chains meeting at
@@ -424,8 +426,11 @@ fn paced_consumer_backpressures_the_sender() {
     let expect = n * 250;
     let rel = (run.cycles as f64 - expect as f64).abs() / expect as f64;
     assert!(rel < 0.02, "{} vs {expect}", run.cycles);
-    // The link was held at a quarter... at 1/250 of its rate for the whole time: utilisation stays low.
+    // The link was held at 1/250 of its rate for the whole time: utilisation stays low, and the
+    // consumer's compute is the critical path.
     assert!(run.fabric_utilization < 0.01);
+    let compute = run.critical_path.0[waferscale::engine::Res::Compute as usize] as f64 / run.cycles as f64;
+    assert!(compute > 0.98, "{:?}", run.critical_path);
 }
 
 #[test]
@@ -454,4 +459,42 @@ fn invariants_are_checked() {
     b.tile(1, 0, 1, 1, r);
     b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
     assert!(matches!(b.run(), Err(EngineError::Program(_))));
+}
+
+/// The critical path accounts for the run's cycles and names the resource a closed form says binds.
+#[test]
+fn critical_path_names_the_binding_resource() {
+    use waferscale::engine::Res;
+    let share = |run: &EngineRun, r: Res| run.critical_path.0[r as usize] as f64 / run.cycles as f64;
+    // A long train over one hop: the fabric.
+    let mut b = B::new(2, 1);
+    let s = b.template(
+        "send",
+        vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, 50_000)])],
+    );
+    let r = b.template(
+        "recv",
+        vec![task("recv", vec![recv(0, 50_000)], SimdOp::Mov32, 0, None, vec![])],
+    );
+    b.tile(0, 0, 1, 1, s);
+    b.tile(1, 0, 1, 1, r);
+    b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
+    let run = b.run().unwrap();
+    assert_eq!(run.critical_path.total(), run.cycles);
+    assert!(share(&run, Res::Fabric) > 0.99, "{:?}", run.critical_path);
+    // One PE's FMAC loop: compute.
+    let mut b = B::new(1, 1);
+    let t = b.template(
+        "fmac",
+        vec![task("fmac", vec![], SimdOp::FmacF16, 40_000, None, vec![])],
+    );
+    b.tile(0, 0, 1, 1, t);
+    let run = b.run().unwrap();
+    assert_eq!(run.critical_path.total(), run.cycles);
+    assert!(share(&run, Res::Compute) > 0.99, "{:?}", run.critical_path);
+    // The same loop with the SDK's 32-bit SRAM ports: the SRAM binds.
+    let hw = WaferHw::from_doc(&load_with_overrides("wse2", &["pe.sram_read_port_bits=32".into()]).unwrap()).unwrap();
+    b.p.timing = Timing::from_hw(&hw);
+    let run = b.run().unwrap();
+    assert!(share(&run, Res::Sram) > 0.99, "{:?}", run.critical_path);
 }

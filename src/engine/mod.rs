@@ -46,6 +46,60 @@ pub struct EngineOptions {
     pub threads: usize,
 }
 
+/// What a cycle of the critical path was spent on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Res {
+    /// PE arithmetic at its SIMD width, and task picks.
+    Compute,
+    /// PE arithmetic limited by the SRAM ports rather than the SIMD width.
+    Sram,
+    /// Wavelets crossing the fabric: hops, ramps, contention, serialisation.
+    Fabric,
+    /// Perimeter IO ports: their bandwidth and latency.
+    PerimeterIo,
+    /// MemoryX's own bandwidth, where it is below the ports'.
+    MemoryX,
+    /// Links between wafers.
+    InterWafer,
+}
+
+impl Res {
+    pub const ALL: [Res; 6] = [
+        Res::Compute,
+        Res::Sram,
+        Res::Fabric,
+        Res::PerimeterIo,
+        Res::MemoryX,
+        Res::InterWafer,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Res::Compute => "compute",
+            Res::Sram => "sram",
+            Res::Fabric => "fabric",
+            Res::PerimeterIo => "perimeter_io",
+            Res::MemoryX => "memoryx",
+            Res::InterWafer => "inter_wafer",
+        }
+    }
+}
+
+/// Cycles of a dependency path, by resource: the engine carries one along every task run and train,
+/// taking at each start the path of whatever constraint was met last (max-plus), so the path of the
+/// last task to finish is the run's critical path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Path(pub [u64; 6]);
+
+impl Path {
+    pub fn add(mut self, r: Res, cycles: u64) -> Path {
+        self.0[r as usize] += cycles;
+        self
+    }
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
 /// Whole-run counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -143,6 +197,8 @@ pub struct EngineRun {
     pub agents: Vec<AgentStats>,
     /// Busy fraction of router-to-router links over the run.
     pub fabric_utilization: f64,
+    /// The critical path, by resource (sums to about `cycles`).
+    pub critical_path: Path,
     pub fidelity: Fidelity,
 }
 
@@ -155,6 +211,13 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
     let mut parts: Vec<sim::Part> = (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p)).collect();
     let t1 = std::time::Instant::now();
     let cycles = sim::run_parts(&shared, &mut parts, opts.threads)?;
+    // The critical path ends at the last task to finish (ties: the lowest agent id).
+    let critical_path = parts
+        .iter()
+        .filter_map(|p| p.last_finish())
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, _, path)| path)
+        .unwrap_or_default();
     if std::env::var_os("WAFER_ENGINE_TIMING").is_some() {
         eprintln!(
             "engine: setup {:.3}s, run {:.3}s",
@@ -225,6 +288,7 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
         totals,
         agents,
         fabric_utilization,
+        critical_path,
         fidelity: opts.fidelity,
     })
 }

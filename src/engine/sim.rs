@@ -14,7 +14,7 @@ use smallvec::{smallvec, SmallVec};
 use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::route::{expand, Deliver, Links, Node, ROOT};
-use super::{AgentStats, Blocked, EngineError, Totals};
+use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
 
 /// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
@@ -26,6 +26,9 @@ struct Arrival {
     head: u64,
     n: u64,
     pace: Pace,
+    /// Critical path to the head's arrival, and what the serialisation behind it is spent on.
+    path: Path,
+    tail_res: Res,
 }
 
 /// Wavelets of one color at one agent: arrivals in head order, and how many task runs have claimed.
@@ -51,10 +54,16 @@ impl Inbox {
 
     /// Arrival cycle of the unclaimed wavelet `k` positions after the claim frontier.
     fn time_of(&self, k: u64) -> Option<u64> {
+        self.arrival_of(k).map(|(t, _)| t)
+    }
+
+    /// Arrival cycle and critical path of the unclaimed wavelet `k` positions after the frontier.
+    fn arrival_of(&self, k: u64) -> Option<(u64, Path)> {
         let mut k = k + self.first_claimed;
         for a in &self.arrivals[self.first..] {
             if k < a.n {
-                return Some(a.head + a.pace.offset(k));
+                let off = a.pace.offset(k);
+                return Some((a.head + off, a.path.add(a.tail_res, off)));
             }
             k -= a.n;
         }
@@ -90,6 +99,10 @@ struct Agent {
     template: u32,
     busy_until: u64,
     running: bool,
+    /// Critical path to the end of the agent's last task run (or zero before any).
+    free_path: Path,
+    /// Path at the start of the running task (for its streamed sends) and at its finish.
+    run_path: Path,
     runs_done: SmallVec<[u32; 4]>,
     inbox: SmallVec<[(ColorId, Inbox); 2]>,
     /// Route index per color, looked up once.
@@ -130,6 +143,11 @@ struct Train {
     len: u64,
     units: u64,
     nodes: Vec<Node>,
+    /// Critical path at the send, the cycle of the send, and what transit and serialisation cost.
+    path: Path,
+    sent: u64,
+    transit_res: Res,
+    tail_res: Res,
 }
 
 /// A train's head arriving at a partition's router at `time`, to continue from `node`.
@@ -517,18 +535,45 @@ impl Part {
         } else {
             timing.pe.cycles(task.work.op, task.work.elems)
         };
+        // The critical path to this start: whichever constraint was met last (the PE becoming free,
+        // or the wavelet each need waited for), plus the pick.
+        let agent = &self.agents[a as usize];
+        let mut bind = (agent.busy_until, agent.free_path);
+        for need in &task.needs {
+            if let Need::Recv { color, wavelets } = *need {
+                let paced = task.work.paced_by == Some(color) && wavelets > 0;
+                let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
+                if let Some(at) = agent.inbox_ref(color).and_then(|i| i.arrival_of(probe)) {
+                    if at.0 > bind.0 {
+                        bind = at;
+                    }
+                }
+            }
+        }
+        let start_path = bind.1.add(Res::Compute, start.saturating_sub(bind.0));
+        let op_res = if !port && sram_bound(timing, task.work.op) {
+            Res::Sram
+        } else {
+            Res::Compute
+        };
         let mut finish = start + compute;
+        let mut finish_path = start_path.add(op_res, compute);
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
         for need in &task.needs {
             if let Need::Recv { color, wavelets } = *need {
                 let inbox = self.agents[a as usize].inbox(color);
                 if task.work.paced_by == Some(color) && wavelets > 0 {
-                    let last = inbox.time_of(wavelets - 1).unwrap_or(self.now);
-                    finish = finish.max(last + compute.div_ceil(wavelets));
+                    let (last, last_path) = inbox.arrival_of(wavelets - 1).unwrap_or((self.now, start_path));
+                    let per = compute.div_ceil(wavelets);
+                    if last + per > finish {
+                        finish = last + per;
+                        finish_path = last_path.add(op_res, per);
+                    }
                 }
                 inbox.claim(wavelets);
             }
         }
+        self.agents[a as usize].run_path = start_path;
         for s in &task.sends {
             if s.streamed && s.wavelets > 0 {
                 let pace = if compute > 0 {
@@ -537,7 +582,10 @@ impl Part {
                     Pace::FULL
                 };
                 let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
-                finish = finish.max(tail);
+                if tail > finish {
+                    finish_path = start_path.add(Res::Fabric, tail - start);
+                    finish = tail;
+                }
             }
         }
         let st = &mut self.stats[a as usize];
@@ -547,6 +595,7 @@ impl Part {
         let agent = &mut self.agents[a as usize];
         agent.running = true;
         agent.busy_until = finish;
+        agent.run_path = finish_path;
         self.queue.push(finish, Ev::Done(a, k as u32));
         Ok(())
     }
@@ -557,6 +606,7 @@ impl Part {
             let agent = &mut self.agents[a as usize];
             agent.running = false;
             agent.runs_done[k as usize] += 1;
+            agent.free_path = agent.run_path;
         }
         if !self.is_port(sh, a) {
             self.totals.flops += task.flops;
@@ -601,15 +651,19 @@ impl Part {
         let route = sh.prog.routes[r as usize];
         let timing = &sh.prog.timing;
         let g = self.agents[a as usize].id;
-        let (entry, root_link, root_latency, root_cap, mut pace) = if g >= sh.n_pes {
+        let path = self.agents[a as usize].run_path;
+        let sender_pace = pace;
+        let (entry, root_link, root_latency, root_cap, mut pace, transit_res) = if g >= sh.n_pes {
             let p = (g - sh.n_pes) as usize;
             let port = &sh.prog.ports[p];
+            let res = port_res(port.peer);
             (
                 port.at,
                 sh.links.port(p as u32),
                 port.latency_cycles,
                 sh.port_cap[p],
                 pace.max(sh.port_pace[p]),
+                res,
             )
         } else {
             (
@@ -618,8 +672,10 @@ impl Part {
                 timing.ramp_cycles as u64,
                 UNIT,
                 pace,
+                Res::Fabric,
             )
         };
+        let port_pace = pace;
         let mut nodes = std::mem::take(&mut self.scratch);
         let ports = &sh.prog.ports;
         expand(&sh.links, entry, route.pattern, |p| ports[p as usize].at, &mut nodes).map_err(|e| {
@@ -637,6 +693,19 @@ impl Part {
                 pace = pace.max(sh.pace_of(sh.template_of[d as usize], c).0);
             }
         }
+        // What the train's serialisation is spent on: the port's rate, a compute-paced sender or
+        // consumer, or the link itself.
+        let tail_res = if pace == Pace::FULL {
+            Res::Fabric
+        } else if g >= sh.n_pes && pace == port_pace && port_pace != sender_pace {
+            transit_res
+        } else {
+            Res::Compute
+        };
+        let transit_res = match route.pattern {
+            crate::mesh::Pattern::ToPort { port } => port_res(sh.prog.ports[port.0 as usize].peer),
+            _ => transit_res,
+        };
         let len = pace.cycles(n);
         let units = pace.units();
         let head = t + route.relays as u64 * timing.relay_cycles as u64;
@@ -654,6 +723,10 @@ impl Part {
             len,
             units,
             nodes,
+            path,
+            sent: t,
+            transit_res,
+            tail_res,
         });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds it.
@@ -717,17 +790,18 @@ impl Part {
                     self.totals.wavelet_hops += train.n;
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
-                Deliver::Pe(d) => self.deliver(sh, d, train.color, train.n, out, train.pace)?,
+                Deliver::Pe(d) => self.deliver(sh, d, train, out)?,
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
-                    self.deliver(sh, sh.n_pes + p, train.color, train.n, out, train.pace)?;
+                    self.deliver(sh, sh.n_pes + p, train, out)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn deliver(&mut self, sh: &Shared, d: u32, c: ColorId, n: u64, head: u64, pace: Pace) -> Result<(), EngineError> {
+    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<(), EngineError> {
+        let (c, n, pace) = (train.color, train.n, train.pace);
         let (part, local) = sh.home(d);
         debug_assert_eq!(part, self.id);
         let agent = &mut self.agents[local as usize];
@@ -737,7 +811,14 @@ impl Part {
                 sh.agent_name(d)
             )));
         }
-        agent.inbox(c).add(Arrival { head, n, pace });
+        let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
+        agent.inbox(c).add(Arrival {
+            head,
+            n,
+            pace,
+            path,
+            tail_res: train.tail_res,
+        });
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
@@ -821,10 +902,33 @@ impl Part {
         out
     }
 
+    /// (cycle, agent id, critical path) of the latest task finish in this partition.
+    pub fn last_finish(&self) -> Option<(u64, u32, Path)> {
+        self.agents
+            .iter()
+            .filter(|a| a.template != u32::MAX && a.runs_done.iter().any(|&r| r > 0))
+            .map(|a| (a.busy_until, a.id, a.free_path))
+            .max_by(|x, y| x.0.cmp(&y.0).then(y.1.cmp(&x.1)))
+    }
+
     /// Agent statistics with their global ids.
     pub fn agent_stats(&self) -> impl Iterator<Item = (u32, AgentStats)> + '_ {
         self.agents.iter().zip(&self.stats).map(|(a, s)| (a.id, *s))
     }
+}
+
+/// What a port's transit is spent on.
+fn port_res(peer: crate::mesh::Peer) -> Res {
+    match peer {
+        crate::mesh::Peer::Wafer(_) => Res::InterWafer,
+        _ => Res::PerimeterIo,
+    }
+}
+
+/// Whether an op runs below its SIMD width because of the SRAM ports.
+fn sram_bound(timing: &crate::mesh::Timing, op: crate::hw::SimdOp) -> bool {
+    let (n, per) = timing.pe.rate(op);
+    (n as u128) < (timing.pe.simd.width(op) as u128) * (per as u128)
 }
 
 /// A sense-reversing spin barrier for the window loop (a window is one cycle, so waits are short).
