@@ -10,8 +10,10 @@
 //! petgraph); all timing is integer cycles; no floating point decides an order; results do not depend
 //! on hash order or thread count.
 
+pub mod fast;
 mod link;
 mod queue;
+pub mod report;
 mod route;
 mod sim;
 pub mod synth;
@@ -116,7 +118,7 @@ pub struct Totals {
 }
 
 /// What one PE or port did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentStats {
     /// Cycles computing.
     pub busy: u64,
@@ -124,6 +126,22 @@ pub struct AgentStats {
     pub stalled: u64,
     pub runs: u64,
     pub flops: u64,
+    /// Cycle the first task run started (u64::MAX if none ran) and the last one finished.
+    pub first_start: u64,
+    pub last_finish: u64,
+}
+
+impl Default for AgentStats {
+    fn default() -> AgentStats {
+        AgentStats {
+            busy: 0,
+            stalled: 0,
+            runs: 0,
+            flops: 0,
+            first_start: u64::MAX,
+            last_finish: 0,
+        }
+    }
 }
 
 /// One task that could not run.
@@ -206,6 +224,13 @@ pub struct EngineRun {
 /// FLOPs executed = the program's graph FLOPs, wavelets delivered = wavelets consumed,
 /// bytes through each port = the bytes its plan expects.
 pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
+    match opts.fidelity {
+        Fidelity::Detailed => run_program(program, opts),
+        Fidelity::Fast => run_program(&fast::aggregate(program).0, opts),
+    }
+}
+
+fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
     let mut parts: Vec<sim::Part> = (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p)).collect();

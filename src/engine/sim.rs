@@ -592,6 +592,8 @@ impl Part {
         st.busy += compute;
         st.stalled += finish - start - compute;
         st.runs += 1;
+        st.first_start = st.first_start.min(start);
+        st.last_finish = st.last_finish.max(finish);
         let agent = &mut self.agents[a as usize];
         agent.running = true;
         agent.busy_until = finish;

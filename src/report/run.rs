@@ -110,3 +110,95 @@ pub struct RunReport {
     pub gpu: Option<GpuDetails>,
     pub host: HostInfo,
 }
+
+impl RunReport {
+    /// The human-readable report: headline numbers, utilisation, the critical path's shares, the
+    /// busiest regions or kernels, and counters.
+    pub fn to_text(&self) -> String {
+        use super::fmt::{human, thousands};
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let w = &self.workload;
+        let _ = writeln!(
+            s,
+            "machine     {} ({}): {}",
+            self.machine.name, self.machine.kind, self.machine.description
+        );
+        let _ = writeln!(
+            s,
+            "model       {}  {} batch {} seq {} ({} tokens), {}",
+            self.model,
+            w.phase,
+            w.batch,
+            w.seq,
+            thousands(w.tokens),
+            w.dtype
+        );
+        let _ = writeln!(s, "mode        {}, fidelity {}", self.mode, self.fidelity);
+        let _ = writeln!(s, "cycles      {:>22}  {:.6} s", thousands(self.cycles), self.seconds);
+        let _ = writeln!(s, "throughput  {:>22}  tokens/s", format!("{:.1}", self.tokens_per_s));
+        let _ = writeln!(
+            s,
+            "flops       {:>22}  {} achieved, {:.2}% of peak {}",
+            thousands(self.flops),
+            human(self.achieved_flops_per_s, "FLOP/s"),
+            100.0 * self.peak_fraction,
+            human(self.machine.peak_flops_per_s, "FLOP/s")
+        );
+        let u = &self.utilization;
+        let _ = writeln!(
+            s,
+            "utilization compute {:.1}%  fabric {:.1}%  io {:.1}%  memory {:.1}%",
+            100.0 * u.compute,
+            100.0 * u.fabric,
+            100.0 * u.io,
+            100.0 * u.memory
+        );
+        let shares: Vec<String> = self
+            .bottleneck
+            .shares
+            .iter()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v))
+            .collect();
+        let _ = writeln!(
+            s,
+            "bottleneck  {} (critical path: {})",
+            self.bottleneck.dominant,
+            shares.join(", ")
+        );
+        if !self.breakdown.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nbreakdown (top 12 by busy cycles)      units        flops   busy%  stall%   idle%  bound"
+            );
+            let mut rows: Vec<&OpRow> = self.breakdown.iter().collect();
+            rows.sort_by(|a, b| b.cycles_busy.cmp(&a.cycles_busy).then(a.name.cmp(&b.name)));
+            for r in rows.iter().take(12) {
+                let total = (r.cycles_busy + r.cycles_stalled + r.cycles_idle).max(1) as f64;
+                let _ = writeln!(
+                    s,
+                    "  {:<34} {:>8} {:>12} {:>6.1}  {:>6.1}  {:>6.1}  {}",
+                    r.name,
+                    r.units,
+                    human(r.flops as f64, ""),
+                    100.0 * r.cycles_busy as f64 / total,
+                    100.0 * r.cycles_stalled as f64 / total,
+                    100.0 * r.cycles_idle as f64 / total,
+                    r.bound
+                );
+            }
+            if rows.len() > 12 {
+                let _ = writeln!(s, "  ... {} more", rows.len() - 12);
+            }
+        }
+        let _ = writeln!(s, "\ncounters");
+        for (k, v) in &self.counters {
+            let _ = writeln!(s, "  {k:<20}{:>24}", thousands(*v));
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+}
