@@ -13,7 +13,12 @@ fn main() {
         .with_mesh(w, h)
         .unwrap();
     let t0 = Instant::now();
-    let prog = synth::gemv(&hw, k, k, w, h);
+    let group = args.get(4).copied().unwrap_or(0);
+    let prog = if group > 0 {
+        synth::gemv_tree(&hw, k, k, w, h, group)
+    } else {
+        synth::gemv(&hw, k, k, w, h)
+    };
     let t1 = Instant::now();
     let run = engine::run(
         &prog,
