@@ -8,26 +8,12 @@ fn main() {
     let (w, h) = (args.first().copied().unwrap_or(64), args.get(1).copied().unwrap_or(64));
     let k = args.get(2).copied().unwrap_or(16384) as u64;
     let threads = args.get(3).copied().unwrap_or(1) as usize;
-    let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap())
-        .unwrap()
-        .with_mesh(w, h)
-        .unwrap();
+    let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap()).unwrap().with_mesh(w, h).unwrap();
     let t0 = Instant::now();
     let group = args.get(4).copied().unwrap_or(0);
-    let prog = if group > 0 {
-        synth::gemv_tree(&hw, k, k, w, h, group)
-    } else {
-        synth::gemv(&hw, k, k, w, h)
-    };
+    let prog = if group > 0 { synth::gemv_tree(&hw, k, k, w, h, group) } else { synth::gemv(&hw, k, k, w, h) };
     let t1 = Instant::now();
-    let run = engine::run(
-        &prog,
-        &EngineOptions {
-            fidelity: Fidelity::Detailed,
-            threads,
-        },
-    )
-    .unwrap();
+    let run = engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None }).unwrap();
     let t2 = Instant::now();
     let secs = (t2 - t1).as_secs_f64();
     let totals = &run.totals;

@@ -39,36 +39,17 @@ impl B {
         }
     }
     fn template(&mut self, name: &str, tasks: Vec<Task>) -> TemplateId {
-        self.p.templates.push(Template {
-            name: name.into(),
-            region: RegionId(0),
-            tasks,
-            sram_bytes: 0,
-        });
+        self.p.templates.push(Template { name: name.into(), region: RegionId(0), tasks, sram_bytes: 0 });
         TemplateId(self.p.templates.len() as u32 - 1)
     }
     fn tile(&mut self, x: u32, y: u32, w: u32, h: u32, t: TemplateId) {
-        self.p.tiles.push(Tile {
-            rect: Rect { x, y, w, h },
-            template: t,
-        });
+        self.p.tiles.push(Tile { rect: Rect { x, y, w, h }, template: t });
     }
     fn route(&mut self, color: u32, senders: Rect, pattern: Pattern) {
-        self.p.routes.push(Route {
-            color: ColorId(color),
-            senders: Senders::Pes(senders),
-            pattern,
-            relays: 0,
-        });
+        self.p.routes.push(Route { color: ColorId(color), senders: Senders::Pes(senders), pattern, relays: 0 });
     }
     fn run(&self) -> Result<EngineRun, EngineError> {
-        engine::run(
-            &self.p,
-            &EngineOptions {
-                fidelity: Fidelity::Detailed,
-                threads: 1,
-            },
-        )
+        engine::run(&self.p, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None })
     }
 }
 
@@ -80,11 +61,7 @@ fn task(name: &str, needs: Vec<Need>, op: SimdOp, elems: u64, paced: Option<u32>
     Task {
         name: name.into(),
         needs,
-        work: Work {
-            op,
-            elems,
-            paced_by: paced.map(ColorId),
-        },
+        work: Work { op, elems, paced_by: paced.map(ColorId) },
         sends,
         repeat: 1,
         flops: 0,
@@ -92,18 +69,11 @@ fn task(name: &str, needs: Vec<Need>, op: SimdOp, elems: u64, paced: Option<u32>
 }
 
 fn recv(c: u32, n: u64) -> Need {
-    Need::Recv {
-        color: ColorId(c),
-        wavelets: n,
-    }
+    Need::Recv { color: ColorId(c), wavelets: n }
 }
 
 fn send(c: u32, n: u64) -> Send {
-    Send {
-        color: ColorId(c),
-        wavelets: n,
-        streamed: false,
-    }
+    Send { color: ColorId(c), wavelets: n, streamed: false }
 }
 
 /// Constants of the WSE-2 description the formulas use.
@@ -115,29 +85,15 @@ const HOP: u64 = 1;
 /// head = pick + ramp + h*hop + ramp, tail = head + n - 1, done = tail + pick.
 fn train(h: u32, n: u64) -> u64 {
     let mut b = B::new(h + 1, 1);
-    let s = b.template(
-        "send",
-        vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])],
-    );
-    let r = b.template(
-        "recv",
-        vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])],
-    );
+    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])]);
+    let r = b.template("recv", vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])]);
     b.tile(0, 0, 1, 1, s);
     b.tile(h, 0, 1, 1, r);
     if h > 1 {
         let idle = b.template("idle", vec![]);
         b.tile(1, 0, h - 1, 1, idle);
     }
-    b.route(
-        0,
-        rect(0, 0, 1, 1),
-        Pattern::Line {
-            dir: Dir::East,
-            hops: h,
-            multicast: false,
-        },
-    );
+    b.route(0, rect(0, 0, 1, 1), Pattern::Line { dir: Dir::East, hops: h, multicast: false });
     b.run().unwrap().cycles
 }
 
@@ -220,14 +176,8 @@ fn io_bound_stream_runs_at_the_port_rate() {
     let (wavelets, per) = (3u64, 10u64); // 0.3 wavelets per cycle
     let latency = 500u64;
     let mut b = B::new(4, 1);
-    let port_t = b.template(
-        "port",
-        vec![task("stream", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])],
-    );
-    let r = b.template(
-        "recv",
-        vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])],
-    );
+    let port_t = b.template("port", vec![task("stream", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])]);
+    let r = b.template("recv", vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])]);
     let idle = b.template("idle", vec![]);
     b.tile(0, 0, 3, 1, idle);
     b.tile(3, 0, 1, 1, r);
@@ -246,20 +196,13 @@ fn io_bound_stream_runs_at_the_port_rate() {
     b.p.routes.push(Route {
         color: ColorId(0),
         senders: Senders::Port(PortId(0)),
-        pattern: Pattern::Line {
-            dir: Dir::East,
-            hops: 3,
-            multicast: false,
-        },
+        pattern: Pattern::Line { dir: Dir::East, hops: 3, multicast: false },
         relays: 0,
     });
     let run = b.run().unwrap();
     let expect = latency as f64 + n as f64 * per as f64 / wavelets as f64;
     let rel = (run.cycles as f64 - expect).abs() / expect;
-    println!(
-        "io stream: engine {} cycles, formula {expect:.0}, rel {rel:.5}",
-        run.cycles
-    );
+    println!("io stream: engine {} cycles, formula {expect:.0}, rel {rel:.5}", run.cycles);
     assert!(rel < 1e-3);
     assert_eq!(run.totals.io_bytes, vec![bytes]);
     let io = run.critical_path.0[waferscale::engine::Res::PerimeterIo as usize] as f64 / run.cycles as f64;
@@ -327,12 +270,7 @@ fn tree_allreduce_matches_its_closed_form() {
         b.p.routes.push(Route {
             color: ColorId(4),
             senders: Senders::Pes(rect(c, c, 1, 1)),
-            pattern: Pattern::Rect {
-                dx: -(c as i32),
-                dy: -(c as i32),
-                w: p,
-                h: p,
-            },
+            pattern: Pattern::Rect { dx: -(c as i32), dy: -(c as i32), w: p, h: p },
             relays: 0,
         });
         let run = b.run().unwrap();
@@ -360,28 +298,8 @@ fn tree_allreduce_matches_its_closed_form() {
 fn deadlock_is_reported_not_hung() {
     // Two PEs each wait for the other's wavelet before sending their own: a dependency cycle.
     let mut b = B::new(2, 1);
-    let a = b.template(
-        "a",
-        vec![task(
-            "wait_then_send",
-            vec![recv(1, 1)],
-            SimdOp::Mov32,
-            0,
-            None,
-            vec![send(0, 1)],
-        )],
-    );
-    let c = b.template(
-        "b",
-        vec![task(
-            "wait_then_send",
-            vec![recv(0, 1)],
-            SimdOp::Mov32,
-            0,
-            None,
-            vec![send(1, 1)],
-        )],
-    );
+    let a = b.template("a", vec![task("wait_then_send", vec![recv(1, 1)], SimdOp::Mov32, 0, None, vec![send(0, 1)])]);
+    let c = b.template("b", vec![task("wait_then_send", vec![recv(0, 1)], SimdOp::Mov32, 0, None, vec![send(1, 1)])]);
     b.tile(0, 0, 1, 1, a);
     b.tile(1, 0, 1, 1, c);
     b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
@@ -404,21 +322,8 @@ fn paced_consumer_backpressures_the_sender() {
     // n * 250 cycles, not n.
     let n = 40u64;
     let mut b = B::new(2, 1);
-    let s = b.template(
-        "send",
-        vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])],
-    );
-    let r = b.template(
-        "recv",
-        vec![task(
-            "fmac",
-            vec![recv(0, n)],
-            SimdOp::FmacF16,
-            1000 * n,
-            Some(0),
-            vec![],
-        )],
-    );
+    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])]);
+    let r = b.template("recv", vec![task("fmac", vec![recv(0, n)], SimdOp::FmacF16, 1000 * n, Some(0), vec![])]);
     b.tile(0, 0, 1, 1, s);
     b.tile(1, 0, 1, 1, r);
     b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
@@ -447,14 +352,8 @@ fn invariants_are_checked() {
     assert!(matches!(b.run(), Err(EngineError::Invariant(_))));
     // A delivery nobody consumes is a program error.
     let mut b = B::new(2, 1);
-    let s = b.template(
-        "send",
-        vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, 2)])],
-    );
-    let r = b.template(
-        "recv",
-        vec![task("recv", vec![recv(0, 1)], SimdOp::Mov32, 0, None, vec![])],
-    );
+    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, 2)])]);
+    let r = b.template("recv", vec![task("recv", vec![recv(0, 1)], SimdOp::Mov32, 0, None, vec![])]);
     b.tile(0, 0, 1, 1, s);
     b.tile(1, 0, 1, 1, r);
     b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
@@ -468,14 +367,8 @@ fn critical_path_names_the_binding_resource() {
     let share = |run: &EngineRun, r: Res| run.critical_path.0[r as usize] as f64 / run.cycles as f64;
     // A long train over one hop: the fabric.
     let mut b = B::new(2, 1);
-    let s = b.template(
-        "send",
-        vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, 50_000)])],
-    );
-    let r = b.template(
-        "recv",
-        vec![task("recv", vec![recv(0, 50_000)], SimdOp::Mov32, 0, None, vec![])],
-    );
+    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, 50_000)])]);
+    let r = b.template("recv", vec![task("recv", vec![recv(0, 50_000)], SimdOp::Mov32, 0, None, vec![])]);
     b.tile(0, 0, 1, 1, s);
     b.tile(1, 0, 1, 1, r);
     b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
@@ -484,10 +377,7 @@ fn critical_path_names_the_binding_resource() {
     assert!(share(&run, Res::Fabric) > 0.99, "{:?}", run.critical_path);
     // One PE's FMAC loop: compute.
     let mut b = B::new(1, 1);
-    let t = b.template(
-        "fmac",
-        vec![task("fmac", vec![], SimdOp::FmacF16, 40_000, None, vec![])],
-    );
+    let t = b.template("fmac", vec![task("fmac", vec![], SimdOp::FmacF16, 40_000, None, vec![])]);
     b.tile(0, 0, 1, 1, t);
     let run = b.run().unwrap();
     assert_eq!(run.critical_path.total(), run.cycles);

@@ -10,12 +10,7 @@ use waferscale::Error;
 /// do and says which are still to come; it prints no number that was not computed.
 pub fn run() -> Result<(), Error> {
     let model = model::load("gpt2-small")?;
-    let args = WorkloadArgs {
-        phase: Some(Phase::Train),
-        batch: Some(8),
-        seq: Some(1024),
-        ..Default::default()
-    };
+    let args = WorkloadArgs { phase: Some(Phase::Train), batch: Some(8), seq: Some(1024), ..Default::default() };
     let workload = args.resolve(&model)?;
     let started = std::time::Instant::now();
     let g = graph::build(&model, &workload)?;

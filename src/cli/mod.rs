@@ -127,10 +127,9 @@ pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
         None => {
             let mut out = std::io::stdout().lock();
             match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write {
-                    path: "<stdout>".into(),
-                    source: e,
-                }),
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(Error::Write { path: "<stdout>".into(), source: e })
+                }
                 _ => Ok(()),
             }
         }
@@ -140,10 +139,7 @@ pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
             if res.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
-            res.map_err(|source| Error::Write {
-                path: p.to_string(),
-                source,
-            })
+            res.map_err(|source| Error::Write { path: p.to_string(), source })
         }
     }
 }

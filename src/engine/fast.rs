@@ -30,10 +30,7 @@ fn merge(t: &Template, is_port: bool) -> Option<Template> {
     let repeated: Vec<usize> = (0..t.tasks.len()).filter(|&k| t.tasks[k].repeat > 1).collect();
     let r = t.tasks.get(*repeated.first()?)?.repeat;
     // Port tasks compute nothing: their sends leave when the run starts either way.
-    if repeated
-        .iter()
-        .any(|&k| t.tasks[k].repeat != r || (!is_port && !streaming(&t.tasks[k])))
-    {
+    if repeated.iter().any(|&k| t.tasks[k].repeat != r || (!is_port && !streaming(&t.tasks[k]))) {
         return None;
     }
     let mut out = t.clone();

@@ -81,21 +81,10 @@ impl Timeline {
         let units = units.min(cap);
         let len = len.max(1);
         // Most links are idle when a train arrives: skip the search.
-        let start = if self.max_end <= t {
-            t
-        } else {
-            self.earliest(t, len, units, cap)
-        };
+        let start = if self.max_end <= t { t } else { self.earliest(t, len, units, cap) };
         self.max_end = self.max_end.max(start + len);
         let pos = self.iv.partition_point(|i| i.start <= start);
-        self.iv.insert(
-            pos,
-            Interval {
-                start,
-                end: start + len,
-                units,
-            },
-        );
+        self.iv.insert(pos, Interval { start, end: start + len, units });
         start
     }
 
@@ -115,13 +104,8 @@ impl Timeline {
     fn blocking_end(&self, s: u64, len: u64, units: u64, cap: u64) -> Option<u64> {
         let e = s + len;
         // Load changes only at interval starts; check it at s and at each start inside (s, e).
-        let starts = std::iter::once(s).chain(
-            self.iv
-                .iter()
-                .map(|i| i.start)
-                .take_while(|&st| st < e)
-                .filter(|&st| st > s),
-        );
+        let starts =
+            std::iter::once(s).chain(self.iv.iter().map(|i| i.start).take_while(|&st| st < e).filter(|&st| st > s));
         for p in starts {
             let mut load = units;
             let mut first_end = u64::MAX;

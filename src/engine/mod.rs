@@ -13,6 +13,7 @@
 pub mod fast;
 mod link;
 mod queue;
+pub mod record;
 pub mod report;
 mod route;
 mod sim;
@@ -42,10 +43,12 @@ impl Fidelity {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub fidelity: Fidelity,
     pub threads: usize,
+    /// Record per-window activity for a trace.
+    pub trace: Option<record::TraceSpec>,
 }
 
 /// What a cycle of the critical path was spent on.
@@ -66,14 +69,7 @@ pub enum Res {
 }
 
 impl Res {
-    pub const ALL: [Res; 6] = [
-        Res::Compute,
-        Res::Sram,
-        Res::Fabric,
-        Res::PerimeterIo,
-        Res::MemoryX,
-        Res::InterWafer,
-    ];
+    pub const ALL: [Res; 6] = [Res::Compute, Res::Sram, Res::Fabric, Res::PerimeterIo, Res::MemoryX, Res::InterWafer];
     pub fn name(self) -> &'static str {
         match self {
             Res::Compute => "compute",
@@ -133,14 +129,7 @@ pub struct AgentStats {
 
 impl Default for AgentStats {
     fn default() -> AgentStats {
-        AgentStats {
-            busy: 0,
-            stalled: 0,
-            runs: 0,
-            flops: 0,
-            first_start: u64::MAX,
-            last_finish: 0,
-        }
+        AgentStats { busy: 0, stalled: 0, runs: 0, flops: 0, first_start: u64::MAX, last_finish: 0 }
     }
 }
 
@@ -173,21 +162,10 @@ impl fmt::Display for DeadlockReport {
             self.cycle, self.blocked_agents
         )?;
         for b in &self.blocked {
-            writeln!(
-                f,
-                "  {} task {} (run {}) waits for: {}",
-                b.agent,
-                b.task,
-                b.run,
-                b.waits_for.join("; ")
-            )?;
+            writeln!(f, "  {} task {} (run {}) waits for: {}", b.agent, b.task, b.run, b.waits_for.join("; "))?;
         }
         if self.blocked_agents as usize > self.blocked.len() {
-            writeln!(
-                f,
-                "  ... and {} more",
-                self.blocked_agents as usize - self.blocked.len()
-            )?;
+            writeln!(f, "  ... and {} more", self.blocked_agents as usize - self.blocked.len())?;
         }
         Ok(())
     }
@@ -217,6 +195,8 @@ pub struct EngineRun {
     pub fabric_utilization: f64,
     /// The critical path, by resource (sums to about `cycles`).
     pub critical_path: Path,
+    /// Per-window activity, when a trace was asked for.
+    pub recording: Option<record::Recording>,
     pub fidelity: Fidelity,
 }
 
@@ -233,7 +213,8 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
 fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
-    let mut parts: Vec<sim::Part> = (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p)).collect();
+    let mut parts: Vec<sim::Part> =
+        (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p, opts.trace.as_ref())).collect();
     let t1 = std::time::Instant::now();
     let cycles = sim::run_parts(&shared, &mut parts, opts.threads)?;
     // The critical path ends at the last task to finish (ties: the lowest agent id).
@@ -244,11 +225,7 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
         .map(|(_, _, path)| path)
         .unwrap_or_default();
     if std::env::var_os("WAFER_ENGINE_TIMING").is_some() {
-        eprintln!(
-            "engine: setup {:.3}s, run {:.3}s",
-            (t1 - t0).as_secs_f64(),
-            t1.elapsed().as_secs_f64()
-        );
+        eprintln!("engine: setup {:.3}s, run {:.3}s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
     }
     // Blocked tasks and unconsumed deliveries, in mesh order.
     let mut blocked: Vec<(u32, Blocked)> = parts.iter().flat_map(|p| p.blocked(&shared)).collect();
@@ -265,10 +242,7 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
     if let Some(msg) = parts.iter().find_map(|p| p.unconsumed(&shared)) {
         return Err(EngineError::Program(msg));
     }
-    let mut totals = Totals {
-        io_bytes: vec![0; program.ports.len()],
-        ..Totals::default()
-    };
+    let mut totals = Totals { io_bytes: vec![0; program.ports.len()], ..Totals::default() };
     let mut hop_unit_cycles = 0u128;
     let n_agents = program.mesh.pes() as usize + program.ports.len();
     let mut agents = vec![AgentStats::default(); n_agents];
@@ -303,17 +277,28 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
         }
     }
     let mesh_links = 4.0 * program.mesh.pes() as f64;
-    let fabric_utilization = if cycles == 0 {
-        0.0
-    } else {
-        hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64)
-    };
-    Ok(EngineRun {
-        cycles,
-        totals,
-        agents,
-        fabric_utilization,
-        critical_path,
-        fidelity: opts.fidelity,
-    })
+    let fabric_utilization =
+        if cycles == 0 { 0.0 } else { hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64) };
+    let recording = opts.trace.as_ref().map(|_| collect_recording(&mut parts, n_agents, cycles));
+    Ok(EngineRun { cycles, totals, agents, fabric_utilization, critical_path, recording, fidelity: opts.fidelity })
+}
+
+/// Brings every partition's bins to the widest window and lays them out in global agent order.
+fn collect_recording(parts: &mut [sim::Part], n_agents: usize, cycles: u64) -> record::Recording {
+    let window = parts.iter().filter_map(|p| p.rec.as_ref().map(|r| r.window)).max().unwrap_or(1);
+    let mut bins = vec![Vec::new(); n_agents];
+    let mut spans = Vec::new();
+    for p in parts.iter_mut() {
+        let ids: Vec<u32> = p.agent_ids().collect();
+        if let Some(rec) = p.rec.as_mut() {
+            rec.widen_to(window);
+            for (id, b) in ids.iter().zip(rec.bins.iter()) {
+                bins[*id as usize] = b.to_vec();
+            }
+            spans.extend(rec.spans.iter().copied());
+        }
+    }
+    spans.sort_by_key(|s| (s.agent, s.start, s.task));
+    let windows = (cycles / window + 1) as u32;
+    record::Recording { window_cycles: window, windows, bins, spans }
 }

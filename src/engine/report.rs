@@ -40,37 +40,19 @@ pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunR
     let pes = program.mesh.pes();
     let n_pes = pes as usize;
     let busy: u64 = run.agents[..n_pes].iter().map(|a| a.busy).sum();
-    let io_capacity: f64 = program
-        .ports
-        .iter()
-        .map(|p| p.wavelets as f64 * 4.0 / p.per_cycles as f64)
-        .sum();
+    let io_capacity: f64 = program.ports.iter().map(|p| p.wavelets as f64 * 4.0 / p.per_cycles as f64).sum();
     let io_bytes: u64 = run.totals.io_bytes.iter().sum();
-    let sram_used: u64 = program
-        .tiles
-        .iter()
-        .map(|t| program.templates[t.template.0 as usize].sram_bytes * t.rect.pes())
-        .sum();
+    let sram_used: u64 =
+        program.tiles.iter().map(|t| program.templates[t.template.0 as usize].sram_bytes * t.rect.pes()).sum();
     let utilization = Utilization {
         compute: busy as f64 / (pes as f64 * cycles as f64),
         fabric: run.fabric_utilization,
-        io: if io_capacity > 0.0 {
-            io_bytes as f64 / (io_capacity * cycles as f64)
-        } else {
-            0.0
-        },
+        io: if io_capacity > 0.0 { io_bytes as f64 / (io_capacity * cycles as f64) } else { 0.0 },
         memory: sram_used as f64 / (pes as f64 * program.timing.sram_bytes as f64),
     };
     let total_path = run.critical_path.total().max(1) as f64;
-    let shares: BTreeMap<String, f64> = Res::ALL
-        .iter()
-        .map(|r| {
-            (
-                r.name().to_string(),
-                run.critical_path.0[*r as usize] as f64 / total_path,
-            )
-        })
-        .collect();
+    let shares: BTreeMap<String, f64> =
+        Res::ALL.iter().map(|r| (r.name().to_string(), run.critical_path.0[*r as usize] as f64 / total_path)).collect();
     let dominant = Res::ALL
         .iter()
         .max_by_key(|r| (run.critical_path.0[**r as usize], std::cmp::Reverse(**r as usize)))
@@ -133,11 +115,7 @@ fn regions(program: &MeshProgram, run: &EngineRun) -> Vec<OpRow> {
     let mut rows: Vec<OpRow> = program
         .regions
         .iter()
-        .map(|r| OpRow {
-            name: r.name.clone(),
-            kind: r.kind.clone(),
-            ..Default::default()
-        })
+        .map(|r| OpRow { name: r.name.clone(), kind: r.kind.clone(), ..Default::default() })
         .collect();
     let mut span: Vec<(u64, u64)> = vec![(u64::MAX, 0); rows.len()];
     for tile in &program.tiles {
@@ -161,16 +139,8 @@ fn regions(program: &MeshProgram, run: &EngineRun) -> Vec<OpRow> {
     let clock = program.timing.clock_hz;
     for (row, (first, last)) in rows.iter_mut().zip(span) {
         row.cycles_idle = (row.units * run.cycles).saturating_sub(row.cycles_busy + row.cycles_stalled);
-        row.seconds = if last > first {
-            (last - first) as f64 / clock
-        } else {
-            0.0
-        };
-        row.bound = if row.cycles_stalled > row.cycles_busy {
-            "fabric".into()
-        } else {
-            "compute".into()
-        };
+        row.seconds = if last > first { (last - first) as f64 / clock } else { 0.0 };
+        row.bound = if row.cycles_stalled > row.cycles_busy { "fabric".into() } else { "compute".into() };
     }
     rows
 }

@@ -42,10 +42,7 @@ impl Links {
         c.y * self.width + c.x
     }
     pub fn coord(&self, pe: u32) -> Coord {
-        Coord {
-            x: pe % self.width,
-            y: pe / self.width,
-        }
+        Coord { x: pe % self.width, y: pe / self.width }
     }
     pub fn hop(&self, c: Coord, d: Dir) -> LinkId {
         self.pe(c) * 4 + d as u32
@@ -63,10 +60,8 @@ impl Links {
         let (dx, dy) = d.delta();
         let x = c.x as i64 + dx as i64;
         let y = c.y as i64 + dy as i64;
-        (x >= 0 && y >= 0 && x < self.width as i64 && y < self.height as i64).then_some(Coord {
-            x: x as u32,
-            y: y as u32,
-        })
+        (x >= 0 && y >= 0 && x < self.width as i64 && y < self.height as i64)
+            .then_some(Coord { x: x as u32, y: y as u32 })
     }
 }
 
@@ -109,17 +104,11 @@ pub fn expand(
             let (c, parent) = walker.xy(at, dx, dy, ROOT)?;
             walker.deliver(c, parent);
         }
-        Pattern::ToPort {
-            port: crate::mesh::PortId(port),
-        } => {
+        Pattern::ToPort { port: crate::mesh::PortId(port) } => {
             let target = port_at(port);
             let (dx, dy) = (target.x as i32 - at.x as i32, target.y as i32 - at.y as i32);
             let (_, parent) = walker.xy(at, dx, dy, ROOT)?;
-            walker.out.push(Node {
-                link: links.port(port),
-                parent,
-                deliver: Deliver::Port(port),
-            });
+            walker.out.push(Node { link: links.port(port), parent, deliver: Deliver::Port(port) });
         }
         Pattern::Rect { dx, dy, w, h } => {
             let x0 = at.x as i64 + dx as i64;
@@ -170,21 +159,13 @@ impl Walker<'_> {
     fn hop(&mut self, c: &mut Coord, d: Dir, parent: u32) -> Result<u32, OffMesh> {
         let link = self.links.hop(*c, d);
         *c = self.links.step(*c, d).ok_or(OffMesh { at: *c })?;
-        self.out.push(Node {
-            link,
-            parent,
-            deliver: Deliver::Hop,
-        });
+        self.out.push(Node { link, parent, deliver: Deliver::Hop });
         Ok(self.out.len() as u32 - 1)
     }
 
     fn deliver(&mut self, c: Coord, parent: u32) {
         let pe = self.links.pe(c);
-        self.out.push(Node {
-            link: self.links.down_ramp(pe),
-            parent,
-            deliver: Deliver::Pe(pe),
-        });
+        self.out.push(Node { link: self.links.down_ramp(pe), parent, deliver: Deliver::Pe(pe) });
     }
 
     /// X first, then Y.
@@ -248,18 +229,9 @@ mod tests {
 
     #[test]
     fn line_multicast_delivers_each_pe() {
-        let t = tree(
-            Pattern::Line {
-                dir: Dir::East,
-                hops: 3,
-                multicast: true,
-            },
-            Coord { x: 1, y: 2 },
-        );
-        let pes: Vec<u32> = t
-            .iter()
-            .filter_map(|n| if let Deliver::Pe(p) = n.deliver { Some(p) } else { None })
-            .collect();
+        let t = tree(Pattern::Line { dir: Dir::East, hops: 3, multicast: true }, Coord { x: 1, y: 2 });
+        let pes: Vec<u32> =
+            t.iter().filter_map(|n| if let Deliver::Pe(p) = n.deliver { Some(p) } else { None }).collect();
         assert_eq!(pes, vec![2 * 8 + 2, 2 * 8 + 3, 2 * 8 + 4]);
         assert_eq!(t.iter().filter(|n| n.deliver == Deliver::Hop).count(), 3);
     }
@@ -273,19 +245,9 @@ mod tests {
 
     #[test]
     fn rect_multicast_covers_the_rectangle_once() {
-        let t = tree(
-            Pattern::Rect {
-                dx: 1,
-                dy: -1,
-                w: 3,
-                h: 3,
-            },
-            Coord { x: 0, y: 2 },
-        );
-        let mut pes: Vec<u32> = t
-            .iter()
-            .filter_map(|n| if let Deliver::Pe(p) = n.deliver { Some(p) } else { None })
-            .collect();
+        let t = tree(Pattern::Rect { dx: 1, dy: -1, w: 3, h: 3 }, Coord { x: 0, y: 2 });
+        let mut pes: Vec<u32> =
+            t.iter().filter_map(|n| if let Deliver::Pe(p) = n.deliver { Some(p) } else { None }).collect();
         pes.sort();
         let expect: Vec<u32> = (1..4).flat_map(|y| (1..4).map(move |x| y * 8 + x)).collect();
         assert_eq!(pes, expect);
@@ -298,11 +260,7 @@ mod tests {
         let r = expand(
             &links,
             Coord { x: 3, y: 0 },
-            Pattern::Line {
-                dir: Dir::East,
-                hops: 1,
-                multicast: false,
-            },
+            Pattern::Line { dir: Dir::East, hops: 1, multicast: false },
             |_| Coord { x: 0, y: 0 },
             &mut out,
         );

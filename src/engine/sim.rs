@@ -13,6 +13,7 @@ use smallvec::{smallvec, SmallVec};
 
 use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
+use super::record::{Metric, PartRecorder, Span, TraceSpec};
 use super::route::{expand, Deliver, Links, Node, ROOT};
 use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
@@ -180,10 +181,7 @@ pub(crate) struct Shared<'p> {
 
 impl<'p> Shared<'p> {
     pub fn new(prog: &'p MeshProgram) -> Result<Shared<'p>, EngineError> {
-        let links = Links {
-            width: prog.mesh.width,
-            height: prog.mesh.height,
-        };
+        let links = Links { width: prog.mesh.width, height: prog.mesh.height };
         let n_pes = links.pes();
         let mut template_of = vec![u32::MAX; n_pes as usize];
         for tile in &prog.tiles {
@@ -195,9 +193,7 @@ impl<'p> Shared<'p> {
                 )));
             }
             if tile.template.0 as usize >= prog.templates.len() {
-                return Err(EngineError::Program(format!(
-                    "tile {r:?} names a template that does not exist"
-                )));
+                return Err(EngineError::Program(format!("tile {r:?} names a template that does not exist")));
             }
             for y in r.y..r.y + r.h {
                 for x in r.x..r.x + r.w {
@@ -217,10 +213,7 @@ impl<'p> Shared<'p> {
         let mut per_part = vec![0u32; n_parts as usize];
         for p in &prog.ports {
             if p.at.x >= links.width || p.at.y >= links.height || p.wavelets == 0 || p.per_cycles == 0 {
-                return Err(EngineError::Program(format!(
-                    "port {} is off the mesh or has no bandwidth",
-                    p.name
-                )));
+                return Err(EngineError::Program(format!("port {} is off the mesh or has no bandwidth", p.name)));
             }
             port_cap.push(((UNIT as u128 * p.wavelets as u128) / p.per_cycles as u128).max(1) as u64);
             port_pace.push(Pace::new(p.per_cycles, p.wavelets).max(Pace::FULL));
@@ -232,10 +225,7 @@ impl<'p> Shared<'p> {
         for (i, r) in prog.routes.iter().enumerate() {
             let c = r.color.0 as usize;
             if c >= 4096 {
-                return Err(EngineError::Program(format!(
-                    "route {i} uses color {} (beyond any router)",
-                    r.color
-                )));
+                return Err(EngineError::Program(format!("route {i} uses color {} (beyond any router)", r.color)));
             }
             if routes_by_color.len() <= c {
                 routes_by_color.resize(c + 1, Vec::new());
@@ -255,11 +245,8 @@ impl<'p> Shared<'p> {
                             }
                             let paced = task.work.paced_by == Some(color);
                             let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
-                            let pace = if paced && compute > wavelets {
-                                Pace::new(compute, wavelets)
-                            } else {
-                                Pace::FULL
-                            };
+                            let pace =
+                                if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
                             v.push((color, pace, paced));
                         }
                     }
@@ -289,12 +276,7 @@ impl<'p> Shared<'p> {
     /// (x0, y0, w, h) of a partition's block.
     fn block(&self, part: u32) -> (u32, u32, u32, u32) {
         let (x0, y0) = ((part % self.blocks_x) * BLOCK, (part / self.blocks_x) * BLOCK);
-        (
-            x0,
-            y0,
-            BLOCK.min(self.links.width - x0),
-            BLOCK.min(self.links.height - y0),
-        )
+        (x0, y0, BLOCK.min(self.links.width - x0), BLOCK.min(self.links.height - y0))
     }
 
     /// The worker that runs a partition: blocks along diagonals alternate, so fronts moving along
@@ -368,29 +350,22 @@ pub(crate) struct Part {
     pub stats: Vec<AgentStats>,
     pub hop_unit_cycles: u128,
     pub error: Option<EngineError>,
+    /// Trace recording, when asked for.
+    pub rec: Option<PartRecorder>,
 }
 
 const NOT_HERE: u64 = u64::MAX;
 
 impl Part {
-    pub fn new(sh: &Shared, id: u32) -> Part {
+    pub fn new(sh: &Shared, id: u32, trace: Option<&TraceSpec>) -> Part {
         let (x0, y0, w, h) = sh.block(id);
         let mut agents = Vec::with_capacity((w * h) as usize);
         for y in y0..y0 + h {
             for x in x0..x0 + w {
                 let g = sh.links.pe(Coord { x, y });
                 let t = sh.template_of[g as usize];
-                let n_tasks = if t == u32::MAX {
-                    0
-                } else {
-                    sh.prog.templates[t as usize].tasks.len()
-                };
-                agents.push(Agent {
-                    id: g,
-                    template: t,
-                    runs_done: smallvec![0; n_tasks],
-                    ..Default::default()
-                });
+                let n_tasks = if t == u32::MAX { 0 } else { sh.prog.templates[t as usize].tasks.len() };
+                agents.push(Agent { id: g, template: t, runs_done: smallvec![0; n_tasks], ..Default::default() });
             }
         }
         for (i, p) in sh.prog.ports.iter().enumerate() {
@@ -423,14 +398,26 @@ impl Part {
             now: 0,
             out_time: Vec::new(),
             scratch: Vec::new(),
-            totals: Totals {
-                io_bytes: vec![0; sh.prog.ports.len()],
-                ..Totals::default()
-            },
+            totals: Totals { io_bytes: vec![0; sh.prog.ports.len()], ..Totals::default() },
             stats: vec![AgentStats::default(); n_agents],
             hop_unit_cycles: 0,
             error: None,
+            rec: None,
         }
+        .with_recorder(trace)
+    }
+
+    fn with_recorder(mut self, trace: Option<&TraceSpec>) -> Part {
+        if let Some(spec) = trace {
+            let ids: Vec<u32> = self.agents.iter().map(|a| a.id).collect();
+            self.rec = Some(PartRecorder::new(spec, &ids));
+        }
+        self
+    }
+
+    /// Global id of each local agent.
+    pub fn agent_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.agents.iter().map(|a| a.id)
     }
 
     /// The cycle of this partition's next event.
@@ -525,16 +512,8 @@ impl Part {
         let task = &tasks[k];
         let port = self.is_port(sh, a);
         let timing = &sh.prog.timing;
-        let start = if port {
-            self.now
-        } else {
-            self.now + timing.pick_cycles as u64
-        };
-        let compute = if port {
-            0
-        } else {
-            timing.pe.cycles(task.work.op, task.work.elems)
-        };
+        let start = if port { self.now } else { self.now + timing.pick_cycles as u64 };
+        let compute = if port { 0 } else { timing.pe.cycles(task.work.op, task.work.elems) };
         // The critical path to this start: whichever constraint was met last (the PE becoming free,
         // or the wavelet each need waited for), plus the pick.
         let agent = &self.agents[a as usize];
@@ -551,13 +530,10 @@ impl Part {
             }
         }
         let start_path = bind.1.add(Res::Compute, start.saturating_sub(bind.0));
-        let op_res = if !port && sram_bound(timing, task.work.op) {
-            Res::Sram
-        } else {
-            Res::Compute
-        };
+        let op_res = if !port && sram_bound(timing, task.work.op) { Res::Sram } else { Res::Compute };
         let mut finish = start + compute;
         let mut finish_path = start_path.add(op_res, compute);
+        let mut stall = Metric::StallData;
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
         for need in &task.needs {
             if let Need::Recv { color, wavelets } = *need {
@@ -568,6 +544,9 @@ impl Part {
                     if last + per > finish {
                         finish = last + per;
                         finish_path = last_path.add(op_res, per);
+                        let io = last_path.0[Res::PerimeterIo as usize] + last_path.0[Res::InterWafer as usize];
+                        stall =
+                            if io > last_path.0[Res::Fabric as usize] { Metric::StallIo } else { Metric::StallData };
                     }
                 }
                 inbox.claim(wavelets);
@@ -576,15 +555,12 @@ impl Part {
         self.agents[a as usize].run_path = start_path;
         for s in &task.sends {
             if s.streamed && s.wavelets > 0 {
-                let pace = if compute > 0 {
-                    Pace::new(compute, s.wavelets).max(Pace::FULL)
-                } else {
-                    Pace::FULL
-                };
+                let pace = if compute > 0 { Pace::new(compute, s.wavelets).max(Pace::FULL) } else { Pace::FULL };
                 let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
                 if tail > finish {
                     finish_path = start_path.add(Res::Fabric, tail - start);
                     finish = tail;
+                    stall = Metric::StallBackpressure;
                 }
             }
         }
@@ -594,6 +570,12 @@ impl Part {
         st.runs += 1;
         st.first_start = st.first_start.min(start);
         st.last_finish = st.last_finish.max(finish);
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::Compute, start, compute, 1);
+            rec.add(a, stall, start + compute, finish - start - compute, 1);
+            let agent = self.agents[a as usize].id;
+            rec.span(a, Span { agent, task: k as u32, start, finish, compute });
+        }
         let agent = &mut self.agents[a as usize];
         agent.running = true;
         agent.busy_until = finish;
@@ -630,13 +612,10 @@ impl Part {
         }
         let g = agent.id;
         let candidates = sh.routes_by_color.get(c.0 as usize).map(Vec::as_slice).unwrap_or(&[]);
-        let found = candidates
-            .iter()
-            .copied()
-            .find(|&r| match sh.prog.routes[r as usize].senders {
-                Senders::Pes(rect) => g < sh.n_pes && rect.contains(sh.links.coord(g)),
-                Senders::Port(p) => g == sh.n_pes + p.0,
-            });
+        let found = candidates.iter().copied().find(|&r| match sh.prog.routes[r as usize].senders {
+            Senders::Pes(rect) => g < sh.n_pes && rect.contains(sh.links.coord(g)),
+            Senders::Port(p) => g == sh.n_pes + p.0,
+        });
         let Some(r) = found else {
             return Err(EngineError::Program(format!(
                 "{} sends on color {c} but no route covers it",
@@ -659,23 +638,9 @@ impl Part {
             let p = (g - sh.n_pes) as usize;
             let port = &sh.prog.ports[p];
             let res = port_res(port.peer);
-            (
-                port.at,
-                sh.links.port(p as u32),
-                port.latency_cycles,
-                sh.port_cap[p],
-                pace.max(sh.port_pace[p]),
-                res,
-            )
+            (port.at, sh.links.port(p as u32), port.latency_cycles, sh.port_cap[p], pace.max(sh.port_pace[p]), res)
         } else {
-            (
-                sh.links.coord(g),
-                sh.links.up_ramp(g),
-                timing.ramp_cycles as u64,
-                UNIT,
-                pace,
-                Res::Fabric,
-            )
+            (sh.links.coord(g), sh.links.up_ramp(g), timing.ramp_cycles as u64, UNIT, pace, Res::Fabric)
         };
         let port_pace = pace;
         let mut nodes = std::mem::take(&mut self.scratch);
@@ -713,23 +678,15 @@ impl Part {
         let head = t + route.relays as u64 * timing.relay_cycles as u64;
         let (_, root_local) = sh.link_home(root_link);
         let start = self.timelines[root_local as usize].reserve(head, len, units, root_cap, self.now);
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::Send, start, len, units);
+        }
         self.totals.wavelets_sent += n;
         self.totals.relays += route.relays as u64;
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
         }
-        let train = Arc::new(Train {
-            color: c,
-            n,
-            pace,
-            len,
-            units,
-            nodes,
-            path,
-            sent: t,
-            transit_res,
-            tail_res,
-        });
+        let train = Arc::new(Train { color: c, n, pace, len, units, nodes, path, sent: t, transit_res, tail_res });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds it.
         if let Ok(t) = Arc::try_unwrap(train) {
@@ -769,14 +726,7 @@ impl Part {
             };
             let (owner, local) = sh.link_home(node.link);
             if owner != self.id {
-                self.outbox.push((
-                    owner,
-                    Cont {
-                        time: t_in,
-                        train: Arc::clone(train),
-                        node: i as u32,
-                    },
-                ));
+                self.outbox.push((owner, Cont { time: t_in, train: Arc::clone(train), node: i as u32 }));
                 continue;
             }
             let (cap, latency) = match node.deliver {
@@ -786,6 +736,14 @@ impl Part {
             };
             let s = self.timelines[local as usize].reserve(t_in, train.len, train.units, cap, self.now);
             let out = s + latency;
+            if let Some(rec) = self.rec.as_mut() {
+                let (metric, agent) = match node.deliver {
+                    Deliver::Hop => (Metric::Fabric, local / 4),
+                    Deliver::Pe(d) => (Metric::Receive, sh.home(d).1),
+                    Deliver::Port(p) => (Metric::Receive, sh.home(sh.n_pes + p).1),
+                };
+                rec.add(agent, metric, s, train.len, train.units);
+            }
             self.out_time[i] = out;
             match node.deliver {
                 Deliver::Hop => {
@@ -814,13 +772,7 @@ impl Part {
             )));
         }
         let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
-        agent.inbox(c).add(Arrival {
-            head,
-            n,
-            pace,
-            path,
-            tail_res: train.tail_res,
-        });
+        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res });
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
@@ -877,10 +829,7 @@ impl Part {
         let mut out = Vec::new();
         for need in &tasks[k].needs {
             match *need {
-                Need::Done {
-                    task: TaskIdx(u),
-                    times,
-                } => {
+                Need::Done { task: TaskIdx(u), times } => {
                     let have = agent.runs_done[u as usize] as u64;
                     if have < run * times as u64 {
                         out.push(format!(
@@ -893,10 +842,7 @@ impl Part {
                 Need::Recv { color, wavelets } => {
                     let (have, claimed) = agent.inbox_ref(color).map_or((0, 0), |i| (i.delivered, i.claimed));
                     if have < claimed + wavelets {
-                        out.push(format!(
-                            "{wavelets} wavelets on color {color} (has {} unclaimed)",
-                            have - claimed
-                        ));
+                        out.push(format!("{wavelets} wavelets on color {color} (has {} unclaimed)", have - claimed));
                     }
                 }
             }
@@ -942,11 +888,7 @@ struct SpinBarrier {
 
 impl SpinBarrier {
     fn new(n: usize) -> SpinBarrier {
-        SpinBarrier {
-            n,
-            count: AtomicUsize::new(0),
-            sense: AtomicBool::new(false),
-        }
+        SpinBarrier { n, count: AtomicUsize::new(0), sense: AtomicBool::new(false) }
     }
 
     fn wait(&self, local_sense: &mut bool) {
@@ -985,20 +927,13 @@ struct Board {
 impl Board {
     fn new(parts: &mut [Part]) -> Board {
         Board {
-            next: parts
-                .iter_mut()
-                .map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX)))
-                .collect(),
+            next: parts.iter_mut().map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX))).collect(),
             has_out: parts.iter().map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
     fn window(&self) -> Option<u64> {
-        self.next
-            .iter()
-            .map(|n| n.load(Ordering::Acquire))
-            .min()
-            .filter(|&t| t != u64::MAX)
+        self.next.iter().map(|n| n.load(Ordering::Acquire)).min().filter(|&t| t != u64::MAX)
     }
 
     /// Runs partition `i`'s window at `t` if it has events then, and records what follows.
@@ -1076,13 +1011,8 @@ pub(crate) fn run_parts(sh: &Shared, parts: &mut Vec<Part>, threads: usize) -> R
         Some(t) => window.store(t, Ordering::Release),
         None => stop.store(true, Ordering::Release),
     }
-    let owned: Vec<Vec<usize>> = (0..threads)
-        .map(|w| {
-            (0..cells.len())
-                .filter(|&i| sh.worker_of(i as u32, threads) == w)
-                .collect()
-        })
-        .collect();
+    let owned: Vec<Vec<usize>> =
+        (0..threads).map(|w| (0..cells.len()).filter(|&i| sh.worker_of(i as u32, threads) == w).collect()).collect();
     std::thread::scope(|scope| {
         for (w, mine) in owned.iter().enumerate() {
             let (cells, barrier, window, stop, outcome, board) = (&cells, &barrier, &window, &stop, &outcome, &board);
@@ -1120,9 +1050,6 @@ pub(crate) fn run_parts(sh: &Shared, parts: &mut Vec<Part>, threads: usize) -> R
             });
         }
     });
-    *parts = cells
-        .into_iter()
-        .map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    *parts = cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     outcome.into_inner().unwrap_or_else(|e| e.into_inner())
 }

@@ -27,36 +27,19 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
         let bottom = y + 1 == rows;
         let recv_color = ColorId(1 + (y + 1) % 2); // color the partial from the north arrives on
         let send_color = ColorId(1 + y % 2);
-        let key = (
-            west,
-            top,
-            bottom,
-            if top || bottom { 0 } else { y % 2 },
-            if bottom { y % 2 } else { 0 },
-        );
+        let key = (west, top, bottom, if top || bottom { 0 } else { y % 2 }, if bottom { y % 2 } else { 0 });
         *tid.entry(key).or_insert_with(|| {
             let mut tasks = Vec::new();
             let fmac = Task {
                 name: "fmac".into(),
-                needs: if west {
-                    vec![]
-                } else {
-                    vec![Need::Recv {
-                        color: ColorId(0),
-                        wavelets: x_wavelets,
-                    }]
-                },
+                needs: if west { vec![] } else { vec![Need::Recv { color: ColorId(0), wavelets: x_wavelets }] },
                 work: Work {
                     op: SimdOp::FmacF16,
                     elems: fmac_elems,
                     paced_by: if west { None } else { Some(ColorId(0)) },
                 },
                 sends: if west && cols > 1 {
-                    vec![Send {
-                        color: ColorId(0),
-                        wavelets: x_wavelets,
-                        streamed: true,
-                    }]
+                    vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true }]
                 } else {
                     vec![]
                 },
@@ -64,32 +47,18 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
                 flops: fmac_flops,
             };
             tasks.push(fmac);
-            let mut needs = vec![Need::Done {
-                task: TaskIdx(0),
-                times: 1,
-            }];
+            let mut needs = vec![Need::Done { task: TaskIdx(0), times: 1 }];
             if !top {
-                needs.push(Need::Recv {
-                    color: recv_color,
-                    wavelets: part_wavelets,
-                });
+                needs.push(Need::Recv { color: recv_color, wavelets: part_wavelets });
             }
             tasks.push(Task {
                 name: "reduce".into(),
                 needs,
-                work: Work {
-                    op: SimdOp::ArithF16,
-                    elems: if top { 0 } else { n_c },
-                    paced_by: None,
-                },
+                work: Work { op: SimdOp::ArithF16, elems: if top { 0 } else { n_c }, paced_by: None },
                 sends: if bottom {
                     vec![]
                 } else {
-                    vec![Send {
-                        color: send_color,
-                        wavelets: part_wavelets,
-                        streamed: false,
-                    }]
+                    vec![Send { color: send_color, wavelets: part_wavelets, streamed: false }]
                 },
                 repeat: 1,
                 flops: if top { 0 } else { add_flops },
@@ -104,37 +73,17 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
         })
     };
     for y in 0..rows {
-        tiles.push(Tile {
-            rect: Rect { x: 0, y, w: 1, h: 1 },
-            template: template(true, y),
-        });
+        tiles.push(Tile { rect: Rect { x: 0, y, w: 1, h: 1 }, template: template(true, y) });
         if cols > 1 {
-            tiles.push(Tile {
-                rect: Rect {
-                    x: 1,
-                    y,
-                    w: cols - 1,
-                    h: 1,
-                },
-                template: template(false, y),
-            });
+            tiles.push(Tile { rect: Rect { x: 1, y, w: cols - 1, h: 1 }, template: template(false, y) });
         }
     }
     let mut routes = vec![];
     if cols > 1 {
         routes.push(Route {
             color: ColorId(0),
-            senders: Senders::Pes(Rect {
-                x: 0,
-                y: 0,
-                w: 1,
-                h: rows,
-            }),
-            pattern: Pattern::Line {
-                dir: Dir::East,
-                hops: cols - 1,
-                multicast: true,
-            },
+            senders: Senders::Pes(Rect { x: 0, y: 0, w: 1, h: rows }),
+            pattern: Pattern::Line { dir: Dir::East, hops: cols - 1, multicast: true },
             relays: 0,
         });
     }
@@ -154,12 +103,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
         timing: Timing::from_hw(hw),
         regions: vec![Region {
             name: "gemv".into(),
-            rect: Rect {
-                x: 0,
-                y: 0,
-                w: cols,
-                h: rows,
-            },
+            rect: Rect { x: 0, y: 0, w: cols, h: rows },
             ops: vec!["gemv".into()],
             kind: "linear".into(),
             algorithm: "gemv-chain".into(),
@@ -204,11 +148,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                 west,
                 i.min(2) + if i > 0 && i % 2 == 0 { 10 } else { 0 },
                 bottom,
-                if bottom {
-                    gi.min(1) + (gi % 2) * 2 + if gi + 1 == groups { 4 } else { 0 }
-                } else {
-                    0
-                },
+                if bottom { gi.min(1) + (gi % 2) * 2 + if gi + 1 == groups { 4 } else { 0 } } else { 0 },
                 i == 0,
             );
             let tid = match keys.iter().position(|k| *k == key) {
@@ -217,25 +157,14 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                     let mut tasks = Vec::new();
                     tasks.push(Task {
                         name: "fmac".into(),
-                        needs: if west {
-                            vec![]
-                        } else {
-                            vec![Need::Recv {
-                                color: ColorId(0),
-                                wavelets: x_wavelets,
-                            }]
-                        },
+                        needs: if west { vec![] } else { vec![Need::Recv { color: ColorId(0), wavelets: x_wavelets }] },
                         work: Work {
                             op: SimdOp::FmacF16,
                             elems: fmac_elems,
                             paced_by: if west { None } else { Some(ColorId(0)) },
                         },
                         sends: if west && cols > 1 {
-                            vec![Send {
-                                color: ColorId(0),
-                                wavelets: x_wavelets,
-                                streamed: true,
-                            }]
+                            vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true }]
                         } else {
                             vec![]
                         },
@@ -245,25 +174,12 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                     let intra_in = ColorId(1 + (i + 1) % 2);
                     let intra_out = ColorId(1 + i % 2);
                     // Intra-group stage: the top row starts the chain; others add the stream from the north.
-                    let mut needs = vec![Need::Done {
-                        task: TaskIdx(0),
-                        times: 1,
-                    }];
+                    let mut needs = vec![Need::Done { task: TaskIdx(0), times: 1 }];
                     if i > 0 {
-                        needs.push(Need::Recv {
-                            color: intra_in,
-                            wavelets: part,
-                        });
+                        needs.push(Need::Recv { color: intra_in, wavelets: part });
                     }
-                    let intra_sends = if bottom {
-                        vec![]
-                    } else {
-                        vec![Send {
-                            color: intra_out,
-                            wavelets: part,
-                            streamed: true,
-                        }]
-                    };
+                    let intra_sends =
+                        if bottom { vec![] } else { vec![Send { color: intra_out, wavelets: part, streamed: true }] };
                     tasks.push(Task {
                         name: "reduce".into(),
                         needs,
@@ -279,15 +195,9 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                     if bottom {
                         let inter_in = ColorId(3 + (gi + 1) % 2);
                         let inter_out = ColorId(3 + gi % 2);
-                        let mut needs = vec![Need::Done {
-                            task: TaskIdx(1),
-                            times: 1,
-                        }];
+                        let mut needs = vec![Need::Done { task: TaskIdx(1), times: 1 }];
                         if gi > 0 {
-                            needs.push(Need::Recv {
-                                color: inter_in,
-                                wavelets: part,
-                            });
+                            needs.push(Need::Recv { color: inter_in, wavelets: part });
                         }
                         tasks.push(Task {
                             name: "tree".into(),
@@ -298,11 +208,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                                 paced_by: if gi > 0 { Some(inter_in) } else { None },
                             },
                             sends: if gi + 1 < groups {
-                                vec![Send {
-                                    color: inter_out,
-                                    wavelets: part,
-                                    streamed: true,
-                                }]
+                                vec![Send { color: inter_out, wavelets: part, streamed: true }]
                             } else {
                                 vec![]
                             },
@@ -323,27 +229,15 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
             let per_pe: u64 = templates[tid].tasks.iter().map(|t| t.flops).sum();
             let (x, w) = if west { (0, 1) } else { (1, cols - 1) };
             flops += per_pe * w as u64;
-            tiles.push(Tile {
-                rect: Rect { x, y, w, h: 1 },
-                template: TemplateId(tid as u32),
-            });
+            tiles.push(Tile { rect: Rect { x, y, w, h: 1 }, template: TemplateId(tid as u32) });
         }
     }
     let mut routes = vec![];
     if cols > 1 {
         routes.push(Route {
             color: ColorId(0),
-            senders: Senders::Pes(Rect {
-                x: 0,
-                y: 0,
-                w: 1,
-                h: rows,
-            }),
-            pattern: Pattern::Line {
-                dir: Dir::East,
-                hops: cols - 1,
-                multicast: true,
-            },
+            senders: Senders::Pes(Rect { x: 0, y: 0, w: 1, h: rows }),
+            pattern: Pattern::Line { dir: Dir::East, hops: cols - 1, multicast: true },
             relays: 0,
         });
     }
@@ -363,10 +257,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
             routes.push(Route {
                 color: ColorId(3 + gi % 2),
                 senders: Senders::Pes(Rect { x: 0, y, w: cols, h: 1 }),
-                pattern: Pattern::To {
-                    dx: 0,
-                    dy: (next_bottom - y) as i32,
-                },
+                pattern: Pattern::To { dx: 0, dy: (next_bottom - y) as i32 },
                 relays: 0,
             });
         }
@@ -377,12 +268,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
         timing: Timing::from_hw(hw),
         regions: vec![Region {
             name: "gemv".into(),
-            rect: Rect {
-                x: 0,
-                y: 0,
-                w: cols,
-                h: rows,
-            },
+            rect: Rect { x: 0, y: 0, w: cols, h: rows },
             ops: vec!["gemv".into()],
             kind: "linear".into(),
             algorithm: format!("gemv-2tree(group {group})"),

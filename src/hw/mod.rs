@@ -25,12 +25,7 @@ pub enum HwError {
     #[error("--set {setting}: {message}")]
     Set { setting: String, message: String },
     #[error("{path}: `{name}` is a {found} description; this command needs a {wanted}")]
-    WrongKind {
-        path: String,
-        name: String,
-        found: String,
-        wanted: String,
-    },
+    WrongKind { path: String, name: String, found: String, wanted: String },
 }
 
 /// Validation helper: collects the first violated rule as an error naming the key.
@@ -40,11 +35,7 @@ pub(crate) struct Check<'a> {
 
 impl Check<'_> {
     pub fn err(&self, key: &str, message: String) -> HwError {
-        HwError::Key {
-            path: self.path.to_string(),
-            key: key.to_string(),
-            message,
-        }
+        HwError::Key { path: self.path.to_string(), key: key.to_string(), message }
     }
 
     /// `value` must lie in `[min, max]`.

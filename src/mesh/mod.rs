@@ -315,11 +315,8 @@ impl MeshProgram {
         self.tiles
             .iter()
             .map(|t| {
-                let per_pe: u64 = self.templates[t.template.0 as usize]
-                    .tasks
-                    .iter()
-                    .map(|k| k.flops * k.repeat as u64)
-                    .sum();
+                let per_pe: u64 =
+                    self.templates[t.template.0 as usize].tasks.iter().map(|k| k.flops * k.repeat as u64).sum();
                 per_pe * t.rect.pes()
             })
             .sum()

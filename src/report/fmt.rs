@@ -15,14 +15,7 @@ pub fn thousands(v: u64) -> String {
 
 /// `1.5e12` with unit `FLOP` -> `1.50 TFLOP`; decimal prefixes.
 pub fn human(v: f64, unit: &str) -> String {
-    const PREFIXES: [(f64, &str); 6] = [
-        (1e18, "E"),
-        (1e15, "P"),
-        (1e12, "T"),
-        (1e9, "G"),
-        (1e6, "M"),
-        (1e3, "k"),
-    ];
+    const PREFIXES: [(f64, &str); 6] = [(1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
     for (scale, p) in PREFIXES {
         if v.abs() >= scale {
             return format!("{:.2} {p}{unit}", v / scale);

@@ -119,11 +119,7 @@ impl RunReport {
         use std::fmt::Write as _;
         let mut s = String::new();
         let w = &self.workload;
-        let _ = writeln!(
-            s,
-            "machine     {} ({}): {}",
-            self.machine.name, self.machine.kind, self.machine.description
-        );
+        let _ = writeln!(s, "machine     {} ({}): {}", self.machine.name, self.machine.kind, self.machine.description);
         let _ = writeln!(
             s,
             "model       {}  {} batch {} seq {} ({} tokens), {}",
@@ -161,12 +157,7 @@ impl RunReport {
             .filter(|(_, v)| **v > 0.0)
             .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v))
             .collect();
-        let _ = writeln!(
-            s,
-            "bottleneck  {} (critical path: {})",
-            self.bottleneck.dominant,
-            shares.join(", ")
-        );
+        let _ = writeln!(s, "bottleneck  {} (critical path: {})", self.bottleneck.dominant, shares.join(", "));
         if !self.breakdown.is_empty() {
             let _ = writeln!(
                 s,
