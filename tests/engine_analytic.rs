@@ -4,6 +4,7 @@
 
 use waferscale::engine::{self, EngineError, EngineOptions, EngineRun, Fidelity};
 use waferscale::hw::{load_with_overrides, SimdOp, WaferHw};
+use waferscale::mesh::Cluster;
 use waferscale::mesh::*;
 
 fn wse2() -> WaferHw {
@@ -35,6 +36,7 @@ impl B {
                 routes: vec![],
                 ports: vec![],
                 graph_flops: 0,
+                wafer_width: None,
             },
         }
     }
@@ -387,4 +389,73 @@ fn critical_path_names_the_binding_resource() {
     b.p.timing = Timing::from_hw(&hw);
     let run = b.run().unwrap();
     assert!(share(&run, Res::Sram) > 0.99, "{:?}", run.critical_path);
+}
+
+/// Two wafers joined only by a port pair: a PE on wafer 0 sends n wavelets out through its port;
+/// they cross to wafer 1's port and into a PE there. Closed form: pick + ramp + hops to the port +
+/// both ports' latencies + the serialisation at the slower port + hops + ramp + pick (tolerance 1%).
+#[test]
+fn two_wafers_link_through_their_ports() {
+    use waferscale::engine::run_cluster;
+    let n = 10_000u64;
+    let latency = 300u64;
+    let (wavelets, per) = (1u64, 2u64); // half a wavelet per cycle: the ports bind
+    let mk = |out: bool| {
+        let mut b = B::new(4, 1);
+        let port_task = if out {
+            task("fwd", vec![], SimdOp::Mov32, 0, None, vec![])
+        } else {
+            task(
+                "inject",
+                vec![Need::Recv { color: ColorId::LINK, wavelets: n }],
+                SimdOp::Mov32,
+                0,
+                None,
+                vec![send(1, n)],
+            )
+        };
+        let pt = b.template("port", if out { vec![] } else { vec![port_task] });
+        let pe = if out {
+            b.template("src", vec![task("src", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])])
+        } else {
+            b.template("dst", vec![task("dst", vec![recv(1, n)], SimdOp::Mov32, 0, None, vec![])])
+        };
+        let idle = b.template("idle", vec![]);
+        b.tile(if out { 3 } else { 3 }, 0, 1, 1, pe);
+        b.tile(0, 0, 3, 1, idle);
+        b.p.ports.push(Port {
+            name: if out { "east".into() } else { "west".into() },
+            side: if out { Dir::East } else { Dir::West },
+            at: Coord { x: if out { 0 } else { 0 }, y: 0 },
+            wavelets,
+            per_cycles: per,
+            latency_cycles: latency,
+            peer: if out { Peer::Wafer(1) } else { Peer::Wafer(0) },
+            peer_port: if out { Some(PortId(0)) } else { None },
+            template: pt,
+            planned_bytes: n * 4,
+        });
+        if out {
+            b.route(0, rect(3, 0, 1, 1), Pattern::ToPort { port: PortId(0) });
+        } else {
+            b.p.routes.push(Route {
+                color: ColorId(1),
+                senders: Senders::Port(PortId(0)),
+                pattern: Pattern::Line { dir: Dir::East, hops: 3, multicast: false },
+                relays: 0,
+            });
+        }
+        b.p
+    };
+    let cluster = Cluster { wafers: vec![mk(true), mk(false)] };
+    let run = run_cluster(&cluster, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None }).unwrap();
+    // Out: pick, ramp, 3 hops west, the port (latency) and across into the peer (latency), all n at the
+    // port's rate; the peer's task starts when all have arrived, then re-sends them at the port's rate
+    // (its latency, 3 hops, the ramp) to the PE, whose task picks.
+    let expect = PICK + RAMP + 3 * HOP + 2 * latency + 2 * n * per / wavelets + latency + 3 * HOP + RAMP + PICK;
+    let rel = (run.cycles as f64 - expect as f64).abs() / expect as f64;
+    println!("two wafers: engine {} cycles, formula {expect}, rel {rel:.4}", run.cycles);
+    assert!(rel < 0.01);
+    let inter = run.critical_path.0[waferscale::engine::Res::InterWafer as usize] as f64 / run.cycles as f64;
+    assert!(inter > 0.9, "{:?}", run.critical_path);
 }

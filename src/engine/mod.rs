@@ -203,6 +203,13 @@ pub struct EngineRun {
 /// Runs `program` to completion and checks the end-of-run invariants:
 /// FLOPs executed = the program's graph FLOPs, wavelets delivered = wavelets consumed,
 /// bytes through each port = the bytes its plan expects.
+/// Runs several wafers together (multi-wafer pipelined inference): side by side as one program,
+/// linked only through their ports.
+pub fn run_cluster(cluster: &crate::mesh::Cluster, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
+    let program = cluster.concat().map_err(EngineError::Program)?;
+    run(&program, opts)
+}
+
 pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
     match opts.fidelity {
         Fidelity::Detailed => run_program(program, opts),

@@ -1,6 +1,6 @@
 //! Route patterns expanded into the tree of links a train crosses, from its sender to every delivery.
 
-use crate::mesh::{Coord, Dir, Pattern};
+use crate::mesh::{Coord, Dir, Pattern, Port};
 
 /// Index of a link in the engine's link table.
 pub type LinkId = u32;
@@ -14,6 +14,8 @@ pub enum Deliver {
     Pe(u32),
     /// Out through this IO port.
     Port(u32),
+    /// Over the link between wafers, into this (peer) port.
+    PortIn(u32),
 }
 
 /// One link of a train's tree; `parent` is the node whose head feeds it (u32::MAX: the root).
@@ -32,6 +34,10 @@ pub const ROOT: u32 = u32::MAX;
 pub struct Links {
     pub width: u32,
     pub height: u32,
+    /// Width of one wafer: a cluster's wafers sit side by side with no links between them.
+    pub wafer_width: u32,
+    /// IO ports (each has an outgoing and, for wafer peers, an incoming link).
+    pub ports: u32,
 }
 
 impl Links {
@@ -56,12 +62,17 @@ impl Links {
     pub fn port(&self, port: u32) -> LinkId {
         6 * self.pes() + port
     }
+    /// The link from a peer wafer's port into port `port`.
+    pub fn port_in(&self, port: u32) -> LinkId {
+        6 * self.pes() + self.ports + port
+    }
     fn step(&self, c: Coord, d: Dir) -> Option<Coord> {
         let (dx, dy) = d.delta();
         let x = c.x as i64 + dx as i64;
         let y = c.y as i64 + dy as i64;
-        (x >= 0 && y >= 0 && x < self.width as i64 && y < self.height as i64)
-            .then_some(Coord { x: x as u32, y: y as u32 })
+        let inside = x >= 0 && y >= 0 && x < self.width as i64 && y < self.height as i64;
+        // No link crosses from one wafer to the next.
+        (inside && x as u32 / self.wafer_width == c.x / self.wafer_width).then_some(Coord { x: x as u32, y: y as u32 })
     }
 }
 
@@ -73,13 +84,7 @@ pub struct OffMesh {
 
 /// Builds the link tree of a train whose head enters the mesh at router `at` (a PE's own router after
 /// its up ramp, or a port's edge router). `deliver_self` handles `Local`.
-pub fn expand(
-    links: &Links,
-    at: Coord,
-    pattern: Pattern,
-    port_at: impl Fn(u32) -> Coord,
-    out: &mut Vec<Node>,
-) -> Result<(), OffMesh> {
+pub fn expand(links: &Links, at: Coord, pattern: Pattern, ports: &[Port], out: &mut Vec<Node>) -> Result<(), OffMesh> {
     out.clear();
     let mut walker = Walker { links, out };
     match pattern {
@@ -105,10 +110,15 @@ pub fn expand(
             walker.deliver(c, parent);
         }
         Pattern::ToPort { port: crate::mesh::PortId(port) } => {
-            let target = port_at(port);
-            let (dx, dy) = (target.x as i32 - at.x as i32, target.y as i32 - at.y as i32);
+            let target = ports.get(port as usize).ok_or(OffMesh { at })?;
+            let (dx, dy) = (target.at.x as i32 - at.x as i32, target.at.y as i32 - at.y as i32);
             let (_, parent) = walker.xy(at, dx, dy, ROOT)?;
             walker.out.push(Node { link: links.port(port), parent, deliver: Deliver::Port(port) });
+            // A port to another wafer hands the train on to its peer port.
+            if let Some(q) = target.peer_port {
+                let parent = walker.out.len() as u32 - 1;
+                walker.out.push(Node { link: links.port_in(q.0), parent, deliver: Deliver::PortIn(q.0) });
+            }
         }
         Pattern::Rect { dx, dy, w, h } => {
             let x0 = at.x as i64 + dx as i64;
@@ -221,9 +231,9 @@ mod tests {
     use super::*;
 
     fn tree(p: Pattern, at: Coord) -> Vec<Node> {
-        let links = Links { width: 8, height: 8 };
+        let links = Links { width: 8, height: 8, wafer_width: 8, ports: 0 };
         let mut out = Vec::new();
-        expand(&links, at, p, |_| Coord { x: 0, y: 0 }, &mut out).unwrap();
+        expand(&links, at, p, &[], &mut out).unwrap();
         out
     }
 
@@ -255,13 +265,23 @@ mod tests {
 
     #[test]
     fn off_mesh_is_an_error() {
-        let links = Links { width: 4, height: 4 };
+        let links = Links { width: 4, height: 4, wafer_width: 4, ports: 0 };
         let mut out = Vec::new();
         let r = expand(
             &links,
             Coord { x: 3, y: 0 },
             Pattern::Line { dir: Dir::East, hops: 1, multicast: false },
-            |_| Coord { x: 0, y: 0 },
+            &[],
+            &mut out,
+        );
+        assert!(r.is_err());
+        // Two wafers side by side: no link joins them.
+        let two = Links { width: 8, height: 4, wafer_width: 4, ports: 0 };
+        let r = expand(
+            &two,
+            Coord { x: 3, y: 0 },
+            Pattern::Line { dir: Dir::East, hops: 1, multicast: false },
+            &[],
             &mut out,
         );
         assert!(r.is_err());

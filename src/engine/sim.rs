@@ -151,6 +151,24 @@ struct Train {
     tail_res: Res,
 }
 
+impl Train {
+    /// The train without its route tree.
+    fn clone_header(&self) -> Train {
+        Train {
+            color: self.color,
+            n: self.n,
+            pace: self.pace,
+            len: self.len,
+            units: self.units,
+            nodes: Vec::new(),
+            path: self.path,
+            sent: self.sent,
+            transit_res: Res::InterWafer,
+            tail_res: self.tail_res,
+        }
+    }
+}
+
 /// A train's head arriving at a partition's router at `time`, to continue from `node`.
 #[derive(Clone, Debug)]
 struct Cont {
@@ -181,7 +199,12 @@ pub(crate) struct Shared<'p> {
 
 impl<'p> Shared<'p> {
     pub fn new(prog: &'p MeshProgram) -> Result<Shared<'p>, EngineError> {
-        let links = Links { width: prog.mesh.width, height: prog.mesh.height };
+        let links = Links {
+            width: prog.mesh.width,
+            height: prog.mesh.height,
+            wafer_width: prog.wafer_width.unwrap_or(prog.mesh.width).max(1),
+            ports: prog.ports.len() as u32,
+        };
         let n_pes = links.pes();
         let mut template_of = vec![u32::MAX; n_pes as usize];
         for tile in &prog.tiles {
@@ -288,7 +311,10 @@ impl<'p> Shared<'p> {
     /// (partition, local index) of an agent.
     fn home(&self, agent: u32) -> (u32, u32) {
         if agent >= self.n_pes {
-            return self.port_home[(agent - self.n_pes) as usize];
+            // Ports follow the block's PEs in the partition's agent list.
+            let (part, k) = self.port_home[(agent - self.n_pes) as usize];
+            let (_, _, w, h) = self.block(part);
+            return (part, w * h + k);
         }
         let c = self.links.coord(agent);
         let part = (c.y / BLOCK) * self.blocks_x + c.x / BLOCK;
@@ -308,9 +334,12 @@ impl<'p> Shared<'p> {
             let (_, _, w, h) = self.block(part);
             (part, 4 * w * h + 2 * local + (l - 4 * n) % 2)
         } else {
-            let (part, k) = self.port_home[(l - 6 * n) as usize];
+            // Outgoing port links, then incoming links from peer wafers, per owning partition.
+            let np = self.links.ports;
+            let (q, incoming) = if l - 6 * n < np { (l - 6 * n, 0) } else { (l - 6 * n - np, 1) };
+            let (part, k) = self.port_home[q as usize];
             let (_, _, w, h) = self.block(part);
-            (part, 6 * w * h + k)
+            (part, 6 * w * h + 2 * k + incoming)
         }
     }
 
@@ -380,7 +409,7 @@ impl Part {
             }
         }
         let n_ports_here = agents.len() - (w * h) as usize;
-        let n_links = 6 * (w * h) as usize + n_ports_here;
+        let n_links = 6 * (w * h) as usize + 2 * n_ports_here;
         let mut queue = RadixQueue::new();
         for (i, a) in agents.iter().enumerate() {
             if a.template != u32::MAX {
@@ -627,25 +656,33 @@ impl Part {
     }
 
     /// Sends a train from local agent `a`; returns the cycle its tail has left the sender.
-    fn send(&mut self, sh: &Shared, a: u32, c: ColorId, n: u64, pace: Pace, t: u64) -> Result<u64, EngineError> {
+    fn send(&mut self, sh: &Shared, a: u32, c: ColorId, n: u64, mut pace: Pace, t: u64) -> Result<u64, EngineError> {
         let r = self.route(sh, a, c)?;
         let route = sh.prog.routes[r as usize];
         let timing = &sh.prog.timing;
         let g = self.agents[a as usize].id;
         let path = self.agents[a as usize].run_path;
-        let sender_pace = pace;
-        let (entry, root_link, root_latency, root_cap, mut pace, transit_res) = if g >= sh.n_pes {
+        // The train's pace is the slowest of: the sender (a compute-paced stream), the ports it
+        // crosses, its paced consumers (backpressure), and the link; its serialisation is charged to
+        // whichever that is.
+        let mut tail_res = if pace == Pace::FULL { Res::Fabric } else { Res::Compute };
+        let mut slower = |pace: &mut Pace, p: Pace, res: Res| {
+            if p.max(*pace) != *pace {
+                *pace = p;
+                tail_res = res;
+            }
+        };
+        let (entry, root_link, root_latency, root_cap, transit_res) = if g >= sh.n_pes {
             let p = (g - sh.n_pes) as usize;
             let port = &sh.prog.ports[p];
             let res = port_res(port.peer);
-            (port.at, sh.links.port(p as u32), port.latency_cycles, sh.port_cap[p], pace.max(sh.port_pace[p]), res)
+            slower(&mut pace, sh.port_pace[p], res);
+            (port.at, sh.links.port(p as u32), port.latency_cycles, sh.port_cap[p], res)
         } else {
-            (sh.links.coord(g), sh.links.up_ramp(g), timing.ramp_cycles as u64, UNIT, pace, Res::Fabric)
+            (sh.links.coord(g), sh.links.up_ramp(g), timing.ramp_cycles as u64, UNIT, Res::Fabric)
         };
-        let port_pace = pace;
         let mut nodes = std::mem::take(&mut self.scratch);
-        let ports = &sh.prog.ports;
-        expand(&sh.links, entry, route.pattern, |p| ports[p as usize].at, &mut nodes).map_err(|e| {
+        expand(&sh.links, entry, route.pattern, &sh.prog.ports, &mut nodes).map_err(|e| {
             EngineError::Program(format!(
                 "{}: the route of color {c} ({:?}) leaves the mesh at ({},{})",
                 sh.agent_name(g),
@@ -654,21 +691,15 @@ impl Part {
                 e.at.y
             ))
         })?;
-        // Backpressure: a multicast moves no faster than its slowest paced consumer.
         for node in &nodes {
-            if let Deliver::Pe(d) = node.deliver {
-                pace = pace.max(sh.pace_of(sh.template_of[d as usize], c).0);
+            match node.deliver {
+                Deliver::Pe(d) => slower(&mut pace, sh.pace_of(sh.template_of[d as usize], c).0, Res::Compute),
+                Deliver::Port(p) | Deliver::PortIn(p) => {
+                    slower(&mut pace, sh.port_pace[p as usize], port_res(sh.prog.ports[p as usize].peer))
+                }
+                Deliver::Hop => {}
             }
         }
-        // What the train's serialisation is spent on: the port's rate, a compute-paced sender or
-        // consumer, or the link itself.
-        let tail_res = if pace == Pace::FULL {
-            Res::Fabric
-        } else if g >= sh.n_pes && pace == port_pace && port_pace != sender_pace {
-            transit_res
-        } else {
-            Res::Compute
-        };
         let transit_res = match route.pattern {
             crate::mesh::Pattern::ToPort { port } => port_res(sh.prog.ports[port.0 as usize].peer),
             _ => transit_res,
@@ -732,7 +763,9 @@ impl Part {
             let (cap, latency) = match node.deliver {
                 Deliver::Hop => (UNIT, timing.hop_cycles as u64),
                 Deliver::Pe(_) => (UNIT, timing.ramp_cycles as u64),
-                Deliver::Port(p) => (sh.port_cap[p as usize], sh.prog.ports[p as usize].latency_cycles),
+                Deliver::Port(p) | Deliver::PortIn(p) => {
+                    (sh.port_cap[p as usize], sh.prog.ports[p as usize].latency_cycles)
+                }
             };
             let s = self.timelines[local as usize].reserve(t_in, train.len, train.units, cap, self.now);
             let out = s + latency;
@@ -740,7 +773,7 @@ impl Part {
                 let (metric, agent) = match node.deliver {
                     Deliver::Hop => (Metric::Fabric, local / 4),
                     Deliver::Pe(d) => (Metric::Receive, sh.home(d).1),
-                    Deliver::Port(p) => (Metric::Receive, sh.home(sh.n_pes + p).1),
+                    Deliver::Port(p) | Deliver::PortIn(p) => (Metric::Receive, sh.home(sh.n_pes + p).1),
                 };
                 rec.add(agent, metric, s, train.len, train.units);
             }
@@ -753,7 +786,15 @@ impl Part {
                 Deliver::Pe(d) => self.deliver(sh, d, train, out)?,
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
-                    self.deliver(sh, sh.n_pes + p, train, out)?;
+                    // A port with a peer wafer forwards the train; it consumes nothing itself.
+                    if sh.prog.ports[p as usize].peer_port.is_none() {
+                        self.deliver(sh, sh.n_pes + p, train, out)?;
+                    }
+                }
+                Deliver::PortIn(q) => {
+                    // Counted where the data crosses the port: when the peer port injects it.
+                    let link = Train { color: ColorId::LINK, nodes: Vec::new(), ..train.clone_header() };
+                    self.deliver(sh, sh.n_pes + q, &link, out)?;
                 }
             }
         }

@@ -114,6 +114,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
         routes,
         ports: vec![],
         graph_flops: flops,
+        wafer_width: None,
     }
 }
 
@@ -279,5 +280,6 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
         routes,
         ports: vec![],
         graph_flops: flops,
+        wafer_width: None,
     }
 }
