@@ -421,12 +421,12 @@ fn two_wafers_link_through_their_ports() {
             b.template("dst", vec![task("dst", vec![recv(1, n)], SimdOp::Mov32, 0, None, vec![])])
         };
         let idle = b.template("idle", vec![]);
-        b.tile(if out { 3 } else { 3 }, 0, 1, 1, pe);
+        b.tile(3, 0, 1, 1, pe);
         b.tile(0, 0, 3, 1, idle);
         b.p.ports.push(Port {
             name: if out { "east".into() } else { "west".into() },
             side: if out { Dir::East } else { Dir::West },
-            at: Coord { x: if out { 0 } else { 0 }, y: 0 },
+            at: Coord { x: 0, y: 0 },
             wavelets,
             per_cycles: per,
             latency_cycles: latency,
