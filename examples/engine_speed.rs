@@ -13,7 +13,8 @@ fn main() {
     let group = args.get(4).copied().unwrap_or(0);
     let prog = if group > 0 { synth::gemv_tree(&hw, k, k, w, h, group) } else { synth::gemv(&hw, k, k, w, h) };
     let t1 = Instant::now();
-    let run = engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None }).unwrap();
+    let run = engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None, progress: None })
+        .unwrap();
     let t2 = Instant::now();
     let secs = (t2 - t1).as_secs_f64();
     let totals = &run.totals;

@@ -51,7 +51,7 @@ impl B {
         self.p.routes.push(Route { color: ColorId(color), senders: Senders::Pes(senders), pattern, relays: 0 });
     }
     fn run(&self) -> Result<EngineRun, EngineError> {
-        engine::run(&self.p, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None })
+        engine::run(&self.p, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None, progress: None })
     }
 }
 
@@ -448,7 +448,9 @@ fn two_wafers_link_through_their_ports() {
         b.p
     };
     let cluster = Cluster { wafers: vec![mk(true), mk(false)] };
-    let run = run_cluster(&cluster, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None }).unwrap();
+    let run =
+        run_cluster(&cluster, &EngineOptions { fidelity: Fidelity::Detailed, threads: 1, trace: None, progress: None })
+            .unwrap();
     // Out: pick, ramp, 3 hops west, the port (latency) and across into the peer (latency), all n at the
     // port's rate; the peer's task starts when all have arrived, then re-sends them at the port's rate
     // (its latency, 3 hops, the ramp) to the PE, whose task picks.

@@ -10,7 +10,8 @@ fn one_and_many_threads_agree_exactly() {
         let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap()).unwrap().with_mesh(w, h).unwrap();
         let prog = synth::gemv_tree(&hw, 4096, 4096, w, h, 12);
         let run = |threads| {
-            engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None }).unwrap()
+            engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None, progress: None })
+                .unwrap()
         };
         let one = run(1);
         for threads in [2, 3] {
@@ -32,7 +33,11 @@ fn recordings_agree_across_threads_and_with_stats() {
     let prog = synth::gemv_tree(&hw, 4096, 4096, 150, 80, 9);
     let spec = TraceSpec { max_windows: 16, sample: vec![0, 75, 150 * 80 - 1] };
     let run = |threads| {
-        engine::run(&prog, &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: Some(spec.clone()) }).unwrap()
+        engine::run(
+            &prog,
+            &EngineOptions { fidelity: Fidelity::Detailed, threads, trace: Some(spec.clone()), progress: None },
+        )
+        .unwrap()
     };
     let one = run(1);
     let two = run(2);

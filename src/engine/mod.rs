@@ -49,6 +49,14 @@ pub struct EngineOptions {
     pub threads: usize,
     /// Record per-window activity for a trace.
     pub trace: Option<record::TraceSpec>,
+    /// Where the engine publishes the cycle it has reached, for progress bars (never read back).
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl EngineOptions {
+    pub fn new(fidelity: Fidelity, threads: usize) -> EngineOptions {
+        EngineOptions { fidelity, threads, trace: None, progress: None }
+    }
 }
 
 /// What a cycle of the critical path was spent on.
@@ -223,7 +231,7 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
     let mut parts: Vec<sim::Part> =
         (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p, opts.trace.as_ref())).collect();
     let t1 = std::time::Instant::now();
-    let cycles = sim::run_parts(&shared, &mut parts, opts.threads)?;
+    let cycles = sim::run_parts(&shared, &mut parts, opts.threads, opts.progress.as_deref())?;
     // The critical path ends at the last task to finish (ties: the lowest agent id).
     let critical_path = parts
         .iter()

@@ -1027,13 +1027,24 @@ impl Board {
 }
 
 /// Runs all partitions to completion with `threads` worker threads; returns the last event's cycle.
-pub(crate) fn run_parts(sh: &Shared, parts: &mut Vec<Part>, threads: usize) -> Result<u64, EngineError> {
+pub(crate) fn run_parts(
+    sh: &Shared,
+    parts: &mut Vec<Part>,
+    threads: usize,
+    progress: Option<&AtomicU64>,
+) -> Result<u64, EngineError> {
+    let publish = |t: u64| {
+        if let Some(p) = progress {
+            p.store(t, Ordering::Relaxed);
+        }
+    };
     let threads = threads.clamp(1, parts.len().max(1));
     let board = Board::new(parts);
     if threads == 1 {
         let mut end = 0;
         while let Some(t) = board.window() {
             end = t;
+            publish(t);
             for (i, p) in parts.iter_mut().enumerate() {
                 board.run(sh, i, p, t);
             }
@@ -1080,6 +1091,7 @@ pub(crate) fn run_parts(sh: &Shared, parts: &mut Vec<Part>, threads: usize) -> R
                             }
                             Ok(()) => {
                                 *out = Ok(t);
+                                publish(t);
                                 match board.window() {
                                     Some(next) => window.store(next, Ordering::Release),
                                     None => stop.store(true, Ordering::Release),
