@@ -228,8 +228,7 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
 fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
-    let mut parts: Vec<sim::Part> =
-        (0..shared.n_parts()).map(|p| sim::Part::new(&shared, p, opts.trace.as_ref())).collect();
+    let mut parts = build_parts(&shared, opts);
     let t1 = std::time::Instant::now();
     let cycles = sim::run_parts(&shared, &mut parts, opts.threads, opts.progress.as_deref())?;
     // The critical path ends at the last task to finish (ties: the lowest agent id).
@@ -296,6 +295,28 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
         if cycles == 0 { 0.0 } else { hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64) };
     let recording = opts.trace.as_ref().map(|_| collect_recording(&mut parts, n_agents, cycles));
     Ok(EngineRun { cycles, totals, agents, fabric_utilization, critical_path, recording, fidelity: opts.fidelity })
+}
+
+/// Builds every partition, on `opts.threads` threads (each partition is built independently, so the
+/// result does not depend on how many).
+fn build_parts(shared: &sim::Shared, opts: &EngineOptions) -> Vec<sim::Part> {
+    let n = shared.n_parts();
+    let threads = opts.threads.clamp(1, n.max(1) as usize);
+    if threads == 1 {
+        return (0..n).map(|p| sim::Part::new(shared, p, opts.trace.as_ref())).collect();
+    }
+    let mut slots: Vec<Option<sim::Part>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for (w, chunk) in slots.chunks_mut((n as usize).div_ceil(threads)).enumerate() {
+            let first = w * (n as usize).div_ceil(threads);
+            scope.spawn(move || {
+                for (i, slot) in chunk.iter_mut().enumerate() {
+                    *slot = Some(sim::Part::new(shared, (first + i) as u32, opts.trace.as_ref()));
+                }
+            });
+        }
+    });
+    slots.into_iter().flatten().collect()
 }
 
 /// Brings every partition's bins to the widest window and lays them out in global agent order.
