@@ -8,6 +8,7 @@
 //! The CLI (`src/main.rs`, `src/cli.rs`) is a thin layer over these functions.
 
 pub mod error;
+pub mod gpu;
 pub mod graph;
 pub mod hw;
 pub mod model;
