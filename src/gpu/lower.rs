@@ -211,16 +211,21 @@ fn base_name(name: &str) -> &str {
     }
 }
 
-/// The op name without its `lN.` prefix.
+/// The op name without its `lN.` prefix, and without the tensor number the graph gives gradient
+/// sums (`attn.residual.grad_sum80`), so that the same op of every layer has one name.
 fn strip_layer(name: &str) -> String {
+    let mut out = name;
     if let Some(rest) = name.strip_prefix('l') {
         if let Some((num, tail)) = rest.split_once('.') {
             if !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) {
-                return tail.to_string();
+                out = tail;
             }
         }
     }
-    name.to_string()
+    match out.rfind(".grad_sum") {
+        Some(i) if out[i + 9..].bytes().all(|b| b.is_ascii_digit()) => out[..i + 9].to_string(),
+        _ => out.to_string(),
+    }
 }
 
 fn linear_shard(base: &str) -> Shard {

@@ -45,23 +45,46 @@ use timing::{Resource, Shares, Timing, Traffic};
 pub enum GpuError {
     #[error("parallelism: {0}")]
     Parallel(String),
-    #[error(
-        "{what} does not fit in the memory of one {gpu}: the busiest GPU (pipeline stage {stage}) needs {need} \
-         ({breakdown}) but has {have} of HBM (hbm.bytes); {hint}"
-    )]
-    DoesNotFit {
-        what: String,
-        gpu: String,
-        stage: u32,
-        need: String,
-        have: String,
-        breakdown: String,
-        hint: String,
-    },
+    #[error("{0}")]
+    DoesNotFit(Box<DoesNotFit>),
     #[error("{hw}: {message}")]
     Unsupported { hw: String, message: String },
     #[error(transparent)]
     Graph(#[from] GraphError),
+}
+
+/// A configuration whose fullest GPU needs more memory than it has.
+#[derive(Debug)]
+pub struct DoesNotFit {
+    /// The model, workload and parallelism.
+    pub what: String,
+    /// The GPU and the description it came from.
+    pub gpu: String,
+    /// The pipeline stage of the fullest GPU.
+    pub stage: u32,
+    pub need_bytes: u64,
+    pub capacity_bytes: u64,
+    /// What the bytes are for (`weights 12.10 GB, gradients ...`).
+    pub breakdown: String,
+    /// What the user can change.
+    pub hint: String,
+}
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} does not fit in the memory of one {}: the fullest GPU (pipeline stage {}) needs {} for {}, \
+             but has {} of HBM (hbm.bytes); {}",
+            self.what,
+            self.gpu,
+            self.stage,
+            bytes_text(self.need_bytes),
+            self.breakdown,
+            bytes_text(self.capacity_bytes),
+            self.hint
+        )
+    }
 }
 
 impl GpuError {
@@ -110,7 +133,7 @@ pub fn resolve_parallel(model: &Model, w: &Workload, sys: &GpuSystem, o: &GpuOpt
     let pp = o.pp.unwrap_or(1);
     let dp = match (o.dp, o.gpus) {
         (Some(d), _) => d,
-        (None, Some(g)) if g % (tp * pp) == 0 => g / (tp * pp),
+        (None, Some(g)) if g.is_multiple_of(tp * pp) => g / (tp * pp),
         (None, Some(g)) => {
             return bad(format!(
                 "--gpus {g} is not a multiple of --tp {tp} x --pp {pp} = {}",
@@ -177,19 +200,19 @@ pub fn resolve_parallel(model: &Model, w: &Workload, sys: &GpuSystem, o: &GpuOpt
             })
         }
         Model::Transformer(s) => {
-            if s.heads % tp != 0 {
+            if !s.heads.is_multiple_of(tp) {
                 return bad(format!(
                     "--tp {tp} does not divide the {} attention heads of {} (num_attention_heads in {})",
                     s.heads, s.name, s.source
                 ));
             }
-            if s.kv_heads % tp != 0 && tp % s.kv_heads != 0 {
+            if !s.kv_heads.is_multiple_of(tp) && !tp.is_multiple_of(s.kv_heads) {
                 return bad(format!(
                     "--tp {tp} neither divides nor is a multiple of the {} key/value heads of {}",
                     s.kv_heads, s.name
                 ));
             }
-            if s.ffn_hidden % tp != 0 {
+            if !s.ffn_hidden.is_multiple_of(tp) {
                 return bad(format!(
                     "--tp {tp} does not divide the FFN width {} of {}",
                     s.ffn_hidden, s.name
@@ -201,7 +224,7 @@ pub fn resolve_parallel(model: &Model, w: &Workload, sys: &GpuSystem, o: &GpuOpt
                     s.layers, s.name
                 ));
             }
-            if w.batch % dp != 0 {
+            if !w.batch.is_multiple_of(dp) {
                 return bad(format!(
                     "--dp {dp} does not divide the batch of {} sequences (--batch)",
                     w.batch
@@ -209,7 +232,7 @@ pub fn resolve_parallel(model: &Model, w: &Workload, sys: &GpuSystem, o: &GpuOpt
             }
             let per_replica = w.batch / dp;
             let microbatches = o.microbatches.unwrap_or(if pp > 1 { per_replica } else { 1 });
-            if per_replica % microbatches != 0 {
+            if !per_replica.is_multiple_of(microbatches) {
                 return bad(format!(
                     "--microbatches {microbatches} does not divide the {per_replica} sequences of each data-parallel replica (--batch {} / --dp {dp})",
                     w.batch
@@ -495,8 +518,12 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
     shares += bwd[crit].shares.scaled(mf);
     shares += opt[crit].shares;
     shares.add(Resource::Network, dp_exposed[crit]);
-    let accounted = shares.total();
-    shares.add(Resource::Bubble, (step - accounted).max(0.0));
+    // What the critical stage did not spend on its own work is waiting: the pipeline bubble (float
+    // residue of a single stage is not a bubble).
+    let idle = step - shares.total();
+    if idle > 1e-9 * step {
+        shares.add(Resource::Bubble, idle);
+    }
 
     // Whole-machine totals: every stage's GPUs (tp x dp of them) run its kernels.
     let replicas = (par.tp * par.dp) as f64;
@@ -891,7 +918,7 @@ fn does_not_fit(model: &Model, w: &Workload, sys: &GpuSystem, par: &Parallel, st
     } else {
         hint.push_str(" or shrink --batch / --context");
     }
-    GpuError::DoesNotFit {
+    GpuError::DoesNotFit(Box::new(DoesNotFit {
         what: format!(
             "{} ({} {}, {})",
             model.name(),
@@ -901,11 +928,11 @@ fn does_not_fit(model: &Model, w: &Workload, sys: &GpuSystem, par: &Parallel, st
         ),
         gpu: format!("{} ({})", sys.gpu.description, sys.name),
         stage,
-        need: bytes_text(m.total()),
-        have: bytes_text(sys.gpu.hbm.bytes),
+        need_bytes: m.total(),
+        capacity_bytes: sys.gpu.hbm.bytes,
         breakdown: parts.join(", "),
         hint,
-    }
+    }))
 }
 
 fn mode_text(p: &Parallel) -> String {

@@ -79,7 +79,7 @@ mod tests {
     fn duration_picks_unit() {
         assert_eq!(duration(1.5), "1.500 s");
         assert_eq!(duration(0.01234), "12.34 ms");
-        assert_eq!(duration(123.45e-6), "123.5 us");
+        assert_eq!(duration(123.46e-6), "123.5 us");
         assert_eq!(duration(0.0), "0.000 us");
         assert_eq!(percent(0.1234), "12.3%");
     }

@@ -10,6 +10,15 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::fmt::{duration, human, percent, thousands};
+
+/// A rate with a decimal prefix, two decimals below a thousand.
+fn rate(v: f64) -> String {
+    if v.abs() < 1e3 {
+        format!("{v:.2}")
+    } else {
+        human(v, "")
+    }
+}
 use super::{GpuDetails, WorkloadSummary};
 
 /// The machine a report is about.
@@ -158,7 +167,7 @@ impl RunReport {
             percent(self.peak_fraction),
             human(m.peak_flops_per_s, "FLOP")
         );
-        let _ = writeln!(s, "throughput  {} tokens/s", human(self.tokens_per_s, ""));
+        let _ = writeln!(s, "throughput  {} tokens/s", rate(self.tokens_per_s));
         let u = &self.utilization;
         let _ = writeln!(
             s,
@@ -243,7 +252,7 @@ impl RunReport {
                     r.count,
                     r.kind,
                     duration(r.seconds),
-                    human(r.achieved_flops_per_s, ""),
+                    rate(r.achieved_flops_per_s),
                     r.bound,
                     r.shape,
                     r.config
