@@ -109,7 +109,9 @@ impl Rates {
             read_bytes_per_s: gpu.hbm.read_bytes_per_s,
             write_bytes_per_s: gpu.hbm.write_bytes_per_s,
             hbm_latency_s: gpu.hbm.latency_cycles as f64 / gpu.sm.clock_hz,
-            l2_latency_s: gpu.l2.near_latency_cycles as f64 / gpu.sm.clock_hz,
+            // Lines are interleaved over the partitions by address, so half of an SM's L2 hits come
+            // from the far partition: the mean of the two latencies.
+            l2_latency_s: (gpu.l2.near_latency_cycles + gpu.l2.far_latency_cycles) as f64 / 2.0 / gpu.sm.clock_hz,
             // Hopper GEMMs are persistent, warp-specialized kernels: TMA stores of one tile's
             // epilogue overlap the next tile's main loop, and the pipeline fills once.
             persistent: hopper,
