@@ -382,3 +382,41 @@ fn shipped_gpu_descriptions_load() {
     assert_eq!(sys("dgx-h200").gpu.hbm.bytes, 141_000_000_000);
     assert!(sys("dgx-h200").node.nvls);
 }
+
+/// The fusion rules, counted on gpt-tiny (2 layers): one flash kernel per layer and pass, no kernel
+/// for views, one optimizer kernel; unfused attention instead launches the batched GEMMs and
+/// softmax kernels; tensor parallelism adds four all-reduces per layer plus the embedding's, the
+/// head's input gradient's and the vocabulary-parallel loss's.
+#[test]
+fn lowering_follows_the_fusion_rules() {
+    let m = model::load("gpt-tiny").unwrap();
+    let w = train(1, 128).resolve(&m).unwrap();
+    let count = |opts: GpuOptions, hw: &str, label: &str| {
+        gpu::lowered(&m, &w, &sys(hw), &opts)
+            .unwrap()
+            .kernels
+            .iter()
+            .filter(|k| k.kind.label() == label)
+            .count()
+    };
+    let fused = GpuOptions::default();
+    assert_eq!(count(fused.clone(), "h100", "flash_fwd"), 2);
+    assert_eq!(count(fused.clone(), "h100", "flash_bwd"), 2);
+    // Per layer: qkv, out, up, down forward, each with dgrad and wgrad; plus the head's three.
+    assert_eq!(count(fused.clone(), "h100", "gemm"), 2 * 4 * 3 + 3);
+    let unfused = GpuOptions {
+        attention: Some(gpu::AttentionImpl::Unfused),
+        ..Default::default()
+    };
+    assert_eq!(count(unfused.clone(), "h100", "flash_fwd"), 0);
+    // Plus scores and context forward, and their four gradients, per layer.
+    assert_eq!(count(unfused, "h100", "gemm"), 2 * 4 * 3 + 3 + 2 * 6);
+    let low = gpu::lowered(&m, &w, &sys("h100"), &fused).unwrap();
+    assert!(low.kernels.iter().all(|k| !k.ops.iter().any(|o| o.ends_with(".split"))));
+    assert_eq!(low.kernels.iter().filter(|k| k.name.starts_with("adam")).count(), 1);
+    let tp = GpuOptions {
+        tp: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(count(tp, "dgx-h100", "allreduce"), 2 * 4 + 3);
+}

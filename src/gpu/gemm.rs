@@ -155,9 +155,14 @@ fn candidates(gpu: &GpuHw, shape: &GemmShape) -> Vec<Cand> {
         let stage = (bm + bn) * bk * e;
         let by_smem = gpu.sm.smem_bytes / (2 * stage);
         let by_regs = (gpu.sm.register_file_bytes / 2) / (bm * bn * 4);
-        let ctas = by_smem.min(by_regs).min(MAX_CTAS_PER_SM);
+        let mut ctas = by_smem.min(by_regs).min(MAX_CTAS_PER_SM);
         if ctas == 0 {
-            continue;
+            // Nothing fits two stages (a counterfactual SM): the smallest tile still runs, one CTA
+            // per SM, as the last resort.
+            if (bm, bn) != TILES[TILES.len() - 1] || !out.is_empty() {
+                continue;
+            }
+            ctas = 1;
         }
         for swizzle in SWIZZLES {
             // Hopper rasterizes clusters, so a band holds at least the cluster's two tile rows.
@@ -268,8 +273,9 @@ fn lower_bound(r: &Rates, s: &GemmShape, c: &Cand) -> f64 {
     let e = s.dtype.bytes();
     let flops_step = 2.0 * (c.bm * c.bn * c.bk) as f64;
     let sm_flops_per_s = r.flops_per_clk * r.clock;
-    let unique = (s.batch * (s.m * s.k + s.k * s.n) * e) as f64 / r.read_bytes_per_s
-        + (s.batch * s.m * s.n * out_bytes(s.dtype)) as f64 / r.write_bytes_per_s;
+    let (b, m, n, k) = (s.batch as f64, s.m as f64, s.n as f64, s.k as f64);
+    let unique = b * (m * k + k * n) * e as f64 / r.read_bytes_per_s
+        + b * m * n * out_bytes(s.dtype) as f64 / r.write_bytes_per_s;
     let full_tiles = s.batch * (s.m / c.bm) * (s.n / c.bn);
     let b_share = if r.hopper { c.bn / CLUSTER_M } else { c.bn };
     let l2_per_tile_step = ((c.bm + b_share) * c.bk * e) as f64;
@@ -375,7 +381,12 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
     let smem_step = smem_operand_bytes(r.hopper, c.bm, c.bn, c.bk, e) as f64;
     let sm_flops_per_s = r.flops_per_clk * r.clock;
     let smem_per_s = r.smem_bytes_per_clk * r.clock;
-    let workspace_in_l2 = split > 1 && split * s.batch * s.m * s.n * 4 <= gpu.l2.bytes / 2;
+    let workspace = split
+        .saturating_mul(s.batch)
+        .saturating_mul(s.m)
+        .saturating_mul(s.n)
+        .saturating_mul(4);
+    let workspace_in_l2 = split > 1 && workspace <= gpu.l2.bytes / 2;
     let mut part_bytes = vec![0u64; parts];
     let mut run_wave = |w: u64, cache: &mut L2Sim| -> Wave {
         let mut acc = Acc {
@@ -504,8 +515,8 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
     let mut traffic = total.traffic;
     if split > 1 {
         // Serial split-K reduction: the last CTA of each tile reads the fp32 partials and writes C.
-        let ws = split * s.batch * s.m * s.n * 4;
-        let out = s.batch * s.m * s.n * oe;
+        let ws = workspace;
+        let out = s.batch.saturating_mul(s.m).saturating_mul(s.n).saturating_mul(oe);
         let (read_s, res) = if workspace_in_l2 {
             (ws as f64 / r.l2_bytes_per_s, Resource::L2)
         } else {
@@ -615,7 +626,7 @@ fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, budget: u6
         let smem_s = jj_max as f64 * smem_step / smem_per_s;
         main += acc.step(r, compute_s, smem_s, &part_bytes, miss_bytes);
     }
-    let out = s.batch * s.m * s.n * oe;
+    let out = s.batch.saturating_mul(s.m).saturating_mul(s.n).saturating_mul(oe);
     acc.traffic.l2 += out;
     acc.traffic.smem += out;
     acc.traffic.hbm_write += out;

@@ -131,23 +131,23 @@ pub struct Layout {
 impl Layout {
     pub fn new(p: &Parallel, gpus_per_node: u64) -> Layout {
         let gpn = gpus_per_node.max(1);
-        let nodes = |ranks: &mut dyn Iterator<Item = u64>| -> u64 {
-            ranks.map(|r| r / gpn).collect::<BTreeSet<u64>>().len() as u64
-        };
+        // Tensor-parallel ranks are contiguous from a multiple of tp: they share nodes as far as
+        // they fit. Data-parallel ranks are tp apart: gpn / tp of them share a node when tp < gpn.
         let tp = Group {
             size: p.tp,
-            nodes: nodes(&mut (0..p.tp)),
+            nodes: p.tp.div_ceil(gpn),
         };
+        let dp_per_node = if p.tp >= gpn { 1 } else { (gpn / p.tp).max(1) };
         let dp = Group {
             size: p.dp,
-            nodes: nodes(&mut (0..p.dp).map(|d| d * p.tp)),
+            nodes: p.dp.div_ceil(dp_per_node),
         };
         // Some pair of neighbouring stages crosses a node boundary once the pipeline spans nodes.
-        let stride = p.tp * p.dp;
+        let stride = p.tp.saturating_mul(p.dp);
         Layout {
             tp,
             dp,
-            pp_inter_node: p.pp > 1 && stride * p.pp > gpn,
+            pp_inter_node: p.pp > 1 && stride.saturating_mul(p.pp) > gpn,
         }
     }
 }

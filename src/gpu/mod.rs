@@ -543,7 +543,11 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
         busy += (mf * (fwd[s].busy_s + bwd[s].busy_s) + opt[s].busy_s) * replicas;
         nvlink += mf * (fwd[s].coll_bytes.0 + bwd[s].coll_bytes.0) * replicas;
         network += mf * (fwd[s].coll_bytes.1 + bwd[s].coll_bytes.1) * replicas;
-        launches += (m * (fwd[s].kernels + bwd[s].kernels) + opt[s].kernels) * par.tp * par.dp;
+        launches = launches.saturating_add(
+            m.saturating_mul(fwd[s].kernels + bwd[s].kernels)
+                .saturating_add(opt[s].kernels)
+                .saturating_mul(par.tp * par.dp),
+        );
     }
     if train && par.dp > 1 {
         for s in 0..stages {

@@ -24,9 +24,37 @@ enum Step {
     B(u64),
 }
 
+/// Micro-batches simulated op by op; beyond this the schedule is in its steady state, where every
+/// further micro-batch adds one forward and one backward of the slowest stage to every stage's end.
+const MAX_SIMULATED_MICROBATCHES: u64 = 1024;
+
 /// Simulates 1F1B with per-stage forward and backward times of one micro-batch (backward empty or
 /// all zero for inference) and the transfer time between neighbouring stages.
 pub fn one_f_one_b(fwd: &[f64], bwd: &[f64], microbatches: u64, transfer: f64) -> Schedule {
+    if microbatches > MAX_SIMULATED_MICROBATCHES {
+        let base = one_f_one_b(fwd, bwd, MAX_SIMULATED_MICROBATCHES, transfer);
+        let period = fwd
+            .iter()
+            .zip(bwd.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(f, b)| f + b)
+            .fold(0.0, f64::max);
+        let extra = (microbatches - MAX_SIMULATED_MICROBATCHES) as f64 * period;
+        let makespan = base.makespan + extra;
+        let busy: f64 = fwd
+            .iter()
+            .zip(bwd.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(f, b)| (f + b) * microbatches as f64)
+            .sum();
+        return Schedule {
+            makespan,
+            stage_end: base.stage_end.iter().map(|e| e + extra).collect(),
+            bubble_fraction: if makespan > 0.0 {
+                1.0 - busy / (fwd.len() as f64 * makespan)
+            } else {
+                0.0
+            },
+        };
+    }
     let p = fwd.len();
     let m = microbatches;
     let train = bwd.iter().any(|b| *b > 0.0);
@@ -123,6 +151,19 @@ mod tests {
             );
             assert!((s.makespan - 3.0 * (m + p - 1) as f64).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn long_schedules_extend_the_steady_state() {
+        let (p, m) = (4u64, 5000u64);
+        let s = one_f_one_b(&[1.0; 4], &[2.0; 4], m, 0.0);
+        let want = (p - 1) as f64 / (m + p - 1) as f64;
+        assert!(
+            (s.bubble_fraction - want).abs() < 1e-9,
+            "{} vs {want}",
+            s.bubble_fraction
+        );
+        assert!((s.makespan - 3.0 * (m + p - 1) as f64).abs() < 1e-6);
     }
 
     #[test]
