@@ -227,6 +227,9 @@ fn check_rows(rows: &[Row]) -> Vec<String> {
 const SMALL_M_LIBRARY: &str = "XLA's kernel choice for short-M / short-K shapes: the model's split-K and stream-K \
     schedules fill the SMs better than what was measured, and split-K's reduction is modelled inside the kernel \
     (no separate reduction kernel and launch)";
+const A100_SQUARES: &str = "A100 cuBLASLt (Azure, 10k-iteration warmup): its large and skinny shapes run 8-12% below \
+    what MAMF's best shape (the anchor of the sustained fraction) implies; no modelled mechanism (tiles, waves, L2, \
+    HBM) separates them, and the power and thermal state of a long run is not modelled";
 const A100_TAIL: &str = "A100 2048^3: 256 tiles of 128x128 on 108 SMs leave a tail wave; the measured rate needs a \
     finer split of the tail (stream-K or split-K with partials held in L2) than the model's Ampere library offers";
 const SKINNY: &str = "Hopper skinny GEMM (N = 192, K = 768): the model overlaps the persistent kernel's loads, math \
@@ -297,15 +300,24 @@ fn published_rows() -> Vec<Row> {
     let azure_a = "Azure cuBLASLt, ND A100 v4 [gpu.md 5.1, V3]";
     for (s, meas, status) in [
         (1024, 119.4, Check),
-        (2048, 221.8, Fixme(0.863, A100_TAIL)),
-        (4096, 228.0, Check),
+        (2048, 221.8, Fixme(0.879, A100_TAIL)),
+        (4096, 228.0, Fixme(1.124, A100_SQUARES)),
         (8192, 253.7, Check),
-        (16384, 256.5, Check),
+        (16384, 256.5, Fixme(1.100, A100_SQUARES)),
     ] {
         gemm("V3", "a100", "fp16", (s, s, s), meas, Call, azure_a, status);
     }
     gemm("V3", "a100", "fp16", (6144, 12288, 12288), 250.8, Call, azure_a, Check);
-    gemm("V3", "a100", "fp16", (802816, 192, 768), 157.8, Call, azure_a, Check);
+    gemm(
+        "V3",
+        "a100",
+        "fp16",
+        (802816, 192, 768),
+        157.8,
+        Call,
+        azure_a,
+        Fixme(1.104, A100_SQUARES),
+    );
     let azure_h = "Azure cuBLASLt, ND H100 v5 [gpu.md 5.1, V4]";
     for (s, meas, status) in [
         (1024, 274.1, Check),
