@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod graph;
 pub mod hw;
 pub mod mesh;

@@ -9,6 +9,7 @@ use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, Worklo
 use waferscale::Error;
 
 mod demo;
+mod gpu;
 mod graph;
 
 #[derive(Parser)]
@@ -38,6 +39,16 @@ pub enum Command {
         wafer graph models/tiny/gpt-tiny.json --dot -o gpt-tiny.dot\n  \
         wafer graph gpt-tiny --dump-after graph")]
     Graph(graph::GraphCmd),
+    /// Run a model (or one op) on the GPU model: kernels, simulated L2, HBM, launch, many GPUs.
+    #[command(after_help = "Examples:\n  \
+        wafer gpu gpt2-small --hw h100 --batch 8\n  \
+        wafer gpu gemm:8192x8192x8192 --hw h100 --dtype bf16 --json\n  \
+        wafer gpu llama-3-8b --hw h200 --phase decode --batch 16 --context 4096 --cuda-graphs\n  \
+        wafer gpu llama-2-70b --hw dgx-h100 --gpus 8 --tp 8 --phase prefill --batch 8 --seq 4096 --dtype bf16\n  \
+        wafer gpu gpt3-175b --hw h100-superpod-1024 --tp 8 --pp 16 --dp 8 --batch 1536 --seq 2048 --dtype bf16\n  \
+        wafer gpu allreduce:8589934592 --hw dgx-h100 --gpus 8 --dtype bf16\n  \
+        wafer gpu gpt-tiny --hw h100 --set l2.bytes=62914560")]
+    Gpu(gpu::GpuCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -103,6 +114,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Demo => demo::run(),
         Command::Graph(cmd) => graph::run(cmd),
+        Command::Gpu(cmd) => gpu::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {

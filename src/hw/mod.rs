@@ -5,9 +5,14 @@
 //! values are positive and consistent, and every error names the file and the dotted key.
 //! Every value in a shipped file carries its source in a comment.
 
+mod gpu;
 mod load;
 mod wafer;
 
+pub use gpu::{
+    GpuArch, GpuHw, GpuSystem, HbmSpec, L2Spec, LaunchSpec, NcclSpec, NetworkSpec, NicSpec, NodeSpec, NvlinkSpec,
+    PerDtype, SmSpec, TensorSpec,
+};
 pub use load::{apply_override, decode, kind, load_doc, load_with_overrides, HwDoc};
 pub use wafer::{Fabric, IoPlacement, IoSpec, MemoryX, MeshDims, PeSpec, SimdOp, SimdTable, SwarmX, WaferHw};
 
