@@ -1,5 +1,6 @@
 //! The crate's top-level error: one variant per stage, each knowing whose fault it is.
 
+use crate::compile::CompileError;
 use crate::graph::GraphError;
 use crate::hw::HwError;
 use crate::model::{ModelError, WorkloadError};
@@ -19,6 +20,8 @@ pub enum Error {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Hw(#[from] HwError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -35,6 +38,8 @@ impl Error {
             Error::Model(_) | Error::Workload(_) | Error::Hw(_) | Error::Write { .. } => EXIT_BAD_INPUT,
             Error::Graph(g) if g.is_user_error() => EXIT_BAD_INPUT,
             Error::Graph(_) => EXIT_INTERNAL,
+            Error::Compile(c) if c.is_user_error() => EXIT_BAD_INPUT,
+            Error::Compile(_) => EXIT_INTERNAL,
         }
     }
 }

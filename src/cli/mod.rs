@@ -5,11 +5,14 @@ use std::io::Write as _;
 
 use clap::{Args, Parser, Subcommand};
 
+use waferscale::hw::{load_with_overrides, HwDoc, WaferHw};
 use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
 use waferscale::Error;
 
+mod compile;
 mod demo;
 mod graph;
+mod plan;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +41,18 @@ pub enum Command {
         wafer graph models/tiny/gpt-tiny.json --dot -o gpt-tiny.dot\n  \
         wafer graph gpt-tiny --dump-after graph")]
     Graph(graph::GraphCmd),
+    /// Compile a model for a wafer: regions, algorithms, routes on colors, SRAM, IO ports; print the plan.
+    #[command(after_help = "Examples:\n  \
+        wafer compile gpt-tiny --hw wse2 --mesh 16x16\n  \
+        wafer compile llama-3-8b --hw wse3 --phase decode\n  \
+        wafer compile llama-3.1-405b --hw cs3 --mode weight-streaming -o llama405.plan\n  \
+        wafer compile gemv:16384x16384 --hw wse2 --mesh 420x420\n  \
+        wafer compile gpt-tiny --hw wse2 --mesh 16x16 --set pe.sram_bytes=98304 --dump-after place\n  \
+        wafer compile llama-3-70b --hw cs3 --phase decode --wafers 4")]
+    Compile(compile::CompileCmd),
+    /// Print a saved plan (recompiled from the inputs it stores): the wafer map and the tables.
+    #[command(after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower")]
+    Plan(plan::PlanCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -90,6 +105,55 @@ impl WorkloadFlags {
     }
 }
 
+/// The hardware flags every wafer command accepts.
+#[derive(Args, Clone, Debug)]
+pub struct HwFlags {
+    /// A shipped description (wse2, wse3, cs2, cs3) or a path to a TOML file in the same schema.
+    #[arg(long)]
+    pub hw: String,
+    /// Override a value of the description, e.g. --set pe.sram_bytes=98304 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Use only a WxH rectangle of the wafer's mesh (e.g. 16x16).
+    #[arg(long, value_name = "WxH")]
+    pub mesh: Option<String>,
+}
+
+impl HwFlags {
+    pub fn mesh_dims(&self) -> Result<Option<(u32, u32)>, Error> {
+        let Some(m) = &self.mesh else { return Ok(None) };
+        let bad = || {
+            Error::Hw(waferscale::hw::HwError::Set {
+                setting: format!("--mesh {m}"),
+                message: "expected WIDTHxHEIGHT in PEs, e.g. 64x64".into(),
+            })
+        };
+        let (w, h) = m.split_once(['x', 'X']).ok_or_else(bad)?;
+        let w: u32 = w.trim().parse().map_err(|_| bad())?;
+        let h: u32 = h.trim().parse().map_err(|_| bad())?;
+        Ok(Some((w, h)))
+    }
+
+    /// The description (after `extends` and `--set`) and the validated wafer, restricted to `--mesh`.
+    pub fn load(&self) -> Result<(HwDoc, WaferHw), Error> {
+        let doc = load_with_overrides(&self.hw, &self.set)?;
+        let mut hw = WaferHw::from_doc(&doc)?;
+        if let Some((w, h)) = self.mesh_dims()? {
+            hw = hw.with_mesh(w, h)?;
+        }
+        Ok((doc, hw))
+    }
+}
+
+/// Pretty JSON of a report type, with a final newline.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Error> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| {
+        Error::Compile(waferscale::compile::CompileError::Internal(format!("cannot serialise: {e}")))
+    })?;
+    s.push('\n');
+    Ok(s)
+}
+
 fn parse_phase(s: &str) -> Result<Phase, String> {
     Phase::parse(s).ok_or_else(|| format!("`{s}` is not a phase; expected train, prefill or decode"))
 }
@@ -103,6 +167,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Demo => demo::run(),
         Command::Graph(cmd) => graph::run(cmd),
+        Command::Compile(cmd) => compile::run(cmd),
+        Command::Plan(cmd) => plan::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {
