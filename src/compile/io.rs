@@ -79,9 +79,12 @@ pub(crate) fn channels(hw: &WaferHw) -> Result<Vec<Channel>, CompileError> {
         let len = edge_len(side);
         // Channels per port: as many as the rate needs, as the edge allows.
         let k = k_full.min((len / n).max(1));
+        // A channel is one edge link: when the edge is too short for the port's channels, the link
+        // limits it (a small --mesh has less IO than the system).
         let den = per_port_den * k as u128;
-        let g = gcd(bits, den);
-        let (num, den) = (bits / g, den / g);
+        let (num, den) = if bits > den * link { (link, 1) } else { (bits, den) };
+        let g = gcd(num, den);
+        let (num, den) = (num / g, den / g);
         // The side's n x k channels evenly spaced along the edge, dealt to the ports in turn, so that
         // every stretch of the edge is near a channel (a stream reaches its channel in a straight line
         // more often) and every port spans the edge.
@@ -111,12 +114,34 @@ pub(crate) fn channels(hw: &WaferHw) -> Result<Vec<Channel>, CompileError> {
     Ok(out)
 }
 
-/// Picks `n` channels for a stream of `bytes` near `near`: channels not yet loaded above the fair share
-/// first, then the nearest (a stream whose row meets its channel's goes straight), then the least loaded.
-pub(crate) fn pick(chans: &[Channel], load: &mut [u64], n: usize, bytes: u64, near: Coord, avoid: &[usize]) -> Vec<usize> {
+/// Picks `n` channels for a stream of `bytes` near `near`, on the nearer side: for big streams, channels
+/// not yet loaded above the fair share first, then the nearest (a stream whose row meets its channel's
+/// goes straight); for small streams the nearest.
+pub(crate) fn pick(
+    chans: &[Channel],
+    load: &mut [u64],
+    n: usize,
+    bytes: u64,
+    near: Coord,
+    avoid: &[usize],
+    big: bool,
+) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..chans.len()).filter(|i| !avoid.contains(i)).collect();
     if idx.is_empty() {
         idx = (0..chans.len()).collect();
+    }
+    // The nearer side's channels: a stream crossing the wafer to the far edge crosses every stream
+    // on the way and keeps a color busy along the whole width.
+    let side_dist = |c: &Channel| match c.side {
+        crate::mesh::Dir::West => near.x as u64,
+        crate::mesh::Dir::East => (chans.iter().map(|c| c.at.x).max().unwrap_or(0) - near.x) as u64,
+        crate::mesh::Dir::North => near.y as u64,
+        crate::mesh::Dir::South => (chans.iter().map(|c| c.at.y).max().unwrap_or(0) - near.y) as u64,
+    };
+    let best_side = idx.iter().map(|&i| side_dist(&chans[i])).min().unwrap_or(0);
+    let near_side: Vec<usize> = idx.iter().copied().filter(|&i| side_dist(&chans[i]) == best_side).collect();
+    if near_side.len() >= n {
+        idx = near_side;
     }
     let total: u64 = load.iter().sum::<u64>() + bytes;
     let fair = total / chans.len().max(1) as u64;
@@ -124,7 +149,12 @@ pub(crate) fn pick(chans: &[Channel], load: &mut [u64], n: usize, bytes: u64, ne
         // Distance off the stream's row counts double: that stretch runs along the shared edge.
         2 * (c.at.y as i64 - near.y as i64).unsigned_abs() + (c.at.x as i64 - near.x as i64).unsigned_abs()
     };
-    idx.sort_by_key(|&i| (load[i] > fair, dist(&chans[i]), load[i], i));
+    // Big streams (weights, gradients) balance the channels' load; small ones take the nearest.
+    if big {
+        idx.sort_by_key(|&i| (load[i] > fair, dist(&chans[i]), load[i], i));
+    } else {
+        idx.sort_by_key(|&i| (dist(&chans[i]), load[i], i));
+    }
     let chosen: Vec<usize> = idx.into_iter().take(n.max(1)).collect();
     let each = bytes / chosen.len().max(1) as u64;
     for &i in &chosen {

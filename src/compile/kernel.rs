@@ -429,13 +429,14 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             .map(|(_, h)| share(h.bytes * h.copies, pes))
             .sum()
     };
-    // Live inputs other than the paced one land in SRAM as they arrive: two runs' slices.
-    let live_other = |runs: u64, main: Option<usize>, pes: u64| -> u64 {
+    // Live inputs other than the paced one land in SRAM as they arrive. A join waits for its slowest
+    // branch, so the early inputs are buffered for a whole iteration (every run in flight).
+    let live_other = |_runs: u64, main: Option<usize>, pes: u64| -> u64 {
         st.inputs
             .iter()
             .enumerate()
             .filter(|(i, s)| s.kind == SlotKind::Live && Some(*i) != main)
-            .map(|(_, s)| 2 * share(s.values * s.elem_bytes / runs.max(1), pes))
+            .map(|(_, s)| share(s.values * s.elem_bytes, pes))
             .sum()
     };
     // Small weights (norm scales, biases) streamed in whole to every PE.
@@ -522,14 +523,18 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                             fan.g
                         ),
                     );
-                } else if bcast_ok {
+                } else {
+                    // Few columns and a short contraction: whole-k columns, some PEs idle.
                     ch.consider(
                         Algo::GemvBroadcast,
                         runs,
                         1,
                         bcast,
                         format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
-                        "whole-k columns".into(),
+                        format!(
+                            "every PE that has columns owns whole-k columns ({kk} x {}); with {cols} columns for {p}                              PEs and k = {kk} too short to split, the rest of the region idles",
+                            s3.max()
+                        ),
                     );
                 }
                 if ch.done() {
@@ -746,6 +751,8 @@ pub(crate) struct Feed {
     pub repeat: u32,
     /// For a banded weight slot: the band.
     pub band: usize,
+    /// Colors on which the gateway forwards the same stream to the next consumer (a daisy chain).
+    pub fwd: Vec<ColorId>,
 }
 
 /// One destination of an output slot.
@@ -1013,7 +1020,9 @@ impl<'a> Prog<'a> {
                     mov(sl.elem_bytes),
                     feed.wavelets * 4 / sl.elem_bytes.max(1),
                     Some(feed.color),
-                    vec![send(self.mc(s), feed.wavelets, true)],
+                    std::iter::once(send(self.mc(s), feed.wavelets, true))
+                        .chain(feed.fwd.iter().map(|&c| send(c, feed.wavelets, true)))
+                        .collect(),
                     feed.repeat,
                     0,
                 ));

@@ -388,7 +388,32 @@ fn compile_wafer(
     let mut io_bytes = vec![0u64; stages.len()];
     // Data saved to MemoryX comes back through the channel it left by.
     let mut restore_ch: BTreeMap<usize, usize> = BTreeMap::new();
-    for (gi, s) in streams.iter() {
+    // Fan-out becomes a daisy chain: the same data to several stages goes to the first, whose input
+    // gateway forwards it to the next, and so on (short hops instead of parallel long flows).
+    let mut chain_prev: Vec<Option<usize>> = vec![None; streams.len()];
+    {
+        let mut groups: BTreeMap<(End, u32, u32, u64, String), Vec<usize>> = BTreeMap::new();
+        for (i, (_, s)) in streams.iter().enumerate() {
+            if let (End::Stage { .. }, End::Stage { .. }) = (s.from, s.to) {
+                groups
+                    .entry((s.from, s.send_first, s.send_count, s.values, s.name.clone()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for v in groups.values_mut() {
+            v.sort_by_key(|&i| match streams[i].1.to {
+                End::Stage { stage, slot } => (stage, slot),
+                _ => (usize::MAX, 0),
+            });
+            for w in v.windows(2) {
+                chain_prev[w[1]] = Some(w[0]);
+            }
+        }
+    }
+    let mut feed_pos: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
+    let mut forwards: Vec<(usize, usize)> = Vec::new();
+    for (si, (gi, s)) in streams.iter().enumerate() {
         let runs_s = match s.from {
             End::Stage { stage, slot } => kernel::out_runs(&stages[stage], &tilings[stage], slot),
             End::Port(_) => match s.to {
@@ -426,8 +451,36 @@ fn compile_wafer(
         };
         match (s.from, s.to) {
             (End::Stage { stage: a, slot: o }, End::Stage { stage: b, slot }) => {
-                let from = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
                 let to = gateway(b, slot);
+                if let Some(prev) = chain_prev[si] {
+                    let End::Stage { stage: pb, slot: ps } = streams[prev].1.to else {
+                        continue;
+                    };
+                    let from = gateway(pb, ps);
+                    let fl = Flow {
+                        name: s.name.clone(),
+                        sender: Senders::Pes(unit(from)),
+                        start: from,
+                        rx0: route::R,
+                        pattern: Pattern::To {
+                            dx: to.x as i32 - from.x as i32,
+                            dy: to.y as i32 - from.y as i32,
+                        },
+                    };
+                    flows.push((
+                        fl,
+                        FlowUse::Chain {
+                            prev,
+                            si,
+                            b,
+                            slot,
+                            w: w_s,
+                            repeat,
+                        },
+                    ));
+                    continue;
+                }
+                let from = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
                 let fl = Flow {
                     name: s.name.clone(),
                     sender: Senders::Pes(unit(from)),
@@ -448,6 +501,7 @@ fn compile_wafer(
                         w: w_s,
                         repeat,
                         window,
+                        si,
                     },
                 ));
             }
@@ -462,7 +516,7 @@ fn compile_wafer(
                 let avoid: Vec<usize> = (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
                 let chosen = match restore_ch.get(gi) {
                     Some(&ch) => vec![ch],
-                    None => io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid),
+                    None => io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s)),
                 };
                 let nb = chosen.len() as u32;
                 if banded && nb > 1 {
@@ -534,7 +588,7 @@ fn compile_wafer(
                 let nb = if bandable { n_big(rects[a].w) } else { 1 };
                 let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
                 let avoid: Vec<usize> = (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
-                let chosen = io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid);
+                let chosen = io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s));
                 if *gi > usize::MAX / 2 {
                     restore_ch.insert(usize::MAX - *gi, chosen[0]);
                 }
@@ -615,6 +669,7 @@ fn compile_wafer(
                 w,
                 repeat,
                 window,
+                si,
             } => {
                 ifaces[a].outs[o].dests.push(Dest {
                     color,
@@ -622,11 +677,31 @@ fn compile_wafer(
                     runs: window,
                     band: 0,
                 });
+                feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
                 ifaces[b].feeds[slot].push(Feed {
                     color,
                     wavelets: w,
                     repeat,
                     band: 0,
+                    fwd: Vec::new(),
+                });
+            }
+            FlowUse::Chain {
+                prev,
+                si,
+                b,
+                slot,
+                w,
+                repeat,
+            } => {
+                forwards.push((prev, color.0 as usize));
+                feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
+                ifaces[b].feeds[slot].push(Feed {
+                    color,
+                    wavelets: w,
+                    repeat,
+                    band: 0,
+                    fwd: Vec::new(),
                 });
             }
             FlowUse::PortIn {
@@ -645,6 +720,7 @@ fn compile_wafer(
                     wavelets: w,
                     repeat,
                     band,
+                    fwd: Vec::new(),
                 });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
@@ -732,6 +808,12 @@ fn compile_wafer(
             }
         }
     }
+    // Chained flows: the previous consumer's gateway forwards the stream.
+    for (prev, color) in forwards {
+        if let Some(&(b, slot, idx)) = feed_pos.get(&prev) {
+            ifaces[b].feeds[slot][idx].fwd.push(ColorId(color as u32));
+        }
+    }
     // Region programs, with placeholder external colors.
     let codes: Vec<kernel::RegionCode> = stages
         .iter()
@@ -753,17 +835,25 @@ fn compile_wafer(
         footprints.push((rects[sid], by_color.into_iter().collect()));
     }
     let mut book = ColorBook::new(mesh, hw.fabric.colors, &footprints);
-    let mut real: Vec<ColorId> = Vec::with_capacity(flows.len());
+    let mut real: Vec<ColorId> = vec![ColorId(0); flows.len()];
     let mut stream_colors: BTreeMap<String, (Vec<u32>, u64)> = BTreeMap::new();
+    let mut paths: Vec<Vec<Hop>> = Vec::with_capacity(flows.len());
     for (fl, _) in &flows {
         let mut path: Vec<Hop> = Vec::new();
         route::walk(fl.pattern, fl.start, fl.rx0, mesh, &port_at, &mut path)
             .map_err(|e| CompileError::Internal(format!("stream `{}`: {e}", fl.name)))?;
-        let color = book.assign(&fl.name, &path)?;
-        real.push(color);
+        paths.push(path);
+    }
+    // Longest paths first: they cross the most other flows and regions, so they have the fewest choices.
+    let mut order: Vec<usize> = (0..flows.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(paths[i].len()), i));
+    for &i in &order {
+        real[i] = book.assign(&flows[i].0.name, &paths[i])?;
+    }
+    for (i, (fl, _)) in flows.iter().enumerate() {
         let e = stream_colors.entry(fl.name.clone()).or_default();
-        e.0.push(color.0);
-        e.1 = e.1.max(path.len() as u64);
+        e.0.push(real[i].0);
+        e.1 = e.1.max(paths[i].len() as u64);
     }
     let patch = |c: ColorId| -> ColorId {
         if c.0 >= PLACEHOLDER && c != ColorId::LINK {
@@ -1059,6 +1149,16 @@ enum FlowUse {
         w: u64,
         repeat: u32,
         window: Option<RunRange>,
+        si: usize,
+    },
+    /// Forwarded by the input gateway of stream `prev`'s consumer.
+    Chain {
+        prev: usize,
+        si: usize,
+        b: usize,
+        slot: usize,
+        w: u64,
+        repeat: u32,
     },
     PortIn {
         ch: usize,

@@ -159,7 +159,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         if !io::on_edge(port.at, port.side, mesh) {
             errs.push(format!("port {} at {:?} is not on the {:?} edge", port.name, port.at, port.side));
         }
-        if port.wavelets * p.timing.link_wavelets_per_cycle as u64 > port.per_cycles * p.timing.link_wavelets_per_cycle as u64 * p.timing.link_wavelets_per_cycle as u64 {
+        if port.wavelets > port.per_cycles * p.timing.link_wavelets_per_cycle as u64 || port.per_cycles == 0 {
             errs.push(format!("port {} is faster than its link", port.name));
         }
         let Some(t) = p.templates.get(port.template.0 as usize) else {
