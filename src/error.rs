@@ -1,5 +1,6 @@
 //! The crate's top-level error: one variant per stage, each knowing whose fault it is.
 
+use crate::compile::CompileError;
 use crate::gpu::GpuError;
 use crate::graph::GraphError;
 use crate::hw::HwError;
@@ -22,6 +23,10 @@ pub enum Error {
     Hw(#[from] HwError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -40,6 +45,10 @@ impl Error {
             Error::Graph(_) => EXIT_INTERNAL,
             Error::Gpu(g) if g.is_user_error() => EXIT_BAD_INPUT,
             Error::Gpu(_) => EXIT_INTERNAL,
+            Error::Compile(c) if c.is_user_error() => EXIT_BAD_INPUT,
+            Error::Compile(_) => EXIT_INTERNAL,
+            // A deadlock is a result about the program; an invalid program or a broken invariant is a bug.
+            Error::Engine(_) => EXIT_INTERNAL,
         }
     }
 }

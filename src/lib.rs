@@ -7,6 +7,7 @@
 //!
 //! The CLI (`src/main.rs`, `src/cli.rs`) is a thin layer over these functions.
 
+pub mod compile;
 pub mod engine;
 pub mod error;
 pub mod gpu;

@@ -75,7 +75,7 @@ fn recv(c: u32, n: u64) -> Need {
 }
 
 fn send(c: u32, n: u64) -> Send {
-    Send { color: ColorId(c), wavelets: n, streamed: false }
+    Send { color: ColorId(c), wavelets: n, streamed: false, runs: None }
 }
 
 /// Constants of the WSE-2 description the formulas use.

@@ -5,12 +5,16 @@ use std::io::Write as _;
 
 use clap::{Args, Parser, Subcommand};
 
+use waferscale::hw::{load_with_overrides, HwDoc, WaferHw};
 use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
 use waferscale::Error;
 
+mod compile;
 mod demo;
 mod gpu;
 mod graph;
+mod plan;
+mod run;
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +53,28 @@ pub enum Command {
         wafer gpu allreduce:8589934592 --hw dgx-h100 --gpus 8 --dtype bf16\n  \
         wafer gpu gpt-tiny --hw h100 --set l2.bytes=62914560")]
     Gpu(gpu::GpuCmd),
+    /// Compile a model for a wafer: regions, algorithms, routes on colors, SRAM, IO ports; print the plan.
+    #[command(after_help = "Examples:\n  \
+        wafer compile gpt-tiny --hw wse2 --mesh 16x16\n  \
+        wafer compile llama-3-8b --hw wse3 --phase decode\n  \
+        wafer compile llama-3.1-405b --hw cs3 --mode weight-streaming -o llama405.plan\n  \
+        wafer compile gemv:16384x16384 --hw wse2 --mesh 420x420\n  \
+        wafer compile gpt-tiny --hw wse2 --mesh 16x16 --set pe.sram_bytes=98304 --dump-after place\n  \
+        wafer compile llama-3-70b --hw cs3 --phase decode --wafers 4")]
+    Compile(compile::CompileCmd),
+    /// Emulate a model (or a saved plan) on the wafer engine: cycles, throughput, utilisation, bottleneck.
+    #[command(after_help = "Examples:\n  \
+        wafer run gpt-tiny --hw wse2 --mesh 32x32\n  \
+        wafer run gemv:16384x16384 --hw wse2 --mesh 420x420 --dtype fp16 --json\n  \
+        wafer run llama-3-8b --hw cs3 --phase decode --context 4096\n  \
+        wafer run gpt3-175b --hw cs2 --mode weight-streaming --batch 1024 --seq 2048\n  \
+        wafer run llama405.plan --fidelity detailed --threads 2")]
+    Run(run::RunCmd),
+    /// Print a saved plan (recompiled from the inputs it stores): the wafer map and the tables.
+    #[command(
+        after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower"
+    )]
+    Plan(plan::PlanCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -101,6 +127,54 @@ impl WorkloadFlags {
     }
 }
 
+/// The hardware flags every wafer command accepts.
+#[derive(Args, Clone, Debug)]
+pub struct HwFlags {
+    /// A shipped description (wse2, wse3, cs2, cs3) or a path to a TOML file in the same schema.
+    #[arg(long)]
+    pub hw: String,
+    /// Override a value of the description, e.g. --set pe.sram_bytes=98304 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Use only a WxH rectangle of the wafer's mesh (e.g. 16x16).
+    #[arg(long, value_name = "WxH")]
+    pub mesh: Option<String>,
+}
+
+impl HwFlags {
+    pub fn mesh_dims(&self) -> Result<Option<(u32, u32)>, Error> {
+        let Some(m) = &self.mesh else { return Ok(None) };
+        let bad = || {
+            Error::Hw(waferscale::hw::HwError::Set {
+                setting: format!("--mesh {m}"),
+                message: "expected WIDTHxHEIGHT in PEs, e.g. 64x64".into(),
+            })
+        };
+        let (w, h) = m.split_once(['x', 'X']).ok_or_else(bad)?;
+        let w: u32 = w.trim().parse().map_err(|_| bad())?;
+        let h: u32 = h.trim().parse().map_err(|_| bad())?;
+        Ok(Some((w, h)))
+    }
+
+    /// The description (after `extends` and `--set`) and the validated wafer, restricted to `--mesh`.
+    pub fn load(&self) -> Result<(HwDoc, WaferHw), Error> {
+        let doc = load_with_overrides(&self.hw, &self.set)?;
+        let mut hw = WaferHw::from_doc(&doc)?;
+        if let Some((w, h)) = self.mesh_dims()? {
+            hw = hw.with_mesh(w, h)?;
+        }
+        Ok((doc, hw))
+    }
+}
+
+/// Pretty JSON of a report type, with a final newline.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Error> {
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::Compile(waferscale::compile::CompileError::Internal(format!("cannot serialise: {e}"))))?;
+    s.push('\n');
+    Ok(s)
+}
+
 fn parse_phase(s: &str) -> Result<Phase, String> {
     Phase::parse(s).ok_or_else(|| format!("`{s}` is not a phase; expected train, prefill or decode"))
 }
@@ -115,6 +189,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Demo => demo::run(),
         Command::Graph(cmd) => graph::run(cmd),
         Command::Gpu(cmd) => gpu::run(cmd),
+        Command::Compile(cmd) => compile::run(cmd),
+        Command::Plan(cmd) => plan::run(cmd),
+        Command::Run(cmd) => run::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {

@@ -10,7 +10,6 @@
 //! petgraph); all timing is integer cycles; no floating point decides an order; results do not depend
 //! on hash order or thread count.
 
-pub mod fast;
 mod link;
 mod queue;
 pub mod record;
@@ -30,7 +29,8 @@ use crate::mesh::MeshProgram;
 pub enum Fidelity {
     /// Every PE and every train.
     Detailed,
-    /// Equivalence classes of PEs and aggregated repeats.
+    /// Meant for the whole wafer: equivalence classes of PEs and aggregated repeats. Today it runs the
+    /// detailed engine (see `run`), and reports say so.
     Fast,
 }
 
@@ -219,10 +219,10 @@ pub fn run_cluster(cluster: &crate::mesh::Cluster, opts: &EngineOptions) -> Resu
 }
 
 pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
-    match opts.fidelity {
-        Fidelity::Detailed => run_program(program, opts),
-        Fidelity::Fast => run_program(&fast::aggregate(program).0, opts),
-    }
+    // Fast fidelity runs the detailed engine today: merging repeated task runs (the first attempt at
+    // aggregation) moved pipelined programs by up to 85%, far outside the 2% the two fidelities must
+    // agree to, so it was taken out; equivalence classes of PEs are not built yet.
+    run_program(program, opts)
 }
 
 fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {

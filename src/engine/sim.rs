@@ -502,8 +502,8 @@ impl Part {
         let task = &self.template(sh, a).tasks[k];
         for need in &task.needs {
             match *need {
-                Need::Done { task: u, times } => {
-                    if (agent.runs_done[u.0 as usize] as u64) < run * times as u64 {
+                Need::Done { task: u, .. } | Need::After { task: u, .. } => {
+                    if (agent.runs_done[u.0 as usize] as u64) < need.runs_needed(run).unwrap_or(0) {
                         return false;
                     }
                 }
@@ -526,6 +526,46 @@ impl Part {
         true
     }
 
+    /// The earliest future cycle at which some task of agent `a` becomes ready on wavelets that are
+    /// already delivered (all its other needs holding), if any.
+    fn next_ready_time(&self, sh: &Shared, a: u32) -> Option<u64> {
+        let agent = &self.agents[a as usize];
+        let tasks = &self.template(sh, a).tasks;
+        let mut best: Option<u64> = None;
+        'task: for (k, task) in tasks.iter().enumerate() {
+            let run = agent.runs_done[k] as u64 + 1;
+            if run > task.repeat as u64 {
+                continue;
+            }
+            let mut at = 0u64;
+            for need in &task.needs {
+                match *need {
+                    Need::Recv { color, wavelets } => {
+                        let Some(inbox) = agent.inbox_ref(color) else { continue 'task };
+                        if inbox.delivered < inbox.claimed + wavelets {
+                            continue 'task;
+                        }
+                        let paced = task.work.paced_by == Some(color) && wavelets > 0;
+                        let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
+                        match inbox.time_of(probe) {
+                            Some(t) => at = at.max(t),
+                            None => continue 'task,
+                        }
+                    }
+                    Need::Done { task: u, .. } | Need::After { task: u, .. } => {
+                        if (agent.runs_done[u.0 as usize] as u64) < need.runs_needed(run).unwrap_or(0) {
+                            continue 'task;
+                        }
+                    }
+                }
+            }
+            if at > self.now {
+                best = Some(best.map_or(at, |b| b.min(at)));
+            }
+        }
+        best
+    }
+
     fn try_start(&mut self, sh: &Shared, a: u32) -> Result<(), EngineError> {
         let agent = &self.agents[a as usize];
         if agent.running || agent.busy_until > self.now || agent.template == u32::MAX {
@@ -536,6 +576,11 @@ impl Part {
             let run = agent.runs_done[k] as u64 + 1;
             run <= tasks[k].repeat as u64 && self.ready(sh, a, k, run)
         }) else {
+            // Nothing is ready now. Wavelets already on their way may make a task ready later without
+            // a new delivery (one long train feeding several runs): wake up when the earliest can go.
+            if let Some(t) = self.next_ready_time(sh, a) {
+                self.queue.push(t, Ev::Wake(a));
+            }
             return Ok(());
         };
         let task = &tasks[k];
@@ -582,8 +627,9 @@ impl Part {
             }
         }
         self.agents[a as usize].run_path = start_path;
+        let run = self.agents[a as usize].runs_done[k] + 1;
         for s in &task.sends {
-            if s.streamed && s.wavelets > 0 {
+            if s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
                 let pace = if compute > 0 { Pace::new(compute, s.wavelets).max(Pace::FULL) } else { Pace::FULL };
                 let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
                 if tail > finish {
@@ -625,8 +671,9 @@ impl Part {
             self.totals.flops += task.flops;
             self.stats[a as usize].flops += task.flops;
         }
+        let run = self.agents[a as usize].runs_done[k as usize];
         for s in &task.sends {
-            if !s.streamed && s.wavelets > 0 {
+            if !s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
                 self.send(sh, a, s.color, s.wavelets, Pace::FULL, self.now)?;
             }
         }
@@ -870,20 +917,26 @@ impl Part {
         let mut out = Vec::new();
         for need in &tasks[k].needs {
             match *need {
-                Need::Done { task: TaskIdx(u), times } => {
+                Need::Done { task: TaskIdx(u), .. } | Need::After { task: TaskIdx(u), .. } => {
                     let have = agent.runs_done[u as usize] as u64;
-                    if have < run * times as u64 {
-                        out.push(format!(
-                            "task {} to finish {} runs (done {have})",
-                            tasks[u as usize].name,
-                            run * times as u64
-                        ));
+                    let want = need.runs_needed(run).unwrap_or(0);
+                    if have < want {
+                        out.push(format!("task {} to finish {want} runs (done {have})", tasks[u as usize].name));
                     }
                 }
                 Need::Recv { color, wavelets } => {
                     let (have, claimed) = agent.inbox_ref(color).map_or((0, 0), |i| (i.delivered, i.claimed));
                     if have < claimed + wavelets {
                         out.push(format!("{wavelets} wavelets on color {color} (has {} unclaimed)", have - claimed));
+                    } else if let Some(i) = agent.inbox_ref(color) {
+                        out.push(format!(
+                            "[ready? color {color}: {} delivered, {} claimed, next at {:?}, last at {:?}, busy until {}]",
+                            i.delivered,
+                            i.claimed,
+                            i.time_of(0),
+                            i.time_of(wavelets - 1),
+                            agent.busy_until
+                        ));
                     }
                 }
             }

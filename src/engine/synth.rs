@@ -39,7 +39,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
                     paced_by: if west { None } else { Some(ColorId(0)) },
                 },
                 sends: if west && cols > 1 {
-                    vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true }]
+                    vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true, runs: None }]
                 } else {
                     vec![]
                 },
@@ -58,7 +58,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
                 sends: if bottom {
                     vec![]
                 } else {
-                    vec![Send { color: send_color, wavelets: part_wavelets, streamed: false }]
+                    vec![Send { color: send_color, wavelets: part_wavelets, streamed: false, runs: None }]
                 },
                 repeat: 1,
                 flops: if top { 0 } else { add_flops },
@@ -165,7 +165,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                             paced_by: if west { None } else { Some(ColorId(0)) },
                         },
                         sends: if west && cols > 1 {
-                            vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true }]
+                            vec![Send { color: ColorId(0), wavelets: x_wavelets, streamed: true, runs: None }]
                         } else {
                             vec![]
                         },
@@ -179,8 +179,11 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                     if i > 0 {
                         needs.push(Need::Recv { color: intra_in, wavelets: part });
                     }
-                    let intra_sends =
-                        if bottom { vec![] } else { vec![Send { color: intra_out, wavelets: part, streamed: true }] };
+                    let intra_sends = if bottom {
+                        vec![]
+                    } else {
+                        vec![Send { color: intra_out, wavelets: part, streamed: true, runs: None }]
+                    };
                     tasks.push(Task {
                         name: "reduce".into(),
                         needs,
@@ -209,7 +212,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                                 paced_by: if gi > 0 { Some(inter_in) } else { None },
                             },
                             sends: if gi + 1 < groups {
-                                vec![Send { color: inter_out, wavelets: part, streamed: true }]
+                                vec![Send { color: inter_out, wavelets: part, streamed: true, runs: None }]
                             } else {
                                 vec![]
                             },

@@ -151,9 +151,37 @@ pub enum Need {
     /// color (it then consumes them as they come), else when the last has arrived.
     /// On an IO port: wavelets arriving at the port from the mesh (leaving the wafer), or with
     /// `ColorId::LINK`, from the peer wafer's port.
+    /// Wavelets of a need that is not the task's `paced_by` color are taken in by the PE as they
+    /// arrive (an asynchronous receive into buffers the plan allocated), without occupying the PE;
+    /// the task starts once the last of them has arrived. At most one task of a PE receives a color.
     Recv { color: ColorId, wavelets: u64 },
     /// Another task of this PE has completed `times` runs per run of this one (local activation).
     Done { task: TaskIdx, times: u32 },
+    /// Run n (1-based) waits until `task` has completed at least
+    /// `max(0, first + floor((n - 1) x num / den))` runs. `Done { task, times }` is
+    /// `After { task, first: times, num: times, den: 1 }`; other uses:
+    /// - `first: 0, num: 1, den: 1`: run n after the other task's run n - 1 (two tasks alternate);
+    /// - `num: 0`: a one-time gate (every run waits for `first` runs of the other task);
+    /// - `first: 1, num: 1, den: k`: k runs of this task per run of the other (a weight tile used by k chunks);
+    /// - a negative `first`: the other task may run that many runs ahead (double buffering).
+    ///
+    /// Added by the compiler issue (layer loops, gates, double-buffered weight streams).
+    After { task: TaskIdx, first: i64, num: u64, den: u64 },
+}
+
+impl Need {
+    /// Runs of the other task that run `n` (1-based) of this task waits for (`Done` and `After`);
+    /// None for a `Recv`.
+    pub fn runs_needed(&self, n: u64) -> Option<u64> {
+        match *self {
+            Need::Recv { .. } => None,
+            Need::Done { times, .. } => Some(n * times as u64),
+            Need::After { first, num, den, .. } => {
+                let v = first as i128 + ((n as i128 - 1) * num as i128) / den.max(1) as i128;
+                Some(v.max(0) as u64)
+            }
+        }
+    }
 }
 
 /// The vector work of one task run.
@@ -176,6 +204,39 @@ pub struct Send {
     /// True: the train leaves as the task computes (a fabric-output operand), paced by the work.
     /// False: it leaves when the work is done (a result).
     pub streamed: bool,
+    /// The runs (1-based, inclusive) on which this train is sent; None: every run. A relay that feeds
+    /// a layer loop for the first L - 1 layers and the model's head after the last one sends the same
+    /// stream on two colors with two windows. Added by the compiler issue.
+    pub runs: Option<RunRange>,
+}
+
+/// An inclusive range of 1-based task runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl RunRange {
+    pub fn contains(&self, run: u32) -> bool {
+        run >= self.first && run <= self.last
+    }
+    pub fn len(&self) -> u32 {
+        (self.last + 1).saturating_sub(self.first)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Send {
+    /// Runs on which the train goes out, out of `repeat` runs of its task.
+    pub fn runs_sent(&self, repeat: u32) -> u32 {
+        match self.runs {
+            None => repeat,
+            Some(r) => RunRange { first: r.first.max(1), last: r.last.min(repeat) }.len(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -219,6 +280,10 @@ pub enum Pattern {
     /// Multicast to a rectangle of `w x h` PEs whose top-left corner is at (dx, dy) from the sender:
     /// along the rectangle's first row reached, then up and down every column. Delivered to every PE of
     /// the rectangle.
+    /// The compiler only emits senders whose row or column crosses the rectangle: a sender beside it
+    /// (its row crosses) goes straight along its row into it, and that row is the first row reached;
+    /// a sender above or below it (its column crosses) goes straight along its column to the nearer
+    /// edge row, which is the first row reached. A sender inside the rectangle is beside it.
     Rect { dx: i32, dy: i32, w: u32, h: u32 },
     /// To the sender's own PE only (a loopback through the ramp).
     Local,
@@ -278,7 +343,8 @@ pub struct Port {
     /// `Recv` it on `ColorId::LINK`. After `Cluster::concat` the id is global.
     pub peer_port: Option<PortId>,
     /// The port's own tasks: streams in (sends) and out (receives), with the same semantics as a PE's,
-    /// their work ignored (a port computes nothing).
+    /// their work ignored (a port computes nothing). Port templates belong to the program's `io` region,
+    /// which covers no PE (an empty rectangle).
     pub template: TemplateId,
     /// Bytes the plan expects through this port in one run (the engine checks it).
     pub planned_bytes: u64,
@@ -388,8 +454,9 @@ impl Cluster {
     }
 }
 
-/// Version of the program semantics above.
-pub const PROGRAM_VERSION: u32 = 1;
+/// Version of the program semantics above (2: `Need::After`, `Send::runs`; 3: `wafer_width`, clusters
+/// laid side by side).
+pub const PROGRAM_VERSION: u32 = 3;
 
 impl MeshProgram {
     /// FLOPs the tasks execute: every PE of every tile runs every task `repeat` times.

@@ -4,8 +4,10 @@
 pub mod fmt;
 mod gpu;
 mod graph;
+mod plan;
 mod run;
 
 pub use gpu::{GpuDetails, KernelRow, LevelBytes, MemoryFootprint};
 pub use graph::{GraphSummary, KindRow, WorkloadSummary};
+pub use plan::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
 pub use run::{Bottleneck, HostInfo, MachineSummary, OpRow, RunReport, Utilization};

@@ -1,0 +1,2396 @@
+//! Mesh algorithms: for a stage on a `w x h` region, the algorithm, its tiling over the PEs, the SRAM
+//! of every PE class, and the region's program (templates on rectangles, routes on internal colors).
+//!
+//! Every region has the same frame:
+//! - row 0 (when the stage has fabric inputs) holds the input gateways: one PE per input slot relays
+//!   the slot's streams into a multicast over the compute block, and for a banded weight stream, one
+//!   relay PE above each band of columns;
+//! - the last row (when the stage has outputs that move) gathers results: each column's results
+//!   converge down to it, then west along it to the output gateway at the band's first column, which
+//!   sends them on to the consumers;
+//! - the rows between are the compute block, where the algorithm runs.
+//!
+//! Every PE runs at most one paced relay or one compute chain, so no PE waits on a stream while
+//! holding another it must drain (see `mesh::Need` for the paced/non-paced distinction).
+
+use std::collections::BTreeMap;
+
+use crate::hw::{PeSpec, SimdOp};
+use crate::mesh::{ColorId, Coord, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
+
+use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
+
+/// Most runs any task makes in one step (programs stay compact: one run per chunk and layer).
+pub(crate) const MAX_REPEAT: u32 = 1024;
+/// Token chunks per iteration the compiler aims for (pipelining between regions).
+pub(crate) const TARGET_RUNS: u32 = 32;
+
+/// The rows of a region: an IO-in row, the compute block, an IO-out row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub w: u32,
+    pub h: u32,
+    pub io_in: bool,
+    pub io_out: bool,
+}
+
+impl Frame {
+    pub fn row0(&self) -> u32 {
+        self.io_in as u32
+    }
+    /// Compute rows.
+    pub fn rc(&self) -> u32 {
+        self.h - self.io_in as u32 - self.io_out as u32
+    }
+    pub fn pes(&self) -> u64 {
+        self.rc() as u64 * self.w as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Algo {
+    /// The streamed operand is multicast to every PE; each PE owns whole-contraction columns of the
+    /// stationary operand: no reduction.
+    GemvBroadcast,
+    /// The contraction is split over the rows: partial sums reduce down every column in a two-level
+    /// fan-in tree (WaferLLM's MeshGEMV K-tree with K = 2).
+    GemvTree,
+    /// Output-stationary: both operands' panels are multicast to every PE, which accumulates its block.
+    Summa,
+    /// Shift-based: A and B blocks circulate in interleaved rings (constant two-hop shifts).
+    Cannon,
+    RowReduce,
+    Elementwise,
+    LookupTree,
+    AllReduceTree,
+    Local,
+}
+
+impl Algo {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::GemvBroadcast => "gemv-broadcast",
+            Algo::GemvTree => "gemv-tree",
+            Algo::Summa => "summa",
+            Algo::Cannon => "cannon",
+            Algo::RowReduce => "row-reduce",
+            Algo::Elementwise => "elementwise",
+            Algo::LookupTree => "lookup-tree",
+            Algo::AllReduceTree => "allreduce-tree",
+            Algo::Local => "local",
+        }
+    }
+}
+
+/// What the kernels need to know of the machine and the compile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KCtx {
+    pub pe: PeSpec,
+    pub colors: u32,
+    /// Data SRAM per PE (SRAM less the code reserve).
+    pub avail: u64,
+}
+
+/// A stage's algorithm and tiling on a region.
+#[derive(Clone, Debug)]
+pub(crate) struct Tiling {
+    pub frame: Frame,
+    pub algo: Algo,
+    /// Compute runs per iteration.
+    pub runs: u32,
+    /// Fan-in group (trees, row reductions).
+    pub group: u32,
+    pub sram_max: u64,
+    pub sram_mean: u64,
+    pub sram_class: String,
+    pub reason: String,
+    pub internal_colors: u32,
+    /// Input gateway columns (one per non-banded input slot).
+    pub gateways: u32,
+}
+
+/// Why a stage does not fit a region.
+#[derive(Clone, Debug)]
+pub(crate) struct Misfit {
+    pub needed: u64,
+    pub class: String,
+    /// The region cannot hold the frame at all (too narrow or short).
+    pub frame: bool,
+}
+
+pub(crate) fn wl(values: u64, eb: u64) -> u64 {
+    (values * eb).div_ceil(4)
+}
+
+fn fmac(eb: u64) -> SimdOp {
+    if eb >= 4 {
+        SimdOp::FmacF32
+    } else {
+        SimdOp::FmacF16
+    }
+}
+fn arith(eb: u64) -> SimdOp {
+    if eb >= 4 {
+        SimdOp::ArithF32
+    } else {
+        SimdOp::ArithF16
+    }
+}
+fn mov(eb: u64) -> SimdOp {
+    if eb >= 4 {
+        SimdOp::Mov32
+    } else {
+        SimdOp::Mov16
+    }
+}
+
+/// `n` split over `parts`: part i gets q + 1 for i < r, else q.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Split {
+    pub q: u64,
+    pub r: u64,
+}
+
+pub(crate) fn split(n: u64, parts: u64) -> Split {
+    let parts = parts.max(1);
+    Split { q: n / parts, r: n % parts }
+}
+
+impl Split {
+    pub fn at(&self, i: u64) -> u64 {
+        self.q + (i < self.r) as u64
+    }
+    pub fn max(&self) -> u64 {
+        self.q + (self.r > 0) as u64
+    }
+}
+
+/// A count split over the PEs of an `rows x cols` block in row-major order.
+#[derive(Clone, Copy, Debug)]
+struct Flat {
+    s: Split,
+    cols: u64,
+}
+
+impl Flat {
+    fn new(n: u64, rows: u64, cols: u64) -> Flat {
+        Flat { s: split(n, rows * cols), cols: cols.max(1) }
+    }
+    fn at(&self, r: u64, c: u64) -> u64 {
+        self.s.at(r * self.cols + c)
+    }
+    /// Row class: 2 all big, 1 mixed, 0 all small.
+    fn row_kind(&self, r: u64) -> u64 {
+        let full = self.s.r / self.cols;
+        if r < full {
+            2
+        } else if r == full && self.s.r % self.cols != 0 {
+            1
+        } else {
+            0
+        }
+    }
+    fn col_kind(&self, c: u64) -> u64 {
+        (c < self.s.r % self.cols) as u64
+    }
+}
+
+/// Two-level fan-in over `n` positions toward position n - 1: groups of `g`, each group's last
+/// position is its leader; the last leader is the root.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FanIn {
+    pub n: u64,
+    pub g: u64,
+}
+
+impl FanIn {
+    pub fn new(n: u64) -> FanIn {
+        let mut g = 1;
+        while g * g < n {
+            g += 1;
+        }
+        FanIn { n, g: g.max(1) }
+    }
+    fn group(&self, i: u64) -> u64 {
+        i / self.g
+    }
+    fn ngroups(&self) -> u64 {
+        self.n.div_ceil(self.g)
+    }
+    fn leader_of(&self, i: u64) -> u64 {
+        ((self.group(i) + 1) * self.g).min(self.n) - 1
+    }
+    fn is_leader(&self, i: u64) -> bool {
+        self.leader_of(i) == i
+    }
+    fn group_size(&self, i: u64) -> u64 {
+        let k = self.group(i);
+        (((k + 1) * self.g).min(self.n)) - k * self.g
+    }
+    /// Role key of position i: (0 non-leader | 1 leader | 2 root, group size).
+    fn role(&self, i: u64) -> (u64, u64) {
+        let role = if i == self.n - 1 {
+            2
+        } else if self.is_leader(i) {
+            1
+        } else {
+            0
+        };
+        (role, self.group_size(i))
+    }
+}
+
+/// Per-stage facts the tiling needs beyond the stage itself.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StageIo {
+    /// Value counts that every run must divide evenly (slots, outputs, stream slices).
+    pub per_iter_values: Vec<(u64, u64)>,
+    /// Gathered output slots (their results move to other stages or ports).
+    pub gathered: Vec<bool>,
+    /// Stored slots' iterations kept at once (1, or all the layers for data saved across loops).
+    pub stored_copies: Vec<u64>,
+}
+
+fn is_grouped(st: &Stage) -> bool {
+    match st.work {
+        Work::Matmul { a, rows, k, .. } => st.inputs[a].values != rows * k,
+        Work::Accum { x, rows, k, .. } => st.inputs[x].values != rows * k,
+        _ => false,
+    }
+}
+
+/// Candidate runs per iteration: powers of two dividing the streamed rows, with every stream's
+/// per-run values a whole number of wavelets; largest first up to the target.
+pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
+    let rows = match st.work {
+        Work::Matmul { no_split_k: true, .. } => return vec![1],
+        _ if is_grouped(st) => return vec![1],
+        Work::Matmul { rows, .. } | Work::Accum { rows, .. } => rows,
+        Work::RowReduce { rows, .. } => rows,
+        Work::Elementwise { rows, accumulate, .. } => {
+            if accumulate {
+                rows
+            } else {
+                rows
+            }
+        }
+        Work::Lookup { rows, .. } | Work::Relay { rows, .. } => rows,
+        _ => return vec![1],
+    };
+    let cap = (MAX_REPEAT / st.iters.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut r = 1u32;
+    while r <= cap && (rows % r as u64) == 0 {
+        let ok = io.per_iter_values.iter().all(|&(v, eb)| {
+            let per = r as u64 * if eb < 4 { 4 / eb } else { 1 };
+            v % per == 0 || r == 1
+        });
+        if ok {
+            out.push(r);
+        }
+        r *= 2;
+    }
+    if out.is_empty() {
+        out.push(1);
+    }
+    // Preferred first: the largest at or below the target, then larger ones (smaller chunks).
+    let best = out.iter().copied().filter(|&r| r <= TARGET_RUNS).max().unwrap_or(1);
+    let mut order = vec![best];
+    order.extend(out.iter().copied().filter(|&r| r > best));
+    order
+}
+
+/// Bytes per PE of `bytes` spread over `pes` PEs.
+fn share(bytes: u64, pes: u64) -> u64 {
+    bytes.div_ceil(pes.max(1))
+}
+
+/// The frame a stage needs: an IO row for inputs when any slot streams in, one for outputs when any
+/// output moves.
+pub(crate) fn frame_for(st: &Stage, io: &StageIo, w: u32, h: u32) -> Frame {
+    let io_in = !st.inputs.is_empty();
+    let io_out = io.gathered.iter().any(|&g| g);
+    Frame { w, h, io_in, io_out }
+}
+
+/// Internal colors of the stage's program on this algorithm.
+fn algo_colors(algo: Algo, st: &Stage) -> u32 {
+    match algo {
+        Algo::GemvTree | Algo::LookupTree => 2,
+        Algo::RowReduce => {
+            let extra = match st.work {
+                Work::RowReduce { colsum, scalar, .. } => (colsum.is_some() || scalar.is_some()) as u32,
+                _ => 0,
+            };
+            3 + extra
+        }
+        Algo::AllReduceTree => 5,
+        Algo::Cannon => 8,
+        Algo::Summa | Algo::GemvBroadcast | Algo::Elementwise | Algo::Local => 0,
+    }
+}
+
+/// Keeps the first fitting tiling, or the least bad misfit.
+struct Chooser<'a> {
+    st: &'a Stage,
+    io: &'a StageIo,
+    k: &'a KCtx,
+    frame: Frame,
+    gateways: u32,
+    best: Option<Tiling>,
+    worst: Misfit,
+}
+
+impl Chooser<'_> {
+    fn consider(&mut self, algo: Algo, runs: u32, group: u32, sram: u64, class: String, reason: String) {
+        let gathered = self.io.gathered.iter().filter(|&&g| g).count() as u32;
+        let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + 2 * gathered;
+        if sram <= self.k.avail && colors <= self.k.colors {
+            if self.best.is_none() {
+                self.best = Some(Tiling {
+                    frame: self.frame,
+                    algo,
+                    runs,
+                    group,
+                    sram_max: sram,
+                    sram_mean: sram,
+                    sram_class: class,
+                    reason,
+                    internal_colors: colors,
+                    gateways: self.gateways,
+                });
+            }
+        } else if sram < self.worst.needed || (sram <= self.k.avail && self.worst.needed == u64::MAX) {
+            self.worst = Misfit {
+                needed: if sram <= self.k.avail { 0 } else { sram },
+                class: if sram <= self.k.avail {
+                    format!("{class}, {colors} internal colors of {}", self.k.colors)
+                } else {
+                    class
+                },
+                frame: false,
+            };
+        }
+    }
+    fn done(&self) -> bool {
+        self.best.is_some()
+    }
+}
+
+/// Chooses the algorithm and tiling of `st` on a `w x h` region; Err when it does not fit.
+pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result<Tiling, Misfit> {
+    let frame = frame_for(st, io, w, h);
+    let gateways = st.inputs.len() as u32;
+    let min_h = frame.io_in as u32 + frame.io_out as u32 + 1;
+    if h < min_h || w < gateways.max(1) {
+        return Err(Misfit {
+            needed: 0,
+            class: format!("a region of at least {} x {min_h} PEs", gateways.max(1)),
+            frame: true,
+        });
+    }
+    let rc = frame.rc() as u64;
+    let c = w as u64;
+    let p = rc * c;
+    let eb = st.dtype_bytes;
+    let mut ch = Chooser {
+        st,
+        io,
+        k,
+        frame,
+        gateways,
+        best: None,
+        worst: Misfit { needed: u64::MAX, class: String::new(), frame: false },
+    };
+    // Stored slots kept on the compute block's PEs.
+    let stored = |pes: u64| -> u64 {
+        st.inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.kind, SlotKind::Stored { .. }))
+            .map(|(i, s)| share(s.values * s.elem_bytes * io.stored_copies.get(i).copied().unwrap_or(1), pes))
+            .sum()
+    };
+    let held_share = |pes: u64, skip: Option<usize>| -> u64 {
+        st.held.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(_, h)| share(h.bytes * h.copies, pes)).sum()
+    };
+    // Live inputs other than the paced one land in SRAM as they arrive. A join waits for its slowest
+    // branch, so the early inputs are buffered for a whole iteration (every run in flight).
+    let live_other = |_runs: u64, main: Option<usize>, pes: u64| -> u64 {
+        st.inputs
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.kind == SlotKind::Live && Some(*i) != main)
+            .map(|(_, s)| share(s.values * s.elem_bytes, pes))
+            .sum()
+    };
+    // Small weights (norm scales, biases) streamed in whole to every PE.
+    let small_weights = |skip: Option<usize>| -> u64 {
+        st.inputs
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.kind == SlotKind::Weights && Some(*i) != skip)
+            .map(|(_, s)| 2 * share(s.values * s.elem_bytes, c))
+            .sum()
+    };
+    let runs_list = runs_candidates(st, io);
+    match st.work.clone() {
+        Work::Matmul { a, b, fresh, rows, k: kk, cols, no_split_k, .. } => {
+            let wslot = match b {
+                Operand::Slot(s) if st.inputs[s].kind == SlotKind::Weights => Some(s),
+                _ => None,
+            };
+            let b_held = match b {
+                Operand::Held(h) => Some(h),
+                _ => None,
+            };
+            // A stationary operand that is not a weight tile (a KV cache), all copies.
+            let b_other = match b {
+                Operand::Held(h) if st.held[h].kind != HeldKind::Weight => st.held[h].bytes * st.held[h].copies,
+                _ => 0,
+            };
+            for &runs in &runs_list {
+                let rr = rows.div_ceil(runs as u64);
+                let fresh_b = fresh.map_or(0, |f| 2 * share(st.inputs[f].values * eb, p));
+                let common = stored(p)
+                    + held_share(p, b_held)
+                    + live_other(runs as u64, Some(a), p)
+                    + small_weights(wslot)
+                    + fresh_b;
+                // Broadcast: every PE owns whole-k columns; no reduction.
+                let s3 = split(cols, p);
+                let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
+                let bcast = if wslot.is_some() { 2 * tile_b } else { tile_b } + rr * s3.max() * eb + common;
+                let bcast_ok = no_split_k || s3.q > 0;
+                if bcast_ok && bcast <= k.avail {
+                    ch.consider(
+                        Algo::GemvBroadcast,
+                        runs,
+                        1,
+                        bcast,
+                        format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
+                        format!(
+                            "every PE owns whole-k columns ({} x {}) and gets the streamed rows by multicast: results \
+                             need no reduction",
+                            kk,
+                            s3.max()
+                        ),
+                    );
+                    break;
+                }
+                // Tree: k over the rows, columns over the columns, partial sums reduced down columns.
+                if !no_split_k && rc > 1 && kk >= rc {
+                    let kr = split(kk, rc);
+                    let nc = split(cols, c);
+                    let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
+                    let fan = FanIn::new(rc);
+                    let tree = if wslot.is_some() { 2 * tile_t } else { tile_t } + 2 * rr * nc.max() * eb + common;
+                    let why = if bcast_ok {
+                        format!("whole-k columns ({} x {}) do not fit", kk, s3.max())
+                    } else {
+                        format!("{cols} columns for {p} PEs")
+                    };
+                    ch.consider(
+                        Algo::GemvTree,
+                        runs,
+                        fan.g as u32,
+                        tree,
+                        format!("compute PE (tile {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
+                        format!(
+                            "{why}: k split over {rc} rows, partial sums ({rr} x {}) reduce down the columns in a \
+                             two-level tree (groups of {})",
+                            nc.max(),
+                            fan.g
+                        ),
+                    );
+                } else {
+                    // Few columns and a short contraction: whole-k columns, some PEs idle.
+                    ch.consider(
+                        Algo::GemvBroadcast,
+                        runs,
+                        1,
+                        bcast,
+                        format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
+                        format!(
+                            "every PE that has columns owns whole-k columns ({kk} x {}); with {cols} columns for {p}                              PEs and k = {kk} too short to split, the rest of the region idles",
+                            s3.max()
+                        ),
+                    );
+                }
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::Accum { x, dy, rows, k: kk, cols, bias_out, .. } => {
+            for &runs in &runs_list {
+                let rr = rows.div_ceil(runs as u64);
+                let kr = split(kk, rc);
+                let nc = split(cols, c);
+                let acc = kr.max() * nc.max() * eb;
+                let xs = match st.inputs[x].kind {
+                    SlotKind::Stored { .. } => rows * kr.max() * eb * io.stored_copies.get(x).copied().unwrap_or(1),
+                    _ => 2 * rr * kr.max() * eb,
+                };
+                let dys = match st.inputs[dy].kind {
+                    SlotKind::Stored { .. } => rows * nc.max() * eb * io.stored_copies.get(dy).copied().unwrap_or(1),
+                    _ if bias_out.is_some() => rr * nc.max() * eb,
+                    _ => 0,
+                };
+                let sram = acc + xs + dys;
+                ch.consider(
+                    Algo::Summa,
+                    runs,
+                    1,
+                    sram,
+                    format!("compute PE (block {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
+                    format!(
+                        "contraction over the {rows} streamed rows: every PE accumulates its output block ({} x {}), \
+                         both operands' panels multicast to it",
+                        kr.max(),
+                        nc.max()
+                    ),
+                );
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::RowReduce { rows, width, colsum, .. } => {
+            let ce = c.min(width).max(1);
+            for &runs in &runs_list {
+                let rr = rows.div_ceil(runs as u64);
+                let tr = split(rr, rc);
+                let wc = split(width, ce);
+                let slice = tr.max() * wc.max() * eb;
+                let cs = colsum.map_or(0, |o| 4 * wc.max() * st.outputs[o].values.div_ceil(width.max(1)));
+                // The paced input kept until the elementwise pass, the output, the statistics.
+                let sram = 2 * slice
+                    + live_other(runs as u64, None, rc * ce)
+                    + tr.max() * 8
+                    + cs
+                    + stored(rc * ce)
+                    + held_share(rc, None).min(8 * wc.max() * eb)
+                    + small_weights(None).min(4 * wc.max() * eb);
+                let fan = FanIn::new(ce);
+                ch.consider(
+                    Algo::RowReduce,
+                    runs,
+                    fan.g as u32,
+                    sram,
+                    format!("compute PE ({} rows x {} columns per run)", tr.max(), wc.max()),
+                    format!(
+                        "rows over {rc} PE rows, each row's {width} values over {ce} PEs; partial statistics reduce \
+                         west in fan-in groups of {} and the result comes back by multicast",
+                        fan.g
+                    ),
+                );
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::Elementwise { main, rows, width, accumulate, .. } => {
+            for &runs in &runs_list {
+                let outs: u64 = st.outputs.iter().map(|o| share(o.values * o.elem_bytes / runs as u64, p)).sum();
+                let acc =
+                    if accumulate { st.outputs.iter().map(|o| share(o.values * o.elem_bytes, p)).sum() } else { 0 };
+                let main_buf =
+                    main.map_or(0, |m| share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p));
+                let sram = main_buf
+                    + live_other(runs as u64, main, p)
+                    + outs
+                    + acc
+                    + stored(p)
+                    + held_share(p, None)
+                    + small_weights(None);
+                ch.consider(
+                    Algo::Elementwise,
+                    runs,
+                    1,
+                    sram,
+                    format!("compute PE ({} elements per run)", (rows * width / runs as u64).div_ceil(p)),
+                    format!("{} elements per run spread over {p} PEs", rows * width / runs as u64),
+                );
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::Relay { rows, width, .. } => {
+            for &runs in &runs_list {
+                let v = rows * width / runs as u64;
+                ch.consider(
+                    Algo::Elementwise,
+                    runs,
+                    1,
+                    2 * share(v * eb, p),
+                    "compute PE".into(),
+                    "rows looked up in MemoryX stream in and on (a relay)".into(),
+                );
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::Lookup { rows, width, .. } => {
+            for &runs in &runs_list {
+                let rr = rows.div_ceil(runs as u64);
+                let wc = split(width, c);
+                let sram = held_share(p, None) + 2 * rr * wc.max() * eb;
+                let fan = FanIn::new(rc);
+                ch.consider(
+                    Algo::LookupTree,
+                    runs,
+                    fan.g as u32,
+                    sram,
+                    format!("compute PE (table share, {rr} rows per run)"),
+                    format!(
+                        "the table split over {rc} rows x {c} columns; each token's row is selected down the columns \
+                         (fan-in groups of {})",
+                        fan.g
+                    ),
+                );
+                if ch.done() {
+                    break;
+                }
+            }
+        }
+        Work::SingleGemv { k: kk, n } => {
+            let kr = split(kk, rc);
+            let nc = split(n, c);
+            let sram = (kr.max() * nc.max() + kr.max() + 2 * nc.max()) * eb;
+            let fan = FanIn::new(rc);
+            ch.consider(
+                Algo::GemvTree,
+                1,
+                fan.g as u32,
+                sram,
+                format!("compute PE (tile {} x {})", kr.max(), nc.max()),
+                format!(
+                    "x pre-placed at the west column and multicast along the rows; k split over {rc} rows, n over {c} \
+                     columns; partial sums reduce down the columns in a two-level tree (groups of {})",
+                    fan.g
+                ),
+            );
+        }
+        Work::SingleGemm { m, n, k: kk } => {
+            let q = rc.min(c);
+            let (mi, nj, kb) = (split(m, q), split(n, q), kk.div_ceil(q));
+            let sram = (mi.max() * kb * 2 + kb * nj.max() * 2 + mi.max() * nj.max()) * eb;
+            ch.consider(
+                Algo::Cannon,
+                1,
+                1,
+                sram,
+                format!("compute PE (blocks {} x {} x {})", mi.max(), kb, nj.max()),
+                format!("square {q} x {q} grid: A and B blocks shift through interleaved rings (at most two hops per step), C stays put"),
+            );
+        }
+        Work::SingleAdd { n } => {
+            ch.consider(
+                Algo::Local,
+                1,
+                1,
+                3 * share(n * eb, p),
+                "compute PE".into(),
+                "operands pre-placed: each PE adds its slice".into(),
+            );
+        }
+        Work::AllReduce { elems } => {
+            ch.consider(
+                Algo::AllReduceTree,
+                1,
+                FanIn::new(rc.max(c)).g as u32,
+                2 * elems * eb,
+                "compute PE (the whole buffer)".into(),
+                "every PE holds the buffer: columns reduce down, the bottom row reduces west, the sum is multicast \
+                 back"
+                    .into(),
+            );
+        }
+    }
+    match ch.best {
+        Some(t) => Ok(t),
+        None => Err(ch.worst),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programs
+// ---------------------------------------------------------------------------------------------
+
+/// One stream feeding an input slot (or one band of a banded weight slot).
+#[derive(Clone, Debug)]
+pub(crate) struct Feed {
+    pub color: ColorId,
+    /// Wavelets per sender run.
+    pub wavelets: u64,
+    pub repeat: u32,
+    /// For a banded weight slot: the band.
+    pub band: usize,
+    /// Colors on which the gateway forwards the same stream to the next consumer (a daisy chain).
+    pub fwd: Vec<ColorId>,
+}
+
+/// One destination of an output slot.
+#[derive(Clone, Debug)]
+pub(crate) struct Dest {
+    pub color: ColorId,
+    pub wavelets: u64,
+    pub runs: Option<RunRange>,
+    pub band: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OutIface {
+    pub gathered: bool,
+    /// Column bands [c0, c1) of the output's gather (one band unless it leaves through several ports).
+    pub bands: Vec<(u32, u32)>,
+    pub dests: Vec<Dest>,
+}
+
+/// A region's connections to the outside, filled in by routing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Iface {
+    pub feeds: Vec<Vec<Feed>>,
+    /// Column bands of the banded weight slot.
+    pub wbands: Vec<(u32, u32)>,
+    pub wslot: Option<usize>,
+    pub outs: Vec<OutIface>,
+}
+
+/// A region's program, in absolute coordinates, with templates local to the region.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RegionCode {
+    pub templates: Vec<(String, Vec<Task>, u64)>,
+    pub tiles: Vec<(Rect, usize)>,
+    pub routes: Vec<Route>,
+}
+
+fn send(color: ColorId, wavelets: u64, streamed: bool) -> Send {
+    Send { color, wavelets, streamed, runs: None }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn task(
+    name: &str,
+    needs: Vec<Need>,
+    op: SimdOp,
+    elems: u64,
+    paced: Option<ColorId>,
+    sends: Vec<Send>,
+    repeat: u32,
+    flops: u64,
+) -> Task {
+    Task { name: name.to_string(), needs, work: crate::mesh::Work { op, elems, paced_by: paced }, sends, repeat, flops }
+}
+
+fn done(t: usize, times: u32) -> Need {
+    Need::Done { task: TaskIdx(t as u32), times }
+}
+
+fn after(t: usize, first: i64, num: u64, den: u64) -> Need {
+    Need::After { task: TaskIdx(t as u32), first, num, den }
+}
+
+fn recv(c: ColorId, w: u64) -> Need {
+    Need::Recv { color: c, wavelets: w }
+}
+
+/// Run-length encodes kinds: (start, end, kind).
+fn rle<K: Clone + PartialEq>(kinds: &[K]) -> Vec<(u32, u32, K)> {
+    let mut out: Vec<(u32, u32, K)> = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        match out.last_mut() {
+            Some(last) if last.2 == *k => last.1 = i as u32 + 1,
+            _ => out.push((i as u32, i as u32 + 1, k.clone())),
+        }
+    }
+    out
+}
+
+/// Builds a region's program: PE classes by (row kind, column kind), tiles as products of runs.
+pub(crate) struct Prog<'a> {
+    pub st: &'a Stage,
+    pub t: &'a Tiling,
+    pub rect: Rect,
+    pub iface: &'a Iface,
+    pub iters: u32,
+    pub code: RegionCode,
+    template_of: BTreeMap<(Vec<u64>, Vec<u64>), Option<usize>>,
+    /// Tasks of the output row's PEs (every output's relays and gateways), by column.
+    out_row: BTreeMap<u32, Vec<Task>>,
+}
+
+/// Tasks of one PE, built in order; indices are the task list positions.
+#[derive(Default)]
+struct Pe {
+    tasks: Vec<Task>,
+    sram: u64,
+}
+
+impl Pe {
+    fn push(&mut self, t: Task) -> usize {
+        self.tasks.push(t);
+        self.tasks.len() - 1
+    }
+}
+
+impl<'a> Prog<'a> {
+    pub fn new(st: &'a Stage, t: &'a Tiling, rect: Rect, iface: &'a Iface) -> Prog<'a> {
+        Prog {
+            st,
+            t,
+            rect,
+            iface,
+            iters: st.iters,
+            code: RegionCode::default(),
+            template_of: BTreeMap::new(),
+            out_row: BTreeMap::new(),
+        }
+    }
+
+    /// Emits the output row: one template per distinct task list, tiles over runs of equal columns.
+    fn finish(&mut self) {
+        if self.out_row.is_empty() {
+            return;
+        }
+        let hy = self.f().h - 1;
+        let cols: Vec<(u32, Vec<Task>)> = std::mem::take(&mut self.out_row).into_iter().collect();
+        let mut i = 0;
+        while i < cols.len() {
+            let mut j = i + 1;
+            while j < cols.len() && cols[j].0 == cols[j - 1].0 + 1 && cols[j].1 == cols[i].1 {
+                j += 1;
+            }
+            self.code.templates.push((format!("{}.out", self.st.name), cols[i].1.clone(), 0));
+            let t = self.code.templates.len() - 1;
+            self.code.tiles.push((self.rect_abs(hy, cols[i].0, 1, cols[j - 1].0 - cols[i].0 + 1), t));
+            i = j;
+        }
+    }
+
+    fn f(&self) -> Frame {
+        self.t.frame
+    }
+    fn eb(&self) -> u64 {
+        self.st.dtype_bytes
+    }
+    /// Multicast color of input slot s.
+    fn mc(&self, s: usize) -> ColorId {
+        ColorId(s as u32)
+    }
+    fn algo_base(&self) -> u32 {
+        self.st.inputs.len() as u32
+    }
+    fn ac(&self, i: u32) -> ColorId {
+        ColorId(self.algo_base() + i)
+    }
+    /// Gather colors (down the column, west along the out row) of output o.
+    fn gc(&self, o: usize) -> (ColorId, ColorId) {
+        let base = self.algo_base() + algo_colors(self.t.algo, self.st);
+        let idx = self.iface.outs[..o].iter().filter(|x| x.gathered).count() as u32;
+        (ColorId(base + 2 * idx), ColorId(base + 2 * idx + 1))
+    }
+    fn repeat(&self, runs_per_iter: u32) -> u32 {
+        runs_per_iter * self.iters
+    }
+    /// Absolute coordinate of region (row y, column x).
+    fn at(&self, y: u32, x: u32) -> Coord {
+        Coord { x: self.rect.x + x, y: self.rect.y + y }
+    }
+    fn rect_abs(&self, y: u32, x: u32, h: u32, w: u32) -> Rect {
+        Rect { x: self.rect.x + x, y: self.rect.y + y, w, h }
+    }
+    fn route(&mut self, color: ColorId, senders: Rect, pattern: Pattern) {
+        self.code.routes.push(Route { color, senders: Senders::Pes(senders), pattern, relays: 0 });
+    }
+
+    /// Adds tiles for the region rows `ys` (absolute row offsets within the region) with row kinds and
+    /// column kinds; `make` returns a PE's tasks (None: no tile).
+    fn grid<F>(&mut self, y0: u32, row_kinds: &[Vec<u64>], col_kinds: &[Vec<u64>], tag: &str, mut make: F)
+    where
+        F: FnMut(&Self, &[u64], &[u64]) -> Option<(String, Pe)>,
+    {
+        let rows = rle(row_kinds);
+        let cols = rle(col_kinds);
+        for (ra, rb, rk) in &rows {
+            for (ca, cb, ck) in &cols {
+                let key = ([vec![tag.len() as u64], rk.clone()].concat(), ck.clone());
+                let key = (key.0.into_iter().chain(tag.bytes().map(|b| b as u64)).collect(), key.1);
+                let tid = match self.template_of.get(&key) {
+                    Some(t) => *t,
+                    None => {
+                        let made = make(self, rk, ck);
+                        let t = made.map(|(name, pe)| {
+                            self.code.templates.push((name, pe.tasks, pe.sram));
+                            self.code.templates.len() - 1
+                        });
+                        self.template_of.insert(key, t);
+                        t
+                    }
+                };
+                if let Some(t) = tid {
+                    let r = self.rect_abs(y0 + ra, *ca, rb - ra, cb - ca);
+                    self.code.tiles.push((r, t));
+                }
+            }
+        }
+    }
+
+    /// Per-run wavelets a compute PE receives on slot s's multicast (its own granularity).
+    fn slot_w(&self, s: usize, runs: u32) -> u64 {
+        let sl = &self.st.inputs[s];
+        wl(sl.values / runs.max(1) as u64, sl.elem_bytes)
+    }
+
+    /// The input row: gateways relaying each slot's feeds into its multicast; band relays.
+    fn in_row(&mut self) {
+        if !self.f().io_in {
+            return;
+        }
+        let f = self.f();
+        let rc = f.rc();
+        for s in 0..self.st.inputs.len() {
+            let banded = self.iface.wslot == Some(s) && self.iface.wbands.len() > 1;
+            if banded {
+                continue;
+            }
+            let col = s as u32;
+            let mut pe = Pe::default();
+            for (i, feed) in self.iface.feeds[s].iter().enumerate() {
+                let sl = &self.st.inputs[s];
+                pe.push(task(
+                    &format!("in{s}.{i}"),
+                    vec![recv(feed.color, feed.wavelets)],
+                    mov(sl.elem_bytes),
+                    feed.wavelets * 4 / sl.elem_bytes.max(1),
+                    Some(feed.color),
+                    std::iter::once(send(self.mc(s), feed.wavelets, true))
+                        .chain(feed.fwd.iter().map(|&c| send(c, feed.wavelets, true)))
+                        .collect(),
+                    feed.repeat,
+                    0,
+                ));
+            }
+            if pe.tasks.is_empty() {
+                continue;
+            }
+            self.code.templates.push((format!("{}.in{s}", self.st.name), pe.tasks, 0));
+            let t = self.code.templates.len() - 1;
+            self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
+            let r = self.rect_abs(0, col, 1, 1);
+            self.route(self.mc(s), r, Pattern::Rect { dx: -(col as i32), dy: 1, w: f.w, h: rc });
+        }
+        if let Some(ws) = self.iface.wslot {
+            if self.iface.wbands.len() > 1 {
+                for (j, &(c0, c1)) in self.iface.wbands.clone().iter().enumerate() {
+                    let col = c1 - 1;
+                    let mut pe = Pe::default();
+                    for feed in self.iface.feeds[ws].iter().filter(|fd| fd.band == j) {
+                        let eb = self.st.inputs[ws].elem_bytes;
+                        pe.push(task(
+                            &format!("w{ws}.band{j}"),
+                            vec![recv(feed.color, feed.wavelets)],
+                            mov(eb),
+                            feed.wavelets * 4 / eb.max(1),
+                            Some(feed.color),
+                            vec![send(self.mc(ws), feed.wavelets, true)],
+                            feed.repeat,
+                            0,
+                        ));
+                    }
+                    self.code.templates.push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
+                    let t = self.code.templates.len() - 1;
+                    self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
+                    let r = self.rect_abs(0, col, 1, 1);
+                    self.route(self.mc(ws), r, Pattern::Rect { dx: c0 as i32 - col as i32, dy: 1, w: c1 - c0, h: rc });
+                }
+            }
+        }
+    }
+
+    /// Band of the weight slot a column belongs to (0 when not banded).
+    fn wband(&self, c: u32) -> usize {
+        self.iface.wbands.iter().position(|&(a, b)| c >= a && c < b).unwrap_or(0)
+    }
+
+    /// Input tasks common to every working compute PE, before its compute chain: weight loads, stores,
+    /// refreshes. Returns (task indices of weight loads, stores) and the needs the first compute task
+    /// must add, given the index the first compute task will have.
+    fn inputs_pre(&self, pe: &mut Pe, main: Option<usize>, runs: u32, col: u32, tile_values: u64) -> PreInputs {
+        let st = self.st;
+        let mut pre = PreInputs::default();
+        for (s, sl) in st.inputs.iter().enumerate() {
+            if Some(s) == main {
+                continue;
+            }
+            match sl.kind {
+                SlotKind::Weights => {
+                    let w = if self.iface.wslot == Some(s) && self.iface.wbands.len() > 1 {
+                        let b = self.wband(col);
+                        self.iface.feeds[s].iter().filter(|f| f.band == b).map(|f| f.wavelets).next().unwrap_or(0)
+                    } else {
+                        self.slot_w(s, 1)
+                    };
+                    let i = pe.push(task(
+                        &format!("wload{s}"),
+                        vec![recv(self.mc(s), w)],
+                        mov(sl.elem_bytes),
+                        tile_values,
+                        None,
+                        vec![],
+                        self.iters,
+                        0,
+                    ));
+                    pre.wloads.push(i);
+                }
+                SlotKind::Stored { all } => {
+                    let fed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
+                    let _ = fed;
+                    let iters_fed = self.fed_iters(s);
+                    let w = self.slot_w(s, runs);
+                    let rep = iters_fed * runs;
+                    let i = pe.push(task(
+                        &format!("store{s}"),
+                        vec![recv(self.mc(s), w)],
+                        mov(sl.elem_bytes),
+                        w * 4 / sl.elem_bytes,
+                        None,
+                        vec![],
+                        rep,
+                        0,
+                    ));
+                    pre.stores.push((i, all, rep));
+                }
+                SlotKind::Refresh => {
+                    let w = self.slot_w(s, 1);
+                    pe.push(task(
+                        &format!("refresh{s}"),
+                        vec![recv(self.mc(s), w)],
+                        mov(sl.elem_bytes),
+                        tile_values,
+                        None,
+                        vec![],
+                        1,
+                        0,
+                    ));
+                }
+                SlotKind::Live => pre.live.push(s),
+            }
+        }
+        pre
+    }
+
+    /// Iterations of the stage for which slot s receives data (all, or fewer for data saved ahead).
+    fn fed_iters(&self, s: usize) -> u32 {
+        let per_feed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
+        // Feeds count sender runs; convert to iterations via the per-iteration wavelets.
+        let sl = &self.st.inputs[s];
+        let per_iter = wl(sl.values, sl.elem_bytes).max(1);
+        let total: u64 = self.iface.feeds[s].iter().map(|f| f.wavelets * f.repeat as u64).sum();
+        let _ = per_feed;
+        (total / per_iter).max(1) as u32
+    }
+
+    /// The needs the first compute task of a run adds for the pre-inputs: live non-paced receives,
+    /// weight loads (one per iteration), stores.
+    fn pre_needs(&self, pre: &PreInputs, runs: u32) -> Vec<Need> {
+        let mut needs = Vec::new();
+        for &s in &pre.live {
+            needs.push(recv(self.mc(s), self.slot_w(s, runs)));
+        }
+        for &w in &pre.wloads {
+            needs.push(after(w, 1, 1, runs as u64));
+        }
+        for &(i, all, rep) in &pre.stores {
+            if all {
+                needs.push(after(i, rep as i64, 0, 1));
+            } else {
+                needs.push(done(i, 1));
+            }
+        }
+        needs
+    }
+
+    /// Gates the weight loads of `pre` on the compute chain's last task (double buffering) and returns
+    /// the chain's start gate on its own end (the next run waits for the previous to finish).
+    fn gate_pre(&self, pe: &mut Pe, pre: &PreInputs, last: usize, runs: u32) {
+        for &w in &pre.wloads {
+            pe.tasks[w].needs.push(after(last, -(runs as i64), runs as u64, 1));
+        }
+    }
+
+    /// A drain PE: consumes every multicast delivered to the compute block without work.
+    fn drain(&self, col: u32, runs: u32) -> Pe {
+        let st = self.st;
+        let mut pe = Pe::default();
+        for (s, sl) in st.inputs.iter().enumerate() {
+            let (w, rep) = match sl.kind {
+                SlotKind::Weights => {
+                    let w = if self.iface.wslot == Some(s) && self.iface.wbands.len() > 1 {
+                        let b = self.wband(col);
+                        self.iface.feeds[s].iter().filter(|f| f.band == b).map(|f| f.wavelets).next().unwrap_or(0)
+                    } else {
+                        self.slot_w(s, 1)
+                    };
+                    (w, self.iters)
+                }
+                SlotKind::Refresh => (self.slot_w(s, 1), 1),
+                SlotKind::Stored { .. } => (self.slot_w(s, runs), self.fed_iters(s) * runs),
+                SlotKind::Live => (self.slot_w(s, runs), self.repeat(runs)),
+            };
+            if w == 0 {
+                continue;
+            }
+            pe.push(task(
+                &format!("drain{s}"),
+                vec![recv(self.mc(s), w)],
+                mov(sl.elem_bytes),
+                0,
+                Some(self.mc(s)),
+                vec![],
+                rep,
+                0,
+            ));
+        }
+        pe
+    }
+
+    /// The output row and the gather routes for output o: `vals(r, c)` is what compute PE (r, c) sends
+    /// per output run, `out_runs` the output's runs per iteration, `rows` the compute rows that send.
+    fn gather(&mut self, o: usize, out_runs: u32, rows: &[u32], vals: &dyn Fn(u32, u32) -> u64) {
+        let oi = self.iface.outs[o].clone();
+        if !oi.gathered {
+            return;
+        }
+        let f = self.f();
+        let eb = self.st.outputs[o].elem_bytes;
+        let (g1, g0) = self.gc(o);
+        let hy = f.h - 1;
+        // Column-to-row routes: every sending row, per band: the band's first column steps one east
+        // then down (so the gateway only receives on g0); the others go straight down.
+        for &r in rows {
+            let y = f.row0() + r;
+            for &(c0, c1) in &oi.bands {
+                if c1 - c0 > 1 {
+                    let r0 = self.rect_abs(y, c0, 1, 1);
+                    self.route(g1, r0, Pattern::To { dx: 1, dy: (hy - y) as i32 });
+                    let rr = self.rect_abs(y, c0 + 1, 1, c1 - c0 - 1);
+                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
+                } else {
+                    let rr = self.rect_abs(y, c0, 1, 1);
+                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
+                }
+            }
+        }
+        let col_w = |c: u32| -> u64 { rows.iter().map(|&r| wl(vals(r, c), eb)).sum() };
+        let total_values: u64 = (0..f.w).map(|c| rows.iter().map(|&r| vals(r, c)).sum::<u64>()).sum();
+        let _ = total_values;
+        for (b, &(c0, c1)) in oi.bands.iter().enumerate() {
+            let rep = self.repeat(out_runs);
+            // Relays c0+1 .. c1 - 1: their column (and c0's, at c0 + 1) west to c0.
+            for c in (c0 + 1)..c1 {
+                let w = col_w(c) + if c == c0 + 1 { col_w(c0) } else { 0 };
+                if w == 0 {
+                    continue;
+                }
+                self.out_row.entry(c).or_default().push(task(
+                    &format!("gather{o}"),
+                    vec![recv(g1, w)],
+                    mov(eb),
+                    w * 4 / eb,
+                    Some(g1),
+                    vec![send(g0, w, true)],
+                    rep,
+                    0,
+                ));
+                let r = self.rect_abs(hy, c, 1, 1);
+                self.route(g0, r, Pattern::Line { dir: Dir::West, hops: c - c0, multicast: false });
+            }
+            // The band's gateway.
+            let (color_in, w_in) = if c1 - c0 > 1 { (g0, (c0..c1).map(col_w).sum::<u64>()) } else { (g1, col_w(c0)) };
+            let sends: Vec<Send> = oi
+                .dests
+                .iter()
+                .filter(|d| d.band == b)
+                .map(|d| Send { color: d.color, wavelets: d.wavelets, streamed: true, runs: d.runs })
+                .collect();
+            self.out_row.entry(c0).or_default().push(task(
+                &format!("out{o}"),
+                vec![recv(color_in, w_in)],
+                mov(eb),
+                w_in * 4 / eb,
+                Some(color_in),
+                sends,
+                rep,
+                0,
+            ));
+        }
+    }
+}
+
+#[derive(Default)]
+struct PreInputs {
+    wloads: Vec<usize>,
+    stores: Vec<(usize, bool, u32)>,
+    live: Vec<usize>,
+}
+
+/// Builds the program of a stage on its region.
+pub(crate) fn program(st: &Stage, t: &Tiling, rect: Rect, iface: &Iface) -> RegionCode {
+    let mut p = Prog::new(st, t, rect, iface);
+    p.in_row();
+    match st.work.clone() {
+        Work::Matmul { .. } => match t.algo {
+            Algo::GemvTree => prog_tree(&mut p),
+            _ => prog_bcast(&mut p),
+        },
+        Work::Accum { .. } => prog_summa(&mut p),
+        Work::RowReduce { .. } => prog_rowreduce(&mut p),
+        Work::Elementwise { .. } | Work::Relay { .. } => prog_elementwise(&mut p),
+        Work::Lookup { .. } => prog_lookup(&mut p),
+        Work::SingleGemv { .. } => prog_single_gemv(&mut p),
+        Work::SingleGemm { .. } => prog_cannon(&mut p),
+        Work::SingleAdd { .. } => prog_local(&mut p),
+        Work::AllReduce { .. } => prog_allreduce(&mut p),
+    }
+    p.finish();
+    p.code
+}
+
+/// Values of output o per run sent by every working compute PE: the output's per-run values split
+/// like the work.
+fn out_rows(p: &Prog, all: bool) -> Vec<u32> {
+    if all {
+        (0..p.f().rc()).collect()
+    } else {
+        vec![p.f().rc() - 1]
+    }
+}
+
+fn prog_bcast(p: &mut Prog) {
+    let st = p.st;
+    let Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let rr = rows / runs as u64;
+    let eb = p.eb();
+    let s3 = Flat::new(cols, rc, c);
+    let wa = p.slot_w(a, runs);
+    let rep = p.repeat(runs);
+    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![s3.row_kind(r)]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| vec![s3.col_kind(cc), p.wband(cc as u32) as u64, cc])
+        .map(|mut v| {
+            // Columns differ only by band and mixed-row membership.
+            v.pop();
+            v
+        })
+        .collect();
+    let (g1, _) = p.gc(out);
+    let _ = b;
+    p.grid(f.row0(), &row_kinds, &col_kinds, "mm", |p, rk, ck| {
+        let n_p = match rk[0] {
+            2 => s3.s.q + 1,
+            0 => s3.s.q,
+            _ => s3.s.q + ck[0],
+        };
+        let col = p.iface.wbands.get(ck[1] as usize).map_or(0, |b| b.0);
+        if n_p == 0 {
+            return Some((format!("{}.idle", st.name), p.drain(col, runs)));
+        }
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, col, k * n_p);
+        let mut needs = vec![recv(p.mc(a), wa)];
+        needs.extend(p.pre_needs(&pre, runs));
+        if let Some(fs) = fresh {
+            let _ = fs;
+        }
+        let w_out = wl(rr * n_p, eb);
+        let mm = pe.push(task(
+            "mm",
+            needs,
+            fmac(eb),
+            rr * k * n_p,
+            Some(p.mc(a)),
+            if bias { vec![] } else { vec![send(g1, w_out, true)] },
+            rep,
+            2 * rr * k * n_p,
+        ));
+        let last = if bias {
+            pe.push(task(
+                "bias",
+                vec![done(mm, 1)],
+                arith(eb),
+                rr * n_p,
+                None,
+                vec![send(g1, w_out, false)],
+                rep,
+                rr * n_p,
+            ))
+        } else {
+            mm
+        };
+        if last != mm {
+            pe.tasks[mm].needs.push(after(last, 0, 1, 1));
+        }
+        p.gate_pre(&mut pe, &pre, last, runs);
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.mm", st.name), pe))
+    });
+    let vals = move |r: u32, cc: u32| rr * s3.at(r as u64, cc as u64);
+    let rows_all = out_rows(p, true);
+    p.gather(out, runs, &rows_all, &vals);
+}
+
+fn prog_tree(p: &mut Prog) {
+    let st = p.st;
+    let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let rr = rows / runs as u64;
+    let eb = p.eb();
+    let kr = split(k, rc);
+    let nc = split(cols, c);
+    let fan = FanIn::new(rc);
+    let wa = p.slot_w(a, runs);
+    let rep = p.repeat(runs);
+    let (t1, t2) = (p.ac(0), p.ac(1));
+    let (g1, _) = p.gc(out);
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = fan.role(r);
+            vec![role, gs, (r < kr.r) as u64]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64, p.wband(cc as u32) as u64]).collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "tree", |p, rk, ck| {
+        let (role, gs) = (rk[0], rk[1]);
+        let k_r = kr.q + rk[2];
+        let n_c = nc.q + ck[0];
+        let col = p.iface.wbands.get(ck[2] as usize).map_or(0, |b| b.0);
+        if n_c == 0 || k_r == 0 {
+            return Some((format!("{}.idle", st.name), p.drain(col, runs)));
+        }
+        let w_p = wl(rr * n_c, eb);
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, col, k_r * n_c);
+        let mut needs = vec![recv(p.mc(a), wa)];
+        needs.extend(p.pre_needs(&pre, runs));
+        let mm_sends = match role {
+            0 => vec![send(t1, w_p, false)],
+            1 if gs == 1 => vec![send(t2, w_p, false)],
+            2 if gs == 1 && fan.ngroups() == 1 && !bias => vec![send(g1, w_p, false)],
+            _ => vec![],
+        };
+        let mm = pe.push(task("mm", needs, fmac(eb), rr * k_r * n_c, Some(p.mc(a)), mm_sends, rep, 2 * rr * k_r * n_c));
+        let mut last = mm;
+        if role >= 1 && gs > 1 {
+            let sends = match role {
+                1 => vec![send(t2, w_p, false)],
+                _ if fan.ngroups() == 1 && !bias => vec![send(g1, w_p, false)],
+                _ => vec![],
+            };
+            last = pe.push(task(
+                "red1",
+                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (gs - 1) * rr * n_c,
+                Some(t1),
+                sends,
+                rep,
+                0,
+            ));
+        }
+        if role == 2 && fan.ngroups() > 1 {
+            let sends = if bias { vec![] } else { vec![send(g1, w_p, false)] };
+            last = pe.push(task(
+                "red2",
+                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (fan.ngroups() - 1) * rr * n_c,
+                Some(t2),
+                sends,
+                rep,
+                0,
+            ));
+        }
+        if role == 2 && bias {
+            last = pe.push(task(
+                "bias",
+                vec![done(last, 1)],
+                arith(eb),
+                rr * n_c,
+                None,
+                vec![send(g1, w_p, false)],
+                rep,
+                rr * n_c,
+            ));
+        }
+        if last != mm {
+            pe.tasks[mm].needs.push(after(last, 0, 1, 1));
+        }
+        p.gate_pre(&mut pe, &pre, last, runs);
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.tree{role}", st.name), pe))
+    });
+    // Tree routes: level one per non-leader row, level two per leader row.
+    let active_cols = (nc.q > 0).then_some(c as u32).unwrap_or(nc.r as u32);
+    for r in 0..rc {
+        let (role, _) = fan.role(r);
+        let y = f.row0() + r as u32;
+        let rect = p.rect_abs(y, 0, 1, active_cols.max(1));
+        if role == 0 {
+            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
+        } else if role == 1 {
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        }
+    }
+    let vals = move |_r: u32, cc: u32| rr * nc.at(cc as u64);
+    let rows_b = out_rows(p, false);
+    p.gather(out, runs, &rows_b, &vals);
+}
+
+fn prog_summa(p: &mut Prog) {
+    let st = p.st;
+    let Work::Accum { x, dy, rows, k, cols, out, bias_out } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let rr = rows / runs as u64;
+    let eb = p.eb();
+    let kr = split(k, rc);
+    let nc = split(cols, c);
+    let rep = p.repeat(runs);
+    let (g1, _) = p.gc(out);
+    let g1b = bias_out.map(|b| p.gc(b).0);
+    let row_kinds: Vec<Vec<u64>> =
+        (0..rc).map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64]).collect();
+    // The main (paced) operand is dy unless dy is stored and x is not.
+    let (main, other) =
+        if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live { (dy, x) } else { (x, dy) };
+    let _ = other;
+    p.grid(f.row0(), &row_kinds, &col_kinds, "summa", |p, rk, ck| {
+        let k_r = kr.q + rk[0];
+        let n_c = nc.q + ck[0];
+        if k_r == 0 || n_c == 0 {
+            return Some((format!("{}.idle", st.name), p.drain(0, runs)));
+        }
+        let first_row = rk[1] == 1;
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c);
+        let mut needs = vec![recv(p.mc(main), p.slot_w(main, runs))];
+        needs.extend(p.pre_needs(&pre, runs));
+        let acc =
+            pe.push(task("acc", needs, fmac(eb), rr * k_r * n_c, Some(p.mc(main)), vec![], rep, 2 * rr * k_r * n_c));
+        let mut last = acc;
+        if let (true, Some(_)) = (first_row, bias_out) {
+            last = pe.push(task("dbias", vec![done(acc, 1)], arith(eb), rr * n_c, None, vec![], rep, rr * n_c));
+        }
+        let mut sends = vec![send(g1, wl(k_r * n_c, eb), false)];
+        if let (true, Some(gb)) = (first_row, g1b) {
+            sends.push(send(gb, wl(n_c, eb), false));
+        }
+        let emit = pe.push(task("emit", vec![done(last, runs)], mov(eb), k_r * n_c, None, sends, p.iters, 0));
+        pe.tasks[acc].needs.push(after(emit, 0, 1, runs as u64));
+        if last != acc {
+            pe.tasks[acc].needs.push(after(last, 0, 1, 1));
+        }
+        p.gate_pre(&mut pe, &pre, last, runs);
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.acc", st.name), pe))
+    });
+    let vals = move |r: u32, cc: u32| kr.at(r as u64) * nc.at(cc as u64);
+    let rows_all: Vec<u32> = (0..rc as u32).filter(|&r| kr.at(r as u64) > 0).collect();
+    p.gather(out, 1, &rows_all, &vals);
+    if let Some(b) = bias_out {
+        let valsb = move |_r: u32, cc: u32| nc.at(cc as u64);
+        p.gather(b, 1, &[0], &valsb);
+    }
+}
+
+fn prog_rowreduce(p: &mut Prog) {
+    let st = p.st;
+    let Work::RowReduce { main, rows, width, per_elem, out, colsum, scalar } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let rr = rows / runs as u64;
+    let eb = p.eb();
+    let tr = split(rr, rc);
+    let wc = split(width, c);
+    let fan = FanIn::new(c);
+    let rep = p.repeat(runs);
+    let (r1, r2, rb) = (p.ac(0), p.ac(1), p.ac(2));
+    let rcol = p.ac(3);
+    // Work per element: the reduction pass (stats) and the elementwise pass (apply).
+    let (c_apply, c_stats) = if out.is_some() { (1, per_elem - 1) } else { (0, per_elem) };
+    let active_rows = rc.min(rr);
+    let cs_per_col = colsum.map_or(0, |o| st.outputs[o].values / width.max(1));
+    // Column positions mirrored so that the fan-in converges west to column 0.
+    let pos = |cc: u64| c - 1 - cc;
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            vec![
+                (r < tr.r) as u64,
+                (tr.at(r) == 0) as u64,
+                (r == 0) as u64,
+                (r == active_rows.saturating_sub(1)) as u64,
+            ]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| {
+            let (role, gs) = fan.role(pos(cc));
+            vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64, role, gs]
+        })
+        .collect();
+    let outs_g1 = out.map(|o| p.gc(o).0);
+    let cs_g1 = colsum.map(|o| p.gc(o).0);
+    let sc_g1 = scalar.map(|o| p.gc(o).0);
+    p.grid(f.row0(), &row_kinds, &col_kinds, "rr", |p, rk, ck| {
+        let t_r = tr.q + rk[0];
+        let w_c = wc.q + ck[0];
+        let first_row = rk[2] == 1;
+        if t_r == 0 || w_c == 0 {
+            return Some((format!("{}.idle", st.name), p.drain(0, runs)));
+        }
+        let (role, gs) = (ck[2], ck[3]);
+        let w_st = 2 * t_r; // (a, b) statistics per row, fp32
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, w_c);
+        let mut needs = vec![recv(p.mc(main), p.slot_w(main, runs))];
+        needs.extend(p.pre_needs(&pre, runs));
+        let c1 = c > 1;
+        let stats_sends = match role {
+            0 => vec![send(r1, w_st, false)],
+            1 if gs == 1 => vec![send(r2, w_st, false)],
+            _ => vec![],
+        };
+        let stats = pe.push(task(
+            "stats",
+            needs,
+            arith(eb),
+            (t_r * w_c * c_stats).max(t_r * w_c),
+            Some(p.mc(main)),
+            stats_sends,
+            rep,
+            t_r * w_c * c_stats,
+        ));
+        let mut last = stats;
+        if role >= 1 && gs > 1 {
+            let sends = if role == 1 { vec![send(r2, w_st, false)] } else { vec![] };
+            last = pe.push(task(
+                "red1",
+                vec![recv(r1, (gs - 1) * w_st), done(last, 1)],
+                SimdOp::ArithF32,
+                (gs - 1) * w_st,
+                Some(r1),
+                sends,
+                rep,
+                0,
+            ));
+        }
+        if role == 2 && fan.ngroups() > 1 {
+            last = pe.push(task(
+                "red2",
+                vec![recv(r2, (fan.ngroups() - 1) * w_st), done(last, 1)],
+                SimdOp::ArithF32,
+                (fan.ngroups() - 1) * w_st,
+                Some(r2),
+                vec![],
+                rep,
+                0,
+            ));
+        }
+        let root = role == 2;
+        if root && c1 && out.is_some() {
+            // The statistics back to the row.
+            pe.tasks[last].sends.push(send(rb, w_st, false));
+        }
+        let mut apply = None;
+        if let Some(o) = out {
+            let mut needs = vec![done(last, 1)];
+            if !root {
+                needs = vec![recv(rb, w_st), done(stats, 1)];
+            }
+            let w_out = wl(t_r * w_c * st.outputs[o].values / (rows * width).max(1), eb);
+            let a = pe.push(task(
+                "apply",
+                needs,
+                arith(eb),
+                (t_r * w_c * c_apply).max(1),
+                None,
+                outs_g1.map(|g| vec![send(g, w_out, false)]).unwrap_or_default(),
+                rep,
+                t_r * w_c * c_apply,
+            ));
+            apply = Some(a);
+            last = a;
+        }
+        // Column sums (dgamma, dbeta) or the scalar loss, once per iteration.
+        let per_iter_src = last;
+        if colsum.is_some() || (scalar.is_some() && root) {
+            let vals = if colsum.is_some() { w_c * cs_per_col } else { 1 };
+            let w = wl(vals, 4);
+            let active_here = rk[1] == 0;
+            let _ = active_here;
+            if first_row {
+                let mut needs = vec![done(per_iter_src, runs)];
+                if active_rows > 1 {
+                    needs.push(recv(rcol, (active_rows - 1) * w));
+                }
+                let g = if colsum.is_some() { cs_g1 } else { sc_g1 };
+                let col = pe.push(task(
+                    "colsum",
+                    needs,
+                    SimdOp::ArithF32,
+                    (active_rows.max(1)) * vals,
+                    if active_rows > 1 { Some(rcol) } else { None },
+                    g.map(|g| vec![send(g, wl(vals, eb), false)]).unwrap_or_default(),
+                    p.iters,
+                    0,
+                ));
+                pe.tasks[stats].needs.push(after(col, 0, 1, runs as u64));
+            } else {
+                let col = pe.push(task(
+                    "colsum",
+                    vec![done(per_iter_src, runs)],
+                    SimdOp::Mov32,
+                    vals,
+                    None,
+                    vec![send(rcol, w, false)],
+                    p.iters,
+                    0,
+                ));
+                pe.tasks[stats].needs.push(after(col, 0, 1, runs as u64));
+            }
+        }
+        if let Some(a) = apply {
+            pe.tasks[stats].needs.push(after(a, 0, 1, 1));
+        } else if last != stats {
+            pe.tasks[stats].needs.push(after(last, 0, 1, 1));
+        }
+        p.gate_pre(&mut pe, &pre, last, runs);
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.rr{role}", st.name), pe))
+    });
+    // Row reduction routes (per column, converging west), the broadcast back, the column sums.
+    for cc in 0..c {
+        let (role, _) = fan.role(pos(cc));
+        let rect = p.rect_abs(f.row0(), cc as u32, active_rows.max(1) as u32, 1);
+        let lead = c - 1 - fan.leader_of(pos(cc));
+        if role == 0 {
+            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
+        } else if role == 1 {
+            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
+        }
+    }
+    if c > 1 && out.is_some() {
+        let rect = p.rect_abs(f.row0(), 0, active_rows.max(1) as u32, 1);
+        p.route(rb, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
+    }
+    if colsum.is_some() || scalar.is_some() {
+        let cols = if colsum.is_some() { c as u32 } else { 1 };
+        for r in 1..active_rows as u32 {
+            let rect = p.rect_abs(f.row0() + r, 0, 1, cols);
+            p.route(rcol, rect, Pattern::Line { dir: Dir::North, hops: r, multicast: false });
+        }
+    }
+    if let Some(o) = out {
+        let ov = st.outputs[o].values;
+        let vals = move |r: u32, cc: u32| tr.at(r as u64) * wc.at(cc as u64) * ov / (rows * width).max(1);
+        let rws: Vec<u32> = (0..active_rows as u32).collect();
+        p.gather(o, runs, &rws, &vals);
+    }
+    if let Some(o) = colsum {
+        let vals = move |_r: u32, cc: u32| wc.at(cc as u64) * cs_per_col;
+        p.gather(o, 1, &[0], &vals);
+    }
+    if let Some(o) = scalar {
+        let vals = move |_r: u32, cc: u32| (cc == 0) as u64;
+        p.gather(o, 1, &[0], &vals);
+    }
+}
+
+fn prog_elementwise(p: &mut Prog) {
+    let st = p.st;
+    let (main, rows, width, per_elem, accumulate) = match st.work.clone() {
+        Work::Elementwise { main, rows, width, per_elem, accumulate } => (main, rows, width, per_elem, accumulate),
+        Work::Relay { main, rows, width } => (Some(main), rows, width, 0, false),
+        _ => return,
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let eb = p.eb();
+    let rep = p.repeat(runs);
+    let e = Flat::new(rows * width / runs as u64, rc, c);
+    let out_runs = if accumulate { 1 } else { runs };
+    let outs: Vec<Flat> = st.outputs.iter().map(|o| Flat::new(o.values / out_runs as u64, rc, c)).collect();
+    let row_kinds: Vec<Vec<u64>> =
+        (0..rc).map(|r| std::iter::once(e.row_kind(r)).chain(outs.iter().map(|o| o.row_kind(r))).collect()).collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| std::iter::once(e.col_kind(cc)).chain(outs.iter().map(|o| o.col_kind(cc))).collect()).collect();
+    let gathered: Vec<Option<ColorId>> =
+        (0..st.outputs.len()).map(|o| p.iface.outs.get(o).filter(|x| x.gathered).map(|_| p.gc(o).0)).collect();
+    let pick = |fl: &Flat, rk: u64, ck: u64| match rk {
+        2 => fl.s.q + 1,
+        0 => fl.s.q,
+        _ => fl.s.q + ck,
+    };
+    p.grid(f.row0(), &row_kinds, &col_kinds, "ew", |p, rk, ck| {
+        let n = pick(&e, rk[0], ck[0]);
+        let shares: Vec<u64> = outs.iter().enumerate().map(|(i, o)| pick(o, rk[i + 1], ck[i + 1])).collect();
+        if n == 0 && shares.iter().all(|&s| s == 0) {
+            return Some((format!("{}.idle", st.name), p.drain(0, runs)));
+        }
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, main, runs, 0, n);
+        let mut needs = Vec::new();
+        if let Some(m) = main {
+            needs.push(recv(p.mc(m), p.slot_w(m, runs)));
+        }
+        needs.extend(p.pre_needs(&pre, runs));
+        let sends: Vec<Send> = if accumulate {
+            vec![]
+        } else {
+            shares
+                .iter()
+                .enumerate()
+                .filter_map(|(o, &v)| {
+                    gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                })
+                .collect()
+        };
+        let op = if per_elem == 0 { mov(eb) } else { arith(eb) };
+        let ew = pe.push(task(
+            "ew",
+            needs,
+            op,
+            (n * per_elem.max(1)).max(1),
+            main.map(|m| p.mc(m)),
+            sends,
+            rep,
+            n * per_elem,
+        ));
+        let mut last = ew;
+        if accumulate {
+            let sends: Vec<Send> = shares
+                .iter()
+                .enumerate()
+                .filter_map(|(o, &v)| {
+                    gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                })
+                .collect();
+            let emit = pe.push(task(
+                "emit",
+                vec![done(ew, runs)],
+                mov(eb),
+                shares.iter().sum::<u64>(),
+                None,
+                sends,
+                p.iters,
+                0,
+            ));
+            pe.tasks[ew].needs.push(after(emit, 0, 1, runs as u64));
+            last = emit;
+        }
+        p.gate_pre(&mut pe, &pre, ew, runs);
+        let _ = last;
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.ew", st.name), pe))
+    });
+    for (o, fl) in outs.iter().enumerate() {
+        let fl = *fl;
+        let vals = move |r: u32, cc: u32| fl.at(r as u64, cc as u64);
+        let rws: Vec<u32> = (0..rc as u32).filter(|&r| (0..c).any(|cc| fl.at(r as u64, cc) > 0)).collect();
+        p.gather(o, out_runs, &rws, &vals);
+    }
+}
+
+fn prog_lookup(p: &mut Prog) {
+    let st = p.st;
+    let Work::Lookup { ids, rows, width, out } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let runs = p.t.runs;
+    let rr = rows / runs as u64;
+    let eb = p.eb();
+    let wc = split(width, c);
+    let fan = FanIn::new(rc);
+    let rep = p.repeat(runs);
+    let (t1, t2) = (p.ac(0), p.ac(1));
+    let (g1, _) = p.gc(out);
+    let wi = p.slot_w(ids, runs);
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = fan.role(r);
+            vec![role, gs]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64]).collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "look", |p, rk, ck| {
+        let (role, gs) = (rk[0], rk[1]);
+        let w_c = wc.q + ck[0];
+        if w_c == 0 {
+            return Some((format!("{}.idle", st.name), p.drain(0, runs)));
+        }
+        let w_p = wl(rr * w_c, eb);
+        let mut pe = Pe::default();
+        let pre = p.inputs_pre(&mut pe, Some(ids), runs, 0, 0);
+        let mut needs = vec![recv(p.mc(ids), wi)];
+        needs.extend(p.pre_needs(&pre, runs));
+        let sends = match role {
+            0 => vec![send(t1, w_p, false)],
+            1 if gs == 1 => vec![send(t2, w_p, false)],
+            2 if gs == 1 && fan.ngroups() == 1 => vec![send(g1, w_p, false)],
+            _ => vec![],
+        };
+        let look = pe.push(task("look", needs, mov(eb), rr * w_c, Some(p.mc(ids)), sends, rep, 0));
+        let mut last = look;
+        if role >= 1 && gs > 1 {
+            let sends = match role {
+                1 => vec![send(t2, w_p, false)],
+                _ if fan.ngroups() == 1 => vec![send(g1, w_p, false)],
+                _ => vec![],
+            };
+            last = pe.push(task(
+                "sel1",
+                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                mov(eb),
+                (gs - 1) * rr * w_c,
+                Some(t1),
+                sends,
+                rep,
+                0,
+            ));
+        }
+        if role == 2 && fan.ngroups() > 1 {
+            last = pe.push(task(
+                "sel2",
+                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
+                mov(eb),
+                (fan.ngroups() - 1) * rr * w_c,
+                Some(t2),
+                vec![send(g1, w_p, false)],
+                rep,
+                0,
+            ));
+        }
+        if last != look {
+            pe.tasks[look].needs.push(after(last, 0, 1, 1));
+        }
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.look{role}", st.name), pe))
+    });
+    let active_cols = if wc.q > 0 { c as u32 } else { wc.r as u32 };
+    for r in 0..rc {
+        let (role, _) = fan.role(r);
+        let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
+        if role == 0 {
+            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
+        } else if role == 1 {
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        }
+    }
+    let vals = move |_r: u32, cc: u32| rr * wc.at(cc as u64);
+    let rows_b = out_rows(p, false);
+    p.gather(out, runs, &rows_b, &vals);
+}
+
+fn prog_single_gemv(p: &mut Prog) {
+    let st = p.st;
+    let Work::SingleGemv { k, n } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let eb = p.eb();
+    let kr = split(k, rc);
+    let nc = split(n, c);
+    let fan = FanIn::new(rc);
+    let (t1, t2) = (p.ac(0), p.ac(1));
+    // The row multicast of x: one color after the tree's two.
+    let xa = ColorId(p.algo_base() + 2);
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = fan.role(r);
+            vec![role, gs, (r < kr.r) as u64]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64]).collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "gemv", |p, rk, ck| {
+        let (role, gs) = (rk[0], rk[1]);
+        let k_r = kr.q + rk[2];
+        let n_c = nc.q + ck[0];
+        let west = ck[1] == 1;
+        if k_r == 0 || (n_c == 0 && !west) {
+            return None;
+        }
+        let w_p = wl(n_c, eb);
+        let w_x = wl(k_r, eb);
+        let mut pe = Pe::default();
+        let mut sends = match role {
+            0 => vec![send(t1, w_p, false)],
+            1 if gs == 1 => vec![send(t2, w_p, false)],
+            _ => vec![],
+        };
+        if n_c == 0 {
+            sends.clear();
+        }
+        let mut needs = vec![];
+        if west {
+            if c > 1 {
+                sends.push(send(xa, w_x, true));
+            }
+        } else {
+            needs.push(recv(xa, w_x));
+        }
+        let mm = pe.push(task(
+            "mm",
+            needs,
+            fmac(eb),
+            k_r * n_c,
+            if west { None } else { Some(xa) },
+            sends,
+            1,
+            2 * k_r * n_c,
+        ));
+        let mut last = mm;
+        if n_c > 0 && role >= 1 && gs > 1 {
+            let sends = if role == 1 { vec![send(t2, w_p, false)] } else { vec![] };
+            last = pe.push(task(
+                "red1",
+                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (gs - 1) * n_c,
+                Some(t1),
+                sends,
+                1,
+                0,
+            ));
+        }
+        if n_c > 0 && role == 2 && fan.ngroups() > 1 {
+            pe.push(task(
+                "red2",
+                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (fan.ngroups() - 1) * n_c,
+                Some(t2),
+                vec![],
+                1,
+                0,
+            ));
+        }
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.gemv{role}", st.name), pe))
+    });
+    let active_cols = if nc.q > 0 { c as u32 } else { nc.r as u32 };
+    for r in 0..rc {
+        let (role, _) = fan.role(r);
+        let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
+        if role == 0 {
+            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
+        } else if role == 1 {
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        }
+    }
+    if c > 1 {
+        let rect = p.rect_abs(f.row0(), 0, rc as u32, 1);
+        p.route(xa, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
+    }
+}
+
+/// Interleaved ring over `q` positions: evens ascending, then odds descending; each position sends
+/// to its successor, at most two hops away.
+fn ring_succ(q: u64, pos: u64) -> u64 {
+    let mut order: Vec<u64> = (0..q).filter(|x| x % 2 == 0).collect();
+    order.extend((0..q).filter(|x| x % 2 == 1).rev());
+    let i = order.iter().position(|&x| x == pos).unwrap_or(0);
+    order[(i + 1) % order.len()]
+}
+
+/// Colors for the ring flows on a line of `q` routers, so that every router keeps one rule per color:
+/// flows (from, to) colored greedily in position order. Returns the color index of each position's flow.
+fn ring_colors(q: u64) -> Vec<u32> {
+    // rule[color][router] = (rx, tx) as bit sets: 1 = toward lower, 2 = toward higher, 4 = ramp.
+    let mut rules: Vec<Vec<(u8, u8)>> = Vec::new();
+    let mut out = vec![0u32; q as usize];
+    for from in 0..q {
+        let to = ring_succ(q, from);
+        if to == from {
+            continue;
+        }
+        let step: i64 = if to > from { 1 } else { -1 };
+        let (fwd, back) = if step > 0 { (2u8, 1u8) } else { (1u8, 2u8) };
+        let mut path = Vec::new();
+        let mut x = from as i64;
+        path.push((x as usize, 4u8, fwd));
+        loop {
+            x += step;
+            if x as u64 == to {
+                path.push((x as usize, back, 4u8));
+                break;
+            }
+            path.push((x as usize, back, fwd));
+        }
+        let mut color = 0usize;
+        loop {
+            if color == rules.len() {
+                rules.push(vec![(0, 0); q as usize]);
+            }
+            let ok = path.iter().all(|&(r, _, tx)| {
+                let (_, t) = rules[color][r];
+                t == 0 || t == tx
+            });
+            if ok {
+                for &(r, rx, tx) in &path {
+                    rules[color][r].0 |= rx;
+                    rules[color][r].1 = tx;
+                }
+                out[from as usize] = color as u32;
+                break;
+            }
+            color += 1;
+        }
+    }
+    out
+}
+
+fn prog_cannon(p: &mut Prog) {
+    let st = p.st;
+    let Work::SingleGemm { m, n, k } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let q = (f.rc() as u64).min(f.w as u64);
+    let eb = p.eb();
+    let mi = split(m, q);
+    let nj = split(n, q);
+    let kb = k.div_ceil(q);
+    let kq = k / q;
+    let ring = ring_colors(q);
+    let nring = ring.iter().copied().max().unwrap_or(0) + 1;
+    // Row ring (A, along x) colors: base..base+nring; column ring (B, along y): the next nring.
+    let base = p.algo_base();
+    let ca = |pos: u64| ColorId(base + ring[pos as usize]);
+    let cb = |pos: u64| ColorId(base + nring + ring[pos as usize]);
+    let pred = |pos: u64| (0..q).find(|&x| ring_succ(q, x) == pos).unwrap_or(pos);
+    let row_kinds: Vec<Vec<u64>> =
+        (0..q).map(|i| vec![(i < mi.r) as u64, ring[i as usize] as u64, ring[pred(i) as usize] as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..q).map(|j| vec![(j < nj.r) as u64, ring[j as usize] as u64, ring[pred(j) as usize] as u64]).collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "cannon", |p, rk, ck| {
+        let m_i = mi.q + rk[0];
+        let n_j = nj.q + ck[0];
+        let wa = wl(m_i * kb, eb);
+        let wb = wl(kb * n_j, eb);
+        // Row i's A ring runs along the row (color by column position), B's along the column (by row).
+        let a_out = ColorId(base + ck[1] as u32);
+        let a_in = ColorId(base + ck[2] as u32);
+        let b_out = ColorId(base + nring + rk[1] as u32);
+        let b_in = ColorId(base + nring + rk[2] as u32);
+        let mut pe = Pe::default();
+        if q == 1 {
+            pe.push(task("own", vec![], fmac(eb), m_i * k * n_j, None, vec![], 1, 2 * m_i * k * n_j));
+            return Some((format!("{}.cannon", st.name), pe));
+        }
+        let own_k = k - (q - 1) * kq;
+        let own = pe.push(task(
+            "own",
+            vec![],
+            fmac(eb),
+            m_i * own_k * n_j,
+            None,
+            vec![send(a_out, wa, true), send(b_out, wb, true)],
+            1,
+            2 * m_i * own_k * n_j,
+        ));
+        let store = pe.push(task("store_a", vec![recv(a_in, wa)], mov(eb), m_i * kb, None, vec![], (q - 1) as u32, 0));
+        let window = (q > 2).then_some(RunRange { first: 1, last: (q - 2) as u32 });
+        let fwd = |c: ColorId, w: u64| Send { color: c, wavelets: w, streamed: true, runs: window };
+        let mut sends = vec![];
+        if window.is_some() {
+            sends = vec![fwd(a_out, wa), fwd(b_out, wb)];
+        }
+        let step = pe.push(task(
+            "step",
+            vec![recv(b_in, wb), done(store, 1), done(own, 0)],
+            fmac(eb),
+            m_i * kq * n_j,
+            Some(b_in),
+            sends,
+            (q - 1) as u32,
+            2 * m_i * kq * n_j,
+        ));
+        pe.tasks[store].needs.push(after(step, 0, 1, 1));
+        pe.tasks[step].needs.retain(|nd| !matches!(nd, Need::Done { times: 0, .. }));
+        pe.sram = p.t.sram_max;
+        let _ = (ca, cb);
+        Some((format!("{}.cannon", st.name), pe))
+    });
+    if q > 1 {
+        for pos in 0..q {
+            let to = ring_succ(q, pos);
+            let hops = (to as i64 - pos as i64).unsigned_abs() as u32;
+            // A along the row: senders are column `pos`; B along the column: senders are row `pos`.
+            let (dx_dir, dy_dir) = if to > pos { (Dir::East, Dir::South) } else { (Dir::West, Dir::North) };
+            let col = p.rect_abs(f.row0(), pos as u32, q as u32, 1);
+            p.route(ca(pos), col, Pattern::Line { dir: dx_dir, hops, multicast: false });
+            let row = p.rect_abs(f.row0() + pos as u32, 0, 1, q as u32);
+            p.route(cb(pos), row, Pattern::Line { dir: dy_dir, hops, multicast: false });
+        }
+    }
+}
+
+fn prog_local(p: &mut Prog) {
+    let st = p.st;
+    let Work::SingleAdd { n } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let e = Flat::new(n, rc, c);
+    let eb = p.eb();
+    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![e.row_kind(r)]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![e.col_kind(cc)]).collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "local", |p, rk, ck| {
+        let v = match rk[0] {
+            2 => e.s.q + 1,
+            0 => e.s.q,
+            _ => e.s.q + ck[0],
+        };
+        if v == 0 {
+            return None;
+        }
+        let mut pe = Pe::default();
+        pe.push(task("add", vec![], arith(eb), v, None, vec![], 1, v));
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.add", st.name), pe))
+    });
+}
+
+fn prog_allreduce(p: &mut Prog) {
+    let st = p.st;
+    let Work::AllReduce { elems } = st.work.clone() else {
+        return;
+    };
+    let f = p.f();
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    let eb = p.eb();
+    let w = wl(elems, eb);
+    let colf = FanIn::new(rc);
+    let rowf = FanIn::new(c);
+    let (t1, t2, r1, r2, bc) = (p.ac(0), p.ac(1), p.ac(2), p.ac(3), p.ac(4));
+    let pos = |cc: u64| c - 1 - cc;
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = colf.role(r);
+            vec![role, gs]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| {
+            let (role, gs) = rowf.role(pos(cc));
+            vec![role, gs]
+        })
+        .collect();
+    p.grid(f.row0(), &row_kinds, &col_kinds, "ar", |p, rk, ck| {
+        let (crole, cgs) = (rk[0], rk[1]);
+        let (rrole, rgs) = (ck[0], ck[1]);
+        let mut pe = Pe::default();
+        // Column phase.
+        let first_send = match crole {
+            0 => vec![send(t1, w, false)],
+            1 if cgs == 1 => vec![send(t2, w, false)],
+            _ => vec![],
+        };
+        let mut last = pe.push(task("load", vec![], mov(eb), elems, None, first_send, 1, 0));
+        if crole >= 1 && cgs > 1 {
+            let sends = if crole == 1 { vec![send(t2, w, false)] } else { vec![] };
+            last = pe.push(task(
+                "cred1",
+                vec![recv(t1, (cgs - 1) * w), done(last, 1)],
+                arith(eb),
+                (cgs - 1) * elems,
+                Some(t1),
+                sends,
+                1,
+                0,
+            ));
+        }
+        if crole == 2 && colf.ngroups() > 1 {
+            last = pe.push(task(
+                "cred2",
+                vec![recv(t2, (colf.ngroups() - 1) * w), done(last, 1)],
+                arith(eb),
+                (colf.ngroups() - 1) * elems,
+                Some(t2),
+                vec![],
+                1,
+                0,
+            ));
+        }
+        if crole == 2 {
+            // The bottom row: row phase toward column 0.
+            let sends = match rrole {
+                0 => vec![send(r1, w, false)],
+                1 if rgs == 1 => vec![send(r2, w, false)],
+                _ => vec![],
+            };
+            pe.tasks[last].sends.extend(sends);
+            if rrole >= 1 && rgs > 1 {
+                let sends = if rrole == 1 { vec![send(r2, w, false)] } else { vec![] };
+                last = pe.push(task(
+                    "rred1",
+                    vec![recv(r1, (rgs - 1) * w), done(last, 1)],
+                    arith(eb),
+                    (rgs - 1) * elems,
+                    Some(r1),
+                    sends,
+                    1,
+                    0,
+                ));
+            }
+            if rrole == 2 && rowf.ngroups() > 1 {
+                last = pe.push(task(
+                    "rred2",
+                    vec![recv(r2, (rowf.ngroups() - 1) * w), done(last, 1)],
+                    arith(eb),
+                    (rowf.ngroups() - 1) * elems,
+                    Some(r2),
+                    vec![],
+                    1,
+                    0,
+                ));
+            }
+            if rrole == 2 {
+                pe.tasks[last].sends.push(send(bc, w, false));
+            }
+        }
+        pe.push(task("sum", vec![recv(bc, w)], mov(eb), elems, Some(bc), vec![], 1, 0));
+        pe.sram = p.t.sram_max;
+        Some((format!("{}.ar", st.name), pe))
+    });
+    for r in 0..rc {
+        let (role, _) = colf.role(r);
+        let rect = p.rect_abs(f.row0() + r as u32, 0, 1, c as u32);
+        if role == 0 {
+            p.route(
+                t1,
+                rect,
+                Pattern::Line { dir: Dir::South, hops: (colf.leader_of(r) - r) as u32, multicast: false },
+            );
+        } else if role == 1 {
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        }
+    }
+    let yb = f.row0() + rc as u32 - 1;
+    for cc in 0..c {
+        let (role, _) = rowf.role(pos(cc));
+        let lead = c - 1 - rowf.leader_of(pos(cc));
+        let rect = p.rect_abs(yb, cc as u32, 1, 1);
+        if role == 0 {
+            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
+        } else if role == 1 {
+            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
+        }
+    }
+    let root = p.rect_abs(yb, 0, 1, 1);
+    p.route(bc, root, Pattern::Rect { dx: 0, dy: -(yb as i32 - f.row0() as i32), w: c as u32, h: rc as u32 });
+}
+
+/// Internal colors a tiling uses (for the router budget).
+pub(crate) fn internal_colors(st: &Stage, t: &Tiling, gathered: usize) -> u32 {
+    let algo = match (st.work.clone(), t.algo) {
+        (Work::SingleGemv { .. }, _) => 3,
+        (_, Algo::Cannon) => {
+            let q = (t.frame.rc() as u64).min(t.frame.w as u64);
+            2 * (ring_colors(q).iter().copied().max().unwrap_or(0) + 1)
+        }
+        (_, a) => algo_colors(a, st),
+    };
+    st.inputs.len() as u32 + algo + 2 * gathered as u32
+}
+
+/// Runs per iteration of output o (1 for outputs emitted once per iteration).
+pub(crate) fn out_runs(st: &Stage, t: &Tiling, o: usize) -> u32 {
+    if per_run_output(st, o) {
+        t.runs
+    } else {
+        1
+    }
+}
+
+/// True when output o leaves once per compute run (else once per iteration).
+pub(crate) fn per_run_output(st: &Stage, o: usize) -> bool {
+    match st.work {
+        Work::Accum { .. } => false,
+        Work::RowReduce { colsum, scalar, .. } => Some(o) != colsum && Some(o) != scalar,
+        Work::Elementwise { accumulate, .. } => !accumulate,
+        _ => true,
+    }
+}
+
+/// Values per iteration of the banded weight slot in columns [c0, c1).
+pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, c0: u32, c1: u32) -> u64 {
+    let f = t.frame;
+    let (rc, c) = (f.rc() as u64, f.w as u64);
+    match (&st.work, t.algo) {
+        (Work::Matmul { k, cols, .. }, Algo::GemvTree) => {
+            let nc = split(*cols, c);
+            k * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
+        }
+        (Work::Matmul { k, cols, .. }, Algo::GemvBroadcast) => {
+            let s3 = Flat::new(*cols, rc, c);
+            k * (0..rc).map(|r| (c0..c1).map(|x| s3.at(r, x as u64)).sum::<u64>()).sum::<u64>()
+        }
+        _ => match st.work {
+            Work::Matmul { b: Operand::Slot(s), .. } => st.inputs[s].values,
+            _ => 0,
+        },
+    }
+}
+
+/// Values per output run of output o produced in columns [c0, c1).
+pub(crate) fn out_band_values(st: &Stage, t: &Tiling, o: usize, c0: u32, c1: u32) -> u64 {
+    let f = t.frame;
+    match st.work {
+        Work::Accum { k, cols, out, .. } if o == out => {
+            let nc = split(cols, f.w as u64);
+            k * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
+        }
+        _ => st.outputs[o].values / out_runs(st, t, o) as u64,
+    }
+}
+
+/// The slot that takes weights in bands (the stationary matrix), if any.
+pub(crate) fn banded_slot(st: &Stage) -> Option<usize> {
+    match st.work {
+        Work::Matmul { b: Operand::Slot(s), .. } if st.inputs[s].kind == SlotKind::Weights => Some(s),
+        _ => None,
+    }
+}
+
+/// Whether output o may leave in column bands (through several ports).
+pub(crate) fn bandable_output(st: &Stage, o: usize) -> bool {
+    matches!(st.work, Work::Accum { out, .. } if out == o)
+}

@@ -1,0 +1,1012 @@
+//! Lowering: the stages of each wafer placed, their IO assigned to channels, their streams routed on
+//! colors, and every region's program assembled into the flat `mesh::MeshProgram`.
+
+use std::collections::BTreeMap;
+
+use crate::graph::{Graph, Role};
+use crate::hw::WaferHw;
+use crate::mesh::{
+    self, ColorId, Coord, MeshProgram, Need, Pattern, Peer, Port, PortId, Rect, Region, RegionId, Route, RunRange,
+    Senders, Task, TaskIdx, Template, TemplateId, Tile, Timing, PROGRAM_VERSION,
+};
+use crate::report::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
+
+use super::io::{self, Channel};
+use super::kernel::{self, wl, Dest, Feed, Iface, KCtx, OutIface, StageIo};
+use super::place::{self, Placement};
+use super::route::{self, ColorBook, Hop};
+use super::stage::{self, End, Loop, PeerKind, SlotKind, Stage, Stream, Work};
+use super::{CompileError, CompileOptions, Compiled, Mode};
+
+/// The data SRAM and limits the kernels work with.
+pub(crate) fn kctx(hw: &WaferHw) -> KCtx {
+    KCtx { pe: hw.pe, colors: hw.fabric.colors, avail: hw.pe.sram_bytes - hw.pe.code_reserve_bytes }
+}
+
+/// Compiles in the requested mode, or pipelined with weight streaming as the fallback.
+pub(crate) fn compile_all(
+    g: &Graph,
+    hw: &WaferHw,
+    opts: &CompileOptions,
+    single: bool,
+) -> Result<Compiled, CompileError> {
+    let weights: u64 = g.tensors.iter().filter(|t| t.role == Role::Weight).map(|t| t.bytes).sum();
+    let sram = hw.mesh.pes() * (hw.pe.sram_bytes - hw.pe.code_reserve_bytes) * opts.wafers as u64;
+    match (opts.mode, single) {
+        (Some(Mode::WeightStreaming), true) => Err(CompileError::Unsupported(
+            "--mode weight-streaming: a single-op workload runs resident, its operands pre-placed in SRAM".into(),
+        )),
+        (_, true) => attempt(
+            g,
+            hw,
+            opts,
+            Mode::Pipelined,
+            true,
+            "single op: operands pre-placed in SRAM, as published per-op benchmarks measure them".into(),
+        ),
+        (Some(m), false) => attempt(g, hw, opts, m, false, "chosen with --mode".into()),
+        (None, false) => {
+            let why = format!(
+                "every layer fits in SRAM at once (weights {} of {} data SRAM)",
+                crate::report::fmt::human(weights as f64, "B"),
+                crate::report::fmt::human(sram as f64, "B")
+            );
+            match attempt(g, hw, opts, Mode::Pipelined, false, why) {
+                Ok(c) => Ok(c),
+                Err(e) if e.is_user_error() && opts.wafers == 1 && !matches!(e, CompileError::Unsupported(_)) => {
+                    let short = e.to_string();
+                    let short = short.split(';').next().unwrap_or(&short).to_string();
+                    attempt(
+                        g,
+                        hw,
+                        opts,
+                        Mode::WeightStreaming,
+                        false,
+                        format!("the model does not fit pipelined ({short})"),
+                    )
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+fn attempt(
+    g: &Graph,
+    hw: &WaferHw,
+    opts: &CompileOptions,
+    mode: Mode,
+    single: bool,
+    reason: String,
+) -> Result<Compiled, CompileError> {
+    let st = stage::build(g, mode, single)?;
+    let k = kctx(hw);
+    let wafers = opts.wafers.max(1);
+    // Stages per wafer: layers split evenly, ops before the first layer on wafer 0, after the last on K-1.
+    let layers = g.op_ids().filter_map(|o| g.op(o).layer).max().map_or(0, |l| l + 1);
+    if wafers > 1 && layers < wafers {
+        return Err(CompileError::Unsupported(format!(
+            "--wafers {wafers}: the model has only {layers} layers to split"
+        )));
+    }
+    let mut seen_layer = false;
+    let wafer_of: Vec<u32> = st
+        .stages
+        .iter()
+        .map(|s| match s.layer {
+            Some(l) => {
+                seen_layer = true;
+                l * wafers / layers.max(1)
+            }
+            None if seen_layer => wafers - 1,
+            None => 0,
+        })
+        .collect();
+    let mut outs = Vec::new();
+    for w in 0..wafers {
+        let local: Vec<usize> = (0..st.stages.len()).filter(|&i| wafer_of[i] == w).collect();
+        let map: BTreeMap<usize, usize> = local.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let stages: Vec<Stage> = local.iter().map(|&i| st.stages[i].clone()).collect();
+        let mut streams = Vec::new();
+        for (gi, s) in st.streams.iter().enumerate() {
+            let remap = |e: End| -> End {
+                match e {
+                    End::Stage { stage, slot } => match map.get(&stage) {
+                        Some(&l) => End::Stage { stage: l, slot },
+                        None => End::Port(PeerKind::Wafer(wafer_of[stage])),
+                    },
+                    End::Port(p) => End::Port(p),
+                }
+            };
+            let (from, to) = (remap(s.from), remap(s.to));
+            let from_here = !matches!(from, End::Port(PeerKind::Wafer(_)));
+            let to_here = !matches!(to, End::Port(PeerKind::Wafer(_)));
+            if !from_here && !to_here {
+                continue;
+            }
+            if matches!((from, to), (End::Port(_), End::Port(_))) {
+                continue;
+            }
+            let mut s2 = s.clone();
+            s2.from = from;
+            s2.to = to;
+            streams.push((gi, s2));
+        }
+        outs.push(compile_wafer(g, hw, &k, mode, w, stages, streams)?);
+    }
+    // Link the ports of streams that cross wafers.
+    let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
+    for (w, o) in outs.iter().enumerate() {
+        for &(gi, pid, outgoing) in &o.cross {
+            cross.entry(gi).or_default().push((w as u32, pid, outgoing));
+        }
+    }
+    for ends in cross.values() {
+        if let (Some(&(wa, pa, _)), Some(&(wb, pb, _))) = (ends.iter().find(|e| e.2), ends.iter().find(|e| !e.2)) {
+            outs[wa as usize].program.ports[pa.0 as usize].peer_port = Some(pb);
+            outs[wa as usize].program.ports[pa.0 as usize].peer = Peer::Wafer(wb);
+            outs[wb as usize].program.ports[pb.0 as usize].peer_port = Some(pa);
+            outs[wb as usize].program.ports[pb.0 as usize].peer = Peer::Wafer(wa);
+        }
+    }
+    let mut notes = st.notes.clone();
+    for o in &outs {
+        notes.extend(o.notes.iter().cloned());
+    }
+    notes.dedup();
+    let w = &g.workload;
+    let workload = match w.phase {
+        crate::model::Phase::Decode => {
+            format!("decode: batch {} x 1 new token, KV cache {} tokens, {}", w.batch, w.context, w.dtype)
+        }
+        _ if single => format!("one op, {}", w.dtype),
+        p => format!("{}: batch {} x seq {} = {} tokens, {}", p.name(), w.batch, w.seq, w.tokens(), w.dtype),
+    };
+    let mut program = ProgramStats::default();
+    for o in &outs {
+        let p = &o.program;
+        program.templates += p.templates.len() as u64;
+        program.tiles += p.tiles.len() as u64;
+        program.routes += p.routes.len() as u64;
+        program.ports += p.ports.len() as u64;
+        program.tasks += p.templates.iter().map(|t| t.tasks.len() as u64).sum::<u64>();
+    }
+    let plan = PlanSummary {
+        model: g.model.clone(),
+        workload,
+        hardware: hw.name.clone(),
+        mesh_width: hw.mesh.width,
+        mesh_height: hw.mesh.height,
+        mode: mode.name().into(),
+        mode_reason: reason,
+        wafers,
+        layers_folded: st.layers,
+        bands: outs.iter().map(|o| o.bands).max().unwrap_or(1),
+        wafer_flops: outs.iter().map(|o| o.program.graph_flops).sum(),
+        offload_flops: st.offload_flops,
+        regions: outs.iter().flat_map(|o| o.regions.clone()).collect(),
+        streams: outs.iter().flat_map(|o| o.streams.clone()).collect(),
+        ports: outs.iter().flat_map(|o| o.ports.clone()).collect(),
+        notes,
+        program,
+    };
+    Ok(Compiled { plan, programs: outs.into_iter().map(|o| o.program).collect() })
+}
+
+struct WaferOut {
+    program: MeshProgram,
+    regions: Vec<PlanRegion>,
+    streams: Vec<PlanStream>,
+    ports: Vec<PlanPort>,
+    notes: Vec<String>,
+    bands: u32,
+    /// (global stream, port, outgoing) for streams that cross wafers.
+    cross: Vec<(usize, PortId, bool)>,
+}
+
+/// The facts tiling needs about every stage's streams.
+fn stage_ios(stages: &[Stage], streams: &[(usize, Stream)]) -> Vec<StageIo> {
+    stages
+        .iter()
+        .enumerate()
+        .map(|(sid, st)| {
+            let mut io = StageIo {
+                gathered: vec![false; st.outputs.len()],
+                stored_copies: vec![1; st.inputs.len()],
+                ..Default::default()
+            };
+            for s in &st.inputs {
+                if matches!(s.kind, SlotKind::Live | SlotKind::Stored { .. }) {
+                    io.per_iter_values.push((s.values, s.elem_bytes));
+                }
+            }
+            for (o, out) in st.outputs.iter().enumerate() {
+                if kernel::per_run_output(st, o) {
+                    io.per_iter_values.push((out.values, out.elem_bytes));
+                }
+            }
+            for (_, s) in streams {
+                if let End::Stage { stage, slot } = s.from {
+                    if stage == sid {
+                        io.gathered[slot] = true;
+                        if kernel::per_run_output(st, slot) {
+                            io.per_iter_values.push((s.values, s.elem_bytes));
+                        }
+                    }
+                }
+                if let End::Stage { stage, slot } = s.to {
+                    if stage == sid {
+                        match st.inputs[slot].kind {
+                            SlotKind::Stored { all: true } => {
+                                let c = &mut io.stored_copies[slot];
+                                *c = if *c == 1 { s.send_count as u64 } else { *c + s.send_count as u64 };
+                            }
+                            SlotKind::Live | SlotKind::Stored { .. } => {
+                                io.per_iter_values.push((s.values, s.elem_bytes))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            io
+        })
+        .collect()
+}
+
+/// Moves data saved for a later loop off the wafer: the sender streams it to MemoryX, which sends it
+/// back when the consumer's iteration needs it.
+fn offload_stash(stages: &mut [Stage], streams: &mut Vec<(usize, Stream)>) -> u64 {
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for (gi, s) in streams.drain(..) {
+        let stash = match s.to {
+            End::Stage { stage, slot } => matches!(stages[stage].inputs[slot].kind, SlotKind::Stored { all: true }),
+            _ => false,
+        };
+        if !stash || !matches!(s.from, End::Stage { .. }) {
+            out.push((gi, s));
+            continue;
+        }
+        bytes += s.bytes_per_step();
+        let mut to_mx = s.clone();
+        to_mx.to = End::Port(PeerKind::MemoryX);
+        to_mx.name = format!("{} (saved)", s.name);
+        let mut back = s.clone();
+        back.from = End::Port(PeerKind::MemoryX);
+        back.name = format!("{} (restored)", s.name);
+        back.send_first = 0;
+        out.push((usize::MAX - gi, to_mx));
+        out.push((gi, back));
+    }
+    for st in stages.iter_mut() {
+        for sl in st.inputs.iter_mut() {
+            if sl.kind == (SlotKind::Stored { all: true }) {
+                sl.kind = SlotKind::Live;
+            }
+        }
+    }
+    *streams = out;
+    bytes
+}
+
+/// A flow to route: who sends, the pattern, and what it is for.
+struct Flow {
+    name: String,
+    sender: Senders,
+    start: Coord,
+    rx0: u8,
+    pattern: Pattern,
+}
+
+#[derive(Default)]
+struct PortWork {
+    tasks: Vec<Task>,
+    streams: Vec<String>,
+    bytes: u64,
+    peer: Option<Peer>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_wafer(
+    g: &Graph,
+    hw: &WaferHw,
+    k: &KCtx,
+    mode: Mode,
+    wafer: u32,
+    mut stages: Vec<Stage>,
+    mut streams: Vec<(usize, Stream)>,
+) -> Result<WaferOut, CompileError> {
+    let mesh = hw.mesh;
+    let mut notes = Vec::new();
+    let mut ios = stage_ios(&stages, &streams);
+    let placement: Placement = match place::place(&stages, &ios, mesh, k) {
+        Ok(p) => p,
+        Err(e)
+            if mode == Mode::WeightStreaming
+                && e.is_user_error()
+                && stages.iter().any(|s| s.inputs.iter().any(|i| i.kind == (SlotKind::Stored { all: true }))) =>
+        {
+            let bytes = offload_stash(&mut stages, &mut streams);
+            notes.push(format!(
+                "activations saved for the backward pass ({}) do not fit on the wafer: they leave to MemoryX through \
+                 the IO ports and come back, last layer first, when the backward pass needs them",
+                crate::report::fmt::human(bytes as f64, "B")
+            ));
+            ios = stage_ios(&stages, &streams);
+            place::place(&stages, &ios, mesh, k)?
+        }
+        Err(e) => return Err(e),
+    };
+    let rects = placement.rects.clone();
+    let tilings = placement.tilings.clone();
+
+    // IO channels and their assignment.
+    let needs_io = streams.iter().any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
+    let chans: Vec<Channel> = if needs_io { io::channels(hw)? } else { Vec::new() };
+    let mut load = vec![0u64; chans.len()];
+    // Channels used by each wafer peer (a channel serves one peer).
+    let mut peer_of: Vec<Option<Peer>> = vec![None; chans.len()];
+    // Proportional band counts for the big off-wafer streams (weights in, gradients out).
+    let big: u64 = streams.iter().filter(|(_, s)| is_big(&stages, s)).map(|(_, s)| s.bytes_per_step()).sum();
+    let gateway = |sid: usize, slot: usize| -> Coord { Coord { x: rects[sid].x + slot as u32, y: rects[sid].y } };
+    let mut ifaces: Vec<Iface> = stages
+        .iter()
+        .enumerate()
+        .map(|(sid, st)| Iface {
+            feeds: vec![Vec::new(); st.inputs.len()],
+            wbands: Vec::new(),
+            wslot: None,
+            outs: st
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(o, _)| OutIface {
+                    gathered: ios[sid].gathered[o],
+                    bands: vec![(0, rects[sid].w)],
+                    dests: Vec::new(),
+                })
+                .collect(),
+        })
+        .collect();
+    let mut flows: Vec<(Flow, FlowUse)> = Vec::new();
+    let mut port_work: BTreeMap<usize, PortWork> = BTreeMap::new();
+    let mut cross = Vec::new();
+    let mut plan_streams = Vec::new();
+    let mut io_bytes = vec![0u64; stages.len()];
+    // Data saved to MemoryX comes back through the channel it left by.
+    let mut restore_ch: BTreeMap<usize, usize> = BTreeMap::new();
+    // Fan-out becomes a daisy chain: the same data to several stages goes to the first, whose input
+    // gateway forwards it to the next, and so on (short hops instead of parallel long flows).
+    let mut chain_prev: Vec<Option<usize>> = vec![None; streams.len()];
+    {
+        let mut groups: BTreeMap<(End, u32, u32, u64, String), Vec<usize>> = BTreeMap::new();
+        for (i, (_, s)) in streams.iter().enumerate() {
+            if let (End::Stage { .. }, End::Stage { .. }) = (s.from, s.to) {
+                groups.entry((s.from, s.send_first, s.send_count, s.values, s.name.clone())).or_default().push(i);
+            }
+        }
+        for v in groups.values_mut() {
+            v.sort_by_key(|&i| match streams[i].1.to {
+                End::Stage { stage, slot } => (stage, slot),
+                _ => (usize::MAX, 0),
+            });
+            for w in v.windows(2) {
+                chain_prev[w[1]] = Some(w[0]);
+            }
+        }
+    }
+    let mut feed_pos: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
+    let mut forwards: Vec<(usize, usize)> = Vec::new();
+    for (si, (gi, s)) in streams.iter().enumerate() {
+        let runs_s = match s.from {
+            End::Stage { stage, slot } => kernel::out_runs(&stages[stage], &tilings[stage], slot),
+            End::Port(_) => match s.to {
+                End::Stage { stage, slot } => match stages[stage].inputs[slot].kind {
+                    SlotKind::Live | SlotKind::Stored { .. } => {
+                        let r = tilings[stage].runs;
+                        let per = r as u64 * if s.elem_bytes < 4 { 4 / s.elem_bytes } else { 1 };
+                        if s.values % per == 0 {
+                            r
+                        } else {
+                            1
+                        }
+                    }
+                    _ => 1,
+                },
+                End::Port(_) => 1,
+            },
+        };
+        let w_s = wl(s.values / runs_s as u64, s.elem_bytes);
+        let repeat = s.send_count * runs_s;
+        let window = match s.from {
+            End::Stage { stage, .. } if s.send_count < stages[stage].iters => {
+                Some(RunRange { first: s.send_first * runs_s + 1, last: (s.send_first + s.send_count) * runs_s })
+            }
+            _ => None,
+        };
+        let bytes = s.bytes_per_step();
+        let n_big = |max: u32| -> u32 {
+            if chans.is_empty() || big == 0 {
+                return 1;
+            }
+            let share = (chans.len() as u128 * bytes as u128).div_ceil(big as u128) as u32;
+            share.clamp(1, max.max(1))
+        };
+        match (s.from, s.to) {
+            (End::Stage { stage: a, slot: o }, End::Stage { stage: b, slot }) => {
+                let to = gateway(b, slot);
+                if let Some(prev) = chain_prev[si] {
+                    let End::Stage { stage: pb, slot: ps } = streams[prev].1.to else {
+                        continue;
+                    };
+                    let from = gateway(pb, ps);
+                    let fl = Flow {
+                        name: s.name.clone(),
+                        sender: Senders::Pes(unit(from)),
+                        start: from,
+                        rx0: route::R,
+                        pattern: Pattern::To { dx: to.x as i32 - from.x as i32, dy: to.y as i32 - from.y as i32 },
+                    };
+                    flows.push((fl, FlowUse::Chain { prev, si, b, slot, w: w_s, repeat }));
+                    continue;
+                }
+                let from = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
+                let fl = Flow {
+                    name: s.name.clone(),
+                    sender: Senders::Pes(unit(from)),
+                    start: from,
+                    rx0: route::R,
+                    pattern: Pattern::To { dx: to.x as i32 - from.x as i32, dy: to.y as i32 - from.y as i32 },
+                };
+                flows.push((fl, FlowUse::Pair { a, o, b, slot, w: w_s, repeat, window, si }));
+            }
+            (End::Port(peer), End::Stage { stage: b, slot }) => {
+                io_bytes[b] += bytes;
+                let banded = kernel::banded_slot(&stages[b]) == Some(slot);
+                let gws = tilings[b].gateways;
+                let width = rects[b].w;
+                let max_bands = if banded { (width / (gws + 1)).max(1) } else { 1 };
+                let nb = if banded { n_big(max_bands) } else { 1 };
+                let near = gateway(b, slot);
+                let avoid: Vec<usize> =
+                    (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
+                let chosen = match restore_ch.get(gi) {
+                    Some(&ch) => vec![ch],
+                    None => io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s)),
+                };
+                let nb = chosen.len() as u32;
+                if banded && nb > 1 {
+                    let sp = kernel::split(width as u64, nb as u64);
+                    let mut c0 = 0u32;
+                    let mut bands = Vec::new();
+                    for j in 0..nb {
+                        let wj = sp.at(j as u64) as u32;
+                        bands.push((c0, c0 + wj));
+                        c0 += wj;
+                    }
+                    ifaces[b].wbands = bands;
+                    ifaces[b].wslot = Some(slot);
+                }
+                let bands = if ifaces[b].wslot == Some(slot) { ifaces[b].wbands.clone() } else { vec![(0, width)] };
+                for (j, &ch) in chosen.iter().enumerate() {
+                    if matches!(peer, PeerKind::Wafer(_)) {
+                        peer_of[ch] = Some(peer.peer());
+                    }
+                    let (c0, c1) = bands[j.min(bands.len() - 1)];
+                    let (to, w, rep) = if bands.len() > 1 {
+                        let v = kernel::weight_band_values(&stages[b], &tilings[b], c0, c1);
+                        (Coord { x: rects[b].x + c1 - 1, y: rects[b].y }, wl(v, s.elem_bytes), s.send_count)
+                    } else {
+                        (near, w_s, repeat)
+                    };
+                    let c = &chans[ch];
+                    let fl = Flow {
+                        name: s.name.clone(),
+                        sender: Senders::Port(PortId(ch as u32)),
+                        start: c.at,
+                        rx0: route::bit(c.side),
+                        pattern: Pattern::To { dx: to.x as i32 - c.at.x as i32, dy: to.y as i32 - c.at.y as i32 },
+                    };
+                    let saved = restore_ch.contains_key(gi).then_some(*gi);
+                    flows.push((
+                        fl,
+                        FlowUse::PortIn { ch, b, slot, band: j, w, repeat: rep, peer, gi: *gi, gate: saved },
+                    ));
+                }
+            }
+            (End::Stage { stage: a, slot: o }, End::Port(peer)) => {
+                io_bytes[a] += bytes;
+                let bandable = kernel::bandable_output(&stages[a], o) && matches!(peer, PeerKind::SwarmX);
+                let nb = if bandable { n_big(rects[a].w) } else { 1 };
+                let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
+                let avoid: Vec<usize> =
+                    (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
+                let chosen = io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s));
+                if *gi > usize::MAX / 2 {
+                    restore_ch.insert(usize::MAX - *gi, chosen[0]);
+                }
+                if chosen.len() > 1 {
+                    let sp = kernel::split(rects[a].w as u64, chosen.len() as u64);
+                    let mut c0 = 0u32;
+                    let mut bands = Vec::new();
+                    for j in 0..chosen.len() {
+                        let wj = sp.at(j as u64) as u32;
+                        bands.push((c0, c0 + wj));
+                        c0 += wj;
+                    }
+                    ifaces[a].outs[o].bands = bands;
+                }
+                let bands = ifaces[a].outs[o].bands.clone();
+                for (j, &ch) in chosen.iter().enumerate() {
+                    if matches!(peer, PeerKind::Wafer(_)) {
+                        peer_of[ch] = Some(peer.peer());
+                    }
+                    let (c0, c1) = bands[j.min(bands.len() - 1)];
+                    let w = if bands.len() > 1 {
+                        wl(kernel::out_band_values(&stages[a], &tilings[a], o, c0, c1), s.elem_bytes)
+                    } else {
+                        w_s
+                    };
+                    let from = out_gateway(&rects[a], j, &ifaces[a].outs[o]);
+                    let fl = Flow {
+                        name: s.name.clone(),
+                        sender: Senders::Pes(unit(from)),
+                        start: from,
+                        rx0: route::R,
+                        pattern: Pattern::ToPort { port: PortId(ch as u32) },
+                    };
+                    flows.push((fl, FlowUse::PortOut { ch, a, o, band: j, w, repeat, window, peer, gi: *gi }));
+                }
+            }
+            (End::Port(_), End::Port(_)) => {}
+        }
+    }
+
+    // External colors are placeholders until the regions' own routes are known; then every flow
+    // takes a real color free along its path and the program is patched.
+    let ph = |i: usize| ColorId(PLACEHOLDER + i as u32);
+    let port_at = |p: PortId| chans.get(p.0 as usize).map(|c| (c.at, c.side));
+    let mut routes: Vec<Route> = Vec::new();
+    for (fi, (fl, us)) in flows.iter().enumerate() {
+        let color = ph(fi);
+        routes.push(Route { color, senders: fl.sender, pattern: fl.pattern, relays: 0 });
+        match *us {
+            FlowUse::Pair { a, o, b, slot, w, repeat, window, si } => {
+                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band: 0 });
+                feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
+                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band: 0, fwd: Vec::new() });
+            }
+            FlowUse::Chain { prev, si, b, slot, w, repeat } => {
+                forwards.push((prev, color.0 as usize));
+                feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
+                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band: 0, fwd: Vec::new() });
+            }
+            FlowUse::PortIn { ch, b, slot, band, w, repeat, peer, gi, gate } => {
+                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band, fwd: Vec::new() });
+                let pw = port_work.entry(ch).or_default();
+                pw.streams.push(fl.name.clone());
+                pw.bytes += w * 4 * repeat as u64;
+                let mut needs = Vec::new();
+                let mut op_needs_link = false;
+                if let PeerKind::Wafer(_) = peer {
+                    needs.push(Need::Recv { color: ColorId::LINK, wavelets: w });
+                    op_needs_link = true;
+                    cross.push((gi, PortId(ch as u32), false));
+                }
+                if let Some(key) = gate {
+                    // Saved data returns only after all of it has left (last layer first).
+                    if let Some(t) = pw.tasks.iter().position(|t| t.name == format!("save:{key}")) {
+                        needs.push(Need::After {
+                            task: TaskIdx(t as u32),
+                            first: pw.tasks[t].repeat as i64,
+                            num: 0,
+                            den: 1,
+                        });
+                    }
+                }
+                pw.tasks.push(Task {
+                    name: format!("send:{}", fl.name),
+                    needs,
+                    work: mesh::Work {
+                        op: mesh::SimdOp::Mov32,
+                        elems: 0,
+                        paced_by: op_needs_link.then_some(ColorId::LINK),
+                    },
+                    sends: vec![mesh::Send { color, wavelets: w, streamed: op_needs_link, runs: None }],
+                    repeat,
+                    flops: 0,
+                });
+                pw.peer.get_or_insert(peer.peer());
+            }
+            FlowUse::PortOut { ch, a, o, band, w, repeat, window, peer, gi } => {
+                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band });
+                let pw = port_work.entry(ch).or_default();
+                pw.streams.push(fl.name.clone());
+                pw.bytes += w * 4 * repeat as u64;
+                if let PeerKind::Wafer(_) = peer {
+                    cross.push((gi, PortId(ch as u32), true));
+                }
+                pw.tasks.push(Task {
+                    name: if gi > usize::MAX / 2 {
+                        format!("save:{}", usize::MAX - gi)
+                    } else {
+                        format!("recv:{}", fl.name)
+                    },
+                    needs: vec![Need::Recv { color, wavelets: w }],
+                    work: mesh::Work { op: mesh::SimdOp::Mov32, elems: 0, paced_by: Some(color) },
+                    sends: vec![],
+                    repeat,
+                    flops: 0,
+                });
+                pw.peer.get_or_insert(peer.peer());
+            }
+        }
+    }
+    // Chained flows: the previous consumer's gateway forwards the stream.
+    for (prev, color) in forwards {
+        if let Some(&(b, slot, idx)) = feed_pos.get(&prev) {
+            ifaces[b].feeds[slot][idx].fwd.push(ColorId(color as u32));
+        }
+    }
+    // Region programs, with placeholder external colors.
+    let codes: Vec<kernel::RegionCode> = stages
+        .iter()
+        .enumerate()
+        .map(|(sid, st)| kernel::program(st, &tilings[sid], rects[sid], &ifaces[sid]))
+        .collect();
+    // Where each region uses its internal colors: the bounding box of every internal route.
+    let mut footprints: Vec<(Rect, Vec<(u32, Rect)>)> = Vec::new();
+    for (sid, code) in codes.iter().enumerate() {
+        let mut by_color: BTreeMap<u32, Rect> = BTreeMap::new();
+        for r in &code.routes {
+            if let Some(b) = route_bbox(r, mesh, &port_at) {
+                by_color.entry(r.color.0).and_modify(|x| *x = union(*x, b)).or_insert(b);
+            }
+        }
+        footprints.push((rects[sid], by_color.into_iter().collect()));
+    }
+    let mut book = ColorBook::new(mesh, hw.fabric.colors, &footprints);
+    let mut real: Vec<ColorId> = vec![ColorId(0); flows.len()];
+    let mut stream_colors: BTreeMap<String, (Vec<u32>, u64)> = BTreeMap::new();
+    let mut paths: Vec<Vec<Hop>> = Vec::with_capacity(flows.len());
+    for (fl, _) in &flows {
+        let mut path: Vec<Hop> = Vec::new();
+        route::walk(fl.pattern, fl.start, fl.rx0, mesh, &port_at, &mut path)
+            .map_err(|e| CompileError::Internal(format!("stream `{}`: {e}", fl.name)))?;
+        paths.push(path);
+    }
+    // Longest paths first: they cross the most other flows and regions, so they have the fewest choices.
+    let mut order: Vec<usize> = (0..flows.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(paths[i].len()), i));
+    for &i in &order {
+        real[i] = book.assign(&flows[i].0.name, &paths[i])?;
+    }
+    for (i, (fl, _)) in flows.iter().enumerate() {
+        let e = stream_colors.entry(fl.name.clone()).or_default();
+        e.0.push(real[i].0);
+        e.1 = e.1.max(paths[i].len() as u64);
+    }
+    let patch = |c: ColorId| -> ColorId {
+        if c.0 >= PLACEHOLDER && c != ColorId::LINK {
+            real[(c.0 - PLACEHOLDER) as usize]
+        } else {
+            c
+        }
+    };
+    let patch_tasks = |tasks: &mut Vec<Task>| {
+        for t in tasks.iter_mut() {
+            for nd in t.needs.iter_mut() {
+                if let Need::Recv { color, .. } = nd {
+                    *color = patch(*color);
+                }
+            }
+            for sd in t.sends.iter_mut() {
+                sd.color = patch(sd.color);
+            }
+            t.work.paced_by = t.work.paced_by.map(patch);
+        }
+    };
+    for r in routes.iter_mut() {
+        r.color = patch(r.color);
+    }
+    for pw in port_work.values_mut() {
+        patch_tasks(&mut pw.tasks);
+    }
+    let region_colors: Vec<u32> = footprints.iter().map(|f| f.1.len() as u32).collect();
+    let mut program = MeshProgram {
+        version: PROGRAM_VERSION,
+        mesh,
+        timing: Timing {
+            clock_hz: hw.clock_hz,
+            hop_cycles: hw.fabric.hop_cycles,
+            ramp_cycles: hw.fabric.ramp_cycles,
+            pick_cycles: hw.pe.pick_cycles,
+            queue_depth: hw.fabric.queue_depth,
+            colors: hw.fabric.colors,
+            relay_cycles: hw.fabric.relay_cycles,
+            link_wavelets_per_cycle: hw.fabric.link_wavelets_per_cycle,
+            sram_bytes: hw.pe.sram_bytes,
+            pe: hw.pe,
+        },
+        regions: Vec::new(),
+        templates: Vec::new(),
+        tiles: Vec::new(),
+        routes: Vec::new(),
+        ports: Vec::new(),
+        graph_flops: 0,
+        wafer_width: None,
+    };
+    let mut plan_regions = Vec::new();
+    for ((sid, st), code) in stages.iter().enumerate().zip(codes) {
+        let t = &tilings[sid];
+        let rid = RegionId(program.regions.len() as u32);
+        let base = program.templates.len() as u32;
+        for (name, mut tasks, sram) in code.templates {
+            patch_tasks(&mut tasks);
+            program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
+        }
+        for (r, ti) in code.tiles {
+            program.tiles.push(Tile { rect: r, template: TemplateId(base + ti as u32) });
+        }
+        program.routes.extend(code.routes);
+        program.regions.push(Region {
+            name: st.name.clone(),
+            rect: rects[sid],
+            ops: st.ops.iter().map(|&o| g.op(o).name.clone()).collect(),
+            kind: st.kind_name(g).to_string(),
+            algorithm: t.algo.name().to_string(),
+            flops: st.flops(),
+        });
+        program.graph_flops += st.flops();
+        plan_regions.push(PlanRegion {
+            wafer,
+            name: st.name.clone(),
+            kind: st.kind_name(g).to_string(),
+            pass: st.pass.name().to_string(),
+            ops: st.ops.len() as u64,
+            x: rects[sid].x,
+            y: rects[sid].y,
+            w: rects[sid].w,
+            h: rects[sid].h,
+            algorithm: t.algo.name().to_string(),
+            reason: t.reason.clone(),
+            shape: shape_of(st),
+            runs: t.runs,
+            iters: st.iters,
+            sram_max: t.sram_max,
+            sram_mean: t.sram_mean,
+            colors_internal: region_colors[sid],
+            colors_max: book.max_in(rects[sid]),
+            flops: st.flops(),
+            io_bytes: io_bytes[sid],
+        });
+    }
+    program.routes.extend(routes);
+    // Ports: the channels in use, renumbered.
+    let used: Vec<usize> = port_work.keys().copied().collect();
+    let renum: BTreeMap<usize, u32> = used.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+    for r in program.routes.iter_mut() {
+        if let Senders::Port(p) = r.senders {
+            r.senders = Senders::Port(PortId(renum[&(p.0 as usize)]));
+        }
+        if let Pattern::ToPort { port } = r.pattern {
+            r.pattern = Pattern::ToPort { port: PortId(renum[&(port.0 as usize)]) };
+        }
+    }
+    let cross: Vec<(usize, PortId, bool)> =
+        cross.into_iter().map(|(gi, p, o)| (gi, PortId(renum[&(p.0 as usize)]), o)).collect();
+    let io_region = RegionId(program.regions.len() as u32);
+    if !used.is_empty() {
+        program.regions.push(Region {
+            name: "io".into(),
+            rect: Rect { x: 0, y: 0, w: 0, h: 0 },
+            ops: Vec::new(),
+            kind: "io".into(),
+            algorithm: "ports".into(),
+            flops: 0,
+        });
+    }
+    let mut plan_ports = Vec::new();
+    for &ch in &used {
+        let c = &chans[ch];
+        let pw = port_work.remove(&ch).unwrap_or_default();
+        let tid = TemplateId(program.templates.len() as u32);
+        program.templates.push(Template {
+            name: format!("port.{}", c.name),
+            region: io_region,
+            tasks: pw.tasks,
+            sram_bytes: 0,
+        });
+        let peer = pw.peer.unwrap_or(Peer::Host);
+        program.ports.push(Port {
+            name: c.name.clone(),
+            side: c.side,
+            at: c.at,
+            wavelets: c.wavelets,
+            per_cycles: c.per_cycles,
+            latency_cycles: c.latency_cycles,
+            peer,
+            peer_port: None,
+            template: tid,
+            planned_bytes: pw.bytes,
+        });
+        plan_ports.push(PlanPort {
+            wafer,
+            name: c.name.clone(),
+            side: io::side_name(c.side).into(),
+            x: c.at.x,
+            y: c.at.y,
+            peer: match peer {
+                Peer::Host => "host".into(),
+                Peer::MemoryX => "memoryx".into(),
+                Peer::SwarmX => "swarmx".into(),
+                Peer::Wafer(w) => format!("wafer{w}"),
+            },
+            bytes_per_s: c.bytes_per_s(hw.clock_hz),
+            bytes: pw.bytes,
+            streams: pw.streams,
+        });
+    }
+    for (_, s) in &streams {
+        let (colors, hops) = stream_colors.get(&s.name).cloned().unwrap_or_default();
+        let end = |e: End| match e {
+            End::Stage { stage, .. } => stages[stage].name.clone(),
+            End::Port(p) => p.name(),
+        };
+        plan_streams.push(PlanStream {
+            wafer,
+            name: s.name.clone(),
+            from: end(s.from),
+            to: end(s.to),
+            bytes: s.bytes_per_step(),
+            colors,
+            hops,
+        });
+    }
+    if stages.iter().any(|s| s.lp != Loop::Once) {
+        notes.push(format!(
+            "weights of the folded layers stream in from MemoryX once per layer, double-buffered: {} over the IO \
+             channels per step",
+            crate::report::fmt::human(
+                streams
+                    .iter()
+                    .filter(|(_, s)| matches!(s.from, End::Port(PeerKind::MemoryX)))
+                    .map(|(_, s)| s.bytes_per_step() as f64)
+                    .sum::<f64>(),
+                "B"
+            )
+        ));
+    }
+    Ok(WaferOut {
+        program,
+        regions: plan_regions,
+        streams: plan_streams,
+        ports: plan_ports,
+        notes,
+        bands: placement.bands,
+        cross,
+    })
+}
+
+/// Streams big enough to share the IO channels in proportion: weights in, gradients out.
+fn is_big(stages: &[Stage], s: &Stream) -> bool {
+    match (s.from, s.to) {
+        (End::Port(PeerKind::MemoryX), End::Stage { stage, slot }) => kernel::banded_slot(&stages[stage]) == Some(slot),
+        (End::Stage { stage, slot }, End::Port(PeerKind::SwarmX)) => kernel::bandable_output(&stages[stage], slot),
+        _ => false,
+    }
+}
+
+/// Placeholder colors for streams between regions, replaced once routing gives them real colors.
+const PLACEHOLDER: u32 = 1 << 24;
+
+/// The bounding box of every router a route from any of its senders passes.
+fn route_bbox(
+    r: &Route,
+    mesh: crate::mesh::MeshDims,
+    port_at: &dyn Fn(PortId) -> Option<(Coord, crate::mesh::Dir)>,
+) -> Option<Rect> {
+    let mut path = Vec::new();
+    let starts: Vec<(Coord, u8)> = match r.senders {
+        Senders::Pes(x) => {
+            vec![(Coord { x: x.x, y: x.y }, route::R), (Coord { x: x.x + x.w - 1, y: x.y + x.h - 1 }, route::R)]
+        }
+        Senders::Port(p) => {
+            let (at, side) = port_at(p)?;
+            vec![(at, route::bit(side))]
+        }
+    };
+    let mut b: Option<Rect> = None;
+    for (at, rx) in starts {
+        path.clear();
+        route::walk(r.pattern, at, rx, mesh, port_at, &mut path).ok()?;
+        for h in &path {
+            let u = unit(h.at);
+            b = Some(b.map_or(u, |x| union(x, u)));
+        }
+    }
+    if let Senders::Pes(x) = r.senders {
+        b = b.map(|bb| union(bb, x));
+    }
+    b
+}
+
+fn union(a: Rect, b: Rect) -> Rect {
+    let x0 = a.x.min(b.x);
+    let y0 = a.y.min(b.y);
+    let x1 = (a.x + a.w).max(b.x + b.w);
+    let y1 = (a.y + a.h).max(b.y + b.h);
+    Rect { x: x0, y: y0, w: x1 - x0, h: y1 - y0 }
+}
+
+fn unit(c: Coord) -> Rect {
+    Rect { x: c.x, y: c.y, w: 1, h: 1 }
+}
+
+/// The output gateway of band `b` of an output.
+fn out_gateway(r: &Rect, b: usize, o: &OutIface) -> Coord {
+    let c0 = o.bands.get(b).map_or(0, |x| x.0);
+    Coord { x: r.x + c0, y: r.y + r.h - 1 }
+}
+
+enum FlowUse {
+    Pair {
+        a: usize,
+        o: usize,
+        b: usize,
+        slot: usize,
+        w: u64,
+        repeat: u32,
+        window: Option<RunRange>,
+        si: usize,
+    },
+    /// Forwarded by the input gateway of stream `prev`'s consumer.
+    Chain {
+        prev: usize,
+        si: usize,
+        b: usize,
+        slot: usize,
+        w: u64,
+        repeat: u32,
+    },
+    PortIn {
+        ch: usize,
+        b: usize,
+        slot: usize,
+        band: usize,
+        w: u64,
+        repeat: u32,
+        peer: PeerKind,
+        gi: usize,
+        /// For data restored from MemoryX: the stream key of its save.
+        gate: Option<usize>,
+    },
+    PortOut {
+        ch: usize,
+        a: usize,
+        o: usize,
+        band: usize,
+        w: u64,
+        repeat: u32,
+        window: Option<RunRange>,
+        peer: PeerKind,
+        gi: usize,
+    },
+}
+
+/// The work's shape for the plan's table.
+fn shape_of(st: &Stage) -> String {
+    match st.work {
+        Work::Matmul { rows, k, cols, .. } => format!("{rows} x {k} x {cols} (rows x k x cols)"),
+        Work::Accum { rows, k, cols, .. } => format!("{k} x {cols} accumulated over {rows} rows"),
+        Work::RowReduce { rows, width, .. } => format!("{rows} rows x {width}"),
+        Work::Elementwise { rows, width, .. } => format!("{rows} x {width}"),
+        Work::Lookup { rows, width, .. } => format!("{rows} rows x {width} looked up"),
+        Work::Relay { rows, width, .. } => format!("{rows} rows x {width} from MemoryX"),
+        Work::SingleGemv { k, n } => format!("1 x {k} x {n}"),
+        Work::SingleGemm { m, n, k } => format!("{m} x {k} x {n}"),
+        Work::SingleAdd { n } => format!("{n} elements"),
+        Work::AllReduce { elems } => format!("{elems} elements"),
+    }
+}

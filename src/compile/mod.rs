@@ -1,0 +1,184 @@
+//! The wafer compiler: a dataflow graph and a wafer description in, a plan and a mesh program out.
+//!
+//! Stages, each with a printer (`print.rs`) and checked by the verifier (`verify.rs`):
+//! 1. `stage`: ops grouped into stages (views dropped, KV-cache ops fused into attention, layers folded
+//!    into loops under weight streaming) and the streams between them and the IO ports;
+//! 2. `place`: one rectangle per stage, sized in proportion to its work (bands of equal height,
+//!    filled in a snake), every stage at least as large as its tiles need;
+//! 3. `kernel`: per stage, the mesh algorithm, its tiling over the region's PEs and the SRAM of every PE
+//!    class (`alloc` in `--dump-after`);
+//! 4. `io`: the perimeter IO ports split into link-wide channels, and every off-wafer stream on one;
+//! 5. `route`: every stream between regions and ports on a color, within the per-router limits;
+//! 6. `lower`: the flat `mesh::MeshProgram` the engine runs.
+//!
+//! Architecture invariant: compile is a pure function of its inputs (graph, hardware, options): integer
+//! arithmetic decides placement, BTreeMaps and vectors order everything that reaches an output, and
+//! loading a plan file recompiles from the inputs it stores. The compiler knows nothing of time or
+//! threads; the program it emits is the engine's only input.
+
+mod file;
+mod io;
+mod kernel;
+mod lower;
+mod place;
+mod print;
+mod route;
+mod stage;
+mod verify;
+
+use std::fmt;
+
+use crate::graph::Graph;
+use crate::hw::WaferHw;
+use crate::mesh::{Cluster, MeshProgram};
+use crate::model::{DType, SingleOp};
+
+pub use file::{load_plan, PlanFile, PlanInputs, PLAN_VERSION};
+pub use print::{print_program, Dump, Plan};
+pub use verify::{dry_run, verify_plan, verify_program};
+
+/// How the model runs on the wafer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// Every layer resident at once, each op on its own region, activations streaming region to region.
+    Pipelined,
+    /// One layer at a time on the whole wafer, its weights streamed in from MemoryX.
+    WeightStreaming,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Pipelined => "pipelined",
+            Mode::WeightStreaming => "weight-streaming",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "pipelined" => Some(Mode::Pipelined),
+            "weight-streaming" | "ws" => Some(Mode::WeightStreaming),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// None: pipelined when the model fits, weight streaming otherwise.
+    pub mode: Option<Mode>,
+    /// Wafers for multi-wafer pipelined inference (1: one wafer).
+    pub wafers: u32,
+    /// Run the verifier (and, on small meshes, the dry run) after compiling.
+    pub verify: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions { mode: None, wafers: 1, verify: cfg!(debug_assertions) }
+    }
+}
+
+/// The result of compiling: the printable plan and the program(s).
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub plan: Plan,
+    /// One program per wafer (one wafer unless `--wafers K`).
+    pub programs: Vec<MeshProgram>,
+}
+
+impl Compiled {
+    /// The program of a single-wafer compile.
+    pub fn program(&self) -> &MeshProgram {
+        &self.programs[0]
+    }
+    /// The programs as a cluster (multi-wafer pipelined inference).
+    pub fn cluster(&self) -> Cluster {
+        Cluster { wafers: self.programs.clone() }
+    }
+}
+
+/// Errors of the compiler. Limits of the machine and bad requests are the user's (exit 2); an internal
+/// error or a failed verification is a bug (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "SRAM overflow: op `{op}` ({class}) needs {needed} bytes per PE but only {available} are available \
+         ({sram} bytes of SRAM less {reserve} reserved for code and stack); {hint}"
+    )]
+    Sram { op: String, class: String, needed: u64, available: u64, sram: u64, reserve: u64, hint: String },
+    #[error("mesh too small: {what}; {hint}")]
+    MeshTooSmall { what: String, hint: String },
+    #[error(
+        "too many colors: stream `{stream}` finds no free color at router ({x}, {y}), which already routes \
+         {used} of its {limit} colors; {hint}"
+    )]
+    Colors { stream: String, x: u32, y: u32, used: u32, limit: u32, hint: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{path}: {message}")]
+    PlanFile { path: String, message: String },
+    #[error("internal compiler error: {0}")]
+    Internal(String),
+    #[error("internal compiler error: the plan verifier failed ({} problems):\n  {}", .0.len(), .0.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "))]
+    Verify(Vec<String>),
+}
+
+impl CompileError {
+    /// True when the error is the user's input or a limit of the machine rather than a bug.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, CompileError::Internal(_) | CompileError::Verify(_))
+    }
+}
+
+/// Compiles `g` for `hw`.
+pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compiled, CompileError> {
+    if g.workload.dtype == DType::Fp8 {
+        return Err(CompileError::Unsupported(
+            "dtype fp8: the wafer computes in fp16, bf16 or fp32 (fp8 is a GPU dtype); use --dtype fp16".into(),
+        ));
+    }
+    if opts.wafers == 0 {
+        return Err(CompileError::Unsupported("--wafers 0: at least one wafer".into()));
+    }
+    let single = SingleOp::parse(&g.model).ok().flatten().is_some();
+    if opts.wafers > 1 {
+        if g.workload.phase == crate::model::Phase::Train {
+            return Err(CompileError::Unsupported(format!(
+                "--wafers {}: multi-wafer pipelining is for inference; train with weight streaming on one wafer",
+                opts.wafers
+            )));
+        }
+        if opts.mode == Some(Mode::WeightStreaming) {
+            return Err(CompileError::Unsupported(format!(
+                "--wafers {} with weight streaming: multi-wafer runs are pipelined (weights resident across wafers)",
+                opts.wafers
+            )));
+        }
+        if single {
+            return Err(CompileError::Unsupported(format!(
+                "--wafers {}: a single-op workload runs on one wafer",
+                opts.wafers
+            )));
+        }
+    }
+    let compiled = lower::compile_all(g, hw, opts, single)?;
+    if opts.verify {
+        for (w, p) in compiled.programs.iter().enumerate() {
+            let mut problems = verify_program(p);
+            problems.extend(verify::verify_plan(g, &compiled.plan, w as u32));
+            if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.programs.len() == 1 {
+                problems.extend(dry_run(p));
+            }
+            if !problems.is_empty() {
+                return Err(CompileError::Verify(problems));
+            }
+        }
+    }
+    Ok(compiled)
+}
