@@ -3,6 +3,7 @@
 use crate::graph::GraphError;
 use crate::hw::HwError;
 use crate::model::{ModelError, WorkloadError};
+use crate::trace::TraceError;
 
 /// Exit code for bad input (a config, a flag, a file the user gave).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -19,6 +20,8 @@ pub enum Error {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Hw(#[from] HwError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -35,6 +38,8 @@ impl Error {
             Error::Model(_) | Error::Workload(_) | Error::Hw(_) | Error::Write { .. } => EXIT_BAD_INPUT,
             Error::Graph(g) if g.is_user_error() => EXIT_BAD_INPUT,
             Error::Graph(_) => EXIT_INTERNAL,
+            Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
+            Error::Trace(_) => EXIT_INTERNAL,
         }
     }
 }
