@@ -10,6 +10,7 @@ use waferscale::Error;
 
 mod demo;
 mod graph;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,12 @@ pub enum Command {
         wafer graph models/tiny/gpt-tiny.json --dot -o gpt-tiny.dot\n  \
         wafer graph gpt-tiny --dump-after graph")]
     Graph(graph::GraphCmd),
+    /// Look at a PE utilization trace: summary, heatmap, timeline, slice, export to Perfetto.
+    #[command(after_help = "Examples:\n  \
+        wafer trace summary run.wtrace\n  \
+        wafer trace heatmap run.wtrace --metric stall --all -o stall.gif\n  \
+        wafer trace export run.wtrace --perfetto -o run.perfetto-trace")]
+    Trace(trace::TraceCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -103,6 +110,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Demo => demo::run(),
         Command::Graph(cmd) => graph::run(cmd),
+        Command::Trace(cmd) => trace::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {

@@ -40,6 +40,9 @@ pub enum TraceError {
     /// The recording does not belong to the program (a caller's bug).
     #[error("the recording does not match the mesh program: {0}")]
     Mismatch(String),
+    /// Encoding a picture failed (a bug).
+    #[error("cannot encode {0}")]
+    Encode(String),
     /// A question the trace cannot answer: a PE outside the mesh, an unknown region, a window past the end.
     #[error("{0}")]
     Query(String),
@@ -48,6 +51,6 @@ pub enum TraceError {
 impl TraceError {
     /// Whether the user's input is at fault (exit 2) rather than the program (exit 1).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, TraceError::NoRecording | TraceError::Mismatch(_))
+        !matches!(self, TraceError::NoRecording | TraceError::Mismatch(_) | TraceError::Encode(_))
     }
 }

@@ -19,7 +19,12 @@
 
 mod error;
 mod format;
+pub mod heatmap;
+pub mod perfetto;
 mod read;
+pub mod slice;
+pub mod summary;
+pub mod timeline;
 mod write;
 
 pub use error::TraceError;
@@ -33,8 +38,9 @@ use crate::report::WorkloadSummary;
 
 /// Default size budget of a trace file: 256 MiB.
 pub const DEFAULT_BUDGET_BYTES: u64 = 256 << 20;
-/// At most this many windows are recorded, however small the mesh: more is noise to every viewer.
-pub const MAX_WINDOWS: u32 = 1024;
+/// At most this many windows are recorded, however small the mesh: more than the viewers show (64
+/// sparkline columns, 120 animation frames) would only grow the file.
+pub const MAX_WINDOWS: u32 = 256;
 /// Memory the engine's recording may take: each agent keeps up to `max_windows` bins of
 /// `RECORDING_BIN_BYTES` (an index and seven u64 counts, with room for the growth of its vector).
 pub const RECORDING_MEMORY_BYTES: u64 = 1 << 30;
@@ -104,9 +110,97 @@ impl TraceHeader {
     }
 }
 
+/// A duration for people: `1.08 us`, `2.50 ms`, `1.20 s`.
+pub fn seconds_text(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.2} us", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
 /// `waferscale X.Y.Z`: what trace headers and reports call this build.
 pub fn version_string() -> String {
     format!("waferscale {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Writes an output file (a picture, an export) atomically: a temporary file beside it, renamed into
+/// place, so a failure never leaves half a file.
+pub fn write_output(path: &str, bytes: &[u8]) -> Result<(), TraceError> {
+    let tmp = format!("{path}.tmp-{}", std::process::id());
+    let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|source| TraceError::Write { path: path.to_string(), source })
+}
+
+/// What a heatmap or timeline shows, each as a fraction in [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The SIMD datapath computing.
+    Compute,
+    /// Wavelets leaving PEs (up ramps).
+    Send,
+    /// Wavelets arriving at PEs (down ramps).
+    Receive,
+    /// The router's four outgoing links.
+    Fabric,
+    /// A running task stalled, any cause.
+    Stall,
+    /// SRAM allocated over capacity (the compiler's static allocation: constant over the run).
+    Sram,
+}
+
+impl View {
+    pub const ALL: [View; 6] = [View::Compute, View::Send, View::Receive, View::Fabric, View::Stall, View::Sram];
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Compute => "compute",
+            View::Send => "send",
+            View::Receive => "receive",
+            View::Fabric => "fabric",
+            View::Stall => "stall",
+            View::Sram => "sram",
+        }
+    }
+    pub fn parse(s: &str) -> Option<View> {
+        View::ALL.into_iter().find(|v| v.name() == s)
+    }
+    /// What the value means, for colour bars and legends.
+    pub fn unit(self) -> &'static str {
+        match self {
+            View::Compute => "% of cycles computing",
+            View::Send => "% of up-ramp capacity",
+            View::Receive => "% of down-ramp capacity",
+            View::Fabric => "% of 4-link router capacity",
+            View::Stall => "% of cycles stalled",
+            View::Sram => "% of SRAM allocated",
+        }
+    }
+    /// The value from exact fractions (`fractions`) and an SRAM occupancy.
+    pub fn of_fractions(self, f: &[f64; METRICS], sram: f64) -> f64 {
+        use crate::engine::record::Metric as M;
+        let v = match self {
+            View::Compute => f[M::Compute as usize],
+            View::Send => f[M::Send as usize],
+            View::Receive => f[M::Receive as usize],
+            View::Fabric => f[M::Fabric as usize],
+            View::Stall => f[M::StallData as usize] + f[M::StallBackpressure as usize] + f[M::StallIo as usize],
+            View::Sram => sram,
+        };
+        v.clamp(0.0, 1.0)
+    }
+    /// The value from a frame's quantised values.
+    pub fn of_quantised(self, q: &[u8; METRICS], sram: f64) -> f64 {
+        let mut f = [0.0; METRICS];
+        for (a, b) in f.iter_mut().zip(q) {
+            *a = *b as f64 / 255.0;
+        }
+        self.of_fractions(&f, sram)
+    }
 }
 
 /// A region of the program, as the trace keeps it.
@@ -267,6 +361,56 @@ impl Trace {
         let a = agent as usize;
         let t = if a < self.pes() { self.pe_template[a] } else { self.ports.get(a - self.pes())?.template };
         self.templates.get(t as usize)
+    }
+    /// SRAM allocated on a PE over its capacity.
+    pub fn pe_sram(&self, pe: usize) -> f64 {
+        if self.sram_capacity_bytes == 0 {
+            return 0.0;
+        }
+        (self.pe_sram_bytes(pe) as f64 / self.sram_capacity_bytes as f64).min(1.0)
+    }
+    /// The region named `name`, or an error listing the regions.
+    pub fn region_index(&self, name: &str) -> Result<usize, TraceError> {
+        self.regions.iter().position(|r| r.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
+            TraceError::Query(format!("no region named `{name}` in this trace; its regions: {}", names.join(", ")))
+        })
+    }
+    /// The PE at (x, y), or an error giving the mesh size.
+    pub fn pe_index(&self, x: u32, y: u32) -> Result<usize, TraceError> {
+        if x >= self.width || y >= self.height {
+            return Err(TraceError::Query(format!(
+                "PE ({x},{y}) is outside the {} x {} mesh of this trace (x < {}, y < {})",
+                self.width, self.height, self.width, self.height
+            )));
+        }
+        Ok((y * self.width + x) as usize)
+    }
+    /// Window `w`, or an error giving the number of windows.
+    pub fn check_window(&self, w: u32) -> Result<usize, TraceError> {
+        if w >= self.windows {
+            return Err(TraceError::Query(format!(
+                "window {w} does not exist: this trace has {} windows (0 to {})",
+                self.windows,
+                self.windows - 1
+            )));
+        }
+        Ok(w as usize)
+    }
+    /// Average SRAM occupancy of a region's PEs (`regions.len()` for PEs in no region).
+    pub fn region_sram(&self, r: usize) -> f64 {
+        let (mut bytes, mut n) = (0u64, 0u64);
+        for pe in 0..self.pes() {
+            if self.pe_region(pe).unwrap_or(self.regions.len()) == r {
+                bytes += self.pe_sram_bytes(pe);
+                n += 1;
+            }
+        }
+        if n == 0 || self.sram_capacity_bytes == 0 {
+            0.0
+        } else {
+            bytes as f64 / (n as f64 * self.sram_capacity_bytes as f64)
+        }
     }
     /// Exact fractions of the capacity of `n_pes` PEs over window `w` from summed counts: compute and
     /// stalls over cycles, send and receive over the ramps, fabric over the four outgoing links.
