@@ -110,7 +110,8 @@ fn with_extension(path: &str, ext: &str, why: &str) -> Result<(), Error> {
     if path.to_ascii_lowercase().ends_with(ext) {
         Ok(())
     } else {
-        Err(TraceError::Query(format!("-o {path}: {why} writes a {ext} file; name it ...{ext}")).into())
+        Err(TraceError::Query(format!("-o {path}: {why} writes a {ext} file; give the output a {ext} extension"))
+            .into())
     }
 }
 

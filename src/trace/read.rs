@@ -42,7 +42,7 @@ pub fn read_bytes(data: &[u8], name: &str) -> R<Trace> {
     if version != FORMAT_VERSION {
         return Err(TraceError::Version { path: name.to_string(), found: version, supported: FORMAT_VERSION });
     }
-    let mut t = Sections { d, data, name };
+    let mut t = Sections { d, name };
 
     let (mut s, bad) = t.next(SECTIONS[0])?;
     let head = check(
@@ -142,7 +142,6 @@ fn check<T>(parsed: R<T>, bad: Option<BadCrc>) -> R<T> {
 
 struct Sections<'a> {
     d: Dec<'a>,
-    data: &'a [u8],
     name: &'a str,
 }
 
@@ -160,16 +159,9 @@ impl<'a> Sections<'a> {
         let start = self.d.offset();
         let avail = self.d.remaining() as u64;
         if len > avail.saturating_sub(4) {
-            if len > self.data.len() as u64 {
-                return Err(self.d.corrupt_at(
-                    len_at,
-                    format!("the payload length of section {what} (at most the file's {} bytes)", self.data.len()),
-                    format!("{len}"),
-                ));
-            }
             return Err(self.d.truncated(format!(
-                "{len} payload bytes of section {what} from offset {start} and its 4-byte CRC-32, but only {avail} \
-                 bytes follow"
+                "{len} payload bytes of section {what} from offset {start} (as its length at offset {len_at} \
+                 says) and a 4-byte CRC-32, but only {avail} bytes follow"
             )));
         }
         let payload = self.d.take(len as usize, &what)?;

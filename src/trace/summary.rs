@@ -252,7 +252,7 @@ impl TraceSummary {
             PeRow {
                 x: c.x,
                 y: c.y,
-                region: t.pe_region(pe).map_or("(none)".to_string(), |r| t.regions[r].name.clone()),
+                region: t.pe_region(pe).map_or("(no region)".to_string(), |r| t.regions[r].name.clone()),
                 value: v as f64 / denom,
             }
         };
@@ -417,7 +417,11 @@ impl TraceSummary {
             );
         }
         if self.unassigned_pes > 0 {
-            let _ = writeln!(s, "  {:<28} {:>8}  (PEs in no region)", "(none)", self.unassigned_pes);
+            let _ = writeln!(
+                s,
+                "  {:<28} {:>8}  (PEs in no tile: they run no task, their routers may forward)",
+                "(no region)", self.unassigned_pes
+            );
         }
         let _ = writeln!(s, "\nover time (mesh)                       compute  stalled  fabric  busiest region");
         for r in &self.over_time {

@@ -97,7 +97,7 @@ pub fn run_traced(program: &MeshProgram, fidelity: Fidelity, threads: usize) -> 
     engine::run(program, &EngineOptions { fidelity, threads, trace: Some(spec) }).unwrap()
 }
 
-fn make(program: MeshProgram, fidelity: Fidelity, threads: usize) -> Fixture {
+pub fn make_fixture(program: MeshProgram, fidelity: Fidelity, threads: usize) -> Fixture {
     let run = run_traced(&program, fidelity, threads);
     let mut header = TraceHeader::for_run("gemv:4096x4096", workload(), "wse2", "pipelined", &program, &run);
     header.version = "waferscale (test)".into();
@@ -106,10 +106,10 @@ fn make(program: MeshProgram, fidelity: Fidelity, threads: usize) -> Fixture {
 
 /// 70 x 40 PEs: large enough to cut into several partitions.
 pub fn fixture(fidelity: Fidelity, threads: usize) -> Fixture {
-    make(program(70, 40, 2048, 2048, 3000), fidelity, threads)
+    make_fixture(program(70, 40, 2048, 2048, 3000), fidelity, threads)
 }
 
 /// 12 x 8 PEs, for byte-by-byte corruption tests.
 pub fn small_fixture() -> Fixture {
-    make(program(12, 8, 256, 256, 200), Fidelity::Detailed, 1)
+    make_fixture(program(12, 8, 256, 256, 200), Fidelity::Detailed, 1)
 }
