@@ -55,3 +55,14 @@ fn gemv_report_on_wse2() {
         insta::assert_yaml_snapshot!("gemv-32x32-wse2", testing::rounded(&report, 6));
     });
 }
+
+/// The README shows this file (after its module comment) verbatim, so the example there cannot drift.
+#[test]
+fn readme_shows_this_example() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let this = include_str!("snapshot_example.rs");
+    let start = this.find("use std::time::Instant;").unwrap();
+    let end = this.find("\n/// The README shows this file").unwrap();
+    let example = &this[start..end];
+    assert!(readme.contains(example.trim_end()), "README.md must show tests/snapshot_example.rs's example verbatim");
+}

@@ -42,9 +42,10 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 256 << 20;
 /// sparkline columns, 120 animation frames) would only grow the file.
 pub const MAX_WINDOWS: u32 = 256;
 /// Memory the engine's recording may take: each agent keeps up to `max_windows` bins of
-/// `RECORDING_BIN_BYTES` (an index and seven u64 counts, with room for the growth of its vector).
-pub const RECORDING_MEMORY_BYTES: u64 = 1 << 30;
-pub const RECORDING_BIN_BYTES: u64 = 2 * std::mem::size_of::<crate::engine::record::Bin>() as u64;
+/// `RECORDING_BIN_BYTES` (an index and seven u64 counts). 1.5 GiB keeps a full-wafer run with a trace
+/// within the 4 GB peak-memory target (measured: 0.76 GB without a trace, BENCHMARKS.md).
+pub const RECORDING_MEMORY_BYTES: u64 = 3 << 29;
+pub const RECORDING_BIN_BYTES: u64 = std::mem::size_of::<crate::engine::record::Bin>() as u64;
 /// Sampled PEs (whose task runs become spans): the corners and centre of every region, at most this many.
 pub const MAX_SAMPLED_PES: usize = 64;
 /// Sampled IO ports, at most.
