@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(round_significant(0.759_347_826_086_956_5, 4), 0.7593);
         assert_eq!(round_significant(123_456_789.0, 3), 123_456_789.0);
         assert_eq!(round_significant(1.0 / 3.0, 6), 0.333_333);
-        assert_eq!(round_significant(-2.718_281_828, 3), -2.72);
+        assert_eq!(round_significant(-2.468_281_828, 3), -2.47);
         let v = rounded(&serde_json::json!({"a": 0.123_456_789, "b": [1.5e-7_f64 / 3.0], "c": 7, "d": "x"}), 3);
         assert_eq!(v, serde_json::json!({"a": 0.123, "b": [5e-8], "c": 7, "d": "x"}));
     }

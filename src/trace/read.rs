@@ -427,8 +427,8 @@ fn frames(d: &mut Dec, pes: usize, windows: usize) -> R<Vec<Frame>> {
         let n = active.count_ones();
         let mut values = vec![[0u8; METRICS]; n];
         let mut any = vec![false; n];
-        for m in 0..METRICS {
-            let name = crate::engine::record::Metric::ALL[m].name();
+        for (m, metric) in crate::engine::record::Metric::ALL.iter().enumerate() {
+            let name = metric.name();
             let has = bitmap(&mut f, n, &format!("the {name} map of frame {w}"))?;
             for i in has.iter_ones() {
                 let at = f.offset();
