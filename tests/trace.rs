@@ -414,3 +414,20 @@ fn trace_commands_and_their_errors() {
         testing::settings().bind(|| insta::assert_snapshot!(format!("cli-error-{name}"), stderr));
     }
 }
+
+/// `traces/example-12x8.wtrace` (the tour's example) stays readable by this build: a reader that
+/// changes must bump the format version. Regenerate it with `WAFER_WRITE_EXAMPLE_TRACE=1` (and review
+/// the summary snapshot) when the version is bumped.
+#[test]
+fn the_shipped_example_trace_reads() {
+    use waferscale::trace::summary::TraceSummary;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/traces/example-12x8.wtrace");
+    if std::env::var_os("WAFER_WRITE_EXAMPLE_TRACE").is_some() {
+        let f = small_fixture();
+        trace::write(path, &f.header, &f.program, &f.run, &TraceOptions::default()).unwrap();
+    }
+    let t = trace::read(path).unwrap();
+    assert_eq!(t.format_version, trace::FORMAT_VERSION);
+    waferscale::testing::settings()
+        .bind(|| insta::assert_snapshot!("example-12x8-summary", TraceSummary::new(&t).to_text()));
+}

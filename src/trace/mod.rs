@@ -111,6 +111,31 @@ impl TraceHeader {
     }
 }
 
+/// A byte size as `--trace-budget` takes it: `268435456`, `256MB`, `256MiB`, `1.5GB`, `64k` (k, M, G
+/// decimal; Ki, Mi, Gi binary; a trailing `B` optional).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("`{s}` is not a size; expected bytes such as 268435456, 256MB or 256MiB");
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let (num, mult) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1000),
+        ("K", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n, *m)))
+    .unwrap_or((t, 1));
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 || v * mult as f64 > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((v * mult as f64).round() as u64)
+}
+
 /// A duration for people: `1.08 us`, `2.50 ms`, `1.20 s`.
 pub fn seconds_text(s: f64) -> String {
     if s < 1e-3 {
@@ -525,5 +550,21 @@ fn side_name(d: Dir) -> &'static str {
         Dir::East => "east",
         Dir::South => "south",
         Dir::West => "west",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn budgets_parse_with_units() {
+        assert_eq!(parse_bytes("268435456"), Ok(268_435_456));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("256MB"), Ok(256_000_000));
+        assert_eq!(parse_bytes("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("64k"), Ok(64_000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("-1MB").is_err());
     }
 }
