@@ -5,6 +5,7 @@ use crate::gpu::GpuError;
 use crate::graph::GraphError;
 use crate::hw::HwError;
 use crate::model::{ModelError, WorkloadError};
+use crate::trace::TraceError;
 
 /// Exit code for bad input (a config, a flag, a file the user gave).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -27,6 +28,8 @@ pub enum Error {
     Compile(#[from] CompileError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -49,6 +52,8 @@ impl Error {
             Error::Compile(_) => EXIT_INTERNAL,
             // A deadlock is a result about the program; an invalid program or a broken invariant is a bug.
             Error::Engine(_) => EXIT_INTERNAL,
+            Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
+            Error::Trace(_) => EXIT_INTERNAL,
         }
     }
 }

@@ -16,5 +16,8 @@ pub mod hw;
 pub mod mesh;
 pub mod model;
 pub mod report;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod trace;
 
 pub use error::Error;

@@ -15,6 +15,7 @@ mod gpu;
 mod graph;
 mod plan;
 mod run;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +76,12 @@ pub enum Command {
         after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower"
     )]
     Plan(plan::PlanCmd),
+    /// Look at a PE utilization trace: summary, heatmap, timeline, slice, export to Perfetto.
+    #[command(after_help = "Examples:\n  \
+        wafer trace summary run.wtrace\n  \
+        wafer trace heatmap run.wtrace --metric stall --all -o stall.gif\n  \
+        wafer trace export run.wtrace --perfetto -o run.perfetto-trace")]
+    Trace(trace::TraceCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -192,6 +199,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Compile(cmd) => compile::run(cmd),
         Command::Plan(cmd) => plan::run(cmd),
         Command::Run(cmd) => run::run(cmd),
+        Command::Trace(cmd) => trace::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {
