@@ -66,7 +66,6 @@ pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunR
     counters.insert("wavelet_hops".to_string(), run.totals.wavelet_hops);
     counters.insert("io_bytes".to_string(), io_bytes);
     counters.insert("relays".to_string(), run.totals.relays);
-    counters.insert("events".to_string(), run.totals.events);
     counters.insert("sram_bytes".to_string(), sram_used);
     RunReport {
         machine: MachineSummary {
