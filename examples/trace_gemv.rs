@@ -27,7 +27,8 @@ fn main() {
     let prog = synth::gemv_tree(&hw, k, k, w, h, 32.min(h));
     let spec = trace::spec_for(&prog, &opts);
     let t0 = Instant::now();
-    let run = engine::run(&prog, &EngineOptions { fidelity, threads, trace: Some(spec.clone()), progress: None }).unwrap();
+    let run =
+        engine::run(&prog, &EngineOptions { fidelity, threads, trace: Some(spec.clone()), progress: None }).unwrap();
     let t1 = Instant::now();
     let workload = WorkloadSummary {
         phase: "decode".into(),

@@ -60,6 +60,15 @@ pub struct RunCmd {
     /// Write the report to FILE instead of standard output.
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<String>,
+    /// Record a PE utilisation trace to FILE (inspect with `wafer trace summary FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<String>,
+    /// Trace window in cycles [default: as fine as the budget allows].
+    #[arg(long, value_name = "CYCLES", requires = "trace")]
+    pub trace_window: Option<u64>,
+    /// Largest trace file, e.g. 64MB or 268435456 [default: 256MiB]; the window widens to fit.
+    #[arg(long, value_name = "BYTES", requires = "trace", value_parser = waferscale::trace::parse_bytes)]
+    pub trace_budget: Option<u64>,
 }
 
 /// A plan file is JSON with the compile inputs under `inputs`.
@@ -100,10 +109,25 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     Ok(Prepared { model, graph, hw, compiled })
 }
 
+/// The program the engine runs: one wafer's, or all wafers side by side.
+pub fn program_of(p: &Prepared) -> Result<MeshProgram, Error> {
+    if p.compiled.programs.len() > 1 {
+        p.compiled.cluster().concat().map_err(|e| Error::Engine(waferscale::engine::EngineError::Program(e)))
+    } else {
+        Ok(p.compiled.program().clone())
+    }
+}
+
 /// Runs the engine with a progress spinner (after a second, on a terminal, unless `quiet`).
-pub fn emulate(p: &Prepared, fidelity: Fidelity, threads: usize, quiet: bool) -> Result<EngineRun, Error> {
+pub fn emulate(
+    p: &Prepared,
+    fidelity: Fidelity,
+    threads: usize,
+    quiet: bool,
+    trace: Option<waferscale::engine::record::TraceSpec>,
+) -> Result<EngineRun, Error> {
     let progress = Arc::new(AtomicU64::new(0));
-    let opts = EngineOptions { fidelity, threads, trace: None, progress: Some(Arc::clone(&progress)) };
+    let opts = EngineOptions { fidelity, threads, trace, progress: Some(Arc::clone(&progress)) };
     let done = Arc::new(AtomicBool::new(false));
     let spinner = (!quiet).then(|| {
         let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
@@ -128,16 +152,12 @@ pub fn emulate(p: &Prepared, fidelity: Fidelity, threads: usize, quiet: bool) ->
             bar.finish_and_clear();
         })
     });
-    let result = if p.compiled.programs.len() > 1 {
-        engine::run_cluster(&p.compiled.cluster(), &opts)
-    } else {
-        engine::run(p.compiled.program(), &opts)
-    };
+    let result = program_of(p).and_then(|prog| engine::run(&prog, &opts).map_err(Error::from));
     done.store(true, Ordering::Relaxed);
     if let Some(h) = spinner {
         let _ = h.join();
     }
-    result.map_err(Error::from)
+    result
 }
 
 /// The report of a run.
@@ -154,11 +174,7 @@ pub fn report(p: &Prepared, run: &EngineRun, threads: usize, wall: Duration) -> 
             waferscale::report::fmt::thousands(plan.offload_flops)
         ));
     }
-    let program: MeshProgram = if p.compiled.programs.len() > 1 {
-        p.compiled.cluster().concat().unwrap_or_else(|_| p.compiled.program().clone())
-    } else {
-        p.compiled.program().clone()
-    };
+    let program = program_of(p).unwrap_or_else(|_| p.compiled.program().clone());
     let mut report = engine::report::build(
         &program,
         run,
@@ -209,8 +225,26 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         FidelityArg::Fast => Fidelity::Fast,
     };
     let threads = cmd.threads.unwrap_or_else(default_threads).max(1);
-    let run = emulate(&p, fidelity, threads, cmd.json)?;
-    let report = report(&p, &run, threads, started.elapsed());
+    let trace_opts = waferscale::trace::TraceOptions {
+        budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),
+        window_cycles: cmd.trace_window,
+    };
+    let program = program_of(&p)?;
+    let spec = cmd.trace.as_ref().map(|_| waferscale::trace::spec_for(&program, &trace_opts));
+    let run = emulate(&p, fidelity, threads, cmd.json, spec)?;
+    let mut report = report(&p, &run, threads, started.elapsed());
+    if let Some(path) = &cmd.trace {
+        let header = waferscale::trace::TraceHeader::for_run(
+            &report.model,
+            report.workload.clone(),
+            &p.hw.name,
+            &report.mode,
+            &program,
+            &run,
+        );
+        let info = waferscale::trace::write(path, &header, &program, &run, &trace_opts)?;
+        report.notes.push(format!("{} written to {path}", info.message()));
+    }
     let text = if cmd.json { to_json(&report)? } else { report.to_text() };
     emit(&text, cmd.output.as_deref())
 }
