@@ -9,6 +9,7 @@ use waferscale::hw::{load_with_overrides, HwDoc, WaferHw};
 use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
 use waferscale::Error;
 
+mod compare;
 mod compile;
 mod demo;
 mod gpu;
@@ -71,6 +72,13 @@ pub enum Command {
         wafer run gpt3-175b --hw cs2 --mode weight-streaming --batch 1024 --seq 2048\n  \
         wafer run llama405.plan --fidelity detailed --threads 2")]
     Run(run::RunCmd),
+    /// The same graph on a wafer (engine) and on GPUs (GPU model), side by side.
+    #[command(after_help = "Examples:\n  \
+        wafer compare gpt-tiny --hw cs2 --mesh 64x64 --vs h100\n  \
+        wafer compare gpt2-small --hw cs2 --vs h100 --batch 8 --seq 1024\n  \
+        wafer compare gemv:16384x16384 --hw cs2 --mesh 420x420 --vs a100 --json\n  \
+        wafer compare llama-3-8b --hw cs3 --phase decode --vs dgx-h100 --vs-gpus 8")]
+    Compare(compare::CompareCmd),
     /// Print a saved plan (recompiled from the inputs it stores): the wafer map and the tables.
     #[command(
         after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower"
@@ -199,6 +207,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Compile(cmd) => compile::run(cmd),
         Command::Plan(cmd) => plan::run(cmd),
         Command::Run(cmd) => run::run(cmd),
+        Command::Compare(cmd) => compare::run(cmd),
         Command::Trace(cmd) => trace::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
