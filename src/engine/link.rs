@@ -53,21 +53,15 @@ impl Pace {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Interval {
-    start: u64,
-    end: u64,
-    units: u64,
-}
-
-/// The reservations of one link. Intervals are kept sorted by start; those that ended before the
-/// simulation's present are dropped.
+/// The reservations of one link as a step function of the capacity held: breakpoints (cycle, change
+/// in units) in cycle order, and the load before the first of them. Breakpoints at or before the
+/// simulation's present are folded into that base load, so a link only keeps its future.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     /// Most links hold at most a couple of reservations at a time: keep them inline.
-    iv: SmallVec<[Interval; 2]>,
-    /// Latest end of any interval held.
-    max_end: u64,
+    steps: SmallVec<[(u64, i64); 4]>,
+    /// Units held just before the first breakpoint.
+    base: u64,
 }
 
 impl Timeline {
@@ -75,51 +69,59 @@ impl Timeline {
     /// earliest cycle >= `t` where it fits. `now` is the simulation's present (nothing can start earlier).
     /// Returns the start.
     pub fn reserve(&mut self, t: u64, len: u64, units: u64, cap: u64, now: u64) -> u64 {
-        if !self.iv.is_empty() && self.iv[0].end <= now {
-            self.iv.retain(|i| i.end > now);
+        // Fold the past into the base load.
+        let past = self.steps.iter().take_while(|s| s.0 <= now).count();
+        if past > 0 {
+            let delta: i64 = self.steps[..past].iter().map(|s| s.1).sum();
+            self.base = (self.base as i64 + delta).max(0) as u64;
+            self.steps.drain(..past);
         }
         let units = units.min(cap);
         let len = len.max(1);
-        // Most links are idle when a train arrives: skip the search.
-        let start = if self.max_end <= t { t } else { self.earliest(t, len, units, cap) };
-        self.max_end = self.max_end.max(start + len);
-        let pos = self.iv.partition_point(|i| i.start <= start);
-        self.iv.insert(pos, Interval { start, end: start + len, units });
+        let start = self.earliest(t, len, cap - units);
+        self.add(start, units as i64);
+        self.add(start + len, -(units as i64));
         start
     }
 
-    fn earliest(&self, t: u64, len: u64, units: u64, cap: u64) -> u64 {
-        // Candidates: t itself, then ends of intervals (load only drops at ends).
-        let mut cand = t;
+    /// The earliest s >= t such that the load stays at or below `limit` over [s, s + len): one sweep.
+    fn earliest(&self, t: u64, len: u64, limit: u64) -> u64 {
+        let mut load = self.base as i64;
+        let mut i = 0;
+        // The load at t.
+        while i < self.steps.len() && self.steps[i].0 <= t {
+            load += self.steps[i].1;
+            i += 1;
+        }
+        let mut s = t;
         loop {
-            match self.blocking_end(cand, len, units, cap) {
-                None => return cand,
-                Some(next) => cand = next.max(cand + 1),
+            let seg_end = self.steps.get(i).map_or(u64::MAX, |st| st.0);
+            if load > limit as i64 {
+                // This segment is full: the window can start at its end at the earliest.
+                s = seg_end;
+            } else if s.saturating_add(len) <= seg_end {
+                return s;
             }
+            if i == self.steps.len() {
+                // Past the last breakpoint every reservation has ended.
+                return s;
+            }
+            load += self.steps[i].1;
+            i += 1;
         }
     }
 
-    /// If a train over [s, s+len) would exceed capacity, the earliest end of an interval overlapping
-    /// the overload (the next candidate start); None when it fits.
-    fn blocking_end(&self, s: u64, len: u64, units: u64, cap: u64) -> Option<u64> {
-        let e = s + len;
-        // Load changes only at interval starts; check it at s and at each start inside (s, e).
-        let starts =
-            std::iter::once(s).chain(self.iv.iter().map(|i| i.start).take_while(|&st| st < e).filter(|&st| st > s));
-        for p in starts {
-            let mut load = units;
-            let mut first_end = u64::MAX;
-            for i in self.iv.iter().take_while(|i| i.start <= p) {
-                if i.end > p {
-                    load += i.units;
-                    first_end = first_end.min(i.end);
+    fn add(&mut self, at: u64, delta: i64) {
+        let pos = self.steps.partition_point(|s| s.0 < at);
+        match self.steps.get_mut(pos) {
+            Some(s) if s.0 == at => {
+                s.1 += delta;
+                if s.1 == 0 {
+                    self.steps.remove(pos);
                 }
             }
-            if load > cap {
-                return Some(first_end);
-            }
+            _ => self.steps.insert(pos, (at, delta)),
         }
-        None
     }
 }
 

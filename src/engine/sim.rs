@@ -144,11 +144,39 @@ struct Train {
     len: u64,
     units: u64,
     nodes: Vec<Node>,
+    /// Children of each node (CSR): node i's are `kids[kid_start[i]..kid_start[i + 1]]`; index
+    /// `nodes.len()` stands for the root.
+    kids: Vec<u32>,
+    kid_start: Vec<u32>,
     /// Critical path at the send, the cycle of the send, and what transit and serialisation cost.
     path: Path,
     sent: u64,
     transit_res: Res,
     tail_res: Res,
+}
+
+/// Fills the children lists of a route tree, in node order (the root's at index `nodes.len()`),
+/// reusing the vectors' allocations (`fill` is scratch).
+fn children(nodes: &[Node], kids: &mut Vec<u32>, start: &mut Vec<u32>, fill: &mut Vec<u32>) {
+    let n = nodes.len();
+    let slot = |p: u32| if p == ROOT { n } else { p as usize };
+    start.clear();
+    start.resize(n + 2, 0);
+    for node in nodes {
+        start[slot(node.parent) + 1] += 1;
+    }
+    for i in 0..=n {
+        start[i + 1] += start[i];
+    }
+    fill.clear();
+    fill.extend_from_slice(start);
+    kids.clear();
+    kids.resize(n, 0);
+    for (i, node) in nodes.iter().enumerate() {
+        let k = slot(node.parent);
+        kids[fill[k] as usize] = i as u32;
+        fill[k] += 1;
+    }
 }
 
 impl Train {
@@ -161,6 +189,8 @@ impl Train {
             len: self.len,
             units: self.units,
             nodes: Vec::new(),
+            kids: Vec::new(),
+            kid_start: Vec::new(),
             path: self.path,
             sent: self.sent,
             transit_res: Res::InterWafer,
@@ -192,7 +222,10 @@ pub(crate) struct Shared<'p> {
     /// (partition, local index) of each port.
     port_home: Vec<(u32, u32)>,
     /// Route indices per color id (colors are small integers).
-    routes_by_color: Vec<Vec<u32>>,
+    /// Route lookup: per color and row, the sender spans (x0, x1 exclusive, route) sorted by x0.
+    routes_by_row: Vec<Vec<Vec<(u32, u32, u32)>>>,
+    /// Per port, its routes by color.
+    port_routes: Vec<SmallVec<[(ColorId, u32); 2]>>,
     /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced).
     recv_pace: Vec<SmallVec<[(ColorId, Pace, bool); 2]>>,
 }
@@ -244,16 +277,41 @@ impl<'p> Shared<'p> {
             port_home.push((part, per_part[part as usize]));
             per_part[part as usize] += 1;
         }
-        let mut routes_by_color: Vec<Vec<u32>> = Vec::new();
+        let mut routes_by_row: Vec<Vec<Vec<(u32, u32, u32)>>> = Vec::new();
+        let mut port_routes: Vec<SmallVec<[(ColorId, u32); 2]>> = vec![SmallVec::new(); prog.ports.len()];
         for (i, r) in prog.routes.iter().enumerate() {
             let c = r.color.0 as usize;
             if c >= 4096 {
                 return Err(EngineError::Program(format!("route {i} uses color {} (beyond any router)", r.color)));
             }
-            if routes_by_color.len() <= c {
-                routes_by_color.resize(c + 1, Vec::new());
+            match r.senders {
+                Senders::Pes(rect) => {
+                    if routes_by_row.len() <= c {
+                        routes_by_row.resize(c + 1, Vec::new());
+                    }
+                    let rows = &mut routes_by_row[c];
+                    if rows.is_empty() {
+                        rows.resize(links.height as usize, Vec::new());
+                    }
+                    for y in rect.y..(rect.y + rect.h).min(links.height) {
+                        rows[y as usize].push((rect.x, rect.x + rect.w, i as u32));
+                    }
+                }
+                Senders::Port(p) => match port_routes.get_mut(p.0 as usize) {
+                    Some(v) => v.push((r.color, i as u32)),
+                    None => {
+                        return Err(EngineError::Program(format!(
+                            "route {i} is sent by port {} which does not exist",
+                            p.0
+                        )))
+                    }
+                },
             }
-            routes_by_color[c].push(i as u32);
+        }
+        for rows in routes_by_row.iter_mut() {
+            for spans in rows.iter_mut() {
+                spans.sort_unstable();
+            }
         }
         let recv_pace = prog
             .templates
@@ -287,7 +345,8 @@ impl<'p> Shared<'p> {
             port_cap,
             port_pace,
             port_home,
-            routes_by_color,
+            routes_by_row,
+            port_routes,
             recv_pace,
         })
     }
@@ -373,8 +432,10 @@ pub(crate) struct Part {
     /// Continuations for other partitions, produced in this window.
     outbox: Vec<(u32, Cont)>,
     now: u64,
-    out_time: Vec<u64>,
+    walk_stack: Vec<(u32, u64)>,
     scratch: Vec<Node>,
+    scratch_kids: (Vec<u32>, Vec<u32>),
+    scratch_fill: Vec<u32>,
     pub totals: Totals,
     pub stats: Vec<AgentStats>,
     pub hop_unit_cycles: u128,
@@ -382,8 +443,6 @@ pub(crate) struct Part {
     /// Trace recording, when asked for.
     pub rec: Option<PartRecorder>,
 }
-
-const NOT_HERE: u64 = u64::MAX;
 
 impl Part {
     pub fn new(sh: &Shared, id: u32, trace: Option<&TraceSpec>) -> Part {
@@ -425,8 +484,10 @@ impl Part {
             conts: Vec::new(),
             outbox: Vec::new(),
             now: 0,
-            out_time: Vec::new(),
+            walk_stack: Vec::new(),
             scratch: Vec::new(),
+            scratch_kids: (Vec::new(), Vec::new()),
+            scratch_fill: Vec::new(),
             totals: Totals { io_bytes: vec![0; sh.prog.ports.len()], ..Totals::default() },
             stats: vec![AgentStats::default(); n_agents],
             hop_unit_cycles: 0,
@@ -687,11 +748,16 @@ impl Part {
             return Ok(*r);
         }
         let g = agent.id;
-        let candidates = sh.routes_by_color.get(c.0 as usize).map(Vec::as_slice).unwrap_or(&[]);
-        let found = candidates.iter().copied().find(|&r| match sh.prog.routes[r as usize].senders {
-            Senders::Pes(rect) => g < sh.n_pes && rect.contains(sh.links.coord(g)),
-            Senders::Port(p) => g == sh.n_pes + p.0,
-        });
+        let found = if g >= sh.n_pes {
+            sh.port_routes[(g - sh.n_pes) as usize].iter().find(|(k, _)| *k == c).map(|(_, r)| *r)
+        } else {
+            let at = sh.links.coord(g);
+            sh.routes_by_row.get(c.0 as usize).and_then(|rows| rows.get(at.y as usize)).and_then(|spans| {
+                // The last span starting at or before x, if it reaches x.
+                let i = spans.partition_point(|s| s.0 <= at.x);
+                spans[..i].iter().rev().find(|s| at.x < s.1).map(|s| s.2)
+            })
+        };
         let Some(r) = found else {
             return Err(EngineError::Program(format!(
                 "{} sends on color {c} but no route covers it",
@@ -764,11 +830,27 @@ impl Part {
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
         }
-        let train = Arc::new(Train { color: c, n, pace, len, units, nodes, path, sent: t, transit_res, tail_res });
+        let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
+        children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
+        let train = Arc::new(Train {
+            color: c,
+            n,
+            pace,
+            len,
+            units,
+            nodes,
+            kids,
+            kid_start,
+            path,
+            sent: t,
+            transit_res,
+            tail_res,
+        });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds it.
         if let Ok(t) = Arc::try_unwrap(train) {
             self.scratch = t.nodes;
+            self.scratch_kids = (t.kids, t.kid_start);
         }
         Ok(start + len)
     }
@@ -785,23 +867,18 @@ impl Part {
         root_in: Option<u64>,
     ) -> Result<(), EngineError> {
         let nodes = &train.nodes;
-        self.out_time.clear();
-        self.out_time.resize(nodes.len(), NOT_HERE);
+        let kids_of = |i: usize| &train.kids[train.kid_start[i] as usize..train.kid_start[i + 1] as usize];
+        // Depth first over this partition's part of the tree, each node with its head's arrival.
+        let mut stack = std::mem::take(&mut self.walk_stack);
+        stack.clear();
+        match root_in {
+            Some(t) => stack.extend(kids_of(nodes.len()).iter().rev().map(|&k| (k, t))),
+            None => stack.push((first, first_in)),
+        }
         let timing = &sh.prog.timing;
-        for (i, &node) in nodes.iter().enumerate().skip(first as usize) {
-            let t_in = if root_in.is_none() && i == first as usize {
-                first_in
-            } else if node.parent == ROOT {
-                match root_in {
-                    Some(t) => t,
-                    None => continue,
-                }
-            } else {
-                match self.out_time[node.parent as usize] {
-                    NOT_HERE => continue,
-                    t => t,
-                }
-            };
+        while let Some((i, t_in)) = stack.pop() {
+            let i = i as usize;
+            let node = nodes[i];
             let (owner, local) = sh.link_home(node.link);
             if owner != self.id {
                 self.outbox.push((owner, Cont { time: t_in, train: Arc::clone(train), node: i as u32 }));
@@ -824,7 +901,7 @@ impl Part {
                 };
                 rec.add(agent, metric, s, train.len, train.units);
             }
-            self.out_time[i] = out;
+            stack.extend(kids_of(i).iter().rev().map(|&k| (k, out)));
             match node.deliver {
                 Deliver::Hop => {
                     self.totals.wavelet_hops += train.n;
@@ -845,6 +922,7 @@ impl Part {
                 }
             }
         }
+        self.walk_stack = stack;
         Ok(())
     }
 
@@ -973,34 +1051,57 @@ fn sram_bound(timing: &crate::mesh::Timing, op: crate::hw::SimdOp) -> bool {
     (n as u128) < (timing.pe.simd.width(op) as u128) * (per as u128)
 }
 
-/// A sense-reversing spin barrier for the window loop (a window is one cycle, so waits are short).
+/// A sense-reversing barrier for the window loop: waiters spin briefly (a window is one cycle, so
+/// waits are usually short), then sleep on a condition variable, so a loaded machine that deschedules
+/// one worker does not leave the others burning their time slices.
 struct SpinBarrier {
     n: usize,
     count: AtomicUsize,
     sense: AtomicBool,
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    cv: std::sync::Condvar,
 }
+
+/// Spins before a waiter sleeps.
+const BARRIER_SPINS: u32 = 1 << 11;
 
 impl SpinBarrier {
     fn new(n: usize) -> SpinBarrier {
-        SpinBarrier { n, count: AtomicUsize::new(0), sense: AtomicBool::new(false) }
+        SpinBarrier {
+            n,
+            count: AtomicUsize::new(0),
+            sense: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cv: std::sync::Condvar::new(),
+        }
     }
 
     fn wait(&self, local_sense: &mut bool) {
         *local_sense = !*local_sense;
+        let want = *local_sense;
         if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
             self.count.store(0, Ordering::Release);
-            self.sense.store(*local_sense, Ordering::Release);
-        } else {
-            let mut spins = 0u32;
-            while self.sense.load(Ordering::Acquire) != *local_sense {
-                spins += 1;
-                if spins < 1 << 12 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.sense.store(want, Ordering::Release);
+            if self.sleepers.load(Ordering::Acquire) > 0 {
+                self.cv.notify_all();
             }
+            return;
         }
+        for _ in 0..BARRIER_SPINS {
+            if self.sense.load(Ordering::Acquire) == want {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.sleepers.fetch_add(1, Ordering::AcqRel);
+        while self.sense.load(Ordering::Acquire) != want {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        self.sleepers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1011,47 +1112,70 @@ fn lock(c: &Mutex<Part>) -> std::sync::MutexGuard<'_, Part> {
 /// `with(i, f)` runs `f` on partition `i`, however the caller holds the partitions.
 type WithPart<'a> = dyn FnMut(usize, &mut dyn FnMut(&mut Part)) + 'a;
 
-/// The window loop's shared bookkeeping: each partition's next event cycle and whether it has
-/// continuations to hand over.
+/// The window loop's bookkeeping: each partition's next event cycle (written by whoever ran it), and,
+/// kept by the coordinator between windows, a heap of (next cycle, partition) and the partitions
+/// active in the current window.
 struct Board {
-    next: Vec<AtomicU64>,
-    has_out: Vec<AtomicBool>,
+    /// Shared with the workers, who write their partitions' next cycles during a window.
+    next: Arc<Vec<AtomicU64>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
+    /// Partitions with events in the current window, in partition order.
+    active: Vec<u32>,
 }
 
 impl Board {
     fn new(parts: &mut [Part]) -> Board {
-        Board {
-            next: parts.iter_mut().map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX))).collect(),
-            has_out: parts.iter().map(|_| AtomicBool::new(false)).collect(),
+        let next: Vec<AtomicU64> =
+            parts.iter_mut().map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX))).collect();
+        let mut heap = std::collections::BinaryHeap::new();
+        for (i, n) in next.iter().enumerate() {
+            let t = n.load(Ordering::Relaxed);
+            if t != u64::MAX {
+                heap.push(std::cmp::Reverse((t, i as u32)));
+            }
         }
+        Board { next: Arc::new(next), heap, active: Vec::new() }
     }
 
-    fn window(&self) -> Option<u64> {
-        self.next.iter().map(|n| n.load(Ordering::Acquire)).min().filter(|&t| t != u64::MAX)
-    }
-
-    /// Runs partition `i`'s window at `t` if it has events then, and records what follows.
-    fn run(&self, sh: &Shared, i: usize, part: &mut Part, t: u64) {
-        if self.next[i].load(Ordering::Acquire) != t {
-            return;
-        }
-        part.window(sh, t);
-        self.next[i].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
-        if !part.outbox.is_empty() || part.error.is_some() {
-            self.has_out[i].store(true, Ordering::Release);
-        }
-    }
-
-    /// Between windows: the first error in partition order, then the hand-over of continuations in
-    /// (source partition, emission) order. `with(i, f)` runs `f` on partition `i`.
-    fn settle(&self, with: &mut WithPart) -> Result<(), EngineError> {
-        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
-        let mut error = None;
-        for i in 0..self.next.len() {
-            if !self.has_out[i].swap(false, Ordering::AcqRel) {
+    /// Picks the next window: its cycle, with `active` set to the partitions that have events then.
+    fn advance(&mut self) -> Option<u64> {
+        self.active.clear();
+        let mut window = None;
+        while let Some(&std::cmp::Reverse((t, p))) = self.heap.peek() {
+            // Entries whose partition has since moved are stale.
+            if self.next[p as usize].load(Ordering::Acquire) != t {
+                self.heap.pop();
                 continue;
             }
-            with(i, &mut |p: &mut Part| {
+            match window {
+                None => window = Some(t),
+                Some(w) if w != t => break,
+                _ => {}
+            }
+            self.heap.pop();
+            if self.active.last() != Some(&p) {
+                self.active.push(p);
+            }
+        }
+        self.active.sort_unstable();
+        self.active.dedup();
+        window
+    }
+
+    /// Runs partition `i`'s window at `t` and records its next event cycle.
+    fn run(&self, sh: &Shared, i: usize, part: &mut Part, t: u64) {
+        part.window(sh, t);
+        self.next[i].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    /// Between windows: the first error in partition order, the hand-over of continuations in
+    /// (source partition, emission) order, and the heap updated for every partition touched.
+    /// `with(i, f)` runs `f` on partition `i`.
+    fn settle(&mut self, with: &mut WithPart) -> Result<(), EngineError> {
+        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
+        let mut error = None;
+        for &i in &self.active {
+            with(i as usize, &mut |p: &mut Part| {
                 if let Some(e) = p.error.take() {
                     error.get_or_insert(e);
                 }
@@ -1066,14 +1190,25 @@ impl Board {
                 return Err(e);
             }
         }
+        for &i in &self.active {
+            let t = self.next[i as usize].load(Ordering::Acquire);
+            if t != u64::MAX {
+                self.heap.push(std::cmp::Reverse((t, i)));
+            }
+        }
         for (dest, conts) in inbound {
             let mut conts = Some(conts);
+            let next = &self.next;
             with(dest as usize, &mut |p: &mut Part| {
                 if let Some(c) = conts.take() {
                     p.accept(c);
                 }
-                self.next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
+                next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
             });
+            let t = self.next[dest as usize].load(Ordering::Acquire);
+            if t != u64::MAX {
+                self.heap.push(std::cmp::Reverse((t, dest)));
+            }
         }
         Ok(())
     }
@@ -1092,52 +1227,73 @@ pub(crate) fn run_parts(
         }
     };
     let threads = threads.clamp(1, parts.len().max(1));
-    let board = Board::new(parts);
+    let mut board = Board::new(parts);
     if threads == 1 {
         let mut end = 0;
-        while let Some(t) = board.window() {
+        while let Some(t) = board.advance() {
             end = t;
             publish(t);
-            for (i, p) in parts.iter_mut().enumerate() {
-                board.run(sh, i, p, t);
+            for &i in &board.active {
+                board.run(sh, i as usize, &mut parts[i as usize], t);
             }
             board.settle(&mut |i, f| f(&mut parts[i]))?;
         }
         return Ok(end);
     }
-    // Worker w runs the partitions `worker_of` gives it; worker 0 also settles between the two
-    // barriers of each round. Partition order, not thread timing, decides every hand-over.
+    // Worker w runs the active partitions `worker_of` gives it; worker 0 also settles and picks the
+    // next window between the two barriers of each round. Partition order, not thread timing,
+    // decides every hand-over.
     let cells: Vec<Mutex<Part>> = parts.drain(..).map(Mutex::new).collect();
     let barrier = SpinBarrier::new(threads);
     let window = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let outcome: Mutex<Result<u64, EngineError>> = Mutex::new(Ok(0));
-    match board.window() {
-        Some(t) => window.store(t, Ordering::Release),
-        None => stop.store(true, Ordering::Release),
+    // The active partitions of the window, per worker (written by worker 0 between barriers).
+    let mine: Vec<Mutex<Vec<u32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
+    let next = Arc::clone(&board.next);
+    let board = Mutex::new(board);
+    let distribute = |b: &Board| {
+        for (w, m) in mine.iter().enumerate() {
+            let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
+            v.clear();
+            v.extend(b.active.iter().copied().filter(|&i| sh.worker_of(i, threads) == w));
+        }
+    };
+    {
+        let mut b = board.lock().unwrap_or_else(|e| e.into_inner());
+        match b.advance() {
+            Some(t) => {
+                window.store(t, Ordering::Release);
+                distribute(&b);
+            }
+            None => stop.store(true, Ordering::Release),
+        }
     }
-    let owned: Vec<Vec<usize>> =
-        (0..threads).map(|w| (0..cells.len()).filter(|&i| sh.worker_of(i as u32, threads) == w).collect()).collect();
     std::thread::scope(|scope| {
-        for (w, mine) in owned.iter().enumerate() {
-            let (cells, barrier, window, stop, outcome, board) = (&cells, &barrier, &window, &stop, &outcome, &board);
+        for w in 0..threads {
+            let (cells, barrier, window, stop, outcome, board, mine, distribute, next) =
+                (&cells, &barrier, &window, &stop, &outcome, &board, &mine, &distribute, &next);
             scope.spawn(move || {
                 let mut sense = false;
+                let mut todo: Vec<u32> = Vec::new();
                 loop {
                     barrier.wait(&mut sense);
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
                     let t = window.load(Ordering::Acquire);
-                    for &i in mine {
-                        if board.next[i].load(Ordering::Acquire) == t {
-                            board.run(sh, i, &mut lock(&cells[i]), t);
-                        }
+                    todo.clear();
+                    todo.extend(mine[w].lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
+                    for &i in &todo {
+                        let mut part = lock(&cells[i as usize]);
+                        part.window(sh, t);
+                        next[i as usize].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
                     }
                     barrier.wait(&mut sense);
                     if w == 0 {
                         let mut out = outcome.lock().unwrap_or_else(|e| e.into_inner());
-                        match board.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
+                        let mut b = board.lock().unwrap_or_else(|e| e.into_inner());
+                        match b.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
                             Err(e) => {
                                 *out = Err(e);
                                 stop.store(true, Ordering::Release);
@@ -1145,8 +1301,11 @@ pub(crate) fn run_parts(
                             Ok(()) => {
                                 *out = Ok(t);
                                 publish(t);
-                                match board.window() {
-                                    Some(next) => window.store(next, Ordering::Release),
+                                match b.advance() {
+                                    Some(next) => {
+                                        window.store(next, Ordering::Release);
+                                        distribute(&b);
+                                    }
                                     None => stop.store(true, Ordering::Release),
                                 }
                             }
