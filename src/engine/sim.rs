@@ -1063,6 +1063,9 @@ struct SpinBarrier {
     cv: std::sync::Condvar,
 }
 
+/// Active partitions a window needs before worker 0 wakes the other workers for it.
+const PARALLEL_MIN_ACTIVE: usize = 6;
+
 /// Spins before a waiter sleeps.
 const BARRIER_SPINS: u32 = 1 << 11;
 
@@ -1240,39 +1243,19 @@ pub(crate) fn run_parts(
         }
         return Ok(end);
     }
-    // Worker w runs the active partitions `worker_of` gives it; worker 0 also settles and picks the
-    // next window between the two barriers of each round. Partition order, not thread timing,
-    // decides every hand-over.
+    // Worker 0 coordinates: it picks each window, runs small windows alone (the others sleep in the
+    // barrier), and fans a window out only when enough partitions are active to pay for waking the
+    // others. Every window is settled by worker 0 in partition order, so thread timing decides nothing.
     let cells: Vec<Mutex<Part>> = parts.drain(..).map(Mutex::new).collect();
     let barrier = SpinBarrier::new(threads);
     let window = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let outcome: Mutex<Result<u64, EngineError>> = Mutex::new(Ok(0));
-    // The active partitions of the window, per worker (written by worker 0 between barriers).
     let mine: Vec<Mutex<Vec<u32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let next = Arc::clone(&board.next);
-    let board = Mutex::new(board);
-    let distribute = |b: &Board| {
-        for (w, m) in mine.iter().enumerate() {
-            let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
-            v.clear();
-            v.extend(b.active.iter().copied().filter(|&i| sh.worker_of(i, threads) == w));
-        }
-    };
-    {
-        let mut b = board.lock().unwrap_or_else(|e| e.into_inner());
-        match b.advance() {
-            Some(t) => {
-                window.store(t, Ordering::Release);
-                distribute(&b);
-            }
-            None => stop.store(true, Ordering::Release),
-        }
-    }
-    std::thread::scope(|scope| {
-        for w in 0..threads {
-            let (cells, barrier, window, stop, outcome, board, mine, distribute, next) =
-                (&cells, &barrier, &window, &stop, &outcome, &board, &mine, &distribute, &next);
+    let fan_out_at = PARALLEL_MIN_ACTIVE.max(2 * threads);
+    let outcome = std::thread::scope(|scope| {
+        for w in 1..threads {
+            let (cells, barrier, window, stop, mine, next) = (&cells, &barrier, &window, &stop, &mine, &next);
             scope.spawn(move || {
                 let mut sense = false;
                 let mut todo: Vec<u32> = Vec::new();
@@ -1290,31 +1273,43 @@ pub(crate) fn run_parts(
                         next[i as usize].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
                     }
                     barrier.wait(&mut sense);
-                    if w == 0 {
-                        let mut out = outcome.lock().unwrap_or_else(|e| e.into_inner());
-                        let mut b = board.lock().unwrap_or_else(|e| e.into_inner());
-                        match b.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
-                            Err(e) => {
-                                *out = Err(e);
-                                stop.store(true, Ordering::Release);
-                            }
-                            Ok(()) => {
-                                *out = Ok(t);
-                                publish(t);
-                                match b.advance() {
-                                    Some(next) => {
-                                        window.store(next, Ordering::Release);
-                                        distribute(&b);
-                                    }
-                                    None => stop.store(true, Ordering::Release),
-                                }
-                            }
-                        }
-                    }
                 }
             });
         }
+        let mut sense = false;
+        let mut end = 0;
+        let result = loop {
+            let Some(t) = board.advance() else { break Ok(end) };
+            end = t;
+            let parallel = board.active.len() >= fan_out_at;
+            if parallel {
+                for (w, m) in mine.iter().enumerate() {
+                    let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
+                    v.clear();
+                    v.extend(board.active.iter().copied().filter(|&i| sh.worker_of(i, threads) == w));
+                }
+                window.store(t, Ordering::Release);
+                barrier.wait(&mut sense);
+            }
+            let todo: Vec<u32> =
+                if parallel { mine[0].lock().unwrap_or_else(|e| e.into_inner()).clone() } else { board.active.clone() };
+            for &i in &todo {
+                let mut part = lock(&cells[i as usize]);
+                part.window(sh, t);
+                next[i as usize].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
+            }
+            if parallel {
+                barrier.wait(&mut sense);
+            }
+            if let Err(e) = board.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
+                break Err(e);
+            }
+            publish(t);
+        };
+        stop.store(true, Ordering::Release);
+        barrier.wait(&mut sense);
+        result
     });
     *parts = cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
-    outcome.into_inner().unwrap_or_else(|e| e.into_inner())
+    outcome
 }
