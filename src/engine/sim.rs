@@ -428,7 +428,9 @@ pub(crate) struct Part {
     agents: Vec<Agent>,
     timelines: Vec<Timeline>,
     queue: RadixQueue<Ev>,
+    /// Continuations waiting for their cycle (a slab: `Ev::Cont` holds the index), and free slots.
     conts: Vec<Option<Cont>>,
+    free_conts: Vec<u32>,
     /// Continuations for other partitions, produced in this window.
     outbox: Vec<(u32, Cont)>,
     now: u64,
@@ -482,6 +484,7 @@ impl Part {
             timelines: vec![Timeline::default(); n_links],
             queue,
             conts: Vec::new(),
+            free_conts: Vec::new(),
             outbox: Vec::new(),
             now: 0,
             walk_stack: Vec::new(),
@@ -518,9 +521,15 @@ impl Part {
     /// Takes in continuations handed over at the end of the last window.
     fn accept(&mut self, conts: Vec<Cont>) {
         for c in conts {
-            let idx = self.conts.len() as u32;
+            let idx = match self.free_conts.pop() {
+                Some(i) => i,
+                None => {
+                    self.conts.push(None);
+                    self.conts.len() as u32 - 1
+                }
+            };
             let t = c.time;
-            self.conts.push(Some(c));
+            self.conts[idx as usize] = Some(c);
             self.queue.push(t, Ev::Cont(idx));
         }
     }
@@ -534,7 +543,7 @@ impl Part {
             let res = match ev {
                 Ev::Wake(a) => self.try_start(sh, a),
                 Ev::Done(a, k) => self.finish(sh, a, k),
-                Ev::Cont(i) => match self.conts[i as usize].take() {
+                Ev::Cont(i) => match self.conts[i as usize].take().inspect(|_| self.free_conts.push(i)) {
                     Some(c) => self.walk(sh, &c.train, c.node, c.time, None),
                     None => Ok(()),
                 },
@@ -543,9 +552,6 @@ impl Part {
                 self.error = Some(e);
                 return;
             }
-        }
-        if self.conts.iter().all(Option::is_none) {
-            self.conts.clear();
         }
     }
 
