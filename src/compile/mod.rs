@@ -30,7 +30,7 @@ use std::fmt;
 
 use crate::graph::Graph;
 use crate::hw::WaferHw;
-use crate::mesh::{Cluster, MeshProgram};
+use crate::mesh::{Cluster, MeshProgram, Phases};
 use crate::model::{DType, SingleOp};
 
 pub use file::{load_plan, PlanFile, PlanInputs, PLAN_VERSION};
@@ -88,23 +88,42 @@ impl Default for CompileOptions {
     }
 }
 
+/// How a compile's programs run together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One program on one wafer.
+    Single,
+    /// One program per wafer, run together (multi-wafer pipelined inference): `mesh::Cluster`.
+    Wafers,
+    /// Programs run one after the other on one wafer (weight-streaming training: forward, then
+    /// backward): `mesh::Phases`.
+    Phases,
+}
+
 /// The result of compiling: the printable plan and the program(s).
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub plan: Plan,
-    /// One program per wafer (one wafer unless `--wafers K`).
+    /// The programs: one, one per wafer, or one per phase (see `layout`).
     pub programs: Vec<MeshProgram>,
+    pub layout: Layout,
 }
 
 impl Compiled {
-    /// The program of a single-wafer compile.
+    /// The program of a single-program compile (the first of several).
     pub fn program(&self) -> &MeshProgram {
         &self.programs[0]
     }
-    /// The programs as a cluster (multi-wafer pipelined inference).
+    /// The programs as a cluster of wafers run together (multi-wafer pipelined inference).
     pub fn cluster(&self) -> Cluster {
         Cluster {
             wafers: self.programs.clone(),
+        }
+    }
+    /// The programs as phases run in turn on one wafer (weight-streaming training).
+    pub fn phases(&self) -> Phases {
+        Phases {
+            phases: self.programs.clone(),
         }
     }
 }
@@ -193,7 +212,8 @@ pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compile
         for (w, p) in compiled.programs.iter().enumerate() {
             let mut problems = verify_program(p);
             problems.extend(verify::verify_plan(g, &compiled.plan, w as u32));
-            if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.programs.len() == 1 {
+            let _ = Phases { phases: Vec::new() };
+            if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.layout != Layout::Wafers {
                 problems.extend(dry_run(p));
             }
             if !problems.is_empty() {

@@ -73,7 +73,42 @@ fn pack(mins: &[u32], work: &[u128], total: u128, a: u128, h: u32, w: u32, bands
 }
 
 /// Places the stages on `mesh`. Single ops take the whole mesh (Cannon a square).
-pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx) -> Result<Placement, CompileError> {
+/// The rows of `bands` bands: equal heights, or, when `align` lists the IO channels' rows, bottoms moved
+/// to the nearest channel row (a region's output row is then a channel row: its streams to the IO ports
+/// go straight along it). Returns (first row, height) per band.
+fn band_rows(h_all: u32, bands: u32, align: &[u32]) -> Vec<(u32, u32)> {
+    let h = h_all / bands;
+    let equal: Vec<(u32, u32)> = (0..bands).map(|b| (b * h, h)).collect();
+    if align.is_empty() {
+        return equal;
+    }
+    let mut out = Vec::new();
+    let mut start = 0u32;
+    for b in 0..bands {
+        let target = (b + 1) * h - 1;
+        let bottom = align
+            .iter()
+            .copied()
+            .filter(|&y| y + 1 >= start + 3)
+            .min_by_key(|&y| ((y as i64 - target as i64).abs(), y));
+        let Some(bottom) = bottom else { return equal };
+        // Keep the bands within a quarter of the equal height of each other, and the last one near the end.
+        if bottom + 1 < start + 3 || (bottom as i64 - target as i64).unsigned_abs() > (h / 4) as u64 {
+            return equal;
+        }
+        out.push((start, bottom + 1 - start));
+        start = bottom + 1;
+    }
+    out
+}
+
+pub(crate) fn place(
+    stages: &[Stage],
+    ios: &[StageIo],
+    mesh: MeshDims,
+    k: &KCtx,
+    align: &[u32],
+) -> Result<Placement, CompileError> {
     let (w_all, h_all) = (mesh.width, mesh.height);
     if stages.len() == 1 && is_single(&stages[0]) {
         let st = &stages[0];
@@ -96,7 +131,8 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
     let mut best: Option<(u128, u32, Vec<u32>, Vec<(u32, u32)>)> = None;
     let mut worst: Option<(usize, Misfit)> = None;
     for bands in 1..=MAX_BANDS.min(h_all / 3).max(1) {
-        let h = h_all / bands;
+        let rows = band_rows(h_all, bands, align);
+        let h = rows.iter().map(|r| r.1).min().unwrap_or(0);
         if h < 1 {
             break;
         }
@@ -117,6 +153,17 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
         }
         if !ok {
             continue;
+        }
+        if std::env::var("WAFER_DEBUG_PLACE").is_ok() && bands == 1 {
+            for (i, st) in stages.iter().enumerate() {
+                let t = kernel::tile(st, &ios[i], mins[i], h, k);
+                eprintln!(
+                    "{:<36} min width {:>5} {:?}",
+                    st.name,
+                    mins[i],
+                    t.map(|t| (t.algo, t.runs, t.sram_max)).ok()
+                );
+            }
         }
         // The largest target area that packs.
         let cap = bands as u128 * w_all as u128 * h as u128;
@@ -143,7 +190,8 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
             None => too_big(stages, ios, mesh, k),
         });
     };
-    let h = h_all / bands;
+    let rows = band_rows(h_all, bands, align);
+    let h = rows.iter().map(|r| r.1).min().unwrap_or(1);
     let mut rects = Vec::with_capacity(stages.len());
     let mut tilings = Vec::with_capacity(stages.len());
     for (i, st) in stages.iter().enumerate() {
@@ -152,13 +200,9 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
         let (band, x) = spots[i];
         // Snake: odd bands run right to left.
         let x = if band % 2 == 0 { x } else { w_all - x - wi };
-        let rect = Rect {
-            x,
-            y: band * h,
-            w: wi,
-            h,
-        };
-        let t = kernel::tile(st, &ios[i], wi, h, k).map_err(|m| misfit_error(st, &m, k, mesh))?;
+        let (y, hb) = rows[band as usize];
+        let rect = Rect { x, y, w: wi, h: hb };
+        let t = kernel::tile(st, &ios[i], wi, hb, k).map_err(|m| misfit_error(st, &m, k, mesh))?;
         rects.push(rect);
         tilings.push(t);
     }

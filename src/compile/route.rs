@@ -247,6 +247,24 @@ impl ColorBook {
         self.internal_at(i).count_ones() + self.ext_count[i] as u32
     }
 
+    /// The router ports of `c` that lead off the mesh (where IO ports attach).
+    fn off_mesh(&self, c: Coord) -> u8 {
+        let mut b = 0;
+        if c.x == 0 {
+            b |= W;
+        }
+        if c.x + 1 == self.mesh.width {
+            b |= E;
+        }
+        if c.y == 0 {
+            b |= N;
+        }
+        if c.y + 1 == self.mesh.height {
+            b |= S;
+        }
+        b
+    }
+
     /// True when a hop's train leaves the mesh (into a port): a delivery like the ramp's.
     fn exits(&self, h: &Hop) -> bool {
         (h.tx & W != 0 && h.at.x == 0)
@@ -269,7 +287,9 @@ impl ColorBook {
                 continue;
             }
             let (rx, tx) = ((rule & 31) as u8, (rule >> 5) as u8);
-            if tx != h.tx || h.tx & R != 0 || self.exits(h) || (h.rx & R != 0 && rx & R != 0) {
+            // Trains that start here (from the PE or from a port at the edge) need a color of their own.
+            let origin = R | self.off_mesh(h.at);
+            if tx != h.tx || h.tx & R != 0 || self.exits(h) || (h.rx & origin != 0 && rx & origin != 0) {
                 return false;
             }
         }

@@ -376,17 +376,28 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         if is_view(&op.kind) {
             on_wafer[o.idx()] = false;
         }
-        if mode == Mode::WeightStreaming && op.pass == Pass::Optimizer {
+        // Weight streaming: MemoryX applies the optimizer, and with it the scatter-add of embedding
+        // gradients and the sums of tied weights' gradients (the tables never sit on the wafer).
+        let to_memoryx = op.pass == Pass::Optimizer
+            || matches!(op.kind, OpKind::EmbeddingGrad { .. })
+            || (matches!(op.kind, OpKind::Add { .. }) && g.tensor(op.outputs[0]).role == Role::WeightGrad);
+        if mode == Mode::WeightStreaming && to_memoryx {
             on_wafer[o.idx()] = false;
             offload_ops.push(o);
             offload_flops += op.cost.flops;
         }
     }
     if !offload_ops.is_empty() {
+        let adam = offload_ops.iter().filter(|&&o| g.op(o).pass == Pass::Optimizer).count();
+        let other = offload_ops.len() - adam;
         notes.push(format!(
-            "the optimizer ({} Adam ops, {} FLOPs) runs in MemoryX: weight gradients leave through the IO ports",
-            offload_ops.len(),
-            offload_flops
+            "the optimizer ({adam} Adam ops{}, {offload_flops} FLOPs) runs in MemoryX: weight gradients leave through \
+             the IO ports",
+            if other > 0 {
+                format!(", with {other} embedding-gradient scatter-adds and tied-gradient sums")
+            } else {
+                String::new()
+            }
         ));
     }
     let layers = if mode == Mode::WeightStreaming {
@@ -536,6 +547,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
     let mut streams = Vec::new();
     let ctx = LinkCtx {
         g,
+        on_wafer: &on_wafer,
         producers: &producers,
         stage_of: &stage_of,
         fold: &fold,
@@ -950,6 +962,7 @@ pub(crate) fn work_flops(w: &Work) -> u64 {
 
 struct LinkCtx<'a> {
     g: &'a Graph,
+    on_wafer: &'a [bool],
     producers: &'a [Option<OpId>],
     stage_of: &'a [Option<StageId>],
     fold: &'a Fold,
@@ -1125,13 +1138,18 @@ impl LinkCtx<'_> {
             let st = &stages[sid];
             let grad = self.mode == Mode::WeightStreaming && tt.role == Role::WeightGrad && !consumed[t.idx()];
             let leaves = out_set.contains(&t) && tt.updates.is_none() && tt.role != Role::KvCache;
-            if !(grad || leaves) || seen.contains(&(sid, oslot)) {
+            // Read by an op that runs in MemoryX (an embedding gradient's rows).
+            let to_mx = tt.role != Role::WeightGrad
+                && g.op_ids().any(|o| !self.on_wafer[o.idx()] && g.op(o).inputs.contains(&t) && !matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. }));
+            if !(grad || leaves || to_mx) || seen.contains(&(sid, oslot)) {
                 continue;
             }
             seen.insert((sid, oslot));
             let it = self.producers[t.idx()].map_or(0, |p| if st.lp == Loop::Once { 0 } else { fold.iter[p.idx()] });
             let (peer, first, count) = if grad {
                 (PeerKind::SwarmX, 0, st.iters)
+            } else if to_mx {
+                (PeerKind::MemoryX, 0, st.iters)
             } else {
                 (PeerKind::Host, it, 1)
             };

@@ -5,9 +5,11 @@
 //! values are positive and consistent, and every error names the file and the dotted key.
 //! Every value in a shipped file carries its source in a comment.
 
+mod cluster;
 mod load;
 mod wafer;
 
+pub use cluster::ClusterHw;
 pub use load::{apply_override, decode, kind, load_doc, load_with_overrides, HwDoc};
 pub use wafer::{Fabric, IoPlacement, IoSpec, MemoryX, MeshDims, PeSpec, SimdOp, SimdTable, SwarmX, WaferHw};
 

@@ -358,7 +358,18 @@ pub struct Cluster {
     pub wafers: Vec<MeshProgram>,
 }
 
-/// Version of the program semantics above (2: `Need::After`, `Send::runs`).
+/// A step run as phases, one after the other, on the same wafer: weight-streaming training runs its
+/// forward pass (every layer, the whole wafer) and then its backward pass (the whole wafer again).
+/// Each phase is a complete program run to completion before the next starts; nothing stays in SRAM
+/// from one phase to the next (data that crosses phases goes out to MemoryX and comes back), and the
+/// step takes the sum of the phases' cycles. The graph's FLOPs are the sum of the phases' `graph_flops`.
+/// Added by the compiler issue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Phases {
+    pub phases: Vec<MeshProgram>,
+}
+
+/// Version of the program semantics above (2: `Need::After`, `Send::runs`, `Phases`).
 pub const PROGRAM_VERSION: u32 = 2;
 
 impl MeshProgram {
