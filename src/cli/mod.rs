@@ -51,7 +51,9 @@ pub enum Command {
         wafer compile llama-3-70b --hw cs3 --phase decode --wafers 4")]
     Compile(compile::CompileCmd),
     /// Print a saved plan (recompiled from the inputs it stores): the wafer map and the tables.
-    #[command(after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower")]
+    #[command(
+        after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower"
+    )]
     Plan(plan::PlanCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
@@ -148,7 +150,9 @@ impl HwFlags {
 /// Pretty JSON of a report type, with a final newline.
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Error> {
     let mut s = serde_json::to_string_pretty(v).map_err(|e| {
-        Error::Compile(waferscale::compile::CompileError::Internal(format!("cannot serialise: {e}")))
+        Error::Compile(waferscale::compile::CompileError::Internal(format!(
+            "cannot serialise: {e}"
+        )))
     })?;
     s.push('\n');
     Ok(s)

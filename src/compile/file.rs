@@ -79,7 +79,9 @@ impl PlanInputs {
             }
         };
         let hw_toml = toml::to_string(&doc.tree).map_err(|e| {
-            Error::Compile(CompileError::Internal(format!("cannot write the hardware description: {e}")))
+            Error::Compile(CompileError::Internal(format!(
+                "cannot write the hardware description: {e}"
+            )))
         })?;
         Ok(PlanInputs {
             model: model_arg.to_string(),

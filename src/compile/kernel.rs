@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use crate::hw::{PeSpec, SimdOp};
-use crate::mesh::{ColorId, Coord, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, TaskIdx, Task};
+use crate::mesh::{ColorId, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
 
 use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
 
@@ -43,9 +43,6 @@ impl Frame {
     /// Compute rows.
     pub fn rc(&self) -> u32 {
         self.h - self.io_in as u32 - self.io_out as u32
-    }
-    pub fn pes(&self) -> u64 {
-        self.rc() as u64 * self.w as u64
     }
 }
 
@@ -100,13 +97,9 @@ pub(crate) struct Tiling {
     pub algo: Algo,
     /// Compute runs per iteration.
     pub runs: u32,
-    /// Fan-in group (trees, row reductions).
-    pub group: u32,
+    /// Data SRAM bytes per PE of the largest PE class.
     pub sram_max: u64,
-    pub sram_mean: u64,
-    pub sram_class: String,
     pub reason: String,
-    pub internal_colors: u32,
     /// Input gateway columns (one per non-banded input slot).
     pub gateways: u32,
     /// Weight tiles streamed in per iteration: 2 double-buffered (the next layer's load overlaps this
@@ -307,7 +300,12 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     }
     // Preferred first: the largest at or below the target (and the soft cap), then larger ones
     // (smaller chunks, for SRAM).
-    let best = out.iter().copied().filter(|&r| r <= TARGET_RUNS.min(soft)).max().unwrap_or(1);
+    let best = out
+        .iter()
+        .copied()
+        .filter(|&r| r <= TARGET_RUNS.min(soft))
+        .max()
+        .unwrap_or(1);
     let mut order = vec![best];
     order.extend(out.iter().copied().filter(|&r| r > best));
     order
@@ -356,7 +354,7 @@ struct Chooser<'a> {
 }
 
 impl Chooser<'_> {
-    fn consider(&mut self, algo: Algo, runs: u32, group: u32, sram: u64, class: String, reason: String) {
+    fn consider(&mut self, algo: Algo, runs: u32, sram: u64, class: String, reason: String) {
         let gathered = self.io.gathered.iter().filter(|&&g| g).count() as u32;
         let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + 2 * gathered;
         if sram <= self.k.avail && colors <= self.k.colors {
@@ -365,12 +363,8 @@ impl Chooser<'_> {
                     frame: self.frame,
                     algo,
                     runs,
-                    group,
                     sram_max: sram,
-                    sram_mean: sram,
-                    sram_class: class,
                     reason,
-                    internal_colors: colors,
                     gateways: self.gateways,
                     wbuf: self.wbuf,
                 });
@@ -428,7 +422,12 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s.kind, SlotKind::Stored { .. }))
-            .map(|(i, s)| share(s.values * s.elem_bytes * io.stored_copies.get(i).copied().unwrap_or(1), pes))
+            .map(|(i, s)| {
+                share(
+                    s.values * s.elem_bytes * io.stored_copies.get(i).copied().unwrap_or(1),
+                    pes,
+                )
+            })
             .sum()
     };
     let held_share = |pes: u64, skip: Option<usize>| -> u64 {
@@ -497,14 +496,17 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         + fresh_b;
                     // Broadcast: every PE owns whole-k columns; no reduction.
                     let s3 = split(cols, p);
-                    let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
+                    let tile_b = if b_other > 0 {
+                        share(b_other, p)
+                    } else {
+                        kk * s3.max() * eb
+                    };
                     let bcast = wbuf as u64 * tile_b + rr * s3.max() * eb + common;
                     let bcast_ok = no_split_k || s3.q > 0;
                     if bcast_ok && bcast <= k.avail {
                         ch.consider(
                             Algo::GemvBroadcast,
                             runs,
-                            1,
                             bcast,
                             format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
                             format!(
@@ -521,7 +523,11 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                     if !no_split_k && rc > 1 && kk >= tr.compute_rows() {
                         let kr = split(kk, tr.compute_rows());
                         let nc = split(cols, c);
-                        let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
+                        let tile_t = if b_other > 0 {
+                            share(b_other, p)
+                        } else {
+                            kr.max() * nc.max() * eb
+                        };
                         let fan = FanIn { n: rc, g: tr.g };
                         // Compute PEs stream their partial sums out as they finish each row.
                         let tree = wbuf as u64 * tile_t + 2 * nc.max() * eb + common;
@@ -533,7 +539,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         ch.consider(
                             Algo::GemvTree,
                             runs,
-                            fan.g as u32,
                             tree,
                             format!("compute PE (tile {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
                             format!(
@@ -549,7 +554,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         ch.consider(
                             Algo::GemvBroadcast,
                             runs,
-                            1,
                             bcast,
                             format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
                             format!(
@@ -592,7 +596,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::Summa,
                     runs,
-                    1,
                     sram,
                     format!("compute PE (block {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
                     format!(
@@ -618,12 +621,17 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 let slice = tr.max() * wc.max() * eb;
                 let cs = colsum.map_or(0, |o| 4 * wc.max() * st.outputs[o].values.div_ceil(width.max(1)));
                 // The paced input kept until the elementwise pass, the output, the statistics.
-                let sram = 2 * slice + live_other(runs as u64, None, rc * ce) + tr.max() * 8 + cs + stored(rc * ce) + held_share(rc, None).min(8 * wc.max() * eb) + small_weights(None).min(4 * wc.max() * eb);
+                let sram = 2 * slice
+                    + live_other(runs as u64, None, rc * ce)
+                    + tr.max() * 8
+                    + cs
+                    + stored(rc * ce)
+                    + held_share(rc, None).min(8 * wc.max() * eb)
+                    + small_weights(None).min(4 * wc.max() * eb);
                 let fan = FanIn::new(ce);
                 ch.consider(
                     Algo::RowReduce,
                     runs,
-                    fan.g as u32,
                     sram,
                     format!("compute PE ({} rows x {} columns per run)", tr.max(), wc.max()),
                     format!(
@@ -638,23 +646,41 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             }
         }
         Work::Elementwise {
-            main, rows, width, accumulate, ..
+            main,
+            rows,
+            width,
+            accumulate,
+            ..
         } => {
             for &runs in &runs_list {
-                let outs: u64 = st.outputs.iter().map(|o| share(o.values * o.elem_bytes / runs as u64, p)).sum();
+                let outs: u64 = st
+                    .outputs
+                    .iter()
+                    .map(|o| share(o.values * o.elem_bytes / runs as u64, p))
+                    .sum();
                 let acc = if accumulate {
                     st.outputs.iter().map(|o| share(o.values * o.elem_bytes, p)).sum()
                 } else {
                     0
                 };
-                let main_buf = main.map_or(0, |m| share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p));
-                let sram = main_buf + live_other(runs as u64, main, p) + outs + acc + stored(p) + held_share(p, None) + small_weights(None);
+                let main_buf = main.map_or(0, |m| {
+                    share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p)
+                });
+                let sram = main_buf
+                    + live_other(runs as u64, main, p)
+                    + outs
+                    + acc
+                    + stored(p)
+                    + held_share(p, None)
+                    + small_weights(None);
                 ch.consider(
                     Algo::Elementwise,
                     runs,
-                    1,
                     sram,
-                    format!("compute PE ({} elements per run)", (rows * width / runs as u64).div_ceil(p)),
+                    format!(
+                        "compute PE ({} elements per run)",
+                        (rows * width / runs as u64).div_ceil(p)
+                    ),
                     format!("{} elements per run spread over {p} PEs", rows * width / runs as u64),
                 );
                 if ch.done() {
@@ -668,7 +694,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::Elementwise,
                     runs,
-                    1,
                     2 * share(v * eb, p),
                     "compute PE".into(),
                     "rows looked up in MemoryX stream in and on (a relay)".into(),
@@ -687,7 +712,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::LookupTree,
                     runs,
-                    fan.g as u32,
                     sram,
                     format!("compute PE (table share, {rr} rows per run)"),
                     format!(
@@ -709,7 +733,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::GemvTree,
                 1,
-                fan.g as u32,
                 sram,
                 format!("compute PE (tile {} x {})", kr.max(), nc.max()),
                 format!(
@@ -726,7 +749,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::Cannon,
                 1,
-                1,
                 sram,
                 format!("compute PE (blocks {} x {} x {})", mi.max(), kb, nj.max()),
                 format!("square {q} x {q} grid: A and B blocks shift through interleaved rings (at most two hops per step), C stays put"),
@@ -735,7 +757,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
         Work::SingleAdd { n } => {
             ch.consider(
                 Algo::Local,
-                1,
                 1,
                 3 * share(n * eb, p),
                 "compute PE".into(),
@@ -746,7 +767,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::AllReduceTree,
                 1,
-                FanIn::new(rc.max(c)).g as u32,
                 2 * elems * eb,
                 "compute PE (the whole buffer)".into(),
                 "every PE holds the buffer: columns reduce down, the bottom row reduces west, the sum is multicast \
@@ -826,7 +846,16 @@ fn send(color: ColorId, wavelets: u64, streamed: bool) -> Send {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn task(name: &str, needs: Vec<Need>, op: SimdOp, elems: u64, paced: Option<ColorId>, sends: Vec<Send>, repeat: u32, flops: u64) -> Task {
+fn task(
+    name: &str,
+    needs: Vec<Need>,
+    op: SimdOp,
+    elems: u64,
+    paced: Option<ColorId>,
+    sends: Vec<Send>,
+    repeat: u32,
+    flops: u64,
+) -> Task {
     Task {
         name: name.to_string(),
         needs,
@@ -927,9 +956,13 @@ impl<'a> Prog<'a> {
             while j < cols.len() && cols[j].0 == cols[j - 1].0 + 1 && cols[j].1 == cols[i].1 {
                 j += 1;
             }
-            self.code.templates.push((format!("{}.out", self.st.name), cols[i].1.clone(), 0));
+            self.code
+                .templates
+                .push((format!("{}.out", self.st.name), cols[i].1.clone(), 0));
             let t = self.code.templates.len() - 1;
-            self.code.tiles.push((self.rect_abs(hy, cols[i].0, 1, cols[j - 1].0 - cols[i].0 + 1), t));
+            self.code
+                .tiles
+                .push((self.rect_abs(hy, cols[i].0, 1, cols[j - 1].0 - cols[i].0 + 1), t));
             i = j;
         }
     }
@@ -967,13 +1000,6 @@ impl<'a> Prog<'a> {
     fn repeat(&self, runs_per_iter: u32) -> u32 {
         runs_per_iter * self.iters
     }
-    /// Absolute coordinate of region (row y, column x).
-    fn at(&self, y: u32, x: u32) -> Coord {
-        Coord {
-            x: self.rect.x + x,
-            y: self.rect.y + y,
-        }
-    }
     fn rect_abs(&self, y: u32, x: u32, h: u32, w: u32) -> Rect {
         Rect {
             x: self.rect.x + x,
@@ -1002,10 +1028,7 @@ impl<'a> Prog<'a> {
         for (ra, rb, rk) in &rows {
             for (ca, cb, ck) in &cols {
                 let key = ([vec![tag.len() as u64], rk.clone()].concat(), ck.clone());
-                let key = (
-                    key.0.into_iter().chain(tag.bytes().map(|b| b as u64)).collect(),
-                    key.1,
-                );
+                let key = (key.0.into_iter().chain(tag.bytes().map(|b| b as u64)).collect(), key.1);
                 let tid = match self.template_of.get(&key) {
                     Some(t) => *t,
                     None => {
@@ -1064,7 +1087,9 @@ impl<'a> Prog<'a> {
             if pe.tasks.is_empty() {
                 continue;
             }
-            self.code.templates.push((format!("{}.in{s}", self.st.name), pe.tasks, 0));
+            self.code
+                .templates
+                .push((format!("{}.in{s}", self.st.name), pe.tasks, 0));
             let t = self.code.templates.len() - 1;
             self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
             let r = self.rect_abs(0, col, 1, 1);
@@ -1100,7 +1125,9 @@ impl<'a> Prog<'a> {
                     if pe.tasks.is_empty() {
                         continue;
                     }
-                    self.code.templates.push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
+                    self.code
+                        .templates
+                        .push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
                     let t = self.code.templates.len() - 1;
                     self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
                     let r = self.rect_abs(0, col, 1, 1);
@@ -1136,7 +1163,11 @@ impl<'a> Prog<'a> {
         if !self.iface.wband_rows {
             return 0;
         }
-        self.iface.wbands.iter().position(|&(a, b)| r >= a && r < b).unwrap_or(0)
+        self.iface
+            .wbands
+            .iter()
+            .position(|&(a, b)| r >= a && r < b)
+            .unwrap_or(0)
     }
 
     /// Weight band of column c (column bands), else 0.
@@ -1144,7 +1175,11 @@ impl<'a> Prog<'a> {
         if self.iface.wband_rows {
             return 0;
         }
-        self.iface.wbands.iter().position(|&(a, b)| c >= a && c < b).unwrap_or(0)
+        self.iface
+            .wbands
+            .iter()
+            .position(|&(a, b)| c >= a && c < b)
+            .unwrap_or(0)
     }
 
     /// Input tasks common to every working compute PE, before its compute chain: weight loads, stores,
@@ -1211,10 +1246,7 @@ impl<'a> Prog<'a> {
 
     /// Iterations of the stage for which slot s receives data (all, or fewer for data saved ahead).
     fn fed_iters(&self, s: usize) -> u32 {
-        let per_feed: u32 = self.iface.feeds[s]
-            .iter()
-            .map(|f| f.repeat)
-            .sum::<u32>();
+        let per_feed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
         // Feeds count sender runs; convert to iterations via the per-iteration wavelets.
         let sl = &self.st.inputs[s];
         let per_iter = wl(sl.values, sl.elem_bytes).max(1);
@@ -1463,8 +1495,12 @@ fn prog_bcast(p: &mut Prog) {
     let s3 = Flat::new(cols, rc, c);
     let wa = p.slot_w(a, runs);
     let rep = p.repeat(runs);
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![s3.row_kind(r), p.wband_r(r as u32) as u64]).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64]).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| vec![s3.row_kind(r), p.wband_r(r as u32) as u64])
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64])
+        .collect();
     let (g1, _) = p.gc(out);
     let _ = b;
     p.grid(f.row0(), &row_kinds, &col_kinds, "mm", |p, rk, ck| {
@@ -1582,7 +1618,9 @@ impl Tree {
     /// Streams a leader or the root adds per run.
     fn sources(&self, r: u64) -> u64 {
         match self.role(r) {
-            1 => (0..r).filter(|&x| self.role(x) == 0 && self.target(x) == Some(r)).count() as u64,
+            1 => (0..r)
+                .filter(|&x| self.role(x) == 0 && self.target(x) == Some(r))
+                .count() as u64,
             2 => (0..r)
                 .filter(|&x| self.role(x) == 1 || (self.role(x) == 0 && self.target(x).is_none()))
                 .count() as u64,
@@ -1621,7 +1659,13 @@ fn prog_tree(p: &mut Prog) {
         .map(|r| {
             let role = tree.role(r);
             let big = role == 0 && tree.compute_index(r) < kr.r;
-            vec![role, tree.sources(r), big as u64, tree.target(r).is_some() as u64, p.wband_r(r as u32) as u64]
+            vec![
+                role,
+                tree.sources(r),
+                big as u64,
+                tree.target(r).is_some() as u64,
+                p.wband_r(r as u32) as u64,
+            ]
         })
         .collect();
     let col_kinds: Vec<Vec<u64>> = (0..c)
@@ -1650,7 +1694,8 @@ fn prog_tree(p: &mut Prog) {
                 rep,
                 bias_flops,
             ));
-            pe.sram = (sources.min(rr) + 1) * n_c * eb;
+            // One accumulator row and one arriving row: partial sums stream through row by row.
+            pe.sram = 2 * n_c * eb;
             return Some((format!("{}.tree{role}", st.name), pe));
         }
         let k_r = kr.q + rk[2];
@@ -1729,8 +1774,12 @@ fn prog_summa(p: &mut Prog) {
     let rep = p.repeat(runs);
     let (g1, _) = p.gc(out);
     let g1b = bias_out.map(|b| p.gc(b).0);
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64]).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64]).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64])
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64])
+        .collect();
     // The main (paced) operand is dy unless dy is stored and x is not.
     let (main, other) = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live {
         (dy, x)
@@ -1749,16 +1798,43 @@ fn prog_summa(p: &mut Prog) {
         let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c);
         let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
-        let acc = pe.push(task("acc", needs, fmac(eb), rr * k_r * n_c, Some(p.rc(main)), vec![], rep, 2 * rr * k_r * n_c));
+        let acc = pe.push(task(
+            "acc",
+            needs,
+            fmac(eb),
+            rr * k_r * n_c,
+            Some(p.rc(main)),
+            vec![],
+            rep,
+            2 * rr * k_r * n_c,
+        ));
         let mut last = acc;
         if let (true, Some(_)) = (first_row, bias_out) {
-            last = pe.push(task("dbias", vec![done(acc, 1)], arith(eb), rr * n_c, None, vec![], rep, rr * n_c));
+            last = pe.push(task(
+                "dbias",
+                vec![done(acc, 1)],
+                arith(eb),
+                rr * n_c,
+                None,
+                vec![],
+                rep,
+                rr * n_c,
+            ));
         }
         let mut sends = vec![send(g1, wl(k_r * n_c, eb), false)];
         if let (true, Some(gb)) = (first_row, g1b) {
             sends.push(send(gb, wl(n_c, eb), false));
         }
-        let emit = pe.push(task("emit", vec![done(last, runs)], mov(eb), k_r * n_c, None, sends, p.iters, 0));
+        let emit = pe.push(task(
+            "emit",
+            vec![done(last, runs)],
+            mov(eb),
+            k_r * n_c,
+            None,
+            sends,
+            p.iters,
+            0,
+        ));
         pe.tasks[acc].needs.push(after(emit, 0, 1, runs as u64));
         if last != acc {
             pe.tasks[acc].needs.push(after(last, 0, 1, 1));
@@ -1802,13 +1878,24 @@ fn prog_rowreduce(p: &mut Prog) {
     let (r1, r2, rb) = (p.ac(0), p.ac(1), p.ac(2));
     let rcol = p.ac(3);
     // Work per element: the reduction pass (stats) and the elementwise pass (apply).
-    let (c_apply, c_stats) = if out.is_some() { (1, per_elem - 1) } else { (0, per_elem) };
+    let (c_apply, c_stats) = if out.is_some() {
+        (1, per_elem - 1)
+    } else {
+        (0, per_elem)
+    };
     let active_rows = rc.min(rr);
     let cs_per_col = colsum.map_or(0, |o| st.outputs[o].values / width.max(1));
     // Column positions mirrored so that the fan-in converges west to column 0.
     let pos = |cc: u64| c - 1 - cc;
     let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| vec![(r < tr.r) as u64, (tr.at(r) == 0) as u64, (r == 0) as u64, (r == active_rows.saturating_sub(1)) as u64])
+        .map(|r| {
+            vec![
+                (r < tr.r) as u64,
+                (tr.at(r) == 0) as u64,
+                (r == 0) as u64,
+                (r == active_rows.saturating_sub(1)) as u64,
+            ]
+        })
         .collect();
     let col_kinds: Vec<Vec<u64>> = (0..c)
         .map(|cc| {
@@ -2042,10 +2129,18 @@ fn prog_elementwise(p: &mut Prog) {
         .map(|o| Flat::new(o.values / out_runs as u64, rc, c))
         .collect();
     let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| std::iter::once(e.row_kind(r)).chain(outs.iter().map(|o| o.row_kind(r))).collect())
+        .map(|r| {
+            std::iter::once(e.row_kind(r))
+                .chain(outs.iter().map(|o| o.row_kind(r)))
+                .collect()
+        })
         .collect();
     let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| std::iter::once(e.col_kind(cc)).chain(outs.iter().map(|o| o.col_kind(cc))).collect())
+        .map(|cc| {
+            std::iter::once(e.col_kind(cc))
+                .chain(outs.iter().map(|o| o.col_kind(cc)))
+                .collect()
+        })
         .collect();
     let gathered: Vec<Option<ColorId>> = (0..st.outputs.len())
         .map(|o| p.iface.outs.get(o).filter(|x| x.gathered).map(|_| p.gc(o).0))
@@ -2057,7 +2152,11 @@ fn prog_elementwise(p: &mut Prog) {
     };
     p.grid(f.row0(), &row_kinds, &col_kinds, "ew", |p, rk, ck| {
         let n = pick(&e, rk[0], ck[0]);
-        let shares: Vec<u64> = outs.iter().enumerate().map(|(i, o)| pick(o, rk[i + 1], ck[i + 1])).collect();
+        let shares: Vec<u64> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| pick(o, rk[i + 1], ck[i + 1]))
+            .collect();
         if n == 0 && shares.iter().all(|&s| s == 0) {
             return Some((format!("{}.idle", st.name), p.drain(0, runs)));
         }
@@ -2074,19 +2173,45 @@ fn prog_elementwise(p: &mut Prog) {
             shares
                 .iter()
                 .enumerate()
-                .filter_map(|(o, &v)| gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false)))
+                .filter_map(|(o, &v)| {
+                    gathered[o]
+                        .filter(|_| v > 0)
+                        .map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                })
                 .collect()
         };
         let op = if per_elem == 0 { mov(eb) } else { arith(eb) };
-        let ew = pe.push(task("ew", needs, op, (n * per_elem.max(1)).max(1), main.map(|m| p.rc(m)), sends, rep, n * per_elem));
+        let ew = pe.push(task(
+            "ew",
+            needs,
+            op,
+            (n * per_elem.max(1)).max(1),
+            main.map(|m| p.rc(m)),
+            sends,
+            rep,
+            n * per_elem,
+        ));
         let mut last = ew;
         if accumulate {
             let sends: Vec<Send> = shares
                 .iter()
                 .enumerate()
-                .filter_map(|(o, &v)| gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false)))
+                .filter_map(|(o, &v)| {
+                    gathered[o]
+                        .filter(|_| v > 0)
+                        .map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                })
                 .collect();
-            let emit = pe.push(task("emit", vec![done(ew, runs)], mov(eb), shares.iter().sum::<u64>(), None, sends, p.iters, 0));
+            let emit = pe.push(task(
+                "emit",
+                vec![done(ew, runs)],
+                mov(eb),
+                shares.iter().sum::<u64>(),
+                None,
+                sends,
+                p.iters,
+                0,
+            ));
             pe.tasks[ew].needs.push(after(emit, 0, 1, runs as u64));
             last = emit;
         }
@@ -2098,7 +2223,9 @@ fn prog_elementwise(p: &mut Prog) {
     for (o, fl) in outs.iter().enumerate() {
         let fl = *fl;
         let vals = move |r: u32, cc: u32| fl.at(r as u64, cc as u64);
-        let rws: Vec<u32> = (0..rc as u32).filter(|&r| (0..c).any(|cc| fl.at(r as u64, cc) > 0)).collect();
+        let rws: Vec<u32> = (0..rc as u32)
+            .filter(|&r| (0..c).any(|cc| fl.at(r as u64, cc) > 0))
+            .collect();
         p.gather(o, out_runs, &rws, &vals);
     }
 }
@@ -2119,11 +2246,15 @@ fn prog_lookup(p: &mut Prog) {
     let (t1, t2) = (p.ac(0), p.ac(1));
     let (g1, _) = p.gc(out);
     let wi = p.slot_w(ids, runs);
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| {
-        let (role, gs) = fan.role(r);
-        vec![role, gs]
-    }).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64]).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = fan.role(r);
+            vec![role, gs]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64])
+        .collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "look", |p, rk, ck| {
         let (role, gs) = (rk[0], rk[1]);
         let w_c = wc.q + ck[0];
@@ -2149,7 +2280,16 @@ fn prog_lookup(p: &mut Prog) {
                 _ if fan.ngroups() == 1 => vec![send(g1, w_p, false)],
                 _ => vec![],
             };
-            last = pe.push(task("sel1", vec![recv(t1, (gs - 1) * w_p), done(last, 1)], mov(eb), (gs - 1) * rr * w_c, Some(t1), sends, rep, 0));
+            last = pe.push(task(
+                "sel1",
+                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                mov(eb),
+                (gs - 1) * rr * w_c,
+                Some(t1),
+                sends,
+                rep,
+                0,
+            ));
         }
         if role == 2 && fan.ngroups() > 1 {
             last = pe.push(task(
@@ -2174,9 +2314,25 @@ fn prog_lookup(p: &mut Prog) {
         let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
         if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
+            p.route(
+                t1,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (fan.leader_of(r) - r) as u32,
+                    multicast: false,
+                },
+            );
         } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+            p.route(
+                t2,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (rc - 1 - r) as u32,
+                    multicast: false,
+                },
+            );
         }
     }
     let vals = move |_r: u32, cc: u32| rr * wc.at(cc as u64);
@@ -2198,11 +2354,15 @@ fn prog_single_gemv(p: &mut Prog) {
     let (t1, t2) = (p.ac(0), p.ac(1));
     // The row multicast of x: one color after the tree's two.
     let xa = ColorId(p.algo_base() + 2);
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| {
-        let (role, gs) = fan.role(r);
-        vec![role, gs, (r < kr.r) as u64]
-    }).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64]).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = fan.role(r);
+            vec![role, gs, (r < kr.r) as u64]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64])
+        .collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "gemv", |p, rk, ck| {
         let (role, gs) = (rk[0], rk[1]);
         let k_r = kr.q + rk[2];
@@ -2230,14 +2390,41 @@ fn prog_single_gemv(p: &mut Prog) {
         } else {
             needs.push(recv(xa, w_x));
         }
-        let mm = pe.push(task("mm", needs, fmac(eb), k_r * n_c, if west { None } else { Some(xa) }, sends, 1, 2 * k_r * n_c));
+        let mm = pe.push(task(
+            "mm",
+            needs,
+            fmac(eb),
+            k_r * n_c,
+            if west { None } else { Some(xa) },
+            sends,
+            1,
+            2 * k_r * n_c,
+        ));
         let mut last = mm;
         if n_c > 0 && role >= 1 && gs > 1 {
             let sends = if role == 1 { vec![send(t2, w_p, false)] } else { vec![] };
-            last = pe.push(task("red1", vec![recv(t1, (gs - 1) * w_p), done(last, 1)], arith(eb), (gs - 1) * n_c, Some(t1), sends, 1, 0));
+            last = pe.push(task(
+                "red1",
+                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (gs - 1) * n_c,
+                Some(t1),
+                sends,
+                1,
+                0,
+            ));
         }
         if n_c > 0 && role == 2 && fan.ngroups() > 1 {
-            pe.push(task("red2", vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)], arith(eb), (fan.ngroups() - 1) * n_c, Some(t2), vec![], 1, 0));
+            pe.push(task(
+                "red2",
+                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
+                arith(eb),
+                (fan.ngroups() - 1) * n_c,
+                Some(t2),
+                vec![],
+                1,
+                0,
+            ));
         }
         pe.sram = p.t.sram_max;
         Some((format!("{}.gemv{role}", st.name), pe))
@@ -2247,14 +2434,38 @@ fn prog_single_gemv(p: &mut Prog) {
         let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
         if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
+            p.route(
+                t1,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (fan.leader_of(r) - r) as u32,
+                    multicast: false,
+                },
+            );
         } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+            p.route(
+                t2,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (rc - 1 - r) as u32,
+                    multicast: false,
+                },
+            );
         }
     }
     if c > 1 {
         let rect = p.rect_abs(f.row0(), 0, rc as u32, 1);
-        p.route(xa, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
+        p.route(
+            xa,
+            rect,
+            Pattern::Line {
+                dir: Dir::East,
+                hops: (c - 1) as u32,
+                multicast: true,
+            },
+        );
     }
 }
 
@@ -2333,8 +2544,24 @@ fn prog_cannon(p: &mut Prog) {
     let ca = |pos: u64| ColorId(base + ring[pos as usize]);
     let cb = |pos: u64| ColorId(base + nring + ring[pos as usize]);
     let pred = |pos: u64| (0..q).find(|&x| ring_succ(q, x) == pos).unwrap_or(pos);
-    let row_kinds: Vec<Vec<u64>> = (0..q).map(|i| vec![(i < mi.r) as u64, ring[i as usize] as u64, ring[pred(i) as usize] as u64]).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..q).map(|j| vec![(j < nj.r) as u64, ring[j as usize] as u64, ring[pred(j) as usize] as u64]).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..q)
+        .map(|i| {
+            vec![
+                (i < mi.r) as u64,
+                ring[i as usize] as u64,
+                ring[pred(i) as usize] as u64,
+            ]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..q)
+        .map(|j| {
+            vec![
+                (j < nj.r) as u64,
+                ring[j as usize] as u64,
+                ring[pred(j) as usize] as u64,
+            ]
+        })
+        .collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "cannon", |p, rk, ck| {
         let m_i = mi.q + rk[0];
         let n_j = nj.q + ck[0];
@@ -2347,7 +2574,16 @@ fn prog_cannon(p: &mut Prog) {
         let b_in = ColorId(base + nring + rk[2] as u32);
         let mut pe = Pe::default();
         if q == 1 {
-            pe.push(task("own", vec![], fmac(eb), m_i * k * n_j, None, vec![], 1, 2 * m_i * k * n_j));
+            pe.push(task(
+                "own",
+                vec![],
+                fmac(eb),
+                m_i * k * n_j,
+                None,
+                vec![],
+                1,
+                2 * m_i * k * n_j,
+            ));
             return Some((format!("{}.cannon", st.name), pe));
         }
         let own_k = k - (q - 1) * kq;
@@ -2361,9 +2597,26 @@ fn prog_cannon(p: &mut Prog) {
             1,
             2 * m_i * own_k * n_j,
         ));
-        let store = pe.push(task("store_a", vec![recv(a_in, wa)], mov(eb), m_i * kb, None, vec![], (q - 1) as u32, 0));
-        let window = (q > 2).then_some(RunRange { first: 1, last: (q - 2) as u32 });
-        let fwd = |c: ColorId, w: u64| Send { color: c, wavelets: w, streamed: true, runs: window };
+        let store = pe.push(task(
+            "store_a",
+            vec![recv(a_in, wa)],
+            mov(eb),
+            m_i * kb,
+            None,
+            vec![],
+            (q - 1) as u32,
+            0,
+        ));
+        let window = (q > 2).then_some(RunRange {
+            first: 1,
+            last: (q - 2) as u32,
+        });
+        let fwd = |c: ColorId, w: u64| Send {
+            color: c,
+            wavelets: w,
+            streamed: true,
+            runs: window,
+        };
         let mut sends = vec![];
         if window.is_some() {
             sends = vec![fwd(a_out, wa), fwd(b_out, wb)];
@@ -2379,7 +2632,9 @@ fn prog_cannon(p: &mut Prog) {
             2 * m_i * kq * n_j,
         ));
         pe.tasks[store].needs.push(after(step, 0, 1, 1));
-        pe.tasks[step].needs.retain(|nd| !matches!(nd, Need::Done { times: 0, .. }));
+        pe.tasks[step]
+            .needs
+            .retain(|nd| !matches!(nd, Need::Done { times: 0, .. }));
         pe.sram = p.t.sram_max;
         let _ = (ca, cb);
         Some((format!("{}.cannon", st.name), pe))
@@ -2389,11 +2644,31 @@ fn prog_cannon(p: &mut Prog) {
             let to = ring_succ(q, pos);
             let hops = (to as i64 - pos as i64).unsigned_abs() as u32;
             // A along the row: senders are column `pos`; B along the column: senders are row `pos`.
-            let (dx_dir, dy_dir) = if to > pos { (Dir::East, Dir::South) } else { (Dir::West, Dir::North) };
+            let (dx_dir, dy_dir) = if to > pos {
+                (Dir::East, Dir::South)
+            } else {
+                (Dir::West, Dir::North)
+            };
             let col = p.rect_abs(f.row0(), pos as u32, q as u32, 1);
-            p.route(ca(pos), col, Pattern::Line { dir: dx_dir, hops, multicast: false });
+            p.route(
+                ca(pos),
+                col,
+                Pattern::Line {
+                    dir: dx_dir,
+                    hops,
+                    multicast: false,
+                },
+            );
             let row = p.rect_abs(f.row0() + pos as u32, 0, 1, q as u32);
-            p.route(cb(pos), row, Pattern::Line { dir: dy_dir, hops, multicast: false });
+            p.route(
+                cb(pos),
+                row,
+                Pattern::Line {
+                    dir: dy_dir,
+                    hops,
+                    multicast: false,
+                },
+            );
         }
     }
 }
@@ -2438,14 +2713,18 @@ fn prog_allreduce(p: &mut Prog) {
     let rowf = FanIn::new(c);
     let (t1, t2, r1, r2, bc) = (p.ac(0), p.ac(1), p.ac(2), p.ac(3), p.ac(4));
     let pos = |cc: u64| c - 1 - cc;
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| {
-        let (role, gs) = colf.role(r);
-        vec![role, gs]
-    }).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| {
-        let (role, gs) = rowf.role(pos(cc));
-        vec![role, gs]
-    }).collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc)
+        .map(|r| {
+            let (role, gs) = colf.role(r);
+            vec![role, gs]
+        })
+        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c)
+        .map(|cc| {
+            let (role, gs) = rowf.role(pos(cc));
+            vec![role, gs]
+        })
+        .collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "ar", |p, rk, ck| {
         let (crole, cgs) = (rk[0], rk[1]);
         let (rrole, rgs) = (ck[0], ck[1]);
@@ -2459,10 +2738,28 @@ fn prog_allreduce(p: &mut Prog) {
         let mut last = pe.push(task("load", vec![], mov(eb), elems, None, first_send, 1, 0));
         if crole >= 1 && cgs > 1 {
             let sends = if crole == 1 { vec![send(t2, w, false)] } else { vec![] };
-            last = pe.push(task("cred1", vec![recv(t1, (cgs - 1) * w), done(last, 1)], arith(eb), (cgs - 1) * elems, Some(t1), sends, 1, 0));
+            last = pe.push(task(
+                "cred1",
+                vec![recv(t1, (cgs - 1) * w), done(last, 1)],
+                arith(eb),
+                (cgs - 1) * elems,
+                Some(t1),
+                sends,
+                1,
+                0,
+            ));
         }
         if crole == 2 && colf.ngroups() > 1 {
-            last = pe.push(task("cred2", vec![recv(t2, (colf.ngroups() - 1) * w), done(last, 1)], arith(eb), (colf.ngroups() - 1) * elems, Some(t2), vec![], 1, 0));
+            last = pe.push(task(
+                "cred2",
+                vec![recv(t2, (colf.ngroups() - 1) * w), done(last, 1)],
+                arith(eb),
+                (colf.ngroups() - 1) * elems,
+                Some(t2),
+                vec![],
+                1,
+                0,
+            ));
         }
         if crole == 2 {
             // The bottom row: row phase toward column 0.
@@ -2474,10 +2771,28 @@ fn prog_allreduce(p: &mut Prog) {
             pe.tasks[last].sends.extend(sends);
             if rrole >= 1 && rgs > 1 {
                 let sends = if rrole == 1 { vec![send(r2, w, false)] } else { vec![] };
-                last = pe.push(task("rred1", vec![recv(r1, (rgs - 1) * w), done(last, 1)], arith(eb), (rgs - 1) * elems, Some(r1), sends, 1, 0));
+                last = pe.push(task(
+                    "rred1",
+                    vec![recv(r1, (rgs - 1) * w), done(last, 1)],
+                    arith(eb),
+                    (rgs - 1) * elems,
+                    Some(r1),
+                    sends,
+                    1,
+                    0,
+                ));
             }
             if rrole == 2 && rowf.ngroups() > 1 {
-                last = pe.push(task("rred2", vec![recv(r2, (rowf.ngroups() - 1) * w), done(last, 1)], arith(eb), (rowf.ngroups() - 1) * elems, Some(r2), vec![], 1, 0));
+                last = pe.push(task(
+                    "rred2",
+                    vec![recv(r2, (rowf.ngroups() - 1) * w), done(last, 1)],
+                    arith(eb),
+                    (rowf.ngroups() - 1) * elems,
+                    Some(r2),
+                    vec![],
+                    1,
+                    0,
+                ));
             }
             if rrole == 2 {
                 pe.tasks[last].sends.push(send(bc, w, false));
@@ -2491,9 +2806,25 @@ fn prog_allreduce(p: &mut Prog) {
         let (role, _) = colf.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, c as u32);
         if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (colf.leader_of(r) - r) as u32, multicast: false });
+            p.route(
+                t1,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (colf.leader_of(r) - r) as u32,
+                    multicast: false,
+                },
+            );
         } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+            p.route(
+                t2,
+                rect,
+                Pattern::Line {
+                    dir: Dir::South,
+                    hops: (rc - 1 - r) as u32,
+                    multicast: false,
+                },
+            );
         }
     }
     let yb = f.row0() + rc as u32 - 1;
@@ -2502,26 +2833,38 @@ fn prog_allreduce(p: &mut Prog) {
         let lead = c - 1 - rowf.leader_of(pos(cc));
         let rect = p.rect_abs(yb, cc as u32, 1, 1);
         if role == 0 {
-            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
+            p.route(
+                r1,
+                rect,
+                Pattern::Line {
+                    dir: Dir::West,
+                    hops: (cc - lead) as u32,
+                    multicast: false,
+                },
+            );
         } else if role == 1 {
-            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
+            p.route(
+                r2,
+                rect,
+                Pattern::Line {
+                    dir: Dir::West,
+                    hops: cc as u32,
+                    multicast: false,
+                },
+            );
         }
     }
     let root = p.rect_abs(yb, 0, 1, 1);
-    p.route(bc, root, Pattern::Rect { dx: 0, dy: -(yb as i32 - f.row0() as i32), w: c as u32, h: rc as u32 });
-}
-
-/// Internal colors a tiling uses (for the router budget).
-pub(crate) fn internal_colors(st: &Stage, t: &Tiling, gathered: usize) -> u32 {
-    let algo = match (st.work.clone(), t.algo) {
-        (Work::SingleGemv { .. }, _) => 3,
-        (_, Algo::Cannon) => {
-            let q = (t.frame.rc() as u64).min(t.frame.w as u64);
-            2 * (ring_colors(q).iter().copied().max().unwrap_or(0) + 1)
-        }
-        (_, a) => algo_colors(a, st),
-    };
-    st.inputs.len() as u32 + algo + 2 * gathered as u32
+    p.route(
+        bc,
+        root,
+        Pattern::Rect {
+            dx: 0,
+            dy: -(yb as i32 - f.row0() as i32),
+            w: c as u32,
+            h: rc as u32,
+        },
+    );
 }
 
 /// Runs per iteration of output o (1 for outputs emitted once per iteration).
@@ -2547,7 +2890,11 @@ pub(crate) fn per_run_output(st: &Stage, o: usize) -> bool {
 pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, a: u32, b: u32, rows: bool) -> u64 {
     let f = t.frame;
     let (rc, c) = (f.rc() as u64, f.w as u64);
-    let (r_range, c_range) = if rows { ((a as u64, b as u64), (0, c)) } else { ((0, rc), (a as u64, b as u64)) };
+    let (r_range, c_range) = if rows {
+        ((a as u64, b as u64), (0, c))
+    } else {
+        ((0, rc), (a as u64, b as u64))
+    };
     match (&st.work, t.algo) {
         (Work::Matmul { k, cols, .. }, Algo::GemvTree) => {
             let tree = Tree::new(rc);
@@ -2566,7 +2913,9 @@ pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, a: u32, b: u32, rows: b
                 .sum::<u64>()
         }
         _ => match st.work {
-            Work::Matmul { b: Operand::Slot(s), .. } => st.inputs[s].values,
+            Work::Matmul {
+                b: Operand::Slot(s), ..
+            } => st.inputs[s].values,
             _ => 0,
         },
     }
@@ -2587,7 +2936,9 @@ pub(crate) fn out_band_values(st: &Stage, t: &Tiling, o: usize, c0: u32, c1: u32
 /// The slot that takes weights in bands (the stationary matrix), if any.
 pub(crate) fn banded_slot(st: &Stage) -> Option<usize> {
     match st.work {
-        Work::Matmul { b: Operand::Slot(s), .. } if st.inputs[s].kind == SlotKind::Weights => Some(s),
+        Work::Matmul {
+            b: Operand::Slot(s), ..
+        } if st.inputs[s].kind == SlotKind::Weights => Some(s),
         _ => None,
     }
 }

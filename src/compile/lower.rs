@@ -28,8 +28,18 @@ pub(crate) fn kctx(hw: &WaferHw) -> KCtx {
 }
 
 /// Compiles in the requested mode, or pipelined with weight streaming as the fallback.
-pub(crate) fn compile_all(g: &Graph, hw: &WaferHw, opts: &CompileOptions, single: bool) -> Result<Compiled, CompileError> {
-    let weights: u64 = g.tensors.iter().filter(|t| t.role == Role::Weight).map(|t| t.bytes).sum();
+pub(crate) fn compile_all(
+    g: &Graph,
+    hw: &WaferHw,
+    opts: &CompileOptions,
+    single: bool,
+) -> Result<Compiled, CompileError> {
+    let weights: u64 = g
+        .tensors
+        .iter()
+        .filter(|t| t.role == Role::Weight)
+        .map(|t| t.bytes)
+        .sum();
     let sram = hw.mesh.pes() * (hw.pe.sram_bytes - hw.pe.code_reserve_bytes) * opts.wafers as u64;
     match (opts.mode, single) {
         (Some(Mode::WeightStreaming), true) => Err(CompileError::Unsupported(
@@ -71,6 +81,23 @@ pub(crate) fn compile_all(g: &Graph, hw: &WaferHw, opts: &CompileOptions, single
 }
 
 fn attempt(
+    g: &Graph,
+    hw: &WaferHw,
+    opts: &CompileOptions,
+    mode: Mode,
+    single: bool,
+    reason: String,
+) -> Result<Compiled, CompileError> {
+    attempt_mode(g, hw, opts, mode, single, reason).map_err(|e| match mode {
+        // Already streaming weights: the way out is a bigger mesh or less data per step.
+        Mode::WeightStreaming => e.rehint(crate::compile::place::HINT, WS_HINT),
+        Mode::Pipelined => e,
+    })
+}
+
+const WS_HINT: &str = "use a larger --mesh, a smaller batch or sequence, or more SRAM per PE";
+
+fn attempt_mode(
     g: &Graph,
     hw: &WaferHw,
     opts: &CompileOptions,
@@ -184,7 +211,14 @@ fn attempt(
             w.batch, w.context, w.dtype
         ),
         _ if single => format!("one op, {}", w.dtype),
-        p => format!("{}: batch {} x seq {} = {} tokens, {}", p.name(), w.batch, w.seq, w.tokens(), w.dtype),
+        p => format!(
+            "{}: batch {} x seq {} = {} tokens, {}",
+            p.name(),
+            w.batch,
+            w.seq,
+            w.tokens(),
+            w.dtype
+        ),
     };
     let mut program = ProgramStats::default();
     for o in &outs {
@@ -274,9 +308,15 @@ fn stage_ios(stages: &[Stage], streams: &[(usize, Stream)]) -> Vec<StageIo> {
                         match st.inputs[slot].kind {
                             SlotKind::Stored { all: true } => {
                                 let c = &mut io.stored_copies[slot];
-                                *c = if *c == 1 { s.send_count as u64 } else { *c + s.send_count as u64 };
+                                *c = if *c == 1 {
+                                    s.send_count as u64
+                                } else {
+                                    *c + s.send_count as u64
+                                };
                             }
-                            SlotKind::Live | SlotKind::Stored { .. } => io.per_iter_values.push((s.values, s.elem_bytes)),
+                            SlotKind::Live | SlotKind::Stored { .. } => {
+                                io.per_iter_values.push((s.values, s.elem_bytes))
+                            }
                             _ => {}
                         }
                     }
@@ -378,7 +418,9 @@ fn compile_wafer(
     merge_memoryx_feeds(&mut streams);
     let mut ios = stage_ios(&stages, &streams);
     // IO channels first: band boundaries follow their rows.
-    let needs_io = streams.iter().any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
+    let needs_io = streams
+        .iter()
+        .any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
     let chans: Vec<Channel> = if needs_io { io::channels(hw)? } else { Vec::new() };
     let mut align: Vec<u32> = chans
         .iter()
@@ -579,7 +621,10 @@ fn compile_wafer(
                 let max_bands = if banded { (width / (gws + 1)).max(1) } else { 1 };
                 let nb = if banded { n_big(max_bands) } else { 1 };
                 let near = gateway(b, slot);
-                let avoid: Vec<usize> = (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
+                // A channel linked to another wafer carries that one stream (its port has one peer port).
+                let avoid: Vec<usize> = (0..chans.len())
+                    .filter(|&i| peer_of[i].is_some() || (matches!(peer, PeerKind::Wafer(_)) && nflows[i] > 0))
+                    .collect();
                 // Weights come straight in: a channel on a row of the region's compute block multicasts
                 // its band by itself (along its row into the region, then up and down the band's columns).
                 let fr = tilings[b].frame;
@@ -600,21 +645,40 @@ fn compile_wafer(
                 } else {
                     Vec::new()
                 };
-                let direct = !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_));
+                let direct =
+                    !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_));
                 let chosen = match restore_ch.get(gi) {
                     Some(&ch) => vec![ch],
                     None if direct => {
                         let sub: Vec<Channel> = direct_cands.iter().map(|&i| chans[i].clone()).collect();
                         let mut sub_load: Vec<u64> = direct_cands.iter().map(|&i| load[i]).collect();
                         let mut sub_flows: Vec<u32> = direct_cands.iter().map(|&i| nflows[i]).collect();
-                        let got = io::pick(&sub, &mut sub_load, &mut sub_flows, (nb as usize).min(sub.len()), bytes, near, &[], true);
+                        let got = io::pick(
+                            &sub,
+                            &mut sub_load,
+                            &mut sub_flows,
+                            (nb as usize).min(sub.len()),
+                            bytes,
+                            near,
+                            &[],
+                            true,
+                        );
                         for (k, &i) in direct_cands.iter().enumerate() {
                             load[i] = sub_load[k];
                             nflows[i] = sub_flows[k];
                         }
                         got.into_iter().map(|k| direct_cands[k]).collect()
                     }
-                    None => io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, is_big(&stages, s)),
+                    None => io::pick(
+                        &chans,
+                        &mut load,
+                        &mut nflows,
+                        nb as usize,
+                        bytes,
+                        near,
+                        &avoid,
+                        is_big(&stages, s),
+                    ),
                 };
                 let mut chosen = chosen;
                 if direct && banded && chosen.len() > 1 {
@@ -629,7 +693,11 @@ fn compile_wafer(
                     let mut bands = Vec::new();
                     for (j, &y) in ys.iter().enumerate() {
                         let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
-                        let hi = if j + 1 == ys.len() { yc1 - yc0 } else { (y + ys[j + 1]) / 2 + 1 };
+                        let hi = if j + 1 == ys.len() {
+                            yc1 - yc0
+                        } else {
+                            (y + ys[j + 1]) / 2 + 1
+                        };
                         bands.push((lo, hi));
                     }
                     ifaces[b].wbands = bands;
@@ -723,7 +791,9 @@ fn compile_wafer(
                 let _ = kernel::bandable_output(&stages[a], o);
                 let nb = 1;
                 let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
-                let avoid: Vec<usize> = (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
+                let avoid: Vec<usize> = (0..chans.len())
+                    .filter(|&i| peer_of[i].is_some() || (matches!(peer, PeerKind::Wafer(_)) && nflows[i] > 0))
+                    .collect();
                 let chosen = io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, false);
                 if *gi > usize::MAX / 2 {
                     restore_ch.insert(usize::MAX - *gi, chosen[0]);
@@ -966,10 +1036,7 @@ fn compile_wafer(
         let mut by_color: BTreeMap<u32, Rect> = BTreeMap::new();
         for r in &code.routes {
             if let Some(b) = route_bbox(r, mesh, &port_at) {
-                by_color
-                    .entry(r.color.0)
-                    .and_modify(|x| *x = union(*x, b))
-                    .or_insert(b);
+                by_color.entry(r.color.0).and_modify(|x| *x = union(*x, b)).or_insert(b);
             }
         }
         footprints.push((rects[sid], by_color.into_iter().collect()));
@@ -987,13 +1054,35 @@ fn compile_wafer(
     // Longest paths first: they cross the most other flows and regions, so they have the fewest choices.
     let mut order: Vec<usize> = (0..flows.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(paths[i].len()), i));
+    let mut relays = vec![0u32; flows.len()];
+    let mut segs: Vec<Vec<u32>> = vec![Vec::new(); flows.len()];
     for &i in &order {
-        real[i] = book.assign(&flows[i].0.name, &paths[i])?;
+        let (c, r, sg) = book.assign_relayed(&flows[i].0.name, &paths[i])?;
+        real[i] = c;
+        relays[i] = r;
+        segs[i] = sg;
     }
     for (i, (fl, _)) in flows.iter().enumerate() {
         let e = stream_colors.entry(fl.name.clone()).or_default();
-        e.0.push(real[i].0);
+        e.0.extend(segs[i].iter().copied());
+        e.0.dedup();
         e.1 = e.1.max(paths[i].len() as u64);
+    }
+    let relayed: Vec<usize> = (0..flows.len()).filter(|&i| relays[i] > 0).collect();
+    if !relayed.is_empty() {
+        notes.push(format!(
+            "{} streams found no color free end to end and are relayed through PEs ({} relays, each charged {} \
+             cycles): {}",
+            relayed.len(),
+            relayed.iter().map(|&i| relays[i]).sum::<u32>(),
+            hw.fabric.relay_cycles,
+            relayed
+                .iter()
+                .map(|&i| flows[i].0.name.clone())
+                .take(6)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     let patch = |c: ColorId| -> ColorId {
         if c.0 >= PLACEHOLDER && c != ColorId::LINK {
@@ -1015,8 +1104,9 @@ fn compile_wafer(
             t.work.paced_by = t.work.paced_by.map(patch);
         }
     };
-    for r in routes.iter_mut() {
+    for (i, r) in routes.iter_mut().enumerate() {
         r.color = patch(r.color);
+        r.relays = relays[i];
     }
     for pw in port_work.values_mut() {
         patch_tasks(&mut pw.tasks);
@@ -1049,6 +1139,16 @@ fn compile_wafer(
         let t = &tilings[sid];
         let rid = RegionId(program.regions.len() as u32);
         let base = program.templates.len() as u32;
+        // SRAM per PE from the lowered tiles: the largest template, and the mean over the region.
+        let area = |r: &Rect| r.w as u64 * r.h as u64;
+        let sram_max = code
+            .tiles
+            .iter()
+            .map(|(_, ti)| code.templates[*ti].2)
+            .max()
+            .unwrap_or(0);
+        let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
+        let sram_mean = sram_sum / area(&rects[sid]).max(1);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
             program.templates.push(Template {
@@ -1090,8 +1190,8 @@ fn compile_wafer(
             shape: shape_of(st),
             runs: t.runs,
             iters: st.iters,
-            sram_max: t.sram_max,
-            sram_mean: t.sram_mean,
+            sram_max,
+            sram_mean,
             colors_internal: region_colors[sid],
             colors_max: book.max_in(rects[sid]),
             flops: st.flops(),
@@ -1224,7 +1324,11 @@ fn is_big(stages: &[Stage], s: &Stream) -> bool {
 const PLACEHOLDER: u32 = 1 << 24;
 
 /// The bounding box of every router a route from any of its senders passes.
-fn route_bbox(r: &Route, mesh: crate::mesh::MeshDims, port_at: &dyn Fn(PortId) -> Option<(Coord, crate::mesh::Dir)>) -> Option<Rect> {
+fn route_bbox(
+    r: &Route,
+    mesh: crate::mesh::MeshDims,
+    port_at: &dyn Fn(PortId) -> Option<(Coord, crate::mesh::Dir)>,
+) -> Option<Rect> {
     let mut path = Vec::new();
     let starts: Vec<(Coord, u8)> = match r.senders {
         Senders::Pes(x) => vec![
@@ -1271,7 +1375,12 @@ fn union(a: Rect, b: Rect) -> Rect {
 }
 
 fn unit(c: Coord) -> Rect {
-    Rect { x: c.x, y: c.y, w: 1, h: 1 }
+    Rect {
+        x: c.x,
+        y: c.y,
+        w: 1,
+        h: 1,
+    }
 }
 
 /// The output gateway of band `b` of an output.

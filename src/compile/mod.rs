@@ -174,6 +174,34 @@ impl CompileError {
     pub fn is_user_error(&self) -> bool {
         !matches!(self, CompileError::Internal(_) | CompileError::Verify(_))
     }
+
+    /// Replaces `old` in the advice of an SRAM or mesh-size error with `new`.
+    pub(crate) fn rehint(self, old: &str, new: &str) -> CompileError {
+        match self {
+            CompileError::Sram {
+                op,
+                class,
+                needed,
+                available,
+                sram,
+                reserve,
+                hint,
+            } => CompileError::Sram {
+                op,
+                class,
+                needed,
+                available,
+                sram,
+                reserve,
+                hint: hint.replace(old, new),
+            },
+            CompileError::MeshTooSmall { what, hint } => CompileError::MeshTooSmall {
+                what,
+                hint: hint.replace(old, new),
+            },
+            e => e,
+        }
+    }
 }
 
 /// Compiles `g` for `hw`.
@@ -212,7 +240,6 @@ pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compile
         for (w, p) in compiled.programs.iter().enumerate() {
             let mut problems = verify_program(p);
             problems.extend(verify::verify_plan(g, &compiled.plan, w as u32));
-            let _ = Phases { phases: Vec::new() };
             if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.layout != Layout::Wafers {
                 problems.extend(dry_run(p));
             }

@@ -154,17 +154,6 @@ pub(crate) fn place(
         if !ok {
             continue;
         }
-        if std::env::var("WAFER_DEBUG_PLACE").is_ok() && bands == 1 {
-            for (i, st) in stages.iter().enumerate() {
-                let t = kernel::tile(st, &ios[i], mins[i], h, k);
-                eprintln!(
-                    "{:<36} min width {:>5} {:?}",
-                    st.name,
-                    mins[i],
-                    t.map(|t| (t.algo, t.runs, t.sram_max)).ok()
-                );
-            }
-        }
         // The largest target area that packs.
         let cap = bands as u128 * w_all as u128 * h as u128;
         if pack(&mins, &work, total, 0, h, w_all, bands).is_none() {
@@ -216,7 +205,7 @@ fn is_single(st: &Stage) -> bool {
     )
 }
 
-const HINT: &str = "use --mode weight-streaming, more wafers (--wafers K, inference), a larger --mesh, \
+pub(crate) const HINT: &str = "use --mode weight-streaming, more wafers (--wafers K, inference), a larger --mesh, \
                     or a smaller batch or sequence";
 
 /// The error for a stage that fits nowhere.

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::mesh::{MeshProgram, Need, Pattern, Senders};
 use crate::report::fmt::thousands;
-pub use crate::report::{PlanPort, PlanRegion, PlanStream, PlanSummary as Plan};
+pub use crate::report::PlanSummary as Plan;
 
 /// The compile stages `--dump-after` can print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,11 @@ impl Dump {
                 }
                 s
             }
-            Dump::Lower => programs.iter().map(|p| print_program(p, 400)).collect::<Vec<_>>().join("\n"),
+            Dump::Lower => programs
+                .iter()
+                .map(|p| print_program(p, 400))
+                .collect::<Vec<_>>()
+                .join("\n"),
         }
     }
 }
@@ -146,7 +150,12 @@ pub fn print_program(p: &MeshProgram, limit: usize) -> String {
                 .sends
                 .iter()
                 .map(|x| {
-                    let mut v = format!("{} {}{}", x.color, x.wavelets, if x.streamed { " streamed" } else { "" });
+                    let mut v = format!(
+                        "{} {}{}",
+                        x.color,
+                        x.wavelets,
+                        if x.streamed { " streamed" } else { "" }
+                    );
                     if let Some(r) = x.runs {
                         let _ = write!(v, " runs {}..={}", r.first, r.last);
                     }

@@ -173,7 +173,10 @@ pub(crate) fn walk(
                 for y in (y0..row).rev() {
                     let tx = R | if y > y0 { N } else { 0 };
                     out.push(Hop {
-                        at: Coord { x: x as u32, y: y as u32 },
+                        at: Coord {
+                            x: x as u32,
+                            y: y as u32,
+                        },
                         rx: S,
                         tx,
                     });
@@ -181,7 +184,10 @@ pub(crate) fn walk(
                 for y in row + 1..y1 {
                     let tx = R | if y < y1 - 1 { S } else { 0 };
                     out.push(Hop {
-                        at: Coord { x: x as u32, y: y as u32 },
+                        at: Coord {
+                            x: x as u32,
+                            y: y as u32,
+                        },
                         rx: N,
                         tx,
                     });
@@ -206,7 +212,11 @@ pub(crate) struct ColorBook {
 }
 
 impl ColorBook {
-    pub fn new(mesh: MeshDims, limit: u32, regions: &[(crate::mesh::Rect, Vec<(u32, crate::mesh::Rect)>)]) -> ColorBook {
+    pub fn new(
+        mesh: MeshDims,
+        limit: u32,
+        regions: &[(crate::mesh::Rect, Vec<(u32, crate::mesh::Rect)>)],
+    ) -> ColorBook {
         let mut region_at = vec![0u32; mesh.pes() as usize];
         let mut internal = Vec::new();
         for (i, (r, cols)) in regions.iter().enumerate() {
@@ -309,41 +319,71 @@ impl ColorBook {
         }
     }
 
-    /// The highest color free along `path`, committed to it.
-    pub fn assign(&mut self, stream: &str, path: &[Hop]) -> Result<ColorId, CompileError> {
+    /// The longest prefix of `path` (from the start) that `color` fits.
+    fn prefix(&self, color: u32, path: &[Hop]) -> usize {
+        let mut n = 0;
+        while n < path.len() && self.fits(color, &path[n..n + 1]) {
+            n += 1;
+        }
+        n
+    }
+
+    /// A color for `path`, end to end if one is free; else the path in segments joined by relays: the
+    /// stream's color on its first and last segments (where the sender and receiver meet it) and any
+    /// free colors between. Returns the color, the relays, and the colors of the segments.
+    pub fn assign_relayed(&mut self, stream: &str, path: &[Hop]) -> Result<(ColorId, u32, Vec<u32>), CompileError> {
+        if let Ok(c) = self.try_assign(path) {
+            return Ok((c, 0, vec![c.0]));
+        }
+        // The endpoints' color: the longest first and last segments together.
+        let rev: Vec<Hop> = path.iter().rev().copied().collect();
+        let best = (0..self.limit)
+            .rev()
+            .map(|c| (c, self.prefix(c, path), self.prefix(c, &rev)))
+            .filter(|&(_, a, b)| a > 0 && b > 0)
+            .max_by_key(|&(c, a, b)| (a + b, c));
+        let Some((c, a, b)) = best else {
+            return Err(self.error(stream, path));
+        };
+        let (a, b) = (a.min(path.len()), b.min(path.len() - a.min(path.len())));
+        let mut segments = vec![c];
+        let mut commits: Vec<(u32, std::ops::Range<usize>)> = vec![(c, 0..a), (c, path.len() - b..path.len())];
+        let mut at = a;
+        let end = path.len() - b;
+        while at < end {
+            let pick = (0..self.limit)
+                .rev()
+                .map(|k| (k, self.prefix(k, &path[at..end])))
+                .max_by_key(|&(k, n)| (n, k));
+            match pick {
+                Some((k, n)) if n > 0 => {
+                    commits.push((k, at..at + n));
+                    segments.push(k);
+                    at += n;
+                }
+                _ => return Err(self.error(stream, &path[at..])),
+            }
+        }
+        segments.push(c);
+        for (k, r) in commits {
+            if !r.is_empty() {
+                self.commit(k, &path[r]);
+            }
+        }
+        Ok((ColorId(c), segments.len() as u32 - 2, segments))
+    }
+
+    fn try_assign(&mut self, path: &[Hop]) -> Result<ColorId, ()> {
         for c in (0..self.limit).rev() {
             if self.fits(c, path) {
                 self.commit(c, path);
                 return Ok(ColorId(c));
             }
         }
-        if std::env::var("WAFER_DEBUG_COLORS").is_ok() {
-            eprintln!("stream {stream}: path of {} hops from {:?} to {:?}", path.len(), path.first().map(|h| h.at), path.last().map(|h| h.at));
-            for c in (0..self.limit).rev() {
-                for h in path {
-                    let i = self.idx(h.at);
-                    let why = if self.internal_at(i) & (1u64 << c.min(63)) != 0 {
-                        Some("internal".to_string())
-                    } else {
-                        let rule = self.rules[c as usize].as_ref().map_or(0, |v| v[i]);
-                        if rule == 0 {
-                            (self.used_at(i) + 1 > self.limit).then(|| format!("full ({})", self.used_at(i)))
-                        } else {
-                            let (rx, tx) = ((rule & 31) as u8, (rule >> 5) as u8);
-                            if tx != h.tx || h.tx & R != 0 || (h.rx & R != 0 && rx & R != 0) {
-                                Some(format!("rule rx {rx:05b} tx {tx:05b} vs rx {:05b} tx {:05b}", h.rx, h.tx))
-                            } else {
-                                None
-                            }
-                        }
-                    };
-                    if let Some(w) = why {
-                        eprintln!("  color {c}: at ({}, {}) {w}", h.at.x, h.at.y);
-                        break;
-                    }
-                }
-            }
-        }
+        Err(())
+    }
+
+    fn error(&self, stream: &str, path: &[Hop]) -> CompileError {
         let worst = path
             .iter()
             .max_by_key(|h| self.used_at(self.idx(h.at)))
@@ -353,7 +393,7 @@ impl ColorBook {
                 rx: 0,
                 tx: 0,
             });
-        Err(CompileError::Colors {
+        CompileError::Colors {
             stream: stream.to_string(),
             x: worst.at.x,
             y: worst.at.y,
@@ -362,7 +402,7 @@ impl ColorBook {
             hint: "routers are shared by the regions' own collectives and every stream passing them; a larger --mesh \
                    or weight streaming (fewer regions) leaves more colors per router"
                 .into(),
-        })
+        }
     }
 
     /// Most colors used at any router of `r` (internal and external).

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, OpId, OpKind, Pass, Role, TensorId};
 use crate::mesh::Peer;
-use crate::model::{NormKind, Phase};
+use crate::model::NormKind;
 
 use super::{CompileError, Mode};
 
@@ -49,8 +49,6 @@ pub(crate) enum SlotKind {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Slot {
-    /// The tensor's name (representative instance).
-    pub name: String,
     /// Values per iteration of the stage.
     pub values: u64,
     pub elem_bytes: u64,
@@ -80,7 +78,6 @@ pub(crate) struct Held {
 
 #[derive(Clone, Debug)]
 pub(crate) struct OutSlot {
-    pub name: String,
     /// Values per iteration.
     pub values: u64,
     pub elem_bytes: u64,
@@ -147,14 +144,34 @@ pub(crate) enum Work {
         accumulate: bool,
     },
     /// Embedding rows selected by ids: a lookup tree over the resident table (0 FLOPs).
-    Lookup { ids: usize, rows: u64, width: u64, out: usize },
+    Lookup {
+        ids: usize,
+        rows: u64,
+        width: u64,
+        out: usize,
+    },
     /// Rows looked up by MemoryX and streamed in (weight streaming): a relay (0 FLOPs).
-    Relay { main: usize, rows: u64, width: u64 },
+    Relay {
+        main: usize,
+        rows: u64,
+        width: u64,
+    },
     /// Single ops on pre-placed operands.
-    SingleGemv { k: u64, n: u64 },
-    SingleGemm { m: u64, n: u64, k: u64 },
-    SingleAdd { n: u64 },
-    AllReduce { elems: u64 },
+    SingleGemv {
+        k: u64,
+        n: u64,
+    },
+    SingleGemm {
+        m: u64,
+        n: u64,
+        k: u64,
+    },
+    SingleAdd {
+        n: u64,
+    },
+    AllReduce {
+        elems: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -173,8 +190,6 @@ pub(crate) struct Stage {
     pub inputs: Vec<Slot>,
     pub held: Vec<Held>,
     pub outputs: Vec<OutSlot>,
-    /// Operand of each input of the main op, in order.
-    pub operands: Vec<Operand>,
     /// Dtype bytes of the stage's floating-point data.
     pub dtype_bytes: u64,
     /// The pass of the main op (forward, backward, ...), for reports.
@@ -239,9 +254,6 @@ pub(crate) struct Stream {
     pub elem_bytes: u64,
     pub send_first: u32,
     pub send_count: u32,
-    /// Iterations of the destination per sending iteration of the source (1, or for a Once sender
-    /// into a loop, the receiver iteration it feeds).
-    pub recv_first: u32,
 }
 
 impl Stream {
@@ -257,8 +269,7 @@ pub(crate) struct Stages {
     pub streams: Vec<Stream>,
     /// Layers folded into loops (weight streaming), else 1.
     pub layers: u32,
-    /// Ops that run off the wafer (the optimizer in MemoryX), and their FLOPs.
-    pub offload_ops: Vec<OpId>,
+    /// FLOPs of the ops that run off the wafer (the optimizer in MemoryX).
     pub offload_flops: u64,
     pub notes: Vec<String>,
 }
@@ -276,12 +287,9 @@ fn resolve(g: &Graph, producers: &[Option<OpId>], t: TensorId) -> Vec<TensorId> 
             // The slice itself is what moves; its producer is the split input's producer.
             vec![t]
         }
-        Some(p) if matches!(g.op(p).kind, OpKind::SplitGrad { .. }) => g
-            .op(p)
-            .inputs
-            .iter()
-            .flat_map(|&i| resolve(g, producers, i))
-            .collect(),
+        Some(p) if matches!(g.op(p).kind, OpKind::SplitGrad { .. }) => {
+            g.op(p).inputs.iter().flat_map(|&i| resolve(g, producers, i)).collect()
+        }
         _ => vec![t],
     }
 }
@@ -480,7 +488,11 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         let iters = if lp == Loop::Once { 1 } else { fold.layers };
         let mut by_iter: Vec<Vec<OpId>> = vec![Vec::new(); iters as usize];
         for &m in v {
-            let it = if lp == Loop::Once { 0 } else { fold.iter[m.idx()] as usize };
+            let it = if lp == Loop::Once {
+                0
+            } else {
+                fold.iter[m.idx()] as usize
+            };
             let mut list = vec![m];
             list.extend(g.op_ids().filter(|&f| fused_into[f.idx()] == Some(m)));
             by_iter[it] = list;
@@ -510,7 +522,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             slot_of: BTreeMap::new(),
             slot_map: BTreeMap::new(),
         };
-        let (work, operands, flops_iter) = st.work(&by_iter[0], &producers, &fused_into)?;
+        let (work, _operands, flops_iter) = st.work(&by_iter[0], &producers, &fused_into)?;
         let mut ops: Vec<OpId> = by_iter.iter().flatten().copied().collect();
         ops.sort();
         stages.push(Stage {
@@ -525,7 +537,6 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             inputs: st.slots,
             held: st.held,
             outputs: st.outputs,
-            operands,
             dtype_bytes: g.workload.dtype.bytes(),
             pass: op.pass,
         });
@@ -560,7 +571,6 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         stages,
         streams,
         layers: fold.layers,
-        offload_ops,
         offload_flops,
         notes,
     })
@@ -581,13 +591,12 @@ struct StageBuilder<'a> {
 }
 
 impl StageBuilder<'_> {
-    fn new_slot(&mut self, t: TensorId, values: u64, kind: SlotKind, name: String) -> usize {
+    fn new_slot(&mut self, t: TensorId, values: u64, kind: SlotKind) -> usize {
         if let Some(&i) = self.slot_of.get(&t) {
             return i;
         }
         let tt = self.g.tensor(t);
         self.slots.push(Slot {
-            name,
             values,
             elem_bytes: tt.elem.bytes(),
             kind,
@@ -623,17 +632,17 @@ impl StageBuilder<'_> {
             if fused_into[p.idx()].is_some() {
                 return Operand::Internal;
             }
-            Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live, tt.name.clone()))
+            Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live))
         } else {
             match tt.role {
                 Role::Weight if self.mode == Mode::WeightStreaming && !self.single => {
-                    Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Weights, tt.name.clone()))
+                    Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Weights))
                 }
                 Role::Weight => Operand::Held(self.held(t, HeldKind::Weight)),
                 Role::KvCache => Operand::Held(self.held(t, HeldKind::KvCache)),
                 Role::OptimizerState => Operand::Held(self.held(t, HeldKind::OptState)),
                 Role::Input if self.single => Operand::Held(self.held(t, HeldKind::Preplaced)),
-                _ => Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live, tt.name.clone())),
+                _ => Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live)),
             }
         };
         if let Operand::Slot(s) = od {
@@ -645,7 +654,6 @@ impl StageBuilder<'_> {
     fn output(&mut self, t: TensorId) -> usize {
         let tt = self.g.tensor(t);
         self.outputs.push(OutSlot {
-            name: tt.name.clone(),
             values: tt.elems(),
             elem_bytes: tt.elem.bytes(),
         });
@@ -700,7 +708,10 @@ impl StageBuilder<'_> {
         let slot = |od: Operand| -> Result<usize, CompileError> {
             match od {
                 Operand::Slot(s) => Ok(s),
-                _ => Err(CompileError::Internal(format!("{}: expected a streamed input", op.name))),
+                _ => Err(CompileError::Internal(format!(
+                    "{}: expected a streamed input",
+                    op.name
+                ))),
             }
         };
         let outs: Vec<usize> = op.outputs.iter().map(|&t| self.output(t)).collect();
@@ -870,8 +881,7 @@ impl StageBuilder<'_> {
                     self.slot_map.clear();
                     self.held.clear();
                     let t = op.inputs[1];
-                    let name = format!("{}[ids]", g.tensor(t).name);
-                    let s = self.new_slot(t, rows * width, SlotKind::Live, name);
+                    let s = self.new_slot(t, rows * width, SlotKind::Live);
                     self.slot_map.insert((0, 1, 0), s);
                     operands = vec![Operand::Internal, Operand::Slot(s)];
                     Work::Relay { main: s, rows, width }
@@ -945,7 +955,11 @@ pub(crate) fn work_flops(w: &Work) -> u64 {
             rows, k, cols, bias, ..
         } => 2 * rows * k * cols + if bias { rows * cols } else { 0 },
         Work::Accum {
-            rows, k, cols, bias_out, ..
+            rows,
+            k,
+            cols,
+            bias_out,
+            ..
         } => 2 * rows * k * cols + if bias_out.is_some() { rows * cols } else { 0 },
         Work::RowReduce {
             rows, width, per_elem, ..
@@ -974,7 +988,12 @@ struct LinkCtx<'a> {
 impl LinkCtx<'_> {
     /// Connects producers to consumers: one stream per (source, destination slot), classified by the
     /// iterations it runs on; then the streams that leave the wafer and the optimizer's refreshes.
-    fn link(&self, stages: &mut [Stage], streams: &mut Vec<Stream>, notes: &mut Vec<String>) -> Result<(), CompileError> {
+    fn link(
+        &self,
+        stages: &mut [Stage],
+        streams: &mut Vec<Stream>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), CompileError> {
         let g = self.g;
         let fold = self.fold;
         let layers = fold.layers;
@@ -1015,7 +1034,11 @@ impl LinkCtx<'_> {
                                 Some(p) => {
                                     consumed[t.idx()] = true;
                                     let Some(ps) = self.stage_of[p.idx()] else { continue };
-                                    let it_p0 = if stages[ps].lp == Loop::Once { 0 } else { fold.iter[p.idx()] };
+                                    let it_p0 = if stages[ps].lp == Loop::Once {
+                                        0
+                                    } else {
+                                        fold.iter[p.idx()]
+                                    };
                                     // Inside the stage (a fused op), unless it feeds the stage's next
                                     // iteration (a layer's output read by the same op of the next layer).
                                     if ps == sid && it_p0 == it_c {
@@ -1033,7 +1056,11 @@ impl LinkCtx<'_> {
                                             g.tensor(src).name
                                         )));
                                     };
-                                    let it_p = if stages[ps].lp == Loop::Once { 0 } else { fold.iter[p.idx()] };
+                                    let it_p = if stages[ps].lp == Loop::Once {
+                                        0
+                                    } else {
+                                        fold.iter[p.idx()]
+                                    };
                                     (End::Stage { stage: ps, slot: oslot }, it_p)
                                 }
                             };
@@ -1066,23 +1093,22 @@ impl LinkCtx<'_> {
                     elem_bytes: eb,
                     send_first: 0,
                     send_count: stages[sid].iters,
-                    recv_first: 0,
                 });
                 continue;
             }
             let it_src: Vec<u32> = ps.iter().map(|p| p.0).collect();
             let contiguous = |v: &[u32]| v.windows(2).all(|w| w[1] == w[0] + 1);
-            let (send_first, send_count, recv_first, ahead) = match (src_lp, dst_lp) {
+            let (send_first, send_count, ahead) = match (src_lp, dst_lp) {
                 _ if src_lp == dst_lp && ps.iter().all(|p| p.0 == p.1) && contiguous(&it_src) => {
-                    (it_src[0], it_src.len() as u32, ps[0].1, false)
+                    (it_src[0], it_src.len() as u32, false)
                 }
                 _ if src_lp == dst_lp && ps.iter().all(|p| p.1 == p.0 + 1) && contiguous(&it_src) => {
-                    (it_src[0], it_src.len() as u32, ps[0].1, false)
+                    (it_src[0], it_src.len() as u32, false)
                 }
                 // From outside the loop: live in the loop's first iteration, else kept until used.
-                (Loop::Once, _) if ps.len() == 1 => (0, 1, ps[0].1, ps[0].1 != 0),
-                (_, Loop::Once) if ps.len() == 1 => (ps[0].0, 1, 0, false),
-                (Loop::Fwd, Loop::Bwd) if contiguous(&it_src) => (it_src[0], it_src.len() as u32, 0, true),
+                (Loop::Once, _) if ps.len() == 1 => (0, 1, ps[0].1 != 0),
+                (_, Loop::Once) if ps.len() == 1 => (ps[0].0, 1, false),
+                (Loop::Fwd, Loop::Bwd) if contiguous(&it_src) => (it_src[0], it_src.len() as u32, true),
                 _ => {
                     return Err(CompileError::Unsupported(format!(
                         "cannot fold the stream of `{name}` into `{}`: its iterations {ps:?} fit no loop pattern",
@@ -1113,7 +1139,6 @@ impl LinkCtx<'_> {
                 elem_bytes: eb,
                 send_first,
                 send_count,
-                recv_first,
             });
         }
         // Attention's stationary operand streamed from a producer must be whole before the compute.
@@ -1140,7 +1165,11 @@ impl LinkCtx<'_> {
             let leaves = out_set.contains(&t) && tt.updates.is_none() && tt.role != Role::KvCache;
             // Read by an op that runs in MemoryX (an embedding gradient's rows).
             let to_mx = tt.role != Role::WeightGrad
-                && g.op_ids().any(|o| !self.on_wafer[o.idx()] && g.op(o).inputs.contains(&t) && !matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. }));
+                && g.op_ids().any(|o| {
+                    !self.on_wafer[o.idx()]
+                        && g.op(o).inputs.contains(&t)
+                        && !matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. })
+                });
             if !(grad || leaves || to_mx) || seen.contains(&(sid, oslot)) {
                 continue;
             }
@@ -1155,13 +1184,15 @@ impl LinkCtx<'_> {
             };
             streams.push(Stream {
                 name: tt.name.clone(),
-                from: End::Stage { stage: sid, slot: oslot },
+                from: End::Stage {
+                    stage: sid,
+                    slot: oslot,
+                },
                 to: End::Port(peer),
                 values: st.outputs[oslot].values,
                 elem_bytes: st.outputs[oslot].elem_bytes,
                 send_first: first,
                 send_count: count,
-                recv_first: 0,
             });
         }
         // Pipelined training: the optimizer's updated weight refreshes the other resident copies.
@@ -1189,7 +1220,6 @@ impl LinkCtx<'_> {
             for (sid, hid, name, values, eb) in refresh {
                 let slot = stages[hid].inputs.len();
                 stages[hid].inputs.push(Slot {
-                    name: format!("{name}'"),
                     values,
                     elem_bytes: eb,
                     kind: SlotKind::Refresh,
@@ -1202,7 +1232,6 @@ impl LinkCtx<'_> {
                     elem_bytes: eb,
                     send_first: 0,
                     send_count: 1,
-                    recv_first: 0,
                 });
             }
         }

@@ -63,7 +63,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         let mut recv_colors = BTreeSet::new();
         for (k, task) in t.tasks.iter().enumerate() {
             if task.repeat == 0 || task.repeat > MAX_REPEAT {
-                errs.push(format!("template {} task {} repeats {} times", t.name, task.name, task.repeat));
+                errs.push(format!(
+                    "template {} task {} repeats {} times",
+                    t.name, task.name, task.repeat
+                ));
             }
             for nd in &task.needs {
                 match nd {
@@ -80,8 +83,15 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 }
             }
             if let Some(c) = task.work.paced_by {
-                if !task.needs.iter().any(|nd| matches!(nd, Need::Recv { color, .. } if *color == c)) {
-                    errs.push(format!("template {} task {} is paced by {} it does not receive", t.name, task.name, c));
+                if !task
+                    .needs
+                    .iter()
+                    .any(|nd| matches!(nd, Need::Recv { color, .. } if *color == c))
+                {
+                    errs.push(format!(
+                        "template {} task {} is paced by {} it does not receive",
+                        t.name, task.name, c
+                    ));
                 }
             }
         }
@@ -110,7 +120,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
             }
         }
         if seen != t.tasks.len() {
-            errs.push(format!("template {} (#{ti}): its tasks' first runs wait on each other in a cycle", t.name));
+            errs.push(format!(
+                "template {} (#{ti}): its tasks' first runs wait on each other in a cycle",
+                t.name
+            ));
         }
     }
     // Tiles: inside, disjoint, within their region.
@@ -152,12 +165,18 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     }
     let region_flops: u64 = p.regions.iter().map(|r| r.flops).sum();
     if region_flops != p.graph_flops {
-        errs.push(format!("the regions count {region_flops} FLOPs, the program {}", p.graph_flops));
+        errs.push(format!(
+            "the regions count {region_flops} FLOPs, the program {}",
+            p.graph_flops
+        ));
     }
     // Ports.
     for (i, port) in p.ports.iter().enumerate() {
         if !io::on_edge(port.at, port.side, mesh) {
-            errs.push(format!("port {} at {:?} is not on the {:?} edge", port.name, port.at, port.side));
+            errs.push(format!(
+                "port {} at {:?} is not on the {:?} edge",
+                port.name, port.at, port.side
+            ));
         }
         if port.wavelets > port.per_cycles * p.timing.link_wavelets_per_cycle as u64 || port.per_cycles == 0 {
             errs.push(format!("port {} is faster than its link", port.name));
@@ -190,9 +209,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in p.routes.iter().enumerate() {
         by_color.entry(r.color.0).or_default().push(i);
-        if r.relays != 0 {
-            errs.push(format!("route {i} relays; this compiler never relays"));
-        }
+
         if r.color.0 >= p.timing.colors {
             errs.push(format!("route {i} uses color {} of {}", r.color, p.timing.colors));
         }
@@ -210,10 +227,15 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         .chain(p.templates.iter().flat_map(|t| {
             t.tasks
                 .iter()
-                .flat_map(|k| k.sends.iter().map(|s| s.color.0).chain(k.needs.iter().filter_map(|nd| match nd {
-                    Need::Recv { color, .. } if *color != ColorId::LINK => Some(color.0),
-                    _ => None,
-                })))
+                .flat_map(|k| {
+                    k.sends
+                        .iter()
+                        .map(|s| s.color.0)
+                        .chain(k.needs.iter().filter_map(|nd| match nd {
+                            Need::Recv { color, .. } if *color != ColorId::LINK => Some(color.0),
+                            _ => None,
+                        }))
+                })
                 .collect::<Vec<_>>()
         }))
         .collect();
@@ -316,7 +338,11 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                         errs.push(format!("route {ri} sent by missing port {}", pid.0));
                         continue;
                     };
-                    senders.push((port.at, route::bit(port.side), port_vol.get(&pid.0).copied().unwrap_or(0)));
+                    senders.push((
+                        port.at,
+                        route::bit(port.side),
+                        port_vol.get(&pid.0).copied().unwrap_or(0),
+                    ));
                 }
             }
             for (at, rx0, v) in senders {
@@ -327,6 +353,14 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 }
                 for h in &path {
                     let i = (h.at.y * w + h.at.x) as usize;
+                    // A relayed route changes colors at its relays: only its deliveries are checked here.
+                    if rt.relays > 0 {
+                        if h.tx & route::R != 0 {
+                            delivered[i] += v;
+                            touched.push(i);
+                        }
+                        continue;
+                    }
                     if rule[i] == 0 {
                         color_count[i] += 1;
                         touched.push(i);
@@ -356,7 +390,11 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         // Every send has its route; every delivery is consumed.
         for &i in &touched {
             if vol[i] > 0 && route_of[i] == u32::MAX {
-                errs.push(format!("PE ({}, {}) sends on color {c} without a route", i as u32 % w, i as u32 / w));
+                errs.push(format!(
+                    "PE ({}, {}) sends on color {c} without a route",
+                    i as u32 % w,
+                    i as u32 / w
+                ));
             }
             if delivered[i] != consumed[i] {
                 errs.push(format!(
@@ -376,7 +414,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         }
         let keys: BTreeSet<u32> = port_cons.keys().chain(port_del.keys()).copied().collect();
         for pid in keys {
-            let (d, k) = (port_del.get(&pid).copied().unwrap_or(0), port_cons.get(&pid).copied().unwrap_or(0));
+            let (d, k) = (
+                port_del.get(&pid).copied().unwrap_or(0),
+                port_cons.get(&pid).copied().unwrap_or(0),
+            );
             if d != k {
                 errs.push(format!("port {pid} color {c}: {d} wavelets delivered, {k} consumed"));
             }
@@ -412,16 +453,19 @@ pub fn verify_plan(g: &Graph, plan: &PlanSummary, wafer: u32) -> Vec<String> {
     let mut errs = Vec::new();
     let regions: Vec<_> = plan.regions.iter().filter(|r| r.wafer == wafer).collect();
     let _ = regions;
-    let streams: BTreeSet<(String, String)> = plan
-        .streams
+    let streams: BTreeSet<(String, String)> = plan.streams.iter().map(|s| (s.from.clone(), s.to.clone())).collect();
+    let on_port: BTreeSet<&str> = plan
+        .ports
         .iter()
-        .map(|s| (s.from.clone(), s.to.clone()))
+        .flat_map(|p| p.streams.iter().map(|s| s.as_str()))
         .collect();
-    let on_port: BTreeSet<&str> = plan.ports.iter().flat_map(|p| p.streams.iter().map(|s| s.as_str())).collect();
     for s in plan.streams.iter().filter(|s| s.wafer == wafer) {
         let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
         if (off(&s.from) || off(&s.to)) && !on_port.contains(s.name.as_str()) {
-            errs.push(format!("stream {} ({} -> {}) crosses the edge on no port", s.name, s.from, s.to));
+            errs.push(format!(
+                "stream {} ({} -> {}) crosses the edge on no port",
+                s.name, s.from, s.to
+            ));
         }
     }
     // Region of every op, by the program's region op lists (names).
@@ -515,7 +559,13 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
                         };
                         let rt = p.routes[ri];
                         let (start, rx0) = if a < n {
-                            (Coord { x: a as u32 % w, y: a as u32 / w }, route::R)
+                            (
+                                Coord {
+                                    x: a as u32 % w,
+                                    y: a as u32 / w,
+                                },
+                                route::R,
+                            )
                         } else {
                             let port = &p.ports[a - n];
                             (port.at, route::bit(port.side))
@@ -599,7 +649,10 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
         for (c, got) in &recv[a] {
             let wanted = want.get(c).copied().unwrap_or(0);
             if *got != wanted && stuck == 0 {
-                errs.push(format!("dry run: agent {a} ({}) color {c}: {got} delivered, {wanted} consumed", t.name));
+                errs.push(format!(
+                    "dry run: agent {a} ({}) color {c}: {got} delivered, {wanted} consumed",
+                    t.name
+                ));
             }
         }
     }
@@ -607,6 +660,12 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
         errs.push(format!("dry run: {stuck} tasks did not finish"));
     }
     errs.truncate(50);
-    let _ = (Role::Input, OpKind::Split { rows: 0, widths: [0; 3] });
+    let _ = (
+        Role::Input,
+        OpKind::Split {
+            rows: 0,
+            widths: [0; 3],
+        },
+    );
     errs
 }

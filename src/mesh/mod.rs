@@ -148,7 +148,12 @@ pub enum Need {
     /// - a negative `first`: the other task may run that many runs ahead (double buffering).
     ///
     /// Added by the compiler issue (layer loops, gates, double-buffered weight streams).
-    After { task: TaskIdx, first: i64, num: u64, den: u64 },
+    After {
+        task: TaskIdx,
+        first: i64,
+        num: u64,
+        den: u64,
+    },
 }
 
 impl Need {
@@ -291,6 +296,10 @@ pub enum Senders {
 /// Routing of `color` for the given senders. Each router a route passes holds the color.
 /// `relays` > 0 when the flow could not get a color end to end and PEs relay it: the engine charges
 /// `relay_cycles` to the train's head at each relay.
+/// The compiler's relayed routes carry `color` on their first and last segments (where the sender
+/// sends and the receiver receives it) and other colors it found free between the relays; their
+/// relaying is not written as tasks (only its latency is charged), and the per-router color rules of
+/// the middle segments are the compiler's own bookkeeping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub color: ColorId,
@@ -378,8 +387,11 @@ impl MeshProgram {
         self.tiles
             .iter()
             .map(|t| {
-                let per_pe: u64 =
-                    self.templates[t.template.0 as usize].tasks.iter().map(|k| k.flops * k.repeat as u64).sum();
+                let per_pe: u64 = self.templates[t.template.0 as usize]
+                    .tasks
+                    .iter()
+                    .map(|k| k.flops * k.repeat as u64)
+                    .sum();
                 per_pe * t.rect.pes()
             })
             .sum()

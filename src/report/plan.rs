@@ -177,14 +177,22 @@ impl PlanSummary {
     /// The text printed by `wafer compile` and `wafer plan`: header, map, tables.
     pub fn to_text(&self, map_cols: usize) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "plan        {} on {}  ({} x {} PEs)", self.model, self.hardware, self.mesh_width, self.mesh_height);
+        let _ = writeln!(
+            s,
+            "plan        {} on {}  ({} x {} PEs)",
+            self.model, self.hardware, self.mesh_width, self.mesh_height
+        );
         let _ = writeln!(s, "workload    {}", self.workload);
         let _ = writeln!(s, "mode        {}: {}", self.mode, self.mode_reason);
         if self.wafers > 1 {
             let _ = writeln!(s, "wafers      {}", self.wafers);
         }
         if self.layers_folded > 1 {
-            let _ = writeln!(s, "layers      {} folded into one loop (each layer's region runs once per layer)", self.layers_folded);
+            let _ = writeln!(
+                s,
+                "layers      {} folded into one loop (each layer's region runs once per layer)",
+                self.layers_folded
+            );
         }
         let _ = writeln!(
             s,
@@ -261,7 +269,11 @@ impl PlanSummary {
         }
         if !self.ports.is_empty() {
             let _ = writeln!(s, "\nIO channels");
-            let _ = writeln!(s, "  {:<10} {:<6} {:<11} {:<8} {:>12} {:>14}  streams", "channel", "side", "router", "peer", "rate", "bytes/step");
+            let _ = writeln!(
+                s,
+                "  {:<10} {:<6} {:<11} {:<8} {:>12} {:>14}  streams",
+                "channel", "side", "router", "peer", "rate", "bytes/step"
+            );
             for p in &self.ports {
                 let _ = writeln!(
                     s,
