@@ -1208,8 +1208,6 @@ impl<'a> Prog<'a> {
                     pre.wloads.push(i);
                 }
                 SlotKind::Stored { all } => {
-                    let fed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
-                    let _ = fed;
                     let iters_fed = self.fed_iters(s);
                     let w = self.slot_w(s, runs);
                     let rep = iters_fed * runs;
@@ -1246,12 +1244,10 @@ impl<'a> Prog<'a> {
 
     /// Iterations of the stage for which slot s receives data (all, or fewer for data saved ahead).
     fn fed_iters(&self, s: usize) -> u32 {
-        let per_feed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
         // Feeds count sender runs; convert to iterations via the per-iteration wavelets.
         let sl = &self.st.inputs[s];
         let per_iter = wl(sl.values, sl.elem_bytes).max(1);
         let total: u64 = self.iface.feeds[s].iter().map(|f| f.wavelets * f.repeat as u64).sum();
-        let _ = per_feed;
         (total / per_iter).max(1) as u32
     }
 
@@ -1370,8 +1366,6 @@ impl<'a> Prog<'a> {
             }
         }
         let col_w = |c: u32| -> u64 { rows.iter().map(|&r| wl(vals(r, c), eb)).sum() };
-        let total_values: u64 = (0..f.w).map(|c| rows.iter().map(|&r| vals(r, c)).sum::<u64>()).sum();
-        let _ = total_values;
         for (b, &(c0, c1)) in oi.bands.iter().enumerate() {
             let rep = self.repeat(out_runs);
             // Relays c0+1 .. c1 - 1: their column (and c0's, at c0 + 1) west to c0.
@@ -1475,8 +1469,6 @@ fn prog_bcast(p: &mut Prog) {
     let st = p.st;
     let Work::Matmul {
         a,
-        b,
-        fresh,
         rows,
         k,
         cols,
@@ -1502,7 +1494,6 @@ fn prog_bcast(p: &mut Prog) {
         .map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64])
         .collect();
     let (g1, _) = p.gc(out);
-    let _ = b;
     p.grid(f.row0(), &row_kinds, &col_kinds, "mm", |p, rk, ck| {
         let n_p = match rk[0] {
             2 => s3.s.q + 1,
@@ -1517,9 +1508,6 @@ fn prog_bcast(p: &mut Prog) {
         let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k * n_p);
         let mut needs = vec![recv(p.rc(a), wa)];
         needs.extend(p.pre_needs(&pre, runs));
-        if let Some(fs) = fresh {
-            let _ = fs;
-        }
         let w_out = wl(rr * n_p, eb);
         let mm = pe.push(task(
             "mm",
@@ -1781,12 +1769,11 @@ fn prog_summa(p: &mut Prog) {
         .map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64])
         .collect();
     // The main (paced) operand is dy unless dy is stored and x is not.
-    let (main, other) = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live {
-        (dy, x)
+    let main = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live {
+        dy
     } else {
-        (x, dy)
+        x
     };
-    let _ = other;
     p.grid(f.row0(), &row_kinds, &col_kinds, "summa", |p, rk, ck| {
         let k_r = kr.q + rk[0];
         let n_c = nc.q + ck[0];
@@ -1991,8 +1978,6 @@ fn prog_rowreduce(p: &mut Prog) {
         if colsum.is_some() || (scalar.is_some() && root) {
             let vals = if colsum.is_some() { w_c * cs_per_col } else { 1 };
             let w = wl(vals, 4);
-            let active_here = rk[1] == 0;
-            let _ = active_here;
             if first_row {
                 let mut needs = vec![done(per_iter_src, runs)];
                 if active_rows > 1 {
@@ -2191,7 +2176,6 @@ fn prog_elementwise(p: &mut Prog) {
             rep,
             n * per_elem,
         ));
-        let mut last = ew;
         if accumulate {
             let sends: Vec<Send> = shares
                 .iter()
@@ -2213,10 +2197,8 @@ fn prog_elementwise(p: &mut Prog) {
                 0,
             ));
             pe.tasks[ew].needs.push(after(emit, 0, 1, runs as u64));
-            last = emit;
         }
         p.gate_pre(&mut pe, &pre, ew, runs);
-        let _ = last;
         pe.sram = p.t.sram_max;
         Some((format!("{}.ew", st.name), pe))
     });

@@ -788,7 +788,6 @@ fn compile_wafer(
             (End::Stage { stage: a, slot: o }, End::Port(peer)) => {
                 io_bytes[a] += bytes;
                 // One channel, the nearest: the output row is a channel row, so the stream goes straight.
-                let _ = kernel::bandable_output(&stages[a], o);
                 let nb = 1;
                 let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
                 let avoid: Vec<usize> = (0..chans.len())

@@ -237,9 +237,12 @@ pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compile
     }
     let compiled = lower::compile_all(g, hw, opts, single)?;
     if opts.verify {
-        for (w, p) in compiled.programs.iter().enumerate() {
+        let problems = verify_plan(g, &compiled);
+        if !problems.is_empty() {
+            return Err(CompileError::Verify(problems));
+        }
+        for p in &compiled.programs {
             let mut problems = verify_program(p);
-            problems.extend(verify::verify_plan(g, &compiled.plan, w as u32));
             if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.layout != Layout::Wafers {
                 problems.extend(dry_run(p));
             }

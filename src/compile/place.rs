@@ -67,7 +67,6 @@ fn pack(mins: &[u32], work: &[u128], total: u128, a: u128, h: u32, w: u32, bands
         }
         out.push((band, x));
         x += wi;
-        let _ = i;
     }
     Some(out)
 }

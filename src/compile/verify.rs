@@ -15,10 +15,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::graph::{Graph, OpKind, Role};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Pattern, PortId, Rect, Senders};
-use crate::report::PlanSummary;
 
-use super::io;
 use super::route::{self, Hop};
+use super::{io, Compiled, Layout};
 
 /// Meshes up to this many PEs get the dry run after compiling.
 pub const DRY_RUN_MAX_PES: u64 = 64 * 64;
@@ -447,29 +446,119 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     errs
 }
 
-/// Plan-level checks: every graph edge between regions carried by a stream, every off-wafer stream on
-/// a port, every on-wafer op in exactly one region.
-pub fn verify_plan(g: &Graph, plan: &PlanSummary, wafer: u32) -> Vec<String> {
+/// Checks the plan against the graph and the programs: every off-wafer stream is on a port, and
+/// every graph edge between ops in different regions is carried by a stream (directly in one
+/// program; through MemoryX between phases; through the wafer link between wafers; to or from
+/// MemoryX or SwarmX for ops that run off the wafer).
+pub fn verify_plan(g: &Graph, c: &Compiled) -> Vec<String> {
+    let plan = &c.plan;
     let mut errs = Vec::new();
-    let regions: Vec<_> = plan.regions.iter().filter(|r| r.wafer == wafer).collect();
-    let _ = regions;
-    let streams: BTreeSet<(String, String)> = plan.streams.iter().map(|s| (s.from.clone(), s.to.clone())).collect();
-    let on_port: BTreeSet<&str> = plan
-        .ports
-        .iter()
-        .flat_map(|p| p.streams.iter().map(|s| s.as_str()))
-        .collect();
-    for s in plan.streams.iter().filter(|s| s.wafer == wafer) {
-        let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
-        if (off(&s.from) || off(&s.to)) && !on_port.contains(s.name.as_str()) {
+    let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
+    for s in &plan.streams {
+        let on_port = plan
+            .ports
+            .iter()
+            .any(|p| p.wafer == s.wafer && p.phase == s.phase && p.streams.contains(&s.name));
+        if (off(&s.from) || off(&s.to)) && !on_port {
             errs.push(format!(
-                "stream {} ({} -> {}) crosses the edge on no port",
-                s.name, s.from, s.to
+                "stream {} ({} -> {}, wafer {} phase {}) crosses the edge on no port",
+                s.name, s.from, s.to, s.wafer, s.phase
             ));
         }
     }
-    // Region of every op, by the program's region op lists (names).
-    let _ = (&streams, g);
+    // (wafer, phase) of each program.
+    let place = |i: usize| match c.layout {
+        Layout::Single => (0u32, 0u32),
+        Layout::Wafers => (i as u32, 0),
+        Layout::Phases => (0, i as u32),
+    };
+    let mut region_of: BTreeMap<&str, (u32, u32, &str)> = BTreeMap::new();
+    for (i, p) in c.programs.iter().enumerate() {
+        for r in &p.regions {
+            for o in &r.ops {
+                region_of.insert(o.as_str(), (place(i).0, place(i).1, r.name.as_str()));
+            }
+        }
+    }
+    let streams: BTreeSet<(u32, u32, &str, &str)> = plan
+        .streams
+        .iter()
+        .map(|s| (s.wafer, s.phase, s.from.as_str(), s.to.as_str()))
+        .collect();
+    let has = |w: u32, ph: u32, a: &str, b: &str| streams.contains(&(w, ph, a, b));
+    let to_store = |w: u32, ph: u32, a: &str| has(w, ph, a, "memoryx") || has(w, ph, a, "swarmx");
+    let from_store = |w: u32, ph: u32, b: &str| has(w, ph, "memoryx", b) || has(w, ph, "swarmx", b);
+    let mut producer = vec![None; g.tensors.len()];
+    for o in g.op_ids() {
+        for &t in &g.op(o).outputs {
+            producer[t.idx()] = Some(o);
+        }
+    }
+    // The real producers of a tensor, through views (a split's slice, a split_grad's concatenation).
+    fn real(
+        g: &Graph,
+        producer: &[Option<crate::graph::OpId>],
+        t: crate::graph::TensorId,
+        out: &mut Vec<crate::graph::OpId>,
+    ) {
+        if let Some(p) = producer[t.idx()] {
+            match g.op(p).kind {
+                OpKind::Split { .. } => real(g, producer, g.op(p).inputs[0], out),
+                OpKind::SplitGrad { .. } => {
+                    for &i in &g.op(p).inputs {
+                        real(g, producer, i, out);
+                    }
+                }
+                _ => out.push(p),
+            }
+        }
+    }
+    let is_view = |o: crate::graph::OpId| matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. });
+    let mut seen = BTreeSet::new();
+    for b in g.op_ids() {
+        let ob = g.op(b);
+        if is_view(b) {
+            continue;
+        }
+        let rb = region_of.get(ob.name.as_str()).copied();
+        for &t in &ob.inputs {
+            let mut ps = Vec::new();
+            real(g, &producer, t, &mut ps);
+            for a in ps {
+                let ra = region_of.get(g.op(a).name.as_str()).copied();
+                let ok = match (ra, rb) {
+                    // Both off the wafer (the optimizer and its inputs in MemoryX).
+                    (None, None) => true,
+                    (Some((w, ph, na)), None) => to_store(w, ph, na),
+                    (None, Some((w, ph, nb))) => from_store(w, ph, nb),
+                    (Some(x), Some(y)) if x == y => true,
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) if wa == wb && pa == pb => has(wa, pa, na, nb),
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) if wa == wb => {
+                        to_store(wa, pa, na) && from_store(wb, pb, nb)
+                    }
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) => {
+                        has(wa, pa, na, &format!("wafer{wb}")) && has(wb, pb, &format!("wafer{wa}"), nb)
+                    }
+                };
+                if !ok && seen.insert((ra, rb)) {
+                    errs.push(format!(
+                        "graph edge {} -> {} ({}) is carried by no stream ({} -> {})",
+                        g.op(a).name,
+                        ob.name,
+                        g.tensor(t).name,
+                        ra.map_or("off-wafer".to_string(), |r| format!(
+                            "{} (wafer {} phase {})",
+                            r.2, r.0, r.1
+                        )),
+                        rb.map_or("off-wafer".to_string(), |r| format!(
+                            "{} (wafer {} phase {})",
+                            r.2, r.0, r.1
+                        )),
+                    ));
+                }
+            }
+        }
+    }
     errs
 }
 
