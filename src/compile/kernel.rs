@@ -114,6 +114,8 @@ pub(crate) struct Misfit {
     pub class: String,
     /// The region cannot hold the frame at all (too narrow or short).
     pub frame: bool,
+    /// The SRAM fits but the algorithm needs this many colors at a router, more than it has (else 0).
+    pub colors: u32,
 }
 
 pub(crate) fn wl(values: u64, eb: u64) -> u64 {
@@ -370,14 +372,16 @@ impl Chooser<'_> {
                 });
             }
         } else if sram < self.worst.needed || (sram <= self.k.avail && self.worst.needed == u64::MAX) {
+            let fits = sram <= self.k.avail;
             self.worst = Misfit {
-                needed: if sram <= self.k.avail { 0 } else { sram },
-                class: if sram <= self.k.avail {
-                    format!("{class}, {colors} internal colors of {}", self.k.colors)
+                needed: if fits { 0 } else { sram },
+                class: if fits {
+                    format!("{}: {class}", algo.name())
                 } else {
                     class
                 },
                 frame: false,
+                colors: if fits { colors } else { 0 },
             };
         }
     }
@@ -396,6 +400,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             needed: 0,
             class: format!("a region of at least {} x {min_h} PEs", gateways.max(1)),
             frame: true,
+            colors: 0,
         });
     }
     let rc = frame.rc() as u64;
@@ -414,6 +419,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             needed: u64::MAX,
             class: String::new(),
             frame: false,
+            colors: 0,
         },
     };
     // Stored slots kept on the compute block's PEs.

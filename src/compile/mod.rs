@@ -148,16 +148,27 @@ pub enum CompileError {
     #[error("mesh too small: {what}; {hint}")]
     MeshTooSmall { what: String, hint: String },
     #[error(
-        "too many colors: stream `{stream}` finds no free color at router ({x}, {y}), which already routes \
-         {used} of its {limit} colors; {hint}"
+        "too many colors: stream `{stream}` {why} ({x}, {y}), which routes {used} of its {limit} colors; \
+         {hint}"
     )]
     Colors {
         stream: String,
+        why: String,
         x: u32,
         y: u32,
         used: u32,
         limit: u32,
         hint: String,
+    },
+    #[error(
+        "too many colors: op `{op}` ({class}) needs {needed} colors at its routers (its inputs, its collectives \
+         and its outputs), the routers have {limit}; every algorithm for it needs more; raise fabric.colors"
+    )]
+    OpColors {
+        op: String,
+        class: String,
+        needed: u32,
+        limit: u32,
     },
     #[error("{0}")]
     Unsupported(String),

@@ -218,6 +218,9 @@ pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> 
             hint: "use a larger --mesh".into(),
         };
     }
+    if m.colors > 0 {
+        return op_colors(st, m, k);
+    }
     CompileError::Sram {
         op: st.name.clone(),
         class: m.class.clone(),
@@ -226,6 +229,16 @@ pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> 
         sram: k.pe.sram_bytes,
         reserve: k.pe.code_reserve_bytes,
         hint: HINT.into(),
+    }
+}
+
+/// An op whose algorithms all need more colors at a router than the router has.
+fn op_colors(st: &Stage, m: &Misfit, k: &KCtx) -> CompileError {
+    CompileError::OpColors {
+        op: st.name.clone(),
+        class: m.class.clone(),
+        needed: m.colors,
+        limit: k.colors,
     }
 }
 
@@ -242,6 +255,7 @@ fn too_big(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx) -> Compi
     let (i, _) = mins.iter().enumerate().max_by_key(|(_, &m)| m).unwrap_or((0, &0));
     let fair = ((mesh.width as u64 * mins[i]) / need.max(1)).max(1) as u32;
     match kernel::tile(&stages[i], &ios[i], fair, h, k) {
+        Err(m) if m.colors > 0 => op_colors(&stages[i], &m, k),
         Err(m) if !m.frame => CompileError::Sram {
             op: stages[i].name.clone(),
             class: format!("{} at its share of the mesh ({fair} x {h} PEs)", m.class),

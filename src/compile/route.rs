@@ -343,7 +343,19 @@ impl ColorBook {
             .filter(|&(_, a, b)| a > 0 && b > 0)
             .max_by_key(|&(c, a, b)| (a + b, c));
         let Some((c, a, b)) = best else {
-            return Err(self.error(stream, path));
+            // The sender and its receivers must meet one color: name the end that has none.
+            let start = (0..self.limit).any(|c| self.prefix(c, &path[..1.min(path.len())]) > 0);
+            let (why, at) = if !start {
+                ("finds no free color at its sender's router", path.first())
+            } else if (0..self.limit).any(|c| self.prefix(c, &rev[..1.min(rev.len())]) > 0) {
+                (
+                    "finds none of the colors free at its sender free (or routed its way) at its receiving router",
+                    path.last(),
+                )
+            } else {
+                ("finds no free color at its receiving router", path.last())
+            };
+            return Err(self.error(stream, why, at.copied()));
         };
         let (a, b) = (a.min(path.len()), b.min(path.len() - a.min(path.len())));
         let mut segments = vec![c];
@@ -361,7 +373,13 @@ impl ColorBook {
                     segments.push(k);
                     at += n;
                 }
-                _ => return Err(self.error(stream, &path[at..])),
+                _ => {
+                    return Err(self.error(
+                        stream,
+                        "finds no free color to relay on at router",
+                        path.get(at).copied(),
+                    ))
+                }
             }
         }
         segments.push(c);
@@ -383,21 +401,14 @@ impl ColorBook {
         Err(())
     }
 
-    fn error(&self, stream: &str, path: &[Hop]) -> CompileError {
-        let worst = path
-            .iter()
-            .max_by_key(|h| self.used_at(self.idx(h.at)))
-            .copied()
-            .unwrap_or(Hop {
-                at: Coord { x: 0, y: 0 },
-                rx: 0,
-                tx: 0,
-            });
+    fn error(&self, stream: &str, why: &str, at: Option<Hop>) -> CompileError {
+        let at = at.map_or(Coord { x: 0, y: 0 }, |h| h.at);
         CompileError::Colors {
             stream: stream.to_string(),
-            x: worst.at.x,
-            y: worst.at.y,
-            used: self.used_at(self.idx(worst.at)),
+            why: why.to_string(),
+            x: at.x,
+            y: at.y,
+            used: self.used_at(self.idx(at)),
             limit: self.limit,
             hint: "routers are shared by the regions' own collectives and every stream passing them; a larger --mesh \
                    or weight streaming (fewer regions) leaves more colors per router"
