@@ -66,7 +66,7 @@ pub fn run(cmd: CompileCmd) -> Result<(), Error> {
     };
     let c = compile::compile(&g, &hw, &opts)?;
     if let Some(path) = &cmd.output {
-        let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims()?, &opts)?;
+        let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims(), &opts)?;
         let file = PlanFile {
             version: PLAN_VERSION,
             inputs,

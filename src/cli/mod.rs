@@ -117,30 +117,29 @@ pub struct HwFlags {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Use only a WxH rectangle of the wafer's mesh (e.g. 16x16).
-    #[arg(long, value_name = "WxH")]
-    pub mesh: Option<String>,
+    #[arg(long, value_name = "WxH", value_parser = parse_mesh)]
+    pub mesh: Option<(u32, u32)>,
+}
+
+/// `WxH` in PEs.
+fn parse_mesh(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{s}` is not a mesh; expected WIDTHxHEIGHT in PEs, e.g. 64x64");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
 }
 
 impl HwFlags {
-    pub fn mesh_dims(&self) -> Result<Option<(u32, u32)>, Error> {
-        let Some(m) = &self.mesh else { return Ok(None) };
-        let bad = || {
-            Error::Hw(waferscale::hw::HwError::Set {
-                setting: format!("--mesh {m}"),
-                message: "expected WIDTHxHEIGHT in PEs, e.g. 64x64".into(),
-            })
-        };
-        let (w, h) = m.split_once(['x', 'X']).ok_or_else(bad)?;
-        let w: u32 = w.trim().parse().map_err(|_| bad())?;
-        let h: u32 = h.trim().parse().map_err(|_| bad())?;
-        Ok(Some((w, h)))
+    pub fn mesh_dims(&self) -> Option<(u32, u32)> {
+        self.mesh
     }
 
     /// The description (after `extends` and `--set`) and the validated wafer, restricted to `--mesh`.
     pub fn load(&self) -> Result<(HwDoc, WaferHw), Error> {
         let doc = load_with_overrides(&self.hw, &self.set)?;
         let mut hw = WaferHw::from_doc(&doc)?;
-        if let Some((w, h)) = self.mesh_dims()? {
+        if let Some((w, h)) = self.mesh {
             hw = hw.with_mesh(w, h)?;
         }
         Ok((doc, hw))

@@ -732,6 +732,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             }
         }
         Work::SingleGemv { k: kk, n } => {
+            // Rows beyond k and columns beyond n would have nothing to do: they stay idle.
+            let (rc, c) = (rc.min(kk), c.min(n));
             let kr = split(kk, rc);
             let nc = split(n, c);
             let sram = (kr.max() * nc.max() + kr.max() + 2 * nc.max()) * eb;
@@ -749,7 +751,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             );
         }
         Work::SingleGemm { m, n, k: kk } => {
-            let q = rc.min(c);
+            // A square grid no larger than any dimension: every block has work.
+            let q = rc.min(c).min(m).min(n).min(kk);
             let (mi, nj, kb) = (split(m, q), split(n, q), kk.div_ceil(q));
             let sram = (mi.max() * kb * 2 + kb * nj.max() * 2 + mi.max() * nj.max()) * eb;
             ch.consider(
@@ -2334,7 +2337,8 @@ fn prog_single_gemv(p: &mut Prog) {
         return;
     };
     let f = p.f();
-    let (rc, c) = (f.rc() as u64, f.w as u64);
+    // Only the rows and columns that get a share of k and n take part (as the tiling chose).
+    let (rc, c) = ((f.rc() as u64).min(k), (f.w as u64).min(n));
     let eb = p.eb();
     let kr = split(k, rc);
     let nc = split(n, c);
@@ -2519,7 +2523,7 @@ fn prog_cannon(p: &mut Prog) {
         return;
     };
     let f = p.f();
-    let q = (f.rc() as u64).min(f.w as u64);
+    let q = (f.rc() as u64).min(f.w as u64).min(m).min(n).min(k);
     let eb = p.eb();
     let mi = split(m, q);
     let nj = split(n, q);

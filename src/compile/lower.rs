@@ -40,7 +40,34 @@ pub(crate) fn compile_all(
         .filter(|t| t.role == Role::Weight)
         .map(|t| t.bytes)
         .sum();
+    let has = |r: Role| g.tensors.iter().any(|t| t.role == r);
+    let resident_what = [
+        (Role::Weight, "weights"),
+        (Role::OptimizerState, "optimizer state"),
+        (Role::KvCache, "KV cache"),
+    ]
+    .iter()
+    .filter(|(r, _)| has(*r))
+    .map(|(_, n)| *n)
+    .collect::<Vec<_>>()
+    .join(", ");
     let sram = hw.mesh.pes() * (hw.pe.sram_bytes - hw.pe.code_reserve_bytes) * opts.wafers as u64;
+    // What pipelined mode keeps in SRAM before any activation: when it alone overflows, go straight
+    // to weight streaming.
+    // (Tensors no op produces: the optimizer's updated copies overwrite them in place.)
+    let mut produced = vec![false; g.tensors.len()];
+    for o in g.op_ids() {
+        for &t in &g.op(o).outputs {
+            produced[t.idx()] = true;
+        }
+    }
+    let resident: u64 = g
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| !produced[*i] && matches!(t.role, Role::Weight | Role::OptimizerState | Role::KvCache))
+        .map(|(_, t)| t.bytes)
+        .sum();
     match (opts.mode, single) {
         (Some(Mode::WeightStreaming), true) => Err(CompileError::Unsupported(
             "--mode weight-streaming: a single-op workload runs resident, its operands pre-placed in SRAM".into(),
@@ -54,6 +81,19 @@ pub(crate) fn compile_all(
             "single op: operands pre-placed in SRAM, as published per-op benchmarks measure them".into(),
         ),
         (Some(m), false) => attempt(g, hw, opts, m, false, "chosen with --mode".into()),
+        (None, false) if resident > sram && opts.wafers == 1 => attempt(
+            g,
+            hw,
+            opts,
+            Mode::WeightStreaming,
+            false,
+            format!(
+                "the resident state ({}: {}) exceeds the data SRAM ({})",
+                resident_what,
+                crate::report::fmt::human(resident as f64, "B"),
+                crate::report::fmt::human(sram as f64, "B")
+            ),
+        ),
         (None, false) => {
             let why = format!(
                 "every layer fits in SRAM at once (weights {} of {} data SRAM)",
@@ -89,6 +129,8 @@ fn attempt(
     reason: String,
 ) -> Result<Compiled, CompileError> {
     attempt_mode(g, hw, opts, mode, single, reason).map_err(|e| match mode {
+        // A single op has only its mesh and its SRAM.
+        _ if single => e.rehint(crate::compile::place::HINT, SINGLE_HINT),
         // Already streaming weights: the way out is a bigger mesh or less data per step.
         Mode::WeightStreaming => e.rehint(crate::compile::place::HINT, WS_HINT),
         Mode::Pipelined => e,
@@ -96,6 +138,7 @@ fn attempt(
 }
 
 const WS_HINT: &str = "use a larger --mesh, a smaller batch or sequence, or more SRAM per PE";
+const SINGLE_HINT: &str = "use a larger --mesh, a smaller op, or more SRAM per PE (--set pe.sram_bytes=...)";
 
 fn attempt_mode(
     g: &Graph,

@@ -196,8 +196,13 @@ impl PlanSummary {
         }
         let _ = writeln!(
             s,
-            "flops       {} on the wafer{}",
+            "flops       {} on the {}{}",
             thousands(self.wafer_flops),
+            if self.wafers > 1 {
+                format!("{} wafers", self.wafers)
+            } else {
+                "wafer".into()
+            },
             if self.offload_flops > 0 {
                 format!(", {} in MemoryX (optimizer)", thousands(self.offload_flops))
             } else {
@@ -229,11 +234,21 @@ impl PlanSummary {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<3} {:<28} {:<16} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
+            "{:<3} {:<28} {:<18} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
             "", "region", "op", "rect", "PEs", "algorithm", "runs", "sram max", "sram mean", "colors", "io bytes"
         );
         let mut idx: std::collections::BTreeMap<(u32, u32), usize> = std::collections::BTreeMap::new();
         for r in &self.regions {
+            if (self.wafers > 1 || self.phases > 1) && !idx.contains_key(&(r.wafer, r.phase)) {
+                let mut head = Vec::new();
+                if self.wafers > 1 {
+                    head.push(format!("wafer {}", r.wafer));
+                }
+                if self.phases > 1 {
+                    head.push(format!("phase {}", r.phase));
+                }
+                let _ = writeln!(s, "    {}", head.join(", "));
+            }
             let e = idx.entry((r.wafer, r.phase)).or_default();
             let i = *e;
             *e += 1;
@@ -249,7 +264,7 @@ impl PlanSummary {
             };
             let _ = writeln!(
                 s,
-                "{:<3} {:<28} {:<16} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
+                "{:<3} {:<28} {:<18} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
                 symbol(i),
                 name,
                 r.kind,
@@ -263,6 +278,12 @@ impl PlanSummary {
                 thousands(r.io_bytes)
             );
         }
+        let _ = writeln!(
+            s,
+            "    runs: compute runs (token chunks) per iteration x iterations (folded layers); sram: data bytes \
+             per PE;\n    colors: the region's own collectives / the most in use at any of its routers; io bytes: \
+             per step through IO ports"
+        );
         let _ = writeln!(s, "\nshapes and algorithm choices");
         for r in &self.regions {
             let _ = writeln!(s, "  {}: {}; {}", r.name, r.shape, r.reason);
