@@ -126,6 +126,7 @@ const FLOWS_PER_CHANNEL: u32 = 6;
 /// Picks `n` channels for a stream of `bytes` near `near`, on the nearer side: for big streams, channels
 /// not yet loaded above the fair share first, then the nearest (a stream whose row meets its channel's
 /// goes straight); for small streams the nearest.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pick(
     chans: &[Channel],
     load: &mut [u64],

@@ -190,7 +190,7 @@ impl Flat {
         let full = self.s.r / self.cols;
         if r < full {
             2
-        } else if r == full && self.s.r % self.cols != 0 {
+        } else if r == full && !self.s.r.is_multiple_of(self.cols) {
             1
         } else {
             0
@@ -272,14 +272,7 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
         Work::Matmul { no_split_k: true, .. } => return vec![1],
         _ if is_grouped(st) => return vec![1],
         Work::Matmul { rows, .. } | Work::Accum { rows, .. } => rows,
-        Work::RowReduce { rows, .. } => rows,
-        Work::Elementwise { rows, accumulate, .. } => {
-            if accumulate {
-                rows
-            } else {
-                rows
-            }
-        }
+        Work::RowReduce { rows, .. } | Work::Elementwise { rows, .. } => rows,
         Work::Lookup { rows, .. } | Work::Relay { rows, .. } => rows,
         _ => return vec![1],
     };

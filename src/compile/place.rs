@@ -101,6 +101,9 @@ fn band_rows(h_all: u32, bands: u32, align: &[u32]) -> Vec<(u32, u32)> {
     out
 }
 
+/// A candidate packing: (area, bands, minimum widths, (band, x) of every stage).
+type Packing = (u128, u32, Vec<u32>, Vec<(u32, u32)>);
+
 pub(crate) fn place(
     stages: &[Stage],
     ios: &[StageIo],
@@ -127,7 +130,7 @@ pub(crate) fn place(
     }
     let work: Vec<u128> = stages.iter().map(|s| s.flops().max(1) as u128).collect();
     let total: u128 = work.iter().sum();
-    let mut best: Option<(u128, u32, Vec<u32>, Vec<(u32, u32)>)> = None;
+    let mut best: Option<Packing> = None;
     let mut worst: Option<(usize, Misfit)> = None;
     for bands in 1..=MAX_BANDS.min(h_all / 3).max(1) {
         let rows = band_rows(h_all, bands, align);
