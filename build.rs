@@ -31,18 +31,10 @@ fn main() {
     for (list, items) in [("MODELS", &models), ("HARDWARE", &hw)] {
         writeln!(src, "pub static {list}: &[EmbeddedFile] = &[").unwrap();
         for (name, path) in items.iter() {
-            let rel = Path::new(path)
-                .strip_prefix(root)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .replace('\\', "/");
+            let rel = Path::new(path).strip_prefix(root).unwrap().to_str().unwrap().replace('\\', "/");
             println!("cargo:rerun-if-changed={path}");
-            writeln!(
-                src,
-                "    EmbeddedFile {{ name: {name:?}, path: {rel:?}, text: include_str!({path:?}) }},"
-            )
-            .unwrap();
+            writeln!(src, "    EmbeddedFile {{ name: {name:?}, path: {rel:?}, text: include_str!({path:?}) }},")
+                .unwrap();
         }
         writeln!(src, "];").unwrap();
     }

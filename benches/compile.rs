@@ -12,23 +12,13 @@ fn bench_compile(c: &mut Criterion) {
     let hw = WaferHw::from_doc(&load_with_overrides("wse3", &[]).unwrap()).unwrap();
     let mut group = c.benchmark_group("compile");
     group.sample_size(10);
-    for (name, phase, mode) in [
-        ("llama-3-8b", Phase::Decode, Mode::Pipelined),
-        ("llama-3.1-405b", Phase::Train, Mode::WeightStreaming),
-    ] {
+    for (name, phase, mode) in
+        [("llama-3-8b", Phase::Decode, Mode::Pipelined), ("llama-3.1-405b", Phase::Train, Mode::WeightStreaming)]
+    {
         let m = model::load(name).unwrap();
-        let w = WorkloadArgs {
-            phase: Some(phase),
-            ..Default::default()
-        }
-        .resolve(&m)
-        .unwrap();
+        let w = WorkloadArgs { phase: Some(phase), ..Default::default() }.resolve(&m).unwrap();
         let g = graph::build(&m, &w).unwrap();
-        let opts = CompileOptions {
-            mode: Some(mode),
-            wafers: 1,
-            verify: false,
-        };
+        let opts = CompileOptions { mode: Some(mode), wafers: 1, verify: false };
         group.bench_function(format!("{name} {} {mode} wse3", phase.name()), |b| {
             b.iter(|| compile::compile(&g, &hw, &opts).unwrap())
         });

@@ -1,9 +1,11 @@
 //! The crate's top-level error: one variant per stage, each knowing whose fault it is.
 
 use crate::compile::CompileError;
+use crate::gpu::GpuError;
 use crate::graph::GraphError;
 use crate::hw::HwError;
 use crate::model::{ModelError, WorkloadError};
+use crate::trace::TraceError;
 
 /// Exit code for bad input (a config, a flag, a file the user gave).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -21,7 +23,13 @@ pub enum Error {
     #[error(transparent)]
     Hw(#[from] HwError),
     #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -38,8 +46,14 @@ impl Error {
             Error::Model(_) | Error::Workload(_) | Error::Hw(_) | Error::Write { .. } => EXIT_BAD_INPUT,
             Error::Graph(g) if g.is_user_error() => EXIT_BAD_INPUT,
             Error::Graph(_) => EXIT_INTERNAL,
+            Error::Gpu(g) if g.is_user_error() => EXIT_BAD_INPUT,
+            Error::Gpu(_) => EXIT_INTERNAL,
             Error::Compile(c) if c.is_user_error() => EXIT_BAD_INPUT,
             Error::Compile(_) => EXIT_INTERNAL,
+            // A deadlock is a result about the program; an invalid program or a broken invariant is a bug.
+            Error::Engine(_) => EXIT_INTERNAL,
+            Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
+            Error::Trace(_) => EXIT_INTERNAL,
         }
     }
 }

@@ -8,11 +8,16 @@
 //! The CLI (`src/main.rs`, `src/cli.rs`) is a thin layer over these functions.
 
 pub mod compile;
+pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod graph;
 pub mod hw;
 pub mod mesh;
 pub mod model;
 pub mod report;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod trace;
 
 pub use error::Error;

@@ -18,13 +18,7 @@ fn wafer_ok(args: &[&str]) -> String {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run wafer");
-    assert!(
-        out.status.success(),
-        "wafer {}: {}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "wafer {}: {}\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
@@ -39,12 +33,8 @@ fn hw(name: &str, sets: &[&str], mesh: Option<(u32, u32)>) -> WaferHw {
 
 fn graph_of(name: &str, phase: Phase) -> Graph {
     let m = model::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let w = WorkloadArgs {
-        phase: Some(phase),
-        ..Default::default()
-    }
-    .resolve(&m)
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let w =
+        WorkloadArgs { phase: Some(phase), ..Default::default() }.resolve(&m).unwrap_or_else(|e| panic!("{name}: {e}"));
     graph::build(&m, &w).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
@@ -53,11 +43,7 @@ fn total_flops(g: &Graph) -> u64 {
 }
 
 fn opts(mode: Option<Mode>, verify: bool) -> CompileOptions {
-    CompileOptions {
-        mode,
-        wafers: 1,
-        verify,
-    }
+    CompileOptions { mode, wafers: 1, verify }
 }
 
 /// The plan printer (map, region table, algorithm reasons, IO channels) for tiny models on 16 x 16
@@ -77,15 +63,12 @@ fn plan_printer_snapshots() {
         ("llama-tiny", "train", "64x64", "weight-streaming"),
     ];
     for &(model, phase, mesh, mode) in cases {
-        let out = wafer_ok(&[
-            "compile", model, "--hw", "cs2", "--mesh", mesh, "--phase", phase, "--mode", mode, "--verify",
-        ]);
+        let out =
+            wafer_ok(&["compile", model, "--hw", "cs2", "--mesh", mesh, "--phase", phase, "--mode", mode, "--verify"]);
         insta::assert_snapshot!(format!("plan-{model}-{phase}-{mesh}-{mode}"), out);
     }
     // Default mode, and two wafers pipelined (hidden states cross between them through IO).
-    let out = wafer_ok(&[
-        "compile", "gpt-tiny", "--hw", "cs2", "--mesh", "16x16", "--phase", "decode",
-    ]);
+    let out = wafer_ok(&["compile", "gpt-tiny", "--hw", "cs2", "--mesh", "16x16", "--phase", "decode"]);
     insta::assert_snapshot!("plan-gpt-tiny-decode-16x16-default", out);
     let out = wafer_ok(&[
         "compile",
@@ -178,14 +161,7 @@ fn every_algorithm_is_used() {
         let c = compile::compile(&g, &hw("wse3", &[], Some(mesh)), &opts(None, false)).unwrap();
         seen.extend(c.plan.regions.iter().map(|r| r.algorithm.clone()));
     }
-    for a in [
-        "summa",
-        "cannon",
-        "gemv-tree",
-        "gemv-broadcast",
-        "row-reduce",
-        "elementwise",
-    ] {
+    for a in ["summa", "cannon", "gemv-tree", "gemv-broadcast", "row-reduce", "elementwise"] {
         assert!(seen.contains(a), "{a} not used; used: {seen:?}");
     }
 }
@@ -197,38 +173,15 @@ fn plan_files_round_trip() {
     let dir = std::env::temp_dir().join(format!("wafer-plan-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, args, mode, wafers) in [
-        (
-            "decode",
-            vec!["gpt-tiny", "--phase", "decode", "--mesh", "16x16"],
-            None,
-            1,
-        ),
+        ("decode", vec!["gpt-tiny", "--phase", "decode", "--mesh", "16x16"], None, 1),
         (
             "train-ws",
-            vec![
-                "llama-tiny",
-                "--phase",
-                "train",
-                "--mesh",
-                "64x64",
-                "--mode",
-                "weight-streaming",
-            ],
+            vec!["llama-tiny", "--phase", "train", "--mesh", "64x64", "--mode", "weight-streaming"],
             Some(Mode::WeightStreaming),
             1,
         ),
-        (
-            "2-wafers",
-            vec!["llama-tiny", "--phase", "decode", "--mesh", "64x64", "--wafers", "2"],
-            None,
-            2,
-        ),
-        (
-            "op",
-            vec!["gemv:1024x1024", "--mesh", "16x16", "--set", "pe.sram_bytes=98304"],
-            None,
-            1,
-        ),
+        ("2-wafers", vec!["llama-tiny", "--phase", "decode", "--mesh", "64x64", "--wafers", "2"], None, 2),
+        ("op", vec!["gemv:1024x1024", "--mesh", "16x16", "--set", "pe.sram_bytes=98304"], None, 1),
     ] {
         let path = dir.join(format!("{name}.json"));
         let p = path.to_str().unwrap();
@@ -241,16 +194,9 @@ fn plan_files_round_trip() {
         assert!(json.contains("\"regions\""), "{name}");
         let (g, hwd, loaded) = compile::load_plan(p).unwrap();
         assert_eq!(hwd.pe.sram_bytes, if name == "op" { 98304 } else { 49152 });
-        let o = CompileOptions {
-            mode,
-            wafers,
-            verify: false,
-        };
+        let o = CompileOptions { mode, wafers, verify: false };
         let direct = compile::compile(&g, &hwd, &o).unwrap();
-        assert_eq!(
-            loaded.programs, direct.programs,
-            "{name}: a reload compiles the same programs"
-        );
+        assert_eq!(loaded.programs, direct.programs, "{name}: a reload compiles the same programs");
         assert_eq!(loaded.plan, direct.plan, "{name}");
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -259,10 +205,7 @@ fn plan_files_round_trip() {
 /// Compiling is a pure function of its inputs.
 #[test]
 fn compile_is_deterministic() {
-    for (m, ph, mesh) in [
-        ("mixtral-tiny", Phase::Train, (64, 64)),
-        ("gpt-tiny", Phase::Decode, (16, 16)),
-    ] {
+    for (m, ph, mesh) in [("mixtral-tiny", Phase::Train, (64, 64)), ("gpt-tiny", Phase::Decode, (16, 16))] {
         let g = graph_of(m, ph);
         let h = hw("cs2", &[], Some(mesh));
         let a = compile::compile(&g, &h, &opts(None, false)).unwrap();
@@ -294,11 +237,7 @@ fn verifier_catches_broken_programs() {
     };
     // A route moved to another color: its senders send with no route, its receivers get nothing.
     let mut q = p.clone();
-    let ri = q
-        .routes
-        .iter()
-        .position(|r| matches!(r.senders, Senders::Pes(_)))
-        .unwrap();
+    let ri = q.routes.iter().position(|r| matches!(r.senders, Senders::Pes(_))).unwrap();
     q.routes[ri].color = ColorId(p.timing.colors - 1 - q.routes[ri].color.0 % p.timing.colors);
     fails(&q, "a recolored route");
     // Two tiles on one PE.
@@ -326,11 +265,7 @@ fn verifier_catches_broken_programs() {
     fails(&q, "SRAM overflow");
     // A receive that never arrives.
     let mut q = p.clone();
-    let ti = q
-        .templates
-        .iter()
-        .position(|t| t.tasks.iter().any(|k| !k.needs.is_empty()))
-        .unwrap();
+    let ti = q.templates.iter().position(|t| t.tasks.iter().any(|k| !k.needs.is_empty())).unwrap();
     let k = q.templates[ti].tasks.iter().position(|k| !k.needs.is_empty()).unwrap();
     if let waferscale::mesh::Need::Recv { wavelets, .. } = &mut q.templates[ti].tasks[k].needs[0] {
         *wavelets += 1;
@@ -338,12 +273,7 @@ fn verifier_catches_broken_programs() {
     fails(&q, "a receive of more than is sent");
     // A graph edge left without its stream.
     let mut c2 = c.clone();
-    let si = c2
-        .plan
-        .streams
-        .iter()
-        .position(|s| s.from.starts_with("l0.") && s.to.starts_with("l0."))
-        .unwrap();
+    let si = c2.plan.streams.iter().position(|s| s.from.starts_with("l0.") && s.to.starts_with("l0.")).unwrap();
     c2.plan.streams.remove(si);
     let e = compile::verify_plan(&g, &c2);
     assert!(e.iter().any(|m| m.contains("carried by no stream")), "{e:?}");
@@ -407,10 +337,7 @@ fn every_model_compiles_for_wse2_and_wse3() {
 /// Full-wafer programs pass the whole program verifier (routes walked over every router).
 #[test]
 fn full_wafer_programs_verify() {
-    for (m, ph, h) in [
-        ("llama-3-8b", Phase::Decode, "wse3"),
-        ("gpt3-13b", Phase::Decode, "wse2"),
-    ] {
+    for (m, ph, h) in [("llama-3-8b", Phase::Decode, "wse3"), ("gpt3-13b", Phase::Decode, "wse2")] {
         let g = graph_of(m, ph);
         compile::compile(&g, &hw(h, &[], None), &opts(None, true)).unwrap_or_else(|e| panic!("{m}: {e}"));
     }
@@ -443,11 +370,7 @@ fn random_model(r: &mut Rng) -> (String, bool) {
     let layers = r.range(1, 3);
     let ffn = hidden * r.range(2, 4);
     let vocab = 32 * r.range(1, 8);
-    let kv = if heads > 1 && r.range(0, 1) == 1 {
-        heads / 2
-    } else {
-        heads
-    };
+    let kv = if heads > 1 && r.range(0, 1) == 1 { heads / 2 } else { heads };
     let text = match family {
         "gpt2" => format!(
             r#"{{"model_type":"gpt2","n_embd":{hidden},"n_head":{heads},"n_layer":{layers},"n_positions":128,"vocab_size":{vocab},"n_inner":{ffn},"activation_function":"gelu_new","tie_word_embeddings":true}}"#
@@ -483,11 +406,8 @@ fn random_graphs_and_meshes_verify() {
         let spec = model::parse_config(&format!("random-{case}"), "random.json", &text)
             .unwrap_or_else(|e| panic!("case {case}: {e}\n{text}"));
         let m = model::Model::Transformer(spec);
-        let phases: &[Phase] = if encoder {
-            &[Phase::Train, Phase::Prefill]
-        } else {
-            &[Phase::Train, Phase::Prefill, Phase::Decode]
-        };
+        let phases: &[Phase] =
+            if encoder { &[Phase::Train, Phase::Prefill] } else { &[Phase::Train, Phase::Prefill, Phase::Decode] };
         let phase = *r.pick(phases);
         let args = WorkloadArgs {
             phase: Some(phase),
@@ -520,10 +440,7 @@ fn random_graphs_and_meshes_verify() {
             Err(e) => panic!("case {case} ({mesh:?}, {mode:?}, {phase:?}): {e}\n{text}"),
         }
     }
-    assert!(
-        ok * 4 >= cases * 3,
-        "only {ok} of {cases} compiled ({limits} hit machine limits)"
-    );
+    assert!(ok * 4 >= cases * 3, "only {ok} of {cases} compiled ({limits} hit machine limits)");
 }
 
 /// Properties on random single ops and meshes: each compiles onto the whole mesh (or reports the
@@ -534,12 +451,7 @@ fn random_single_ops_verify() {
     let mut ok = 0;
     for case in 0..40 {
         let op = match r.range(0, 3) {
-            0 => format!(
-                "gemm:{}x{}x{}",
-                8 * r.range(1, 64),
-                8 * r.range(1, 64),
-                8 * r.range(1, 64)
-            ),
+            0 => format!("gemm:{}x{}x{}", 8 * r.range(1, 64), 8 * r.range(1, 64), 8 * r.range(1, 64)),
             1 => format!("gemv:{}x{}", 8 * r.range(1, 256), 8 * r.range(1, 256)),
             2 => format!("allreduce:{}", 4 * r.range(1, 2048)),
             _ => format!("elementwise:{}", r.range(1, 100_000)),

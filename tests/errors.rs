@@ -15,10 +15,7 @@ fn run(args: &[&str]) -> String {
 
 fn check(name: &str, args: &[&str]) {
     let got = run(args);
-    assert!(
-        got.starts_with("exit: 2\n"),
-        "{name}: expected exit code 2, got:\n{got}"
-    );
+    assert!(got.starts_with("exit: 2\n"), "{name}: expected exit code 2, got:\n{got}");
     assert!(!got.contains("panicked"), "{name}: panicked:\n{got}");
     insta::assert_snapshot!(name, got);
 }
@@ -55,31 +52,14 @@ fn bad_single_ops() {
 #[test]
 fn bad_workloads() {
     check("seq-beyond-positions", &["graph", "gpt2-small", "--seq", "2048"]);
-    check(
-        "decode-context-beyond-positions",
-        &["graph", "gpt-tiny", "--phase", "decode", "--context", "128"],
-    );
+    check("decode-context-beyond-positions", &["graph", "gpt-tiny", "--phase", "decode", "--context", "128"]);
     check("decode-on-encoder", &["graph", "bert-tiny", "--phase", "decode"]);
     check("sparsity-out-of-range", &["graph", "gpt-tiny", "--sparsity", "1.5"]);
     check("zero-batch", &["graph", "gpt-tiny", "--batch", "0"]);
     check("context-without-decode", &["graph", "gpt-tiny", "--context", "16"]);
-    check(
-        "recompute-without-train",
-        &["graph", "gpt-tiny", "--phase", "prefill", "--recompute"],
-    );
-    check(
-        "bad-workload-file",
-        &[
-            "graph",
-            "gpt-tiny",
-            "--workload",
-            "tests/fixtures/bad/bad-workload.toml",
-        ],
-    );
-    check(
-        "absurd-tokens",
-        &["graph", "gpt2-small", "--batch", "4294967296", "--seq", "1024"],
-    );
+    check("recompute-without-train", &["graph", "gpt-tiny", "--phase", "prefill", "--recompute"]);
+    check("bad-workload-file", &["graph", "gpt-tiny", "--workload", "tests/fixtures/bad/bad-workload.toml"]);
+    check("absurd-tokens", &["graph", "gpt2-small", "--batch", "4294967296", "--seq", "1024"]);
     check("bad-dtype-flag", &["graph", "gpt-tiny", "--dtype", "fp64"]);
 }
 
@@ -100,19 +80,9 @@ fn good_commands_exit_zero() {
 /// `--json` carries at least the integer keys the issue names.
 #[test]
 fn graph_json_keys() {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(["graph", "gpt-tiny", "--json"])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wafer")).args(["graph", "gpt-tiny", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in [
-        "params",
-        "flops",
-        "matmul_flops",
-        "weight_bytes",
-        "activation_bytes",
-        "ops",
-    ] {
+    for key in ["params", "flops", "matmul_flops", "weight_bytes", "activation_bytes", "ops"] {
         assert!(v[key].is_u64(), "key {key} missing or not an integer in {v}");
     }
 }

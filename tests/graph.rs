@@ -13,21 +13,14 @@ fn build(name: &str, args: WorkloadArgs) -> (Model, Graph) {
 }
 
 fn phase(p: Phase) -> WorkloadArgs {
-    WorkloadArgs {
-        phase: Some(p),
-        ..Default::default()
-    }
+    WorkloadArgs { phase: Some(p), ..Default::default() }
 }
 
 /// One fixture, one snapshot: the summary of a training step of every shipped model.
 #[test]
 fn summary_of_every_model() {
     insta::glob!("../models", "**/*.json", |path| {
-        let rel = path
-            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
-            .unwrap()
-            .strip_prefix("models")
-            .unwrap();
+        let rel = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap().strip_prefix("models").unwrap();
         let name = rel.with_extension("").to_str().unwrap().replace('\\', "/");
         let (m, g) = build(&name, phase(Phase::Train));
         insta::assert_snapshot!(GraphSummary::new(&m, &g).to_text());
@@ -63,25 +56,15 @@ fn parameter_counts_match_reference() {
         ("gpt3-175b", 175_000_000_000, 0.02, "Brown et al. 2020, Table 2.1"),
     ];
     for &(name, published, tol, source) in cases {
-        let Model::Transformer(spec) = model::load(name).unwrap() else {
-            panic!("{name} is not a transformer")
-        };
+        let Model::Transformer(spec) = model::load(name).unwrap() else { panic!("{name} is not a transformer") };
         let ours = spec.param_count().unwrap();
         let rel = (ours as f64 - published as f64).abs() / published as f64;
         println!("{name:<18} ours {ours:>16} published {published:>16} rel {rel:.5} ({source})");
         assert!(rel <= tol, "{name}: {ours} vs published {published} ({source})");
         // The graph's weights are the same parameters (inference graphs have no extra heads).
-        let p = if spec.family.is_encoder() {
-            Phase::Prefill
-        } else {
-            Phase::Decode
-        };
+        let p = if spec.family.is_encoder() { Phase::Prefill } else { Phase::Decode };
         let (m, g) = build(name, phase(p));
-        assert_eq!(
-            GraphSummary::new(&m, &g).params,
-            ours,
-            "{name}: graph weights differ from the spec's count"
-        );
+        assert_eq!(GraphSummary::new(&m, &g).params, ours, "{name}: graph weights differ from the spec's count");
     }
 }
 
@@ -96,35 +79,15 @@ fn bert_pretraining_heads() {
 /// 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h)) (Narayanan et al. 2021, eq. 3), within 0.5%.
 #[test]
 fn training_matmul_flops_match_megatron() {
-    for name in [
-        "gpt2-small",
-        "gpt2-medium",
-        "gpt2-large",
-        "gpt2-xl",
-        "gpt3-1.3b",
-        "gpt3-6.7b",
-        "gpt3-13b",
-        "gpt3-175b",
-    ] {
-        let Model::Transformer(spec) = model::load(name).unwrap() else {
-            unreachable!()
-        };
+    for name in
+        ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3-1.3b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b"]
+    {
+        let Model::Transformer(spec) = model::load(name).unwrap() else { unreachable!() };
         let (b, s) = (8u64, spec.max_positions);
-        let args = WorkloadArgs {
-            phase: Some(Phase::Train),
-            batch: Some(b),
-            seq: Some(s),
-            ..Default::default()
-        };
+        let args = WorkloadArgs { phase: Some(Phase::Train), batch: Some(b), seq: Some(s), ..Default::default() };
         let (m, g) = build(name, args);
         let ours = GraphSummary::new(&m, &g).matmul_flops as f64;
-        let (b, s, l, h, v) = (
-            b as f64,
-            s as f64,
-            spec.layers as f64,
-            spec.hidden as f64,
-            spec.vocab as f64,
-        );
+        let (b, s, l, h, v) = (b as f64, s as f64, spec.layers as f64, spec.hidden as f64, spec.vocab as f64);
         let megatron = 72.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h));
         let rel = (ours - megatron).abs() / megatron;
         println!("{name:<12} ours {ours:.6e} megatron {megatron:.6e} rel {rel:.6}");
@@ -138,37 +101,19 @@ fn training_matmul_flops_match_megatron() {
 fn every_tiny_model_every_phase_verifies() {
     for entry in model::embedded_models().iter().filter(|f| f.name.starts_with("tiny/")) {
         let m = model::load(entry.name).unwrap();
-        for (p, recompute) in [
-            (Phase::Train, false),
-            (Phase::Train, true),
-            (Phase::Prefill, false),
-            (Phase::Decode, false),
-        ] {
-            let args = WorkloadArgs {
-                phase: Some(p),
-                recompute: recompute.then_some(true),
-                ..Default::default()
-            };
+        for (p, recompute) in
+            [(Phase::Train, false), (Phase::Train, true), (Phase::Prefill, false), (Phase::Decode, false)]
+        {
+            let args = WorkloadArgs { phase: Some(p), recompute: recompute.then_some(true), ..Default::default() };
             let Ok(w) = args.resolve(&m) else {
-                assert!(
-                    entry.name.contains("bert") && p == Phase::Decode,
-                    "{}: {p:?} rejected",
-                    entry.name
-                );
+                assert!(entry.name.contains("bert") && p == Phase::Decode, "{}: {p:?} rejected", entry.name);
                 continue;
             };
             let g = graph::build(&m, &w).unwrap();
             graph::verify(&g).unwrap();
             if p == Phase::Train {
-                let weights = g
-                    .tensors
-                    .iter()
-                    .filter(|t| t.role == Role::Weight && t.updates.is_none())
-                    .count();
-                let adams = g
-                    .op_ids()
-                    .filter(|o| matches!(g.op(*o).kind, OpKind::Adam { .. }))
-                    .count();
+                let weights = g.tensors.iter().filter(|t| t.role == Role::Weight && t.updates.is_none()).count();
+                let adams = g.op_ids().filter(|o| matches!(g.op(*o).kind, OpKind::Adam { .. })).count();
                 assert_eq!(weights, adams, "{}", entry.name);
                 let rc = g.op_ids().any(|o| g.op(o).pass == Pass::Recompute);
                 assert_eq!(rc, recompute, "{}: recompute ops present = {rc}", entry.name);
@@ -180,14 +125,8 @@ fn every_tiny_model_every_phase_verifies() {
 /// Recompute re-runs forward work: more FLOPs, the same matmul FLOPs in forward and backward.
 #[test]
 fn recompute_adds_forward_work_only() {
-    let base = WorkloadArgs {
-        phase: Some(Phase::Train),
-        ..Default::default()
-    };
-    let rc = WorkloadArgs {
-        recompute: Some(true),
-        ..base.clone()
-    };
+    let base = WorkloadArgs { phase: Some(Phase::Train), ..Default::default() };
+    let rc = WorkloadArgs { recompute: Some(true), ..base.clone() };
     let (m, g0) = build("llama-tiny", base);
     let (_, g1) = build("llama-tiny", rc);
     let (s0, s1) = (GraphSummary::new(&m, &g0), GraphSummary::new(&m, &g1));
@@ -199,12 +138,7 @@ fn recompute_adds_forward_work_only() {
 /// Decode reads a KV cache of 2 (k and v) x layers x batch x context x kv_width elements.
 #[test]
 fn decode_kv_cache_bytes() {
-    let args = WorkloadArgs {
-        phase: Some(Phase::Decode),
-        batch: Some(4),
-        context: Some(4096),
-        ..Default::default()
-    };
+    let args = WorkloadArgs { phase: Some(Phase::Decode), batch: Some(4), context: Some(4096), ..Default::default() };
     let (m, g) = build("llama-3-8b", args);
     let s = GraphSummary::new(&m, &g);
     // 32 layers, 8 kv heads x 128, fp16.
@@ -214,16 +148,10 @@ fn decode_kv_cache_bytes() {
 
 #[test]
 fn single_op_workloads() {
-    let bf16 = WorkloadArgs {
-        dtype: Some(DType::Bf16),
-        ..Default::default()
-    };
+    let bf16 = WorkloadArgs { dtype: Some(DType::Bf16), ..Default::default() };
     let (m, g) = build("gemm:8192x4096x2048", bf16.clone());
     let s = GraphSummary::new(&m, &g);
-    assert_eq!(
-        (s.flops, s.matmul_flops, s.ops),
-        (2 * 8192 * 4096 * 2048, 2 * 8192 * 4096 * 2048, 1)
-    );
+    assert_eq!((s.flops, s.matmul_flops, s.ops), (2 * 8192 * 4096 * 2048, 2 * 8192 * 4096 * 2048, 1));
     assert_eq!(s.weight_bytes, 2048 * 4096 * 2);
     let (m, g) = build("gemv:16384x16384", WorkloadArgs::default());
     assert_eq!(GraphSummary::new(&m, &g).flops, 2 * 16384 * 16384);
@@ -250,14 +178,8 @@ fn workload_file_and_flags_overlay() {
     let path = dir.join("w.toml");
     std::fs::write(&path, "phase = \"prefill\"\nbatch = 4\nseq = 64\ndtype = \"bf16\"\n").unwrap();
     let file = WorkloadArgs::from_file(path.to_str().unwrap()).unwrap();
-    let flags = WorkloadArgs {
-        batch: Some(2),
-        ..Default::default()
-    };
-    let w = file
-        .overlay(&flags)
-        .resolve(&model::load("llama-tiny").unwrap())
-        .unwrap();
+    let flags = WorkloadArgs { batch: Some(2), ..Default::default() };
+    let w = file.overlay(&flags).resolve(&model::load("llama-tiny").unwrap()).unwrap();
     assert_eq!((w.phase, w.batch, w.seq, w.dtype), (Phase::Prefill, 2, 64, DType::Bf16));
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -272,11 +194,7 @@ fn graph_printer_snapshots() {
         ("mixtral-tiny", Phase::Prefill, 1, 4),
     ];
     for (name, p, batch, seq) in cases {
-        let mut args = WorkloadArgs {
-            phase: Some(p),
-            batch: Some(batch),
-            ..Default::default()
-        };
+        let mut args = WorkloadArgs { phase: Some(p), batch: Some(batch), ..Default::default() };
         if p == Phase::Decode {
             args.context = Some(seq);
         } else {

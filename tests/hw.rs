@@ -52,10 +52,7 @@ fn overrides_and_errors_name_the_key() {
     assert!(msg(wafer("wse2", &["pe.simd=4"])).contains("pe.simd"));
     assert!(msg(wafer("nonexistent", &[])).contains("nonexistent"));
     assert!(wafer("wse2", &[]).unwrap().with_mesh(800, 10).is_err());
-    assert_eq!(
-        wafer("wse2", &[]).unwrap().with_mesh(420, 420).unwrap().mesh.pes(),
-        420 * 420
-    );
+    assert_eq!(wafer("wse2", &[]).unwrap().with_mesh(420, 420).unwrap().mesh.pes(), 420 * 420);
 }
 
 #[test]

@@ -59,19 +59,11 @@ pub fn run(cmd: CompileCmd) -> Result<(), Error> {
     let workload = cmd.workload.args()?.resolve(&m)?;
     let g = graph::build(&m, &workload)?;
     let (doc, hw) = cmd.hw.load()?;
-    let opts = CompileOptions {
-        mode: cmd.mode,
-        wafers: cmd.wafers,
-        verify: cmd.verify || cfg!(debug_assertions),
-    };
+    let opts = CompileOptions { mode: cmd.mode, wafers: cmd.wafers, verify: cmd.verify || cfg!(debug_assertions) };
     let c = compile::compile(&g, &hw, &opts)?;
     if let Some(path) = &cmd.output {
-        let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims(), &opts)?;
-        let file = PlanFile {
-            version: PLAN_VERSION,
-            inputs,
-            summary: c.plan.clone(),
-        };
+        let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims()?, &opts)?;
+        let file = PlanFile { version: PLAN_VERSION, inputs, summary: c.plan.clone() };
         emit(&file.to_json(), Some(path))?;
     }
     let text = if cmd.json {

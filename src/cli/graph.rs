@@ -41,11 +41,8 @@ pub fn run(cmd: GraphCmd) -> Result<(), Error> {
     let g = graph::build(&model, &workload)?;
     let text = if cmd.json {
         let summary = GraphSummary::new(&model, &g);
-        let mut s = serde_json::to_string_pretty(&summary).map_err(|e| {
-            Error::Graph(graph::GraphError::Internal(format!(
-                "cannot serialise the summary: {e}"
-            )))
-        })?;
+        let mut s = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::Graph(graph::GraphError::Internal(format!("cannot serialise the summary: {e}"))))?;
         s.push('\n');
         s
     } else if cmd.dot {

@@ -9,10 +9,14 @@ use waferscale::hw::{load_with_overrides, HwDoc, WaferHw};
 use waferscale::model::{embedded_hardware, embedded_models, DType, Phase, WorkloadArgs};
 use waferscale::Error;
 
+mod compare;
 mod compile;
 mod demo;
+mod gpu;
 mod graph;
 mod plan;
+mod run;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +45,16 @@ pub enum Command {
         wafer graph models/tiny/gpt-tiny.json --dot -o gpt-tiny.dot\n  \
         wafer graph gpt-tiny --dump-after graph")]
     Graph(graph::GraphCmd),
+    /// Run a model (or one op) on the GPU model: kernels, simulated L2, HBM, launch, many GPUs.
+    #[command(after_help = "Examples:\n  \
+        wafer gpu gpt2-small --hw h100 --batch 8\n  \
+        wafer gpu gemm:8192x8192x8192 --hw h100 --dtype bf16 --json\n  \
+        wafer gpu llama-3-8b --hw h200 --phase decode --batch 16 --context 4096 --cuda-graphs\n  \
+        wafer gpu llama-2-70b --hw dgx-h100 --gpus 8 --tp 8 --phase prefill --batch 8 --seq 4096 --dtype bf16\n  \
+        wafer gpu gpt3-175b --hw h100-superpod-1024 --tp 8 --pp 16 --dp 8 --batch 1536 --seq 2048 --dtype bf16\n  \
+        wafer gpu allreduce:8589934592 --hw dgx-h100 --gpus 8 --dtype bf16\n  \
+        wafer gpu gpt-tiny --hw h100 --set l2.bytes=62914560")]
+    Gpu(gpu::GpuCmd),
     /// Compile a model for a wafer: regions, algorithms, routes on colors, SRAM, IO ports; print the plan.
     #[command(after_help = "Examples:\n  \
         wafer compile gpt-tiny --hw wse2 --mesh 16x16\n  \
@@ -50,11 +64,32 @@ pub enum Command {
         wafer compile gpt-tiny --hw wse2 --mesh 16x16 --set pe.sram_bytes=98304 --dump-after place\n  \
         wafer compile llama-3-70b --hw cs3 --phase decode --wafers 4")]
     Compile(compile::CompileCmd),
+    /// Emulate a model (or a saved plan) on the wafer engine: cycles, throughput, utilisation, bottleneck.
+    #[command(after_help = "Examples:\n  \
+        wafer run gpt-tiny --hw wse2 --mesh 32x32\n  \
+        wafer run gemv:16384x16384 --hw wse2 --mesh 420x420 --dtype fp16 --json\n  \
+        wafer run llama-3-8b --hw cs3 --phase decode --context 4096\n  \
+        wafer run gpt3-175b --hw cs2 --mode weight-streaming --batch 1024 --seq 2048\n  \
+        wafer run llama405.plan --fidelity detailed --threads 2")]
+    Run(run::RunCmd),
+    /// The same graph on a wafer (engine) and on GPUs (GPU model), side by side.
+    #[command(after_help = "Examples:\n  \
+        wafer compare gpt-tiny --hw cs2 --mesh 64x64 --vs h100\n  \
+        wafer compare gpt2-small --hw cs2 --vs h100 --batch 8 --seq 1024\n  \
+        wafer compare gemv:16384x16384 --hw cs2 --mesh 420x420 --vs a100 --json\n  \
+        wafer compare llama-3-8b --hw cs3 --phase decode --vs dgx-h100 --vs-gpus 8")]
+    Compare(compare::CompareCmd),
     /// Print a saved plan (recompiled from the inputs it stores): the wafer map and the tables.
     #[command(
         after_help = "Examples:\n  wafer plan llama405.plan\n  wafer plan llama405.plan --json\n  wafer plan llama405.plan --dump-after lower"
     )]
     Plan(plan::PlanCmd),
+    /// Look at a PE utilization trace: summary, heatmap, timeline, slice, export to Perfetto.
+    #[command(after_help = "Examples:\n  \
+        wafer trace summary run.wtrace\n  \
+        wafer trace heatmap run.wtrace --metric stall --all -o stall.gif\n  \
+        wafer trace export run.wtrace --perfetto -o run.perfetto-trace")]
+    Trace(trace::TraceCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -117,12 +152,12 @@ pub struct HwFlags {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Use only a WxH rectangle of the wafer's mesh (e.g. 16x16).
-    #[arg(long, value_name = "WxH", value_parser = parse_mesh)]
-    pub mesh: Option<(u32, u32)>,
+    #[arg(long, value_name = "WxH", value_parser = check_mesh)]
+    pub mesh: Option<String>,
 }
 
 /// `WxH` in PEs.
-fn parse_mesh(s: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_mesh(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("`{s}` is not a mesh; expected WIDTHxHEIGHT in PEs, e.g. 64x64");
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     let w: u32 = w.trim().parse().map_err(|_| bad())?;
@@ -130,16 +165,26 @@ fn parse_mesh(s: &str) -> Result<(u32, u32), String> {
     Ok((w, h))
 }
 
+fn check_mesh(s: &str) -> Result<String, String> {
+    parse_mesh(s).map(|_| s.to_string())
+}
+
 impl HwFlags {
-    pub fn mesh_dims(&self) -> Option<(u32, u32)> {
+    pub fn mesh_dims(&self) -> Result<Option<(u32, u32)>, Error> {
         self.mesh
+            .as_deref()
+            .map(|m| {
+                parse_mesh(m)
+                    .map_err(|e| Error::Compile(waferscale::compile::CompileError::Unsupported(format!("--mesh: {e}"))))
+            })
+            .transpose()
     }
 
     /// The description (after `extends` and `--set`) and the validated wafer, restricted to `--mesh`.
     pub fn load(&self) -> Result<(HwDoc, WaferHw), Error> {
         let doc = load_with_overrides(&self.hw, &self.set)?;
         let mut hw = WaferHw::from_doc(&doc)?;
-        if let Some((w, h)) = self.mesh {
+        if let Some((w, h)) = self.mesh_dims()? {
             hw = hw.with_mesh(w, h)?;
         }
         Ok((doc, hw))
@@ -148,11 +193,8 @@ impl HwFlags {
 
 /// Pretty JSON of a report type, with a final newline.
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Error> {
-    let mut s = serde_json::to_string_pretty(v).map_err(|e| {
-        Error::Compile(waferscale::compile::CompileError::Internal(format!(
-            "cannot serialise: {e}"
-        )))
-    })?;
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::Compile(waferscale::compile::CompileError::Internal(format!("cannot serialise: {e}"))))?;
     s.push('\n');
     Ok(s)
 }
@@ -170,8 +212,12 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Demo => demo::run(),
         Command::Graph(cmd) => graph::run(cmd),
+        Command::Gpu(cmd) => gpu::run(cmd),
         Command::Compile(cmd) => compile::run(cmd),
         Command::Plan(cmd) => plan::run(cmd),
+        Command::Run(cmd) => run::run(cmd),
+        Command::Compare(cmd) => compare::run(cmd),
+        Command::Trace(cmd) => trace::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {
@@ -196,10 +242,9 @@ pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
         None => {
             let mut out = std::io::stdout().lock();
             match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write {
-                    path: "<stdout>".into(),
-                    source: e,
-                }),
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(Error::Write { path: "<stdout>".into(), source: e })
+                }
                 _ => Ok(()),
             }
         }
@@ -209,10 +254,7 @@ pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
             if res.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
-            res.map_err(|source| Error::Write {
-                path: p.to_string(),
-                source,
-            })
+            res.map_err(|source| Error::Write { path: p.to_string(), source })
         }
     }
 }

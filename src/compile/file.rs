@@ -79,9 +79,7 @@ impl PlanInputs {
             }
         };
         let hw_toml = toml::to_string(&doc.tree).map_err(|e| {
-            Error::Compile(CompileError::Internal(format!(
-                "cannot write the hardware description: {e}"
-            )))
+            Error::Compile(CompileError::Internal(format!("cannot write the hardware description: {e}")))
         })?;
         Ok(PlanInputs {
             model: model_arg.to_string(),
@@ -107,12 +105,7 @@ impl PlanInputs {
 
     /// Rebuilds the model, graph and hardware, and compiles them.
     pub fn compile(&self, verify: bool) -> Result<(Graph, WaferHw, Compiled), Error> {
-        let bad = |m: String| {
-            Error::Compile(CompileError::PlanFile {
-                path: "plan".into(),
-                message: m,
-            })
-        };
+        let bad = |m: String| Error::Compile(CompileError::PlanFile { path: "plan".into(), message: m });
         let model = match &self.model_text {
             None => match SingleOp::parse(&self.model_name)? {
                 Some(op) => Model::Op(op),
@@ -123,11 +116,9 @@ impl PlanInputs {
         let phase = Phase::parse(&self.phase).ok_or_else(|| bad(format!("unknown phase `{}`", self.phase)))?;
         let dtype = DType::parse(&self.dtype).ok_or_else(|| bad(format!("unknown dtype `{}`", self.dtype)))?;
         let args = match (&model, phase) {
-            (Model::Op(_), _) => WorkloadArgs {
-                dtype: Some(dtype),
-                sparsity: Some(self.sparsity),
-                ..Default::default()
-            },
+            (Model::Op(_), _) => {
+                WorkloadArgs { dtype: Some(dtype), sparsity: Some(self.sparsity), ..Default::default() }
+            }
             (_, Phase::Decode) => WorkloadArgs {
                 phase: Some(phase),
                 batch: Some(self.batch),
@@ -148,15 +139,9 @@ impl PlanInputs {
         };
         let workload = args.resolve(&model)?;
         let g = graph::build(&model, &workload)?;
-        let tree: toml::Table = self
-            .hw_toml
-            .parse()
-            .map_err(|e| bad(format!("the stored hardware description does not parse: {e}")))?;
-        let doc = HwDoc {
-            name: self.hw_name.clone(),
-            path: self.hw_path.clone(),
-            tree,
-        };
+        let tree: toml::Table =
+            self.hw_toml.parse().map_err(|e| bad(format!("the stored hardware description does not parse: {e}")))?;
+        let doc = HwDoc { name: self.hw_name.clone(), path: self.hw_path.clone(), tree };
         let mut hw = WaferHw::from_doc(&doc)?;
         if let Some((w, h)) = self.mesh {
             hw = hw.with_mesh(w, h)?;
@@ -165,11 +150,7 @@ impl PlanInputs {
             None => None,
             Some(m) => Some(Mode::parse(m).ok_or_else(|| bad(format!("unknown mode `{m}`")))?),
         };
-        let opts = CompileOptions {
-            mode,
-            wafers: self.wafers,
-            verify,
-        };
+        let opts = CompileOptions { mode, wafers: self.wafers, verify };
         let c = compile(&g, &hw, &opts)?;
         Ok((g, hw, c))
     }
@@ -199,19 +180,10 @@ impl PlanFile {
 
     /// Reads and checks a plan file (not recompiled).
     pub fn read(path: &str) -> Result<PlanFile, Error> {
-        let bad = |message: String| {
-            Error::Compile(CompileError::PlanFile {
-                path: path.to_string(),
-                message,
-            })
-        };
+        let bad = |message: String| Error::Compile(CompileError::PlanFile { path: path.to_string(), message });
         let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read the plan file: {e}")))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            bad(format!(
-                "not a plan file (truncated or corrupt JSON at line {}, column {}: {e})",
-                e.line(),
-                e.column()
-            ))
+            bad(format!("not a plan file (truncated or corrupt JSON at line {}, column {}: {e})", e.line(), e.column()))
         })?;
         match v.get("version").and_then(|x| x.as_u64()) {
             Some(v) if v == PLAN_VERSION as u64 => {}

@@ -95,15 +95,9 @@ pub(crate) fn channels(hw: &WaferHw) -> Result<Vec<Channel>, CompileError> {
             let p = per_side[si][i];
             let at = match side {
                 Dir::West => Coord { x: 0, y: pos },
-                Dir::East => Coord {
-                    x: mesh.width - 1,
-                    y: pos,
-                },
+                Dir::East => Coord { x: mesh.width - 1, y: pos },
                 Dir::North => Coord { x: pos, y: 0 },
-                Dir::South => Coord {
-                    x: pos,
-                    y: mesh.height - 1,
-                },
+                Dir::South => Coord { x: pos, y: mesh.height - 1 },
             };
             out.push(Channel {
                 name: format!("io{p}.{j}"),
@@ -150,11 +144,7 @@ pub(crate) fn pick(
         crate::mesh::Dir::South => (chans.iter().map(|c| c.at.y).max().unwrap_or(0) - near.y) as u64,
     };
     let best_side = idx.iter().map(|&i| side_dist(&chans[i])).min().unwrap_or(0);
-    let near_side: Vec<usize> = idx
-        .iter()
-        .copied()
-        .filter(|&i| side_dist(&chans[i]) == best_side)
-        .collect();
+    let near_side: Vec<usize> = idx.iter().copied().filter(|&i| side_dist(&chans[i]) == best_side).collect();
     if near_side.len() >= n {
         idx = near_side;
     }

@@ -153,10 +153,7 @@ pub(crate) struct Split {
 
 pub(crate) fn split(n: u64, parts: u64) -> Split {
     let parts = parts.max(1);
-    Split {
-        q: n / parts,
-        r: n % parts,
-    }
+    Split { q: n / parts, r: n % parts }
 }
 
 impl Split {
@@ -177,10 +174,7 @@ struct Flat {
 
 impl Flat {
     fn new(n: u64, rows: u64, cols: u64) -> Flat {
-        Flat {
-            s: split(n, rows * cols),
-            cols: cols.max(1),
-        }
+        Flat { s: split(n, rows * cols), cols: cols.max(1) }
     }
     fn at(&self, r: u64, c: u64) -> u64 {
         self.s.at(r * self.cols + c)
@@ -295,12 +289,7 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     }
     // Preferred first: the largest at or below the target (and the soft cap), then larger ones
     // (smaller chunks, for SRAM).
-    let best = out
-        .iter()
-        .copied()
-        .filter(|&r| r <= TARGET_RUNS.min(soft))
-        .max()
-        .unwrap_or(1);
+    let best = out.iter().copied().filter(|&r| r <= TARGET_RUNS.min(soft)).max().unwrap_or(1);
     let mut order = vec![best];
     order.extend(out.iter().copied().filter(|&r| r > best));
     order
@@ -368,11 +357,7 @@ impl Chooser<'_> {
             let fits = sram <= self.k.avail;
             self.worst = Misfit {
                 needed: if fits { 0 } else { sram },
-                class: if fits {
-                    format!("{}: {class}", algo.name())
-                } else {
-                    class
-                },
+                class: if fits { format!("{}: {class}", algo.name()) } else { class },
                 frame: false,
                 colors: if fits { colors } else { 0 },
             };
@@ -408,12 +393,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
         gateways,
         wbuf: 1,
         best: None,
-        worst: Misfit {
-            needed: u64::MAX,
-            class: String::new(),
-            frame: false,
-            colors: 0,
-        },
+        worst: Misfit { needed: u64::MAX, class: String::new(), frame: false, colors: 0 },
     };
     // Stored slots kept on the compute block's PEs.
     let stored = |pes: u64| -> u64 {
@@ -421,21 +401,11 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s.kind, SlotKind::Stored { .. }))
-            .map(|(i, s)| {
-                share(
-                    s.values * s.elem_bytes * io.stored_copies.get(i).copied().unwrap_or(1),
-                    pes,
-                )
-            })
+            .map(|(i, s)| share(s.values * s.elem_bytes * io.stored_copies.get(i).copied().unwrap_or(1), pes))
             .sum()
     };
     let held_share = |pes: u64, skip: Option<usize>| -> u64 {
-        st.held
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != skip)
-            .map(|(_, h)| share(h.bytes * h.copies, pes))
-            .sum()
+        st.held.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(_, h)| share(h.bytes * h.copies, pes)).sum()
     };
     // Live inputs other than the paced one land in SRAM as they arrive. A join waits for its slowest
     // branch, so the early inputs are buffered for a whole iteration (every run in flight).
@@ -458,16 +428,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
     };
     let runs_list = runs_candidates(st, io);
     match st.work.clone() {
-        Work::Matmul {
-            a,
-            b,
-            fresh,
-            rows,
-            k: kk,
-            cols,
-            no_split_k,
-            ..
-        } => {
+        Work::Matmul { a, b, fresh, rows, k: kk, cols, no_split_k, .. } => {
             let wslot = match b {
                 Operand::Slot(s) if st.inputs[s].kind == SlotKind::Weights => Some(s),
                 _ => None,
@@ -495,11 +456,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         + fresh_b;
                     // Broadcast: every PE owns whole-k columns; no reduction.
                     let s3 = split(cols, p);
-                    let tile_b = if b_other > 0 {
-                        share(b_other, p)
-                    } else {
-                        kk * s3.max() * eb
-                    };
+                    let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
                     let bcast = wbuf as u64 * tile_b + rr * s3.max() * eb + common;
                     let bcast_ok = no_split_k || s3.q > 0;
                     if bcast_ok && bcast <= k.avail {
@@ -522,11 +479,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                     if !no_split_k && rc > 1 && kk >= tr.compute_rows() {
                         let kr = split(kk, tr.compute_rows());
                         let nc = split(cols, c);
-                        let tile_t = if b_other > 0 {
-                            share(b_other, p)
-                        } else {
-                            kr.max() * nc.max() * eb
-                        };
+                        let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
                         let fan = FanIn { n: rc, g: tr.g };
                         // Compute PEs stream their partial sums out as they finish each row.
                         let tree = wbuf as u64 * tile_t + 2 * nc.max() * eb + common;
@@ -568,15 +521,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 }
             }
         }
-        Work::Accum {
-            x,
-            dy,
-            rows,
-            k: kk,
-            cols,
-            bias_out,
-            ..
-        } => {
+        Work::Accum { x, dy, rows, k: kk, cols, bias_out, .. } => {
             for &runs in &runs_list {
                 let rr = rows.div_ceil(runs as u64);
                 let kr = split(kk, rc);
@@ -609,9 +554,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 }
             }
         }
-        Work::RowReduce {
-            rows, width, colsum, ..
-        } => {
+        Work::RowReduce { rows, width, colsum, .. } => {
             let ce = c.min(width).max(1);
             for &runs in &runs_list {
                 let rr = rows.div_ceil(runs as u64);
@@ -644,27 +587,13 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 }
             }
         }
-        Work::Elementwise {
-            main,
-            rows,
-            width,
-            accumulate,
-            ..
-        } => {
+        Work::Elementwise { main, rows, width, accumulate, .. } => {
             for &runs in &runs_list {
-                let outs: u64 = st
-                    .outputs
-                    .iter()
-                    .map(|o| share(o.values * o.elem_bytes / runs as u64, p))
-                    .sum();
-                let acc = if accumulate {
-                    st.outputs.iter().map(|o| share(o.values * o.elem_bytes, p)).sum()
-                } else {
-                    0
-                };
-                let main_buf = main.map_or(0, |m| {
-                    share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p)
-                });
+                let outs: u64 = st.outputs.iter().map(|o| share(o.values * o.elem_bytes / runs as u64, p)).sum();
+                let acc =
+                    if accumulate { st.outputs.iter().map(|o| share(o.values * o.elem_bytes, p)).sum() } else { 0 };
+                let main_buf =
+                    main.map_or(0, |m| share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p));
                 let sram = main_buf
                     + live_other(runs as u64, main, p)
                     + outs
@@ -676,10 +605,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                     Algo::Elementwise,
                     runs,
                     sram,
-                    format!(
-                        "compute PE ({} elements per run)",
-                        (rows * width / runs as u64).div_ceil(p)
-                    ),
+                    format!("compute PE ({} elements per run)", (rows * width / runs as u64).div_ceil(p)),
                     format!("{} elements per run spread over {p} PEs", rows * width / runs as u64),
                 );
                 if ch.done() {
@@ -839,12 +765,7 @@ pub(crate) struct RegionCode {
 }
 
 fn send(color: ColorId, wavelets: u64, streamed: bool) -> Send {
-    Send {
-        color,
-        wavelets,
-        streamed,
-        runs: None,
-    }
+    Send { color, wavelets, streamed, runs: None }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -858,34 +779,15 @@ fn task(
     repeat: u32,
     flops: u64,
 ) -> Task {
-    Task {
-        name: name.to_string(),
-        needs,
-        work: crate::mesh::Work {
-            op,
-            elems,
-            paced_by: paced,
-        },
-        sends,
-        repeat,
-        flops,
-    }
+    Task { name: name.to_string(), needs, work: crate::mesh::Work { op, elems, paced_by: paced }, sends, repeat, flops }
 }
 
 fn done(t: usize, times: u32) -> Need {
-    Need::Done {
-        task: TaskIdx(t as u32),
-        times,
-    }
+    Need::Done { task: TaskIdx(t as u32), times }
 }
 
 fn after(t: usize, first: i64, num: u64, den: u64) -> Need {
-    Need::After {
-        task: TaskIdx(t as u32),
-        first,
-        num,
-        den,
-    }
+    Need::After { task: TaskIdx(t as u32), first, num, den }
 }
 
 fn recv(c: ColorId, w: u64) -> Need {
@@ -958,13 +860,9 @@ impl<'a> Prog<'a> {
             while j < cols.len() && cols[j].0 == cols[j - 1].0 + 1 && cols[j].1 == cols[i].1 {
                 j += 1;
             }
-            self.code
-                .templates
-                .push((format!("{}.out", self.st.name), cols[i].1.clone(), 0));
+            self.code.templates.push((format!("{}.out", self.st.name), cols[i].1.clone(), 0));
             let t = self.code.templates.len() - 1;
-            self.code
-                .tiles
-                .push((self.rect_abs(hy, cols[i].0, 1, cols[j - 1].0 - cols[i].0 + 1), t));
+            self.code.tiles.push((self.rect_abs(hy, cols[i].0, 1, cols[j - 1].0 - cols[i].0 + 1), t));
             i = j;
         }
     }
@@ -1003,20 +901,10 @@ impl<'a> Prog<'a> {
         runs_per_iter * self.iters
     }
     fn rect_abs(&self, y: u32, x: u32, h: u32, w: u32) -> Rect {
-        Rect {
-            x: self.rect.x + x,
-            y: self.rect.y + y,
-            w,
-            h,
-        }
+        Rect { x: self.rect.x + x, y: self.rect.y + y, w, h }
     }
     fn route(&mut self, color: ColorId, senders: Rect, pattern: Pattern) {
-        self.code.routes.push(Route {
-            color,
-            senders: Senders::Pes(senders),
-            pattern,
-            relays: 0,
-        });
+        self.code.routes.push(Route { color, senders: Senders::Pes(senders), pattern, relays: 0 });
     }
 
     /// Adds tiles for the region rows `ys` (absolute row offsets within the region) with row kinds and
@@ -1089,22 +977,11 @@ impl<'a> Prog<'a> {
             if pe.tasks.is_empty() {
                 continue;
             }
-            self.code
-                .templates
-                .push((format!("{}.in{s}", self.st.name), pe.tasks, 0));
+            self.code.templates.push((format!("{}.in{s}", self.st.name), pe.tasks, 0));
             let t = self.code.templates.len() - 1;
             self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
             let r = self.rect_abs(0, col, 1, 1);
-            self.route(
-                self.mc(s),
-                r,
-                Pattern::Rect {
-                    dx: -(col as i32),
-                    dy: 1,
-                    w: f.w,
-                    h: rc,
-                },
-            );
+            self.route(self.mc(s), r, Pattern::Rect { dx: -(col as i32), dy: 1, w: f.w, h: rc });
         }
         if let Some(ws) = self.iface.wslot {
             if self.iface.wbands.len() > 1 {
@@ -1127,22 +1004,11 @@ impl<'a> Prog<'a> {
                     if pe.tasks.is_empty() {
                         continue;
                     }
-                    self.code
-                        .templates
-                        .push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
+                    self.code.templates.push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
                     let t = self.code.templates.len() - 1;
                     self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
                     let r = self.rect_abs(0, col, 1, 1);
-                    self.route(
-                        self.mc(ws),
-                        r,
-                        Pattern::Rect {
-                            dx: c0 as i32 - col as i32,
-                            dy: 1,
-                            w: c1 - c0,
-                            h: rc,
-                        },
-                    );
+                    self.route(self.mc(ws), r, Pattern::Rect { dx: c0 as i32 - col as i32, dy: 1, w: c1 - c0, h: rc });
                 }
             }
         }
@@ -1165,11 +1031,7 @@ impl<'a> Prog<'a> {
         if !self.iface.wband_rows {
             return 0;
         }
-        self.iface
-            .wbands
-            .iter()
-            .position(|&(a, b)| r >= a && r < b)
-            .unwrap_or(0)
+        self.iface.wbands.iter().position(|&(a, b)| r >= a && r < b).unwrap_or(0)
     }
 
     /// Weight band of column c (column bands), else 0.
@@ -1177,11 +1039,7 @@ impl<'a> Prog<'a> {
         if self.iface.wband_rows {
             return 0;
         }
-        self.iface
-            .wbands
-            .iter()
-            .position(|&(a, b)| c >= a && c < b)
-            .unwrap_or(0)
+        self.iface.wbands.iter().position(|&(a, b)| c >= a && c < b).unwrap_or(0)
     }
 
     /// Input tasks common to every working compute PE, before its compute chain: weight loads, stores,
@@ -1303,16 +1161,7 @@ impl<'a> Prog<'a> {
                 continue;
             }
             // Not paced: the PE never waits on a stream it only drains.
-            pe.push(task(
-                &format!("drain{s}"),
-                vec![recv(color, w)],
-                mov(sl.elem_bytes),
-                0,
-                None,
-                vec![],
-                rep,
-                0,
-            ));
+            pe.push(task(&format!("drain{s}"), vec![recv(color, w)], mov(sl.elem_bytes), 0, None, vec![], rep, 0));
         }
         pe
     }
@@ -1335,35 +1184,12 @@ impl<'a> Prog<'a> {
             for &(c0, c1) in &oi.bands {
                 if c1 - c0 > 1 {
                     let r0 = self.rect_abs(y, c0, 1, 1);
-                    self.route(
-                        g1,
-                        r0,
-                        Pattern::To {
-                            dx: 1,
-                            dy: (hy - y) as i32,
-                        },
-                    );
+                    self.route(g1, r0, Pattern::To { dx: 1, dy: (hy - y) as i32 });
                     let rr = self.rect_abs(y, c0 + 1, 1, c1 - c0 - 1);
-                    self.route(
-                        g1,
-                        rr,
-                        Pattern::Line {
-                            dir: Dir::South,
-                            hops: hy - y,
-                            multicast: false,
-                        },
-                    );
+                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
                 } else {
                     let rr = self.rect_abs(y, c0, 1, 1);
-                    self.route(
-                        g1,
-                        rr,
-                        Pattern::Line {
-                            dir: Dir::South,
-                            hops: hy - y,
-                            multicast: false,
-                        },
-                    );
+                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
                 }
             }
         }
@@ -1387,32 +1213,15 @@ impl<'a> Prog<'a> {
                     0,
                 ));
                 let r = self.rect_abs(hy, c, 1, 1);
-                self.route(
-                    g0,
-                    r,
-                    Pattern::Line {
-                        dir: Dir::West,
-                        hops: c - c0,
-                        multicast: false,
-                    },
-                );
+                self.route(g0, r, Pattern::Line { dir: Dir::West, hops: c - c0, multicast: false });
             }
             // The band's gateway.
-            let (color_in, w_in) = if c1 - c0 > 1 {
-                (g0, (c0..c1).map(col_w).sum::<u64>())
-            } else {
-                (g1, col_w(c0))
-            };
+            let (color_in, w_in) = if c1 - c0 > 1 { (g0, (c0..c1).map(col_w).sum::<u64>()) } else { (g1, col_w(c0)) };
             let sends: Vec<Send> = oi
                 .dests
                 .iter()
                 .filter(|d| d.band == b)
-                .map(|d| Send {
-                    color: d.color,
-                    wavelets: d.wavelets,
-                    streamed: true,
-                    runs: d.runs,
-                })
+                .map(|d| Send { color: d.color, wavelets: d.wavelets, streamed: true, runs: d.runs })
                 .collect();
             self.out_row.entry(c0).or_default().push(task(
                 &format!("out{o}"),
@@ -1469,16 +1278,7 @@ fn out_rows(p: &Prog, all: bool) -> Vec<u32> {
 
 fn prog_bcast(p: &mut Prog) {
     let st = p.st;
-    let Work::Matmul {
-        a,
-        rows,
-        k,
-        cols,
-        bias,
-        out,
-        ..
-    } = st.work.clone()
-    else {
+    let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
         return;
     };
     let f = p.f();
@@ -1489,12 +1289,8 @@ fn prog_bcast(p: &mut Prog) {
     let s3 = Flat::new(cols, rc, c);
     let wa = p.slot_w(a, runs);
     let rep = p.repeat(runs);
-    let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| vec![s3.row_kind(r), p.wband_r(r as u32) as u64])
-        .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64])
-        .collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![s3.row_kind(r), p.wband_r(r as u32) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64]).collect();
     let (g1, _) = p.gc(out);
     p.grid(f.row0(), &row_kinds, &col_kinds, "mm", |p, rk, ck| {
         let n_p = match rk[0] {
@@ -1608,12 +1404,10 @@ impl Tree {
     /// Streams a leader or the root adds per run.
     fn sources(&self, r: u64) -> u64 {
         match self.role(r) {
-            1 => (0..r)
-                .filter(|&x| self.role(x) == 0 && self.target(x) == Some(r))
-                .count() as u64,
-            2 => (0..r)
-                .filter(|&x| self.role(x) == 1 || (self.role(x) == 0 && self.target(x).is_none()))
-                .count() as u64,
+            1 => (0..r).filter(|&x| self.role(x) == 0 && self.target(x) == Some(r)).count() as u64,
+            2 => {
+                (0..r).filter(|&x| self.role(x) == 1 || (self.role(x) == 0 && self.target(x).is_none())).count() as u64
+            }
             _ => 0,
         }
     }
@@ -1621,16 +1415,7 @@ impl Tree {
 
 fn prog_tree(p: &mut Prog) {
     let st = p.st;
-    let Work::Matmul {
-        a,
-        rows,
-        k,
-        cols,
-        bias,
-        out,
-        ..
-    } = st.work.clone()
-    else {
+    let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
         return;
     };
     let f = p.f();
@@ -1649,18 +1434,11 @@ fn prog_tree(p: &mut Prog) {
         .map(|r| {
             let role = tree.role(r);
             let big = role == 0 && tree.compute_index(r) < kr.r;
-            vec![
-                role,
-                tree.sources(r),
-                big as u64,
-                tree.target(r).is_some() as u64,
-                p.wband_r(r as u32) as u64,
-            ]
+            vec![role, tree.sources(r), big as u64, tree.target(r).is_some() as u64, p.wband_r(r as u32) as u64]
         })
         .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64, p.wband_c(cc as u32) as u64])
-        .collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64, p.wband_c(cc as u32) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "tree", |p, rk, ck| {
         let (role, sources) = (rk[0], rk[1]);
         let n_c = nc.q + ck[0];
@@ -1714,24 +1492,12 @@ fn prog_tree(p: &mut Prog) {
         let y = f.row0() + r as u32;
         let rect = p.rect_abs(y, 0, 1, active_cols.max(1));
         match (tree.role(r), tree.target(r)) {
-            (0, Some(l)) => p.route(
-                t1,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (l - r) as u32,
-                    multicast: false,
-                },
-            ),
-            (0, None) | (1, _) => p.route(
-                t2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (rc - 1 - r) as u32,
-                    multicast: false,
-                },
-            ),
+            (0, Some(l)) => {
+                p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (l - r) as u32, multicast: false })
+            }
+            (0, None) | (1, _) => {
+                p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false })
+            }
             _ => {}
         }
     }
@@ -1742,16 +1508,7 @@ fn prog_tree(p: &mut Prog) {
 
 fn prog_summa(p: &mut Prog) {
     let st = p.st;
-    let Work::Accum {
-        x,
-        dy,
-        rows,
-        k,
-        cols,
-        out,
-        bias_out,
-    } = st.work.clone()
-    else {
+    let Work::Accum { x, dy, rows, k, cols, out, bias_out } = st.work.clone() else {
         return;
     };
     let f = p.f();
@@ -1764,18 +1521,11 @@ fn prog_summa(p: &mut Prog) {
     let rep = p.repeat(runs);
     let (g1, _) = p.gc(out);
     let g1b = bias_out.map(|b| p.gc(b).0);
-    let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64])
-        .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64])
-        .collect();
+    let row_kinds: Vec<Vec<u64>> =
+        (0..rc).map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64]).collect();
     // The main (paced) operand is dy unless dy is stored and x is not.
-    let main = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live {
-        dy
-    } else {
-        x
-    };
+    let main = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live { dy } else { x };
     p.grid(f.row0(), &row_kinds, &col_kinds, "summa", |p, rk, ck| {
         let k_r = kr.q + rk[0];
         let n_c = nc.q + ck[0];
@@ -1787,43 +1537,17 @@ fn prog_summa(p: &mut Prog) {
         let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c);
         let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
-        let acc = pe.push(task(
-            "acc",
-            needs,
-            fmac(eb),
-            rr * k_r * n_c,
-            Some(p.rc(main)),
-            vec![],
-            rep,
-            2 * rr * k_r * n_c,
-        ));
+        let acc =
+            pe.push(task("acc", needs, fmac(eb), rr * k_r * n_c, Some(p.rc(main)), vec![], rep, 2 * rr * k_r * n_c));
         let mut last = acc;
         if let (true, Some(_)) = (first_row, bias_out) {
-            last = pe.push(task(
-                "dbias",
-                vec![done(acc, 1)],
-                arith(eb),
-                rr * n_c,
-                None,
-                vec![],
-                rep,
-                rr * n_c,
-            ));
+            last = pe.push(task("dbias", vec![done(acc, 1)], arith(eb), rr * n_c, None, vec![], rep, rr * n_c));
         }
         let mut sends = vec![send(g1, wl(k_r * n_c, eb), false)];
         if let (true, Some(gb)) = (first_row, g1b) {
             sends.push(send(gb, wl(n_c, eb), false));
         }
-        let emit = pe.push(task(
-            "emit",
-            vec![done(last, runs)],
-            mov(eb),
-            k_r * n_c,
-            None,
-            sends,
-            p.iters,
-            0,
-        ));
+        let emit = pe.push(task("emit", vec![done(last, runs)], mov(eb), k_r * n_c, None, sends, p.iters, 0));
         pe.tasks[acc].needs.push(after(emit, 0, 1, runs as u64));
         if last != acc {
             pe.tasks[acc].needs.push(after(last, 0, 1, 1));
@@ -1843,16 +1567,7 @@ fn prog_summa(p: &mut Prog) {
 
 fn prog_rowreduce(p: &mut Prog) {
     let st = p.st;
-    let Work::RowReduce {
-        main,
-        rows,
-        width,
-        per_elem,
-        out,
-        colsum,
-        scalar,
-    } = st.work.clone()
-    else {
+    let Work::RowReduce { main, rows, width, per_elem, out, colsum, scalar } = st.work.clone() else {
         return;
     };
     let f = p.f();
@@ -1867,11 +1582,7 @@ fn prog_rowreduce(p: &mut Prog) {
     let (r1, r2, rb) = (p.ac(0), p.ac(1), p.ac(2));
     let rcol = p.ac(3);
     // Work per element: the reduction pass (stats) and the elementwise pass (apply).
-    let (c_apply, c_stats) = if out.is_some() {
-        (1, per_elem - 1)
-    } else {
-        (0, per_elem)
-    };
+    let (c_apply, c_stats) = if out.is_some() { (1, per_elem - 1) } else { (0, per_elem) };
     let active_rows = rc.min(rr);
     let cs_per_col = colsum.map_or(0, |o| st.outputs[o].values / width.max(1));
     // Column positions mirrored so that the fan-in converges west to column 0.
@@ -2026,52 +1737,20 @@ fn prog_rowreduce(p: &mut Prog) {
         let rect = p.rect_abs(f.row0(), cc as u32, active_rows.max(1) as u32, 1);
         let lead = c - 1 - fan.leader_of(pos(cc));
         if role == 0 {
-            p.route(
-                r1,
-                rect,
-                Pattern::Line {
-                    dir: Dir::West,
-                    hops: (cc - lead) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
         } else if role == 1 {
-            p.route(
-                r2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::West,
-                    hops: cc as u32,
-                    multicast: false,
-                },
-            );
+            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
         }
     }
     if c > 1 && out.is_some() {
         let rect = p.rect_abs(f.row0(), 0, active_rows.max(1) as u32, 1);
-        p.route(
-            rb,
-            rect,
-            Pattern::Line {
-                dir: Dir::East,
-                hops: (c - 1) as u32,
-                multicast: true,
-            },
-        );
+        p.route(rb, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
     }
     if colsum.is_some() || scalar.is_some() {
         let cols = if colsum.is_some() { c as u32 } else { 1 };
         for r in 1..active_rows as u32 {
             let rect = p.rect_abs(f.row0() + r, 0, 1, cols);
-            p.route(
-                rcol,
-                rect,
-                Pattern::Line {
-                    dir: Dir::North,
-                    hops: r,
-                    multicast: false,
-                },
-            );
+            p.route(rcol, rect, Pattern::Line { dir: Dir::North, hops: r, multicast: false });
         }
     }
     if let Some(o) = out {
@@ -2093,13 +1772,7 @@ fn prog_rowreduce(p: &mut Prog) {
 fn prog_elementwise(p: &mut Prog) {
     let st = p.st;
     let (main, rows, width, per_elem, accumulate) = match st.work.clone() {
-        Work::Elementwise {
-            main,
-            rows,
-            width,
-            per_elem,
-            accumulate,
-        } => (main, rows, width, per_elem, accumulate),
+        Work::Elementwise { main, rows, width, per_elem, accumulate } => (main, rows, width, per_elem, accumulate),
         Work::Relay { main, rows, width } => (Some(main), rows, width, 0, false),
         _ => return,
     };
@@ -2110,28 +1783,13 @@ fn prog_elementwise(p: &mut Prog) {
     let rep = p.repeat(runs);
     let e = Flat::new(rows * width / runs as u64, rc, c);
     let out_runs = if accumulate { 1 } else { runs };
-    let outs: Vec<Flat> = st
-        .outputs
-        .iter()
-        .map(|o| Flat::new(o.values / out_runs as u64, rc, c))
-        .collect();
-    let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| {
-            std::iter::once(e.row_kind(r))
-                .chain(outs.iter().map(|o| o.row_kind(r)))
-                .collect()
-        })
-        .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| {
-            std::iter::once(e.col_kind(cc))
-                .chain(outs.iter().map(|o| o.col_kind(cc)))
-                .collect()
-        })
-        .collect();
-    let gathered: Vec<Option<ColorId>> = (0..st.outputs.len())
-        .map(|o| p.iface.outs.get(o).filter(|x| x.gathered).map(|_| p.gc(o).0))
-        .collect();
+    let outs: Vec<Flat> = st.outputs.iter().map(|o| Flat::new(o.values / out_runs as u64, rc, c)).collect();
+    let row_kinds: Vec<Vec<u64>> =
+        (0..rc).map(|r| std::iter::once(e.row_kind(r)).chain(outs.iter().map(|o| o.row_kind(r))).collect()).collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| std::iter::once(e.col_kind(cc)).chain(outs.iter().map(|o| o.col_kind(cc))).collect()).collect();
+    let gathered: Vec<Option<ColorId>> =
+        (0..st.outputs.len()).map(|o| p.iface.outs.get(o).filter(|x| x.gathered).map(|_| p.gc(o).0)).collect();
     let pick = |fl: &Flat, rk: u64, ck: u64| match rk {
         2 => fl.s.q + 1,
         0 => fl.s.q,
@@ -2139,11 +1797,7 @@ fn prog_elementwise(p: &mut Prog) {
     };
     p.grid(f.row0(), &row_kinds, &col_kinds, "ew", |p, rk, ck| {
         let n = pick(&e, rk[0], ck[0]);
-        let shares: Vec<u64> = outs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| pick(o, rk[i + 1], ck[i + 1]))
-            .collect();
+        let shares: Vec<u64> = outs.iter().enumerate().map(|(i, o)| pick(o, rk[i + 1], ck[i + 1])).collect();
         if n == 0 && shares.iter().all(|&s| s == 0) {
             return Some((format!("{}.idle", st.name), p.drain(0, runs)));
         }
@@ -2161,9 +1815,7 @@ fn prog_elementwise(p: &mut Prog) {
                 .iter()
                 .enumerate()
                 .filter_map(|(o, &v)| {
-                    gathered[o]
-                        .filter(|_| v > 0)
-                        .map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                    gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
                 })
                 .collect()
         };
@@ -2183,9 +1835,7 @@ fn prog_elementwise(p: &mut Prog) {
                 .iter()
                 .enumerate()
                 .filter_map(|(o, &v)| {
-                    gathered[o]
-                        .filter(|_| v > 0)
-                        .map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
+                    gathered[o].filter(|_| v > 0).map(|g| send(g, wl(v, st.outputs[o].elem_bytes), false))
                 })
                 .collect();
             let emit = pe.push(task(
@@ -2207,9 +1857,7 @@ fn prog_elementwise(p: &mut Prog) {
     for (o, fl) in outs.iter().enumerate() {
         let fl = *fl;
         let vals = move |r: u32, cc: u32| fl.at(r as u64, cc as u64);
-        let rws: Vec<u32> = (0..rc as u32)
-            .filter(|&r| (0..c).any(|cc| fl.at(r as u64, cc) > 0))
-            .collect();
+        let rws: Vec<u32> = (0..rc as u32).filter(|&r| (0..c).any(|cc| fl.at(r as u64, cc) > 0)).collect();
         p.gather(o, out_runs, &rws, &vals);
     }
 }
@@ -2236,9 +1884,7 @@ fn prog_lookup(p: &mut Prog) {
             vec![role, gs]
         })
         .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64])
-        .collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < wc.r) as u64, (wc.at(cc) == 0) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "look", |p, rk, ck| {
         let (role, gs) = (rk[0], rk[1]);
         let w_c = wc.q + ck[0];
@@ -2298,25 +1944,9 @@ fn prog_lookup(p: &mut Prog) {
         let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
         if role == 0 {
-            p.route(
-                t1,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (fan.leader_of(r) - r) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
         } else if role == 1 {
-            p.route(
-                t2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (rc - 1 - r) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
         }
     }
     let vals = move |_r: u32, cc: u32| rr * wc.at(cc as u64);
@@ -2345,9 +1975,8 @@ fn prog_single_gemv(p: &mut Prog) {
             vec![role, gs, (r < kr.r) as u64]
         })
         .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64])
-        .collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..c).map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "gemv", |p, rk, ck| {
         let (role, gs) = (rk[0], rk[1]);
         let k_r = kr.q + rk[2];
@@ -2419,38 +2048,14 @@ fn prog_single_gemv(p: &mut Prog) {
         let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
         if role == 0 {
-            p.route(
-                t1,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (fan.leader_of(r) - r) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
         } else if role == 1 {
-            p.route(
-                t2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (rc - 1 - r) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
         }
     }
     if c > 1 {
         let rect = p.rect_abs(f.row0(), 0, rc as u32, 1);
-        p.route(
-            xa,
-            rect,
-            Pattern::Line {
-                dir: Dir::East,
-                hops: (c - 1) as u32,
-                multicast: true,
-            },
-        );
+        p.route(xa, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
     }
 }
 
@@ -2529,24 +2134,10 @@ fn prog_cannon(p: &mut Prog) {
     let ca = |pos: u64| ColorId(base + ring[pos as usize]);
     let cb = |pos: u64| ColorId(base + nring + ring[pos as usize]);
     let pred = |pos: u64| (0..q).find(|&x| ring_succ(q, x) == pos).unwrap_or(pos);
-    let row_kinds: Vec<Vec<u64>> = (0..q)
-        .map(|i| {
-            vec![
-                (i < mi.r) as u64,
-                ring[i as usize] as u64,
-                ring[pred(i) as usize] as u64,
-            ]
-        })
-        .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..q)
-        .map(|j| {
-            vec![
-                (j < nj.r) as u64,
-                ring[j as usize] as u64,
-                ring[pred(j) as usize] as u64,
-            ]
-        })
-        .collect();
+    let row_kinds: Vec<Vec<u64>> =
+        (0..q).map(|i| vec![(i < mi.r) as u64, ring[i as usize] as u64, ring[pred(i) as usize] as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> =
+        (0..q).map(|j| vec![(j < nj.r) as u64, ring[j as usize] as u64, ring[pred(j) as usize] as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "cannon", |p, rk, ck| {
         let m_i = mi.q + rk[0];
         let n_j = nj.q + ck[0];
@@ -2559,16 +2150,7 @@ fn prog_cannon(p: &mut Prog) {
         let b_in = ColorId(base + nring + rk[2] as u32);
         let mut pe = Pe::default();
         if q == 1 {
-            pe.push(task(
-                "own",
-                vec![],
-                fmac(eb),
-                m_i * k * n_j,
-                None,
-                vec![],
-                1,
-                2 * m_i * k * n_j,
-            ));
+            pe.push(task("own", vec![], fmac(eb), m_i * k * n_j, None, vec![], 1, 2 * m_i * k * n_j));
             return Some((format!("{}.cannon", st.name), pe));
         }
         let own_k = k - (q - 1) * kq;
@@ -2582,26 +2164,9 @@ fn prog_cannon(p: &mut Prog) {
             1,
             2 * m_i * own_k * n_j,
         ));
-        let store = pe.push(task(
-            "store_a",
-            vec![recv(a_in, wa)],
-            mov(eb),
-            m_i * kb,
-            None,
-            vec![],
-            (q - 1) as u32,
-            0,
-        ));
-        let window = (q > 2).then_some(RunRange {
-            first: 1,
-            last: (q - 2) as u32,
-        });
-        let fwd = |c: ColorId, w: u64| Send {
-            color: c,
-            wavelets: w,
-            streamed: true,
-            runs: window,
-        };
+        let store = pe.push(task("store_a", vec![recv(a_in, wa)], mov(eb), m_i * kb, None, vec![], (q - 1) as u32, 0));
+        let window = (q > 2).then_some(RunRange { first: 1, last: (q - 2) as u32 });
+        let fwd = |c: ColorId, w: u64| Send { color: c, wavelets: w, streamed: true, runs: window };
         let mut sends = vec![];
         if window.is_some() {
             sends = vec![fwd(a_out, wa), fwd(b_out, wb)];
@@ -2617,9 +2182,7 @@ fn prog_cannon(p: &mut Prog) {
             2 * m_i * kq * n_j,
         ));
         pe.tasks[store].needs.push(after(step, 0, 1, 1));
-        pe.tasks[step]
-            .needs
-            .retain(|nd| !matches!(nd, Need::Done { times: 0, .. }));
+        pe.tasks[step].needs.retain(|nd| !matches!(nd, Need::Done { times: 0, .. }));
         pe.sram = p.t.sram_max;
         let _ = (ca, cb);
         Some((format!("{}.cannon", st.name), pe))
@@ -2629,31 +2192,11 @@ fn prog_cannon(p: &mut Prog) {
             let to = ring_succ(q, pos);
             let hops = (to as i64 - pos as i64).unsigned_abs() as u32;
             // A along the row: senders are column `pos`; B along the column: senders are row `pos`.
-            let (dx_dir, dy_dir) = if to > pos {
-                (Dir::East, Dir::South)
-            } else {
-                (Dir::West, Dir::North)
-            };
+            let (dx_dir, dy_dir) = if to > pos { (Dir::East, Dir::South) } else { (Dir::West, Dir::North) };
             let col = p.rect_abs(f.row0(), pos as u32, q as u32, 1);
-            p.route(
-                ca(pos),
-                col,
-                Pattern::Line {
-                    dir: dx_dir,
-                    hops,
-                    multicast: false,
-                },
-            );
+            p.route(ca(pos), col, Pattern::Line { dir: dx_dir, hops, multicast: false });
             let row = p.rect_abs(f.row0() + pos as u32, 0, 1, q as u32);
-            p.route(
-                cb(pos),
-                row,
-                Pattern::Line {
-                    dir: dy_dir,
-                    hops,
-                    multicast: false,
-                },
-            );
+            p.route(cb(pos), row, Pattern::Line { dir: dy_dir, hops, multicast: false });
         }
     }
 }
@@ -2794,22 +2337,10 @@ fn prog_allreduce(p: &mut Prog) {
             p.route(
                 t1,
                 rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (colf.leader_of(r) - r) as u32,
-                    multicast: false,
-                },
+                Pattern::Line { dir: Dir::South, hops: (colf.leader_of(r) - r) as u32, multicast: false },
             );
         } else if role == 1 {
-            p.route(
-                t2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::South,
-                    hops: (rc - 1 - r) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
         }
     }
     let yb = f.row0() + rc as u32 - 1;
@@ -2818,38 +2349,13 @@ fn prog_allreduce(p: &mut Prog) {
         let lead = c - 1 - rowf.leader_of(pos(cc));
         let rect = p.rect_abs(yb, cc as u32, 1, 1);
         if role == 0 {
-            p.route(
-                r1,
-                rect,
-                Pattern::Line {
-                    dir: Dir::West,
-                    hops: (cc - lead) as u32,
-                    multicast: false,
-                },
-            );
+            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
         } else if role == 1 {
-            p.route(
-                r2,
-                rect,
-                Pattern::Line {
-                    dir: Dir::West,
-                    hops: cc as u32,
-                    multicast: false,
-                },
-            );
+            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
         }
     }
     let root = p.rect_abs(yb, 0, 1, 1);
-    p.route(
-        bc,
-        root,
-        Pattern::Rect {
-            dx: 0,
-            dy: -(yb as i32 - f.row0() as i32),
-            w: c as u32,
-            h: rc as u32,
-        },
-    );
+    p.route(bc, root, Pattern::Rect { dx: 0, dy: -(yb as i32 - f.row0() as i32), w: c as u32, h: rc as u32 });
 }
 
 /// Runs per iteration of output o (1 for outputs emitted once per iteration).
@@ -2875,32 +2381,22 @@ pub(crate) fn per_run_output(st: &Stage, o: usize) -> bool {
 pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, a: u32, b: u32, rows: bool) -> u64 {
     let f = t.frame;
     let (rc, c) = (f.rc() as u64, f.w as u64);
-    let (r_range, c_range) = if rows {
-        ((a as u64, b as u64), (0, c))
-    } else {
-        ((0, rc), (a as u64, b as u64))
-    };
+    let (r_range, c_range) = if rows { ((a as u64, b as u64), (0, c)) } else { ((0, rc), (a as u64, b as u64)) };
     match (&st.work, t.algo) {
         (Work::Matmul { k, cols, .. }, Algo::GemvTree) => {
             let tree = Tree::new(rc);
             let kr = split(*k, tree.compute_rows());
             let nc = split(*cols, c);
-            let krs: u64 = (r_range.0..r_range.1)
-                .filter(|&r| tree.role(r) == 0)
-                .map(|r| kr.at(tree.compute_index(r)))
-                .sum();
+            let krs: u64 =
+                (r_range.0..r_range.1).filter(|&r| tree.role(r) == 0).map(|r| kr.at(tree.compute_index(r))).sum();
             krs * (c_range.0..c_range.1).map(|x| nc.at(x)).sum::<u64>()
         }
         (Work::Matmul { k, cols, .. }, Algo::GemvBroadcast) => {
             let s3 = Flat::new(*cols, rc, c);
-            k * (r_range.0..r_range.1)
-                .map(|r| (c_range.0..c_range.1).map(|x| s3.at(r, x)).sum::<u64>())
-                .sum::<u64>()
+            k * (r_range.0..r_range.1).map(|r| (c_range.0..c_range.1).map(|x| s3.at(r, x)).sum::<u64>()).sum::<u64>()
         }
         _ => match st.work {
-            Work::Matmul {
-                b: Operand::Slot(s), ..
-            } => st.inputs[s].values,
+            Work::Matmul { b: Operand::Slot(s), .. } => st.inputs[s].values,
             _ => 0,
         },
     }
@@ -2921,9 +2417,7 @@ pub(crate) fn out_band_values(st: &Stage, t: &Tiling, o: usize, c0: u32, c1: u32
 /// The slot that takes weights in bands (the stationary matrix), if any.
 pub(crate) fn banded_slot(st: &Stage) -> Option<usize> {
     match st.work {
-        Work::Matmul {
-            b: Operand::Slot(s), ..
-        } if st.inputs[s].kind == SlotKind::Weights => Some(s),
+        Work::Matmul { b: Operand::Slot(s), .. } if st.inputs[s].kind == SlotKind::Weights => Some(s),
         _ => None,
     }
 }

@@ -20,11 +20,7 @@ use super::{CompileError, CompileOptions, Compiled, Mode};
 
 /// The data SRAM and limits the kernels work with.
 pub(crate) fn kctx(hw: &WaferHw) -> KCtx {
-    KCtx {
-        pe: hw.pe,
-        colors: hw.fabric.colors,
-        avail: hw.pe.sram_bytes - hw.pe.code_reserve_bytes,
-    }
+    KCtx { pe: hw.pe, colors: hw.fabric.colors, avail: hw.pe.sram_bytes - hw.pe.code_reserve_bytes }
 }
 
 /// Compiles in the requested mode, or pipelined with weight streaming as the fallback.
@@ -34,23 +30,15 @@ pub(crate) fn compile_all(
     opts: &CompileOptions,
     single: bool,
 ) -> Result<Compiled, CompileError> {
-    let weights: u64 = g
-        .tensors
-        .iter()
-        .filter(|t| t.role == Role::Weight)
-        .map(|t| t.bytes)
-        .sum();
+    let weights: u64 = g.tensors.iter().filter(|t| t.role == Role::Weight).map(|t| t.bytes).sum();
     let has = |r: Role| g.tensors.iter().any(|t| t.role == r);
-    let resident_what = [
-        (Role::Weight, "weights"),
-        (Role::OptimizerState, "optimizer state"),
-        (Role::KvCache, "KV cache"),
-    ]
-    .iter()
-    .filter(|(r, _)| has(*r))
-    .map(|(_, n)| *n)
-    .collect::<Vec<_>>()
-    .join(", ");
+    let resident_what =
+        [(Role::Weight, "weights"), (Role::OptimizerState, "optimizer state"), (Role::KvCache, "KV cache")]
+            .iter()
+            .filter(|(r, _)| has(*r))
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(", ");
     let sram = hw.mesh.pes() * (hw.pe.sram_bytes - hw.pe.code_reserve_bytes) * opts.wafers as u64;
     // What pipelined mode keeps in SRAM before any activation: when it alone overflows, go straight
     // to weight streaming.
@@ -249,19 +237,11 @@ fn attempt_mode(
     notes.dedup();
     let w = &g.workload;
     let workload = match w.phase {
-        crate::model::Phase::Decode => format!(
-            "decode: batch {} x 1 new token, KV cache {} tokens, {}",
-            w.batch, w.context, w.dtype
-        ),
+        crate::model::Phase::Decode => {
+            format!("decode: batch {} x 1 new token, KV cache {} tokens, {}", w.batch, w.context, w.dtype)
+        }
         _ if single => format!("one op, {}", w.dtype),
-        p => format!(
-            "{}: batch {} x seq {} = {} tokens, {}",
-            p.name(),
-            w.batch,
-            w.seq,
-            w.tokens(),
-            w.dtype
-        ),
+        p => format!("{}: batch {} x seq {} = {} tokens, {}", p.name(), w.batch, w.seq, w.tokens(), w.dtype),
     };
     let mut program = ProgramStats::default();
     for o in &outs {
@@ -351,11 +331,7 @@ fn stage_ios(stages: &[Stage], streams: &[(usize, Stream)]) -> Vec<StageIo> {
                         match st.inputs[slot].kind {
                             SlotKind::Stored { all: true } => {
                                 let c = &mut io.stored_copies[slot];
-                                *c = if *c == 1 {
-                                    s.send_count as u64
-                                } else {
-                                    *c + s.send_count as u64
-                                };
+                                *c = if *c == 1 { s.send_count as u64 } else { *c + s.send_count as u64 };
                             }
                             SlotKind::Live | SlotKind::Stored { .. } => {
                                 io.per_iter_values.push((s.values, s.elem_bytes))
@@ -461,9 +437,7 @@ fn compile_wafer(
     merge_memoryx_feeds(&mut streams);
     let mut ios = stage_ios(&stages, &streams);
     // IO channels first: band boundaries follow their rows.
-    let needs_io = streams
-        .iter()
-        .any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
+    let needs_io = streams.iter().any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
     let chans: Vec<Channel> = if needs_io { io::channels(hw)? } else { Vec::new() };
     let mut align: Vec<u32> = chans
         .iter()
@@ -477,9 +451,7 @@ fn compile_wafer(
         Err(e)
             if mode == Mode::WeightStreaming
                 && e.is_user_error()
-                && stages
-                    .iter()
-                    .any(|s| s.inputs.iter().any(|i| i.kind == (SlotKind::Stored { all: true }))) =>
+                && stages.iter().any(|s| s.inputs.iter().any(|i| i.kind == (SlotKind::Stored { all: true }))) =>
         {
             let bytes = offload_stash(&mut stages, &mut streams);
             notes.push(format!(
@@ -501,17 +473,8 @@ fn compile_wafer(
     // Channels used by each wafer peer (a channel serves one peer).
     let mut peer_of: Vec<Option<Peer>> = vec![None; chans.len()];
     // Proportional band counts for the big off-wafer streams (weights in, gradients out).
-    let big: u64 = streams
-        .iter()
-        .filter(|(_, s)| is_big(&stages, s))
-        .map(|(_, s)| s.bytes_per_step())
-        .sum();
-    let gateway = |sid: usize, slot: usize| -> Coord {
-        Coord {
-            x: rects[sid].x + slot as u32,
-            y: rects[sid].y,
-        }
-    };
+    let big: u64 = streams.iter().filter(|(_, s)| is_big(&stages, s)).map(|(_, s)| s.bytes_per_step()).sum();
+    let gateway = |sid: usize, slot: usize| -> Coord { Coord { x: rects[sid].x + slot as u32, y: rects[sid].y } };
     let mut ifaces: Vec<Iface> = stages
         .iter()
         .enumerate()
@@ -546,10 +509,7 @@ fn compile_wafer(
         let mut groups: BTreeMap<(End, u32, u32, u64, String), Vec<usize>> = BTreeMap::new();
         for (i, (_, s)) in streams.iter().enumerate() {
             if let (End::Stage { .. }, End::Stage { .. }) = (s.from, s.to) {
-                groups
-                    .entry((s.from, s.send_first, s.send_count, s.values, s.name.clone()))
-                    .or_default()
-                    .push(i);
+                groups.entry((s.from, s.send_first, s.send_count, s.values, s.name.clone())).or_default().push(i);
             }
         }
         for v in groups.values_mut() {
@@ -586,10 +546,9 @@ fn compile_wafer(
         let w_s = wl(s.values / runs_s as u64, s.elem_bytes);
         let repeat = s.send_count * runs_s;
         let window = match s.from {
-            End::Stage { stage, .. } if s.send_count < stages[stage].iters => Some(RunRange {
-                first: s.send_first * runs_s + 1,
-                last: (s.send_first + s.send_count) * runs_s,
-            }),
+            End::Stage { stage, .. } if s.send_count < stages[stage].iters => {
+                Some(RunRange { first: s.send_first * runs_s + 1, last: (s.send_first + s.send_count) * runs_s })
+            }
             _ => None,
         };
         let bytes = s.bytes_per_step();
@@ -613,22 +572,9 @@ fn compile_wafer(
                         sender: Senders::Pes(unit(from)),
                         start: from,
                         rx0: route::R,
-                        pattern: Pattern::To {
-                            dx: to.x as i32 - from.x as i32,
-                            dy: to.y as i32 - from.y as i32,
-                        },
+                        pattern: Pattern::To { dx: to.x as i32 - from.x as i32, dy: to.y as i32 - from.y as i32 },
                     };
-                    flows.push((
-                        fl,
-                        FlowUse::Chain {
-                            prev,
-                            si,
-                            b,
-                            slot,
-                            w: w_s,
-                            repeat,
-                        },
-                    ));
+                    flows.push((fl, FlowUse::Chain { prev, si, b, slot, w: w_s, repeat }));
                     continue;
                 }
                 let from = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
@@ -637,24 +583,9 @@ fn compile_wafer(
                     sender: Senders::Pes(unit(from)),
                     start: from,
                     rx0: route::R,
-                    pattern: Pattern::To {
-                        dx: to.x as i32 - from.x as i32,
-                        dy: to.y as i32 - from.y as i32,
-                    },
+                    pattern: Pattern::To { dx: to.x as i32 - from.x as i32, dy: to.y as i32 - from.y as i32 },
                 };
-                flows.push((
-                    fl,
-                    FlowUse::Pair {
-                        a,
-                        o,
-                        b,
-                        slot,
-                        w: w_s,
-                        repeat,
-                        window,
-                        si,
-                    },
-                ));
+                flows.push((fl, FlowUse::Pair { a, o, b, slot, w: w_s, repeat, window, si }));
             }
             (End::Port(peer), End::Stage { stage: b, slot }) => {
                 io_bytes[b] += bytes;
@@ -712,16 +643,9 @@ fn compile_wafer(
                         }
                         got.into_iter().map(|k| direct_cands[k]).collect()
                     }
-                    None => io::pick(
-                        &chans,
-                        &mut load,
-                        &mut nflows,
-                        nb as usize,
-                        bytes,
-                        near,
-                        &avoid,
-                        is_big(&stages, s),
-                    ),
+                    None => {
+                        io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, is_big(&stages, s))
+                    }
                 };
                 let mut chosen = chosen;
                 if direct && banded && chosen.len() > 1 {
@@ -736,11 +660,7 @@ fn compile_wafer(
                     let mut bands = Vec::new();
                     for (j, &y) in ys.iter().enumerate() {
                         let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
-                        let hi = if j + 1 == ys.len() {
-                            yc1 - yc0
-                        } else {
-                            (y + ys[j + 1]) / 2 + 1
-                        };
+                        let hi = if j + 1 == ys.len() { yc1 - yc0 } else { (y + ys[j + 1]) / 2 + 1 };
                         bands.push((lo, hi));
                     }
                     ifaces[b].wbands = bands;
@@ -758,11 +678,7 @@ fn compile_wafer(
                     ifaces[b].wbands = bands;
                     ifaces[b].wslot = Some(slot);
                 }
-                let bands = if ifaces[b].wslot == Some(slot) {
-                    ifaces[b].wbands.clone()
-                } else {
-                    vec![(0, width)]
-                };
+                let bands = if ifaces[b].wslot == Some(slot) { ifaces[b].wbands.clone() } else { vec![(0, width)] };
                 for (j, &ch) in chosen.iter().enumerate() {
                     if matches!(peer, PeerKind::Wafer(_)) {
                         peer_of[ch] = Some(peer.peer());
@@ -771,14 +687,7 @@ fn compile_wafer(
                     let rows_banded = ifaces[b].wband_rows && ifaces[b].wslot == Some(slot);
                     let (to, w, rep) = if bands.len() > 1 {
                         let v = kernel::weight_band_values(&stages[b], &tilings[b], c0, c1, rows_banded);
-                        (
-                            Coord {
-                                x: rects[b].x + c1 - 1,
-                                y: rects[b].y,
-                            },
-                            wl(v, s.elem_bytes),
-                            s.send_count,
-                        )
+                        (Coord { x: rects[b].x + c1 - 1, y: rects[b].y }, wl(v, s.elem_bytes), s.send_count)
                     } else {
                         (near, w_s, repeat)
                     };
@@ -798,10 +707,7 @@ fn compile_wafer(
                             h: yc1 - yc0,
                         }
                     } else {
-                        Pattern::To {
-                            dx: to.x as i32 - c.at.x as i32,
-                            dy: to.y as i32 - c.at.y as i32,
-                        }
+                        Pattern::To { dx: to.x as i32 - c.at.x as i32, dy: to.y as i32 - c.at.y as i32 }
                     };
                     let fl = Flow {
                         name: s.name.clone(),
@@ -813,18 +719,7 @@ fn compile_wafer(
                     let saved = restore_ch.contains_key(gi).then_some(*gi);
                     flows.push((
                         fl,
-                        FlowUse::PortIn {
-                            ch,
-                            b,
-                            slot,
-                            band: j,
-                            w,
-                            repeat: rep,
-                            peer,
-                            gi: *gi,
-                            gate: saved,
-                            direct,
-                        },
+                        FlowUse::PortIn { ch, b, slot, band: j, w, repeat: rep, peer, gi: *gi, gate: saved, direct },
                     ));
                 }
             }
@@ -858,10 +753,7 @@ fn compile_wafer(
                     }
                     let (c0, c1) = bands[j.min(bands.len() - 1)];
                     let w = if bands.len() > 1 {
-                        wl(
-                            kernel::out_band_values(&stages[a], &tilings[a], o, c0, c1),
-                            s.elem_bytes,
-                        )
+                        wl(kernel::out_band_values(&stages[a], &tilings[a], o, c0, c1), s.elem_bytes)
                     } else {
                         w_s
                     };
@@ -871,24 +763,9 @@ fn compile_wafer(
                         sender: Senders::Pes(unit(from)),
                         start: from,
                         rx0: route::R,
-                        pattern: Pattern::ToPort {
-                            port: PortId(ch as u32),
-                        },
+                        pattern: Pattern::ToPort { port: PortId(ch as u32) },
                     };
-                    flows.push((
-                        fl,
-                        FlowUse::PortOut {
-                            ch,
-                            a,
-                            o,
-                            band: j,
-                            w,
-                            repeat,
-                            window,
-                            peer,
-                            gi: *gi,
-                        },
-                    ));
+                    flows.push((fl, FlowUse::PortOut { ch, a, o, band: j, w, repeat, window, peer, gi: *gi }));
                 }
             }
             (End::Port(_), End::Port(_)) => {}
@@ -902,29 +779,10 @@ fn compile_wafer(
     let mut routes: Vec<Route> = Vec::new();
     for (fi, (fl, us)) in flows.iter().enumerate() {
         let color = ph(fi);
-        routes.push(Route {
-            color,
-            senders: fl.sender,
-            pattern: fl.pattern,
-            relays: 0,
-        });
+        routes.push(Route { color, senders: fl.sender, pattern: fl.pattern, relays: 0 });
         match *us {
-            FlowUse::Pair {
-                a,
-                o,
-                b,
-                slot,
-                w,
-                repeat,
-                window,
-                si,
-            } => {
-                ifaces[a].outs[o].dests.push(Dest {
-                    color,
-                    wavelets: w,
-                    runs: window,
-                    band: 0,
-                });
+            FlowUse::Pair { a, o, b, slot, w, repeat, window, si } => {
+                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band: 0 });
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
                 ifaces[b].feeds[slot].push(Feed {
                     color,
@@ -935,14 +793,7 @@ fn compile_wafer(
                     direct: false,
                 });
             }
-            FlowUse::Chain {
-                prev,
-                si,
-                b,
-                slot,
-                w,
-                repeat,
-            } => {
+            FlowUse::Chain { prev, si, b, slot, w, repeat } => {
                 forwards.push((prev, color.0 as usize));
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
                 ifaces[b].feeds[slot].push(Feed {
@@ -954,36 +805,15 @@ fn compile_wafer(
                     direct: false,
                 });
             }
-            FlowUse::PortIn {
-                ch,
-                b,
-                slot,
-                band,
-                w,
-                repeat,
-                peer,
-                gi,
-                gate,
-                direct,
-            } => {
-                ifaces[b].feeds[slot].push(Feed {
-                    color,
-                    wavelets: w,
-                    repeat,
-                    band,
-                    fwd: Vec::new(),
-                    direct,
-                });
+            FlowUse::PortIn { ch, b, slot, band, w, repeat, peer, gi, gate, direct } => {
+                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band, fwd: Vec::new(), direct });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
                 let mut needs = Vec::new();
                 let mut op_needs_link = false;
                 if let PeerKind::Wafer(_) = peer {
-                    needs.push(Need::Recv {
-                        color: ColorId::LINK,
-                        wavelets: w,
-                    });
+                    needs.push(Need::Recv { color: ColorId::LINK, wavelets: w });
                     op_needs_link = true;
                     cross.push((gi, PortId(ch as u32), false));
                 }
@@ -1006,34 +836,14 @@ fn compile_wafer(
                         elems: 0,
                         paced_by: op_needs_link.then_some(ColorId::LINK),
                     },
-                    sends: vec![mesh::Send {
-                        color,
-                        wavelets: w,
-                        streamed: op_needs_link,
-                        runs: None,
-                    }],
+                    sends: vec![mesh::Send { color, wavelets: w, streamed: op_needs_link, runs: None }],
                     repeat,
                     flops: 0,
                 });
                 pw.peer.get_or_insert(peer.peer());
             }
-            FlowUse::PortOut {
-                ch,
-                a,
-                o,
-                band,
-                w,
-                repeat,
-                window,
-                peer,
-                gi,
-            } => {
-                ifaces[a].outs[o].dests.push(Dest {
-                    color,
-                    wavelets: w,
-                    runs: window,
-                    band,
-                });
+            FlowUse::PortOut { ch, a, o, band, w, repeat, window, peer, gi } => {
+                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
@@ -1047,11 +857,7 @@ fn compile_wafer(
                         format!("recv:{}", fl.name)
                     },
                     needs: vec![Need::Recv { color, wavelets: w }],
-                    work: mesh::Work {
-                        op: mesh::SimdOp::Mov32,
-                        elems: 0,
-                        paced_by: Some(color),
-                    },
+                    work: mesh::Work { op: mesh::SimdOp::Mov32, elems: 0, paced_by: Some(color) },
                     sends: vec![],
                     repeat,
                     flops: 0,
@@ -1118,12 +924,7 @@ fn compile_wafer(
             relayed.len(),
             relayed.iter().map(|&i| relays[i]).sum::<u32>(),
             hw.fabric.relay_cycles,
-            relayed
-                .iter()
-                .map(|&i| flows[i].0.name.clone())
-                .take(6)
-                .collect::<Vec<_>>()
-                .join(", ")
+            relayed.iter().map(|&i| flows[i].0.name.clone()).take(6).collect::<Vec<_>>().join(", ")
         ));
     }
     let patch = |c: ColorId| -> ColorId {
@@ -1175,6 +976,7 @@ fn compile_wafer(
         routes: Vec::new(),
         ports: Vec::new(),
         graph_flops: 0,
+        wafer_width: None,
     };
     let mut plan_regions = Vec::new();
     for ((sid, st), code) in stages.iter().enumerate().zip(codes) {
@@ -1183,28 +985,15 @@ fn compile_wafer(
         let base = program.templates.len() as u32;
         // SRAM per PE from the lowered tiles: the largest template, and the mean over the region.
         let area = |r: &Rect| r.w as u64 * r.h as u64;
-        let sram_max = code
-            .tiles
-            .iter()
-            .map(|(_, ti)| code.templates[*ti].2)
-            .max()
-            .unwrap_or(0);
+        let sram_max = code.tiles.iter().map(|(_, ti)| code.templates[*ti].2).max().unwrap_or(0);
         let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
         let sram_mean = sram_sum / area(&rects[sid]).max(1);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
-            program.templates.push(Template {
-                name,
-                region: rid,
-                tasks,
-                sram_bytes: sram,
-            });
+            program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
         }
         for (r, ti) in code.tiles {
-            program.tiles.push(Tile {
-                rect: r,
-                template: TemplateId(base + ti as u32),
-            });
+            program.tiles.push(Tile { rect: r, template: TemplateId(base + ti as u32) });
         }
         program.routes.extend(code.routes);
         program.regions.push(Region {
@@ -1249,15 +1038,11 @@ fn compile_wafer(
             r.senders = Senders::Port(PortId(renum[&(p.0 as usize)]));
         }
         if let Pattern::ToPort { port } = r.pattern {
-            r.pattern = Pattern::ToPort {
-                port: PortId(renum[&(port.0 as usize)]),
-            };
+            r.pattern = Pattern::ToPort { port: PortId(renum[&(port.0 as usize)]) };
         }
     }
-    let cross: Vec<(usize, PortId, bool)> = cross
-        .into_iter()
-        .map(|(gi, p, o)| (gi, PortId(renum[&(p.0 as usize)]), o))
-        .collect();
+    let cross: Vec<(usize, PortId, bool)> =
+        cross.into_iter().map(|(gi, p, o)| (gi, PortId(renum[&(p.0 as usize)]), o)).collect();
     let io_region = RegionId(program.regions.len() as u32);
     if !used.is_empty() {
         program.regions.push(Region {
@@ -1373,16 +1158,9 @@ fn route_bbox(
 ) -> Option<Rect> {
     let mut path = Vec::new();
     let starts: Vec<(Coord, u8)> = match r.senders {
-        Senders::Pes(x) => vec![
-            (Coord { x: x.x, y: x.y }, route::R),
-            (
-                Coord {
-                    x: x.x + x.w - 1,
-                    y: x.y + x.h - 1,
-                },
-                route::R,
-            ),
-        ],
+        Senders::Pes(x) => {
+            vec![(Coord { x: x.x, y: x.y }, route::R), (Coord { x: x.x + x.w - 1, y: x.y + x.h - 1 }, route::R)]
+        }
         Senders::Port(p) => {
             let (at, side) = port_at(p)?;
             vec![(at, route::bit(side))]
@@ -1408,30 +1186,17 @@ fn union(a: Rect, b: Rect) -> Rect {
     let y0 = a.y.min(b.y);
     let x1 = (a.x + a.w).max(b.x + b.w);
     let y1 = (a.y + a.h).max(b.y + b.h);
-    Rect {
-        x: x0,
-        y: y0,
-        w: x1 - x0,
-        h: y1 - y0,
-    }
+    Rect { x: x0, y: y0, w: x1 - x0, h: y1 - y0 }
 }
 
 fn unit(c: Coord) -> Rect {
-    Rect {
-        x: c.x,
-        y: c.y,
-        w: 1,
-        h: 1,
-    }
+    Rect { x: c.x, y: c.y, w: 1, h: 1 }
 }
 
 /// The output gateway of band `b` of an output.
 fn out_gateway(r: &Rect, b: usize, o: &OutIface) -> Coord {
     let c0 = o.bands.get(b).map_or(0, |x| x.0);
-    Coord {
-        x: r.x + c0,
-        y: r.y + r.h - 1,
-    }
+    Coord { x: r.x + c0, y: r.y + r.h - 1 }
 }
 
 enum FlowUse {

@@ -80,11 +80,7 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions {
-            mode: None,
-            wafers: 1,
-            verify: cfg!(debug_assertions),
-        }
+        CompileOptions { mode: None, wafers: 1, verify: cfg!(debug_assertions) }
     }
 }
 
@@ -116,15 +112,11 @@ impl Compiled {
     }
     /// The programs as a cluster of wafers run together (multi-wafer pipelined inference).
     pub fn cluster(&self) -> Cluster {
-        Cluster {
-            wafers: self.programs.clone(),
-        }
+        Cluster { wafers: self.programs.clone() }
     }
     /// The programs as phases run in turn on one wafer (weight-streaming training).
     pub fn phases(&self) -> Phases {
-        Phases {
-            phases: self.programs.clone(),
-        }
+        Phases { phases: self.programs.clone() }
     }
 }
 
@@ -136,40 +128,19 @@ pub enum CompileError {
         "SRAM overflow: op `{op}` ({class}) needs {needed} bytes per PE but only {available} are available \
          ({sram} bytes of SRAM less {reserve} reserved for code and stack); {hint}"
     )]
-    Sram {
-        op: String,
-        class: String,
-        needed: u64,
-        available: u64,
-        sram: u64,
-        reserve: u64,
-        hint: String,
-    },
+    Sram { op: String, class: String, needed: u64, available: u64, sram: u64, reserve: u64, hint: String },
     #[error("mesh too small: {what}; {hint}")]
     MeshTooSmall { what: String, hint: String },
     #[error(
         "too many colors: stream `{stream}` {why} ({x}, {y}), which routes {used} of its {limit} colors; \
          {hint}"
     )]
-    Colors {
-        stream: String,
-        why: String,
-        x: u32,
-        y: u32,
-        used: u32,
-        limit: u32,
-        hint: String,
-    },
+    Colors { stream: String, why: String, x: u32, y: u32, used: u32, limit: u32, hint: String },
     #[error(
         "too many colors: op `{op}` ({class}) needs {needed} colors at its routers (its inputs, its collectives \
          and its outputs), the routers have {limit}; every algorithm for it needs more; raise fabric.colors"
     )]
-    OpColors {
-        op: String,
-        class: String,
-        needed: u32,
-        limit: u32,
-    },
+    OpColors { op: String, class: String, needed: u32, limit: u32 },
     #[error("{0}")]
     Unsupported(String),
     #[error("{path}: {message}")]
@@ -189,27 +160,12 @@ impl CompileError {
     /// Replaces `old` in the advice of an SRAM or mesh-size error with `new`.
     pub(crate) fn rehint(self, old: &str, new: &str) -> CompileError {
         match self {
-            CompileError::Sram {
-                op,
-                class,
-                needed,
-                available,
-                sram,
-                reserve,
-                hint,
-            } => CompileError::Sram {
-                op,
-                class,
-                needed,
-                available,
-                sram,
-                reserve,
-                hint: hint.replace(old, new),
-            },
-            CompileError::MeshTooSmall { what, hint } => CompileError::MeshTooSmall {
-                what,
-                hint: hint.replace(old, new),
-            },
+            CompileError::Sram { op, class, needed, available, sram, reserve, hint } => {
+                CompileError::Sram { op, class, needed, available, sram, reserve, hint: hint.replace(old, new) }
+            }
+            CompileError::MeshTooSmall { what, hint } => {
+                CompileError::MeshTooSmall { what, hint: hint.replace(old, new) }
+            }
             e => e,
         }
     }

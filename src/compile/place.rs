@@ -122,11 +122,7 @@ pub(crate) fn place(
             _ => (w_all, h_all),
         };
         let t = kernel::tile(st, &ios[0], w, h, k).map_err(|m| misfit_error(st, &m, k, mesh))?;
-        return Ok(Placement {
-            rects: vec![Rect { x: 0, y: 0, w, h }],
-            tilings: vec![t],
-            bands: 1,
-        });
+        return Ok(Placement { rects: vec![Rect { x: 0, y: 0, w, h }], tilings: vec![t], bands: 1 });
     }
     let work: Vec<u128> = stages.iter().map(|s| s.flops().max(1) as u128).collect();
     let total: u128 = work.iter().sum();
@@ -214,10 +210,7 @@ pub(crate) const HINT: &str = "use --mode weight-streaming, more wafers (--wafer
 pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> CompileError {
     if m.frame {
         return CompileError::MeshTooSmall {
-            what: format!(
-                "op `{}` needs {}, the mesh is {} x {}",
-                st.name, m.class, mesh.width, mesh.height
-            ),
+            what: format!("op `{}` needs {}, the mesh is {} x {}", st.name, m.class, mesh.width, mesh.height),
             hint: "use a larger --mesh".into(),
         };
     }
@@ -237,12 +230,7 @@ pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> 
 
 /// An op whose algorithms all need more colors at a router than the router has.
 fn op_colors(st: &Stage, m: &Misfit, k: &KCtx) -> CompileError {
-    CompileError::OpColors {
-        op: st.name.clone(),
-        class: m.class.clone(),
-        needed: m.colors,
-        limit: k.colors,
-    }
+    CompileError::OpColors { op: st.name.clone(), class: m.class.clone(), needed: m.colors, limit: k.colors }
 }
 
 /// Every stage fits alone, but not all together: name the stage that overflows at its fair share.

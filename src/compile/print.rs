@@ -80,11 +80,7 @@ impl Dump {
                 }
                 s
             }
-            Dump::Lower => programs
-                .iter()
-                .map(|p| print_program(p, 400))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Dump::Lower => programs.iter().map(|p| print_program(p, 400)).collect::<Vec<_>>().join("\n"),
         }
     }
 }
@@ -150,12 +146,7 @@ pub fn print_program(p: &MeshProgram, limit: usize) -> String {
                 .sends
                 .iter()
                 .map(|x| {
-                    let mut v = format!(
-                        "{} {}{}",
-                        x.color,
-                        x.wavelets,
-                        if x.streamed { " streamed" } else { "" }
-                    );
+                    let mut v = format!("{} {}{}", x.color, x.wavelets, if x.streamed { " streamed" } else { "" });
                     if let Some(r) = x.runs {
                         let _ = write!(v, " runs {}..={}", r.first, r.last);
                     }

@@ -52,10 +52,7 @@ fn step(c: Coord, d: Dir, mesh: MeshDims) -> Result<Coord, String> {
     if x < 0 || y < 0 || x >= mesh.width as i64 || y >= mesh.height as i64 {
         return Err(format!("leaves the mesh at ({x}, {y})"));
     }
-    Ok(Coord {
-        x: x as u32,
-        y: y as u32,
-    })
+    Ok(Coord { x: x as u32, y: y as u32 })
 }
 
 /// Walks `pattern` from `start` (entering on `rx0`: R for a PE, the edge side for a port), appending
@@ -87,11 +84,7 @@ pub(crate) fn walk(
         Ok(())
     };
     match pattern {
-        Pattern::Local => out.push(Hop {
-            at: start,
-            rx: rx0,
-            tx: R,
-        }),
+        Pattern::Local => out.push(Hop { at: start, rx: rx0, tx: R }),
         Pattern::Line { dir, hops, multicast } => {
             let (mut c, mut rx) = (start, rx0);
             for i in 0..hops {
@@ -165,32 +158,15 @@ pub(crate) fn walk(
                 } else {
                     E
                 };
-                let at = Coord {
-                    x: x as u32,
-                    y: row as u32,
-                };
+                let at = Coord { x: x as u32, y: row as u32 };
                 out.push(Hop { at, rx, tx });
                 for y in (y0..row).rev() {
                     let tx = R | if y > y0 { N } else { 0 };
-                    out.push(Hop {
-                        at: Coord {
-                            x: x as u32,
-                            y: y as u32,
-                        },
-                        rx: S,
-                        tx,
-                    });
+                    out.push(Hop { at: Coord { x: x as u32, y: y as u32 }, rx: S, tx });
                 }
                 for y in row + 1..y1 {
                     let tx = R | if y < y1 - 1 { S } else { 0 };
-                    out.push(Hop {
-                        at: Coord {
-                            x: x as u32,
-                            y: y as u32,
-                        },
-                        rx: N,
-                        tx,
-                    });
+                    out.push(Hop { at: Coord { x: x as u32, y: y as u32 }, rx: N, tx });
                 }
             }
         }
@@ -363,10 +339,7 @@ impl ColorBook {
         let mut at = a;
         let end = path.len() - b;
         while at < end {
-            let pick = (0..self.limit)
-                .rev()
-                .map(|k| (k, self.prefix(k, &path[at..end])))
-                .max_by_key(|&(k, n)| (n, k));
+            let pick = (0..self.limit).rev().map(|k| (k, self.prefix(k, &path[at..end]))).max_by_key(|&(k, n)| (n, k));
             match pick {
                 Some((k, n)) if n > 0 => {
                     commits.push((k, at..at + n));
@@ -374,11 +347,7 @@ impl ColorBook {
                     at += n;
                 }
                 _ => {
-                    return Err(self.error(
-                        stream,
-                        "finds no free color to relay on at router",
-                        path.get(at).copied(),
-                    ))
+                    return Err(self.error(stream, "finds no free color to relay on at router", path.get(at).copied()))
                 }
             }
         }

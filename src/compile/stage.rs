@@ -488,20 +488,13 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         let iters = if lp == Loop::Once { 1 } else { fold.layers };
         let mut by_iter: Vec<Vec<OpId>> = vec![Vec::new(); iters as usize];
         for &m in v {
-            let it = if lp == Loop::Once {
-                0
-            } else {
-                fold.iter[m.idx()] as usize
-            };
+            let it = if lp == Loop::Once { 0 } else { fold.iter[m.idx()] as usize };
             let mut list = vec![m];
             list.extend(g.op_ids().filter(|&f| fused_into[f.idx()] == Some(m)));
             by_iter[it] = list;
         }
         if by_iter.iter().any(|l| l.len() != by_iter[0].len()) {
-            return Err(CompileError::Internal(format!(
-                "{}: layers fuse different ops",
-                g.op(main0).name
-            )));
+            return Err(CompileError::Internal(format!("{}: layers fuse different ops", g.op(main0).name)));
         }
         let op = g.op(main0);
         let mut name = op.name.clone();
@@ -544,11 +537,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         instances.push(by_iter);
     }
     // The stages' FLOPs must be the graph's on-wafer FLOPs (folded layers are identical).
-    let graph_flops: u64 = g
-        .op_ids()
-        .filter(|o| stage_of[o.idx()].is_some())
-        .map(|o| g.op(o).cost.flops)
-        .sum();
+    let graph_flops: u64 = g.op_ids().filter(|o| stage_of[o.idx()].is_some()).map(|o| g.op(o).cost.flops).sum();
     let stage_flops: u64 = stages.iter().map(|s| s.flops()).sum();
     if graph_flops != stage_flops {
         return Err(CompileError::Internal(format!(
@@ -567,13 +556,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         mode,
     };
     ctx.link(&mut stages, &mut streams, &mut notes)?;
-    Ok(Stages {
-        stages,
-        streams,
-        layers: fold.layers,
-        offload_flops,
-        notes,
-    })
+    Ok(Stages { stages, streams, layers: fold.layers, offload_flops, notes })
 }
 
 /// Builds one stage's description from its first instance.
@@ -596,11 +579,7 @@ impl StageBuilder<'_> {
             return i;
         }
         let tt = self.g.tensor(t);
-        self.slots.push(Slot {
-            values,
-            elem_bytes: tt.elem.bytes(),
-            kind,
-        });
+        self.slots.push(Slot { values, elem_bytes: tt.elem.bytes(), kind });
         self.slot_of.insert(t, self.slots.len() - 1);
         self.slots.len() - 1
     }
@@ -610,12 +589,7 @@ impl StageBuilder<'_> {
         if let Some(i) = self.held.iter().position(|h| h.name == tt.name) {
             return i;
         }
-        self.held.push(Held {
-            name: tt.name.clone(),
-            bytes: tt.bytes,
-            copies: 1,
-            kind,
-        });
+        self.held.push(Held { name: tt.name.clone(), bytes: tt.bytes, copies: 1, kind });
         self.held.len() - 1
     }
 
@@ -653,10 +627,7 @@ impl StageBuilder<'_> {
 
     fn output(&mut self, t: TensorId) -> usize {
         let tt = self.g.tensor(t);
-        self.outputs.push(OutSlot {
-            values: tt.elems(),
-            elem_bytes: tt.elem.bytes(),
-        });
+        self.outputs.push(OutSlot { values: tt.elems(), elem_bytes: tt.elem.bytes() });
         self.outputs.len() - 1
     }
 
@@ -708,10 +679,7 @@ impl StageBuilder<'_> {
         let slot = |od: Operand| -> Result<usize, CompileError> {
             match od {
                 Operand::Slot(s) => Ok(s),
-                _ => Err(CompileError::Internal(format!(
-                    "{}: expected a streamed input",
-                    op.name
-                ))),
+                _ => Err(CompileError::Internal(format!("{}: expected a streamed input", op.name))),
             }
         };
         let outs: Vec<usize> = op.outputs.iter().map(|&t| self.output(t)).collect();
@@ -733,9 +701,7 @@ impl StageBuilder<'_> {
             let work = match op.kind {
                 OpKind::Linear(l) if l.m == 1 => Work::SingleGemv { k: l.k, n: l.n },
                 OpKind::Linear(l) => Work::SingleGemm { m: l.m, n: l.n, k: l.k },
-                OpKind::Add { rows, .. } => Work::SingleAdd {
-                    n: rows.rows * rows.width,
-                },
+                OpKind::Add { rows, .. } => Work::SingleAdd { n: rows.rows * rows.width },
                 OpKind::AllReduce { elems } => Work::AllReduce { elems },
                 _ => return Err(CompileError::Internal(format!("{}: not a single-op workload", op.name))),
             };
@@ -815,20 +781,12 @@ impl StageBuilder<'_> {
                 out: outs[0],
                 bias_out: None,
             },
-            OpKind::AttnSoftmax(a) => rr(
-                slot(operands[0])?,
-                a.batch * a.heads * a.q_len,
-                a.kv_len,
-                fpe::SOFTMAX,
-                one(0),
-            ),
-            OpKind::AttnSoftmaxGrad(a) => rr(
-                slot(operands[1])?,
-                a.batch * a.heads * a.q_len,
-                a.kv_len,
-                fpe::SOFTMAX_GRAD,
-                one(0),
-            ),
+            OpKind::AttnSoftmax(a) => {
+                rr(slot(operands[0])?, a.batch * a.heads * a.q_len, a.kv_len, fpe::SOFTMAX, one(0))
+            }
+            OpKind::AttnSoftmaxGrad(a) => {
+                rr(slot(operands[1])?, a.batch * a.heads * a.q_len, a.kv_len, fpe::SOFTMAX_GRAD, one(0))
+            }
             OpKind::Norm { kind, rows } => rr(
                 slot(operands[0])?,
                 rows.rows,
@@ -886,40 +844,26 @@ impl StageBuilder<'_> {
                     operands = vec![Operand::Internal, Operand::Slot(s)];
                     Work::Relay { main: s, rows, width }
                 } else {
-                    Work::Lookup {
-                        ids: slot(operands[0])?,
-                        rows,
-                        width,
-                        out: outs[0],
-                    }
+                    Work::Lookup { ids: slot(operands[0])?, rows, width, out: outs[0] }
                 }
             }
-            OpKind::EmbeddingGrad { rows, width, .. } => Work::Elementwise {
-                main: Some(slot(operands[1])?),
-                rows,
-                width,
-                per_elem: 1,
-                accumulate: true,
-            },
+            OpKind::EmbeddingGrad { rows, width, .. } => {
+                Work::Elementwise { main: Some(slot(operands[1])?), rows, width, per_elem: 1, accumulate: true }
+            }
             OpKind::Gelu(r) | OpKind::Tanh(r) => ew(first_slot, r.rows, r.width, per(r.rows, r.width)),
             OpKind::GeluGrad(r) | OpKind::TanhGrad(r) | OpKind::SwiGlu(r) | OpKind::SwiGluGrad(r) => {
                 ew(first_slot, r.rows, r.width, per(r.rows, r.width))
             }
             OpKind::Add { rows, n } => {
                 if self.single {
-                    Work::SingleAdd {
-                        n: rows.rows * rows.width,
-                    }
+                    Work::SingleAdd { n: rows.rows * rows.width }
                 } else {
                     ew(first_slot, rows.rows, rows.width, n - 1)
                 }
             }
-            OpKind::Rotary {
-                rows, heads, rot_dims, ..
+            OpKind::Rotary { rows, heads, rot_dims, .. } | OpKind::RotaryGrad { rows, heads, rot_dims, .. } => {
+                ew(first_slot, rows, heads * rot_dims, fpe::ROTARY)
             }
-            | OpKind::RotaryGrad {
-                rows, heads, rot_dims, ..
-            } => ew(first_slot, rows, heads * rot_dims, fpe::ROTARY),
             OpKind::TokenSelect { batch, width, .. } => ew(first_slot, batch, width, 0),
             OpKind::TokenSelectGrad { batch, seq, width, .. } => ew(first_slot, batch * seq, width, 0),
             OpKind::MoeDispatch(r) => ew(first_slot, r.active() * r.capacity(), r.width, 0),
@@ -951,22 +895,12 @@ impl StageBuilder<'_> {
 /// FLOPs of a stage's work per iteration (must equal the graph's).
 pub(crate) fn work_flops(w: &Work) -> u64 {
     match *w {
-        Work::Matmul {
-            rows, k, cols, bias, ..
-        } => 2 * rows * k * cols + if bias { rows * cols } else { 0 },
-        Work::Accum {
-            rows,
-            k,
-            cols,
-            bias_out,
-            ..
-        } => 2 * rows * k * cols + if bias_out.is_some() { rows * cols } else { 0 },
-        Work::RowReduce {
-            rows, width, per_elem, ..
-        } => rows * width * per_elem,
-        Work::Elementwise {
-            rows, width, per_elem, ..
-        } => rows * width * per_elem,
+        Work::Matmul { rows, k, cols, bias, .. } => 2 * rows * k * cols + if bias { rows * cols } else { 0 },
+        Work::Accum { rows, k, cols, bias_out, .. } => {
+            2 * rows * k * cols + if bias_out.is_some() { rows * cols } else { 0 }
+        }
+        Work::RowReduce { rows, width, per_elem, .. } => rows * width * per_elem,
+        Work::Elementwise { rows, width, per_elem, .. } => rows * width * per_elem,
         Work::Lookup { .. } | Work::Relay { .. } | Work::AllReduce { .. } => 0,
         Work::SingleGemv { k, n } => 2 * k * n,
         Work::SingleGemm { m, n, k } => 2 * m * n * k,
@@ -1034,11 +968,7 @@ impl LinkCtx<'_> {
                                 Some(p) => {
                                     consumed[t.idx()] = true;
                                     let Some(ps) = self.stage_of[p.idx()] else { continue };
-                                    let it_p0 = if stages[ps].lp == Loop::Once {
-                                        0
-                                    } else {
-                                        fold.iter[p.idx()]
-                                    };
+                                    let it_p0 = if stages[ps].lp == Loop::Once { 0 } else { fold.iter[p.idx()] };
                                     // Inside the stage (a fused op), unless it feeds the stage's next
                                     // iteration (a layer's output read by the same op of the next layer).
                                     if ps == sid && it_p0 == it_c {
@@ -1056,11 +986,7 @@ impl LinkCtx<'_> {
                                             g.tensor(src).name
                                         )));
                                     };
-                                    let it_p = if stages[ps].lp == Loop::Once {
-                                        0
-                                    } else {
-                                        fold.iter[p.idx()]
-                                    };
+                                    let it_p = if stages[ps].lp == Loop::Once { 0 } else { fold.iter[p.idx()] };
                                     (End::Stage { stage: ps, slot: oslot }, it_p)
                                 }
                             };
@@ -1127,28 +1053,13 @@ impl LinkCtx<'_> {
                 && matches!(from, End::Stage { .. });
             let s = &mut stages[sid].inputs[slot];
             if ahead || saved {
-                s.kind = SlotKind::Stored {
-                    all: ahead && layers > 1,
-                };
+                s.kind = SlotKind::Stored { all: ahead && layers > 1 };
             }
-            streams.push(Stream {
-                name,
-                from,
-                to,
-                values,
-                elem_bytes: eb,
-                send_first,
-                send_count,
-            });
+            streams.push(Stream { name, from, to, values, elem_bytes: eb, send_first, send_count });
         }
         // Attention's stationary operand streamed from a producer must be whole before the compute.
         for st in stages.iter_mut() {
-            if let Work::Matmul {
-                b: Operand::Slot(b),
-                no_split_k: true,
-                ..
-            } = st.work
-            {
+            if let Work::Matmul { b: Operand::Slot(b), no_split_k: true, .. } = st.work {
                 if st.inputs[b].kind == SlotKind::Live {
                     st.inputs[b].kind = SlotKind::Stored { all: false };
                 }
@@ -1184,10 +1095,7 @@ impl LinkCtx<'_> {
             };
             streams.push(Stream {
                 name: tt.name.clone(),
-                from: End::Stage {
-                    stage: sid,
-                    slot: oslot,
-                },
+                from: End::Stage { stage: sid, slot: oslot },
                 to: End::Port(peer),
                 values: st.outputs[oslot].values,
                 elem_bytes: st.outputs[oslot].elem_bytes,
@@ -1219,11 +1127,7 @@ impl LinkCtx<'_> {
             }
             for (sid, hid, name, values, eb) in refresh {
                 let slot = stages[hid].inputs.len();
-                stages[hid].inputs.push(Slot {
-                    values,
-                    elem_bytes: eb,
-                    kind: SlotKind::Refresh,
-                });
+                stages[hid].inputs.push(Slot { values, elem_bytes: eb, kind: SlotKind::Refresh });
                 streams.push(Stream {
                     name: format!("{name}'"),
                     from: End::Stage { stage: sid, slot: 0 },

@@ -62,10 +62,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         let mut recv_colors = BTreeSet::new();
         for (k, task) in t.tasks.iter().enumerate() {
             if task.repeat == 0 || task.repeat > MAX_REPEAT {
-                errs.push(format!(
-                    "template {} task {} repeats {} times",
-                    t.name, task.name, task.repeat
-                ));
+                errs.push(format!("template {} task {} repeats {} times", t.name, task.name, task.repeat));
             }
             for nd in &task.needs {
                 match nd {
@@ -82,15 +79,8 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 }
             }
             if let Some(c) = task.work.paced_by {
-                if !task
-                    .needs
-                    .iter()
-                    .any(|nd| matches!(nd, Need::Recv { color, .. } if *color == c))
-                {
-                    errs.push(format!(
-                        "template {} task {} is paced by {} it does not receive",
-                        t.name, task.name, c
-                    ));
+                if !task.needs.iter().any(|nd| matches!(nd, Need::Recv { color, .. } if *color == c)) {
+                    errs.push(format!("template {} task {} is paced by {} it does not receive", t.name, task.name, c));
                 }
             }
         }
@@ -119,10 +109,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
             }
         }
         if seen != t.tasks.len() {
-            errs.push(format!(
-                "template {} (#{ti}): its tasks' first runs wait on each other in a cycle",
-                t.name
-            ));
+            errs.push(format!("template {} (#{ti}): its tasks' first runs wait on each other in a cycle", t.name));
         }
     }
     // Tiles: inside, disjoint, within their region.
@@ -157,25 +144,16 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     // FLOPs.
     let task_flops = p.task_flops();
     if task_flops != p.graph_flops {
-        errs.push(format!(
-            "the tasks execute {task_flops} FLOPs, the graph's ops {}",
-            p.graph_flops
-        ));
+        errs.push(format!("the tasks execute {task_flops} FLOPs, the graph's ops {}", p.graph_flops));
     }
     let region_flops: u64 = p.regions.iter().map(|r| r.flops).sum();
     if region_flops != p.graph_flops {
-        errs.push(format!(
-            "the regions count {region_flops} FLOPs, the program {}",
-            p.graph_flops
-        ));
+        errs.push(format!("the regions count {region_flops} FLOPs, the program {}", p.graph_flops));
     }
     // Ports.
     for (i, port) in p.ports.iter().enumerate() {
         if !io::on_edge(port.at, port.side, mesh) {
-            errs.push(format!(
-                "port {} at {:?} is not on the {:?} edge",
-                port.name, port.at, port.side
-            ));
+            errs.push(format!("port {} at {:?} is not on the {:?} edge", port.name, port.at, port.side));
         }
         if port.wavelets > port.per_cycles * p.timing.link_wavelets_per_cycle as u64 || port.per_cycles == 0 {
             errs.push(format!("port {} is faster than its link", port.name));
@@ -198,10 +176,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
             }
         }
         if bytes != port.planned_bytes {
-            errs.push(format!(
-                "port {} (#{i}) plans {} bytes, its tasks move {bytes}",
-                port.name, port.planned_bytes
-            ));
+            errs.push(format!("port {} (#{i}) plans {} bytes, its tasks move {bytes}", port.name, port.planned_bytes));
         }
     }
     // Per color: routes, rules, deliveries.
@@ -227,13 +202,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
             t.tasks
                 .iter()
                 .flat_map(|k| {
-                    k.sends
-                        .iter()
-                        .map(|s| s.color.0)
-                        .chain(k.needs.iter().filter_map(|nd| match nd {
-                            Need::Recv { color, .. } if *color != ColorId::LINK => Some(color.0),
-                            _ => None,
-                        }))
+                    k.sends.iter().map(|s| s.color.0).chain(k.needs.iter().filter_map(|nd| match nd {
+                        Need::Recv { color, .. } if *color != ColorId::LINK => Some(color.0),
+                        _ => None,
+                    }))
                 })
                 .collect::<Vec<_>>()
         }))
@@ -337,11 +309,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                         errs.push(format!("route {ri} sent by missing port {}", pid.0));
                         continue;
                     };
-                    senders.push((
-                        port.at,
-                        route::bit(port.side),
-                        port_vol.get(&pid.0).copied().unwrap_or(0),
-                    ));
+                    senders.push((port.at, route::bit(port.side), port_vol.get(&pid.0).copied().unwrap_or(0)));
                 }
             }
             for (at, rx0, v) in senders {
@@ -389,11 +357,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         // Every send has its route; every delivery is consumed.
         for &i in &touched {
             if vol[i] > 0 && route_of[i] == u32::MAX {
-                errs.push(format!(
-                    "PE ({}, {}) sends on color {c} without a route",
-                    i as u32 % w,
-                    i as u32 / w
-                ));
+                errs.push(format!("PE ({}, {}) sends on color {c} without a route", i as u32 % w, i as u32 / w));
             }
             if delivered[i] != consumed[i] {
                 errs.push(format!(
@@ -413,10 +377,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         }
         let keys: BTreeSet<u32> = port_cons.keys().chain(port_del.keys()).copied().collect();
         for pid in keys {
-            let (d, k) = (
-                port_del.get(&pid).copied().unwrap_or(0),
-                port_cons.get(&pid).copied().unwrap_or(0),
-            );
+            let (d, k) = (port_del.get(&pid).copied().unwrap_or(0), port_cons.get(&pid).copied().unwrap_or(0));
             if d != k {
                 errs.push(format!("port {pid} color {c}: {d} wavelets delivered, {k} consumed"));
             }
@@ -455,10 +416,8 @@ pub fn verify_plan(g: &Graph, c: &Compiled) -> Vec<String> {
     let mut errs = Vec::new();
     let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
     for s in &plan.streams {
-        let on_port = plan
-            .ports
-            .iter()
-            .any(|p| p.wafer == s.wafer && p.phase == s.phase && p.streams.contains(&s.name));
+        let on_port =
+            plan.ports.iter().any(|p| p.wafer == s.wafer && p.phase == s.phase && p.streams.contains(&s.name));
         if (off(&s.from) || off(&s.to)) && !on_port {
             errs.push(format!(
                 "stream {} ({} -> {}, wafer {} phase {}) crosses the edge on no port",
@@ -480,11 +439,8 @@ pub fn verify_plan(g: &Graph, c: &Compiled) -> Vec<String> {
             }
         }
     }
-    let streams: BTreeSet<(u32, u32, &str, &str)> = plan
-        .streams
-        .iter()
-        .map(|s| (s.wafer, s.phase, s.from.as_str(), s.to.as_str()))
-        .collect();
+    let streams: BTreeSet<(u32, u32, &str, &str)> =
+        plan.streams.iter().map(|s| (s.wafer, s.phase, s.from.as_str(), s.to.as_str())).collect();
     let has = |w: u32, ph: u32, a: &str, b: &str| streams.contains(&(w, ph, a, b));
     let to_store = |w: u32, ph: u32, a: &str| has(w, ph, a, "memoryx") || has(w, ph, a, "swarmx");
     let from_store = |w: u32, ph: u32, b: &str| has(w, ph, "memoryx", b) || has(w, ph, "swarmx", b);
@@ -546,14 +502,8 @@ pub fn verify_plan(g: &Graph, c: &Compiled) -> Vec<String> {
                         g.op(a).name,
                         ob.name,
                         g.tensor(t).name,
-                        ra.map_or("off-wafer".to_string(), |r| format!(
-                            "{} (wafer {} phase {})",
-                            r.2, r.0, r.1
-                        )),
-                        rb.map_or("off-wafer".to_string(), |r| format!(
-                            "{} (wafer {} phase {})",
-                            r.2, r.0, r.1
-                        )),
+                        ra.map_or("off-wafer".to_string(), |r| format!("{} (wafer {} phase {})", r.2, r.0, r.1)),
+                        rb.map_or("off-wafer".to_string(), |r| format!("{} (wafer {} phase {})", r.2, r.0, r.1)),
                     ));
                 }
             }
@@ -581,10 +531,8 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
     for (i, port) in p.ports.iter().enumerate() {
         tmpl[n + i] = Some(port.template.0);
     }
-    let mut done: Vec<Vec<u64>> = tmpl
-        .iter()
-        .map(|t| t.map_or(Vec::new(), |t| vec![0; p.templates[t as usize].tasks.len()]))
-        .collect();
+    let mut done: Vec<Vec<u64>> =
+        tmpl.iter().map(|t| t.map_or(Vec::new(), |t| vec![0; p.templates[t as usize].tasks.len()])).collect();
     let mut recv: Vec<BTreeMap<u32, u64>> = vec![BTreeMap::new(); tmpl.len()];
     // Route lookup: (color, sender agent) -> route.
     let mut route_of: BTreeMap<(u32, usize), usize> = BTreeMap::new();
@@ -648,13 +596,7 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
                         };
                         let rt = p.routes[ri];
                         let (start, rx0) = if a < n {
-                            (
-                                Coord {
-                                    x: a as u32 % w,
-                                    y: a as u32 / w,
-                                },
-                                route::R,
-                            )
+                            (Coord { x: a as u32 % w, y: a as u32 / w }, route::R)
                         } else {
                             let port = &p.ports[a - n];
                             (port.at, route::bit(port.side))
@@ -738,10 +680,7 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
         for (c, got) in &recv[a] {
             let wanted = want.get(c).copied().unwrap_or(0);
             if *got != wanted && stuck == 0 {
-                errs.push(format!(
-                    "dry run: agent {a} ({}) color {c}: {got} delivered, {wanted} consumed",
-                    t.name
-                ));
+                errs.push(format!("dry run: agent {a} ({}) color {c}: {got} delivered, {wanted} consumed", t.name));
             }
         }
     }
@@ -749,12 +688,6 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
         errs.push(format!("dry run: {stuck} tasks did not finish"));
     }
     errs.truncate(50);
-    let _ = (
-        Role::Input,
-        OpKind::Split {
-            rows: 0,
-            widths: [0; 3],
-        },
-    );
+    let _ = (Role::Input, OpKind::Split { rows: 0, widths: [0; 3] });
     errs
 }

@@ -44,26 +44,11 @@ impl Builder {
     pub fn tensor(&mut self, name: String, shape: Vec<u64>, elem: Elem, role: Role) -> Result<TensorId, GraphError> {
         let bytes = prod(&shape).and_then(|e| e.checked_mul(elem.bytes()));
         let Some(bytes) = bytes else {
-            return Err(GraphError::Overflow {
-                what: format!("size of tensor {name} {shape:?}"),
-            });
+            return Err(GraphError::Overflow { what: format!("size of tensor {name} {shape:?}") });
         };
-        let sparsity = if role == Role::Weight {
-            self.workload.sparsity
-        } else {
-            0.0
-        };
+        let sparsity = if role == Role::Weight { self.workload.sparsity } else { 0.0 };
         let id = TensorId(self.tensors.len() as u32);
-        self.tensors.push(Tensor {
-            name,
-            shape,
-            elem,
-            role,
-            sparsity,
-            bytes,
-            grad_of: None,
-            updates: None,
-        });
+        self.tensors.push(Tensor { name, shape, elem, role, sparsity, bytes, grad_of: None, updates: None });
         Ok(id)
     }
 
@@ -86,9 +71,7 @@ impl Builder {
         inputs: Vec<TensorId>,
         outputs: Vec<TensorId>,
     ) -> Result<OpId, GraphError> {
-        let overflow = || GraphError::Overflow {
-            what: format!("cost of op {name}"),
-        };
+        let overflow = || GraphError::Overflow { what: format!("cost of op {name}") };
         let (flops, matmul_flops) = kind.flops().ok_or_else(overflow)?;
         let in_bytes: Vec<u64> = inputs.iter().map(|t| self.tensors[t.idx()].bytes).collect();
         let out_bytes: Vec<u64> = outputs.iter().map(|t| self.tensors[t.idx()].bytes).collect();
@@ -120,12 +103,7 @@ impl Builder {
             layer: self.layer,
             inputs,
             outputs,
-            cost: Cost {
-                flops,
-                matmul_flops,
-                bytes_read,
-                bytes_written,
-            },
+            cost: Cost { flops, matmul_flops, bytes_read, bytes_written },
         });
         Ok(id)
     }
@@ -147,11 +125,7 @@ impl Builder {
         let n = shapes.len();
         let mut outs = Vec::with_capacity(n);
         for (i, shape) in shapes.into_iter().enumerate() {
-            let tname = if n == 1 {
-                name.to_string()
-            } else {
-                format!("{name}.{i}")
-            };
+            let tname = if n == 1 { name.to_string() } else { format!("{name}.{i}") };
             outs.push(self.tensor(tname, shape, elem, role)?);
         }
         self.op(name.to_string(), kind, inputs, outs.clone())?;
@@ -189,12 +163,6 @@ impl Builder {
         for (a, b, t) in edges {
             g.add_edge(a, b, t);
         }
-        Graph {
-            model: self.model,
-            workload: self.workload,
-            tensors: self.tensors,
-            ops: g,
-            outputs: self.outputs,
-        }
+        Graph { model: self.model, workload: self.workload, tensors: self.tensors, ops: g, outputs: self.outputs }
     }
 }

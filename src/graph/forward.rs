@@ -28,24 +28,10 @@ struct Fwd<'a> {
 impl<'a> Fwd<'a> {
     fn new(spec: &'a ModelSpec, b: &Builder) -> Result<Fwd<'a>, GraphError> {
         let w = &b.workload;
-        let rows = prod(&[w.batch, w.seq]).ok_or_else(|| GraphError::Overflow {
-            what: "batch x seq".into(),
-        })?;
+        let rows = prod(&[w.batch, w.seq]).ok_or_else(|| GraphError::Overflow { what: "batch x seq".into() })?;
         // GPT-2 stores Conv1D weights as [in, out]; every other family uses nn.Linear's [out, in].
-        let layout = if spec.family == Family::Gpt2 {
-            WeightLayout::InOut
-        } else {
-            WeightLayout::OutIn
-        };
-        Ok(Fwd {
-            spec,
-            phase: w.phase,
-            batch: w.batch,
-            seq: w.seq,
-            context: w.context,
-            rows,
-            layout,
-        })
+        let layout = if spec.family == Family::Gpt2 { WeightLayout::InOut } else { WeightLayout::OutIn };
+        Ok(Fwd { spec, phase: w.phase, batch: w.batch, seq: w.seq, context: w.context, rows, layout })
     }
 
     fn name(&self, layer: u64, part: Part, param: Param) -> String {
@@ -89,14 +75,7 @@ impl<'a> Fwd<'a> {
         if self.spec.norm.has_bias() {
             ins.push(b.weight(self.name(layer, part, Param::Bias), vec![h])?);
         }
-        b.apply(
-            op,
-            OpKind::Norm {
-                kind: self.spec.norm,
-                rows: Rows { rows, width: h },
-            },
-            ins,
-        )
+        b.apply(op, OpKind::Norm { kind: self.spec.norm, rows: Rows { rows, width: h } }, ins)
     }
 
     fn build(&self, b: &mut Builder) -> Result<Vec<TensorId>, GraphError> {
@@ -106,43 +85,24 @@ impl<'a> Fwd<'a> {
         // Embeddings.
         let ids = b.ids("input_ids", rows)?;
         let table = b.weight(self.name(0, Part::TokenEmbed, Param::Weight), vec![s.vocab, h])?;
-        let emb = OpKind::Embedding {
-            rows,
-            vocab: s.vocab,
-            width: h,
-        };
+        let emb = OpKind::Embedding { rows, vocab: s.vocab, width: h };
         let mut x = b.apply("embed.tokens", emb, vec![ids, table])?;
         let mut sum = vec![x];
         if s.positions == Positions::Learned {
             let pos = b.ids("position_ids", rows)?;
             let wpe = b.weight(self.name(0, Part::PosEmbed, Param::Weight), vec![s.max_positions, h])?;
-            let k = OpKind::Embedding {
-                rows,
-                vocab: s.max_positions,
-                width: h,
-            };
+            let k = OpKind::Embedding { rows, vocab: s.max_positions, width: h };
             sum.push(b.apply("embed.positions", k, vec![pos, wpe])?);
         }
         if s.type_vocab > 0 {
             let tt = b.ids("token_type_ids", rows)?;
             let wtt = b.weight(self.name(0, Part::TypeEmbed, Param::Weight), vec![s.type_vocab, h])?;
-            let k = OpKind::Embedding {
-                rows,
-                vocab: s.type_vocab,
-                width: h,
-            };
+            let k = OpKind::Embedding { rows, vocab: s.type_vocab, width: h };
             sum.push(b.apply("embed.token_types", k, vec![tt, wtt])?);
         }
         if sum.len() > 1 {
             let n = sum.len() as u64;
-            x = b.apply(
-                "embed.sum",
-                OpKind::Add {
-                    rows: Rows { rows, width: h },
-                    n,
-                },
-                sum,
-            )?;
+            x = b.apply("embed.sum", OpKind::Add { rows: Rows { rows, width: h }, n }, sum)?;
         }
         if s.family.is_encoder() {
             x = self.norm(b, "embed.norm", x, rows, Part::EmbedNorm, 0)?;
@@ -162,10 +122,7 @@ impl<'a> Fwd<'a> {
     fn layer(&self, b: &mut Builder, l: u64, x: TensorId) -> Result<TensorId, GraphError> {
         let s = self.spec;
         let rows = self.rows;
-        let add = |n: u64| OpKind::Add {
-            rows: Rows { rows, width: s.hidden },
-            n,
-        };
+        let add = |n: u64| OpKind::Add { rows: Rows { rows, width: s.hidden }, n };
         let p = format!("l{l}");
         match s.residual {
             Residual::Sequential => {
@@ -207,21 +164,8 @@ impl<'a> Fwd<'a> {
         let (qw, kvw) = (s.attn_width(), s.kv_width());
         let fused = matches!(s.family, Family::Gpt2 | Family::GptNeoX);
         let (mut q, mut k, v) = if fused {
-            let qkv = self.linear(
-                b,
-                &format!("{p}.qkv"),
-                x,
-                rows,
-                h,
-                s.qkv_width(),
-                Part::Qkv,
-                l,
-                s.biases.qkv,
-            )?;
-            let split = OpKind::Split {
-                rows,
-                widths: [qw, kvw, kvw],
-            };
+            let qkv = self.linear(b, &format!("{p}.qkv"), x, rows, h, s.qkv_width(), Part::Qkv, l, s.biases.qkv)?;
+            let split = OpKind::Split { rows, widths: [qw, kvw, kvw] };
             let parts = b.apply_n(&format!("{p}.split"), split, vec![qkv])?;
             (parts[0], parts[1], parts[2])
         } else {
@@ -231,12 +175,7 @@ impl<'a> Fwd<'a> {
             (q, k, v)
         };
         if let Positions::Rotary { rotary_dims } = s.positions {
-            let rot = |heads| OpKind::Rotary {
-                rows,
-                heads,
-                head_dim: d,
-                rot_dims: rotary_dims,
-            };
+            let rot = |heads| OpKind::Rotary { rows, heads, head_dim: d, rot_dims: rotary_dims };
             q = b.apply(&format!("{p}.q_rotary"), rot(s.heads), vec![q])?;
             k = b.apply(&format!("{p}.k_rotary"), rot(s.kv_heads), vec![k])?;
         }
@@ -246,12 +185,7 @@ impl<'a> Fwd<'a> {
             Phase::Prefill => {
                 if !s.family.is_encoder() {
                     for (t, name) in [(k, "k"), (v, "v")] {
-                        let append = OpKind::KvCacheAppend {
-                            batch: self.batch,
-                            len: 0,
-                            new: self.seq,
-                            width: kvw,
-                        };
+                        let append = OpKind::KvCacheAppend { batch: self.batch, len: 0, new: self.seq, width: kvw };
                         let c = b.apply(&format!("{p}.{name}_cache_append"), append, vec![t])?;
                         b.tensors[c.idx()].role = Role::KvCache;
                         b.output(c);
@@ -268,19 +202,10 @@ impl<'a> Fwd<'a> {
                         b.elem(),
                         Role::KvCache,
                     )?;
-                    let read = OpKind::KvCacheRead {
-                        batch: self.batch,
-                        len: self.context,
-                        new: self.seq,
-                        width: kvw,
-                    };
+                    let read = OpKind::KvCacheRead { batch: self.batch, len: self.context, new: self.seq, width: kvw };
                     all.push(b.apply(&format!("{p}.{name}_cache_read"), read, vec![cache, t])?);
-                    let append = OpKind::KvCacheAppend {
-                        batch: self.batch,
-                        len: self.context,
-                        new: self.seq,
-                        width: kvw,
-                    };
+                    let append =
+                        OpKind::KvCacheAppend { batch: self.batch, len: self.context, new: self.seq, width: kvw };
                     let c = b.apply(&format!("{p}.{name}_cache_append"), append, vec![cache, t])?;
                     b.tensors[c.idx()].role = Role::KvCache;
                     b.tensors[c.idx()].updates = Some(cache);
@@ -301,17 +226,7 @@ impl<'a> Fwd<'a> {
         let scores = b.apply(&format!("{p}.scores"), OpKind::AttnScores(attn), vec![q, k_all])?;
         let probs = b.apply(&format!("{p}.softmax"), OpKind::AttnSoftmax(attn), vec![scores])?;
         let ctx = b.apply(&format!("{p}.context"), OpKind::AttnContext(attn), vec![probs, v_all])?;
-        self.linear(
-            b,
-            &format!("{p}.out"),
-            ctx,
-            rows,
-            qw,
-            h,
-            Part::AttnOut,
-            l,
-            s.biases.attn_out,
-        )
+        self.linear(b, &format!("{p}.out"), ctx, rows, qw, h, Part::AttnOut, l, s.biases.attn_out)
     }
 
     fn ffn(&self, b: &mut Builder, l: u64, x: TensorId) -> Result<TensorId, GraphError> {
@@ -328,20 +243,11 @@ impl<'a> Fwd<'a> {
             (Moe::Dense, FfnKind::SwiGlu) => {
                 let gate = self.linear(b, &format!("{p}.gate"), x, rows, h, f, Part::Gate, l, bias)?;
                 let up = self.linear(b, &format!("{p}.up"), x, rows, h, f, Part::Up, l, bias)?;
-                let act = b.apply(
-                    &format!("{p}.swiglu"),
-                    OpKind::SwiGlu(Rows { rows, width: f }),
-                    vec![gate, up],
-                )?;
+                let act = b.apply(&format!("{p}.swiglu"), OpKind::SwiGlu(Rows { rows, width: f }), vec![gate, up])?;
                 self.linear(b, &format!("{p}.down"), act, rows, f, h, Part::Down, l, bias)
             }
             (Moe::Experts { experts, top_k }, _) => {
-                let route = Route {
-                    rows,
-                    width: h,
-                    experts,
-                    top_k,
-                };
+                let route = Route { rows, width: h, experts, top_k };
                 let logits = self.linear(b, &format!("{p}.router"), x, rows, h, experts, Part::Router, l, false)?;
                 let probs = b.apply(&format!("{p}.topk"), OpKind::MoeTopK(route), vec![logits])?;
                 let xd = b.apply(&format!("{p}.dispatch"), OpKind::MoeDispatch(route), vec![x, probs])?;
@@ -362,10 +268,7 @@ impl<'a> Fwd<'a> {
                 let gate = b.apply(&format!("{p}.experts.gate"), OpKind::Linear(g_lin), vec![xd, g_w])?;
                 let (u_lin, u_w) = expert(b, h, f, Part::ExpertUp)?;
                 let up = b.apply(&format!("{p}.experts.up"), OpKind::Linear(u_lin), vec![xd, u_w])?;
-                let act = OpKind::SwiGlu(Rows {
-                    rows: active * cap,
-                    width: f,
-                });
+                let act = OpKind::SwiGlu(Rows { rows: active * cap, width: f });
                 let act = b.apply(&format!("{p}.experts.swiglu"), act, vec![gate, up])?;
                 let (d_lin, d_w) = expert(b, f, h, Part::ExpertDown)?;
                 let yd = b.apply(&format!("{p}.experts.down"), OpKind::Linear(d_lin), vec![act, d_w])?;
@@ -380,12 +283,7 @@ impl<'a> Fwd<'a> {
         let h = s.hidden;
         // Prefill keeps only the last prompt token's logits; decode has one token per sequence already.
         let (x, rows) = if self.phase == Phase::Prefill {
-            let pick = OpKind::TokenSelect {
-                batch: self.batch,
-                seq: self.seq,
-                width: h,
-                pick: Pick::Last,
-            };
+            let pick = OpKind::TokenSelect { batch: self.batch, seq: self.seq, width: h, pick: Pick::Last };
             (b.apply("head.last_token", pick, vec![x])?, self.batch)
         } else {
             (x, self.rows)
@@ -418,22 +316,10 @@ impl<'a> Fwd<'a> {
     fn bert_head(&self, b: &mut Builder, x: TensorId, table: TensorId) -> Result<Vec<TensorId>, GraphError> {
         let s = self.spec;
         let (h, rows) = (s.hidden, self.rows);
-        let first = OpKind::TokenSelect {
-            batch: self.batch,
-            seq: self.seq,
-            width: h,
-            pick: Pick::First,
-        };
+        let first = OpKind::TokenSelect { batch: self.batch, seq: self.seq, width: h, pick: Pick::First };
         let cls = b.apply("pooler.first_token", first, vec![x])?;
         let pooled = self.linear(b, "pooler.dense", cls, self.batch, h, h, Part::Pooler, 0, true)?;
-        let pooled = b.apply(
-            "pooler.tanh",
-            OpKind::Tanh(Rows {
-                rows: self.batch,
-                width: h,
-            }),
-            vec![pooled],
-        )?;
+        let pooled = b.apply("pooler.tanh", OpKind::Tanh(Rows { rows: self.batch, width: h }), vec![pooled])?;
         if self.phase != Phase::Train {
             b.output(x);
             b.output(pooled);
@@ -447,22 +333,11 @@ impl<'a> Fwd<'a> {
         let bias = b.weight(self.name(0, Part::MlmBias, Param::Bias), lin.b_shape())?;
         let logits = b.apply("mlm.logits", OpKind::Linear(lin), vec![t, table, bias])?;
         let labels = b.ids("mlm_labels", rows)?;
-        let mlm = b.apply(
-            "mlm.loss",
-            OpKind::CrossEntropy { rows, classes: s.vocab },
-            vec![logits, labels],
-        )?;
+        let mlm = b.apply("mlm.loss", OpKind::CrossEntropy { rows, classes: s.vocab }, vec![logits, labels])?;
         // Next-sentence prediction on the pooled [CLS] token.
         let nsp = self.linear(b, "nsp.logits", pooled, self.batch, h, 2, Part::Nsp, 0, true)?;
         let nsp_labels = b.ids("nsp_labels", self.batch)?;
-        let nsp = b.apply(
-            "nsp.loss",
-            OpKind::CrossEntropy {
-                rows: self.batch,
-                classes: 2,
-            },
-            vec![nsp, nsp_labels],
-        )?;
+        let nsp = b.apply("nsp.loss", OpKind::CrossEntropy { rows: self.batch, classes: 2 }, vec![nsp, nsp_labels])?;
         Ok(vec![mlm, nsp])
     }
 }

@@ -65,16 +65,14 @@ pub fn build(model: &Model, workload: &Workload) -> Result<Graph, GraphError> {
     for o in g.op_ids() {
         let c = g.op(o).cost;
         for (acc, v) in total.iter_mut().zip([c.flops, c.bytes_read, c.bytes_written]) {
-            *acc = acc.checked_add(v).ok_or_else(|| GraphError::Overflow {
-                what: "total FLOPs or bytes of the step".into(),
-            })?;
+            *acc = acc
+                .checked_add(v)
+                .ok_or_else(|| GraphError::Overflow { what: "total FLOPs or bytes of the step".into() })?;
         }
     }
     g.tensors
         .iter()
         .try_fold(0u64, |acc, t| acc.checked_add(t.bytes))
-        .ok_or_else(|| GraphError::Overflow {
-            what: "total bytes of the step's tensors".into(),
-        })?;
+        .ok_or_else(|| GraphError::Overflow { what: "total bytes of the step's tensors".into() })?;
     Ok(g)
 }

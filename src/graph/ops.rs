@@ -93,15 +93,7 @@ impl Linear {
     }
     /// A plain (ungrouped) linear layer.
     pub fn plain(m: u64, k: u64, n: u64, bias: bool, layout: WeightLayout) -> Linear {
-        Linear {
-            groups: 1,
-            weight_groups: 1,
-            m,
-            k,
-            n,
-            bias,
-            layout,
-        }
+        Linear { groups: 1, weight_groups: 1, m, k, n, bias, layout }
     }
     fn matmul_flops(&self) -> Option<u64> {
         prod(&[2, self.groups, self.m, self.n, self.k])
@@ -145,12 +137,7 @@ impl Attn {
     }
     /// (batch, M, N, K) of the scores matmul S = Q · K^T per head group.
     pub fn scores_bmnk(&self) -> [u64; 4] {
-        [
-            self.batch * self.kv_heads,
-            self.group() * self.q_len,
-            self.kv_len,
-            self.head_dim,
-        ]
+        [self.batch * self.kv_heads, self.group() * self.q_len, self.kv_len, self.head_dim]
     }
     fn scores_elems(&self) -> Option<u64> {
         prod(&[self.batch, self.heads, self.q_len, self.kv_len])
@@ -262,19 +249,9 @@ pub enum OpKind {
     /// Elementwise sum of `n` same-shaped inputs (residual adds, gradient accumulation, `elementwise:N`).
     Add { rows: Rows, n: u64 },
     /// Rotary position embedding on the first `rot_dims` of every head; inputs (x) -> y.
-    Rotary {
-        rows: u64,
-        heads: u64,
-        head_dim: u64,
-        rot_dims: u64,
-    },
+    Rotary { rows: u64, heads: u64, head_dim: u64, rot_dims: u64 },
     /// The inverse rotation; inputs (dy) -> dx.
-    RotaryGrad {
-        rows: u64,
-        heads: u64,
-        head_dim: u64,
-        rot_dims: u64,
-    },
+    RotaryGrad { rows: u64, heads: u64, head_dim: u64, rot_dims: u64 },
     /// Streams `len` cached rows per sequence plus the `new` fresh ones to attention;
     /// inputs (cache[batch*len, width], fresh[batch*new, width]) -> all[batch*(len+new), width].
     KvCacheRead { batch: u64, len: u64, new: u64, width: u64 },
@@ -282,19 +259,9 @@ pub enum OpKind {
     /// With len = 0 (prefill) there is no cache input.
     KvCacheAppend { batch: u64, len: u64, new: u64, width: u64 },
     /// Keeps one token per sequence; inputs (x[batch*seq, width]) -> y[batch, width].
-    TokenSelect {
-        batch: u64,
-        seq: u64,
-        width: u64,
-        pick: Pick,
-    },
+    TokenSelect { batch: u64, seq: u64, width: u64, pick: Pick },
     /// Inputs (dy[batch, width]) -> dx[batch*seq, width] (zeros elsewhere).
-    TokenSelectGrad {
-        batch: u64,
-        seq: u64,
-        width: u64,
-        pick: Pick,
-    },
+    TokenSelectGrad { batch: u64, seq: u64, width: u64, pick: Pick },
     /// Softmax over router logits and top-k selection; inputs (logits[rows, experts]) -> probs (zero off the top k).
     MoeTopK(Route),
     /// Inputs (probs, dprobs) -> dlogits.
@@ -343,22 +310,10 @@ impl OpKind {
             OpKind::AttnContext(_) => "attn_context",
             OpKind::AttnContextGradP(_) => "attn_context_dp",
             OpKind::AttnContextGradV(_) => "attn_context_dv",
-            OpKind::Norm {
-                kind: NormKind::LayerNorm,
-                ..
-            } => "layernorm",
-            OpKind::Norm {
-                kind: NormKind::RmsNorm,
-                ..
-            } => "rmsnorm",
-            OpKind::NormGrad {
-                kind: NormKind::LayerNorm,
-                ..
-            } => "layernorm_grad",
-            OpKind::NormGrad {
-                kind: NormKind::RmsNorm,
-                ..
-            } => "rmsnorm_grad",
+            OpKind::Norm { kind: NormKind::LayerNorm, .. } => "layernorm",
+            OpKind::Norm { kind: NormKind::RmsNorm, .. } => "rmsnorm",
+            OpKind::NormGrad { kind: NormKind::LayerNorm, .. } => "layernorm_grad",
+            OpKind::NormGrad { kind: NormKind::RmsNorm, .. } => "rmsnorm_grad",
             OpKind::Gelu(_) => "gelu",
             OpKind::GeluGrad(_) => "gelu_grad",
             OpKind::Tanh(_) => "tanh",
@@ -438,14 +393,12 @@ impl OpKind {
                 }
                 sig(vec![l.x_shape(), l.y_shape()], outs)
             }
-            OpKind::Split { rows, widths } => sig(
-                vec![vec![rows, widths.iter().sum()]],
-                widths.iter().map(|&w| vec![rows, w]).collect(),
-            ),
-            OpKind::SplitGrad { rows, widths } => sig(
-                widths.iter().map(|&w| vec![rows, w]).collect(),
-                vec![vec![rows, widths.iter().sum()]],
-            ),
+            OpKind::Split { rows, widths } => {
+                sig(vec![vec![rows, widths.iter().sum()]], widths.iter().map(|&w| vec![rows, w]).collect())
+            }
+            OpKind::SplitGrad { rows, widths } => {
+                sig(widths.iter().map(|&w| vec![rows, w]).collect(), vec![vec![rows, widths.iter().sum()]])
+            }
             OpKind::AttnScores(a) => sig(vec![a.q_shape(), a.kv_shape()], vec![a.scores_shape()]),
             OpKind::AttnScoresGradQ(a) => sig(vec![a.scores_shape(), a.kv_shape()], vec![a.q_shape()]),
             OpKind::AttnScoresGradK(a) => sig(vec![a.scores_shape(), a.q_shape()], vec![a.kv_shape()]),
@@ -474,16 +427,12 @@ impl OpKind {
             }
             OpKind::SwiGluGrad(r) => sig(vec![r.shape(); 3], vec![r.shape(), r.shape()]),
             OpKind::Add { rows, n } => sig(vec![rows.shape(); n as usize], vec![rows.shape()]),
-            OpKind::Rotary {
-                rows, heads, head_dim, ..
+            OpKind::Rotary { rows, heads, head_dim, .. } | OpKind::RotaryGrad { rows, heads, head_dim, .. } => {
+                sig(vec![vec![rows, heads * head_dim]], vec![vec![rows, heads * head_dim]])
             }
-            | OpKind::RotaryGrad {
-                rows, heads, head_dim, ..
-            } => sig(vec![vec![rows, heads * head_dim]], vec![vec![rows, heads * head_dim]]),
-            OpKind::KvCacheRead { batch, len, new, width } => sig(
-                vec![vec![batch * len, width], vec![batch * new, width]],
-                vec![vec![batch * (len + new), width]],
-            ),
+            OpKind::KvCacheRead { batch, len, new, width } => {
+                sig(vec![vec![batch * len, width], vec![batch * new, width]], vec![vec![batch * (len + new), width]])
+            }
             OpKind::KvCacheAppend { batch, len, new, width } => {
                 let mut ins = Vec::new();
                 if len > 0 {
@@ -500,18 +449,15 @@ impl OpKind {
             }
             OpKind::MoeTopK(r) => sig(vec![vec![r.rows, r.experts]], vec![vec![r.rows, r.experts]]),
             OpKind::MoeTopKGrad(r) => sig(vec![vec![r.rows, r.experts]; 2], vec![vec![r.rows, r.experts]]),
-            OpKind::MoeDispatch(r) => sig(
-                vec![vec![r.rows, r.width], vec![r.rows, r.experts]],
-                vec![r.dispatched_shape()],
-            ),
-            OpKind::MoeDispatchGrad(r) => sig(
-                vec![r.dispatched_shape(), vec![r.rows, r.experts]],
-                vec![vec![r.rows, r.width]],
-            ),
-            OpKind::MoeCombine(r) => sig(
-                vec![r.dispatched_shape(), vec![r.rows, r.experts]],
-                vec![vec![r.rows, r.width]],
-            ),
+            OpKind::MoeDispatch(r) => {
+                sig(vec![vec![r.rows, r.width], vec![r.rows, r.experts]], vec![r.dispatched_shape()])
+            }
+            OpKind::MoeDispatchGrad(r) => {
+                sig(vec![r.dispatched_shape(), vec![r.rows, r.experts]], vec![vec![r.rows, r.width]])
+            }
+            OpKind::MoeCombine(r) => {
+                sig(vec![r.dispatched_shape(), vec![r.rows, r.experts]], vec![vec![r.rows, r.width]])
+            }
             OpKind::MoeCombineGrad(r) => sig(
                 vec![vec![r.rows, r.width], r.dispatched_shape(), vec![r.rows, r.experts]],
                 vec![r.dispatched_shape(), vec![r.rows, r.experts]],
@@ -554,22 +500,10 @@ impl OpKind {
             }
             OpKind::AttnSoftmax(a) => a.scores_elems()?.checked_mul(fpe::SOFTMAX).map(|f| (f, 0)),
             OpKind::AttnSoftmaxGrad(a) => a.scores_elems()?.checked_mul(fpe::SOFTMAX_GRAD).map(|f| (f, 0)),
-            OpKind::Norm {
-                kind: NormKind::LayerNorm,
-                rows,
-            } => vector(rows, fpe::LAYERNORM),
-            OpKind::Norm {
-                kind: NormKind::RmsNorm,
-                rows,
-            } => vector(rows, fpe::RMSNORM),
-            OpKind::NormGrad {
-                kind: NormKind::LayerNorm,
-                rows,
-            } => vector(rows, fpe::LAYERNORM_GRAD),
-            OpKind::NormGrad {
-                kind: NormKind::RmsNorm,
-                rows,
-            } => vector(rows, fpe::RMSNORM_GRAD),
+            OpKind::Norm { kind: NormKind::LayerNorm, rows } => vector(rows, fpe::LAYERNORM),
+            OpKind::Norm { kind: NormKind::RmsNorm, rows } => vector(rows, fpe::RMSNORM),
+            OpKind::NormGrad { kind: NormKind::LayerNorm, rows } => vector(rows, fpe::LAYERNORM_GRAD),
+            OpKind::NormGrad { kind: NormKind::RmsNorm, rows } => vector(rows, fpe::RMSNORM_GRAD),
             OpKind::Gelu(r) => vector(r, fpe::GELU),
             OpKind::GeluGrad(r) => vector(r, fpe::GELU_GRAD),
             OpKind::Tanh(r) => vector(r, fpe::TANH),
@@ -577,12 +511,9 @@ impl OpKind {
             OpKind::SwiGlu(r) => vector(r, fpe::SWIGLU),
             OpKind::SwiGluGrad(r) => vector(r, fpe::SWIGLU_GRAD),
             OpKind::Add { rows, n } => vector(rows, n - 1),
-            OpKind::Rotary {
-                rows, heads, rot_dims, ..
+            OpKind::Rotary { rows, heads, rot_dims, .. } | OpKind::RotaryGrad { rows, heads, rot_dims, .. } => {
+                prod(&[rows, heads, rot_dims, fpe::ROTARY]).map(|f| (f, 0))
             }
-            | OpKind::RotaryGrad {
-                rows, heads, rot_dims, ..
-            } => prod(&[rows, heads, rot_dims, fpe::ROTARY]).map(|f| (f, 0)),
             // Softmax over the experts (as attention's), then k passes of a max over them.
             OpKind::MoeTopK(r) => prod(&[r.rows, r.experts, fpe::SOFTMAX + r.top_k]).map(|f| (f, 0)),
             OpKind::MoeTopKGrad(r) => prod(&[r.rows, r.experts, fpe::SOFTMAX_GRAD]).map(|f| (f, 0)),
@@ -609,11 +540,7 @@ impl OpKind {
             // Lightly loaded experts: only the active experts' weights are read.
             OpKind::Linear(l) | OpKind::LinearDgrad(l) if l.groups < l.weight_groups => {
                 let w = input_bytes[1] / l.weight_groups * l.groups;
-                sum(&[
-                    input_bytes[0],
-                    w,
-                    input_bytes.get(2).map_or(0, |b| b / l.weight_groups * l.groups),
-                ])
+                sum(&[input_bytes[0], w, input_bytes.get(2).map_or(0, |b| b / l.weight_groups * l.groups)])
             }
             // A split is a view of its input's column blocks.
             OpKind::Split { .. } | OpKind::SplitGrad { .. } => Some(0),

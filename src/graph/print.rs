@@ -32,14 +32,7 @@ pub fn print_graph(g: &Graph) -> String {
         if t.sparsity > 0.0 {
             let _ = write!(extra, " sparsity={}", t.sparsity);
         }
-        let _ = writeln!(
-            s,
-            "  t{i} {} {} {:?} {}{extra}",
-            t.role.name(),
-            t.elem.name(),
-            t.shape,
-            t.name
-        );
+        let _ = writeln!(s, "  t{i} {} {} {:?} {}{extra}", t.role.name(), t.elem.name(), t.shape, t.name);
     }
     let _ = writeln!(s, "ops {}", g.n_ops());
     for o in g.op_ids() {
@@ -88,13 +81,8 @@ pub fn print_dot(g: &Graph) -> String {
     }
     for e in g.ops.edge_indices() {
         if let (Some((a, b)), Some(t)) = (g.ops.edge_endpoints(e), g.ops.edge_weight(e)) {
-            let _ = writeln!(
-                s,
-                "  op{} -> op{} [label=\"{:?}\", fontsize=8];",
-                a.index(),
-                b.index(),
-                g.tensor(*t).shape
-            );
+            let _ =
+                writeln!(s, "  op{} -> op{} [label=\"{:?}\", fontsize=8];", a.index(), b.index(), g.tensor(*t).shape);
         }
     }
     let _ = writeln!(s, "}}");

@@ -34,14 +34,7 @@ pub(crate) fn backward_and_adam(b: &mut Builder, losses: &[TensorId]) -> Result<
         }
     }
     let recompute = b.workload.recompute;
-    let mut ad = Ad {
-        requires,
-        grad: BTreeMap::new(),
-        remap: BTreeMap::new(),
-        producer,
-        recompute,
-        layer: None,
-    };
+    let mut ad = Ad { requires, grad: BTreeMap::new(), remap: BTreeMap::new(), producer, recompute, layer: None };
     b.pass = Pass::Backward;
     for i in (0..n_fwd).rev() {
         let op = b.ops[i].clone();
@@ -130,10 +123,7 @@ impl Ad {
             None => dx,
             Some(&prev) => {
                 let shape = &b.tensors[x.idx()].shape;
-                let rows = Rows {
-                    rows: shape[..shape.len() - 1].iter().product(),
-                    width: shape[shape.len() - 1],
-                };
+                let rows = Rows { rows: shape[..shape.len() - 1].iter().product(), width: shape[shape.len() - 1] };
                 let name = format!("{}.grad_sum{}", b.tensors[x.idx()].name, dx.0);
                 let sum = b.apply(&name, OpKind::Add { rows, n: 2 }, vec![prev, dx])?;
                 if weight {
@@ -185,11 +175,8 @@ impl Ad {
             }
             OpKind::Split { rows, widths } => {
                 let parts: Option<Vec<TensorId>> = dys.iter().copied().collect();
-                let dx = b.apply(
-                    &format!("{name}.grad"),
-                    OpKind::SplitGrad { rows, widths },
-                    parts.ok_or_else(missing)?,
-                )?;
+                let dx =
+                    b.apply(&format!("{name}.grad"), OpKind::SplitGrad { rows, widths }, parts.ok_or_else(missing)?)?;
                 self.accumulate(b, ins[0], dx)?;
             }
             OpKind::AttnScores(a) => {
@@ -217,11 +204,8 @@ impl Ad {
             OpKind::Norm { kind: nk, rows } => {
                 let dy = dy.ok_or_else(missing)?;
                 let x0 = self.fwd(b, ins[0])?;
-                let outs = b.apply_n(
-                    &format!("{name}.grad"),
-                    OpKind::NormGrad { kind: nk, rows },
-                    vec![x0, ins[1], dy],
-                )?;
+                let outs =
+                    b.apply_n(&format!("{name}.grad"), OpKind::NormGrad { kind: nk, rows }, vec![x0, ins[1], dy])?;
                 for (t, g) in ins.iter().zip(outs) {
                     self.accumulate(b, *t, g)?;
                 }
@@ -253,35 +237,15 @@ impl Ad {
                     }
                 }
             }
-            OpKind::Rotary {
-                rows,
-                heads,
-                head_dim,
-                rot_dims,
-            } => {
+            OpKind::Rotary { rows, heads, head_dim, rot_dims } => {
                 let dy = dy.ok_or_else(missing)?;
-                let k = OpKind::RotaryGrad {
-                    rows,
-                    heads,
-                    head_dim,
-                    rot_dims,
-                };
+                let k = OpKind::RotaryGrad { rows, heads, head_dim, rot_dims };
                 let dx = b.apply(&format!("{name}.grad"), k, vec![dy])?;
                 self.accumulate(b, ins[0], dx)?;
             }
-            OpKind::TokenSelect {
-                batch,
-                seq,
-                width,
-                pick,
-            } => {
+            OpKind::TokenSelect { batch, seq, width, pick } => {
                 let dy = dy.ok_or_else(missing)?;
-                let k = OpKind::TokenSelectGrad {
-                    batch,
-                    seq,
-                    width,
-                    pick,
-                };
+                let k = OpKind::TokenSelectGrad { batch, seq, width, pick };
                 let dx = b.apply(&format!("{name}.grad"), k, vec![dy])?;
                 self.accumulate(b, ins[0], dx)?;
             }
@@ -312,10 +276,7 @@ impl Ad {
                 self.accumulate(b, ins[0], dl)?;
             }
             other => {
-                return Err(GraphError::Internal(format!(
-                    "op {name}: no backward rule for {}",
-                    other.name()
-                )));
+                return Err(GraphError::Internal(format!("op {name}: no backward rule for {}", other.name())));
             }
         }
         Ok(())
@@ -325,10 +286,8 @@ impl Ad {
 /// One Adam op per weight: reads the weight, its gradient and fp32 moments (and an fp32 master copy
 /// when the weights are stored narrower than fp32); writes their next versions.
 fn adam(b: &mut Builder, grad: &BTreeMap<TensorId, TensorId>) -> Result<(), GraphError> {
-    let weights: Vec<TensorId> = (0..b.tensors.len() as u32)
-        .map(TensorId)
-        .filter(|t| b.tensors[t.idx()].role == Role::Weight)
-        .collect();
+    let weights: Vec<TensorId> =
+        (0..b.tensors.len() as u32).map(TensorId).filter(|t| b.tensors[t.idx()].role == Role::Weight).collect();
     let master = b.dtype() != DType::Fp32;
     for w in weights {
         let g = *grad
@@ -355,23 +314,14 @@ fn adam(b: &mut Builder, grad: &BTreeMap<TensorId, TensorId>) -> Result<(), Grap
         b.tensors[next_w.idx()].updates = Some(w);
         outs.push(next_w);
         for (k, &s) in kinds.iter().zip(&state) {
-            let t = b.tensor(
-                format!("{wname}.{k}.next"),
-                shape.clone(),
-                Elem::Float(DType::Fp32),
-                Role::OptimizerState,
-            )?;
+            let t =
+                b.tensor(format!("{wname}.{k}.next"), shape.clone(), Elem::Float(DType::Fp32), Role::OptimizerState)?;
             b.tensors[t.idx()].updates = Some(s);
             outs.push(t);
         }
         let mut ins = vec![w, g];
         ins.extend(state);
-        b.op(
-            format!("adam.{wname}"),
-            OpKind::Adam { params, master },
-            ins,
-            outs.clone(),
-        )?;
+        b.op(format!("adam.{wname}"), OpKind::Adam { params, master }, ins, outs.clone())?;
         for t in outs {
             b.output(t);
         }

@@ -52,14 +52,8 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
             tensor.role.is_source() && tensor.updates.is_none() && (tensor.role != Role::KvCache || ps.is_empty());
         match (source, ps.len()) {
             (true, 0) | (false, 1) => {}
-            (true, n) => report(
-                t_entity(t),
-                format!("a source ({}) has {n} producers", tensor.role.name()),
-            ),
-            (false, n) => report(
-                t_entity(t),
-                format!("has {n} producers; a computed value needs exactly one"),
-            ),
+            (true, n) => report(t_entity(t), format!("a source ({}) has {n} producers", tensor.role.name())),
+            (false, n) => report(t_entity(t), format!("has {n} producers; a computed value needs exactly one")),
         }
         if !consumed[i] && !source {
             report(t_entity(t), "is computed but neither consumed nor an output".into());
@@ -72,10 +66,7 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
     for e in g.ops.edge_indices() {
         if let Some((a, b)) = g.ops.edge_endpoints(e) {
             if a.index() >= b.index() {
-                report(
-                    op_entity(OpId(b.index() as u32)),
-                    format!("reads from op{} which is not earlier", a.index()),
-                );
+                report(op_entity(OpId(b.index() as u32)), format!("reads from op{} which is not earlier", a.index()));
             }
         }
     }
@@ -102,33 +93,21 @@ fn check_signature(g: &Graph, o: OpId, report: &mut impl FnMut(String, String)) 
         }
         for &t in op.inputs.iter().chain(&op.outputs) {
             if g.tensor(t).elems() != params {
-                report(
-                    entity.clone(),
-                    format!("{t} has {} elements, expected {params}", g.tensor(t).elems()),
-                );
+                report(entity.clone(), format!("{t} has {} elements, expected {params}", g.tensor(t).elems()));
             }
         }
         return;
     }
     let sig = op.kind.signature();
-    for (what, ids, shapes) in [
-        ("input", &op.inputs, &sig.inputs),
-        ("output", &op.outputs, &sig.outputs),
-    ] {
+    for (what, ids, shapes) in [("input", &op.inputs, &sig.inputs), ("output", &op.outputs, &sig.outputs)] {
         if ids.len() != shapes.len() {
-            report(
-                entity.clone(),
-                format!("has {} {what}s, its kind takes {}", ids.len(), shapes.len()),
-            );
+            report(entity.clone(), format!("has {} {what}s, its kind takes {}", ids.len(), shapes.len()));
             continue;
         }
         for (i, (t, shape)) in ids.iter().zip(shapes).enumerate() {
             let actual = &g.tensor(*t).shape;
             if actual != shape {
-                report(
-                    entity.clone(),
-                    format!("{what} {i} ({t}) has shape {actual:?}, expected {shape:?}"),
-                );
+                report(entity.clone(), format!("{what} {i} ({t}) has shape {actual:?}, expected {shape:?}"));
             }
         }
     }
@@ -155,10 +134,7 @@ fn check_training(g: &Graph, report: &mut impl FnMut(String, String)) {
     }
     for (i, t) in g.tensors.iter().enumerate() {
         if t.role == Role::Weight && t.updates.is_none() && !updated[i] {
-            report(
-                format!("t{i} ({})", t.name),
-                "a weight that receives no gradient and update".into(),
-            );
+            report(format!("t{i} ({})", t.name), "a weight that receives no gradient and update".into());
         }
     }
 }

@@ -47,16 +47,10 @@ impl ClusterHw {
         let c = Check { path: &doc.path };
         c.range_u64("systems", f.systems as u64, 1, 4096)?;
         if f.parallelism != "data" {
-            return Err(c.err(
-                "parallelism",
-                format!("`{}`: only data parallelism is modelled", f.parallelism),
-            ));
+            return Err(c.err("parallelism", format!("`{}`: only data parallelism is modelled", f.parallelism)));
         }
         let system = WaferHw::from_doc(&load_doc(&f.system)?)?;
-        for (key, present) in [
-            ("memoryx", system.memoryx.is_some()),
-            ("swarmx", system.swarmx.is_some()),
-        ] {
+        for (key, present) in [("memoryx", system.memoryx.is_some()), ("swarmx", system.swarmx.is_some())] {
             if !present {
                 return Err(c.err(
                     "system",

@@ -25,35 +25,22 @@ pub struct HwDoc {
 fn read(arg: &str) -> Result<(String, String, String), HwError> {
     let looks_like_path = arg.ends_with(".toml") || arg.contains('/') || arg.contains('\\');
     if looks_like_path || std::path::Path::new(arg).is_file() {
-        let text = std::fs::read_to_string(arg).map_err(|e| HwError::Read {
-            path: arg.into(),
-            message: e.to_string(),
-        })?;
-        let name = std::path::Path::new(arg)
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or(arg)
-            .to_string();
+        let text =
+            std::fs::read_to_string(arg).map_err(|e| HwError::Read { path: arg.into(), message: e.to_string() })?;
+        let name = std::path::Path::new(arg).file_stem().and_then(|s| s.to_str()).unwrap_or(arg).to_string();
         return Ok((name, arg.to_string(), text));
     }
     match embedded_hardware().iter().find(|f| f.name == arg) {
         Some(f) => Ok((f.name.to_string(), f.path.to_string(), f.text.to_string())),
         None => Err(HwError::Unknown {
             name: arg.into(),
-            known: embedded_hardware()
-                .iter()
-                .map(|f| f.name)
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: embedded_hardware().iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
         }),
     }
 }
 
 fn parse(path: &str, text: &str) -> Result<toml::Table, HwError> {
-    text.parse::<toml::Table>().map_err(|e| HwError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })
+    text.parse::<toml::Table>().map_err(|e| HwError::Parse { path: path.into(), message: e.to_string() })
 }
 
 /// Merges `over` into `base`: tables merge key by key, everything else is replaced.
@@ -99,10 +86,7 @@ fn resolve(name: &str, path: &str, mut tree: toml::Table, chain: &mut Vec<String
             return Err(HwError::Key {
                 path: path.into(),
                 key: "extends".into(),
-                message: format!(
-                    "inheritance cycle or chain too long: {} -> {base} (in {name})",
-                    chain.join(" -> ")
-                ),
+                message: format!("inheritance cycle or chain too long: {} -> {base} (in {name})", chain.join(" -> ")),
             });
         }
         chain.push(base.clone());
@@ -118,13 +102,8 @@ fn resolve(name: &str, path: &str, mut tree: toml::Table, chain: &mut Vec<String
 /// Splits `key=value` and applies it to the tree. The key must already exist (a typo is an error, not
 /// a silently ignored setting); the value is parsed as TOML (`98304`, `1.1e9`, `"name"`, `true`).
 pub fn apply_override(doc: &mut HwDoc, setting: &str) -> Result<(), HwError> {
-    let bad = |message: String| HwError::Set {
-        setting: setting.into(),
-        message,
-    };
-    let (key, raw) = setting
-        .split_once('=')
-        .ok_or_else(|| bad("expected KEY=VALUE".into()))?;
+    let bad = |message: String| HwError::Set { setting: setting.into(), message };
+    let (key, raw) = setting.split_once('=').ok_or_else(|| bad("expected KEY=VALUE".into()))?;
     let key = key.trim();
     let value: Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").unwrap_or(Value::Boolean(false)),
@@ -137,21 +116,13 @@ pub fn apply_override(doc: &mut HwDoc, setting: &str) -> Result<(), HwError> {
         let last = i + 1 == parts.len();
         let known = table.keys().cloned().collect::<Vec<_>>().join(", ");
         let Some(slot) = table.get_mut(*part) else {
-            return Err(bad(format!(
-                "{}: no key `{}` here (known: {known})",
-                doc.path,
-                parts[..=i].join(".")
-            )));
+            return Err(bad(format!("{}: no key `{}` here (known: {known})", doc.path, parts[..=i].join("."))));
         };
         if last {
             if std::mem::discriminant(slot) != std::mem::discriminant(&value)
                 && !matches!((&*slot, &value), (Value::Float(_), Value::Integer(_)))
             {
-                return Err(bad(format!(
-                    "`{key}` is a {}, not a {}",
-                    slot.type_str(),
-                    value.type_str()
-                )));
+                return Err(bad(format!("`{key}` is a {}, not a {}", slot.type_str(), value.type_str())));
             }
             *slot = match (&*slot, value) {
                 (Value::Float(_), Value::Integer(i)) => Value::Float(i as f64),
@@ -161,13 +132,7 @@ pub fn apply_override(doc: &mut HwDoc, setting: &str) -> Result<(), HwError> {
         }
         match slot {
             Value::Table(t) => table = t,
-            other => {
-                return Err(bad(format!(
-                    "`{}` is a {}, not a table",
-                    parts[..=i].join("."),
-                    other.type_str()
-                )))
-            }
+            other => return Err(bad(format!("`{}` is a {}, not a table", parts[..=i].join("."), other.type_str()))),
         }
     }
     Ok(())
@@ -175,10 +140,8 @@ pub fn apply_override(doc: &mut HwDoc, setting: &str) -> Result<(), HwError> {
 
 /// Deserialises a (sub)tree into a typed description; unknown and missing keys are errors naming the key.
 pub fn decode<T: DeserializeOwned>(doc: &HwDoc, table: &toml::Table) -> Result<T, HwError> {
-    T::deserialize(Value::Table(table.clone())).map_err(|e| HwError::Parse {
-        path: doc.path.clone(),
-        message: e.to_string(),
-    })
+    T::deserialize(Value::Table(table.clone()))
+        .map_err(|e| HwError::Parse { path: doc.path.clone(), message: e.to_string() })
 }
 
 /// Loads `arg`, applies the overrides in order, and returns the tree.
@@ -194,15 +157,9 @@ pub fn load_with_overrides(arg: &str, overrides: &[String]) -> Result<HwDoc, HwE
 pub fn kind(doc: &HwDoc) -> Result<String, HwError> {
     match doc.tree.get("kind") {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(HwError::Key {
-            path: doc.path.clone(),
-            key: "kind".into(),
-            message: "expected a string".into(),
-        }),
-        None => Err(HwError::Key {
-            path: doc.path.clone(),
-            key: "kind".into(),
-            message: "missing".into(),
-        }),
+        Some(_) => {
+            Err(HwError::Key { path: doc.path.clone(), key: "kind".into(), message: "expected a string".into() })
+        }
+        None => Err(HwError::Key { path: doc.path.clone(), key: "kind".into(), message: "missing".into() }),
     }
 }

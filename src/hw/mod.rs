@@ -6,10 +6,15 @@
 //! Every value in a shipped file carries its source in a comment.
 
 mod cluster;
+mod gpu;
 mod load;
 mod wafer;
 
 pub use cluster::ClusterHw;
+pub use gpu::{
+    GpuArch, GpuHw, GpuSystem, HbmSpec, L2Spec, LaunchSpec, NcclSpec, NetworkSpec, NicSpec, NodeSpec, NvlinkSpec,
+    PerDtype, SmSpec, TensorSpec,
+};
 pub use load::{apply_override, decode, kind, load_doc, load_with_overrides, HwDoc};
 pub use wafer::{Fabric, IoPlacement, IoSpec, MemoryX, MeshDims, PeSpec, SimdOp, SimdTable, SwarmX, WaferHw};
 
@@ -27,12 +32,7 @@ pub enum HwError {
     #[error("--set {setting}: {message}")]
     Set { setting: String, message: String },
     #[error("{path}: `{name}` is a {found} description; this command needs a {wanted}")]
-    WrongKind {
-        path: String,
-        name: String,
-        found: String,
-        wanted: String,
-    },
+    WrongKind { path: String, name: String, found: String, wanted: String },
 }
 
 /// Validation helper: collects the first violated rule as an error naming the key.
@@ -42,11 +42,7 @@ pub(crate) struct Check<'a> {
 
 impl Check<'_> {
     pub fn err(&self, key: &str, message: String) -> HwError {
-        HwError::Key {
-            path: self.path.to_string(),
-            key: key.to_string(),
-            message,
-        }
+        HwError::Key { path: self.path.to_string(), key: key.to_string(), message }
     }
 
     /// `value` must lie in `[min, max]`.

@@ -302,10 +302,7 @@ impl WaferHw {
         if pe.code_reserve_bytes >= pe.sram_bytes {
             return Err(c.err(
                 "pe.code_reserve_bytes",
-                format!(
-                    "{} leaves no data SRAM out of pe.sram_bytes = {}",
-                    pe.code_reserve_bytes, pe.sram_bytes
-                ),
+                format!("{} leaves no data SRAM out of pe.sram_bytes = {}", pe.code_reserve_bytes, pe.sram_bytes),
             ));
         }
         let s = &pe.simd;
@@ -322,17 +319,9 @@ impl WaferHw {
         }
         let f = &self.fabric;
         if f.wavelet_bits != 32 {
-            return Err(c.err(
-                "fabric.wavelet_bits",
-                format!("{}: the engine models 32-bit wavelets", f.wavelet_bits),
-            ));
+            return Err(c.err("fabric.wavelet_bits", format!("{}: the engine models 32-bit wavelets", f.wavelet_bits)));
         }
-        c.range_u64(
-            "fabric.link_wavelets_per_cycle",
-            f.link_wavelets_per_cycle as u64,
-            1,
-            64,
-        )?;
+        c.range_u64("fabric.link_wavelets_per_cycle", f.link_wavelets_per_cycle as u64, 1, 64)?;
         c.range_u64("fabric.hop_cycles", f.hop_cycles as u64, 1, 1_000)?;
         c.range_u64("fabric.ramp_cycles", f.ramp_cycles as u64, 0, 1_000)?;
         // Colors are a 5-bit tag in hardware; allow more for counterfactual routers, but not absurd numbers.
@@ -346,10 +335,7 @@ impl WaferHw {
             c.range_f64("io.latency_ns", io.latency_ns, 0.0, 1e9)?;
             let perimeter = 2 * (self.full_mesh.width as u64 + self.full_mesh.height as u64);
             if io.ports as u64 > perimeter {
-                return Err(c.err(
-                    "io.ports",
-                    format!("{} ports do not fit the {perimeter} edge PEs", io.ports),
-                ));
+                return Err(c.err("io.ports", format!("{} ports do not fit the {perimeter} edge PEs", io.ports)));
             }
         }
         if let Some(m) = &self.memoryx {

@@ -108,6 +108,24 @@ pub struct Timing {
     pub pe: crate::hw::PeSpec,
 }
 
+impl Timing {
+    /// The engine-facing parameters of a wafer description.
+    pub fn from_hw(hw: &crate::hw::WaferHw) -> Timing {
+        Timing {
+            clock_hz: hw.clock_hz,
+            hop_cycles: hw.fabric.hop_cycles,
+            ramp_cycles: hw.fabric.ramp_cycles,
+            pick_cycles: hw.pe.pick_cycles,
+            queue_depth: hw.fabric.queue_depth,
+            colors: hw.fabric.colors,
+            relay_cycles: hw.fabric.relay_cycles,
+            link_wavelets_per_cycle: hw.fabric.link_wavelets_per_cycle,
+            sram_bytes: hw.pe.sram_bytes,
+            pe: hw.pe,
+        }
+    }
+}
+
 /// A region: the PEs that run one op (or one fused group of ops) of the graph, for reports and traces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Region {
@@ -148,12 +166,7 @@ pub enum Need {
     /// - a negative `first`: the other task may run that many runs ahead (double buffering).
     ///
     /// Added by the compiler issue (layer loops, gates, double-buffered weight streams).
-    After {
-        task: TaskIdx,
-        first: i64,
-        num: u64,
-        den: u64,
-    },
+    After { task: TaskIdx, first: i64, num: u64, den: u64 },
 }
 
 impl Need {
@@ -221,11 +234,7 @@ impl Send {
     pub fn runs_sent(&self, repeat: u32) -> u32 {
         match self.runs {
             None => repeat,
-            Some(r) => RunRange {
-                first: r.first.max(1),
-                last: r.last.min(repeat),
-            }
-            .len(),
+            Some(r) => RunRange { first: r.first.max(1), last: r.last.min(repeat) }.len(),
         }
     }
 }
@@ -333,7 +342,9 @@ pub struct Port {
     pub per_cycles: u64,
     pub latency_cycles: u64,
     pub peer: Peer,
-    /// For `Peer::Wafer(w)`: the port of wafer `w` that this port's outgoing data arrives at.
+    /// For `Peer::Wafer(w)`: the port (numbered within wafer `w`'s program) that this port's outgoing
+    /// data arrives at. Such a port forwards what reaches it from its mesh; the peer port's tasks
+    /// `Recv` it on `ColorId::LINK`. After `Cluster::concat` the id is global.
     pub peer_port: Option<PortId>,
     /// The port's own tasks: streams in (sends) and out (receives), with the same semantics as a PE's,
     /// their work ignored (a port computes nothing). Port templates belong to the program's `io` region,
@@ -359,12 +370,92 @@ pub struct MeshProgram {
     pub ports: Vec<Port>,
     /// FLOPs of the graph this program computes: the engine checks that its tasks execute exactly these.
     pub graph_flops: u64,
+    /// Set when the program is several wafers side by side (`Cluster::concat`): the width of one,
+    /// across whose boundaries no link runs.
+    pub wafer_width: Option<u32>,
 }
 
 /// Several wafers run together (multi-wafer pipelined inference): ports with `Peer::Wafer` link them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     pub wafers: Vec<MeshProgram>,
+}
+
+impl Cluster {
+    /// One program of all wafers side by side (wafer k's column x becomes k * width + x), with
+    /// template, region and port ids renumbered and each `peer_port` made global. The wafers must
+    /// share mesh dimensions and timing.
+    pub fn concat(&self) -> Result<MeshProgram, String> {
+        let first = self.wafers.first().ok_or("a cluster needs at least one wafer")?;
+        let (w, h) = (first.mesh.width, first.mesh.height);
+        let mut out = MeshProgram {
+            version: first.version,
+            mesh: MeshDims { width: w * self.wafers.len() as u32, height: h },
+            timing: first.timing,
+            regions: vec![],
+            templates: vec![],
+            tiles: vec![],
+            routes: vec![],
+            ports: vec![],
+            graph_flops: 0,
+            wafer_width: Some(w),
+        };
+        let port_base: Vec<u32> = self
+            .wafers
+            .iter()
+            .scan(0u32, |acc, p| {
+                let b = *acc;
+                *acc += p.ports.len() as u32;
+                Some(b)
+            })
+            .collect();
+        for (k, p) in self.wafers.iter().enumerate() {
+            if p.mesh != first.mesh || p.timing != first.timing {
+                return Err(format!("wafer {k} differs from wafer 0 in mesh or timing"));
+            }
+            let dx = k as u32 * w;
+            let (rb, tb, pb) = (out.regions.len() as u32, out.templates.len() as u32, port_base[k]);
+            let shift = |r: Rect| Rect { x: r.x + dx, ..r };
+            out.regions.extend(p.regions.iter().map(|r| Region {
+                rect: shift(r.rect),
+                name: format!("w{k}.{}", r.name),
+                ..r.clone()
+            }));
+            out.templates
+                .extend(p.templates.iter().map(|t| Template { region: RegionId(t.region.0 + rb), ..t.clone() }));
+            out.tiles
+                .extend(p.tiles.iter().map(|t| Tile { rect: shift(t.rect), template: TemplateId(t.template.0 + tb) }));
+            for r in &p.routes {
+                let senders = match r.senders {
+                    Senders::Pes(rect) => Senders::Pes(shift(rect)),
+                    Senders::Port(q) => Senders::Port(PortId(q.0 + pb)),
+                };
+                let pattern = match r.pattern {
+                    Pattern::ToPort { port } => Pattern::ToPort { port: PortId(port.0 + pb) },
+                    other => other,
+                };
+                out.routes.push(Route { senders, pattern, ..*r });
+            }
+            for port in &p.ports {
+                let peer_port = match (port.peer, port.peer_port) {
+                    (Peer::Wafer(j), Some(q)) => {
+                        let base = *port_base.get(j as usize).ok_or(format!("port {} names wafer {j}", port.name))?;
+                        Some(PortId(base + q.0))
+                    }
+                    (_, q) => q.map(|q| PortId(q.0 + pb)),
+                };
+                out.ports.push(Port {
+                    at: Coord { x: port.at.x + dx, y: port.at.y },
+                    template: TemplateId(port.template.0 + tb),
+                    peer_port,
+                    name: format!("w{k}.{}", port.name),
+                    ..port.clone()
+                });
+            }
+            out.graph_flops += p.graph_flops;
+        }
+        Ok(out)
+    }
 }
 
 /// A step run as phases, one after the other, on the same wafer: weight-streaming training runs its
@@ -378,8 +469,9 @@ pub struct Phases {
     pub phases: Vec<MeshProgram>,
 }
 
-/// Version of the program semantics above (2: `Need::After`, `Send::runs`, `Phases`).
-pub const PROGRAM_VERSION: u32 = 2;
+/// Version of the program semantics above (2: `Need::After`, `Send::runs`; 3: `wafer_width`, clusters
+/// laid side by side, `Phases`).
+pub const PROGRAM_VERSION: u32 = 3;
 
 impl MeshProgram {
     /// FLOPs the tasks execute: every PE of every tile runs every task `repeat` times.
@@ -387,11 +479,8 @@ impl MeshProgram {
         self.tiles
             .iter()
             .map(|t| {
-                let per_pe: u64 = self.templates[t.template.0 as usize]
-                    .tasks
-                    .iter()
-                    .map(|k| k.flops * k.repeat as u64)
-                    .sum();
+                let per_pe: u64 =
+                    self.templates[t.template.0 as usize].tasks.iter().map(|k| k.flops * k.repeat as u64).sum();
                 per_pe * t.rect.pes()
             })
             .sum()

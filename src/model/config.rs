@@ -15,10 +15,7 @@ struct Keys<'a> {
 
 impl<'a> Keys<'a> {
     fn missing(&self, key: &str) -> ModelError {
-        ModelError::MissingKey {
-            path: self.path.to_string(),
-            key: key.to_string(),
-        }
+        ModelError::MissingKey { path: self.path.to_string(), key: key.to_string() }
     }
 
     fn bad(&self, key: &str, value: &Value, expected: &str) -> ModelError {
@@ -129,10 +126,7 @@ fn detect_family(keys: &Keys) -> Result<Family, ModelError> {
             value: names.join(", "),
         });
     }
-    Err(ModelError::MissingKey {
-        path: keys.path.to_string(),
-        key: "model_type".into(),
-    })
+    Err(ModelError::MissingKey { path: keys.path.to_string(), key: "model_type".into() })
 }
 
 /// Parses a Hugging Face config from its JSON text. `path` names the file in errors.
@@ -183,12 +177,7 @@ fn base(keys: &Keys, name: &str, family: Family) -> ModelSpec {
         residual: Residual::Sequential,
         final_norm: true,
         tied_embeddings: false,
-        biases: Biases {
-            qkv: true,
-            attn_out: true,
-            ffn: true,
-            lm_head: false,
-        },
+        biases: Biases { qkv: true, attn_out: true, ffn: true, lm_head: false },
         moe: Moe::Dense,
         type_vocab: 0,
         pooler: false,
@@ -218,10 +207,7 @@ fn gpt2(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
     s.head_dim = head_dim(keys, ("n_embd", s.hidden), ("n_head", s.heads))?;
     s.ffn_hidden = match keys.opt_size(&["n_inner"])? {
         Some(f) => f,
-        None => s
-            .hidden
-            .checked_mul(4)
-            .ok_or_else(|| overflow(keys, "n_inner = 4 * n_embd"))?,
+        None => s.hidden.checked_mul(4).ok_or_else(|| overflow(keys, "n_inner = 4 * n_embd"))?,
     };
     s.vocab = keys.size(&["vocab_size"])?;
     s.max_positions = keys.size(&["n_positions", "n_ctx"])?;
@@ -238,10 +224,7 @@ fn gptj(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
     s.head_dim = head_dim(keys, ("n_embd", s.hidden), ("n_head", s.heads))?;
     s.ffn_hidden = match keys.opt_size(&["n_inner"])? {
         Some(f) => f,
-        None => s
-            .hidden
-            .checked_mul(4)
-            .ok_or_else(|| overflow(keys, "n_inner = 4 * n_embd"))?,
+        None => s.hidden.checked_mul(4).ok_or_else(|| overflow(keys, "n_inner = 4 * n_embd"))?,
     };
     s.vocab = keys.size(&["vocab_size"])?;
     s.max_positions = keys.size(&["n_positions"])?;
@@ -250,12 +233,7 @@ fn gptj(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
     s.residual = Residual::ParallelSharedNorm;
     s.tied_embeddings = keys.opt_bool("tie_word_embeddings")?.unwrap_or(false);
     // GPT-J: q, k, v and out_proj have no bias; the MLP and lm_head do.
-    s.biases = Biases {
-        qkv: false,
-        attn_out: false,
-        ffn: true,
-        lm_head: true,
-    };
+    s.biases = Biases { qkv: false, attn_out: false, ffn: true, lm_head: true };
     Ok(s)
 }
 
@@ -281,18 +259,10 @@ fn neox(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
         });
     }
     s.positions = Positions::Rotary { rotary_dims };
-    s.residual = if keys.opt_bool("use_parallel_residual")?.unwrap_or(true) {
-        Residual::Parallel
-    } else {
-        Residual::Sequential
-    };
+    s.residual =
+        if keys.opt_bool("use_parallel_residual")?.unwrap_or(true) { Residual::Parallel } else { Residual::Sequential };
     s.tied_embeddings = keys.opt_bool("tie_word_embeddings")?.unwrap_or(false);
-    s.biases = Biases {
-        qkv: true,
-        attn_out: true,
-        ffn: true,
-        lm_head: false,
-    };
+    s.biases = Biases { qkv: true, attn_out: true, ffn: true, lm_head: false };
     Ok(s)
 }
 
@@ -320,18 +290,11 @@ fn llama(keys: &Keys, name: &str, family: Family) -> Result<ModelSpec, ModelErro
     s.max_positions = keys.size(&["max_position_embeddings"])?;
     s.norm = NormKind::RmsNorm;
     s.ffn = FfnKind::SwiGlu;
-    s.positions = Positions::Rotary {
-        rotary_dims: s.head_dim,
-    };
+    s.positions = Positions::Rotary { rotary_dims: s.head_dim };
     s.tied_embeddings = keys.opt_bool("tie_word_embeddings")?.unwrap_or(false);
     let attn_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
     let mlp_bias = keys.opt_bool("mlp_bias")?.unwrap_or(false);
-    s.biases = Biases {
-        qkv: attn_bias,
-        attn_out: attn_bias,
-        ffn: mlp_bias,
-        lm_head: false,
-    };
+    s.biases = Biases { qkv: attn_bias, attn_out: attn_bias, ffn: mlp_bias, lm_head: false };
     if family == Family::Mixtral {
         let experts = keys.size(&["num_local_experts"])?;
         let top_k = keys.size(&["num_experts_per_tok"])?;
@@ -364,12 +327,7 @@ fn bert(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
     s.pooler = true;
     // The MLM decoder is tied to the word embeddings in BertForPreTraining.
     s.tied_embeddings = true;
-    s.biases = Biases {
-        qkv: true,
-        attn_out: true,
-        ffn: true,
-        lm_head: true,
-    };
+    s.biases = Biases { qkv: true, attn_out: true, ffn: true, lm_head: true };
     if let Some(act) = keys.opt_str("hidden_act") {
         if !act.starts_with("gelu") {
             return Err(ModelError::BadValue {
@@ -384,21 +342,14 @@ fn bert(keys: &Keys, name: &str) -> Result<ModelSpec, ModelError> {
 }
 
 fn overflow(keys: &Keys, what: &str) -> ModelError {
-    ModelError::Overflow {
-        path: keys.path.to_string(),
-        what: what.to_string(),
-    }
+    ModelError::Overflow { path: keys.path.to_string(), what: what.to_string() }
 }
 
 /// Cross-key checks that every family shares.
 fn validate(keys: &Keys, s: &ModelSpec) -> Result<(), ModelError> {
     if let Positions::Rotary { rotary_dims } = s.positions {
         if rotary_dims > s.head_dim || rotary_dims % 2 != 0 {
-            let key = if s.family == Family::GptJ {
-                "rotary_dim"
-            } else {
-                "rotary_pct"
-            };
+            let key = if s.family == Family::GptJ { "rotary_dim" } else { "rotary_pct" };
             return Err(ModelError::BadValue {
                 path: keys.path.to_string(),
                 key: key.into(),

@@ -46,12 +46,7 @@ pub enum ModelError {
         source: std::io::Error,
     },
     #[error("{path}:{line}:{column}: not valid JSON: {message}")]
-    Json {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Json { path: String, line: usize, column: usize, message: String },
     #[error(
         "{path}: key `{key}` = \"{value}\" is not a supported model family \
          (supported model_type values: gpt2, gptj, gpt_neox, llama, mistral, mixtral, bert)"
@@ -60,20 +55,9 @@ pub enum ModelError {
     #[error("{path}: missing key `{key}`")]
     MissingKey { path: String, key: String },
     #[error("{path}: key `{key}` = {value}: expected {expected}")]
-    BadValue {
-        path: String,
-        key: String,
-        value: String,
-        expected: String,
-    },
+    BadValue { path: String, key: String, value: String, expected: String },
     #[error("{path}: key `{key}` = {value} is not divisible by `{by_key}` = {by}")]
-    NotDivisible {
-        path: String,
-        key: String,
-        value: u64,
-        by_key: String,
-        by: u64,
-    },
+    NotDivisible { path: String, key: String, value: u64, by_key: String, by: u64 },
     #[error("{path}: the {what} overflows a 64-bit count; the sizes in this config are absurd")]
     Overflow { path: String, what: String },
     #[error("unknown model `{name}`: not a file, and not one of the shipped models ({known})")]
@@ -91,10 +75,8 @@ pub fn load(arg: &str) -> Result<Model, ModelError> {
     let path = Path::new(arg);
     let looks_like_path = arg.ends_with(".json") || arg.contains('/') || arg.contains('\\');
     if path.is_file() || (looks_like_path && registry::find_model(arg).is_none()) {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Read {
-            path: arg.to_string(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Read { path: arg.to_string(), source })?;
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or(arg);
         return parse_config(name, arg, &text).map(Model::Transformer);
     }

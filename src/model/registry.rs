@@ -24,10 +24,7 @@ pub fn embedded_hardware() -> &'static [EmbeddedFile] {
 /// Finds a shipped model by name; tiny models answer to `gpt-tiny` as well as `tiny/gpt-tiny`,
 /// and `models/<name>.json` paths resolve to the embedded copy when no such file is on disk.
 pub(crate) fn find_model(arg: &str) -> Option<EmbeddedFile> {
-    let key = arg
-        .trim_start_matches("./")
-        .trim_start_matches("models/")
-        .trim_end_matches(".json");
+    let key = arg.trim_start_matches("./").trim_start_matches("models/").trim_end_matches(".json");
     MODELS
         .iter()
         .find(|f| f.name == key)

@@ -28,10 +28,7 @@ impl SingleOp {
         let Some((kind, dims)) = arg.split_once(':') else {
             return Ok(None);
         };
-        let bad = |reason: String| ModelError::BadOp {
-            spec: arg.to_string(),
-            reason,
-        };
+        let bad = |reason: String| ModelError::BadOp { spec: arg.to_string(), reason };
         let nums = |expect: usize, form: &str| -> Result<Vec<u64>, ModelError> {
             let parts: Vec<&str> = dims.split(['x', 'X']).collect();
             if parts.len() != expect {
@@ -51,19 +48,13 @@ impl SingleOp {
         let op = match kind {
             "gemm" => {
                 let v = nums(3, "MxNxK")?;
-                SingleOp::Gemm {
-                    m: v[0],
-                    n: v[1],
-                    k: v[2],
-                }
+                SingleOp::Gemm { m: v[0], n: v[1], k: v[2] }
             }
             "gemv" => {
                 let v = nums(2, "KxN")?;
                 SingleOp::Gemv { k: v[0], n: v[1] }
             }
-            "allreduce" => SingleOp::AllReduce {
-                bytes: nums(1, "BYTES")?[0],
-            },
+            "allreduce" => SingleOp::AllReduce { bytes: nums(1, "BYTES")?[0] },
             "elementwise" => SingleOp::Elementwise { n: nums(1, "N")?[0] },
             // A Windows drive letter or URL-like path is not a single op.
             _ if kind.len() <= 1 || dims.starts_with('/') || dims.starts_with('\\') => return Ok(None),

@@ -161,10 +161,8 @@ impl ModelSpec {
     /// Parameters of the model as its reference implementation counts them
     /// (`sum(p.numel() for p in model.parameters())` in Hugging Face transformers, tied weights once).
     pub fn param_count(&self) -> Result<u64, ModelError> {
-        self.try_param_count().ok_or_else(|| ModelError::Overflow {
-            path: self.source.clone(),
-            what: "parameter count".into(),
-        })
+        self.try_param_count()
+            .ok_or_else(|| ModelError::Overflow { path: self.source.clone(), what: "parameter count".into() })
     }
 
     fn try_param_count(&self) -> Option<u64> {
@@ -174,16 +172,12 @@ impl ModelSpec {
             |i: u64, o: u64, bias: bool| -> Option<u64> { prod(&[i, o])?.checked_add(if bias { o } else { 0 }) };
         let b = self.biases;
         // Attention: q, k, v (possibly fused; the count is the same) and the output projection.
-        let attn = sum(&[
-            linear(h, self.qkv_width(), b.qkv)?,
-            linear(self.attn_width(), h, b.attn_out)?,
-        ])?;
+        let attn = sum(&[linear(h, self.qkv_width(), b.qkv)?, linear(self.attn_width(), h, b.attn_out)?])?;
         let one_ffn = match self.ffn {
             FfnKind::Gelu => sum(&[linear(h, self.ffn_hidden, b.ffn)?, linear(self.ffn_hidden, h, b.ffn)?])?,
-            FfnKind::SwiGlu => sum(&[
-                prod(&[2, linear(h, self.ffn_hidden, b.ffn)?])?,
-                linear(self.ffn_hidden, h, b.ffn)?,
-            ])?,
+            FfnKind::SwiGlu => {
+                sum(&[prod(&[2, linear(h, self.ffn_hidden, b.ffn)?])?, linear(self.ffn_hidden, h, b.ffn)?])?
+            }
         };
         let ffn = match self.moe {
             Moe::Dense => one_ffn,

@@ -143,11 +143,7 @@ pub enum WorkloadError {
     #[error("{path}: bad workload file: {message}")]
     File { path: String, message: String },
     #[error("workload: `{key}` = {value}: expected {expected}")]
-    Bad {
-        key: &'static str,
-        value: String,
-        expected: String,
-    },
+    Bad { key: &'static str, value: String, expected: String },
     #[error("workload: `{key}` = {value} exceeds `{model_key}` = {limit} of {path}{note}")]
     ExceedsModel {
         key: &'static str,
@@ -158,11 +154,7 @@ pub enum WorkloadError {
         note: &'static str,
     },
     #[error("workload: phase `{phase}` does not apply to {model}: {reason}")]
-    Phase {
-        phase: &'static str,
-        model: String,
-        reason: String,
-    },
+    Phase { phase: &'static str, model: String, reason: String },
     #[error("workload: `{key}` does not apply to the single-op workload {op}")]
     NotForOp { key: &'static str, op: String },
 }
@@ -170,14 +162,8 @@ pub enum WorkloadError {
 impl WorkloadArgs {
     /// Reads a TOML workload file.
     pub fn from_file(path: &str) -> Result<WorkloadArgs, WorkloadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| WorkloadError::File {
-            path: path.into(),
-            message: e.to_string(),
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| WorkloadError::File { path: path.into(), message: e.to_string() })
     }
 
     /// `self` with every field that `over` sets replaced (flags over file).
@@ -207,11 +193,7 @@ impl WorkloadArgs {
         for (key, v) in [("batch", self.batch), ("seq", self.seq), ("context", self.context)] {
             match v {
                 Some(0) => {
-                    return Err(WorkloadError::Bad {
-                        key,
-                        value: "0".into(),
-                        expected: "a positive integer".into(),
-                    })
+                    return Err(WorkloadError::Bad { key, value: "0".into(), expected: "a positive integer".into() })
                 }
                 Some(v) if v > MAX_WORKLOAD_DIM => {
                     return Err(WorkloadError::Bad {
@@ -233,20 +215,9 @@ impl WorkloadArgs {
                     ("phase", self.phase.is_some_and(|p| p != Phase::Prefill)),
                 ];
                 if let Some((key, _)) = given.iter().find(|(_, g)| *g) {
-                    return Err(WorkloadError::NotForOp {
-                        key,
-                        op: op.to_string(),
-                    });
+                    return Err(WorkloadError::NotForOp { key, op: op.to_string() });
                 }
-                Ok(Workload {
-                    phase: Phase::Prefill,
-                    batch: 1,
-                    seq: 1,
-                    context: 0,
-                    dtype,
-                    sparsity,
-                    recompute: false,
-                })
+                Ok(Workload { phase: Phase::Prefill, batch: 1, seq: 1, context: 0, dtype, sparsity, recompute: false })
             }
             Model::Transformer(spec) => self.resolve_transformer(spec, dtype, sparsity),
         }
@@ -288,12 +259,7 @@ impl WorkloadArgs {
             _ => "max_position_embeddings",
         };
         let (key, value, used, note) = match phase {
-            Phase::Decode => (
-                "context",
-                context,
-                context + 1,
-                " (the new token needs one more position)",
-            ),
+            Phase::Decode => ("context", context, context + 1, " (the new token needs one more position)"),
             _ => ("seq", seq, seq, ""),
         };
         if used > spec.max_positions {

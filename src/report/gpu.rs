@@ -16,16 +16,24 @@ pub struct KernelRow {
     pub name: String,
     /// The graph ops fused into it.
     pub ops: Vec<String>,
+    /// Total over the `count` launches (per GPU; kernels run in parallel on every GPU of a stage).
     pub seconds: f64,
+    /// Graph FLOPs of the `count` launches on one GPU.
     pub flops: u64,
     pub achieved_flops_per_s: f64,
-    /// `compute`, `hbm`, `l2`, `launch` or `network`.
+    /// `compute`, `smem`, `hbm`, `l2`, `latency`, `launch` or `network`.
     pub bound: String,
     /// Count of identical kernels folded into this row (one per layer, say).
     pub count: u64,
+    /// `gemm`, `flash_fwd`, `flash_bwd`, `memory`, `allreduce`, ...
+    pub kind: String,
+    /// The problem size (`2048x4608x12288` for a GEMM: M x N x K).
+    pub shape: String,
+    /// The configuration the model chose (`tile 128x256x64, 16 waves of 132 CTAs (1/SM)`).
+    pub config: String,
 }
 
-/// Memory needed per GPU against its capacity.
+/// Memory needed per GPU (the fullest GPU) against its capacity.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MemoryFootprint {
     pub weights_bytes: u64,

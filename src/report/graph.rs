@@ -128,11 +128,7 @@ impl GraphSummary {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let w = &self.workload;
-        let src = if self.source.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", self.source)
-        };
+        let src = if self.source.is_empty() { String::new() } else { format!(", {}", self.source) };
         let _ = writeln!(s, "model       {}  ({}{src})", self.model, self.family);
         let shape = match w.phase.as_str() {
             "decode" => format!("batch {} x 1 new token, KV cache {} tokens", w.batch, w.context),
@@ -149,29 +145,11 @@ impl GraphSummary {
         if w.sparsity > 0.0 {
             let _ = write!(extras, ", weight sparsity {}", w.sparsity);
         }
-        let phase = if self.family == "single-op" {
-            "op"
-        } else {
-            w.phase.as_str()
-        };
+        let phase = if self.family == "single-op" { "op" } else { w.phase.as_str() };
         let _ = writeln!(s, "workload    {phase}: {shape}, {}{extras}", w.dtype);
-        let _ = writeln!(
-            s,
-            "params      {:>26}  {}",
-            thousands(self.params),
-            human(self.params as f64, "")
-        );
-        let _ = writeln!(
-            s,
-            "flops       {:>26}  {}",
-            thousands(self.flops),
-            human(self.flops as f64, "FLOP")
-        );
-        let share = if self.flops > 0 {
-            100.0 * self.matmul_flops as f64 / self.flops as f64
-        } else {
-            0.0
-        };
+        let _ = writeln!(s, "params      {:>26}  {}", thousands(self.params), human(self.params as f64, ""));
+        let _ = writeln!(s, "flops       {:>26}  {}", thousands(self.flops), human(self.flops as f64, "FLOP"));
+        let share = if self.flops > 0 { 100.0 * self.matmul_flops as f64 / self.flops as f64 } else { 0.0 };
         let _ = writeln!(
             s,
             "matmul      {:>26}  {}  ({share:.2}% of flops)",
@@ -204,29 +182,14 @@ impl GraphSummary {
         // Largest first, ties by name: a stable order for snapshots.
         rows.sort_by(|a, b| b.1.flops.cmp(&a.1.flops).then(a.0.cmp(b.0)));
         for (kind, r) in rows {
-            let share = if self.flops > 0 {
-                100.0 * r.flops as f64 / self.flops as f64
-            } else {
-                0.0
-            };
-            let _ = writeln!(
-                s,
-                "  {kind:<20}{:>10}{:>24}  {share:>5.1}%",
-                thousands(r.ops),
-                thousands(r.flops)
-            );
+            let share = if self.flops > 0 { 100.0 * r.flops as f64 / self.flops as f64 } else { 0.0 };
+            let _ = writeln!(s, "  {kind:<20}{:>10}{:>24}  {share:>5.1}%", thousands(r.ops), thousands(r.flops));
         }
         if self.flops_by_pass.len() > 1 {
             let _ = writeln!(s, "\nflops by pass");
             for pass in [Pass::Forward, Pass::Recompute, Pass::Backward, Pass::Optimizer] {
                 if let Some(v) = self.flops_by_pass.get(pass.name()) {
-                    let _ = writeln!(
-                        s,
-                        "  {:<18}{:>22}  {}",
-                        pass.name(),
-                        thousands(*v),
-                        human(*v as f64, "FLOP")
-                    );
+                    let _ = writeln!(s, "  {:<18}{:>22}  {}", pass.name(), thousands(*v), human(*v as f64, "FLOP"));
                 }
             }
         }

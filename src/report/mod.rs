@@ -1,12 +1,14 @@
 //! Report types: the serde boundary of the crate. Everything a command prints as JSON is defined
 //! here, with a text printer beside it; internal IR types are never serialized.
 
+mod compare;
 pub mod fmt;
 mod gpu;
 mod graph;
 mod plan;
 mod run;
 
+pub use compare::Comparison;
 pub use gpu::{GpuDetails, KernelRow, LevelBytes, MemoryFootprint};
 pub use graph::{GraphSummary, KindRow, WorkloadSummary};
 pub use plan::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};

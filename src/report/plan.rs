@@ -121,12 +121,8 @@ impl PlanSummary {
         let (mw, mh) = (self.mesh_width as usize, self.mesh_height as usize);
         let cols = mw.min(max_cols).max(1);
         let rows = mh.min(max_rows).max(1);
-        let regions: Vec<(usize, &PlanRegion)> = self
-            .regions
-            .iter()
-            .filter(|r| r.wafer == wafer && r.phase == phase)
-            .enumerate()
-            .collect();
+        let regions: Vec<(usize, &PlanRegion)> =
+            self.regions.iter().filter(|r| r.wafer == wafer && r.phase == phase).enumerate().collect();
         let mut grid = vec![vec!['.'; cols]; rows];
         for (ry, line) in grid.iter_mut().enumerate() {
             for (cx, cell) in line.iter_mut().enumerate() {
@@ -157,13 +153,7 @@ impl PlanSummary {
         let mut s = String::new();
         let _ = writeln!(s, " +{}+", border_n.iter().collect::<String>());
         for (ry, line) in grid.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "{}|{}|{}",
-                border_w[ry],
-                line.iter().collect::<String>(),
-                border_e[ry]
-            );
+            let _ = writeln!(s, "{}|{}|{}", border_w[ry], line.iter().collect::<String>(), border_e[ry]);
         }
         let _ = writeln!(s, " +{}+", border_s.iter().collect::<String>());
         let _ = writeln!(
@@ -198,11 +188,7 @@ impl PlanSummary {
             s,
             "flops       {} on the {}{}",
             thousands(self.wafer_flops),
-            if self.wafers > 1 {
-                format!("{} wafers", self.wafers)
-            } else {
-                "wafer".into()
-            },
+            if self.wafers > 1 { format!("{} wafers", self.wafers) } else { "wafer".into() },
             if self.offload_flops > 0 {
                 format!(", {} in MemoryX (optimizer)", thousands(self.offload_flops))
             } else {
@@ -252,16 +238,8 @@ impl PlanSummary {
             let e = idx.entry((r.wafer, r.phase)).or_default();
             let i = *e;
             *e += 1;
-            let name = if r.name.len() > 28 {
-                format!("{}~", &r.name[..27])
-            } else {
-                r.name.clone()
-            };
-            let runs = if r.iters > 1 {
-                format!("{}x{}", r.runs, r.iters)
-            } else {
-                r.runs.to_string()
-            };
+            let name = if r.name.len() > 28 { format!("{}~", &r.name[..27]) } else { r.name.clone() };
+            let runs = if r.iters > 1 { format!("{}x{}", r.runs, r.iters) } else { r.runs.to_string() };
             let _ = writeln!(
                 s,
                 "{:<3} {:<28} {:<18} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",

@@ -5,9 +5,20 @@
 //! the machine the emulator ran on or its thread count: reports are compared byte for byte.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::fmt::{duration, human, percent, thousands};
+
+/// A rate with a decimal prefix, two decimals below a thousand.
+fn rate(v: f64) -> String {
+    if v.abs() < 1e3 {
+        format!("{v:.2}")
+    } else {
+        human(v, "")
+    }
+}
 use super::{GpuDetails, WorkloadSummary};
 
 /// The machine a report is about.
@@ -109,4 +120,170 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuDetails>,
     pub host: HostInfo,
+}
+
+/// Wafer regions the text printer shows (the busiest first); `--json` has them all.
+const WAFER_REGION_ROWS: usize = 12;
+
+/// Kernel rows the text printer shows (the slowest first); `--json` has them all.
+const TEXT_KERNEL_ROWS: usize = 40;
+
+impl RunReport {
+    /// The human-readable report: what `wafer run` and `wafer gpu` print without `--json`, and what
+    /// snapshots hold. The `host` section is left out, so the text depends only on the inputs.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let w = &self.workload;
+        let _ = writeln!(s, "machine     {} ({}): {}", m.name, m.kind, m.description);
+        let _ = writeln!(s, "model       {}", self.model);
+        let shape = match w.phase.as_str() {
+            "decode" => format!("batch {} x 1 new token, KV cache {} tokens", w.batch, w.context),
+            _ if self.model.contains(':') => "one op".to_string(),
+            _ => format!("batch {} x seq {} = {} tokens", w.batch, w.seq, thousands(w.tokens)),
+        };
+        let mut extras = String::new();
+        if w.recompute {
+            extras.push_str(", activation recompute");
+        }
+        if w.sparsity > 0.0 {
+            let _ = write!(extras, ", weight sparsity {}", w.sparsity);
+        }
+        let phase = if self.model.contains(':') { "op" } else { w.phase.as_str() };
+        let _ = writeln!(s, "workload    {phase}: {shape}, {}{extras}", w.dtype);
+        let _ = writeln!(s, "mode        {} ({})", self.mode, self.fidelity);
+        let _ = writeln!(s, "step        {}  ({} cycles)", duration(self.seconds), thousands(self.cycles));
+        let _ = writeln!(
+            s,
+            "flops       {}  achieved {}/s = {} of peak {}/s",
+            human(self.flops as f64, "FLOP"),
+            human(self.achieved_flops_per_s, "FLOP"),
+            percent(self.peak_fraction),
+            human(m.peak_flops_per_s, "FLOP")
+        );
+        let _ = writeln!(s, "throughput  {} tokens/s", rate(self.tokens_per_s));
+        let u = &self.utilization;
+        let _ = writeln!(
+            s,
+            "utilization compute {}  fabric {}  io {}  memory {}",
+            percent(u.compute),
+            percent(u.fabric),
+            percent(u.io),
+            percent(u.memory)
+        );
+        let mut shares: Vec<(&String, &f64)> = self.bottleneck.shares.iter().collect();
+        shares.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        let list: Vec<String> = shares.iter().map(|(k, v)| format!("{k} {}", percent(**v))).collect();
+        let _ = writeln!(s, "bottleneck  {} ({})", self.bottleneck.dominant, list.join(", "));
+        if !self.breakdown.is_empty() && m.kind == "wafer" {
+            // Regions: the busiest dozen, with where their PEs' cycles went.
+            let _ = writeln!(
+                s,
+                "\nregions (busiest {WAFER_REGION_ROWS} of {}){:>10}{:>14}{:>7}{:>7}{:>7}  bound",
+                self.breakdown.len(),
+                "PEs",
+                "flops",
+                "busy",
+                "stall",
+                "idle"
+            );
+            let mut rows: Vec<&OpRow> = self.breakdown.iter().collect();
+            rows.sort_by(|a, b| b.cycles_busy.cmp(&a.cycles_busy).then(a.name.cmp(&b.name)));
+            for r in rows.iter().take(WAFER_REGION_ROWS) {
+                let total = (r.cycles_busy + r.cycles_stalled + r.cycles_idle).max(1) as f64;
+                let _ = writeln!(
+                    s,
+                    "  {:<32}{:>8}{:>14}{:>7}{:>7}{:>7}  {}",
+                    r.name,
+                    thousands(r.units),
+                    human(r.flops as f64, "FLOP"),
+                    percent(r.cycles_busy as f64 / total),
+                    percent(r.cycles_stalled as f64 / total),
+                    percent(r.cycles_idle as f64 / total),
+                    r.bound
+                );
+            }
+        } else if !self.breakdown.is_empty() {
+            let _ = writeln!(s, "\nbreakdown{:<22}{:>12}{:>8}{:>16}  bound", "", "time", "share", "flops");
+            let total: f64 = self.breakdown.iter().map(|r| r.seconds).sum();
+            for r in &self.breakdown {
+                let share = if total > 0.0 { r.seconds / total } else { 0.0 };
+                let _ = writeln!(
+                    s,
+                    "  {:<29}{:>12}{:>8}{:>16}  {}",
+                    r.name,
+                    duration(r.seconds),
+                    percent(share),
+                    human(r.flops as f64, "FLOP"),
+                    r.bound
+                );
+            }
+        }
+        if let Some(g) = &self.gpu {
+            let mem = &g.memory;
+            let _ = writeln!(s, "\nmemory per GPU (the fullest)");
+            for (name, v) in [
+                ("weights", mem.weights_bytes),
+                ("gradients", mem.gradients_bytes),
+                ("optimizer state", mem.optimizer_bytes),
+                ("activations", mem.activations_bytes),
+                ("kv cache", mem.kv_cache_bytes),
+            ] {
+                if v > 0 {
+                    let _ = writeln!(s, "  {name:<18}{:>16}", human(v as f64, "B"));
+                }
+            }
+            let frac = if mem.capacity_bytes > 0 { mem.total_bytes as f64 / mem.capacity_bytes as f64 } else { 0.0 };
+            let _ = writeln!(
+                s,
+                "  {:<18}{:>16}  of {} ({})",
+                "total",
+                human(mem.total_bytes as f64, "B"),
+                human(mem.capacity_bytes as f64, "B"),
+                percent(frac)
+            );
+            let _ = writeln!(s, "\nbytes moved (all GPUs)");
+            for l in &g.levels {
+                let _ = writeln!(s, "  {:<18}{:>16}", l.level, human(l.bytes as f64, "B"));
+            }
+            let mut rows: Vec<&super::KernelRow> = g.kernels.iter().collect();
+            rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+            let _ = writeln!(s, "\nkernels per GPU and step ({} distinct, slowest first)", g.kernels.len());
+            let _ = writeln!(
+                s,
+                "  {:<34}{:>6}  {:<10}{:>12}{:>12}  {:<8} config",
+                "kernel", "count", "kind", "time", "FLOP/s", "bound"
+            );
+            for r in rows.iter().take(TEXT_KERNEL_ROWS) {
+                let _ = writeln!(
+                    s,
+                    "  {:<34}{:>6}  {:<10}{:>12}{:>12}  {:<8} {} [{}]",
+                    r.name,
+                    r.count,
+                    r.kind,
+                    duration(r.seconds),
+                    rate(r.achieved_flops_per_s),
+                    r.bound,
+                    r.shape,
+                    r.config
+                );
+            }
+            if rows.len() > TEXT_KERNEL_ROWS {
+                let _ = writeln!(s, "  ... {} more (--json lists every kernel)", rows.len() - TEXT_KERNEL_ROWS);
+            }
+        }
+        if !self.counters.is_empty() {
+            let _ = writeln!(s, "\ncounters");
+            for (k, v) in &self.counters {
+                let _ = writeln!(s, "  {k:<28}{:>26}", thousands(*v));
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "\nnotes");
+            for n in &self.notes {
+                let _ = writeln!(s, "  - {n}");
+            }
+        }
+        s
+    }
 }

@@ -1,0 +1,250 @@
+//! `wafer run`: compile a model (or recompile a saved plan) and emulate it on the wafer engine.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use super::compile::parse_mode;
+use super::{emit, to_json, HwFlags, WorkloadFlags};
+use waferscale::compile::{self, CompileOptions, Compiled, Mode};
+use waferscale::engine::{self, report::ReportContext, EngineOptions, EngineRun, Fidelity};
+use waferscale::graph::{self, Graph};
+use waferscale::hw::WaferHw;
+use waferscale::mesh::MeshProgram;
+use waferscale::model;
+use waferscale::report::{GraphSummary, HostInfo, RunReport};
+use waferscale::Error;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FidelityArg {
+    /// Every PE, every task run and every train as events (meshes up to ~256x256).
+    Detailed,
+    /// For the whole wafer; today the same as detailed (no equivalence classes yet).
+    Fast,
+}
+
+#[derive(Args)]
+pub struct RunCmd {
+    /// A shipped model name (gpt2-small, llama-3-8b, gpt-tiny), a config.json path, a single op
+    /// (gemm:MxNxK, gemv:KxN, allreduce:BYTES, elementwise:N), or a plan saved by `wafer compile -o`.
+    pub model: String,
+    /// Hardware: a wafer or system in models/hardware (wse2, wse3, cs2, cs3) or a TOML path
+    /// [default: cs2; a plan brings its own].
+    #[arg(long)]
+    pub hw: Option<String>,
+    /// Override a value of the description, e.g. --set pe.sram_bytes=98304 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Use only a WxH rectangle of the wafer's mesh (e.g. 420x420).
+    #[arg(long, value_name = "WxH")]
+    pub mesh: Option<String>,
+    /// pipelined or weight-streaming [default: pipelined when the model fits].
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<Mode>,
+    /// Wafers for multi-wafer pipelined inference.
+    #[arg(long, default_value_t = 1)]
+    pub wafers: u32,
+    #[command(flatten)]
+    pub workload: WorkloadFlags,
+    /// detailed (every PE and train) or fast (today the same as detailed).
+    #[arg(long, value_enum, default_value = "fast")]
+    pub fidelity: FidelityArg,
+    /// Engine threads [default: the cores available]. Results do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the report to FILE instead of standard output.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<String>,
+    /// Record a PE utilisation trace to FILE (inspect with `wafer trace summary FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<String>,
+    /// Trace window in cycles [default: as fine as the budget allows].
+    #[arg(long, value_name = "CYCLES", requires = "trace")]
+    pub trace_window: Option<u64>,
+    /// Largest trace file, e.g. 64MB or 268435456 [default: 256MiB]; the window widens to fit.
+    #[arg(long, value_name = "BYTES", requires = "trace", value_parser = waferscale::trace::parse_bytes)]
+    pub trace_budget: Option<u64>,
+}
+
+/// A plan file is JSON with the compile inputs under `inputs`.
+fn is_plan(arg: &str) -> bool {
+    if arg.ends_with(".plan") {
+        return true;
+    }
+    std::path::Path::new(arg).is_file()
+        && std::fs::read_to_string(arg)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("inputs").is_some() && v.get("version").is_some())
+}
+
+/// What `wafer run` (and the demo and `wafer compare`) emulate: graph, machine, compiled programs.
+pub struct Prepared {
+    pub model: model::Model,
+    pub graph: Graph,
+    pub hw: WaferHw,
+    pub compiled: Compiled,
+}
+
+/// Compiles the model argument (or recompiles a plan) for the wafer.
+pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
+    if is_plan(&cmd.model) {
+        let (graph, hw, compiled) = compile::load_plan(&cmd.model)?;
+        let model = model::load(&graph.model).or_else(|_| model::load(&compiled.plan.model))?;
+        return Ok(Prepared { model, graph, hw, compiled });
+    }
+    let model = model::load(&cmd.model)?;
+    let workload = cmd.workload.args()?.resolve(&model)?;
+    let graph = graph::build(&model, &workload)?;
+    let flags =
+        HwFlags { hw: cmd.hw.clone().unwrap_or_else(|| "cs2".into()), set: cmd.set.clone(), mesh: cmd.mesh.clone() };
+    let (_, hw) = flags.load()?;
+    let opts = CompileOptions { mode: cmd.mode, wafers: cmd.wafers, verify: cfg!(debug_assertions) };
+    let compiled = compile::compile(&graph, &hw, &opts)?;
+    Ok(Prepared { model, graph, hw, compiled })
+}
+
+/// The program the engine runs: one wafer's, or all wafers side by side.
+pub fn program_of(p: &Prepared) -> Result<MeshProgram, Error> {
+    if p.compiled.programs.len() > 1 {
+        p.compiled.cluster().concat().map_err(|e| Error::Engine(waferscale::engine::EngineError::Program(e)))
+    } else {
+        Ok(p.compiled.program().clone())
+    }
+}
+
+/// Runs the engine with a progress spinner (after a second, on a terminal, unless `quiet`).
+pub fn emulate(
+    p: &Prepared,
+    fidelity: Fidelity,
+    threads: usize,
+    quiet: bool,
+    trace: Option<waferscale::engine::record::TraceSpec>,
+) -> Result<EngineRun, Error> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let opts = EngineOptions { fidelity, threads, trace, progress: Some(Arc::clone(&progress)) };
+    let done = Arc::new(AtomicBool::new(false));
+    let spinner = (!quiet).then(|| {
+        let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !done.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if done.load(Ordering::Relaxed) {
+                return;
+            }
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} emulating: cycle {msg} ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            while !done.load(Ordering::Relaxed) {
+                bar.set_message(waferscale::report::fmt::thousands(progress.load(Ordering::Relaxed)));
+                bar.tick();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        })
+    });
+    let result = program_of(p).and_then(|prog| engine::run(&prog, &opts).map_err(Error::from));
+    done.store(true, Ordering::Relaxed);
+    if let Some(h) = spinner {
+        let _ = h.join();
+    }
+    result
+}
+
+/// The report of a run.
+pub fn report(p: &Prepared, run: &EngineRun, threads: usize, wall: Duration) -> RunReport {
+    let summary = GraphSummary::new(&p.model, &p.graph);
+    let plan = &p.compiled.plan;
+    let mut notes = plan.notes.clone();
+    if run.fidelity == Fidelity::Fast {
+        notes.push("fast fidelity simulates every PE and task run today (no equivalence classes yet): its numbers equal detailed".into());
+    }
+    if plan.offload_flops > 0 {
+        notes.push(format!(
+            "{} FLOPs of the step run off the wafer (the optimizer update in MemoryX) and are not in the wafer's FLOP count",
+            waferscale::report::fmt::thousands(plan.offload_flops)
+        ));
+    }
+    let program = program_of(p).unwrap_or_else(|_| p.compiled.program().clone());
+    let mut report = engine::report::build(
+        &program,
+        run,
+        ReportContext {
+            hw: &p.hw,
+            model: p.graph.model.clone(),
+            workload: summary.workload,
+            dtype: p.graph.workload.dtype,
+            mode: plan.mode.clone(),
+            notes,
+            host: HostInfo {
+                wall_seconds: wall.as_secs_f64(),
+                threads: threads as u64,
+                peak_rss_bytes: peak_rss_bytes(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+        },
+    );
+    if p.compiled.programs.len() > 1 {
+        report.machine.devices = p.compiled.programs.len() as u64;
+        report.machine.peak_flops_per_s *= p.compiled.programs.len() as f64;
+        report.peak_fraction /= p.compiled.programs.len() as f64;
+    }
+    report
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn run(cmd: RunCmd) -> Result<(), Error> {
+    let started = Instant::now();
+    let p = prepare(&cmd)?;
+    let fidelity = match cmd.fidelity {
+        FidelityArg::Detailed => Fidelity::Detailed,
+        FidelityArg::Fast => Fidelity::Fast,
+    };
+    let threads = cmd.threads.unwrap_or_else(default_threads).max(1);
+    let trace_opts = waferscale::trace::TraceOptions {
+        budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),
+        window_cycles: cmd.trace_window,
+    };
+    let program = program_of(&p)?;
+    let spec = cmd.trace.as_ref().map(|_| waferscale::trace::spec_for(&program, &trace_opts));
+    let run = emulate(&p, fidelity, threads, cmd.json, spec)?;
+    let mut report = report(&p, &run, threads, started.elapsed());
+    if let Some(path) = &cmd.trace {
+        let header = waferscale::trace::TraceHeader::for_run(
+            &report.model,
+            report.workload.clone(),
+            &p.hw.name,
+            &report.mode,
+            &program,
+            &run,
+        );
+        let info = waferscale::trace::write(path, &header, &program, &run, &trace_opts)?;
+        report.notes.push(format!("{} written to {path}", info.message()));
+    }
+    let text = if cmd.json { to_json(&report)? } else { report.to_text() };
+    emit(&text, cmd.output.as_deref())
+}

@@ -1,0 +1,1161 @@
+//! The event loop. The mesh is cut into fixed square blocks ("partitions"); each partition owns the
+//! PEs, routers, links and ports in its block, its own event queue and statistics. Time advances in
+//! windows of one cycle (the lookahead: no effect crosses a block boundary in less than a hop): every
+//! partition handles its events of the window, then the trains whose heads cross into a neighbour are
+//! handed over as continuation events, in a fixed order. The blocks are a function of the mesh alone,
+//! so the result is the same whether one thread runs all partitions or many threads share them.
+//! Threads take blocks along diagonals, so a wavefront moving along rows or columns is shared.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use smallvec::{smallvec, SmallVec};
+
+use super::link::{Pace, Timeline, UNIT};
+use super::queue::RadixQueue;
+use super::record::{Metric, PartRecorder, Span, TraceSpec};
+use super::route::{expand, Deliver, Links, Node, ROOT};
+use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
+use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
+
+/// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
+pub const BLOCK: u32 = 64;
+
+/// A train's arrival at one agent: wavelet j arrives at `head + pace.offset(j)`.
+#[derive(Clone, Copy, Debug)]
+struct Arrival {
+    head: u64,
+    n: u64,
+    pace: Pace,
+    /// Critical path to the head's arrival, and what the serialisation behind it is spent on.
+    path: Path,
+    tail_res: Res,
+}
+
+/// Wavelets of one color at one agent: arrivals in head order, and how many task runs have claimed.
+#[derive(Clone, Debug, Default)]
+struct Inbox {
+    arrivals: SmallVec<[Arrival; 1]>,
+    /// Arrivals before this index are fully claimed and never read again.
+    first: usize,
+    /// Wavelets of `arrivals[first]` already claimed.
+    first_claimed: u64,
+    delivered: u64,
+    claimed: u64,
+}
+
+impl Inbox {
+    fn add(&mut self, a: Arrival) {
+        // Keep head order among arrivals nobody has claimed from yet.
+        let lo = self.first + usize::from(self.first_claimed > 0);
+        let pos = lo + self.arrivals[lo..].partition_point(|x| x.head <= a.head);
+        self.arrivals.insert(pos, a);
+        self.delivered += a.n;
+    }
+
+    /// Arrival cycle of the unclaimed wavelet `k` positions after the claim frontier.
+    fn time_of(&self, k: u64) -> Option<u64> {
+        self.arrival_of(k).map(|(t, _)| t)
+    }
+
+    /// Arrival cycle and critical path of the unclaimed wavelet `k` positions after the frontier.
+    fn arrival_of(&self, k: u64) -> Option<(u64, Path)> {
+        let mut k = k + self.first_claimed;
+        for a in &self.arrivals[self.first..] {
+            if k < a.n {
+                let off = a.pace.offset(k);
+                return Some((a.head + off, a.path.add(a.tail_res, off)));
+            }
+            k -= a.n;
+        }
+        None
+    }
+
+    fn claim(&mut self, mut w: u64) {
+        self.claimed += w;
+        while w > 0 {
+            let a = &self.arrivals[self.first];
+            let left = a.n - self.first_claimed;
+            if w < left {
+                self.first_claimed += w;
+                return;
+            }
+            w -= left;
+            self.first += 1;
+            self.first_claimed = 0;
+        }
+        if self.first > 64 {
+            self.arrivals.drain(..self.first);
+            self.first = 0;
+        }
+    }
+}
+
+/// A PE or an IO port.
+#[derive(Clone, Debug, Default)]
+struct Agent {
+    /// Global agent id (PE index in the mesh, then n_pes + port index).
+    id: u32,
+    /// Template index; u32::MAX for PEs that run nothing.
+    template: u32,
+    busy_until: u64,
+    running: bool,
+    /// Critical path to the end of the agent's last task run (or zero before any).
+    free_path: Path,
+    /// Path at the start of the running task (for its streamed sends) and at its finish.
+    run_path: Path,
+    runs_done: SmallVec<[u32; 4]>,
+    inbox: SmallVec<[(ColorId, Inbox); 2]>,
+    /// Route index per color, looked up once.
+    routes: SmallVec<[(ColorId, u32); 2]>,
+}
+
+impl Agent {
+    fn inbox(&mut self, c: ColorId) -> &mut Inbox {
+        match self.inbox.iter().position(|(k, _)| *k == c) {
+            Some(i) => &mut self.inbox[i].1,
+            None => {
+                self.inbox.push((c, Inbox::default()));
+                &mut self.inbox.last_mut().expect("just pushed").1
+            }
+        }
+    }
+    fn inbox_ref(&self, c: ColorId) -> Option<&Inbox> {
+        self.inbox.iter().find(|(k, _)| *k == c).map(|(_, i)| i)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    /// Re-evaluate which task the local agent can start.
+    Wake(u32),
+    /// A task run of the local agent finishes.
+    Done(u32, u32),
+    /// A train's head enters this partition (index into `Part::conts`).
+    Cont(u32),
+}
+
+/// A train in flight: everything a partition needs to continue it.
+#[derive(Debug)]
+struct Train {
+    color: ColorId,
+    n: u64,
+    pace: Pace,
+    len: u64,
+    units: u64,
+    nodes: Vec<Node>,
+    /// Critical path at the send, the cycle of the send, and what transit and serialisation cost.
+    path: Path,
+    sent: u64,
+    transit_res: Res,
+    tail_res: Res,
+}
+
+impl Train {
+    /// The train without its route tree.
+    fn clone_header(&self) -> Train {
+        Train {
+            color: self.color,
+            n: self.n,
+            pace: self.pace,
+            len: self.len,
+            units: self.units,
+            nodes: Vec::new(),
+            path: self.path,
+            sent: self.sent,
+            transit_res: Res::InterWafer,
+            tail_res: self.tail_res,
+        }
+    }
+}
+
+/// A train's head arriving at a partition's router at `time`, to continue from `node`.
+#[derive(Clone, Debug)]
+struct Cont {
+    time: u64,
+    train: Arc<Train>,
+    node: u32,
+}
+
+/// Read-only facts every partition shares.
+pub(crate) struct Shared<'p> {
+    prog: &'p MeshProgram,
+    links: Links,
+    n_pes: u32,
+    /// Blocks per row of blocks, and rows of blocks.
+    blocks_x: u32,
+    blocks_y: u32,
+    /// Template of every PE (u32::MAX: idle).
+    template_of: Vec<u32>,
+    port_cap: Vec<u64>,
+    port_pace: Vec<Pace>,
+    /// (partition, local index) of each port.
+    port_home: Vec<(u32, u32)>,
+    /// Route indices per color id (colors are small integers).
+    routes_by_color: Vec<Vec<u32>>,
+    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced).
+    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool); 2]>>,
+}
+
+impl<'p> Shared<'p> {
+    pub fn new(prog: &'p MeshProgram) -> Result<Shared<'p>, EngineError> {
+        let links = Links {
+            width: prog.mesh.width,
+            height: prog.mesh.height,
+            wafer_width: prog.wafer_width.unwrap_or(prog.mesh.width).max(1),
+            ports: prog.ports.len() as u32,
+        };
+        let n_pes = links.pes();
+        let mut template_of = vec![u32::MAX; n_pes as usize];
+        for tile in &prog.tiles {
+            let r = tile.rect;
+            if r.x + r.w > links.width || r.y + r.h > links.height {
+                return Err(EngineError::Program(format!(
+                    "tile {r:?} lies outside the {}x{} mesh",
+                    links.width, links.height
+                )));
+            }
+            if tile.template.0 as usize >= prog.templates.len() {
+                return Err(EngineError::Program(format!("tile {r:?} names a template that does not exist")));
+            }
+            for y in r.y..r.y + r.h {
+                for x in r.x..r.x + r.w {
+                    let slot = &mut template_of[links.pe(Coord { x, y }) as usize];
+                    if *slot != u32::MAX {
+                        return Err(EngineError::Program(format!("PE ({x},{y}) is in two tiles")));
+                    }
+                    *slot = tile.template.0;
+                }
+            }
+        }
+        let (blocks_x, blocks_y) = (links.width.div_ceil(BLOCK), links.height.div_ceil(BLOCK));
+        let n_parts = blocks_x * blocks_y;
+        let mut port_cap = Vec::new();
+        let mut port_pace = Vec::new();
+        let mut port_home = Vec::new();
+        let mut per_part = vec![0u32; n_parts as usize];
+        for p in &prog.ports {
+            if p.at.x >= links.width || p.at.y >= links.height || p.wavelets == 0 || p.per_cycles == 0 {
+                return Err(EngineError::Program(format!("port {} is off the mesh or has no bandwidth", p.name)));
+            }
+            port_cap.push(((UNIT as u128 * p.wavelets as u128) / p.per_cycles as u128).max(1) as u64);
+            port_pace.push(Pace::new(p.per_cycles, p.wavelets).max(Pace::FULL));
+            let part = (p.at.y / BLOCK) * blocks_x + p.at.x / BLOCK;
+            port_home.push((part, per_part[part as usize]));
+            per_part[part as usize] += 1;
+        }
+        let mut routes_by_color: Vec<Vec<u32>> = Vec::new();
+        for (i, r) in prog.routes.iter().enumerate() {
+            let c = r.color.0 as usize;
+            if c >= 4096 {
+                return Err(EngineError::Program(format!("route {i} uses color {} (beyond any router)", r.color)));
+            }
+            if routes_by_color.len() <= c {
+                routes_by_color.resize(c + 1, Vec::new());
+            }
+            routes_by_color[c].push(i as u32);
+        }
+        let recv_pace = prog
+            .templates
+            .iter()
+            .map(|t| {
+                let mut v: SmallVec<[(ColorId, Pace, bool); 2]> = SmallVec::new();
+                for task in &t.tasks {
+                    for need in &task.needs {
+                        if let Need::Recv { color, wavelets } = *need {
+                            if wavelets == 0 || v.iter().any(|(c, _, _)| *c == color) {
+                                continue;
+                            }
+                            let paced = task.work.paced_by == Some(color);
+                            let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
+                            let pace =
+                                if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
+                            v.push((color, pace, paced));
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        Ok(Shared {
+            prog,
+            links,
+            n_pes,
+            blocks_x,
+            blocks_y,
+            template_of,
+            port_cap,
+            port_pace,
+            port_home,
+            routes_by_color,
+            recv_pace,
+        })
+    }
+
+    pub fn n_parts(&self) -> u32 {
+        self.blocks_x * self.blocks_y
+    }
+
+    /// (x0, y0, w, h) of a partition's block.
+    fn block(&self, part: u32) -> (u32, u32, u32, u32) {
+        let (x0, y0) = ((part % self.blocks_x) * BLOCK, (part / self.blocks_x) * BLOCK);
+        (x0, y0, BLOCK.min(self.links.width - x0), BLOCK.min(self.links.height - y0))
+    }
+
+    /// The worker that runs a partition: blocks along diagonals alternate, so fronts moving along
+    /// rows or columns are split between workers.
+    fn worker_of(&self, part: u32, threads: usize) -> usize {
+        ((part % self.blocks_x + part / self.blocks_x) as usize) % threads
+    }
+
+    /// (partition, local index) of an agent.
+    fn home(&self, agent: u32) -> (u32, u32) {
+        if agent >= self.n_pes {
+            // Ports follow the block's PEs in the partition's agent list.
+            let (part, k) = self.port_home[(agent - self.n_pes) as usize];
+            let (_, _, w, h) = self.block(part);
+            return (part, w * h + k);
+        }
+        let c = self.links.coord(agent);
+        let part = (c.y / BLOCK) * self.blocks_x + c.x / BLOCK;
+        let (x0, y0, w, _) = self.block(part);
+        (part, (c.y - y0) * w + (c.x - x0))
+    }
+
+    /// (partition, local index) of a link.
+    fn link_home(&self, l: u32) -> (u32, u32) {
+        let n = self.n_pes;
+        if l < 4 * n {
+            let (part, local) = self.home(l / 4);
+            (part, local * 4 + l % 4)
+        } else if l < 6 * n {
+            let pe = (l - 4 * n) / 2;
+            let (part, local) = self.home(pe);
+            let (_, _, w, h) = self.block(part);
+            (part, 4 * w * h + 2 * local + (l - 4 * n) % 2)
+        } else {
+            // Outgoing port links, then incoming links from peer wafers, per owning partition.
+            let np = self.links.ports;
+            let (q, incoming) = if l - 6 * n < np { (l - 6 * n, 0) } else { (l - 6 * n - np, 1) };
+            let (part, k) = self.port_home[q as usize];
+            let (_, _, w, h) = self.block(part);
+            (part, 6 * w * h + 2 * k + incoming)
+        }
+    }
+
+    fn pace_of(&self, template: u32, c: ColorId) -> (Pace, bool) {
+        if template == u32::MAX {
+            return (Pace::FULL, false);
+        }
+        self.recv_pace[template as usize]
+            .iter()
+            .find(|(k, _, _)| *k == c)
+            .map_or((Pace::FULL, false), |(_, p, paced)| (*p, *paced))
+    }
+
+    pub fn agent_name(&self, a: u32) -> String {
+        if a >= self.n_pes {
+            format!("port {}", self.prog.ports[(a - self.n_pes) as usize].name)
+        } else {
+            let c = self.links.coord(a);
+            format!("PE ({},{})", c.x, c.y)
+        }
+    }
+}
+
+/// One stripe of the mesh and everything it owns.
+pub(crate) struct Part {
+    id: u32,
+    agents: Vec<Agent>,
+    timelines: Vec<Timeline>,
+    queue: RadixQueue<Ev>,
+    conts: Vec<Option<Cont>>,
+    /// Continuations for other partitions, produced in this window.
+    outbox: Vec<(u32, Cont)>,
+    now: u64,
+    out_time: Vec<u64>,
+    scratch: Vec<Node>,
+    pub totals: Totals,
+    pub stats: Vec<AgentStats>,
+    pub hop_unit_cycles: u128,
+    pub error: Option<EngineError>,
+    /// Trace recording, when asked for.
+    pub rec: Option<PartRecorder>,
+}
+
+const NOT_HERE: u64 = u64::MAX;
+
+impl Part {
+    pub fn new(sh: &Shared, id: u32, trace: Option<&TraceSpec>) -> Part {
+        let (x0, y0, w, h) = sh.block(id);
+        let mut agents = Vec::with_capacity((w * h) as usize);
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                let g = sh.links.pe(Coord { x, y });
+                let t = sh.template_of[g as usize];
+                let n_tasks = if t == u32::MAX { 0 } else { sh.prog.templates[t as usize].tasks.len() };
+                agents.push(Agent { id: g, template: t, runs_done: smallvec![0; n_tasks], ..Default::default() });
+            }
+        }
+        for (i, p) in sh.prog.ports.iter().enumerate() {
+            if sh.port_home[i].0 == id {
+                let n_tasks = sh.prog.templates[p.template.0 as usize].tasks.len();
+                agents.push(Agent {
+                    id: sh.n_pes + i as u32,
+                    template: p.template.0,
+                    runs_done: smallvec![0; n_tasks],
+                    ..Default::default()
+                });
+            }
+        }
+        let n_ports_here = agents.len() - (w * h) as usize;
+        let n_links = 6 * (w * h) as usize + 2 * n_ports_here;
+        let mut queue = RadixQueue::new();
+        for (i, a) in agents.iter().enumerate() {
+            if a.template != u32::MAX {
+                queue.push(0, Ev::Wake(i as u32));
+            }
+        }
+        let n_agents = agents.len();
+        Part {
+            id,
+            agents,
+            timelines: vec![Timeline::default(); n_links],
+            queue,
+            conts: Vec::new(),
+            outbox: Vec::new(),
+            now: 0,
+            out_time: Vec::new(),
+            scratch: Vec::new(),
+            totals: Totals { io_bytes: vec![0; sh.prog.ports.len()], ..Totals::default() },
+            stats: vec![AgentStats::default(); n_agents],
+            hop_unit_cycles: 0,
+            error: None,
+            rec: None,
+        }
+        .with_recorder(trace)
+    }
+
+    fn with_recorder(mut self, trace: Option<&TraceSpec>) -> Part {
+        if let Some(spec) = trace {
+            let ids: Vec<u32> = self.agents.iter().map(|a| a.id).collect();
+            self.rec = Some(PartRecorder::new(spec, &ids));
+        }
+        self
+    }
+
+    /// Global id of each local agent.
+    pub fn agent_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.agents.iter().map(|a| a.id)
+    }
+
+    /// The cycle of this partition's next event.
+    pub fn next_time(&mut self) -> Option<u64> {
+        self.queue.peek_time()
+    }
+
+    /// Takes in continuations handed over at the end of the last window.
+    fn accept(&mut self, conts: Vec<Cont>) {
+        for c in conts {
+            let idx = self.conts.len() as u32;
+            let t = c.time;
+            self.conts.push(Some(c));
+            self.queue.push(t, Ev::Cont(idx));
+        }
+    }
+
+    /// Handles every event at cycle `t`.
+    pub fn window(&mut self, sh: &Shared, t: u64) {
+        while self.queue.peek_time() == Some(t) {
+            let Some((t, ev)) = self.queue.pop() else { break };
+            self.now = t;
+            self.totals.events += 1;
+            let res = match ev {
+                Ev::Wake(a) => self.try_start(sh, a),
+                Ev::Done(a, k) => self.finish(sh, a, k),
+                Ev::Cont(i) => match self.conts[i as usize].take() {
+                    Some(c) => self.walk(sh, &c.train, c.node, c.time, None),
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = res {
+                self.error = Some(e);
+                return;
+            }
+        }
+        if self.conts.iter().all(Option::is_none) {
+            self.conts.clear();
+        }
+    }
+
+    fn template<'p>(&self, sh: &Shared<'p>, a: u32) -> &'p crate::mesh::Template {
+        &sh.prog.templates[self.agents[a as usize].template as usize]
+    }
+
+    fn is_port(&self, sh: &Shared, a: u32) -> bool {
+        self.agents[a as usize].id >= sh.n_pes
+    }
+
+    /// Whether run `run` of task `k` of local agent `a` has its needs met now.
+    fn ready(&self, sh: &Shared, a: u32, k: usize, run: u64) -> bool {
+        let agent = &self.agents[a as usize];
+        let task = &self.template(sh, a).tasks[k];
+        for need in &task.needs {
+            match *need {
+                Need::Done { task: u, .. } | Need::After { task: u, .. } => {
+                    if (agent.runs_done[u.0 as usize] as u64) < need.runs_needed(run).unwrap_or(0) {
+                        return false;
+                    }
+                }
+                Need::Recv { color, wavelets } => {
+                    let Some(inbox) = agent.inbox_ref(color) else {
+                        return false;
+                    };
+                    if inbox.delivered < inbox.claimed + wavelets {
+                        return false;
+                    }
+                    let paced = task.work.paced_by == Some(color) && wavelets > 0;
+                    let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
+                    match inbox.time_of(probe) {
+                        Some(at) if at <= self.now => {}
+                        _ => return false,
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// The earliest future cycle at which some task of agent `a` becomes ready on wavelets that are
+    /// already delivered (all its other needs holding), if any.
+    fn next_ready_time(&self, sh: &Shared, a: u32) -> Option<u64> {
+        let agent = &self.agents[a as usize];
+        let tasks = &self.template(sh, a).tasks;
+        let mut best: Option<u64> = None;
+        'task: for (k, task) in tasks.iter().enumerate() {
+            let run = agent.runs_done[k] as u64 + 1;
+            if run > task.repeat as u64 {
+                continue;
+            }
+            let mut at = 0u64;
+            for need in &task.needs {
+                match *need {
+                    Need::Recv { color, wavelets } => {
+                        let Some(inbox) = agent.inbox_ref(color) else { continue 'task };
+                        if inbox.delivered < inbox.claimed + wavelets {
+                            continue 'task;
+                        }
+                        let paced = task.work.paced_by == Some(color) && wavelets > 0;
+                        let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
+                        match inbox.time_of(probe) {
+                            Some(t) => at = at.max(t),
+                            None => continue 'task,
+                        }
+                    }
+                    Need::Done { task: u, .. } | Need::After { task: u, .. } => {
+                        if (agent.runs_done[u.0 as usize] as u64) < need.runs_needed(run).unwrap_or(0) {
+                            continue 'task;
+                        }
+                    }
+                }
+            }
+            if at > self.now {
+                best = Some(best.map_or(at, |b| b.min(at)));
+            }
+        }
+        best
+    }
+
+    fn try_start(&mut self, sh: &Shared, a: u32) -> Result<(), EngineError> {
+        let agent = &self.agents[a as usize];
+        if agent.running || agent.busy_until > self.now || agent.template == u32::MAX {
+            return Ok(());
+        }
+        let tasks = &self.template(sh, a).tasks;
+        let Some(k) = (0..tasks.len()).find(|&k| {
+            let run = agent.runs_done[k] as u64 + 1;
+            run <= tasks[k].repeat as u64 && self.ready(sh, a, k, run)
+        }) else {
+            // Nothing is ready now. Wavelets already on their way may make a task ready later without
+            // a new delivery (one long train feeding several runs): wake up when the earliest can go.
+            if let Some(t) = self.next_ready_time(sh, a) {
+                self.queue.push(t, Ev::Wake(a));
+            }
+            return Ok(());
+        };
+        let task = &tasks[k];
+        let port = self.is_port(sh, a);
+        let timing = &sh.prog.timing;
+        let start = if port { self.now } else { self.now + timing.pick_cycles as u64 };
+        let compute = if port { 0 } else { timing.pe.cycles(task.work.op, task.work.elems) };
+        // The critical path to this start: whichever constraint was met last (the PE becoming free,
+        // or the wavelet each need waited for), plus the pick.
+        let agent = &self.agents[a as usize];
+        let mut bind = (agent.busy_until, agent.free_path);
+        for need in &task.needs {
+            if let Need::Recv { color, wavelets } = *need {
+                let paced = task.work.paced_by == Some(color) && wavelets > 0;
+                let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
+                if let Some(at) = agent.inbox_ref(color).and_then(|i| i.arrival_of(probe)) {
+                    if at.0 > bind.0 {
+                        bind = at;
+                    }
+                }
+            }
+        }
+        let start_path = bind.1.add(Res::Compute, start.saturating_sub(bind.0));
+        let op_res = if !port && sram_bound(timing, task.work.op) { Res::Sram } else { Res::Compute };
+        let mut finish = start + compute;
+        let mut finish_path = start_path.add(op_res, compute);
+        let mut stall = Metric::StallData;
+        // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
+        for need in &task.needs {
+            if let Need::Recv { color, wavelets } = *need {
+                let inbox = self.agents[a as usize].inbox(color);
+                if task.work.paced_by == Some(color) && wavelets > 0 {
+                    let (last, last_path) = inbox.arrival_of(wavelets - 1).unwrap_or((self.now, start_path));
+                    let per = compute.div_ceil(wavelets);
+                    if last + per > finish {
+                        finish = last + per;
+                        finish_path = last_path.add(op_res, per);
+                        let io = last_path.0[Res::PerimeterIo as usize] + last_path.0[Res::InterWafer as usize];
+                        stall =
+                            if io > last_path.0[Res::Fabric as usize] { Metric::StallIo } else { Metric::StallData };
+                    }
+                }
+                inbox.claim(wavelets);
+            }
+        }
+        self.agents[a as usize].run_path = start_path;
+        let run = self.agents[a as usize].runs_done[k] + 1;
+        for s in &task.sends {
+            if s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
+                let pace = if compute > 0 { Pace::new(compute, s.wavelets).max(Pace::FULL) } else { Pace::FULL };
+                let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
+                if tail > finish {
+                    finish_path = start_path.add(Res::Fabric, tail - start);
+                    finish = tail;
+                    stall = Metric::StallBackpressure;
+                }
+            }
+        }
+        let st = &mut self.stats[a as usize];
+        st.busy += compute;
+        st.stalled += finish - start - compute;
+        st.runs += 1;
+        st.first_start = st.first_start.min(start);
+        st.last_finish = st.last_finish.max(finish);
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::Compute, start, compute, 1);
+            rec.add(a, stall, start + compute, finish - start - compute, 1);
+            let agent = self.agents[a as usize].id;
+            rec.span(a, Span { agent, task: k as u32, start, finish, compute });
+        }
+        let agent = &mut self.agents[a as usize];
+        agent.running = true;
+        agent.busy_until = finish;
+        agent.run_path = finish_path;
+        self.queue.push(finish, Ev::Done(a, k as u32));
+        Ok(())
+    }
+
+    fn finish(&mut self, sh: &Shared, a: u32, k: u32) -> Result<(), EngineError> {
+        let task = &self.template(sh, a).tasks[k as usize];
+        {
+            let agent = &mut self.agents[a as usize];
+            agent.running = false;
+            agent.runs_done[k as usize] += 1;
+            agent.free_path = agent.run_path;
+        }
+        if !self.is_port(sh, a) {
+            self.totals.flops += task.flops;
+            self.stats[a as usize].flops += task.flops;
+        }
+        let run = self.agents[a as usize].runs_done[k as usize];
+        for s in &task.sends {
+            if !s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
+                self.send(sh, a, s.color, s.wavelets, Pace::FULL, self.now)?;
+            }
+        }
+        self.try_start(sh, a)
+    }
+
+    /// The route local agent `a` uses for color `c`.
+    fn route(&mut self, sh: &Shared, a: u32, c: ColorId) -> Result<u32, EngineError> {
+        let agent = &self.agents[a as usize];
+        if let Some((_, r)) = agent.routes.iter().find(|(k, _)| *k == c) {
+            return Ok(*r);
+        }
+        let g = agent.id;
+        let candidates = sh.routes_by_color.get(c.0 as usize).map(Vec::as_slice).unwrap_or(&[]);
+        let found = candidates.iter().copied().find(|&r| match sh.prog.routes[r as usize].senders {
+            Senders::Pes(rect) => g < sh.n_pes && rect.contains(sh.links.coord(g)),
+            Senders::Port(p) => g == sh.n_pes + p.0,
+        });
+        let Some(r) = found else {
+            return Err(EngineError::Program(format!(
+                "{} sends on color {c} but no route covers it",
+                sh.agent_name(g)
+            )));
+        };
+        self.agents[a as usize].routes.push((c, r));
+        Ok(r)
+    }
+
+    /// Sends a train from local agent `a`; returns the cycle its tail has left the sender.
+    fn send(&mut self, sh: &Shared, a: u32, c: ColorId, n: u64, mut pace: Pace, t: u64) -> Result<u64, EngineError> {
+        let r = self.route(sh, a, c)?;
+        let route = sh.prog.routes[r as usize];
+        let timing = &sh.prog.timing;
+        let g = self.agents[a as usize].id;
+        let path = self.agents[a as usize].run_path;
+        // The train's pace is the slowest of: the sender (a compute-paced stream), the ports it
+        // crosses, its paced consumers (backpressure), and the link; its serialisation is charged to
+        // whichever that is.
+        let mut tail_res = if pace == Pace::FULL { Res::Fabric } else { Res::Compute };
+        let mut slower = |pace: &mut Pace, p: Pace, res: Res| {
+            if p.max(*pace) != *pace {
+                *pace = p;
+                tail_res = res;
+            }
+        };
+        let (entry, root_link, root_latency, root_cap, transit_res) = if g >= sh.n_pes {
+            let p = (g - sh.n_pes) as usize;
+            let port = &sh.prog.ports[p];
+            let res = port_res(port.peer);
+            slower(&mut pace, sh.port_pace[p], res);
+            (port.at, sh.links.port(p as u32), port.latency_cycles, sh.port_cap[p], res)
+        } else {
+            (sh.links.coord(g), sh.links.up_ramp(g), timing.ramp_cycles as u64, UNIT, Res::Fabric)
+        };
+        let mut nodes = std::mem::take(&mut self.scratch);
+        expand(&sh.links, entry, route.pattern, &sh.prog.ports, &mut nodes).map_err(|e| {
+            EngineError::Program(format!(
+                "{}: the route of color {c} ({:?}) leaves the mesh at ({},{})",
+                sh.agent_name(g),
+                route.pattern,
+                e.at.x,
+                e.at.y
+            ))
+        })?;
+        for node in &nodes {
+            match node.deliver {
+                Deliver::Pe(d) => slower(&mut pace, sh.pace_of(sh.template_of[d as usize], c).0, Res::Compute),
+                Deliver::Port(p) | Deliver::PortIn(p) => {
+                    slower(&mut pace, sh.port_pace[p as usize], port_res(sh.prog.ports[p as usize].peer))
+                }
+                Deliver::Hop => {}
+            }
+        }
+        let transit_res = match route.pattern {
+            crate::mesh::Pattern::ToPort { port } => port_res(sh.prog.ports[port.0 as usize].peer),
+            _ => transit_res,
+        };
+        let len = pace.cycles(n);
+        let units = pace.units();
+        let head = t + route.relays as u64 * timing.relay_cycles as u64;
+        let (_, root_local) = sh.link_home(root_link);
+        let start = self.timelines[root_local as usize].reserve(head, len, units, root_cap, self.now);
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::Send, start, len, units);
+        }
+        self.totals.wavelets_sent += n;
+        self.totals.relays += route.relays as u64;
+        if g >= sh.n_pes {
+            self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
+        }
+        let train = Arc::new(Train { color: c, n, pace, len, units, nodes, path, sent: t, transit_res, tail_res });
+        self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
+        // Keep the allocation for the next train when nobody else holds it.
+        if let Ok(t) = Arc::try_unwrap(train) {
+            self.scratch = t.nodes;
+        }
+        Ok(start + len)
+    }
+
+    /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
+    /// owns; heads that cross into another partition are handed over. `root_in`: for the sender's walk,
+    /// the head time at the entry router (every node whose parent is the root starts there).
+    fn walk(
+        &mut self,
+        sh: &Shared,
+        train: &Arc<Train>,
+        first: u32,
+        first_in: u64,
+        root_in: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let nodes = &train.nodes;
+        self.out_time.clear();
+        self.out_time.resize(nodes.len(), NOT_HERE);
+        let timing = &sh.prog.timing;
+        for (i, &node) in nodes.iter().enumerate().skip(first as usize) {
+            let t_in = if root_in.is_none() && i == first as usize {
+                first_in
+            } else if node.parent == ROOT {
+                match root_in {
+                    Some(t) => t,
+                    None => continue,
+                }
+            } else {
+                match self.out_time[node.parent as usize] {
+                    NOT_HERE => continue,
+                    t => t,
+                }
+            };
+            let (owner, local) = sh.link_home(node.link);
+            if owner != self.id {
+                self.outbox.push((owner, Cont { time: t_in, train: Arc::clone(train), node: i as u32 }));
+                continue;
+            }
+            let (cap, latency) = match node.deliver {
+                Deliver::Hop => (UNIT, timing.hop_cycles as u64),
+                Deliver::Pe(_) => (UNIT, timing.ramp_cycles as u64),
+                Deliver::Port(p) | Deliver::PortIn(p) => {
+                    (sh.port_cap[p as usize], sh.prog.ports[p as usize].latency_cycles)
+                }
+            };
+            let s = self.timelines[local as usize].reserve(t_in, train.len, train.units, cap, self.now);
+            let out = s + latency;
+            if let Some(rec) = self.rec.as_mut() {
+                let (metric, agent) = match node.deliver {
+                    Deliver::Hop => (Metric::Fabric, local / 4),
+                    Deliver::Pe(d) => (Metric::Receive, sh.home(d).1),
+                    Deliver::Port(p) | Deliver::PortIn(p) => (Metric::Receive, sh.home(sh.n_pes + p).1),
+                };
+                rec.add(agent, metric, s, train.len, train.units);
+            }
+            self.out_time[i] = out;
+            match node.deliver {
+                Deliver::Hop => {
+                    self.totals.wavelet_hops += train.n;
+                    self.hop_unit_cycles += train.len as u128 * train.units as u128;
+                }
+                Deliver::Pe(d) => self.deliver(sh, d, train, out)?,
+                Deliver::Port(p) => {
+                    self.totals.io_bytes[p as usize] += train.n * 4;
+                    // A port with a peer wafer forwards the train; it consumes nothing itself.
+                    if sh.prog.ports[p as usize].peer_port.is_none() {
+                        self.deliver(sh, sh.n_pes + p, train, out)?;
+                    }
+                }
+                Deliver::PortIn(q) => {
+                    // Counted where the data crosses the port: when the peer port injects it.
+                    let link = Train { color: ColorId::LINK, nodes: Vec::new(), ..train.clone_header() };
+                    self.deliver(sh, sh.n_pes + q, &link, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<(), EngineError> {
+        let (c, n, pace) = (train.color, train.n, train.pace);
+        let (part, local) = sh.home(d);
+        debug_assert_eq!(part, self.id);
+        let agent = &mut self.agents[local as usize];
+        if agent.template == u32::MAX {
+            return Err(EngineError::Program(format!(
+                "a train on color {c} is delivered to {}, which runs nothing",
+                sh.agent_name(d)
+            )));
+        }
+        let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
+        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res });
+        self.totals.wavelets_delivered += n;
+        // Wake the receiver when its consumer of this color can start: at the head for a paced
+        // consumer, at the tail otherwise.
+        let paced = d < sh.n_pes && sh.pace_of(agent.template, c).1;
+        let at = if paced { head } else { head + pace.offset(n - 1) };
+        self.queue.push(at, Ev::Wake(local));
+        Ok(())
+    }
+
+    /// Tasks that did not run all their runs: (global agent id, what it waits for).
+    pub fn blocked(&self, sh: &Shared) -> Vec<(u32, Blocked)> {
+        let mut out = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if agent.template == u32::MAX {
+                continue;
+            }
+            let tasks = &self.template(sh, i as u32).tasks;
+            if let Some(k) = (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat) {
+                out.push((
+                    agent.id,
+                    Blocked {
+                        agent: sh.agent_name(agent.id),
+                        task: tasks[k].name.clone(),
+                        run: agent.runs_done[k] + 1,
+                        waits_for: self.waits_for(sh, i as u32, k),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// The first delivery nobody consumed, if any.
+    pub fn unconsumed(&self, sh: &Shared) -> Option<String> {
+        for agent in &self.agents {
+            for (c, inbox) in &agent.inbox {
+                if inbox.delivered != inbox.claimed {
+                    return Some(format!(
+                        "{} received {} wavelets on color {c} but its tasks consumed {}",
+                        sh.agent_name(agent.id),
+                        inbox.delivered,
+                        inbox.claimed
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn waits_for(&self, sh: &Shared, a: u32, k: usize) -> Vec<String> {
+        let agent = &self.agents[a as usize];
+        let tasks = &self.template(sh, a).tasks;
+        let run = agent.runs_done[k] as u64 + 1;
+        let mut out = Vec::new();
+        for need in &tasks[k].needs {
+            match *need {
+                Need::Done { task: TaskIdx(u), .. } | Need::After { task: TaskIdx(u), .. } => {
+                    let have = agent.runs_done[u as usize] as u64;
+                    let want = need.runs_needed(run).unwrap_or(0);
+                    if have < want {
+                        out.push(format!("task {} to finish {want} runs (done {have})", tasks[u as usize].name));
+                    }
+                }
+                Need::Recv { color, wavelets } => {
+                    let (have, claimed) = agent.inbox_ref(color).map_or((0, 0), |i| (i.delivered, i.claimed));
+                    if have < claimed + wavelets {
+                        out.push(format!("{wavelets} wavelets on color {color} (has {} unclaimed)", have - claimed));
+                    } else if let Some(i) = agent.inbox_ref(color) {
+                        out.push(format!(
+                            "[ready? color {color}: {} delivered, {} claimed, next at {:?}, last at {:?}, busy until {}]",
+                            i.delivered,
+                            i.claimed,
+                            i.time_of(0),
+                            i.time_of(wavelets - 1),
+                            agent.busy_until
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// (cycle, agent id, critical path) of the latest task finish in this partition.
+    pub fn last_finish(&self) -> Option<(u64, u32, Path)> {
+        self.agents
+            .iter()
+            .filter(|a| a.template != u32::MAX && a.runs_done.iter().any(|&r| r > 0))
+            .map(|a| (a.busy_until, a.id, a.free_path))
+            .max_by(|x, y| x.0.cmp(&y.0).then(y.1.cmp(&x.1)))
+    }
+
+    /// Agent statistics with their global ids.
+    pub fn agent_stats(&self) -> impl Iterator<Item = (u32, AgentStats)> + '_ {
+        self.agents.iter().zip(&self.stats).map(|(a, s)| (a.id, *s))
+    }
+}
+
+/// What a port's transit is spent on.
+fn port_res(peer: crate::mesh::Peer) -> Res {
+    match peer {
+        crate::mesh::Peer::Wafer(_) => Res::InterWafer,
+        _ => Res::PerimeterIo,
+    }
+}
+
+/// Whether an op runs below its SIMD width because of the SRAM ports.
+fn sram_bound(timing: &crate::mesh::Timing, op: crate::hw::SimdOp) -> bool {
+    let (n, per) = timing.pe.rate(op);
+    (n as u128) < (timing.pe.simd.width(op) as u128) * (per as u128)
+}
+
+/// A sense-reversing spin barrier for the window loop (a window is one cycle, so waits are short).
+struct SpinBarrier {
+    n: usize,
+    count: AtomicUsize,
+    sense: AtomicBool,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> SpinBarrier {
+        SpinBarrier { n, count: AtomicUsize::new(0), sense: AtomicBool::new(false) }
+    }
+
+    fn wait(&self, local_sense: &mut bool) {
+        *local_sense = !*local_sense;
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Release);
+            self.sense.store(*local_sense, Ordering::Release);
+        } else {
+            let mut spins = 0u32;
+            while self.sense.load(Ordering::Acquire) != *local_sense {
+                spins += 1;
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+fn lock(c: &Mutex<Part>) -> std::sync::MutexGuard<'_, Part> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `with(i, f)` runs `f` on partition `i`, however the caller holds the partitions.
+type WithPart<'a> = dyn FnMut(usize, &mut dyn FnMut(&mut Part)) + 'a;
+
+/// The window loop's shared bookkeeping: each partition's next event cycle and whether it has
+/// continuations to hand over.
+struct Board {
+    next: Vec<AtomicU64>,
+    has_out: Vec<AtomicBool>,
+}
+
+impl Board {
+    fn new(parts: &mut [Part]) -> Board {
+        Board {
+            next: parts.iter_mut().map(|p| AtomicU64::new(p.next_time().unwrap_or(u64::MAX))).collect(),
+            has_out: parts.iter().map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn window(&self) -> Option<u64> {
+        self.next.iter().map(|n| n.load(Ordering::Acquire)).min().filter(|&t| t != u64::MAX)
+    }
+
+    /// Runs partition `i`'s window at `t` if it has events then, and records what follows.
+    fn run(&self, sh: &Shared, i: usize, part: &mut Part, t: u64) {
+        if self.next[i].load(Ordering::Acquire) != t {
+            return;
+        }
+        part.window(sh, t);
+        self.next[i].store(part.next_time().unwrap_or(u64::MAX), Ordering::Release);
+        if !part.outbox.is_empty() || part.error.is_some() {
+            self.has_out[i].store(true, Ordering::Release);
+        }
+    }
+
+    /// Between windows: the first error in partition order, then the hand-over of continuations in
+    /// (source partition, emission) order. `with(i, f)` runs `f` on partition `i`.
+    fn settle(&self, with: &mut WithPart) -> Result<(), EngineError> {
+        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
+        let mut error = None;
+        for i in 0..self.next.len() {
+            if !self.has_out[i].swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            with(i, &mut |p: &mut Part| {
+                if let Some(e) = p.error.take() {
+                    error.get_or_insert(e);
+                }
+                for (dest, c) in p.outbox.drain(..) {
+                    match inbound.iter_mut().find(|(d, _)| *d == dest) {
+                        Some((_, v)) => v.push(c),
+                        None => inbound.push((dest, vec![c])),
+                    }
+                }
+            });
+            if let Some(e) = error.take() {
+                return Err(e);
+            }
+        }
+        for (dest, conts) in inbound {
+            let mut conts = Some(conts);
+            with(dest as usize, &mut |p: &mut Part| {
+                if let Some(c) = conts.take() {
+                    p.accept(c);
+                }
+                self.next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs all partitions to completion with `threads` worker threads; returns the last event's cycle.
+pub(crate) fn run_parts(
+    sh: &Shared,
+    parts: &mut Vec<Part>,
+    threads: usize,
+    progress: Option<&AtomicU64>,
+) -> Result<u64, EngineError> {
+    let publish = |t: u64| {
+        if let Some(p) = progress {
+            p.store(t, Ordering::Relaxed);
+        }
+    };
+    let threads = threads.clamp(1, parts.len().max(1));
+    let board = Board::new(parts);
+    if threads == 1 {
+        let mut end = 0;
+        while let Some(t) = board.window() {
+            end = t;
+            publish(t);
+            for (i, p) in parts.iter_mut().enumerate() {
+                board.run(sh, i, p, t);
+            }
+            board.settle(&mut |i, f| f(&mut parts[i]))?;
+        }
+        return Ok(end);
+    }
+    // Worker w runs the partitions `worker_of` gives it; worker 0 also settles between the two
+    // barriers of each round. Partition order, not thread timing, decides every hand-over.
+    let cells: Vec<Mutex<Part>> = parts.drain(..).map(Mutex::new).collect();
+    let barrier = SpinBarrier::new(threads);
+    let window = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let outcome: Mutex<Result<u64, EngineError>> = Mutex::new(Ok(0));
+    match board.window() {
+        Some(t) => window.store(t, Ordering::Release),
+        None => stop.store(true, Ordering::Release),
+    }
+    let owned: Vec<Vec<usize>> =
+        (0..threads).map(|w| (0..cells.len()).filter(|&i| sh.worker_of(i as u32, threads) == w).collect()).collect();
+    std::thread::scope(|scope| {
+        for (w, mine) in owned.iter().enumerate() {
+            let (cells, barrier, window, stop, outcome, board) = (&cells, &barrier, &window, &stop, &outcome, &board);
+            scope.spawn(move || {
+                let mut sense = false;
+                loop {
+                    barrier.wait(&mut sense);
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let t = window.load(Ordering::Acquire);
+                    for &i in mine {
+                        if board.next[i].load(Ordering::Acquire) == t {
+                            board.run(sh, i, &mut lock(&cells[i]), t);
+                        }
+                    }
+                    barrier.wait(&mut sense);
+                    if w == 0 {
+                        let mut out = outcome.lock().unwrap_or_else(|e| e.into_inner());
+                        match board.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
+                            Err(e) => {
+                                *out = Err(e);
+                                stop.store(true, Ordering::Release);
+                            }
+                            Ok(()) => {
+                                *out = Ok(t);
+                                publish(t);
+                                match board.window() {
+                                    Some(next) => window.store(next, Ordering::Release),
+                                    None => stop.store(true, Ordering::Release),
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    *parts = cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    outcome.into_inner().unwrap_or_else(|e| e.into_inner())
+}

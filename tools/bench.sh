@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prints wall time and peak RSS of the standard scenarios, one row each (see BENCHMARKS.md).
+# Usage: tools/bench.sh [filter]   (release build; runs on whatever machine you are on)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bin wafer --example engine_speed
+filter="${1:-}"
+row() {
+  local name="$1"; shift
+  [[ -n "$filter" && "$name" != *"$filter"* ]] && return 0
+  local out
+  out=$( { /usr/bin/time -f "TIME %e %M" "$@" > /dev/null; } 2>&1 | grep '^TIME' )
+  read -r _ wall rss <<< "$out"
+  printf '| %-52s | %8s s | %8.1f MB | `%s` |\n' "$name" "$wall" "$(echo "$rss / 1024" | bc -l)" "$*"
+}
+echo "| scenario | wall | peak RSS | command |"
+echo "|---|---|---|---|"
+row "graph: llama-3.1-405b train" target/release/wafer graph llama-3.1-405b --phase train
+row "engine: synthetic GEMV 16K, 64x64, detailed, 1 thread" target/release/examples/engine_speed 64 64 16384 1 8
+row "engine: synthetic MeshGEMV 16K, 420x420, 1 thread" target/release/examples/engine_speed 420 420 16384 1 20
+row "engine: synthetic MeshGEMV 16K, 420x420, 2 threads" target/release/examples/engine_speed 420 420 16384 2 20
+row "engine: synthetic MeshGEMV 32K, full WSE-2, 1 thread" target/release/examples/engine_speed 757 996 32768 1 28
+row "engine: synthetic MeshGEMV 32K, full WSE-2, 2 threads" target/release/examples/engine_speed 757 996 32768 2 28
