@@ -133,6 +133,15 @@ fn gemv_calibration_uses_the_tree() {
     // 16384 x 16384 fp16 over 420 x 420 PEs: at least the matrix share per PE.
     assert!(r.sram_max >= 16384 * 16384 * 2 / (420 * 420), "{}", r.sram_max);
     assert_eq!(c.program().task_flops(), 2 * 16384 * 16384);
+    // Run on the engine: WaferLLM Table 6 measures 1.2 us for this GEMV on WSE-2 (reference/wafer.md
+    // §8, target 3); the compiled tree lands within 20% of it.
+    let run = waferscale::engine::run(
+        c.program(),
+        &waferscale::engine::EngineOptions::new(waferscale::engine::Fidelity::Detailed, 2),
+    )
+    .unwrap();
+    let us = run.cycles as f64 / c.program().timing.clock_hz * 1e6;
+    assert!((0.96..=1.44).contains(&us), "MeshGEMV 16K on 420 x 420: {us:.3} us, published 1.2 us");
     // The algorithm table names every mesh algorithm the compiler has.
     let names: Vec<String> = ["gemm:512x512x512", "gemm:4096x64x64"]
         .iter()
@@ -468,4 +477,36 @@ fn random_single_ops_verify() {
         }
     }
     assert!(ok >= 30, "only {ok} of 40 single ops compiled");
+}
+
+/// Compiled programs run to completion on the wafer engine, which checks at the end that the FLOPs
+/// executed are the graph's, every wavelet delivered was consumed and every port moved its planned
+/// bytes: no deadlock under finite queues, no miscounted stream. Weight-streaming training runs each
+/// phase on its own (each is a complete program; data crossing phases comes from MemoryX).
+#[test]
+fn compiled_programs_run_on_the_engine() {
+    use waferscale::engine::{self, EngineOptions, Fidelity};
+    let eo = EngineOptions::new(Fidelity::Detailed, 2);
+    for (m, ph, mesh, mode) in [
+        ("gpt-tiny", Phase::Decode, (16, 16), Mode::Pipelined),
+        ("gpt-tiny", Phase::Decode, (16, 16), Mode::WeightStreaming),
+        ("llama-tiny", Phase::Prefill, (64, 64), Mode::WeightStreaming),
+        ("mixtral-tiny", Phase::Decode, (64, 64), Mode::Pipelined),
+        ("bert-tiny", Phase::Prefill, (32, 32), Mode::Pipelined),
+        ("gpt-tiny", Phase::Train, (64, 64), Mode::Pipelined),
+        ("neox-tiny", Phase::Train, (64, 64), Mode::WeightStreaming),
+    ] {
+        let g = graph_of(m, ph);
+        let c = compile::compile(&g, &hw("cs2", &[], Some(mesh)), &opts(Some(mode), false)).unwrap();
+        for p in &c.programs {
+            let run = engine::run(p, &eo).unwrap_or_else(|e| panic!("{m} {ph:?} {mode}: {e}"));
+            assert!(run.cycles > 0);
+        }
+    }
+    let g = graph_of("llama-tiny", Phase::Decode);
+    let c =
+        compile::compile(&g, &hw("cs2", &[], Some((64, 64))), &CompileOptions { mode: None, wafers: 2, verify: false })
+            .unwrap();
+    assert_eq!(c.layout, Layout::Wafers);
+    engine::run_cluster(&c.cluster(), &eo).unwrap();
 }

@@ -311,6 +311,8 @@ pub(crate) fn frame_for(st: &Stage, io: &StageIo, w: u32, h: u32) -> Frame {
 /// Internal colors of the stage's program on this algorithm.
 fn algo_colors(algo: Algo, st: &Stage) -> u32 {
     match algo {
+        // The single GEMV's two chained levels alternate two colors each.
+        Algo::GemvTree if matches!(st.work, Work::SingleGemv { .. }) => 4,
         Algo::GemvTree | Algo::LookupTree => 2,
         Algo::RowReduce => {
             let extra = match st.work {
@@ -663,8 +665,9 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 sram,
                 format!("compute PE (tile {} x {})", kr.max(), nc.max()),
                 format!(
-                    "x pre-placed at the west column and multicast along the rows; k split over {rc} rows, n over {c} \
-                     columns; partial sums reduce down the columns in a two-level tree (groups of {})",
+                    "x pre-placed on every PE of its row; k split over {rc} rows, n over {c} columns; partial sums \
+                     reduce down the columns in a two-level tree of chains (MeshGEMV, K = 2): groups of {} rows, \
+                     then the groups' leaders",
                     fan.g
                 ),
             );
@@ -1965,97 +1968,89 @@ fn prog_single_gemv(p: &mut Prog) {
     let eb = p.eb();
     let kr = split(k, rc);
     let nc = split(n, c);
+    // MeshGEMV's two-level tree (K = 2): in each group of about sqrt(rows) rows the partial sums
+    // flow down a chain, each row adding its own and passing the running sum on (level 1); the
+    // groups' last rows (leaders) chain the group sums down to the root, the last row (level 2).
+    // Every link carries one partial row at a time; chains alternate two colors so that each
+    // router keeps one rule per color (a row receives on one color and sends on the other).
     let fan = FanIn::new(rc);
-    let (t1, t2) = (p.ac(0), p.ac(1));
-    // The row multicast of x: one color after the tree's two.
-    let xa = ColorId(p.algo_base() + 2);
+    let base = p.algo_base();
+    let l1 = |r: u64| ColorId(base + ((r - fan.group(r) * fan.g) % 2) as u32);
+    let l2 = |grp: u64| ColorId(base + 2 + (grp % 2) as u32);
+    // Row kinds: (first of its group, leader, group index parity, has a previous group, last group,
+    // parity of the row in its group, remainder row of k).
     let row_kinds: Vec<Vec<u64>> = (0..rc)
         .map(|r| {
-            let (role, gs) = fan.role(r);
-            vec![role, gs, (r < kr.r) as u64]
+            let grp = fan.group(r);
+            vec![
+                (r == grp * fan.g) as u64,
+                fan.is_leader(r) as u64,
+                grp % 2,
+                (grp > 0) as u64,
+                (grp + 1 == fan.ngroups()) as u64,
+                (r - grp * fan.g) % 2,
+                (r < kr.r) as u64,
+            ]
         })
         .collect();
-    let col_kinds: Vec<Vec<u64>> =
-        (0..c).map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "gemv", |p, rk, ck| {
-        let (role, gs) = (rk[0], rk[1]);
-        let k_r = kr.q + rk[2];
+        let (first, leader, gpar, prev_group, last_group, rpar) =
+            (rk[0] == 1, rk[1] == 1, rk[2], rk[3] == 1, rk[4] == 1, rk[5]);
+        let k_r = kr.q + rk[6];
         let n_c = nc.q + ck[0];
-        let west = ck[1] == 1;
-        if k_r == 0 || (n_c == 0 && !west) {
+        if k_r == 0 || n_c == 0 {
             return None;
         }
         let w_p = wl(n_c, eb);
-        let w_x = wl(k_r, eb);
+        let own = p.ac(rpar as u32);
+        let incoming = p.ac(1 - rpar as u32);
         let mut pe = Pe::default();
-        let mut sends = match role {
-            0 => vec![send(t1, w_p, false)],
-            1 if gs == 1 => vec![send(t2, w_p, false)],
-            _ => vec![],
-        };
-        if n_c == 0 {
-            sends.clear();
-        }
-        let mut needs = vec![];
-        if west {
-            if c > 1 {
-                sends.push(send(xa, w_x, true));
-            }
-        } else {
-            needs.push(recv(xa, w_x));
-        }
-        let mm = pe.push(task(
-            "mm",
-            needs,
-            fmac(eb),
-            k_r * n_c,
-            if west { None } else { Some(xa) },
-            sends,
-            1,
-            2 * k_r * n_c,
-        ));
+        // x is pre-placed on every PE of its row (WaferLLM's replicated vector layout).
+        let mm_sends = if first && !leader { vec![send(own, w_p, false)] } else { vec![] };
+        let mm = pe.push(task("mm", vec![], fmac(eb), k_r * n_c, None, mm_sends, 1, 2 * k_r * n_c));
         let mut last = mm;
-        if n_c > 0 && role >= 1 && gs > 1 {
-            let sends = if role == 1 { vec![send(t2, w_p, false)] } else { vec![] };
+        if !first {
+            // Level 1: add the running sum from the row above, pass it on (or keep it: leader).
+            let sends = if leader { vec![] } else { vec![send(own, w_p, true)] };
             last = pe.push(task(
-                "red1",
-                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                "chain",
+                vec![recv(incoming, w_p), done(mm, 1)],
                 arith(eb),
-                (gs - 1) * n_c,
-                Some(t1),
+                n_c,
+                Some(incoming),
                 sends,
                 1,
                 0,
             ));
         }
-        if n_c > 0 && role == 2 && fan.ngroups() > 1 {
-            pe.push(task(
-                "red2",
-                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
-                arith(eb),
-                (fan.ngroups() - 1) * n_c,
-                Some(t2),
-                vec![],
-                1,
-                0,
-            ));
+        if leader {
+            // Level 2: add the previous leaders' sum and pass it to the next leader; the root keeps it.
+            let sends = if last_group { vec![] } else { vec![send(p.ac(2 + gpar as u32), w_p, true)] };
+            if prev_group {
+                let inc = p.ac(2 + (1 - gpar) as u32);
+                pe.push(task("tree", vec![recv(inc, w_p), done(last, 1)], arith(eb), n_c, Some(inc), sends, 1, 0));
+            } else if !sends.is_empty() {
+                pe.push(task("tree", vec![done(last, 1)], mov(eb), n_c, None, sends, 1, 0));
+            }
         }
         pe.sram = p.t.sram_max;
-        Some((format!("{}.gemv{role}", st.name), pe))
+        let role = if leader { "leader" } else { "row" };
+        Some((format!("{}.gemv.{role}", st.name), pe))
     });
     let active_cols = if nc.q > 0 { c as u32 } else { nc.r as u32 };
     for r in 0..rc {
-        let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
-        if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
-        } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        if !fan.is_leader(r) {
+            p.route(l1(r), rect, Pattern::Line { dir: Dir::South, hops: 1, multicast: false });
+        } else if r + 1 < rc {
+            let next = fan.leader_of(r + 1);
+            p.route(
+                l2(fan.group(r)),
+                rect,
+                Pattern::Line { dir: Dir::South, hops: (next - r) as u32, multicast: false },
+            );
         }
-    }
-    if c > 1 {
-        let rect = p.rect_abs(f.row0(), 0, rc as u32, 1);
-        p.route(xa, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
     }
 }
 

@@ -226,7 +226,7 @@ fn attempt_mode(
         if let (Some(&(wa, pa, _)), Some(&(wb, pb, _))) = (ends.iter().find(|e| e.2), ends.iter().find(|e| !e.2)) {
             outs[wa as usize].program.ports[pa.0 as usize].peer_port = Some(pb);
             outs[wa as usize].program.ports[pa.0 as usize].peer = Peer::Wafer(wb);
-            outs[wb as usize].program.ports[pb.0 as usize].peer_port = Some(pa);
+            // The receiving port names no peer port: nothing goes back through it.
             outs[wb as usize].program.ports[pb.0 as usize].peer = Peer::Wafer(wa);
         }
     }
@@ -848,7 +848,11 @@ fn compile_wafer(
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
                 if let PeerKind::Wafer(_) = peer {
+                    // A port to another wafer forwards what reaches it to its peer port and runs no
+                    // task for it (the peer's task receives it on `ColorId::LINK`).
                     cross.push((gi, PortId(ch as u32), true));
+                    pw.peer.get_or_insert(peer.peer());
+                    continue;
                 }
                 pw.tasks.push(Task {
                     name: if gi > usize::MAX / 2 {

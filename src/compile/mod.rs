@@ -217,6 +217,14 @@ pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compile
                 return Err(CompileError::Verify(problems));
             }
         }
+        // Wafers run together: dry-run them side by side, linked through their ports.
+        if compiled.layout == Layout::Wafers && compiled.program().mesh.pes() <= verify::DRY_RUN_MAX_PES {
+            let all = compiled.cluster().concat().map_err(|e| CompileError::Verify(vec![e]))?;
+            let problems = dry_run(&all);
+            if !problems.is_empty() {
+                return Err(CompileError::Verify(problems));
+            }
+        }
     }
     Ok(compiled)
 }

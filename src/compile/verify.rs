@@ -150,7 +150,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     if region_flops != p.graph_flops {
         errs.push(format!("the regions count {region_flops} FLOPs, the program {}", p.graph_flops));
     }
-    // Ports.
+    // Ports (their bytes are checked after the deliveries: a port to another wafer forwards what
+    // reaches it without a task).
+    let mut task_bytes = vec![0u64; p.ports.len()];
+    let mut forwarded = vec![0u64; p.ports.len()];
     for (i, port) in p.ports.iter().enumerate() {
         if !io::on_edge(port.at, port.side, mesh) {
             errs.push(format!("port {} at {:?} is not on the {:?} edge", port.name, port.at, port.side));
@@ -175,9 +178,7 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 bytes += s.wavelets * s.runs_sent(task.repeat) as u64 * 4;
             }
         }
-        if bytes != port.planned_bytes {
-            errs.push(format!("port {} (#{i}) plans {} bytes, its tasks move {bytes}", port.name, port.planned_bytes));
-        }
+        task_bytes[i] = bytes;
     }
     // Per color: routes, rules, deliveries.
     let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -378,7 +379,12 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         let keys: BTreeSet<u32> = port_cons.keys().chain(port_del.keys()).copied().collect();
         for pid in keys {
             let (d, k) = (port_del.get(&pid).copied().unwrap_or(0), port_cons.get(&pid).copied().unwrap_or(0));
-            if d != k {
+            if p.ports.get(pid as usize).is_some_and(|q| q.peer_port.is_some()) {
+                if k != 0 {
+                    errs.push(format!("port {pid} forwards to another wafer but its tasks receive color {c}"));
+                }
+                forwarded[pid as usize] += d * 4;
+            } else if d != k {
                 errs.push(format!("port {pid} color {c}: {d} wavelets delivered, {k} consumed"));
             }
         }
@@ -391,6 +397,12 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         }
         if errs.len() > 200 {
             break;
+        }
+    }
+    for (i, port) in p.ports.iter().enumerate() {
+        let bytes = task_bytes[i] + forwarded[i];
+        if bytes != port.planned_bytes {
+            errs.push(format!("port {} (#{i}) plans {} bytes, its tasks move {bytes}", port.name, port.planned_bytes));
         }
     }
     if let Some((i, &cnt)) = color_count.iter().enumerate().max_by_key(|(_, &c)| c) {
@@ -616,8 +628,12 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
                             }
                         }
                         if let Pattern::ToPort { port } = rt.pattern {
-                            let i = n + port.0 as usize;
-                            *recv[i].entry(s.color.0).or_default() += s.wavelets;
+                            // A port to another wafer hands the train to its peer port, on the link.
+                            let (i, color) = match p.ports.get(port.0 as usize).and_then(|q| q.peer_port) {
+                                Some(q) => (n + q.0 as usize, ColorId::LINK.0),
+                                None => (n + port.0 as usize, s.color.0),
+                            };
+                            *recv[i].entry(color).or_default() += s.wavelets;
                             if !queued[i] {
                                 queued[i] = true;
                                 queue.push_back(i);
