@@ -1,7 +1,7 @@
 //! Hardware descriptions: every shipped wafer file loads and validates; overrides and bad values are
 //! handled with errors naming the key.
 
-use waferscale::hw::{load_with_overrides, HwError, SimdOp, WaferHw};
+use waferscale::hw::{load_doc, load_with_overrides, ClusterHw, HwError, SimdOp, WaferHw};
 
 fn wafer(name: &str, sets: &[&str]) -> Result<WaferHw, HwError> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -53,4 +53,30 @@ fn overrides_and_errors_name_the_key() {
     assert!(msg(wafer("nonexistent", &[])).contains("nonexistent"));
     assert!(wafer("wse2", &[]).unwrap().with_mesh(800, 10).is_err());
     assert_eq!(wafer("wse2", &[]).unwrap().with_mesh(420, 420).unwrap().mesh.pes(), 420 * 420);
+}
+
+#[test]
+fn bare_wafers_have_their_perimeter_io_and_systems_add_memoryx() {
+    let wse2 = wafer("wse2", &[]).unwrap();
+    let io = wse2.io.unwrap();
+    assert_eq!(io.ports, 12);
+    assert!(wse2.memoryx.is_none() && wse2.swarmx.is_none());
+    assert!(wafer("wse3", &[]).unwrap().io.is_some());
+    let cs2 = wafer("cs2", &[]).unwrap();
+    assert!(cs2.memoryx.is_some() && cs2.swarmx.is_some());
+}
+
+#[test]
+fn andromeda_is_sixteen_cs2() {
+    let a = ClusterHw::from_doc(&load_doc("andromeda").unwrap()).unwrap();
+    assert_eq!(a.systems, 16);
+    assert_eq!(a.system.name, "cs2");
+    // 120 PF dense fp16 at 1.1 GHz (Andromeda press release) [P]; at our 850 MHz clock, 16 x 5.1 PF.
+    let pf = a.peak_flops_per_s() / 1e15;
+    assert!((75.0..90.0).contains(&pf), "{pf}");
+    // A cluster is not a wafer, and a bare wafer cannot form one (no MemoryX or SwarmX).
+    assert!(WaferHw::from_doc(&load_doc("andromeda").unwrap()).is_err());
+    let mut doc = load_doc("andromeda").unwrap();
+    doc.tree.insert("system".into(), toml::Value::String("wse2".into()));
+    assert!(ClusterHw::from_doc(&doc).unwrap_err().to_string().contains("memoryx"));
 }

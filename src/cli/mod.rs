@@ -152,23 +152,32 @@ pub struct HwFlags {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Use only a WxH rectangle of the wafer's mesh (e.g. 16x16).
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, value_name = "WxH", value_parser = check_mesh)]
     pub mesh: Option<String>,
+}
+
+/// `WxH` in PEs.
+pub(crate) fn parse_mesh(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{s}` is not a mesh; expected WIDTHxHEIGHT in PEs, e.g. 64x64");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
+}
+
+fn check_mesh(s: &str) -> Result<String, String> {
+    parse_mesh(s).map(|_| s.to_string())
 }
 
 impl HwFlags {
     pub fn mesh_dims(&self) -> Result<Option<(u32, u32)>, Error> {
-        let Some(m) = &self.mesh else { return Ok(None) };
-        let bad = || {
-            Error::Hw(waferscale::hw::HwError::Set {
-                setting: format!("--mesh {m}"),
-                message: "expected WIDTHxHEIGHT in PEs, e.g. 64x64".into(),
+        self.mesh
+            .as_deref()
+            .map(|m| {
+                parse_mesh(m)
+                    .map_err(|e| Error::Compile(waferscale::compile::CompileError::Unsupported(format!("--mesh: {e}"))))
             })
-        };
-        let (w, h) = m.split_once(['x', 'X']).ok_or_else(bad)?;
-        let w: u32 = w.trim().parse().map_err(|_| bad())?;
-        let h: u32 = h.trim().parse().map_err(|_| bad())?;
-        Ok(Some((w, h)))
+            .transpose()
     }
 
     /// The description (after `extends` and `--set`) and the validated wafer, restricted to `--mesh`.

@@ -21,7 +21,7 @@ pub struct PlanCmd {
 
 pub fn run(cmd: PlanCmd) -> Result<(), Error> {
     let file = PlanFile::read(&cmd.plan)?;
-    let (_, _, c) = file.inputs.compile(cfg!(debug_assertions))?;
+    let (_, _, c) = file.recompile(&cmd.plan, cfg!(debug_assertions))?;
     let text = if cmd.json {
         super::to_json(&c.plan)?
     } else if let Some(d) = cmd.dump_after {

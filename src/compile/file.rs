@@ -163,6 +163,21 @@ impl PlanFile {
         s
     }
 
+    /// Recompiles the plan from its inputs and checks the result against the stored summary (a file
+    /// edited by hand, or written by a compiler that plans differently, does not match).
+    pub fn recompile(&self, path: &str, verify: bool) -> Result<(Graph, WaferHw, Compiled), Error> {
+        let (g, hw, c) = self.inputs.compile(verify)?;
+        if c.plan != self.summary {
+            return Err(Error::Compile(CompileError::PlanFile {
+                path: path.to_string(),
+                message: "its stored summary differs from a recompile of its stored inputs (the file was edited, \
+                          or written by a compiler that plans differently): recompile the model"
+                    .into(),
+            }));
+        }
+        Ok((g, hw, c))
+    }
+
     /// Reads and checks a plan file (not recompiled).
     pub fn read(path: &str) -> Result<PlanFile, Error> {
         let bad = |message: String| Error::Compile(CompileError::PlanFile { path: path.to_string(), message });
@@ -186,5 +201,5 @@ impl PlanFile {
 /// Loads a plan file and recompiles it: the graph, the hardware and the compiled plan and program.
 pub fn load_plan(path: &str) -> Result<(Graph, WaferHw, Compiled), Error> {
     let f = PlanFile::read(path)?;
-    f.inputs.compile(cfg!(debug_assertions))
+    f.recompile(path, cfg!(debug_assertions))
 }

@@ -114,12 +114,17 @@ pub(crate) fn channels(hw: &WaferHw) -> Result<Vec<Channel>, CompileError> {
     Ok(out)
 }
 
+/// Streams a channel takes before others are preferred.
+const FLOWS_PER_CHANNEL: u32 = 6;
+
 /// Picks `n` channels for a stream of `bytes` near `near`, on the nearer side: for big streams, channels
 /// not yet loaded above the fair share first, then the nearest (a stream whose row meets its channel's
 /// goes straight); for small streams the nearest.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pick(
     chans: &[Channel],
     load: &mut [u64],
+    flows: &mut [u32],
     n: usize,
     bytes: u64,
     near: Coord,
@@ -149,16 +154,20 @@ pub(crate) fn pick(
         // Distance off the stream's row counts double: that stretch runs along the shared edge.
         2 * (c.at.y as i64 - near.y as i64).unsigned_abs() + (c.at.x as i64 - near.x as i64).unsigned_abs()
     };
+    // A channel starts or ends every one of its streams on a color of its own: spread streams before
+    // a channel's router runs short of colors.
+    let crowded = |i: usize| flows[i] >= FLOWS_PER_CHANNEL;
     // Big streams (weights, gradients) balance the channels' load; small ones take the nearest.
     if big {
-        idx.sort_by_key(|&i| (load[i] > fair, dist(&chans[i]), load[i], i));
+        idx.sort_by_key(|&i| (crowded(i), load[i] > fair, dist(&chans[i]), load[i], i));
     } else {
-        idx.sort_by_key(|&i| (dist(&chans[i]), load[i], i));
+        idx.sort_by_key(|&i| (crowded(i), dist(&chans[i]), load[i], i));
     }
     let chosen: Vec<usize> = idx.into_iter().take(n.max(1)).collect();
     let each = bytes / chosen.len().max(1) as u64;
     for &i in &chosen {
         load[i] += each.max(1);
+        flows[i] += 1;
     }
     chosen
 }

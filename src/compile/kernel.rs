@@ -16,12 +16,14 @@
 use std::collections::BTreeMap;
 
 use crate::hw::{PeSpec, SimdOp};
-use crate::mesh::{ColorId, Coord, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
+use crate::mesh::{ColorId, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
 
 use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
 
-/// Most runs any task makes in one step (programs stay compact: one run per chunk and layer).
+/// Runs a task aims to stay under in one step (programs stay compact: one run per chunk and layer).
 pub(crate) const MAX_REPEAT: u32 = 1024;
+/// Runs a task may make when smaller chunks are the only way to fit SRAM (the verifier's limit).
+pub(crate) const MAX_REPEAT_HARD: u32 = 4096;
 /// Token chunks per iteration the compiler aims for (pipelining between regions).
 pub(crate) const TARGET_RUNS: u32 = 32;
 
@@ -41,9 +43,6 @@ impl Frame {
     /// Compute rows.
     pub fn rc(&self) -> u32 {
         self.h - self.io_in as u32 - self.io_out as u32
-    }
-    pub fn pes(&self) -> u64 {
-        self.rc() as u64 * self.w as u64
     }
 }
 
@@ -98,15 +97,14 @@ pub(crate) struct Tiling {
     pub algo: Algo,
     /// Compute runs per iteration.
     pub runs: u32,
-    /// Fan-in group (trees, row reductions).
-    pub group: u32,
+    /// Data SRAM bytes per PE of the largest PE class.
     pub sram_max: u64,
-    pub sram_mean: u64,
-    pub sram_class: String,
     pub reason: String,
-    pub internal_colors: u32,
     /// Input gateway columns (one per non-banded input slot).
     pub gateways: u32,
+    /// Weight tiles streamed in per iteration: 2 double-buffered (the next layer's load overlaps this
+    /// layer's compute), 1 when only one fits.
+    pub wbuf: u32,
 }
 
 /// Why a stage does not fit a region.
@@ -116,6 +114,8 @@ pub(crate) struct Misfit {
     pub class: String,
     /// The region cannot hold the frame at all (too narrow or short).
     pub frame: bool,
+    /// The SRAM fits but the algorithm needs this many colors at a router, more than it has (else 0).
+    pub colors: u32,
 }
 
 pub(crate) fn wl(values: u64, eb: u64) -> u64 {
@@ -184,7 +184,7 @@ impl Flat {
         let full = self.s.r / self.cols;
         if r < full {
             2
-        } else if r == full && self.s.r % self.cols != 0 {
+        } else if r == full && !self.s.r.is_multiple_of(self.cols) {
             1
         } else {
             0
@@ -266,18 +266,12 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
         Work::Matmul { no_split_k: true, .. } => return vec![1],
         _ if is_grouped(st) => return vec![1],
         Work::Matmul { rows, .. } | Work::Accum { rows, .. } => rows,
-        Work::RowReduce { rows, .. } => rows,
-        Work::Elementwise { rows, accumulate, .. } => {
-            if accumulate {
-                rows
-            } else {
-                rows
-            }
-        }
+        Work::RowReduce { rows, .. } | Work::Elementwise { rows, .. } => rows,
         Work::Lookup { rows, .. } | Work::Relay { rows, .. } => rows,
         _ => return vec![1],
     };
-    let cap = (MAX_REPEAT / st.iters.max(1)).max(1);
+    let soft = (MAX_REPEAT / st.iters.max(1)).max(1);
+    let cap = (MAX_REPEAT_HARD / st.iters.max(1)).max(1);
     let mut out = Vec::new();
     let mut r = 1u32;
     while r <= cap && (rows % r as u64) == 0 {
@@ -293,8 +287,9 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     if out.is_empty() {
         out.push(1);
     }
-    // Preferred first: the largest at or below the target, then larger ones (smaller chunks).
-    let best = out.iter().copied().filter(|&r| r <= TARGET_RUNS).max().unwrap_or(1);
+    // Preferred first: the largest at or below the target (and the soft cap), then larger ones
+    // (smaller chunks, for SRAM).
+    let best = out.iter().copied().filter(|&r| r <= TARGET_RUNS.min(soft)).max().unwrap_or(1);
     let mut order = vec![best];
     order.extend(out.iter().copied().filter(|&r| r > best));
     order
@@ -316,6 +311,8 @@ pub(crate) fn frame_for(st: &Stage, io: &StageIo, w: u32, h: u32) -> Frame {
 /// Internal colors of the stage's program on this algorithm.
 fn algo_colors(algo: Algo, st: &Stage) -> u32 {
     match algo {
+        // The single GEMV's two chained levels alternate two colors each.
+        Algo::GemvTree if matches!(st.work, Work::SingleGemv { .. }) => 4,
         Algo::GemvTree | Algo::LookupTree => 2,
         Algo::RowReduce => {
             let extra = match st.work {
@@ -337,12 +334,13 @@ struct Chooser<'a> {
     k: &'a KCtx,
     frame: Frame,
     gateways: u32,
+    wbuf: u32,
     best: Option<Tiling>,
     worst: Misfit,
 }
 
 impl Chooser<'_> {
-    fn consider(&mut self, algo: Algo, runs: u32, group: u32, sram: u64, class: String, reason: String) {
+    fn consider(&mut self, algo: Algo, runs: u32, sram: u64, class: String, reason: String) {
         let gathered = self.io.gathered.iter().filter(|&&g| g).count() as u32;
         let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + 2 * gathered;
         if sram <= self.k.avail && colors <= self.k.colors {
@@ -351,24 +349,19 @@ impl Chooser<'_> {
                     frame: self.frame,
                     algo,
                     runs,
-                    group,
                     sram_max: sram,
-                    sram_mean: sram,
-                    sram_class: class,
                     reason,
-                    internal_colors: colors,
                     gateways: self.gateways,
+                    wbuf: self.wbuf,
                 });
             }
         } else if sram < self.worst.needed || (sram <= self.k.avail && self.worst.needed == u64::MAX) {
+            let fits = sram <= self.k.avail;
             self.worst = Misfit {
-                needed: if sram <= self.k.avail { 0 } else { sram },
-                class: if sram <= self.k.avail {
-                    format!("{class}, {colors} internal colors of {}", self.k.colors)
-                } else {
-                    class
-                },
+                needed: if fits { 0 } else { sram },
+                class: if fits { format!("{}: {class}", algo.name()) } else { class },
                 frame: false,
+                colors: if fits { colors } else { 0 },
             };
         }
     }
@@ -387,6 +380,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             needed: 0,
             class: format!("a region of at least {} x {min_h} PEs", gateways.max(1)),
             frame: true,
+            colors: 0,
         });
     }
     let rc = frame.rc() as u64;
@@ -399,8 +393,9 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
         k,
         frame,
         gateways,
+        wbuf: 1,
         best: None,
-        worst: Misfit { needed: u64::MAX, class: String::new(), frame: false },
+        worst: Misfit { needed: u64::MAX, class: String::new(), frame: false, colors: 0 },
     };
     // Stored slots kept on the compute block's PEs.
     let stored = |pes: u64| -> u64 {
@@ -449,76 +444,82 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 Operand::Held(h) if st.held[h].kind != HeldKind::Weight => st.held[h].bytes * st.held[h].copies,
                 _ => 0,
             };
-            for &runs in &runs_list {
-                let rr = rows.div_ceil(runs as u64);
-                let fresh_b = fresh.map_or(0, |f| 2 * share(st.inputs[f].values * eb, p));
-                let common = stored(p)
-                    + held_share(p, b_held)
-                    + live_other(runs as u64, Some(a), p)
-                    + small_weights(wslot)
-                    + fresh_b;
-                // Broadcast: every PE owns whole-k columns; no reduction.
-                let s3 = split(cols, p);
-                let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
-                let bcast = if wslot.is_some() { 2 * tile_b } else { tile_b } + rr * s3.max() * eb + common;
-                let bcast_ok = no_split_k || s3.q > 0;
-                if bcast_ok && bcast <= k.avail {
-                    ch.consider(
-                        Algo::GemvBroadcast,
-                        runs,
-                        1,
-                        bcast,
-                        format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
-                        format!(
-                            "every PE owns whole-k columns ({} x {}) and gets the streamed rows by multicast: results \
-                             need no reduction",
-                            kk,
-                            s3.max()
-                        ),
-                    );
-                    break;
-                }
-                // Tree: k over the rows, columns over the columns, partial sums reduced down columns.
-                if !no_split_k && rc > 1 && kk >= rc {
-                    let kr = split(kk, rc);
-                    let nc = split(cols, c);
-                    let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
-                    let fan = FanIn::new(rc);
-                    let tree = if wslot.is_some() { 2 * tile_t } else { tile_t } + 2 * rr * nc.max() * eb + common;
-                    let why = if bcast_ok {
-                        format!("whole-k columns ({} x {}) do not fit", kk, s3.max())
+            // Double-buffered weight tiles for a loop when they fit, else single.
+            let wbufs: &[u32] = if wslot.is_some() && st.iters > 1 { &[2, 1] } else { &[1] };
+            'search: for &runs in &runs_list {
+                for &wbuf in wbufs {
+                    ch.wbuf = wbuf;
+                    let rr = rows.div_ceil(runs as u64);
+                    let fresh_b = fresh.map_or(0, |f| 2 * share(st.inputs[f].values * eb, p));
+                    let common = stored(p)
+                        + held_share(p, b_held)
+                        + live_other(runs as u64, Some(a), p)
+                        + small_weights(wslot)
+                        + fresh_b;
+                    // Broadcast: every PE owns whole-k columns; no reduction.
+                    let s3 = split(cols, p);
+                    let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
+                    let bcast = wbuf as u64 * tile_b + rr * s3.max() * eb + common;
+                    let bcast_ok = no_split_k || s3.q > 0;
+                    if bcast_ok && bcast <= k.avail {
+                        ch.consider(
+                            Algo::GemvBroadcast,
+                            runs,
+                            bcast,
+                            format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
+                            format!(
+                                "every PE owns whole-k columns ({} x {}) and gets the streamed rows by multicast: \
+                                 results need no reduction",
+                                kk,
+                                s3.max()
+                            ),
+                        );
+                        break 'search;
+                    }
+                    // Tree: k over the rows, columns over the columns, partial sums reduced down columns.
+                    let tr = Tree::new(rc);
+                    if !no_split_k && rc > 1 && kk >= tr.compute_rows() {
+                        let kr = split(kk, tr.compute_rows());
+                        let nc = split(cols, c);
+                        let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
+                        let fan = FanIn { n: rc, g: tr.g };
+                        // Compute PEs stream their partial sums out as they finish each row.
+                        let tree = wbuf as u64 * tile_t + 2 * nc.max() * eb + common;
+                        let why = if bcast_ok {
+                            format!("whole-k columns ({} x {}) do not fit", kk, s3.max())
+                        } else {
+                            format!("{cols} columns for {p} PEs")
+                        };
+                        ch.consider(
+                            Algo::GemvTree,
+                            runs,
+                            tree,
+                            format!("compute PE (tile {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
+                            format!(
+                                "{why}: k split over {} rows, partial sums ({rr} x {}) stream down the columns to \
+                                 reducers in a two-level tree (groups of {}) and to the root",
+                                tr.compute_rows(),
+                                nc.max(),
+                                fan.g
+                            ),
+                        );
                     } else {
-                        format!("{cols} columns for {p} PEs")
-                    };
-                    ch.consider(
-                        Algo::GemvTree,
-                        runs,
-                        fan.g as u32,
-                        tree,
-                        format!("compute PE (tile {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
-                        format!(
-                            "{why}: k split over {rc} rows, partial sums ({rr} x {}) reduce down the columns in a \
-                             two-level tree (groups of {})",
-                            nc.max(),
-                            fan.g
-                        ),
-                    );
-                } else {
-                    // Few columns and a short contraction: whole-k columns, some PEs idle.
-                    ch.consider(
-                        Algo::GemvBroadcast,
-                        runs,
-                        1,
-                        bcast,
-                        format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
-                        format!(
-                            "every PE that has columns owns whole-k columns ({kk} x {}); with {cols} columns for {p}                              PEs and k = {kk} too short to split, the rest of the region idles",
-                            s3.max()
-                        ),
-                    );
-                }
-                if ch.done() {
-                    break;
+                        // Few columns and a short contraction: whole-k columns, some PEs idle.
+                        ch.consider(
+                            Algo::GemvBroadcast,
+                            runs,
+                            bcast,
+                            format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
+                            format!(
+                                "every PE that has columns owns whole-k columns ({kk} x {}); with {cols} columns for \
+                                 {p} PEs and k = {kk} too short to split, the rest of the region idles",
+                                s3.max()
+                            ),
+                        );
+                    }
+                    if ch.done() {
+                        break 'search;
+                    }
                 }
             }
         }
@@ -541,7 +542,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::Summa,
                     runs,
-                    1,
                     sram,
                     format!("compute PE (block {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
                     format!(
@@ -576,7 +576,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::RowReduce,
                     runs,
-                    fan.g as u32,
                     sram,
                     format!("compute PE ({} rows x {} columns per run)", tr.max(), wc.max()),
                     format!(
@@ -607,7 +606,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::Elementwise,
                     runs,
-                    1,
                     sram,
                     format!("compute PE ({} elements per run)", (rows * width / runs as u64).div_ceil(p)),
                     format!("{} elements per run spread over {p} PEs", rows * width / runs as u64),
@@ -623,7 +621,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::Elementwise,
                     runs,
-                    1,
                     2 * share(v * eb, p),
                     "compute PE".into(),
                     "rows looked up in MemoryX stream in and on (a relay)".into(),
@@ -642,7 +639,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 ch.consider(
                     Algo::LookupTree,
                     runs,
-                    fan.g as u32,
                     sram,
                     format!("compute PE (table share, {rr} rows per run)"),
                     format!(
@@ -657,6 +653,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             }
         }
         Work::SingleGemv { k: kk, n } => {
+            // Rows beyond k and columns beyond n would have nothing to do: they stay idle.
+            let (rc, c) = (rc.min(kk), c.min(n));
             let kr = split(kk, rc);
             let nc = split(n, c);
             let sram = (kr.max() * nc.max() + kr.max() + 2 * nc.max()) * eb;
@@ -664,23 +662,23 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::GemvTree,
                 1,
-                fan.g as u32,
                 sram,
                 format!("compute PE (tile {} x {})", kr.max(), nc.max()),
                 format!(
-                    "x pre-placed at the west column and multicast along the rows; k split over {rc} rows, n over {c} \
-                     columns; partial sums reduce down the columns in a two-level tree (groups of {})",
+                    "x pre-placed on every PE of its row; k split over {rc} rows, n over {c} columns; partial sums \
+                     reduce down the columns in a two-level tree of chains (MeshGEMV, K = 2): groups of {} rows, \
+                     then the groups' leaders",
                     fan.g
                 ),
             );
         }
         Work::SingleGemm { m, n, k: kk } => {
-            let q = rc.min(c);
+            // A square grid no larger than any dimension: every block has work.
+            let q = rc.min(c).min(m).min(n).min(kk);
             let (mi, nj, kb) = (split(m, q), split(n, q), kk.div_ceil(q));
             let sram = (mi.max() * kb * 2 + kb * nj.max() * 2 + mi.max() * nj.max()) * eb;
             ch.consider(
                 Algo::Cannon,
-                1,
                 1,
                 sram,
                 format!("compute PE (blocks {} x {} x {})", mi.max(), kb, nj.max()),
@@ -691,7 +689,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::Local,
                 1,
-                1,
                 3 * share(n * eb, p),
                 "compute PE".into(),
                 "operands pre-placed: each PE adds its slice".into(),
@@ -701,7 +698,6 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             ch.consider(
                 Algo::AllReduceTree,
                 1,
-                FanIn::new(rc.max(c)).g as u32,
                 2 * elems * eb,
                 "compute PE (the whole buffer)".into(),
                 "every PE holds the buffer: columns reduce down, the bottom row reduces west, the sum is multicast \
@@ -731,6 +727,8 @@ pub(crate) struct Feed {
     pub band: usize,
     /// Colors on which the gateway forwards the same stream to the next consumer (a daisy chain).
     pub fwd: Vec<ColorId>,
+    /// The port multicasts straight into the compute block on the feed's color (no gateway relay).
+    pub direct: bool,
 }
 
 /// One destination of an output slot.
@@ -754,8 +752,9 @@ pub(crate) struct OutIface {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Iface {
     pub feeds: Vec<Vec<Feed>>,
-    /// Column bands of the banded weight slot.
+    /// Bands of the banded weight slot: column ranges, or (with `wband_rows`) compute-row ranges.
     pub wbands: Vec<(u32, u32)>,
+    pub wband_rows: bool,
     pub wslot: Option<usize>,
     pub outs: Vec<OutIface>,
 }
@@ -881,6 +880,14 @@ impl<'a> Prog<'a> {
     fn mc(&self, s: usize) -> ColorId {
         ColorId(s as u32)
     }
+    /// The color compute PEs receive slot s on: the slot's multicast, or the port's own color when a
+    /// port multicasts straight into the compute block.
+    fn rc(&self, s: usize) -> ColorId {
+        match self.iface.feeds.get(s).map(|f| f.as_slice()) {
+            Some([f]) if f.direct => f.color,
+            _ => self.mc(s),
+        }
+    }
     fn algo_base(&self) -> u32 {
         self.st.inputs.len() as u32
     }
@@ -895,10 +902,6 @@ impl<'a> Prog<'a> {
     }
     fn repeat(&self, runs_per_iter: u32) -> u32 {
         runs_per_iter * self.iters
-    }
-    /// Absolute coordinate of region (row y, column x).
-    fn at(&self, y: u32, x: u32) -> Coord {
-        Coord { x: self.rect.x + x, y: self.rect.y + y }
     }
     fn rect_abs(&self, y: u32, x: u32, h: u32, w: u32) -> Rect {
         Rect { x: self.rect.x + x, y: self.rect.y + y, w, h }
@@ -959,7 +962,7 @@ impl<'a> Prog<'a> {
             }
             let col = s as u32;
             let mut pe = Pe::default();
-            for (i, feed) in self.iface.feeds[s].iter().enumerate() {
+            for (i, feed) in self.iface.feeds[s].iter().enumerate().filter(|(_, f)| !f.direct) {
                 let sl = &self.st.inputs[s];
                 pe.push(task(
                     &format!("in{s}.{i}"),
@@ -988,7 +991,7 @@ impl<'a> Prog<'a> {
                 for (j, &(c0, c1)) in self.iface.wbands.clone().iter().enumerate() {
                     let col = c1 - 1;
                     let mut pe = Pe::default();
-                    for feed in self.iface.feeds[ws].iter().filter(|fd| fd.band == j) {
+                    for feed in self.iface.feeds[ws].iter().filter(|fd| fd.band == j && !fd.direct) {
                         let eb = self.st.inputs[ws].elem_bytes;
                         pe.push(task(
                             &format!("w{ws}.band{j}"),
@@ -1001,6 +1004,9 @@ impl<'a> Prog<'a> {
                             0,
                         ));
                     }
+                    if pe.tasks.is_empty() {
+                        continue;
+                    }
                     self.code.templates.push((format!("{}.wband{j}", self.st.name), pe.tasks, 0));
                     let t = self.code.templates.len() - 1;
                     self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
@@ -1011,15 +1017,38 @@ impl<'a> Prog<'a> {
         }
     }
 
-    /// Band of the weight slot a column belongs to (0 when not banded).
-    fn wband(&self, c: u32) -> usize {
+    /// The color and per-iteration wavelets a compute PE of weight band `band` receives slot s on: its
+    /// band's port (direct) or the slot's multicast.
+    fn weight_feed(&self, s: usize, band: usize) -> (ColorId, u64) {
+        let banded = self.iface.wslot == Some(s) && self.iface.wbands.len() > 1;
+        let b = if banded { band } else { 0 };
+        match self.iface.feeds[s].iter().find(|f| f.band == b) {
+            Some(f) if f.direct => (f.color, f.wavelets),
+            Some(f) if banded => (self.mc(s), f.wavelets),
+            _ => (self.mc(s), self.slot_w(s, 1)),
+        }
+    }
+
+    /// Weight band of compute row r (row bands), else 0.
+    fn wband_r(&self, r: u32) -> usize {
+        if !self.iface.wband_rows {
+            return 0;
+        }
+        self.iface.wbands.iter().position(|&(a, b)| r >= a && r < b).unwrap_or(0)
+    }
+
+    /// Weight band of column c (column bands), else 0.
+    fn wband_c(&self, c: u32) -> usize {
+        if self.iface.wband_rows {
+            return 0;
+        }
         self.iface.wbands.iter().position(|&(a, b)| c >= a && c < b).unwrap_or(0)
     }
 
     /// Input tasks common to every working compute PE, before its compute chain: weight loads, stores,
     /// refreshes. Returns (task indices of weight loads, stores) and the needs the first compute task
     /// must add, given the index the first compute task will have.
-    fn inputs_pre(&self, pe: &mut Pe, main: Option<usize>, runs: u32, col: u32, tile_values: u64) -> PreInputs {
+    fn inputs_pre(&self, pe: &mut Pe, main: Option<usize>, runs: u32, band: usize, tile_values: u64) -> PreInputs {
         let st = self.st;
         let mut pre = PreInputs::default();
         for (s, sl) in st.inputs.iter().enumerate() {
@@ -1028,15 +1057,10 @@ impl<'a> Prog<'a> {
             }
             match sl.kind {
                 SlotKind::Weights => {
-                    let w = if self.iface.wslot == Some(s) && self.iface.wbands.len() > 1 {
-                        let b = self.wband(col);
-                        self.iface.feeds[s].iter().filter(|f| f.band == b).map(|f| f.wavelets).next().unwrap_or(0)
-                    } else {
-                        self.slot_w(s, 1)
-                    };
+                    let (color, w) = self.weight_feed(s, band);
                     let i = pe.push(task(
                         &format!("wload{s}"),
-                        vec![recv(self.mc(s), w)],
+                        vec![recv(color, w)],
                         mov(sl.elem_bytes),
                         tile_values,
                         None,
@@ -1047,14 +1071,12 @@ impl<'a> Prog<'a> {
                     pre.wloads.push(i);
                 }
                 SlotKind::Stored { all } => {
-                    let fed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
-                    let _ = fed;
                     let iters_fed = self.fed_iters(s);
                     let w = self.slot_w(s, runs);
                     let rep = iters_fed * runs;
                     let i = pe.push(task(
                         &format!("store{s}"),
-                        vec![recv(self.mc(s), w)],
+                        vec![recv(self.rc(s), w)],
                         mov(sl.elem_bytes),
                         w * 4 / sl.elem_bytes,
                         None,
@@ -1068,7 +1090,7 @@ impl<'a> Prog<'a> {
                     let w = self.slot_w(s, 1);
                     pe.push(task(
                         &format!("refresh{s}"),
-                        vec![recv(self.mc(s), w)],
+                        vec![recv(self.rc(s), w)],
                         mov(sl.elem_bytes),
                         tile_values,
                         None,
@@ -1085,12 +1107,10 @@ impl<'a> Prog<'a> {
 
     /// Iterations of the stage for which slot s receives data (all, or fewer for data saved ahead).
     fn fed_iters(&self, s: usize) -> u32 {
-        let per_feed: u32 = self.iface.feeds[s].iter().map(|f| f.repeat).sum::<u32>();
         // Feeds count sender runs; convert to iterations via the per-iteration wavelets.
         let sl = &self.st.inputs[s];
         let per_iter = wl(sl.values, sl.elem_bytes).max(1);
         let total: u64 = self.iface.feeds[s].iter().map(|f| f.wavelets * f.repeat as u64).sum();
-        let _ = per_feed;
         (total / per_iter).max(1) as u32
     }
 
@@ -1099,7 +1119,7 @@ impl<'a> Prog<'a> {
     fn pre_needs(&self, pre: &PreInputs, runs: u32) -> Vec<Need> {
         let mut needs = Vec::new();
         for &s in &pre.live {
-            needs.push(recv(self.mc(s), self.slot_w(s, runs)));
+            needs.push(recv(self.rc(s), self.slot_w(s, runs)));
         }
         for &w in &pre.wloads {
             needs.push(after(w, 1, 1, runs as u64));
@@ -1117,24 +1137,23 @@ impl<'a> Prog<'a> {
     /// Gates the weight loads of `pre` on the compute chain's last task (double buffering) and returns
     /// the chain's start gate on its own end (the next run waits for the previous to finish).
     fn gate_pre(&self, pe: &mut Pe, pre: &PreInputs, last: usize, runs: u32) {
+        // The load of iteration n waits until the compute has finished iteration n - wbuf.
+        let ahead = (self.t.wbuf.max(1) as i64 - 1) * runs as i64;
         for &w in &pre.wloads {
-            pe.tasks[w].needs.push(after(last, -(runs as i64), runs as u64, 1));
+            pe.tasks[w].needs.push(after(last, -ahead, runs as u64, 1));
         }
     }
 
     /// A drain PE: consumes every multicast delivered to the compute block without work.
-    fn drain(&self, col: u32, runs: u32) -> Pe {
+    fn drain(&self, band: usize, runs: u32) -> Pe {
         let st = self.st;
         let mut pe = Pe::default();
         for (s, sl) in st.inputs.iter().enumerate() {
+            let mut color = self.rc(s);
             let (w, rep) = match sl.kind {
                 SlotKind::Weights => {
-                    let w = if self.iface.wslot == Some(s) && self.iface.wbands.len() > 1 {
-                        let b = self.wband(col);
-                        self.iface.feeds[s].iter().filter(|f| f.band == b).map(|f| f.wavelets).next().unwrap_or(0)
-                    } else {
-                        self.slot_w(s, 1)
-                    };
+                    let (c, w) = self.weight_feed(s, band);
+                    color = c;
                     (w, self.iters)
                 }
                 SlotKind::Refresh => (self.slot_w(s, 1), 1),
@@ -1144,16 +1163,8 @@ impl<'a> Prog<'a> {
             if w == 0 {
                 continue;
             }
-            pe.push(task(
-                &format!("drain{s}"),
-                vec![recv(self.mc(s), w)],
-                mov(sl.elem_bytes),
-                0,
-                Some(self.mc(s)),
-                vec![],
-                rep,
-                0,
-            ));
+            // Not paced: the PE never waits on a stream it only drains.
+            pe.push(task(&format!("drain{s}"), vec![recv(color, w)], mov(sl.elem_bytes), 0, None, vec![], rep, 0));
         }
         pe
     }
@@ -1186,8 +1197,6 @@ impl<'a> Prog<'a> {
             }
         }
         let col_w = |c: u32| -> u64 { rows.iter().map(|&r| wl(vals(r, c), eb)).sum() };
-        let total_values: u64 = (0..f.w).map(|c| rows.iter().map(|&r| vals(r, c)).sum::<u64>()).sum();
-        let _ = total_values;
         for (b, &(c0, c1)) in oi.bands.iter().enumerate() {
             let rep = self.repeat(out_runs);
             // Relays c0+1 .. c1 - 1: their column (and c0's, at c0 + 1) west to c0.
@@ -1272,7 +1281,7 @@ fn out_rows(p: &Prog, all: bool) -> Vec<u32> {
 
 fn prog_bcast(p: &mut Prog) {
     let st = p.st;
-    let Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. } = st.work.clone() else {
+    let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
         return;
     };
     let f = p.f();
@@ -1283,41 +1292,30 @@ fn prog_bcast(p: &mut Prog) {
     let s3 = Flat::new(cols, rc, c);
     let wa = p.slot_w(a, runs);
     let rep = p.repeat(runs);
-    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![s3.row_kind(r)]).collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| vec![s3.col_kind(cc), p.wband(cc as u32) as u64, cc])
-        .map(|mut v| {
-            // Columns differ only by band and mixed-row membership.
-            v.pop();
-            v
-        })
-        .collect();
+    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|r| vec![s3.row_kind(r), p.wband_r(r as u32) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![s3.col_kind(cc), p.wband_c(cc as u32) as u64]).collect();
     let (g1, _) = p.gc(out);
-    let _ = b;
     p.grid(f.row0(), &row_kinds, &col_kinds, "mm", |p, rk, ck| {
         let n_p = match rk[0] {
             2 => s3.s.q + 1,
             0 => s3.s.q,
             _ => s3.s.q + ck[0],
         };
-        let col = p.iface.wbands.get(ck[1] as usize).map_or(0, |b| b.0);
+        let band = (rk[1] + ck[1]) as usize;
         if n_p == 0 {
-            return Some((format!("{}.idle", st.name), p.drain(col, runs)));
+            return Some((format!("{}.idle", st.name), p.drain(band, runs)));
         }
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(a), runs, col, k * n_p);
-        let mut needs = vec![recv(p.mc(a), wa)];
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k * n_p);
+        let mut needs = vec![recv(p.rc(a), wa)];
         needs.extend(p.pre_needs(&pre, runs));
-        if let Some(fs) = fresh {
-            let _ = fs;
-        }
         let w_out = wl(rr * n_p, eb);
         let mm = pe.push(task(
             "mm",
             needs,
             fmac(eb),
             rr * k * n_p,
-            Some(p.mc(a)),
+            Some(p.rc(a)),
             if bias { vec![] } else { vec![send(g1, w_out, true)] },
             rep,
             2 * rr * k * n_p,
@@ -1348,6 +1346,76 @@ fn prog_bcast(p: &mut Prog) {
     p.gather(out, runs, &rows_all, &vals);
 }
 
+/// The gemv-tree's rows: compute rows stream partial sums to their group's leader, leaders (pure
+/// reducers) stream group sums to the root (the last row), which adds them (and the bias) and sends the
+/// result on. Short columns skip the groups: every compute row sends straight to the root.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tree {
+    pub rc: u64,
+    pub g: u64,
+}
+
+impl Tree {
+    pub fn new(rc: u64) -> Tree {
+        let n = rc.saturating_sub(1);
+        let g = if n <= 3 {
+            1
+        } else {
+            let mut g = 2;
+            while g * g < n {
+                g += 1;
+            }
+            g
+        };
+        Tree { rc, g }
+    }
+    fn groups(&self) -> bool {
+        self.g > 1
+    }
+    /// Rows of the group holding row r (r < rc - 1).
+    fn group(&self, r: u64) -> (u64, u64) {
+        let start = (r / self.g) * self.g;
+        (start, (start + self.g).min(self.rc - 1))
+    }
+    /// 0 compute, 1 leader, 2 root.
+    pub fn role(&self, r: u64) -> u64 {
+        if r + 1 == self.rc {
+            return 2;
+        }
+        let (a, b) = self.group(r);
+        if self.groups() && r + 1 == b && b - a >= 2 {
+            1
+        } else {
+            0
+        }
+    }
+    /// Where a compute row sends: Some(leader) or None for the root.
+    fn target(&self, r: u64) -> Option<u64> {
+        if !self.groups() {
+            return None;
+        }
+        let (a, b) = self.group(r);
+        (b - a >= 2).then_some(b - 1)
+    }
+    /// Compute rows before r (its index among compute rows).
+    fn compute_index(&self, r: u64) -> u64 {
+        (0..r).filter(|&x| self.role(x) == 0).count() as u64
+    }
+    pub fn compute_rows(&self) -> u64 {
+        (0..self.rc).filter(|&x| self.role(x) == 0).count() as u64
+    }
+    /// Streams a leader or the root adds per run.
+    fn sources(&self, r: u64) -> u64 {
+        match self.role(r) {
+            1 => (0..r).filter(|&x| self.role(x) == 0 && self.target(x) == Some(r)).count() as u64,
+            2 => {
+                (0..r).filter(|&x| self.role(x) == 1 || (self.role(x) == 0 && self.target(x).is_none())).count() as u64
+            }
+            _ => 0,
+        }
+    }
+}
+
 fn prog_tree(p: &mut Prog) {
     let st = p.st;
     let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
@@ -1358,101 +1426,82 @@ fn prog_tree(p: &mut Prog) {
     let runs = p.t.runs;
     let rr = rows / runs as u64;
     let eb = p.eb();
-    let kr = split(k, rc);
+    let tree = Tree::new(rc);
+    let kr = split(k, tree.compute_rows());
     let nc = split(cols, c);
-    let fan = FanIn::new(rc);
     let wa = p.slot_w(a, runs);
     let rep = p.repeat(runs);
     let (t1, t2) = (p.ac(0), p.ac(1));
     let (g1, _) = p.gc(out);
     let row_kinds: Vec<Vec<u64>> = (0..rc)
         .map(|r| {
-            let (role, gs) = fan.role(r);
-            vec![role, gs, (r < kr.r) as u64]
+            let role = tree.role(r);
+            let big = role == 0 && tree.compute_index(r) < kr.r;
+            vec![role, tree.sources(r), big as u64, tree.target(r).is_some() as u64, p.wband_r(r as u32) as u64]
         })
         .collect();
     let col_kinds: Vec<Vec<u64>> =
-        (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64, p.wband(cc as u32) as u64]).collect();
+        (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64, p.wband_c(cc as u32) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "tree", |p, rk, ck| {
-        let (role, gs) = (rk[0], rk[1]);
-        let k_r = kr.q + rk[2];
+        let (role, sources) = (rk[0], rk[1]);
         let n_c = nc.q + ck[0];
-        let col = p.iface.wbands.get(ck[2] as usize).map_or(0, |b| b.0);
-        if n_c == 0 || k_r == 0 {
-            return Some((format!("{}.idle", st.name), p.drain(col, runs)));
+        let band = (rk[4] + ck[2]) as usize;
+        if n_c == 0 || (role == 0 && kr.q + rk[2] == 0) {
+            return Some((format!("{}.idle", st.name), p.drain(band, runs)));
         }
         let w_p = wl(rr * n_c, eb);
+        if role > 0 {
+            // A reducer: drains the multicasts it does not use, adds the partial sums as they arrive.
+            let mut pe = p.drain(band, runs);
+            let (color_in, color_out) = if role == 1 { (t1, t2) } else { (t2, g1) };
+            let bias_flops = if role == 2 && bias { rr * n_c } else { 0 };
+            pe.push(task(
+                if role == 1 { "red1" } else { "red2" },
+                vec![recv(color_in, sources * w_p)],
+                arith(eb),
+                (sources.saturating_sub(1) * rr * n_c + bias_flops).max(1),
+                Some(color_in),
+                vec![send(color_out, w_p, true)],
+                rep,
+                bias_flops,
+            ));
+            // One accumulator row and one arriving row: partial sums stream through row by row.
+            pe.sram = 2 * n_c * eb;
+            return Some((format!("{}.tree{role}", st.name), pe));
+        }
+        let k_r = kr.q + rk[2];
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(a), runs, col, k_r * n_c);
-        let mut needs = vec![recv(p.mc(a), wa)];
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k_r * n_c);
+        let mut needs = vec![recv(p.rc(a), wa)];
         needs.extend(p.pre_needs(&pre, runs));
-        let mm_sends = match role {
-            0 => vec![send(t1, w_p, false)],
-            1 if gs == 1 => vec![send(t2, w_p, false)],
-            2 if gs == 1 && fan.ngroups() == 1 && !bias => vec![send(g1, w_p, false)],
-            _ => vec![],
-        };
-        let mm = pe.push(task("mm", needs, fmac(eb), rr * k_r * n_c, Some(p.mc(a)), mm_sends, rep, 2 * rr * k_r * n_c));
-        let mut last = mm;
-        if role >= 1 && gs > 1 {
-            let sends = match role {
-                1 => vec![send(t2, w_p, false)],
-                _ if fan.ngroups() == 1 && !bias => vec![send(g1, w_p, false)],
-                _ => vec![],
-            };
-            last = pe.push(task(
-                "red1",
-                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
-                arith(eb),
-                (gs - 1) * rr * n_c,
-                Some(t1),
-                sends,
-                rep,
-                0,
-            ));
-        }
-        if role == 2 && fan.ngroups() > 1 {
-            let sends = if bias { vec![] } else { vec![send(g1, w_p, false)] };
-            last = pe.push(task(
-                "red2",
-                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
-                arith(eb),
-                (fan.ngroups() - 1) * rr * n_c,
-                Some(t2),
-                sends,
-                rep,
-                0,
-            ));
-        }
-        if role == 2 && bias {
-            last = pe.push(task(
-                "bias",
-                vec![done(last, 1)],
-                arith(eb),
-                rr * n_c,
-                None,
-                vec![send(g1, w_p, false)],
-                rep,
-                rr * n_c,
-            ));
-        }
-        if last != mm {
-            pe.tasks[mm].needs.push(after(last, 0, 1, 1));
-        }
-        p.gate_pre(&mut pe, &pre, last, runs);
+        let to = if role == 0 && rk[3] == 1 { t1 } else { t2 };
+        let mm = pe.push(task(
+            "mm",
+            needs,
+            fmac(eb),
+            rr * k_r * n_c,
+            Some(p.rc(a)),
+            vec![send(to, w_p, true)],
+            rep,
+            2 * rr * k_r * n_c,
+        ));
+        p.gate_pre(&mut pe, &pre, mm, runs);
         pe.sram = p.t.sram_max;
-        Some((format!("{}.tree{role}", st.name), pe))
+        Some((format!("{}.tree0", st.name), pe))
     });
-    // Tree routes: level one per non-leader row, level two per leader row.
-    let active_cols = (nc.q > 0).then_some(c as u32).unwrap_or(nc.r as u32);
+    // Routes: compute rows to their leader (or the root), leaders to the root.
+    let active_cols = if nc.q > 0 { c as u32 } else { nc.r as u32 };
     for r in 0..rc {
-        let (role, _) = fan.role(r);
         let y = f.row0() + r as u32;
         let rect = p.rect_abs(y, 0, 1, active_cols.max(1));
-        if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
-        } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        match (tree.role(r), tree.target(r)) {
+            (0, Some(l)) => {
+                p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (l - r) as u32, multicast: false })
+            }
+            (0, None) | (1, _) => {
+                p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false })
+            }
+            _ => {}
         }
     }
     let vals = move |_r: u32, cc: u32| rr * nc.at(cc as u64);
@@ -1479,9 +1528,7 @@ fn prog_summa(p: &mut Prog) {
         (0..rc).map(|r| vec![(r < kr.r) as u64, (r == 0) as u64, (kr.at(r) == 0) as u64]).collect();
     let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64, (nc.at(cc) == 0) as u64]).collect();
     // The main (paced) operand is dy unless dy is stored and x is not.
-    let (main, other) =
-        if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live { (dy, x) } else { (x, dy) };
-    let _ = other;
+    let main = if st.inputs[dy].kind == SlotKind::Live || st.inputs[x].kind != SlotKind::Live { dy } else { x };
     p.grid(f.row0(), &row_kinds, &col_kinds, "summa", |p, rk, ck| {
         let k_r = kr.q + rk[0];
         let n_c = nc.q + ck[0];
@@ -1491,10 +1538,10 @@ fn prog_summa(p: &mut Prog) {
         let first_row = rk[1] == 1;
         let mut pe = Pe::default();
         let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c);
-        let mut needs = vec![recv(p.mc(main), p.slot_w(main, runs))];
+        let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
         let acc =
-            pe.push(task("acc", needs, fmac(eb), rr * k_r * n_c, Some(p.mc(main)), vec![], rep, 2 * rr * k_r * n_c));
+            pe.push(task("acc", needs, fmac(eb), rr * k_r * n_c, Some(p.rc(main)), vec![], rep, 2 * rr * k_r * n_c));
         let mut last = acc;
         if let (true, Some(_)) = (first_row, bias_out) {
             last = pe.push(task("dbias", vec![done(acc, 1)], arith(eb), rr * n_c, None, vec![], rep, rr * n_c));
@@ -1573,7 +1620,7 @@ fn prog_rowreduce(p: &mut Prog) {
         let w_st = 2 * t_r; // (a, b) statistics per row, fp32
         let mut pe = Pe::default();
         let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, w_c);
-        let mut needs = vec![recv(p.mc(main), p.slot_w(main, runs))];
+        let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
         let c1 = c > 1;
         let stats_sends = match role {
@@ -1586,7 +1633,7 @@ fn prog_rowreduce(p: &mut Prog) {
             needs,
             arith(eb),
             (t_r * w_c * c_stats).max(t_r * w_c),
-            Some(p.mc(main)),
+            Some(p.rc(main)),
             stats_sends,
             rep,
             t_r * w_c * c_stats,
@@ -1647,8 +1694,6 @@ fn prog_rowreduce(p: &mut Prog) {
         if colsum.is_some() || (scalar.is_some() && root) {
             let vals = if colsum.is_some() { w_c * cs_per_col } else { 1 };
             let w = wl(vals, 4);
-            let active_here = rk[1] == 0;
-            let _ = active_here;
             if first_row {
                 let mut needs = vec![done(per_iter_src, runs)];
                 if active_rows > 1 {
@@ -1763,7 +1808,7 @@ fn prog_elementwise(p: &mut Prog) {
         let pre = p.inputs_pre(&mut pe, main, runs, 0, n);
         let mut needs = Vec::new();
         if let Some(m) = main {
-            needs.push(recv(p.mc(m), p.slot_w(m, runs)));
+            needs.push(recv(p.rc(m), p.slot_w(m, runs)));
         }
         needs.extend(p.pre_needs(&pre, runs));
         let sends: Vec<Send> = if accumulate {
@@ -1783,12 +1828,11 @@ fn prog_elementwise(p: &mut Prog) {
             needs,
             op,
             (n * per_elem.max(1)).max(1),
-            main.map(|m| p.mc(m)),
+            main.map(|m| p.rc(m)),
             sends,
             rep,
             n * per_elem,
         ));
-        let mut last = ew;
         if accumulate {
             let sends: Vec<Send> = shares
                 .iter()
@@ -1808,10 +1852,8 @@ fn prog_elementwise(p: &mut Prog) {
                 0,
             ));
             pe.tasks[ew].needs.push(after(emit, 0, 1, runs as u64));
-            last = emit;
         }
         p.gate_pre(&mut pe, &pre, ew, runs);
-        let _ = last;
         pe.sram = p.t.sram_max;
         Some((format!("{}.ew", st.name), pe))
     });
@@ -1855,7 +1897,7 @@ fn prog_lookup(p: &mut Prog) {
         let w_p = wl(rr * w_c, eb);
         let mut pe = Pe::default();
         let pre = p.inputs_pre(&mut pe, Some(ids), runs, 0, 0);
-        let mut needs = vec![recv(p.mc(ids), wi)];
+        let mut needs = vec![recv(p.rc(ids), wi)];
         needs.extend(p.pre_needs(&pre, runs));
         let sends = match role {
             0 => vec![send(t1, w_p, false)],
@@ -1863,7 +1905,7 @@ fn prog_lookup(p: &mut Prog) {
             2 if gs == 1 && fan.ngroups() == 1 => vec![send(g1, w_p, false)],
             _ => vec![],
         };
-        let look = pe.push(task("look", needs, mov(eb), rr * w_c, Some(p.mc(ids)), sends, rep, 0));
+        let look = pe.push(task("look", needs, mov(eb), rr * w_c, Some(p.rc(ids)), sends, rep, 0));
         let mut last = look;
         if role >= 1 && gs > 1 {
             let sends = match role {
@@ -1921,101 +1963,94 @@ fn prog_single_gemv(p: &mut Prog) {
         return;
     };
     let f = p.f();
-    let (rc, c) = (f.rc() as u64, f.w as u64);
+    // Only the rows and columns that get a share of k and n take part (as the tiling chose).
+    let (rc, c) = ((f.rc() as u64).min(k), (f.w as u64).min(n));
     let eb = p.eb();
     let kr = split(k, rc);
     let nc = split(n, c);
+    // MeshGEMV's two-level tree (K = 2): in each group of about sqrt(rows) rows the partial sums
+    // flow down a chain, each row adding its own and passing the running sum on (level 1); the
+    // groups' last rows (leaders) chain the group sums down to the root, the last row (level 2).
+    // Every link carries one partial row at a time; chains alternate two colors so that each
+    // router keeps one rule per color (a row receives on one color and sends on the other).
     let fan = FanIn::new(rc);
-    let (t1, t2) = (p.ac(0), p.ac(1));
-    // The row multicast of x: one color after the tree's two.
-    let xa = ColorId(p.algo_base() + 2);
+    let base = p.algo_base();
+    let l1 = |r: u64| ColorId(base + ((r - fan.group(r) * fan.g) % 2) as u32);
+    let l2 = |grp: u64| ColorId(base + 2 + (grp % 2) as u32);
+    // Row kinds: (first of its group, leader, group index parity, has a previous group, last group,
+    // parity of the row in its group, remainder row of k).
     let row_kinds: Vec<Vec<u64>> = (0..rc)
         .map(|r| {
-            let (role, gs) = fan.role(r);
-            vec![role, gs, (r < kr.r) as u64]
+            let grp = fan.group(r);
+            vec![
+                (r == grp * fan.g) as u64,
+                fan.is_leader(r) as u64,
+                grp % 2,
+                (grp > 0) as u64,
+                (grp + 1 == fan.ngroups()) as u64,
+                (r - grp * fan.g) % 2,
+                (r < kr.r) as u64,
+            ]
         })
         .collect();
-    let col_kinds: Vec<Vec<u64>> =
-        (0..c).map(|cc| vec![(cc < nc.r) as u64, (cc == 0) as u64, (nc.at(cc) == 0) as u64]).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|cc| vec![(cc < nc.r) as u64]).collect();
     p.grid(f.row0(), &row_kinds, &col_kinds, "gemv", |p, rk, ck| {
-        let (role, gs) = (rk[0], rk[1]);
-        let k_r = kr.q + rk[2];
+        let (first, leader, gpar, prev_group, last_group, rpar) =
+            (rk[0] == 1, rk[1] == 1, rk[2], rk[3] == 1, rk[4] == 1, rk[5]);
+        let k_r = kr.q + rk[6];
         let n_c = nc.q + ck[0];
-        let west = ck[1] == 1;
-        if k_r == 0 || (n_c == 0 && !west) {
+        if k_r == 0 || n_c == 0 {
             return None;
         }
         let w_p = wl(n_c, eb);
-        let w_x = wl(k_r, eb);
+        let own = p.ac(rpar as u32);
+        let incoming = p.ac(1 - rpar as u32);
         let mut pe = Pe::default();
-        let mut sends = match role {
-            0 => vec![send(t1, w_p, false)],
-            1 if gs == 1 => vec![send(t2, w_p, false)],
-            _ => vec![],
-        };
-        if n_c == 0 {
-            sends.clear();
-        }
-        let mut needs = vec![];
-        if west {
-            if c > 1 {
-                sends.push(send(xa, w_x, true));
-            }
-        } else {
-            needs.push(recv(xa, w_x));
-        }
-        let mm = pe.push(task(
-            "mm",
-            needs,
-            fmac(eb),
-            k_r * n_c,
-            if west { None } else { Some(xa) },
-            sends,
-            1,
-            2 * k_r * n_c,
-        ));
+        // x is pre-placed on every PE of its row (WaferLLM's replicated vector layout).
+        let mm_sends = if first && !leader { vec![send(own, w_p, false)] } else { vec![] };
+        let mm = pe.push(task("mm", vec![], fmac(eb), k_r * n_c, None, mm_sends, 1, 2 * k_r * n_c));
         let mut last = mm;
-        if n_c > 0 && role >= 1 && gs > 1 {
-            let sends = if role == 1 { vec![send(t2, w_p, false)] } else { vec![] };
+        if !first {
+            // Level 1: add the running sum from the row above, pass it on (or keep it: leader).
+            let sends = if leader { vec![] } else { vec![send(own, w_p, true)] };
             last = pe.push(task(
-                "red1",
-                vec![recv(t1, (gs - 1) * w_p), done(last, 1)],
+                "chain",
+                vec![recv(incoming, w_p), done(mm, 1)],
                 arith(eb),
-                (gs - 1) * n_c,
-                Some(t1),
+                n_c,
+                Some(incoming),
                 sends,
                 1,
                 0,
             ));
         }
-        if n_c > 0 && role == 2 && fan.ngroups() > 1 {
-            pe.push(task(
-                "red2",
-                vec![recv(t2, (fan.ngroups() - 1) * w_p), done(last, 1)],
-                arith(eb),
-                (fan.ngroups() - 1) * n_c,
-                Some(t2),
-                vec![],
-                1,
-                0,
-            ));
+        if leader {
+            // Level 2: add the previous leaders' sum and pass it to the next leader; the root keeps it.
+            let sends = if last_group { vec![] } else { vec![send(p.ac(2 + gpar as u32), w_p, true)] };
+            if prev_group {
+                let inc = p.ac(2 + (1 - gpar) as u32);
+                pe.push(task("tree", vec![recv(inc, w_p), done(last, 1)], arith(eb), n_c, Some(inc), sends, 1, 0));
+            } else if !sends.is_empty() {
+                pe.push(task("tree", vec![done(last, 1)], mov(eb), n_c, None, sends, 1, 0));
+            }
         }
         pe.sram = p.t.sram_max;
-        Some((format!("{}.gemv{role}", st.name), pe))
+        let role = if leader { "leader" } else { "row" };
+        Some((format!("{}.gemv.{role}", st.name), pe))
     });
     let active_cols = if nc.q > 0 { c as u32 } else { nc.r as u32 };
     for r in 0..rc {
-        let (role, _) = fan.role(r);
         let rect = p.rect_abs(f.row0() + r as u32, 0, 1, active_cols.max(1));
-        if role == 0 {
-            p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (fan.leader_of(r) - r) as u32, multicast: false });
-        } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+        if !fan.is_leader(r) {
+            p.route(l1(r), rect, Pattern::Line { dir: Dir::South, hops: 1, multicast: false });
+        } else if r + 1 < rc {
+            let next = fan.leader_of(r + 1);
+            p.route(
+                l2(fan.group(r)),
+                rect,
+                Pattern::Line { dir: Dir::South, hops: (next - r) as u32, multicast: false },
+            );
         }
-    }
-    if c > 1 {
-        let rect = p.rect_abs(f.row0(), 0, rc as u32, 1);
-        p.route(xa, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
     }
 }
 
@@ -2081,7 +2116,7 @@ fn prog_cannon(p: &mut Prog) {
         return;
     };
     let f = p.f();
-    let q = (f.rc() as u64).min(f.w as u64);
+    let q = (f.rc() as u64).min(f.w as u64).min(m).min(n).min(k);
     let eb = p.eb();
     let mi = split(m, q);
     let nj = split(n, q);
@@ -2318,19 +2353,6 @@ fn prog_allreduce(p: &mut Prog) {
     p.route(bc, root, Pattern::Rect { dx: 0, dy: -(yb as i32 - f.row0() as i32), w: c as u32, h: rc as u32 });
 }
 
-/// Internal colors a tiling uses (for the router budget).
-pub(crate) fn internal_colors(st: &Stage, t: &Tiling, gathered: usize) -> u32 {
-    let algo = match (st.work.clone(), t.algo) {
-        (Work::SingleGemv { .. }, _) => 3,
-        (_, Algo::Cannon) => {
-            let q = (t.frame.rc() as u64).min(t.frame.w as u64);
-            2 * (ring_colors(q).iter().copied().max().unwrap_or(0) + 1)
-        }
-        (_, a) => algo_colors(a, st),
-    };
-    st.inputs.len() as u32 + algo + 2 * gathered as u32
-}
-
 /// Runs per iteration of output o (1 for outputs emitted once per iteration).
 pub(crate) fn out_runs(st: &Stage, t: &Tiling, o: usize) -> u32 {
     if per_run_output(st, o) {
@@ -2350,18 +2372,23 @@ pub(crate) fn per_run_output(st: &Stage, o: usize) -> bool {
     }
 }
 
-/// Values per iteration of the banded weight slot in columns [c0, c1).
-pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, c0: u32, c1: u32) -> u64 {
+/// Values per iteration of the banded weight slot in band [a, b): columns, or compute rows (`rows`).
+pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, a: u32, b: u32, rows: bool) -> u64 {
     let f = t.frame;
     let (rc, c) = (f.rc() as u64, f.w as u64);
+    let (r_range, c_range) = if rows { ((a as u64, b as u64), (0, c)) } else { ((0, rc), (a as u64, b as u64)) };
     match (&st.work, t.algo) {
         (Work::Matmul { k, cols, .. }, Algo::GemvTree) => {
+            let tree = Tree::new(rc);
+            let kr = split(*k, tree.compute_rows());
             let nc = split(*cols, c);
-            k * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
+            let krs: u64 =
+                (r_range.0..r_range.1).filter(|&r| tree.role(r) == 0).map(|r| kr.at(tree.compute_index(r))).sum();
+            krs * (c_range.0..c_range.1).map(|x| nc.at(x)).sum::<u64>()
         }
         (Work::Matmul { k, cols, .. }, Algo::GemvBroadcast) => {
             let s3 = Flat::new(*cols, rc, c);
-            k * (0..rc).map(|r| (c0..c1).map(|x| s3.at(r, x as u64)).sum::<u64>()).sum::<u64>()
+            k * (r_range.0..r_range.1).map(|r| (c_range.0..c_range.1).map(|x| s3.at(r, x)).sum::<u64>()).sum::<u64>()
         }
         _ => match st.work {
             Work::Matmul { b: Operand::Slot(s), .. } => st.inputs[s].values,

@@ -31,7 +31,31 @@ pub(crate) fn compile_all(
     single: bool,
 ) -> Result<Compiled, CompileError> {
     let weights: u64 = g.tensors.iter().filter(|t| t.role == Role::Weight).map(|t| t.bytes).sum();
+    let has = |r: Role| g.tensors.iter().any(|t| t.role == r);
+    let resident_what =
+        [(Role::Weight, "weights"), (Role::OptimizerState, "optimizer state"), (Role::KvCache, "KV cache")]
+            .iter()
+            .filter(|(r, _)| has(*r))
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(", ");
     let sram = hw.mesh.pes() * (hw.pe.sram_bytes - hw.pe.code_reserve_bytes) * opts.wafers as u64;
+    // What pipelined mode keeps in SRAM before any activation: when it alone overflows, go straight
+    // to weight streaming.
+    // (Tensors no op produces: the optimizer's updated copies overwrite them in place.)
+    let mut produced = vec![false; g.tensors.len()];
+    for o in g.op_ids() {
+        for &t in &g.op(o).outputs {
+            produced[t.idx()] = true;
+        }
+    }
+    let resident: u64 = g
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| !produced[*i] && matches!(t.role, Role::Weight | Role::OptimizerState | Role::KvCache))
+        .map(|(_, t)| t.bytes)
+        .sum();
     match (opts.mode, single) {
         (Some(Mode::WeightStreaming), true) => Err(CompileError::Unsupported(
             "--mode weight-streaming: a single-op workload runs resident, its operands pre-placed in SRAM".into(),
@@ -45,6 +69,19 @@ pub(crate) fn compile_all(
             "single op: operands pre-placed in SRAM, as published per-op benchmarks measure them".into(),
         ),
         (Some(m), false) => attempt(g, hw, opts, m, false, "chosen with --mode".into()),
+        (None, false) if resident > sram && opts.wafers == 1 => attempt(
+            g,
+            hw,
+            opts,
+            Mode::WeightStreaming,
+            false,
+            format!(
+                "the resident state ({}: {}) exceeds the data SRAM ({})",
+                resident_what,
+                crate::report::fmt::human(resident as f64, "B"),
+                crate::report::fmt::human(sram as f64, "B")
+            ),
+        ),
         (None, false) => {
             let why = format!(
                 "every layer fits in SRAM at once (weights {} of {} data SRAM)",
@@ -79,6 +116,26 @@ fn attempt(
     single: bool,
     reason: String,
 ) -> Result<Compiled, CompileError> {
+    attempt_mode(g, hw, opts, mode, single, reason).map_err(|e| match mode {
+        // A single op has only its mesh and its SRAM.
+        _ if single => e.rehint(crate::compile::place::HINT, SINGLE_HINT),
+        // Already streaming weights: the way out is a bigger mesh or less data per step.
+        Mode::WeightStreaming => e.rehint(crate::compile::place::HINT, WS_HINT),
+        Mode::Pipelined => e,
+    })
+}
+
+const WS_HINT: &str = "use a larger --mesh, a smaller batch or sequence, or more SRAM per PE";
+const SINGLE_HINT: &str = "use a larger --mesh, a smaller op, or more SRAM per PE (--set pe.sram_bytes=...)";
+
+fn attempt_mode(
+    g: &Graph,
+    hw: &WaferHw,
+    opts: &CompileOptions,
+    mode: Mode,
+    single: bool,
+    reason: String,
+) -> Result<Compiled, CompileError> {
     let st = stage::build(g, mode, single)?;
     let k = kctx(hw);
     let wafers = opts.wafers.max(1);
@@ -89,54 +146,78 @@ fn attempt(
             "--wafers {wafers}: the model has only {layers} layers to split"
         )));
     }
+    // Weight-streaming training runs in two phases on the whole wafer: the forward pass, then the
+    // backward pass; data that crosses goes out to MemoryX and comes back.
+    let phased = mode == Mode::WeightStreaming && g.workload.phase == crate::model::Phase::Train && wafers == 1;
     let mut seen_layer = false;
-    let wafer_of: Vec<u32> = st
+    let group_of: Vec<u32> = st
         .stages
         .iter()
-        .map(|s| match s.layer {
-            Some(l) => {
-                seen_layer = true;
-                l * wafers / layers.max(1)
+        .map(|s| {
+            if phased {
+                return match (s.lp, s.pass) {
+                    (Loop::Fwd, _) | (Loop::Once, crate::graph::Pass::Forward) => 0,
+                    _ => 1,
+                };
             }
-            None if seen_layer => wafers - 1,
-            None => 0,
+            match s.layer {
+                Some(l) => {
+                    seen_layer = true;
+                    l * wafers / layers.max(1)
+                }
+                None if seen_layer => wafers - 1,
+                None => 0,
+            }
         })
         .collect();
+    let groups = if phased { 2 } else { wafers };
     let mut outs = Vec::new();
-    for w in 0..wafers {
-        let local: Vec<usize> = (0..st.stages.len()).filter(|&i| wafer_of[i] == w).collect();
+    for w in 0..groups {
+        let local: Vec<usize> = (0..st.stages.len()).filter(|&i| group_of[i] == w).collect();
         let map: BTreeMap<usize, usize> = local.iter().enumerate().map(|(i, &s)| (s, i)).collect();
-        let stages: Vec<Stage> = local.iter().map(|&i| st.stages[i].clone()).collect();
+        let mut stages: Vec<Stage> = local.iter().map(|&i| st.stages[i].clone()).collect();
         let mut streams = Vec::new();
         for (gi, s) in st.streams.iter().enumerate() {
             let remap = |e: End| -> End {
                 match e {
                     End::Stage { stage, slot } => match map.get(&stage) {
                         Some(&l) => End::Stage { stage: l, slot },
-                        None => End::Port(PeerKind::Wafer(wafer_of[stage])),
+                        None if phased => End::Port(PeerKind::MemoryX),
+                        None => End::Port(PeerKind::Wafer(group_of[stage])),
                     },
                     End::Port(p) => End::Port(p),
                 }
             };
             let (from, to) = (remap(s.from), remap(s.to));
-            let from_here = !matches!(from, End::Port(PeerKind::Wafer(_)));
-            let to_here = !matches!(to, End::Port(PeerKind::Wafer(_)));
-            if !from_here && !to_here {
-                continue;
-            }
             if matches!((from, to), (End::Port(_), End::Port(_))) {
                 continue;
             }
             let mut s2 = s.clone();
+            let crossing = phased
+                && (matches!(s.from, End::Stage { stage, .. } if !map.contains_key(&stage))
+                    || matches!(s.to, End::Stage { stage, .. } if !map.contains_key(&stage)));
+            if crossing {
+                if let End::Stage { stage, slot } = to {
+                    // Restored from MemoryX, one iteration's data per iteration of the consumer.
+                    s2.name = format!("{} (restored)", s.name);
+                    s2.send_first = 0;
+                    if stages[stage].inputs[slot].kind == (SlotKind::Stored { all: true }) {
+                        stages[stage].inputs[slot].kind = SlotKind::Live;
+                    }
+                } else {
+                    s2.name = format!("{} (saved)", s.name);
+                }
+            }
             s2.from = from;
             s2.to = to;
             streams.push((gi, s2));
         }
-        outs.push(compile_wafer(g, hw, &k, mode, w, stages, streams)?);
+        let (wafer, phase) = if phased { (0, w) } else { (w, 0) };
+        outs.push(compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams)?);
     }
     // Link the ports of streams that cross wafers.
     let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
-    for (w, o) in outs.iter().enumerate() {
+    for (w, o) in outs.iter().enumerate().filter(|_| !phased) {
         for &(gi, pid, outgoing) in &o.cross {
             cross.entry(gi).or_default().push((w as u32, pid, outgoing));
         }
@@ -145,7 +226,7 @@ fn attempt(
         if let (Some(&(wa, pa, _)), Some(&(wb, pb, _))) = (ends.iter().find(|e| e.2), ends.iter().find(|e| !e.2)) {
             outs[wa as usize].program.ports[pa.0 as usize].peer_port = Some(pb);
             outs[wa as usize].program.ports[pa.0 as usize].peer = Peer::Wafer(wb);
-            outs[wb as usize].program.ports[pb.0 as usize].peer_port = Some(pa);
+            // The receiving port names no peer port: nothing goes back through it.
             outs[wb as usize].program.ports[pb.0 as usize].peer = Peer::Wafer(wa);
         }
     }
@@ -180,6 +261,7 @@ fn attempt(
         mode: mode.name().into(),
         mode_reason: reason,
         wafers,
+        phases: if phased { 2 } else { 1 },
         layers_folded: st.layers,
         bands: outs.iter().map(|o| o.bands).max().unwrap_or(1),
         wafer_flops: outs.iter().map(|o| o.program.graph_flops).sum(),
@@ -190,7 +272,17 @@ fn attempt(
         notes,
         program,
     };
-    Ok(Compiled { plan, programs: outs.into_iter().map(|o| o.program).collect() })
+    Ok(Compiled {
+        plan,
+        programs: outs.into_iter().map(|o| o.program).collect(),
+        layout: if phased {
+            super::Layout::Phases
+        } else if wafers > 1 {
+            super::Layout::Wafers
+        } else {
+            super::Layout::Single
+        },
+    })
 }
 
 struct WaferOut {
@@ -254,6 +346,27 @@ fn stage_ios(stages: &[Stage], streams: &[(usize, Stream)]) -> Vec<StageIo> {
         .collect()
 }
 
+/// Merges the MemoryX streams into one input slot: one stream of every iteration's data, in the
+/// order the slot consumes them.
+fn merge_memoryx_feeds(streams: &mut Vec<(usize, Stream)>) {
+    let mut first: BTreeMap<End, usize> = BTreeMap::new();
+    let mut out: Vec<(usize, Stream)> = Vec::new();
+    for (gi, s) in streams.drain(..) {
+        let mergeable = matches!(s.from, End::Port(PeerKind::MemoryX)) && s.name.ends_with("(restored)");
+        if mergeable {
+            if let Some(&i) = first.get(&s.to) {
+                if out[i].1.values == s.values && out[i].1.elem_bytes == s.elem_bytes {
+                    out[i].1.send_count += s.send_count;
+                    continue;
+                }
+            }
+            first.insert(s.to, out.len());
+        }
+        out.push((gi, s));
+    }
+    *streams = out;
+}
+
 /// Moves data saved for a later loop off the wafer: the sender streams it to MemoryX, which sends it
 /// back when the consumer's iteration needs it.
 fn offload_stash(stages: &mut [Stage], streams: &mut Vec<(usize, Stream)>) -> u64 {
@@ -314,13 +427,26 @@ fn compile_wafer(
     k: &KCtx,
     mode: Mode,
     wafer: u32,
+    phase: u32,
     mut stages: Vec<Stage>,
     mut streams: Vec<(usize, Stream)>,
 ) -> Result<WaferOut, CompileError> {
     let mesh = hw.mesh;
     let mut notes = Vec::new();
+    // Data restored from MemoryX into one slot comes as one stream (MemoryX holds all of it).
+    merge_memoryx_feeds(&mut streams);
     let mut ios = stage_ios(&stages, &streams);
-    let placement: Placement = match place::place(&stages, &ios, mesh, k) {
+    // IO channels first: band boundaries follow their rows.
+    let needs_io = streams.iter().any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
+    let chans: Vec<Channel> = if needs_io { io::channels(hw)? } else { Vec::new() };
+    let mut align: Vec<u32> = chans
+        .iter()
+        .filter(|c| matches!(c.side, crate::mesh::Dir::West | crate::mesh::Dir::East))
+        .map(|c| c.at.y)
+        .collect();
+    align.sort();
+    align.dedup();
+    let placement: Placement = match place::place(&stages, &ios, mesh, k, &align) {
         Ok(p) => p,
         Err(e)
             if mode == Mode::WeightStreaming
@@ -334,17 +460,16 @@ fn compile_wafer(
                 crate::report::fmt::human(bytes as f64, "B")
             ));
             ios = stage_ios(&stages, &streams);
-            place::place(&stages, &ios, mesh, k)?
+            place::place(&stages, &ios, mesh, k, &align)?
         }
         Err(e) => return Err(e),
     };
     let rects = placement.rects.clone();
     let tilings = placement.tilings.clone();
 
-    // IO channels and their assignment.
-    let needs_io = streams.iter().any(|(_, s)| matches!(s.from, End::Port(_)) || matches!(s.to, End::Port(_)));
-    let chans: Vec<Channel> = if needs_io { io::channels(hw)? } else { Vec::new() };
+    // IO channel assignment.
     let mut load = vec![0u64; chans.len()];
+    let mut nflows = vec![0u32; chans.len()];
     // Channels used by each wafer peer (a channel serves one peer).
     let mut peer_of: Vec<Option<Peer>> = vec![None; chans.len()];
     // Proportional band counts for the big off-wafer streams (weights in, gradients out).
@@ -356,6 +481,7 @@ fn compile_wafer(
         .map(|(sid, st)| Iface {
             feeds: vec![Vec::new(); st.inputs.len()],
             wbands: Vec::new(),
+            wband_rows: false,
             wslot: None,
             outs: st
                 .outputs
@@ -469,14 +595,78 @@ fn compile_wafer(
                 let max_bands = if banded { (width / (gws + 1)).max(1) } else { 1 };
                 let nb = if banded { n_big(max_bands) } else { 1 };
                 let near = gateway(b, slot);
-                let avoid: Vec<usize> =
-                    (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
+                // A channel linked to another wafer carries that one stream (its port has one peer port).
+                let avoid: Vec<usize> = (0..chans.len())
+                    .filter(|&i| peer_of[i].is_some() || (matches!(peer, PeerKind::Wafer(_)) && nflows[i] > 0))
+                    .collect();
+                // Weights come straight in: a channel on a row of the region's compute block multicasts
+                // its band by itself (along its row into the region, then up and down the band's columns).
+                let fr = tilings[b].frame;
+                let (yc0, yc1) = (rects[b].y + fr.row0(), rects[b].y + fr.row0() + fr.rc());
+                let single_feed = streams.iter().filter(|(_, x)| x.to == s.to).count() == 1;
+                let direct_cands: Vec<usize> = if stages[b].inputs[slot].kind == SlotKind::Weights
+                    || (single_feed && stages[b].inputs[slot].kind != SlotKind::Refresh)
+                {
+                    (0..chans.len())
+                        .filter(|&i| {
+                            let c = &chans[i];
+                            !avoid.contains(&i)
+                                && matches!(c.side, crate::mesh::Dir::West | crate::mesh::Dir::East)
+                                && c.at.y >= yc0
+                                && c.at.y < yc1
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let direct =
+                    !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_));
                 let chosen = match restore_ch.get(gi) {
                     Some(&ch) => vec![ch],
-                    None => io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s)),
+                    None if direct => {
+                        let sub: Vec<Channel> = direct_cands.iter().map(|&i| chans[i].clone()).collect();
+                        let mut sub_load: Vec<u64> = direct_cands.iter().map(|&i| load[i]).collect();
+                        let mut sub_flows: Vec<u32> = direct_cands.iter().map(|&i| nflows[i]).collect();
+                        let got = io::pick(
+                            &sub,
+                            &mut sub_load,
+                            &mut sub_flows,
+                            (nb as usize).min(sub.len()),
+                            bytes,
+                            near,
+                            &[],
+                            true,
+                        );
+                        for (k, &i) in direct_cands.iter().enumerate() {
+                            load[i] = sub_load[k];
+                            nflows[i] = sub_flows[k];
+                        }
+                        got.into_iter().map(|k| direct_cands[k]).collect()
+                    }
+                    None => {
+                        io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, is_big(&stages, s))
+                    }
                 };
+                let mut chosen = chosen;
+                if direct && banded && chosen.len() > 1 {
+                    // Row bands around each channel's row: a band's multicast never crosses another's,
+                    // so the bands can share a color.
+                    chosen.sort_by_key(|&i| (chans[i].at.y, i));
+                    chosen.dedup_by_key(|i| chans[*i].at.y);
+                }
                 let nb = chosen.len() as u32;
-                if banded && nb > 1 {
+                if direct && banded && nb > 1 {
+                    let ys: Vec<u32> = chosen.iter().map(|&i| chans[i].at.y - yc0).collect();
+                    let mut bands = Vec::new();
+                    for (j, &y) in ys.iter().enumerate() {
+                        let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
+                        let hi = if j + 1 == ys.len() { yc1 - yc0 } else { (y + ys[j + 1]) / 2 + 1 };
+                        bands.push((lo, hi));
+                    }
+                    ifaces[b].wbands = bands;
+                    ifaces[b].wband_rows = true;
+                    ifaces[b].wslot = Some(slot);
+                } else if banded && nb > 1 {
                     let sp = kernel::split(width as u64, nb as u64);
                     let mut c0 = 0u32;
                     let mut bands = Vec::new();
@@ -494,35 +684,54 @@ fn compile_wafer(
                         peer_of[ch] = Some(peer.peer());
                     }
                     let (c0, c1) = bands[j.min(bands.len() - 1)];
+                    let rows_banded = ifaces[b].wband_rows && ifaces[b].wslot == Some(slot);
                     let (to, w, rep) = if bands.len() > 1 {
-                        let v = kernel::weight_band_values(&stages[b], &tilings[b], c0, c1);
+                        let v = kernel::weight_band_values(&stages[b], &tilings[b], c0, c1, rows_banded);
                         (Coord { x: rects[b].x + c1 - 1, y: rects[b].y }, wl(v, s.elem_bytes), s.send_count)
                     } else {
                         (near, w_s, repeat)
                     };
                     let c = &chans[ch];
+                    let pattern = if direct && rows_banded {
+                        Pattern::Rect {
+                            dx: rects[b].x as i32 - c.at.x as i32,
+                            dy: (yc0 + c0) as i32 - c.at.y as i32,
+                            w: width,
+                            h: c1 - c0,
+                        }
+                    } else if direct {
+                        Pattern::Rect {
+                            dx: (rects[b].x + c0) as i32 - c.at.x as i32,
+                            dy: yc0 as i32 - c.at.y as i32,
+                            w: c1 - c0,
+                            h: yc1 - yc0,
+                        }
+                    } else {
+                        Pattern::To { dx: to.x as i32 - c.at.x as i32, dy: to.y as i32 - c.at.y as i32 }
+                    };
                     let fl = Flow {
                         name: s.name.clone(),
                         sender: Senders::Port(PortId(ch as u32)),
                         start: c.at,
                         rx0: route::bit(c.side),
-                        pattern: Pattern::To { dx: to.x as i32 - c.at.x as i32, dy: to.y as i32 - c.at.y as i32 },
+                        pattern,
                     };
                     let saved = restore_ch.contains_key(gi).then_some(*gi);
                     flows.push((
                         fl,
-                        FlowUse::PortIn { ch, b, slot, band: j, w, repeat: rep, peer, gi: *gi, gate: saved },
+                        FlowUse::PortIn { ch, b, slot, band: j, w, repeat: rep, peer, gi: *gi, gate: saved, direct },
                     ));
                 }
             }
             (End::Stage { stage: a, slot: o }, End::Port(peer)) => {
                 io_bytes[a] += bytes;
-                let bandable = kernel::bandable_output(&stages[a], o) && matches!(peer, PeerKind::SwarmX);
-                let nb = if bandable { n_big(rects[a].w) } else { 1 };
+                // One channel, the nearest: the output row is a channel row, so the stream goes straight.
+                let nb = 1;
                 let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
-                let avoid: Vec<usize> =
-                    (0..chans.len()).filter(|&i| peer_of[i].is_some_and(|p| p != peer.peer())).collect();
-                let chosen = io::pick(&chans, &mut load, nb as usize, bytes, near, &avoid, is_big(&stages, s));
+                let avoid: Vec<usize> = (0..chans.len())
+                    .filter(|&i| peer_of[i].is_some() || (matches!(peer, PeerKind::Wafer(_)) && nflows[i] > 0))
+                    .collect();
+                let chosen = io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, false);
                 if *gi > usize::MAX / 2 {
                     restore_ch.insert(usize::MAX - *gi, chosen[0]);
                 }
@@ -575,15 +784,29 @@ fn compile_wafer(
             FlowUse::Pair { a, o, b, slot, w, repeat, window, si } => {
                 ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band: 0 });
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
-                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band: 0, fwd: Vec::new() });
+                ifaces[b].feeds[slot].push(Feed {
+                    color,
+                    wavelets: w,
+                    repeat,
+                    band: 0,
+                    fwd: Vec::new(),
+                    direct: false,
+                });
             }
             FlowUse::Chain { prev, si, b, slot, w, repeat } => {
                 forwards.push((prev, color.0 as usize));
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
-                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band: 0, fwd: Vec::new() });
+                ifaces[b].feeds[slot].push(Feed {
+                    color,
+                    wavelets: w,
+                    repeat,
+                    band: 0,
+                    fwd: Vec::new(),
+                    direct: false,
+                });
             }
-            FlowUse::PortIn { ch, b, slot, band, w, repeat, peer, gi, gate } => {
-                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band, fwd: Vec::new() });
+            FlowUse::PortIn { ch, b, slot, band, w, repeat, peer, gi, gate, direct } => {
+                ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band, fwd: Vec::new(), direct });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
@@ -625,7 +848,11 @@ fn compile_wafer(
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
                 if let PeerKind::Wafer(_) = peer {
+                    // A port to another wafer forwards what reaches it to its peer port and runs no
+                    // task for it (the peer's task receives it on `ColorId::LINK`).
                     cross.push((gi, PortId(ch as u32), true));
+                    pw.peer.get_or_insert(peer.peer());
+                    continue;
                 }
                 pw.tasks.push(Task {
                     name: if gi > usize::MAX / 2 {
@@ -679,13 +906,30 @@ fn compile_wafer(
     // Longest paths first: they cross the most other flows and regions, so they have the fewest choices.
     let mut order: Vec<usize> = (0..flows.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(paths[i].len()), i));
+    let mut relays = vec![0u32; flows.len()];
+    let mut segs: Vec<Vec<u32>> = vec![Vec::new(); flows.len()];
     for &i in &order {
-        real[i] = book.assign(&flows[i].0.name, &paths[i])?;
+        let (c, r, sg) = book.assign_relayed(&flows[i].0.name, &paths[i])?;
+        real[i] = c;
+        relays[i] = r;
+        segs[i] = sg;
     }
     for (i, (fl, _)) in flows.iter().enumerate() {
         let e = stream_colors.entry(fl.name.clone()).or_default();
-        e.0.push(real[i].0);
+        e.0.extend(segs[i].iter().copied());
+        e.0.dedup();
         e.1 = e.1.max(paths[i].len() as u64);
+    }
+    let relayed: Vec<usize> = (0..flows.len()).filter(|&i| relays[i] > 0).collect();
+    if !relayed.is_empty() {
+        notes.push(format!(
+            "{} streams found no color free end to end and are relayed through PEs ({} relays, each charged {} \
+             cycles): {}",
+            relayed.len(),
+            relayed.iter().map(|&i| relays[i]).sum::<u32>(),
+            hw.fabric.relay_cycles,
+            relayed.iter().map(|&i| flows[i].0.name.clone()).take(6).collect::<Vec<_>>().join(", ")
+        ));
     }
     let patch = |c: ColorId| -> ColorId {
         if c.0 >= PLACEHOLDER && c != ColorId::LINK {
@@ -707,8 +951,9 @@ fn compile_wafer(
             t.work.paced_by = t.work.paced_by.map(patch);
         }
     };
-    for r in routes.iter_mut() {
+    for (i, r) in routes.iter_mut().enumerate() {
         r.color = patch(r.color);
+        r.relays = relays[i];
     }
     for pw in port_work.values_mut() {
         patch_tasks(&mut pw.tasks);
@@ -742,6 +987,11 @@ fn compile_wafer(
         let t = &tilings[sid];
         let rid = RegionId(program.regions.len() as u32);
         let base = program.templates.len() as u32;
+        // SRAM per PE from the lowered tiles: the largest template, and the mean over the region.
+        let area = |r: &Rect| r.w as u64 * r.h as u64;
+        let sram_max = code.tiles.iter().map(|(_, ti)| code.templates[*ti].2).max().unwrap_or(0);
+        let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
+        let sram_mean = sram_sum / area(&rects[sid]).max(1);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
             program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
@@ -761,6 +1011,7 @@ fn compile_wafer(
         program.graph_flops += st.flops();
         plan_regions.push(PlanRegion {
             wafer,
+            phase,
             name: st.name.clone(),
             kind: st.kind_name(g).to_string(),
             pass: st.pass.name().to_string(),
@@ -774,8 +1025,8 @@ fn compile_wafer(
             shape: shape_of(st),
             runs: t.runs,
             iters: st.iters,
-            sram_max: t.sram_max,
-            sram_mean: t.sram_mean,
+            sram_max,
+            sram_mean,
             colors_internal: region_colors[sid],
             colors_max: book.max_in(rects[sid]),
             flops: st.flops(),
@@ -833,6 +1084,7 @@ fn compile_wafer(
         });
         plan_ports.push(PlanPort {
             wafer,
+            phase,
             name: c.name.clone(),
             side: io::side_name(c.side).into(),
             x: c.at.x,
@@ -856,6 +1108,7 @@ fn compile_wafer(
         };
         plan_streams.push(PlanStream {
             wafer,
+            phase,
             name: s.name.clone(),
             from: end(s.from),
             to: end(s.to),
@@ -981,6 +1234,8 @@ enum FlowUse {
         gi: usize,
         /// For data restored from MemoryX: the stream key of its save.
         gate: Option<usize>,
+        /// The port multicasts into the region itself (no input gateway).
+        direct: bool,
     },
     PortOut {
         ch: usize,

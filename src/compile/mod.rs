@@ -30,7 +30,7 @@ use std::fmt;
 
 use crate::graph::Graph;
 use crate::hw::WaferHw;
-use crate::mesh::{Cluster, MeshProgram};
+use crate::mesh::{Cluster, MeshProgram, Phases};
 use crate::model::{DType, SingleOp};
 
 pub use file::{load_plan, PlanFile, PlanInputs, PLAN_VERSION};
@@ -84,22 +84,39 @@ impl Default for CompileOptions {
     }
 }
 
+/// How a compile's programs run together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One program on one wafer.
+    Single,
+    /// One program per wafer, run together (multi-wafer pipelined inference): `mesh::Cluster`.
+    Wafers,
+    /// Programs run one after the other on one wafer (weight-streaming training: forward, then
+    /// backward): `mesh::Phases`.
+    Phases,
+}
+
 /// The result of compiling: the printable plan and the program(s).
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub plan: Plan,
-    /// One program per wafer (one wafer unless `--wafers K`).
+    /// The programs: one, one per wafer, or one per phase (see `layout`).
     pub programs: Vec<MeshProgram>,
+    pub layout: Layout,
 }
 
 impl Compiled {
-    /// The program of a single-wafer compile.
+    /// The program of a single-program compile (the first of several).
     pub fn program(&self) -> &MeshProgram {
         &self.programs[0]
     }
-    /// The programs as a cluster (multi-wafer pipelined inference).
+    /// The programs as a cluster of wafers run together (multi-wafer pipelined inference).
     pub fn cluster(&self) -> Cluster {
         Cluster { wafers: self.programs.clone() }
+    }
+    /// The programs as phases run in turn on one wafer (weight-streaming training).
+    pub fn phases(&self) -> Phases {
+        Phases { phases: self.programs.clone() }
     }
 }
 
@@ -115,10 +132,15 @@ pub enum CompileError {
     #[error("mesh too small: {what}; {hint}")]
     MeshTooSmall { what: String, hint: String },
     #[error(
-        "too many colors: stream `{stream}` finds no free color at router ({x}, {y}), which already routes \
-         {used} of its {limit} colors; {hint}"
+        "too many colors: stream `{stream}` {why} ({x}, {y}), which routes {used} of its {limit} colors; \
+         {hint}"
     )]
-    Colors { stream: String, x: u32, y: u32, used: u32, limit: u32, hint: String },
+    Colors { stream: String, why: String, x: u32, y: u32, used: u32, limit: u32, hint: String },
+    #[error(
+        "too many colors: op `{op}` ({class}) needs {needed} colors at its routers (its inputs, its collectives \
+         and its outputs), the routers have {limit}; every algorithm for it needs more; raise fabric.colors"
+    )]
+    OpColors { op: String, class: String, needed: u32, limit: u32 },
     #[error("{0}")]
     Unsupported(String),
     #[error("{path}: {message}")]
@@ -133,6 +155,19 @@ impl CompileError {
     /// True when the error is the user's input or a limit of the machine rather than a bug.
     pub fn is_user_error(&self) -> bool {
         !matches!(self, CompileError::Internal(_) | CompileError::Verify(_))
+    }
+
+    /// Replaces `old` in the advice of an SRAM or mesh-size error with `new`.
+    pub(crate) fn rehint(self, old: &str, new: &str) -> CompileError {
+        match self {
+            CompileError::Sram { op, class, needed, available, sram, reserve, hint } => {
+                CompileError::Sram { op, class, needed, available, sram, reserve, hint: hint.replace(old, new) }
+            }
+            CompileError::MeshTooSmall { what, hint } => {
+                CompileError::MeshTooSmall { what, hint: hint.replace(old, new) }
+            }
+            e => e,
+        }
     }
 }
 
@@ -169,12 +204,23 @@ pub fn compile(g: &Graph, hw: &WaferHw, opts: &CompileOptions) -> Result<Compile
     }
     let compiled = lower::compile_all(g, hw, opts, single)?;
     if opts.verify {
-        for (w, p) in compiled.programs.iter().enumerate() {
+        let problems = verify_plan(g, &compiled);
+        if !problems.is_empty() {
+            return Err(CompileError::Verify(problems));
+        }
+        for p in &compiled.programs {
             let mut problems = verify_program(p);
-            problems.extend(verify::verify_plan(g, &compiled.plan, w as u32));
-            if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.programs.len() == 1 {
+            if p.mesh.pes() <= verify::DRY_RUN_MAX_PES && compiled.layout != Layout::Wafers {
                 problems.extend(dry_run(p));
             }
+            if !problems.is_empty() {
+                return Err(CompileError::Verify(problems));
+            }
+        }
+        // Wafers run together: dry-run them side by side, linked through their ports.
+        if compiled.layout == Layout::Wafers && compiled.program().mesh.pes() <= verify::DRY_RUN_MAX_PES {
+            let all = compiled.cluster().concat().map_err(|e| CompileError::Verify(vec![e]))?;
+            let problems = dry_run(&all);
             if !problems.is_empty() {
                 return Err(CompileError::Verify(problems));
             }

@@ -67,13 +67,50 @@ fn pack(mins: &[u32], work: &[u128], total: u128, a: u128, h: u32, w: u32, bands
         }
         out.push((band, x));
         x += wi;
-        let _ = i;
     }
     Some(out)
 }
 
 /// Places the stages on `mesh`. Single ops take the whole mesh (Cannon a square).
-pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx) -> Result<Placement, CompileError> {
+/// The rows of `bands` bands: equal heights, or, when `align` lists the IO channels' rows, bottoms moved
+/// to the nearest channel row (a region's output row is then a channel row: its streams to the IO ports
+/// go straight along it). Returns (first row, height) per band.
+fn band_rows(h_all: u32, bands: u32, align: &[u32]) -> Vec<(u32, u32)> {
+    let h = h_all / bands;
+    let equal: Vec<(u32, u32)> = (0..bands).map(|b| (b * h, h)).collect();
+    if align.is_empty() {
+        return equal;
+    }
+    let mut out = Vec::new();
+    let mut start = 0u32;
+    for b in 0..bands {
+        let target = (b + 1) * h - 1;
+        let bottom = align
+            .iter()
+            .copied()
+            .filter(|&y| y + 1 >= start + 3)
+            .min_by_key(|&y| ((y as i64 - target as i64).abs(), y));
+        let Some(bottom) = bottom else { return equal };
+        // Keep the bands within a quarter of the equal height of each other, and the last one near the end.
+        if bottom + 1 < start + 3 || (bottom as i64 - target as i64).unsigned_abs() > (h / 4) as u64 {
+            return equal;
+        }
+        out.push((start, bottom + 1 - start));
+        start = bottom + 1;
+    }
+    out
+}
+
+/// A candidate packing: (area, bands, minimum widths, (band, x) of every stage).
+type Packing = (u128, u32, Vec<u32>, Vec<(u32, u32)>);
+
+pub(crate) fn place(
+    stages: &[Stage],
+    ios: &[StageIo],
+    mesh: MeshDims,
+    k: &KCtx,
+    align: &[u32],
+) -> Result<Placement, CompileError> {
     let (w_all, h_all) = (mesh.width, mesh.height);
     if stages.len() == 1 && is_single(&stages[0]) {
         let st = &stages[0];
@@ -89,10 +126,11 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
     }
     let work: Vec<u128> = stages.iter().map(|s| s.flops().max(1) as u128).collect();
     let total: u128 = work.iter().sum();
-    let mut best: Option<(u128, u32, Vec<u32>, Vec<(u32, u32)>)> = None;
+    let mut best: Option<Packing> = None;
     let mut worst: Option<(usize, Misfit)> = None;
     for bands in 1..=MAX_BANDS.min(h_all / 3).max(1) {
-        let h = h_all / bands;
+        let rows = band_rows(h_all, bands, align);
+        let h = rows.iter().map(|r| r.1).min().unwrap_or(0);
         if h < 1 {
             break;
         }
@@ -139,7 +177,8 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
             None => too_big(stages, ios, mesh, k),
         });
     };
-    let h = h_all / bands;
+    let rows = band_rows(h_all, bands, align);
+    let h = rows.iter().map(|r| r.1).min().unwrap_or(1);
     let mut rects = Vec::with_capacity(stages.len());
     let mut tilings = Vec::with_capacity(stages.len());
     for (i, st) in stages.iter().enumerate() {
@@ -148,8 +187,9 @@ pub(crate) fn place(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx)
         let (band, x) = spots[i];
         // Snake: odd bands run right to left.
         let x = if band % 2 == 0 { x } else { w_all - x - wi };
-        let rect = Rect { x, y: band * h, w: wi, h };
-        let t = kernel::tile(st, &ios[i], wi, h, k).map_err(|m| misfit_error(st, &m, k, mesh))?;
+        let (y, hb) = rows[band as usize];
+        let rect = Rect { x, y, w: wi, h: hb };
+        let t = kernel::tile(st, &ios[i], wi, hb, k).map_err(|m| misfit_error(st, &m, k, mesh))?;
         rects.push(rect);
         tilings.push(t);
     }
@@ -163,7 +203,7 @@ fn is_single(st: &Stage) -> bool {
     )
 }
 
-const HINT: &str = "use --mode weight-streaming, more wafers (--wafers K, inference), a larger --mesh, \
+pub(crate) const HINT: &str = "use --mode weight-streaming, more wafers (--wafers K, inference), a larger --mesh, \
                     or a smaller batch or sequence";
 
 /// The error for a stage that fits nowhere.
@@ -174,6 +214,9 @@ pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> 
             hint: "use a larger --mesh".into(),
         };
     }
+    if m.colors > 0 {
+        return op_colors(st, m, k);
+    }
     CompileError::Sram {
         op: st.name.clone(),
         class: m.class.clone(),
@@ -183,6 +226,11 @@ pub(crate) fn misfit_error(st: &Stage, m: &Misfit, k: &KCtx, mesh: MeshDims) -> 
         reserve: k.pe.code_reserve_bytes,
         hint: HINT.into(),
     }
+}
+
+/// An op whose algorithms all need more colors at a router than the router has.
+fn op_colors(st: &Stage, m: &Misfit, k: &KCtx) -> CompileError {
+    CompileError::OpColors { op: st.name.clone(), class: m.class.clone(), needed: m.colors, limit: k.colors }
 }
 
 /// Every stage fits alone, but not all together: name the stage that overflows at its fair share.
@@ -198,6 +246,7 @@ fn too_big(stages: &[Stage], ios: &[StageIo], mesh: MeshDims, k: &KCtx) -> Compi
     let (i, _) = mins.iter().enumerate().max_by_key(|(_, &m)| m).unwrap_or((0, &0));
     let fair = ((mesh.width as u64 * mins[i]) / need.max(1)).max(1) as u32;
     match kernel::tile(&stages[i], &ios[i], fair, h, k) {
+        Err(m) if m.colors > 0 => op_colors(&stages[i], &m, k),
         Err(m) if !m.frame => CompileError::Sram {
             op: stages[i].name.clone(),
             class: format!("{} at its share of the mesh ({fair} x {h} PEs)", m.class),

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::mesh::{MeshProgram, Need, Pattern, Senders};
 use crate::report::fmt::thousands;
-pub use crate::report::{PlanPort, PlanRegion, PlanStream, PlanSummary as Plan};
+pub use crate::report::PlanSummary as Plan;
 
 /// The compile stages `--dump-after` can print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,10 +36,15 @@ impl Dump {
             Dump::Place => {
                 let mut s = String::new();
                 for w in 0..plan.wafers {
-                    if plan.wafers > 1 {
-                        let _ = writeln!(s, "wafer {w}");
+                    for ph in 0..plan.phases {
+                        if plan.wafers > 1 {
+                            let _ = writeln!(s, "wafer {w}");
+                        }
+                        if plan.phases > 1 {
+                            let _ = writeln!(s, "phase {ph}");
+                        }
+                        s.push_str(&plan.map(w, ph, 96, 48));
                     }
-                    s.push_str(&plan.map(w, 96, 48));
                 }
                 let _ = writeln!(s, "bands {}", plan.bands);
                 for r in &plan.regions {

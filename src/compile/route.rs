@@ -233,6 +233,24 @@ impl ColorBook {
         self.internal_at(i).count_ones() + self.ext_count[i] as u32
     }
 
+    /// The router ports of `c` that lead off the mesh (where IO ports attach).
+    fn off_mesh(&self, c: Coord) -> u8 {
+        let mut b = 0;
+        if c.x == 0 {
+            b |= W;
+        }
+        if c.x + 1 == self.mesh.width {
+            b |= E;
+        }
+        if c.y == 0 {
+            b |= N;
+        }
+        if c.y + 1 == self.mesh.height {
+            b |= S;
+        }
+        b
+    }
+
     /// True when a hop's train leaves the mesh (into a port): a delivery like the ramp's.
     fn exits(&self, h: &Hop) -> bool {
         (h.tx & W != 0 && h.at.x == 0)
@@ -255,7 +273,9 @@ impl ColorBook {
                 continue;
             }
             let (rx, tx) = ((rule & 31) as u8, (rule >> 5) as u8);
-            if tx != h.tx || h.tx & R != 0 || self.exits(h) || (h.rx & R != 0 && rx & R != 0) {
+            // Trains that start here (from the PE or from a port at the edge) need a color of their own.
+            let origin = R | self.off_mesh(h.at);
+            if tx != h.tx || h.tx & R != 0 || self.exits(h) || (h.rx & origin != 0 && rx & origin != 0) {
                 return false;
             }
         }
@@ -275,61 +295,94 @@ impl ColorBook {
         }
     }
 
-    /// The highest color free along `path`, committed to it.
-    pub fn assign(&mut self, stream: &str, path: &[Hop]) -> Result<ColorId, CompileError> {
+    /// The longest prefix of `path` (from the start) that `color` fits.
+    fn prefix(&self, color: u32, path: &[Hop]) -> usize {
+        let mut n = 0;
+        while n < path.len() && self.fits(color, &path[n..n + 1]) {
+            n += 1;
+        }
+        n
+    }
+
+    /// A color for `path`, end to end if one is free; else the path in segments joined by relays: the
+    /// stream's color on its first and last segments (where the sender and receiver meet it) and any
+    /// free colors between. Returns the color, the relays, and the colors of the segments.
+    pub fn assign_relayed(&mut self, stream: &str, path: &[Hop]) -> Result<(ColorId, u32, Vec<u32>), CompileError> {
+        if let Ok(c) = self.try_assign(path) {
+            return Ok((c, 0, vec![c.0]));
+        }
+        // The endpoints' color: the longest first and last segments together.
+        let rev: Vec<Hop> = path.iter().rev().copied().collect();
+        let best = (0..self.limit)
+            .rev()
+            .map(|c| (c, self.prefix(c, path), self.prefix(c, &rev)))
+            .filter(|&(_, a, b)| a > 0 && b > 0)
+            .max_by_key(|&(c, a, b)| (a + b, c));
+        let Some((c, a, b)) = best else {
+            // The sender and its receivers must meet one color: name the end that has none.
+            let start = (0..self.limit).any(|c| self.prefix(c, &path[..1.min(path.len())]) > 0);
+            let (why, at) = if !start {
+                ("finds no free color at its sender's router", path.first())
+            } else if (0..self.limit).any(|c| self.prefix(c, &rev[..1.min(rev.len())]) > 0) {
+                (
+                    "finds none of the colors free at its sender free (or routed its way) at its receiving router",
+                    path.last(),
+                )
+            } else {
+                ("finds no free color at its receiving router", path.last())
+            };
+            return Err(self.error(stream, why, at.copied()));
+        };
+        let (a, b) = (a.min(path.len()), b.min(path.len() - a.min(path.len())));
+        let mut segments = vec![c];
+        let mut commits: Vec<(u32, std::ops::Range<usize>)> = vec![(c, 0..a), (c, path.len() - b..path.len())];
+        let mut at = a;
+        let end = path.len() - b;
+        while at < end {
+            let pick = (0..self.limit).rev().map(|k| (k, self.prefix(k, &path[at..end]))).max_by_key(|&(k, n)| (n, k));
+            match pick {
+                Some((k, n)) if n > 0 => {
+                    commits.push((k, at..at + n));
+                    segments.push(k);
+                    at += n;
+                }
+                _ => {
+                    return Err(self.error(stream, "finds no free color to relay on at router", path.get(at).copied()))
+                }
+            }
+        }
+        segments.push(c);
+        for (k, r) in commits {
+            if !r.is_empty() {
+                self.commit(k, &path[r]);
+            }
+        }
+        Ok((ColorId(c), segments.len() as u32 - 2, segments))
+    }
+
+    fn try_assign(&mut self, path: &[Hop]) -> Result<ColorId, ()> {
         for c in (0..self.limit).rev() {
             if self.fits(c, path) {
                 self.commit(c, path);
                 return Ok(ColorId(c));
             }
         }
-        if std::env::var("WAFER_DEBUG_COLORS").is_ok() {
-            eprintln!(
-                "stream {stream}: path of {} hops from {:?} to {:?}",
-                path.len(),
-                path.first().map(|h| h.at),
-                path.last().map(|h| h.at)
-            );
-            for c in (0..self.limit).rev() {
-                for h in path {
-                    let i = self.idx(h.at);
-                    let why = if self.internal_at(i) & (1u64 << c.min(63)) != 0 {
-                        Some("internal".to_string())
-                    } else {
-                        let rule = self.rules[c as usize].as_ref().map_or(0, |v| v[i]);
-                        if rule == 0 {
-                            (self.used_at(i) + 1 > self.limit).then(|| format!("full ({})", self.used_at(i)))
-                        } else {
-                            let (rx, tx) = ((rule & 31) as u8, (rule >> 5) as u8);
-                            if tx != h.tx || h.tx & R != 0 || (h.rx & R != 0 && rx & R != 0) {
-                                Some(format!("rule rx {rx:05b} tx {tx:05b} vs rx {:05b} tx {:05b}", h.rx, h.tx))
-                            } else {
-                                None
-                            }
-                        }
-                    };
-                    if let Some(w) = why {
-                        eprintln!("  color {c}: at ({}, {}) {w}", h.at.x, h.at.y);
-                        break;
-                    }
-                }
-            }
-        }
-        let worst = path.iter().max_by_key(|h| self.used_at(self.idx(h.at))).copied().unwrap_or(Hop {
-            at: Coord { x: 0, y: 0 },
-            rx: 0,
-            tx: 0,
-        });
-        Err(CompileError::Colors {
+        Err(())
+    }
+
+    fn error(&self, stream: &str, why: &str, at: Option<Hop>) -> CompileError {
+        let at = at.map_or(Coord { x: 0, y: 0 }, |h| h.at);
+        CompileError::Colors {
             stream: stream.to_string(),
-            x: worst.at.x,
-            y: worst.at.y,
-            used: self.used_at(self.idx(worst.at)),
+            why: why.to_string(),
+            x: at.x,
+            y: at.y,
+            used: self.used_at(self.idx(at)),
             limit: self.limit,
             hint: "routers are shared by the regions' own collectives and every stream passing them; a larger --mesh \
                    or weight streaming (fewer regions) leaves more colors per router"
                 .into(),
-        })
+        }
     }
 
     /// Most colors used at any router of `r` (internal and external).

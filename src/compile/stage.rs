@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, OpId, OpKind, Pass, Role, TensorId};
 use crate::mesh::Peer;
-use crate::model::{NormKind, Phase};
+use crate::model::NormKind;
 
 use super::{CompileError, Mode};
 
@@ -49,8 +49,6 @@ pub(crate) enum SlotKind {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Slot {
-    /// The tensor's name (representative instance).
-    pub name: String,
     /// Values per iteration of the stage.
     pub values: u64,
     pub elem_bytes: u64,
@@ -80,7 +78,6 @@ pub(crate) struct Held {
 
 #[derive(Clone, Debug)]
 pub(crate) struct OutSlot {
-    pub name: String,
     /// Values per iteration.
     pub values: u64,
     pub elem_bytes: u64,
@@ -193,8 +190,6 @@ pub(crate) struct Stage {
     pub inputs: Vec<Slot>,
     pub held: Vec<Held>,
     pub outputs: Vec<OutSlot>,
-    /// Operand of each input of the main op, in order.
-    pub operands: Vec<Operand>,
     /// Dtype bytes of the stage's floating-point data.
     pub dtype_bytes: u64,
     /// The pass of the main op (forward, backward, ...), for reports.
@@ -259,9 +254,6 @@ pub(crate) struct Stream {
     pub elem_bytes: u64,
     pub send_first: u32,
     pub send_count: u32,
-    /// Iterations of the destination per sending iteration of the source (1, or for a Once sender
-    /// into a loop, the receiver iteration it feeds).
-    pub recv_first: u32,
 }
 
 impl Stream {
@@ -277,8 +269,7 @@ pub(crate) struct Stages {
     pub streams: Vec<Stream>,
     /// Layers folded into loops (weight streaming), else 1.
     pub layers: u32,
-    /// Ops that run off the wafer (the optimizer in MemoryX), and their FLOPs.
-    pub offload_ops: Vec<OpId>,
+    /// FLOPs of the ops that run off the wafer (the optimizer in MemoryX).
     pub offload_flops: u64,
     pub notes: Vec<String>,
 }
@@ -393,17 +384,28 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         if is_view(&op.kind) {
             on_wafer[o.idx()] = false;
         }
-        if mode == Mode::WeightStreaming && op.pass == Pass::Optimizer {
+        // Weight streaming: MemoryX applies the optimizer, and with it the scatter-add of embedding
+        // gradients and the sums of tied weights' gradients (the tables never sit on the wafer).
+        let to_memoryx = op.pass == Pass::Optimizer
+            || matches!(op.kind, OpKind::EmbeddingGrad { .. })
+            || (matches!(op.kind, OpKind::Add { .. }) && g.tensor(op.outputs[0]).role == Role::WeightGrad);
+        if mode == Mode::WeightStreaming && to_memoryx {
             on_wafer[o.idx()] = false;
             offload_ops.push(o);
             offload_flops += op.cost.flops;
         }
     }
     if !offload_ops.is_empty() {
+        let adam = offload_ops.iter().filter(|&&o| g.op(o).pass == Pass::Optimizer).count();
+        let other = offload_ops.len() - adam;
         notes.push(format!(
-            "the optimizer ({} Adam ops, {} FLOPs) runs in MemoryX: weight gradients leave through the IO ports",
-            offload_ops.len(),
-            offload_flops
+            "the optimizer ({adam} Adam ops{}, {offload_flops} FLOPs) runs in MemoryX: weight gradients leave through \
+             the IO ports",
+            if other > 0 {
+                format!(", with {other} embedding-gradient scatter-adds and tied-gradient sums")
+            } else {
+                String::new()
+            }
         ));
     }
     let layers = if mode == Mode::WeightStreaming {
@@ -513,7 +515,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             slot_of: BTreeMap::new(),
             slot_map: BTreeMap::new(),
         };
-        let (work, operands, flops_iter) = st.work(&by_iter[0], &producers, &fused_into)?;
+        let (work, _operands, flops_iter) = st.work(&by_iter[0], &producers, &fused_into)?;
         let mut ops: Vec<OpId> = by_iter.iter().flatten().copied().collect();
         ops.sort();
         stages.push(Stage {
@@ -528,7 +530,6 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             inputs: st.slots,
             held: st.held,
             outputs: st.outputs,
-            operands,
             dtype_bytes: g.workload.dtype.bytes(),
             pass: op.pass,
         });
@@ -546,6 +547,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
     let mut streams = Vec::new();
     let ctx = LinkCtx {
         g,
+        on_wafer: &on_wafer,
         producers: &producers,
         stage_of: &stage_of,
         fold: &fold,
@@ -554,7 +556,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         mode,
     };
     ctx.link(&mut stages, &mut streams, &mut notes)?;
-    Ok(Stages { stages, streams, layers: fold.layers, offload_ops, offload_flops, notes })
+    Ok(Stages { stages, streams, layers: fold.layers, offload_flops, notes })
 }
 
 /// Builds one stage's description from its first instance.
@@ -572,12 +574,12 @@ struct StageBuilder<'a> {
 }
 
 impl StageBuilder<'_> {
-    fn new_slot(&mut self, t: TensorId, values: u64, kind: SlotKind, name: String) -> usize {
+    fn new_slot(&mut self, t: TensorId, values: u64, kind: SlotKind) -> usize {
         if let Some(&i) = self.slot_of.get(&t) {
             return i;
         }
         let tt = self.g.tensor(t);
-        self.slots.push(Slot { name, values, elem_bytes: tt.elem.bytes(), kind });
+        self.slots.push(Slot { values, elem_bytes: tt.elem.bytes(), kind });
         self.slot_of.insert(t, self.slots.len() - 1);
         self.slots.len() - 1
     }
@@ -604,17 +606,17 @@ impl StageBuilder<'_> {
             if fused_into[p.idx()].is_some() {
                 return Operand::Internal;
             }
-            Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live, tt.name.clone()))
+            Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live))
         } else {
             match tt.role {
                 Role::Weight if self.mode == Mode::WeightStreaming && !self.single => {
-                    Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Weights, tt.name.clone()))
+                    Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Weights))
                 }
                 Role::Weight => Operand::Held(self.held(t, HeldKind::Weight)),
                 Role::KvCache => Operand::Held(self.held(t, HeldKind::KvCache)),
                 Role::OptimizerState => Operand::Held(self.held(t, HeldKind::OptState)),
                 Role::Input if self.single => Operand::Held(self.held(t, HeldKind::Preplaced)),
-                _ => Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live, tt.name.clone())),
+                _ => Operand::Slot(self.new_slot(t, tt.elems(), SlotKind::Live)),
             }
         };
         if let Operand::Slot(s) = od {
@@ -625,7 +627,7 @@ impl StageBuilder<'_> {
 
     fn output(&mut self, t: TensorId) -> usize {
         let tt = self.g.tensor(t);
-        self.outputs.push(OutSlot { name: tt.name.clone(), values: tt.elems(), elem_bytes: tt.elem.bytes() });
+        self.outputs.push(OutSlot { values: tt.elems(), elem_bytes: tt.elem.bytes() });
         self.outputs.len() - 1
     }
 
@@ -837,8 +839,7 @@ impl StageBuilder<'_> {
                     self.slot_map.clear();
                     self.held.clear();
                     let t = op.inputs[1];
-                    let name = format!("{}[ids]", g.tensor(t).name);
-                    let s = self.new_slot(t, rows * width, SlotKind::Live, name);
+                    let s = self.new_slot(t, rows * width, SlotKind::Live);
                     self.slot_map.insert((0, 1, 0), s);
                     operands = vec![Operand::Internal, Operand::Slot(s)];
                     Work::Relay { main: s, rows, width }
@@ -909,6 +910,7 @@ pub(crate) fn work_flops(w: &Work) -> u64 {
 
 struct LinkCtx<'a> {
     g: &'a Graph,
+    on_wafer: &'a [bool],
     producers: &'a [Option<OpId>],
     stage_of: &'a [Option<StageId>],
     fold: &'a Fold,
@@ -1017,23 +1019,22 @@ impl LinkCtx<'_> {
                     elem_bytes: eb,
                     send_first: 0,
                     send_count: stages[sid].iters,
-                    recv_first: 0,
                 });
                 continue;
             }
             let it_src: Vec<u32> = ps.iter().map(|p| p.0).collect();
             let contiguous = |v: &[u32]| v.windows(2).all(|w| w[1] == w[0] + 1);
-            let (send_first, send_count, recv_first, ahead) = match (src_lp, dst_lp) {
+            let (send_first, send_count, ahead) = match (src_lp, dst_lp) {
                 _ if src_lp == dst_lp && ps.iter().all(|p| p.0 == p.1) && contiguous(&it_src) => {
-                    (it_src[0], it_src.len() as u32, ps[0].1, false)
+                    (it_src[0], it_src.len() as u32, false)
                 }
                 _ if src_lp == dst_lp && ps.iter().all(|p| p.1 == p.0 + 1) && contiguous(&it_src) => {
-                    (it_src[0], it_src.len() as u32, ps[0].1, false)
+                    (it_src[0], it_src.len() as u32, false)
                 }
                 // From outside the loop: live in the loop's first iteration, else kept until used.
-                (Loop::Once, _) if ps.len() == 1 => (0, 1, ps[0].1, ps[0].1 != 0),
-                (_, Loop::Once) if ps.len() == 1 => (ps[0].0, 1, 0, false),
-                (Loop::Fwd, Loop::Bwd) if contiguous(&it_src) => (it_src[0], it_src.len() as u32, 0, true),
+                (Loop::Once, _) if ps.len() == 1 => (0, 1, ps[0].1 != 0),
+                (_, Loop::Once) if ps.len() == 1 => (ps[0].0, 1, false),
+                (Loop::Fwd, Loop::Bwd) if contiguous(&it_src) => (it_src[0], it_src.len() as u32, true),
                 _ => {
                     return Err(CompileError::Unsupported(format!(
                         "cannot fold the stream of `{name}` into `{}`: its iterations {ps:?} fit no loop pattern",
@@ -1054,7 +1055,7 @@ impl LinkCtx<'_> {
             if ahead || saved {
                 s.kind = SlotKind::Stored { all: ahead && layers > 1 };
             }
-            streams.push(Stream { name, from, to, values, elem_bytes: eb, send_first, send_count, recv_first });
+            streams.push(Stream { name, from, to, values, elem_bytes: eb, send_first, send_count });
         }
         // Attention's stationary operand streamed from a producer must be whole before the compute.
         for st in stages.iter_mut() {
@@ -1073,12 +1074,25 @@ impl LinkCtx<'_> {
             let st = &stages[sid];
             let grad = self.mode == Mode::WeightStreaming && tt.role == Role::WeightGrad && !consumed[t.idx()];
             let leaves = out_set.contains(&t) && tt.updates.is_none() && tt.role != Role::KvCache;
-            if !(grad || leaves) || seen.contains(&(sid, oslot)) {
+            // Read by an op that runs in MemoryX (an embedding gradient's rows).
+            let to_mx = tt.role != Role::WeightGrad
+                && g.op_ids().any(|o| {
+                    !self.on_wafer[o.idx()]
+                        && g.op(o).inputs.contains(&t)
+                        && !matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. })
+                });
+            if !(grad || leaves || to_mx) || seen.contains(&(sid, oslot)) {
                 continue;
             }
             seen.insert((sid, oslot));
             let it = self.producers[t.idx()].map_or(0, |p| if st.lp == Loop::Once { 0 } else { fold.iter[p.idx()] });
-            let (peer, first, count) = if grad { (PeerKind::SwarmX, 0, st.iters) } else { (PeerKind::Host, it, 1) };
+            let (peer, first, count) = if grad {
+                (PeerKind::SwarmX, 0, st.iters)
+            } else if to_mx {
+                (PeerKind::MemoryX, 0, st.iters)
+            } else {
+                (PeerKind::Host, it, 1)
+            };
             streams.push(Stream {
                 name: tt.name.clone(),
                 from: End::Stage { stage: sid, slot: oslot },
@@ -1087,7 +1101,6 @@ impl LinkCtx<'_> {
                 elem_bytes: st.outputs[oslot].elem_bytes,
                 send_first: first,
                 send_count: count,
-                recv_first: 0,
             });
         }
         // Pipelined training: the optimizer's updated weight refreshes the other resident copies.
@@ -1114,12 +1127,7 @@ impl LinkCtx<'_> {
             }
             for (sid, hid, name, values, eb) in refresh {
                 let slot = stages[hid].inputs.len();
-                stages[hid].inputs.push(Slot {
-                    name: format!("{name}'"),
-                    values,
-                    elem_bytes: eb,
-                    kind: SlotKind::Refresh,
-                });
+                stages[hid].inputs.push(Slot { values, elem_bytes: eb, kind: SlotKind::Refresh });
                 streams.push(Stream {
                     name: format!("{name}'"),
                     from: End::Stage { stage: sid, slot: 0 },
@@ -1128,7 +1136,6 @@ impl LinkCtx<'_> {
                     elem_bytes: eb,
                     send_first: 0,
                     send_count: 1,
-                    recv_first: 0,
                 });
             }
         }

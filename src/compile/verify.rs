@@ -15,10 +15,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::graph::{Graph, OpKind, Role};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Pattern, PortId, Rect, Senders};
-use crate::report::PlanSummary;
 
-use super::io;
 use super::route::{self, Hop};
+use super::{io, Compiled, Layout};
 
 /// Meshes up to this many PEs get the dry run after compiling.
 pub const DRY_RUN_MAX_PES: u64 = 64 * 64;
@@ -151,7 +150,10 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     if region_flops != p.graph_flops {
         errs.push(format!("the regions count {region_flops} FLOPs, the program {}", p.graph_flops));
     }
-    // Ports.
+    // Ports (their bytes are checked after the deliveries: a port to another wafer forwards what
+    // reaches it without a task).
+    let mut task_bytes = vec![0u64; p.ports.len()];
+    let mut forwarded = vec![0u64; p.ports.len()];
     for (i, port) in p.ports.iter().enumerate() {
         if !io::on_edge(port.at, port.side, mesh) {
             errs.push(format!("port {} at {:?} is not on the {:?} edge", port.name, port.at, port.side));
@@ -176,17 +178,13 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 bytes += s.wavelets * s.runs_sent(task.repeat) as u64 * 4;
             }
         }
-        if bytes != port.planned_bytes {
-            errs.push(format!("port {} (#{i}) plans {} bytes, its tasks move {bytes}", port.name, port.planned_bytes));
-        }
+        task_bytes[i] = bytes;
     }
     // Per color: routes, rules, deliveries.
     let mut by_color: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in p.routes.iter().enumerate() {
         by_color.entry(r.color.0).or_default().push(i);
-        if r.relays != 0 {
-            errs.push(format!("route {i} relays; this compiler never relays"));
-        }
+
         if r.color.0 >= p.timing.colors {
             errs.push(format!("route {i} uses color {} of {}", r.color, p.timing.colors));
         }
@@ -323,6 +321,14 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 }
                 for h in &path {
                     let i = (h.at.y * w + h.at.x) as usize;
+                    // A relayed route changes colors at its relays: only its deliveries are checked here.
+                    if rt.relays > 0 {
+                        if h.tx & route::R != 0 {
+                            delivered[i] += v;
+                            touched.push(i);
+                        }
+                        continue;
+                    }
                     if rule[i] == 0 {
                         color_count[i] += 1;
                         touched.push(i);
@@ -373,7 +379,12 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         let keys: BTreeSet<u32> = port_cons.keys().chain(port_del.keys()).copied().collect();
         for pid in keys {
             let (d, k) = (port_del.get(&pid).copied().unwrap_or(0), port_cons.get(&pid).copied().unwrap_or(0));
-            if d != k {
+            if p.ports.get(pid as usize).is_some_and(|q| q.peer_port.is_some()) {
+                if k != 0 {
+                    errs.push(format!("port {pid} forwards to another wafer but its tasks receive color {c}"));
+                }
+                forwarded[pid as usize] += d * 4;
+            } else if d != k {
                 errs.push(format!("port {pid} color {c}: {d} wavelets delivered, {k} consumed"));
             }
         }
@@ -386,6 +397,12 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
         }
         if errs.len() > 200 {
             break;
+        }
+    }
+    for (i, port) in p.ports.iter().enumerate() {
+        let bytes = task_bytes[i] + forwarded[i];
+        if bytes != port.planned_bytes {
+            errs.push(format!("port {} (#{i}) plans {} bytes, its tasks move {bytes}", port.name, port.planned_bytes));
         }
     }
     if let Some((i, &cnt)) = color_count.iter().enumerate().max_by_key(|(_, &c)| c) {
@@ -402,22 +419,108 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
     errs
 }
 
-/// Plan-level checks: every graph edge between regions carried by a stream, every off-wafer stream on
-/// a port, every on-wafer op in exactly one region.
-pub fn verify_plan(g: &Graph, plan: &PlanSummary, wafer: u32) -> Vec<String> {
+/// Checks the plan against the graph and the programs: every off-wafer stream is on a port, and
+/// every graph edge between ops in different regions is carried by a stream (directly in one
+/// program; through MemoryX between phases; through the wafer link between wafers; to or from
+/// MemoryX or SwarmX for ops that run off the wafer).
+pub fn verify_plan(g: &Graph, c: &Compiled) -> Vec<String> {
+    let plan = &c.plan;
     let mut errs = Vec::new();
-    let regions: Vec<_> = plan.regions.iter().filter(|r| r.wafer == wafer).collect();
-    let _ = regions;
-    let streams: BTreeSet<(String, String)> = plan.streams.iter().map(|s| (s.from.clone(), s.to.clone())).collect();
-    let on_port: BTreeSet<&str> = plan.ports.iter().flat_map(|p| p.streams.iter().map(|s| s.as_str())).collect();
-    for s in plan.streams.iter().filter(|s| s.wafer == wafer) {
-        let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
-        if (off(&s.from) || off(&s.to)) && !on_port.contains(s.name.as_str()) {
-            errs.push(format!("stream {} ({} -> {}) crosses the edge on no port", s.name, s.from, s.to));
+    let off = |e: &str| e == "host" || e == "memoryx" || e == "swarmx" || e.starts_with("wafer");
+    for s in &plan.streams {
+        let on_port =
+            plan.ports.iter().any(|p| p.wafer == s.wafer && p.phase == s.phase && p.streams.contains(&s.name));
+        if (off(&s.from) || off(&s.to)) && !on_port {
+            errs.push(format!(
+                "stream {} ({} -> {}, wafer {} phase {}) crosses the edge on no port",
+                s.name, s.from, s.to, s.wafer, s.phase
+            ));
         }
     }
-    // Region of every op, by the program's region op lists (names).
-    let _ = (&streams, g);
+    // (wafer, phase) of each program.
+    let place = |i: usize| match c.layout {
+        Layout::Single => (0u32, 0u32),
+        Layout::Wafers => (i as u32, 0),
+        Layout::Phases => (0, i as u32),
+    };
+    let mut region_of: BTreeMap<&str, (u32, u32, &str)> = BTreeMap::new();
+    for (i, p) in c.programs.iter().enumerate() {
+        for r in &p.regions {
+            for o in &r.ops {
+                region_of.insert(o.as_str(), (place(i).0, place(i).1, r.name.as_str()));
+            }
+        }
+    }
+    let streams: BTreeSet<(u32, u32, &str, &str)> =
+        plan.streams.iter().map(|s| (s.wafer, s.phase, s.from.as_str(), s.to.as_str())).collect();
+    let has = |w: u32, ph: u32, a: &str, b: &str| streams.contains(&(w, ph, a, b));
+    let to_store = |w: u32, ph: u32, a: &str| has(w, ph, a, "memoryx") || has(w, ph, a, "swarmx");
+    let from_store = |w: u32, ph: u32, b: &str| has(w, ph, "memoryx", b) || has(w, ph, "swarmx", b);
+    let mut producer = vec![None; g.tensors.len()];
+    for o in g.op_ids() {
+        for &t in &g.op(o).outputs {
+            producer[t.idx()] = Some(o);
+        }
+    }
+    // The real producers of a tensor, through views (a split's slice, a split_grad's concatenation).
+    fn real(
+        g: &Graph,
+        producer: &[Option<crate::graph::OpId>],
+        t: crate::graph::TensorId,
+        out: &mut Vec<crate::graph::OpId>,
+    ) {
+        if let Some(p) = producer[t.idx()] {
+            match g.op(p).kind {
+                OpKind::Split { .. } => real(g, producer, g.op(p).inputs[0], out),
+                OpKind::SplitGrad { .. } => {
+                    for &i in &g.op(p).inputs {
+                        real(g, producer, i, out);
+                    }
+                }
+                _ => out.push(p),
+            }
+        }
+    }
+    let is_view = |o: crate::graph::OpId| matches!(g.op(o).kind, OpKind::Split { .. } | OpKind::SplitGrad { .. });
+    let mut seen = BTreeSet::new();
+    for b in g.op_ids() {
+        let ob = g.op(b);
+        if is_view(b) {
+            continue;
+        }
+        let rb = region_of.get(ob.name.as_str()).copied();
+        for &t in &ob.inputs {
+            let mut ps = Vec::new();
+            real(g, &producer, t, &mut ps);
+            for a in ps {
+                let ra = region_of.get(g.op(a).name.as_str()).copied();
+                let ok = match (ra, rb) {
+                    // Both off the wafer (the optimizer and its inputs in MemoryX).
+                    (None, None) => true,
+                    (Some((w, ph, na)), None) => to_store(w, ph, na),
+                    (None, Some((w, ph, nb))) => from_store(w, ph, nb),
+                    (Some(x), Some(y)) if x == y => true,
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) if wa == wb && pa == pb => has(wa, pa, na, nb),
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) if wa == wb => {
+                        to_store(wa, pa, na) && from_store(wb, pb, nb)
+                    }
+                    (Some((wa, pa, na)), Some((wb, pb, nb))) => {
+                        has(wa, pa, na, &format!("wafer{wb}")) && has(wb, pb, &format!("wafer{wa}"), nb)
+                    }
+                };
+                if !ok && seen.insert((ra, rb)) {
+                    errs.push(format!(
+                        "graph edge {} -> {} ({}) is carried by no stream ({} -> {})",
+                        g.op(a).name,
+                        ob.name,
+                        g.tensor(t).name,
+                        ra.map_or("off-wafer".to_string(), |r| format!("{} (wafer {} phase {})", r.2, r.0, r.1)),
+                        rb.map_or("off-wafer".to_string(), |r| format!("{} (wafer {} phase {})", r.2, r.0, r.1)),
+                    ));
+                }
+            }
+        }
+    }
     errs
 }
 
@@ -525,8 +628,12 @@ pub fn dry_run(p: &MeshProgram) -> Vec<String> {
                             }
                         }
                         if let Pattern::ToPort { port } = rt.pattern {
-                            let i = n + port.0 as usize;
-                            *recv[i].entry(s.color.0).or_default() += s.wavelets;
+                            // A port to another wafer hands the train to its peer port, on the link.
+                            let (i, color) = match p.ports.get(port.0 as usize).and_then(|q| q.peer_port) {
+                                Some(q) => (n + q.0 as usize, ColorId::LINK.0),
+                                None => (n + port.0 as usize, s.color.0),
+                            };
+                            *recv[i].entry(color).or_default() += s.wavelets;
                             if !queued[i] {
                                 queued[i] = true;
                                 queue.push_back(i);

@@ -5,10 +5,12 @@
 //! values are positive and consistent, and every error names the file and the dotted key.
 //! Every value in a shipped file carries its source in a comment.
 
+mod cluster;
 mod gpu;
 mod load;
 mod wafer;
 
+pub use cluster::ClusterHw;
 pub use gpu::{
     GpuArch, GpuHw, GpuSystem, HbmSpec, L2Spec, LaunchSpec, NcclSpec, NetworkSpec, NicSpec, NodeSpec, NvlinkSpec,
     PerDtype, SmSpec, TensorSpec,

@@ -305,6 +305,10 @@ pub enum Senders {
 /// Routing of `color` for the given senders. Each router a route passes holds the color.
 /// `relays` > 0 when the flow could not get a color end to end and PEs relay it: the engine charges
 /// `relay_cycles` to the train's head at each relay.
+/// The compiler's relayed routes carry `color` on their first and last segments (where the sender
+/// sends and the receiver receives it) and other colors it found free between the relays; their
+/// relaying is not written as tasks (only its latency is charged), and the per-router color rules of
+/// the middle segments are the compiler's own bookkeeping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub color: ColorId,
@@ -454,8 +458,19 @@ impl Cluster {
     }
 }
 
+/// A step run as phases, one after the other, on the same wafer: weight-streaming training runs its
+/// forward pass (every layer, the whole wafer) and then its backward pass (the whole wafer again).
+/// Each phase is a complete program run to completion before the next starts; nothing stays in SRAM
+/// from one phase to the next (data that crosses phases goes out to MemoryX and comes back), and the
+/// step takes the sum of the phases' cycles. The graph's FLOPs are the sum of the phases' `graph_flops`.
+/// Added by the compiler issue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Phases {
+    pub phases: Vec<MeshProgram>,
+}
+
 /// Version of the program semantics above (2: `Need::After`, `Send::runs`; 3: `wafer_width`, clusters
-/// laid side by side).
+/// laid side by side, `Phases`).
 pub const PROGRAM_VERSION: u32 = 3;
 
 impl MeshProgram {

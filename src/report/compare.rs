@@ -18,6 +18,9 @@ pub struct Comparison {
     pub notes: Vec<String>,
 }
 
+/// A row of the comparison table: its label and how to print one system's value.
+type RowFn = Box<dyn Fn(&RunReport) -> String>;
+
 impl Comparison {
     pub fn new(wafer: RunReport, gpu: RunReport, notes: Vec<String>) -> Comparison {
         let speedup = if wafer.seconds > 0.0 { gpu.seconds / wafer.seconds } else { 0.0 };
@@ -32,7 +35,7 @@ impl Comparison {
             "{}: {} batch {} x seq {} ({} tokens), {}, identical graph on both\n",
             self.model, w.phase, w.batch, w.seq, w.tokens, w.dtype
         );
-        let rows: Vec<(&str, Box<dyn Fn(&RunReport) -> String>)> = vec![
+        let rows: Vec<(&str, RowFn)> = vec![
             ("system", Box::new(|r: &RunReport| format!("{} ({})", r.machine.name, r.machine.kind))),
             (
                 "units",

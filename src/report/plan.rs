@@ -11,6 +11,8 @@ use super::fmt::{human, thousands};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanRegion {
     pub wafer: u32,
+    /// Phase (weight-streaming training: 0 forward, 1 backward), else 0.
+    pub phase: u32,
     pub name: String,
     /// Op kind of the main op (`linear`, `attn_scores`, ...).
     pub kind: String,
@@ -45,6 +47,7 @@ pub struct PlanRegion {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanStream {
     pub wafer: u32,
+    pub phase: u32,
     pub name: String,
     pub from: String,
     pub to: String,
@@ -59,6 +62,7 @@ pub struct PlanStream {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanPort {
     pub wafer: u32,
+    pub phase: u32,
     pub name: String,
     pub side: String,
     pub x: u32,
@@ -90,6 +94,8 @@ pub struct PlanSummary {
     pub mode: String,
     pub mode_reason: String,
     pub wafers: u32,
+    /// Programs run one after the other on the wafer (weight-streaming training: 2), else 1.
+    pub phases: u32,
     /// Layers folded into one loop (weight streaming), else 1.
     pub layers_folded: u32,
     pub bands: u32,
@@ -111,11 +117,12 @@ fn symbol(i: usize) -> char {
 
 impl PlanSummary {
     /// The ASCII map of wafer `w`: regions by symbol, idle PEs as `.`, IO channels on the border.
-    pub fn map(&self, wafer: u32, max_cols: usize, max_rows: usize) -> String {
+    pub fn map(&self, wafer: u32, phase: u32, max_cols: usize, max_rows: usize) -> String {
         let (mw, mh) = (self.mesh_width as usize, self.mesh_height as usize);
         let cols = mw.min(max_cols).max(1);
         let rows = mh.min(max_rows).max(1);
-        let regions: Vec<(usize, &PlanRegion)> = self.regions.iter().filter(|r| r.wafer == wafer).enumerate().collect();
+        let regions: Vec<(usize, &PlanRegion)> =
+            self.regions.iter().filter(|r| r.wafer == wafer && r.phase == phase).enumerate().collect();
         let mut grid = vec![vec!['.'; cols]; rows];
         for (ry, line) in grid.iter_mut().enumerate() {
             for (cx, cell) in line.iter_mut().enumerate() {
@@ -133,7 +140,7 @@ impl PlanSummary {
         let mut border_e = vec![' '; rows];
         let mut border_n = vec!['-'; cols];
         let mut border_s = vec!['-'; cols];
-        for p in self.ports.iter().filter(|p| p.wafer == wafer) {
+        for p in self.ports.iter().filter(|p| p.wafer == wafer && p.phase == phase) {
             let ry = (p.y as usize * rows / mh.max(1)).min(rows - 1);
             let cx = (p.x as usize * cols / mw.max(1)).min(cols - 1);
             match p.side.as_str() {
@@ -179,8 +186,9 @@ impl PlanSummary {
         }
         let _ = writeln!(
             s,
-            "flops       {} on the wafer{}",
+            "flops       {} on the {}{}",
             thousands(self.wafer_flops),
+            if self.wafers > 1 { format!("{} wafers", self.wafers) } else { "wafer".into() },
             if self.offload_flops > 0 {
                 format!(", {} in MemoryX (optimizer)", thousands(self.offload_flops))
             } else {
@@ -198,27 +206,43 @@ impl PlanSummary {
             self.program.tasks
         );
         for w in 0..self.wafers {
-            let _ = writeln!(s);
-            if self.wafers > 1 {
-                let _ = writeln!(s, "wafer {w}");
+            for ph in 0..self.phases {
+                let _ = writeln!(s);
+                if self.wafers > 1 {
+                    let _ = writeln!(s, "wafer {w}");
+                }
+                if self.phases > 1 {
+                    let _ = writeln!(s, "phase {ph}: {}", if ph == 0 { "forward" } else { "backward" });
+                }
+                s.push_str(&self.map(w, ph, map_cols, (map_cols / 2).max(8)));
             }
-            s.push_str(&self.map(w, map_cols, (map_cols / 2).max(8)));
         }
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<3} {:<28} {:<16} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
+            "{:<3} {:<28} {:<18} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
             "", "region", "op", "rect", "PEs", "algorithm", "runs", "sram max", "sram mean", "colors", "io bytes"
         );
-        let mut idx = vec![0usize; self.wafers.max(1) as usize];
+        let mut idx: std::collections::BTreeMap<(u32, u32), usize> = std::collections::BTreeMap::new();
         for r in &self.regions {
-            let i = idx[r.wafer as usize];
-            idx[r.wafer as usize] += 1;
+            if (self.wafers > 1 || self.phases > 1) && !idx.contains_key(&(r.wafer, r.phase)) {
+                let mut head = Vec::new();
+                if self.wafers > 1 {
+                    head.push(format!("wafer {}", r.wafer));
+                }
+                if self.phases > 1 {
+                    head.push(format!("phase {}", r.phase));
+                }
+                let _ = writeln!(s, "    {}", head.join(", "));
+            }
+            let e = idx.entry((r.wafer, r.phase)).or_default();
+            let i = *e;
+            *e += 1;
             let name = if r.name.len() > 28 { format!("{}~", &r.name[..27]) } else { r.name.clone() };
             let runs = if r.iters > 1 { format!("{}x{}", r.runs, r.iters) } else { r.runs.to_string() };
             let _ = writeln!(
                 s,
-                "{:<3} {:<28} {:<16} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
+                "{:<3} {:<28} {:<18} {:<13} {:>7} {:<15} {:>5} {:>9} {:>9} {:>6} {:>10}",
                 symbol(i),
                 name,
                 r.kind,
@@ -232,6 +256,12 @@ impl PlanSummary {
                 thousands(r.io_bytes)
             );
         }
+        let _ = writeln!(
+            s,
+            "    runs: compute runs (token chunks) per iteration x iterations (folded layers); sram: data bytes \
+             per PE;\n    colors: the region's own collectives / the most in use at any of its routers; io bytes: \
+             per step through IO ports"
+        );
         let _ = writeln!(s, "\nshapes and algorithm choices");
         for r in &self.regions {
             let _ = writeln!(s, "  {}: {}; {}", r.name, r.shape, r.reason);
@@ -247,7 +277,13 @@ impl PlanSummary {
                 let _ = writeln!(
                     s,
                     "  {:<10} {:<6} {:<11} {:<8} {:>12} {:>14}  {}",
-                    if self.wafers > 1 { format!("w{}.{}", p.wafer, p.name) } else { p.name.clone() },
+                    if self.wafers > 1 {
+                        format!("w{}.{}", p.wafer, p.name)
+                    } else if self.phases > 1 {
+                        format!("p{}.{}", p.phase, p.name)
+                    } else {
+                        p.name.clone()
+                    },
                     p.side,
                     format!("({}, {})", p.x, p.y),
                     p.peer,
