@@ -5,13 +5,13 @@ use std::time::Instant;
 use clap::Args;
 
 use super::compile::parse_mode;
-use super::run::{default_threads, emulate, prepare, report, FidelityArg, RunCmd};
+use super::run::{default_threads, emulate, prepare, report, FidelityArg, Prepared, RunCmd};
 use super::{emit, to_json, WorkloadFlags};
 use waferscale::compile::Mode;
 use waferscale::engine::Fidelity;
 use waferscale::gpu::{self, GpuOptions};
 use waferscale::hw::{load_with_overrides, GpuSystem};
-use waferscale::report::Comparison;
+use waferscale::report::{Comparison, RunReport};
 use waferscale::Error;
 
 #[derive(Args)]
@@ -86,22 +86,25 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         FidelityArg::Detailed => Fidelity::Detailed,
         FidelityArg::Fast => Fidelity::Fast,
     };
-    let run = emulate(&p, fidelity, threads, quiet, None)?;
-    let wafer = report(&p, &run, threads, started.elapsed());
-    // The GPU side runs the very same graph (model and workload).
-    let sys = GpuSystem::from_doc(&load_with_overrides(&cmd.vs, &[])?)?;
-    let gpus = cmd.vs_gpus;
-    let tp = cmd.vs_tp.or_else(|| gpus.map(|g| g.min(8)));
-    let opts = GpuOptions {
-        gpus,
-        tp,
-        pp: cmd.vs_pp,
-        dp: None,
-        microbatches: None,
-        zero: None,
-        attention: None,
-        cuda_graphs: false,
-    };
+    let em = emulate(&p, fidelity, threads, quiet, None)?;
+    let wafer = report(&p, &em, threads, started.elapsed());
+    against_gpu(&p, wafer, &cmd.vs, cmd.vs_gpus, cmd.vs_tp, cmd.vs_pp)
+}
+
+/// Runs the same graph (model and workload) as `p` on the GPU system `vs` and puts the wafer's report
+/// beside it (used by the demo too).
+pub fn against_gpu(
+    p: &Prepared,
+    wafer: RunReport,
+    vs: &str,
+    gpus: Option<u64>,
+    tp: Option<u64>,
+    pp: Option<u64>,
+) -> Result<Comparison, Error> {
+    let sys = GpuSystem::from_doc(&load_with_overrides(vs, &[])?)?;
+    let tp = tp.or_else(|| gpus.map(|g| g.min(8)));
+    let opts =
+        GpuOptions { gpus, tp, pp, dp: None, microbatches: None, zero: None, attention: None, cuda_graphs: false };
     let gpu = gpu::run(&p.model, &p.graph.workload, &sys, &opts)?;
     let mut notes = Vec::new();
     if wafer.flops != gpu.flops {

@@ -34,9 +34,12 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the main job on the embedded default: gpt2-small, one training step, batch 8, sequence 1024.
-    #[command(after_help = "Example:\n  cargo run --release -- demo")]
-    Demo,
+    /// Run the main job on the embedded default: gpt2-small compiled for a CS-2, emulated on the whole
+    /// wafer, compared with the H100 model; writes traces/demo.wtrace and traces/demo-heatmap.png.
+    #[command(
+        after_help = "Examples:\n  cargo run --release -- demo\n  wafer demo --model gpt-tiny --mesh 64x64 --out-dir /tmp/demo"
+    )]
+    Demo(demo::DemoCmd),
     /// Build a model's dataflow graph and print its summary (params, FLOPs, bytes, ops).
     #[command(after_help = "Examples:\n  \
         wafer graph gpt2-small\n  \
@@ -210,7 +213,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Demo => demo::run(),
+        Command::Demo(cmd) => demo::run(cmd),
         Command::Graph(cmd) => graph::run(cmd),
         Command::Gpu(cmd) => gpu::run(cmd),
         Command::Compile(cmd) => compile::run(cmd),

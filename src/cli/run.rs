@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::compile::parse_mode;
 use super::{emit, to_json, HwFlags, WorkloadFlags};
-use waferscale::compile::{self, CompileOptions, Compiled, Mode};
+use waferscale::compile::{self, CompileOptions, Compiled, Layout, Mode};
 use waferscale::engine::{self, report::ReportContext, EngineOptions, EngineRun, Fidelity};
 use waferscale::graph::{self, Graph};
 use waferscale::hw::WaferHw;
@@ -109,26 +109,51 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     Ok(Prepared { model, graph, hw, compiled })
 }
 
-/// The program the engine runs: one wafer's, or all wafers side by side.
-pub fn program_of(p: &Prepared) -> Result<MeshProgram, Error> {
-    if p.compiled.programs.len() > 1 {
-        p.compiled.cluster().concat().map_err(|e| Error::Engine(waferscale::engine::EngineError::Program(e)))
+/// The programs the engine runs, one after the other, each with its phase name: one program (one
+/// wafer, or all wafers side by side as one), or one per phase of a weight-streaming training step
+/// (forward, then backward: nothing stays on the wafer between them).
+pub fn programs_of(p: &Prepared) -> Result<Vec<(String, MeshProgram)>, Error> {
+    let c = &p.compiled;
+    Ok(match c.layout {
+        Layout::Phases => {
+            c.programs.iter().enumerate().map(|(i, prog)| (phase_name(i).to_string(), prog.clone())).collect()
+        }
+        Layout::Wafers if c.programs.len() > 1 => vec![(
+            String::new(),
+            c.cluster().concat().map_err(|e| Error::Engine(waferscale::engine::EngineError::Program(e)))?,
+        )],
+        _ => vec![(String::new(), c.program().clone())],
+    })
+}
+
+/// The name of phase i of a phased step (as the plan printer names them).
+pub fn phase_name(i: usize) -> &'static str {
+    if i == 0 {
+        "forward"
     } else {
-        Ok(p.compiled.program().clone())
+        "backward"
     }
 }
 
-/// Runs the engine with a progress spinner (after a second, on a terminal, unless `quiet`).
+/// The engine's runs of the programs, in order.
+pub struct Emulated {
+    pub programs: Vec<(String, MeshProgram)>,
+    pub runs: Vec<EngineRun>,
+}
+
+/// Runs the engine over every program with a progress spinner (after a second, on a terminal, unless
+/// `quiet`); records a trace of each when `trace` is given.
 pub fn emulate(
     p: &Prepared,
     fidelity: Fidelity,
     threads: usize,
     quiet: bool,
-    trace: Option<waferscale::engine::record::TraceSpec>,
-) -> Result<EngineRun, Error> {
+    trace: Option<&waferscale::trace::TraceOptions>,
+) -> Result<Emulated, Error> {
+    let programs = programs_of(p)?;
     let progress = Arc::new(AtomicU64::new(0));
-    let opts = EngineOptions { fidelity, threads, trace, progress: Some(Arc::clone(&progress)) };
     let done = Arc::new(AtomicBool::new(false));
+    let n = programs.len();
     let spinner = (!quiet).then(|| {
         let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
         std::thread::spawn(move || {
@@ -152,20 +177,32 @@ pub fn emulate(
             bar.finish_and_clear();
         })
     });
-    let result = program_of(p).and_then(|prog| engine::run(&prog, &opts).map_err(Error::from));
+    let mut runs = Vec::with_capacity(n);
+    let mut result = Ok(());
+    for (_, prog) in &programs {
+        let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
+        let opts = EngineOptions { fidelity, threads, trace: spec, progress: Some(Arc::clone(&progress)) };
+        match engine::run(prog, &opts) {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                result = Err(Error::from(e));
+                break;
+            }
+        }
+    }
     done.store(true, Ordering::Relaxed);
     if let Some(h) = spinner {
         let _ = h.join();
     }
-    result
+    result.map(|()| Emulated { programs, runs })
 }
 
-/// The report of a run.
-pub fn report(p: &Prepared, run: &EngineRun, threads: usize, wall: Duration) -> RunReport {
+/// The report of a run: one phase's, or the phases' in sequence.
+pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> RunReport {
     let summary = GraphSummary::new(&p.model, &p.graph);
     let plan = &p.compiled.plan;
     let mut notes = plan.notes.clone();
-    if run.fidelity == Fidelity::Fast {
+    if em.runs.first().is_some_and(|r| r.fidelity == Fidelity::Fast) {
         notes.push("fast fidelity simulates every PE and task run today (no equivalence classes yet): its numbers equal detailed".into());
     }
     if plan.offload_flops > 0 {
@@ -174,31 +211,74 @@ pub fn report(p: &Prepared, run: &EngineRun, threads: usize, wall: Duration) -> 
             waferscale::report::fmt::thousands(plan.offload_flops)
         ));
     }
-    let program = program_of(p).unwrap_or_else(|_| p.compiled.program().clone());
-    let mut report = engine::report::build(
-        &program,
-        run,
-        ReportContext {
-            hw: &p.hw,
-            model: p.graph.model.clone(),
-            workload: summary.workload,
-            dtype: p.graph.workload.dtype,
-            mode: plan.mode.clone(),
-            notes,
-            host: HostInfo {
-                wall_seconds: wall.as_secs_f64(),
-                threads: threads as u64,
-                peak_rss_bytes: peak_rss_bytes(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-            },
-        },
-    );
-    if p.compiled.programs.len() > 1 {
+    let host = HostInfo {
+        wall_seconds: wall.as_secs_f64(),
+        threads: threads as u64,
+        peak_rss_bytes: peak_rss_bytes(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let phases: Vec<(String, RunReport)> = em
+        .programs
+        .iter()
+        .zip(&em.runs)
+        .map(|((name, program), run)| {
+            let r = engine::report::build(
+                program,
+                run,
+                ReportContext {
+                    hw: &p.hw,
+                    model: p.graph.model.clone(),
+                    workload: summary.workload.clone(),
+                    dtype: p.graph.workload.dtype,
+                    mode: plan.mode.clone(),
+                    notes: notes.clone(),
+                    host: host.clone(),
+                },
+            );
+            (name.clone(), r)
+        })
+        .collect();
+    let mut report = RunReport::in_sequence(phases);
+    if p.compiled.layout == Layout::Wafers && p.compiled.programs.len() > 1 {
         report.machine.devices = p.compiled.programs.len() as u64;
         report.machine.peak_flops_per_s *= p.compiled.programs.len() as f64;
         report.peak_fraction /= p.compiled.programs.len() as f64;
     }
     report
+}
+
+/// Writes the trace of each run: `path` for the first, `STEM.PHASE.EXT` beside it for later phases.
+/// Returns the notes to add to the report.
+pub fn write_traces(
+    path: &str,
+    p: &Prepared,
+    em: &Emulated,
+    report: &RunReport,
+    opts: &waferscale::trace::TraceOptions,
+) -> Result<Vec<String>, Error> {
+    let mut notes = Vec::new();
+    for (i, ((name, program), run)) in em.programs.iter().zip(&em.runs).enumerate() {
+        let file = if i == 0 {
+            path.to_string()
+        } else {
+            let pb = std::path::Path::new(path);
+            let stem = pb.file_stem().map_or_else(|| path.to_string(), |s| s.to_string_lossy().into_owned());
+            let ext = pb.extension().map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+            pb.with_file_name(format!("{stem}.{name}{ext}")).display().to_string()
+        };
+        let header = waferscale::trace::TraceHeader::for_run(
+            &report.model,
+            report.workload.clone(),
+            &p.hw.name,
+            &report.mode,
+            program,
+            run,
+        );
+        let info = waferscale::trace::write(&file, &header, program, run, opts)?;
+        let phase = if name.is_empty() { String::new() } else { format!(" ({name} phase)") };
+        notes.push(format!("{}{phase} written to {file}", info.message()));
+    }
+    Ok(notes)
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
@@ -229,21 +309,11 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),
         window_cycles: cmd.trace_window,
     };
-    let program = program_of(&p)?;
-    let spec = cmd.trace.as_ref().map(|_| waferscale::trace::spec_for(&program, &trace_opts));
-    let run = emulate(&p, fidelity, threads, cmd.json, spec)?;
-    let mut report = report(&p, &run, threads, started.elapsed());
+    let em = emulate(&p, fidelity, threads, cmd.json, cmd.trace.as_ref().map(|_| &trace_opts))?;
+    let mut report = report(&p, &em, threads, started.elapsed());
     if let Some(path) = &cmd.trace {
-        let header = waferscale::trace::TraceHeader::for_run(
-            &report.model,
-            report.workload.clone(),
-            &p.hw.name,
-            &report.mode,
-            &program,
-            &run,
-        );
-        let info = waferscale::trace::write(path, &header, &program, &run, &trace_opts)?;
-        report.notes.push(format!("{} written to {path}", info.message()));
+        let notes = write_traces(path, &p, &em, &report, &trace_opts)?;
+        report.notes.extend(notes);
     }
     let text = if cmd.json { to_json(&report)? } else { report.to_text() };
     emit(&text, cmd.output.as_deref())

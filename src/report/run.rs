@@ -129,6 +129,83 @@ const WAFER_REGION_ROWS: usize = 12;
 const TEXT_KERNEL_ROWS: usize = 40;
 
 impl RunReport {
+    /// One report for programs run one after the other on the same machine (weight-streaming training:
+    /// the forward phase, then the backward phase): cycles, seconds, FLOPs and counters add up;
+    /// utilisation and bottleneck shares are the phases' own, weighted by their cycles; memory is the
+    /// fuller phase's; region rows are prefixed with their phase (`backward/l3.attn.qkv`).
+    pub fn in_sequence(phases: Vec<(String, RunReport)>) -> RunReport {
+        let mut it = phases.into_iter();
+        let (first_name, first) = it.next().expect("at least one phase");
+        let rest: Vec<(String, RunReport)> = it.collect();
+        if rest.is_empty() {
+            return first;
+        }
+        let all: Vec<(String, RunReport)> = std::iter::once((first_name, first)).chain(rest).collect();
+        let mut out = all[0].1.clone();
+        let cycles: u64 = all.iter().map(|(_, r)| r.cycles).sum();
+        let weight = |r: &RunReport| if cycles > 0 { r.cycles as f64 / cycles as f64 } else { 1.0 / all.len() as f64 };
+        out.cycles = cycles;
+        out.seconds = all.iter().map(|(_, r)| r.seconds).sum();
+        out.flops = all.iter().map(|(_, r)| r.flops).sum();
+        out.achieved_flops_per_s = if out.seconds > 0.0 { out.flops as f64 / out.seconds } else { 0.0 };
+        out.peak_fraction = if out.machine.peak_flops_per_s > 0.0 {
+            out.achieved_flops_per_s / out.machine.peak_flops_per_s
+        } else {
+            0.0
+        };
+        out.tokens_per_s = if out.seconds > 0.0 { out.workload.tokens as f64 / out.seconds } else { 0.0 };
+        out.utilization = Utilization {
+            compute: all.iter().map(|(_, r)| r.utilization.compute * weight(r)).sum(),
+            fabric: all.iter().map(|(_, r)| r.utilization.fabric * weight(r)).sum(),
+            io: all.iter().map(|(_, r)| r.utilization.io * weight(r)).sum(),
+            memory: all.iter().map(|(_, r)| r.utilization.memory).fold(0.0, f64::max),
+        };
+        let mut shares: BTreeMap<String, f64> = BTreeMap::new();
+        for (_, r) in &all {
+            for (k, v) in &r.bottleneck.shares {
+                *shares.entry(k.clone()).or_default() += v * weight(r);
+            }
+        }
+        let dominant = shares
+            .iter()
+            .fold(None::<(&String, f64)>, |best, (k, &v)| match best {
+                Some((_, bv)) if bv >= v => best,
+                _ => Some((k, v)),
+            })
+            .map_or_else(String::new, |(k, _)| k.clone());
+        out.bottleneck = Bottleneck { dominant, shares };
+        out.breakdown = all
+            .iter()
+            .flat_map(|(name, r)| {
+                r.breakdown.iter().map(move |row| OpRow { name: format!("{name}/{}", row.name), ..row.clone() })
+            })
+            .collect();
+        let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, r) in &all {
+            for (k, v) in &r.counters {
+                *counters.entry(k.clone()).or_default() += v;
+            }
+        }
+        out.counters = counters;
+        let mut notes: Vec<String> = Vec::new();
+        for (name, r) in &all {
+            for n in &r.notes {
+                if !notes.contains(n) {
+                    notes.push(n.clone());
+                }
+            }
+            notes.push(format!(
+                "phase {name}: {} cycles ({}), bound by {}",
+                thousands(r.cycles),
+                duration(r.seconds),
+                r.bottleneck.dominant
+            ));
+        }
+        out.notes = notes;
+        out.host.peak_rss_bytes = all.iter().map(|(_, r)| r.host.peak_rss_bytes).max().unwrap_or(0);
+        out
+    }
+
     /// The human-readable report: what `wafer run` and `wafer gpu` print without `--json`, and what
     /// snapshots hold. The `host` section is left out, so the text depends only on the inputs.
     pub fn to_text(&self) -> String {
