@@ -1,0 +1,146 @@
+//! The engine on compiled programs, through `wafer run` as users run it: reports identical for any
+//! thread count, the two fidelities within 2% of each other, weight-streaming training as two phases,
+//! and a reduced demo end to end.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn wafer(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_wafer")).args(args).output().expect("wafer runs");
+    assert!(
+        out.status.success(),
+        "wafer {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The report without its `host` section (wall time, threads, memory: facts about the emulator's run).
+fn report(args: &[&str]) -> Value {
+    let mut v: Value = serde_json::from_str(&wafer(args)).expect("JSON report");
+    v.as_object_mut().expect("object").remove("host");
+    v
+}
+
+/// Compiled programs on meshes cut into several engine partitions (64x64 PEs each): 1, 2 and 3
+/// threads give byte-identical reports.
+#[test]
+fn compiled_runs_are_identical_for_any_thread_count() {
+    for (model, phase, mesh, mode) in [
+        ("gpt-tiny", "prefill", "160x96", "pipelined"),
+        ("llama-tiny", "decode", "130x130", "pipelined"),
+        ("gpt-tiny", "train", "140x70", "weight-streaming"),
+    ] {
+        let base = ["run", model, "--hw", "cs2", "--mesh", mesh, "--phase", phase, "--seq", "16", "--mode", mode];
+        let runs: Vec<String> = ["1", "2", "3"]
+            .iter()
+            .map(|t| {
+                let mut a = base.to_vec();
+                a.extend(["--threads", t, "--json"]);
+                report(&a).to_string()
+            })
+            .collect();
+        assert_eq!(runs[0], runs[1], "{model} {phase} {mesh}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "{model} {phase} {mesh}: 1 vs 3 threads");
+    }
+}
+
+/// Fast fidelity within 2% of detailed in total cycles on every case detailed runs: tiny models, both
+/// modes, several meshes and phases. Prints both numbers. (Fast runs the detailed engine today: this
+/// sweep is the guard any aggregation added to fast fidelity must pass.)
+#[test]
+fn fast_fidelity_tracks_detailed() {
+    let mut rows = Vec::new();
+    for (model, mesh) in [("gpt-tiny", "32x32"), ("llama-tiny", "64x64"), ("bert-tiny", "48x48")] {
+        for mode in ["pipelined", "weight-streaming"] {
+            for phase in ["prefill", "decode", "train"] {
+                if model == "bert-tiny" && phase == "decode" {
+                    continue; // an encoder has no decode
+                }
+                let cycles = |fidelity: &str| {
+                    let v = report(&[
+                        "run",
+                        model,
+                        "--hw",
+                        "cs2",
+                        "--mesh",
+                        mesh,
+                        "--mode",
+                        mode,
+                        "--phase",
+                        phase,
+                        "--seq",
+                        "16",
+                        "--fidelity",
+                        fidelity,
+                        "--json",
+                    ]);
+                    assert_eq!(v["fidelity"], fidelity);
+                    v["cycles"].as_u64().expect("cycles")
+                };
+                let (fast, detailed) = (cycles("fast"), cycles("detailed"));
+                let err = (fast as f64 - detailed as f64).abs() / detailed as f64;
+                rows.push(format!("{model:<11}{mesh:>7}  {mode:<17}{phase:<8}{detailed:>10}{fast:>10}{err:>9.4}"));
+                assert!(err <= 0.02, "{model} {mesh} {mode} {phase}: fast {fast} vs detailed {detailed}");
+            }
+        }
+    }
+    println!("model        mesh  mode             phase     detailed      fast  rel.err");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+/// Weight-streaming training runs its forward and then its backward program on the same wafer: the
+/// step's cycles are the sum of the phases' (each named in the notes), never their overlap.
+#[test]
+fn weight_streaming_training_runs_its_phases_in_sequence() {
+    let v = report(&[
+        "run",
+        "neox-tiny",
+        "--hw",
+        "cs2",
+        "--mesh",
+        "64x64",
+        "--mode",
+        "weight-streaming",
+        "--phase",
+        "train",
+        "--seq",
+        "16",
+        "--json",
+    ]);
+    let total = v["cycles"].as_u64().unwrap();
+    let phases: Vec<u64> = v["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str()?.strip_prefix("phase ")?.split_once(": ").map(|(_, rest)| rest.to_string()))
+        .map(|rest| rest.split(' ').next().unwrap().replace(',', "").parse::<u64>().unwrap())
+        .collect();
+    assert_eq!(phases.len(), 2, "forward and backward: {:?}", v["notes"]);
+    assert!(phases.iter().all(|&c| c > 0));
+    assert_eq!(phases.iter().sum::<u64>(), total);
+    assert!(v["breakdown"].as_array().unwrap().iter().any(|r| r["name"].as_str().unwrap().starts_with("backward/")));
+}
+
+/// A reduced demo (gpt-tiny on 64x64 PEs): every stage runs, the comparison is printed, the trace and
+/// the heatmap are written and can be read back.
+#[test]
+fn reduced_demo_runs_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("waferscale-demo-{}", std::process::id()));
+    let d = dir.display().to_string();
+    let out = wafer(&["demo", "--model", "gpt-tiny", "--mesh", "64x64", "--out-dir", &d]);
+    for stage in ["[1/5] model", "[2/5] graph", "[3/5] compile", "[4/5] emulate", "[5/5] GPU model"] {
+        assert!(out.contains(stage), "{stage} missing:\n{out}");
+    }
+    assert!(out.contains("cs2 (wafer)") && out.contains("h100 (gpu)"), "{out}");
+    assert!(out.contains("Try next"), "{out}");
+    let png = std::fs::read(dir.join("demo-heatmap.png")).expect("heatmap written");
+    assert_eq!(&png[1..4], b"PNG");
+    let summary = wafer(&["trace", "summary", &format!("{d}/demo.wtrace")]);
+    assert!(summary.contains("gpt-tiny") && summary.contains("l0.attn.qkv"), "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
