@@ -21,3 +21,13 @@ row "engine: synthetic MeshGEMV 16K, 420x420, 1 thread" target/release/examples/
 row "engine: synthetic MeshGEMV 16K, 420x420, 2 threads" target/release/examples/engine_speed 420 420 16384 2 20
 row "engine: synthetic MeshGEMV 32K, full WSE-2, 1 thread" target/release/examples/engine_speed 757 996 32768 1 28
 row "engine: synthetic MeshGEMV 32K, full WSE-2, 2 threads" target/release/examples/engine_speed 757 996 32768 2 28
+# Compiled programs through `wafer run` (issue 4's targets; see BENCHMARKS.md for the numbers).
+W=target/release/wafer
+row "run: gpt-tiny train, 64x64, detailed, 1 thread" $W run gpt-tiny --hw cs2 --mesh 64x64 --phase train --fidelity detailed --threads 1
+row "run: llama-tiny prefill 1024, 64x64, detailed, 1 thread" $W run llama-tiny --hw cs2 --mesh 64x64 --phase prefill --fidelity detailed --threads 1
+row "run: gpt2-small prefill 4, full WSE-2 (cs2), 1 thread" $W run gpt2-small --hw cs2 --phase prefill --seq 4 --threads 1
+row "run: gpt2-small prefill 4, full WSE-2 (cs2), 2 threads" $W run gpt2-small --hw cs2 --phase prefill --seq 4 --threads 2
+row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 1 thread" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 1
+row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 2 threads" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 2
+row "run: gpt3-175b train 1 x 256, weight streaming, cs2, 2 threads" $W run gpt3-175b --hw cs2 --phase train --batch 1 --seq 256 --threads 2
+row "demo: gpt2-small prefill 8 on cs2 vs h100, trace + heatmap" $W demo --out-dir /tmp/waferscale-bench-demo

@@ -84,7 +84,15 @@ impl Inbox {
             self.first += 1;
             self.first_claimed = 0;
         }
-        if self.first > 64 {
+        // Forget fully claimed arrivals (88 bytes each) soon, and give back the room of a burst once it
+        // is consumed: a full wafer has a million inboxes.
+        if self.first == self.arrivals.len() {
+            self.arrivals.clear();
+            self.first = 0;
+            if self.arrivals.capacity() > 8 {
+                self.arrivals.shrink_to_fit();
+            }
+        } else if self.first >= 8 {
             self.arrivals.drain(..self.first);
             self.first = 0;
         }
