@@ -8,12 +8,7 @@ use serde_json::Value;
 
 fn wafer(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_wafer")).args(args).output().expect("wafer runs");
-    assert!(
-        out.status.success(),
-        "wafer {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "wafer {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
 }
 

@@ -132,7 +132,7 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
     let notes = write_traces(&trace_path, &p, &em, &wafer, &trace_opts)?;
     wafer.notes.extend(notes);
     let tr = trace::read(&trace_path)?;
-    let png = heatmap::png_bytes(&heatmap::render(&tr, View::Compute, 0, tr.windows as usize - 1))?;
+    let png = heatmap::png_bytes(&heatmap::render_scaled(&tr, View::Compute, 0, tr.windows as usize - 1, true))?;
     trace::write_output(&heatmap_path, &png)?;
 
     // Stage 5: the same graph on the GPU model, side by side.

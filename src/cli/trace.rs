@@ -41,6 +41,10 @@ pub enum TraceSub {
         /// Every window, as frames of an animated GIF.
         #[arg(long)]
         all: bool,
+        /// End the colour bar at the 95th percentile of active pixels (rounded up to 0.1, 0.2, 0.5, 1, 2, 5, ... or 100%) instead of
+        /// 100%, so a mostly idle wafer still shows where it worked.
+        #[arg(long, conflicts_with = "all")]
+        auto_scale: bool,
         /// The picture to write (.png; .gif with --all).
         #[arg(short = 'o', long, value_name = "FILE")]
         output: String,
@@ -121,7 +125,7 @@ pub fn run(cmd: TraceCmd) -> Result<(), Error> {
             let s = TraceSummary::new(&trace::read(&file)?);
             emit(&if as_json { json(&s)? } else { s.to_text() }, None)
         }
-        TraceSub::Heatmap { file, metric, window, all, output } => {
+        TraceSub::Heatmap { file, metric, window, all, auto_scale, output } => {
             let t = trace::read(&file)?;
             let bytes = if all {
                 with_extension(&output, ".gif", "--all")?;
@@ -132,7 +136,7 @@ pub fn run(cmd: TraceCmd) -> Result<(), Error> {
                     Some(w) => (t.check_window(w)?, t.check_window(w)?),
                     None => (0, t.windows as usize - 1),
                 };
-                heatmap::png_bytes(&heatmap::render(&t, metric, first, last))?
+                heatmap::png_bytes(&heatmap::render_scaled(&t, metric, first, last, auto_scale))?
             };
             trace::write_output(&output, &bytes)?;
             Ok(())

@@ -182,8 +182,20 @@ pub fn values(t: &Trace, view: View, first: usize, last: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Draws the heatmap of windows `first..=last` of `t`.
+/// Draws the heatmap of windows `first..=last` of `t`, colours from 0 to 100%.
 pub fn render(t: &Trace, view: View, first: usize, last: usize) -> Picture {
+    render_scaled(t, view, first, last, false)
+}
+
+/// The full scale of an automatic colour bar: the smallest of 0.1%, 0.2%, 0.5%, 1%, ..., 50%, 100% at or
+/// above the largest value (so a mostly idle wafer still shows where it worked).
+pub fn auto_full_scale(max: f64) -> f64 {
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0].into_iter().find(|&s| max <= s).unwrap_or(1.0)
+}
+
+/// Draws the heatmap of windows `first..=last` of `t`; with `auto`, the colour bar ends at the
+/// `auto_full_scale` of the 95th percentile of active pixels instead of 100% (brighter pixels clip).
+pub fn render_scaled(t: &Trace, view: View, first: usize, last: usize, auto: bool) -> Picture {
     let sc = Scale::for_mesh(t.width, t.height);
     let (map_w, map_h) = (sc.px(t.width), sc.px(t.height));
     let h = &t.header;
@@ -198,17 +210,6 @@ pub fn render(t: &Trace, view: View, first: usize, last: usize) -> Picture {
     } else {
         format!("windows {}-{} of {}: cycles {}..{}", first, last, t.windows, start, ls + ll)
     };
-    let legend = format!("colour: {} (grey = none)", view.unit());
-    let ticks = ["100%", "75%", "50%", "25%", "0%"];
-    let bar_h = map_h.max(5 * LINE);
-    let width = (2 * MARGIN + map_w + 12 + BAR_W + 4 + text_width("100%"))
-        .max(2 * MARGIN + text_width(&title).max(text_width(&when)).max(text_width(&legend)));
-    let top = MARGIN + 2 * LINE + 4;
-    let height = top + bar_h + 6 + LINE + MARGIN;
-    let mut pic = Picture::new(width, height);
-    pic.text(MARGIN, MARGIN, &title, INK);
-    pic.text(MARGIN, MARGIN + LINE, &when, INK);
-
     // The map: each pixel block averages the PEs it covers.
     let vals = values(t, view, first, last);
     let (bw, bh) = (t.width.div_ceil(sc.block), t.height.div_ceil(sc.block));
@@ -220,10 +221,39 @@ pub fn render(t: &Trace, view: View, first: usize, last: usize) -> Picture {
         sum[b] += v;
         n[b] += 1;
     }
+    let block = |b: usize| if n[b] == 0 { 0.0 } else { sum[b] / n[b] as f64 };
+    let full = if auto {
+        // The 95th percentile of the pixels that saw any activity: a few hot pixels do not wash the
+        // rest out (they are drawn at the top colour).
+        let mut v: Vec<f64> = (0..sum.len()).map(block).filter(|&x| x > 0.0).collect();
+        v.sort_by(f64::total_cmp);
+        auto_full_scale(v.get((v.len() * 95 / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(1.0))
+    } else {
+        1.0
+    };
+    let legend = if full < 1.0 {
+        format!("colour: {} (grey = none; auto scale to {}%, above it clipped)", view.unit(), full * 100.0)
+    } else {
+        format!("colour: {} (grey = none)", view.unit())
+    };
+    let tick = |f: f64| {
+        let v = format!("{:.3}", f * full * 100.0);
+        format!("{}%", v.trim_end_matches('0').trim_end_matches('.'))
+    };
+    let ticks: Vec<String> = [1.0, 0.75, 0.5, 0.25, 0.0].into_iter().map(tick).collect();
+    let bar_h = map_h.max(5 * LINE);
+    let width = (2 * MARGIN + map_w + 12 + BAR_W + 4 + ticks.iter().map(|t| text_width(t)).max().unwrap_or(0))
+        .max(2 * MARGIN + text_width(&title).max(text_width(&when)).max(text_width(&legend)));
+    let top = MARGIN + 2 * LINE + 4;
+    let height = top + bar_h + 6 + LINE + MARGIN;
+    let mut pic = Picture::new(width, height);
+    pic.text(MARGIN, MARGIN, &title, INK);
+    pic.text(MARGIN, MARGIN + LINE, &when, INK);
+
     for by in 0..bh {
         for bx in 0..bw {
             let b = (by * bw + bx) as usize;
-            let v = if n[b] == 0 { 0.0 } else { sum[b] / n[b] as f64 };
+            let v = (block(b) / full).min(1.0);
             pic.fill(MARGIN + bx * sc.cell, top + by * sc.cell, sc.cell, sc.cell, colour(v));
         }
     }
@@ -313,4 +343,20 @@ pub fn gif_bytes(t: &Trace, view: View) -> Result<Vec<u8>, TraceError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_full_scale;
+
+    #[test]
+    fn auto_scale_rounds_up_to_a_nice_full_scale() {
+        assert_eq!(auto_full_scale(0.0), 0.001);
+        assert_eq!(auto_full_scale(0.0007), 0.001);
+        assert_eq!(auto_full_scale(0.0011), 0.002);
+        assert_eq!(auto_full_scale(0.3), 0.5);
+        assert_eq!(auto_full_scale(0.5), 0.5);
+        assert_eq!(auto_full_scale(0.51), 1.0);
+        assert_eq!(auto_full_scale(1.0), 1.0);
+    }
 }
