@@ -881,23 +881,23 @@ fn attn_kv_grad<T: Real>(a: &Attn, p: &[T], xm: &[T]) -> Vec<T> {
 
 fn norm<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], beta: Option<&[T]>) -> Vec<T> {
     let eps = T::from_f64(eps);
-    let inv_w = T::one() / T::from_f64(w as f64);
+    let wf = T::from_f64(w as f64);
     let mut y = vec![T::zero(); x.len()];
     for r in 0..x.len() / w {
         let row = &x[r * w..(r + 1) * w];
         let out = &mut y[r * w..(r + 1) * w];
         match kind {
             NormKind::LayerNorm => {
-                let mut mean = T::zero();
+                let mut sum = T::zero();
                 for &v in row {
-                    mean += v;
+                    sum += v;
                 }
-                mean = mean * inv_w;
+                let mean = sum / wf;
                 let mut var = T::zero();
                 for &v in row {
                     var += (v - mean) * (v - mean);
                 }
-                let rstd = T::one() / (var * inv_w + eps).sqrt();
+                let rstd = T::one() / (var / wf + eps).sqrt();
                 for c in 0..w {
                     out[c] = (row[c] - mean) * rstd * gamma[c] + beta.map_or(T::zero(), |b| b[c]);
                 }
@@ -907,7 +907,7 @@ fn norm<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], beta:
                 for &v in row {
                     ms += v * v;
                 }
-                let rstd = T::one() / (ms * inv_w + eps).sqrt();
+                let rstd = T::one() / (ms / wf + eps).sqrt();
                 for c in 0..w {
                     out[c] = gamma[c] * (row[c] * rstd);
                 }
@@ -919,7 +919,7 @@ fn norm<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], beta:
 
 fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let eps = T::from_f64(eps);
-    let inv_w = T::one() / T::from_f64(w as f64);
+    let wf = T::from_f64(w as f64);
     let mut dx = vec![T::zero(); x.len()];
     let mut dg = vec![T::zero(); w];
     let mut db = vec![T::zero(); w];
@@ -929,23 +929,23 @@ fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], 
         let dyr = &dy[r * w..(r + 1) * w];
         let (mean, rstd) = match kind {
             NormKind::LayerNorm => {
-                let mut mean = T::zero();
+                let mut sum = T::zero();
                 for &v in row {
-                    mean += v;
+                    sum += v;
                 }
-                mean = mean * inv_w;
+                let mean = sum / wf;
                 let mut var = T::zero();
                 for &v in row {
                     var += (v - mean) * (v - mean);
                 }
-                (mean, T::one() / (var * inv_w + eps).sqrt())
+                (mean, T::one() / (var / wf + eps).sqrt())
             }
             NormKind::RmsNorm => {
                 let mut ms = T::zero();
                 for &v in row {
                     ms += v * v;
                 }
-                (T::zero(), T::one() / (ms * inv_w + eps).sqrt())
+                (T::zero(), T::one() / (ms / wf + eps).sqrt())
             }
         };
         // dxhat = dy * gamma; dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), without the
@@ -959,7 +959,7 @@ fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], 
             dg[c] += dyr[c] * xhat[c];
             db[c] += dyr[c];
         }
-        let (m1, m2) = (s1 * inv_w, s2 * inv_w);
+        let (m1, m2) = (s1 / wf, s2 / wf);
         for c in 0..w {
             let g = dyr[c] * gamma[c];
             dx[r * w + c] = match kind {
