@@ -130,14 +130,14 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
     };
     let tokens = match given {
         Some(t) => t,
-        None => {
-            let len = if workload.phase == Phase::Decode { workload.context + 1 } else { workload.seq };
-            let vocab = match &model {
-                Model::Transformer(s) => s.vocab,
-                Model::Op(_) => 1,
-            };
-            Tokens::seeded(cmd.seed, workload.batch as usize, len as usize, vocab)
-        }
+        None => match &model {
+            Model::Transformer(s) => {
+                let len = if workload.phase == Phase::Decode { workload.context + 1 } else { workload.seq };
+                Tokens::seeded(cmd.seed, workload.batch as usize, len as usize, s.vocab)
+            }
+            // Single ops take no tokens; their inputs are seeded.
+            Model::Op(_) => Tokens { batch: 1, ids: Vec::new() },
+        },
     };
     let source = match &cmd.weights {
         Some(p) => WeightSource::File(p.clone()),

@@ -112,11 +112,13 @@ impl ReferenceSummary {
             self.weights
         );
         let shown: Vec<String> = self.tokens.iter().take(32).map(|t| t.to_string()).collect();
-        s.push_str(&format!(
-            "tokens: {}{}\n",
-            shown.join(","),
-            if self.tokens.len() > 32 { format!(",... ({} in all)", self.tokens.len()) } else { String::new() }
-        ));
+        if !self.tokens.is_empty() {
+            s.push_str(&format!(
+                "tokens: {}{}\n",
+                shown.join(","),
+                if self.tokens.len() > 32 { format!(",... ({} in all)", self.tokens.len()) } else { String::new() }
+            ));
+        }
         for o in &self.outputs {
             s.push_str(&format!(
                 "{} {:?}: checksum {}, sum {:.6e}, mean |x| {:.6e}\n  first: {}\n",
