@@ -36,6 +36,9 @@ pub struct ReferenceCmd {
     /// Write the outputs (logits, last_hidden_state and pooler_output, or loss) as F32 safetensors.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Also write the weights it ran on as a checkpoint in the family's Hugging Face layout.
+    #[arg(long, value_name = "FILE")]
+    pub save_weights: Option<PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -153,6 +156,13 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
             .map(|(name, t)| (name, run.graph.tensor(t).shape.clone(), run.values.f(t).to_vec()))
             .collect();
         write_f32(out, &tensors)?;
+    }
+    if let Some(path) = &cmd.save_weights {
+        let family = match &model {
+            Model::Transformer(s) => Some(s.family),
+            Model::Op(_) => None,
+        };
+        run.weights.save(path, &run.graph, family)?;
     }
     let text = if cmd.json { to_json(&summary)? } else { summary.to_text() };
     emit(&text, None)

@@ -158,9 +158,20 @@ pub fn evaluate<T: Real>(
                 op.outputs.len()
             )));
         }
-        // Routing follows the first input that carries one (the dispatched rows and their gradients).
-        let routing = op.inputs.iter().find_map(|t| cx.routing[t.idx()].clone());
-        for (&t, v) in op.outputs.iter().zip(outs) {
+        // Routing marks the router's probabilities and the tensors whose rows are dispatched expert
+        // rows: set by the top-k, carried from the probabilities into the dispatched buffer (and its
+        // gradient), then along expert-row ops. MoE ops whose outputs are token rows carry none, so a
+        // later layer can never pick up an earlier layer's routing.
+        let routing = match op.kind {
+            OpKind::MoeTopK(_) => None,
+            OpKind::MoeDispatch(_) => cx.routing[op.inputs[1].idx()].clone(),
+            OpKind::MoeCombineGrad(_) => cx.routing[op.inputs[2].idx()].clone(),
+            OpKind::MoeCombine(_) | OpKind::MoeDispatchGrad(_) | OpKind::MoeTopKGrad(_) => None,
+            _ => op.inputs.iter().find_map(|t| cx.routing[t.idx()].clone()),
+        };
+        for (i, (&t, v)) in op.outputs.iter().zip(outs).enumerate() {
+            // MoeCombineGrad's second output is the probabilities' gradient, in token rows.
+            let routing = if matches!(op.kind, OpKind::MoeCombineGrad(_)) && i > 0 { None } else { routing.clone() };
             let want = graph.tensor(t).elems() as usize;
             if v.len() != want {
                 return Err(internal(format!(
@@ -173,7 +184,7 @@ pub fn evaluate<T: Real>(
             }
             cx.vals[t.idx()] = Some(cx.round(t, v)?);
             if cx.routing[t.idx()].is_none() {
-                cx.routing[t.idx()] = routing.clone();
+                cx.routing[t.idx()] = routing;
             }
         }
     }
@@ -227,11 +238,11 @@ impl<T: Real> Ctx<'_, T> {
         }
     }
 
-    fn routing(&self, op: &Op) -> Result<Rc<Routing>, FunctionalError> {
-        op.inputs
-            .iter()
-            .find_map(|t| self.routing[t.idx()].clone())
-            .ok_or_else(|| internal(format!("op {}: expert rows without a routing", op.name)))
+    /// The routing carried by input `i` of `op` (the probabilities, or a dispatched-row tensor).
+    fn routing(&self, op: &Op, i: usize) -> Result<Rc<Routing>, FunctionalError> {
+        self.routing[op.inputs[i].idx()]
+            .clone()
+            .ok_or_else(|| internal(format!("op {}: input {i} carries no expert routing", op.name)))
     }
 
     /// Row segments (weight group, first row, rows) of a linear op: one for a plain layer, the
@@ -240,7 +251,8 @@ impl<T: Real> Ctx<'_, T> {
         if l.groups == 1 && l.weight_groups == 1 {
             Ok(vec![(0, 0, l.m as usize)])
         } else {
-            Ok(self.routing(op)?.segments.clone())
+            // Input 0 is the dispatched rows (x, or dy for the gradients).
+            Ok(self.routing(op, 0)?.segments.clone())
         }
     }
 
@@ -477,7 +489,7 @@ impl<T: Real> Ctx<'_, T> {
                 one(dl)
             }
             OpKind::MoeDispatch(r) => {
-                let routing = self.routing(op)?;
+                let routing = self.routing(op, 1)?;
                 let x = self.f(ins[0])?;
                 let w = r.width as usize;
                 let mut xd = vec![T::zero(); dispatched_rows(&r) * w];
@@ -489,7 +501,7 @@ impl<T: Real> Ctx<'_, T> {
                 one(xd)
             }
             OpKind::MoeDispatchGrad(r) => {
-                let routing = self.routing(op)?;
+                let routing = self.routing(op, 1)?;
                 let dxd = self.f(ins[0])?;
                 let w = r.width as usize;
                 let mut dx = vec![T::zero(); r.rows as usize * w];
@@ -503,7 +515,7 @@ impl<T: Real> Ctx<'_, T> {
                 one(dx)
             }
             OpKind::MoeCombine(r) => {
-                let routing = self.routing(op)?;
+                let routing = self.routing(op, 1)?;
                 let (yd, p) = (self.f(ins[0])?, self.f(ins[1])?);
                 let (w, e) = (r.width as usize, r.experts as usize);
                 let mut y = vec![T::zero(); r.rows as usize * w];
@@ -518,7 +530,7 @@ impl<T: Real> Ctx<'_, T> {
                 one(y)
             }
             OpKind::MoeCombineGrad(r) => {
-                let routing = self.routing(op)?;
+                let routing = self.routing(op, 2)?;
                 let (dy, yd, p) = (self.f(ins[0])?, self.f(ins[1])?, self.f(ins[2])?);
                 let (w, e) = (r.width as usize, r.experts as usize);
                 let mut dyd = vec![T::zero(); dispatched_rows(&r) * w];

@@ -1,0 +1,53 @@
+//! The reference against Hugging Face transformers, every family: `tests/data/functional_hf.json`
+//! holds what transformers (its version is in the file) computes in fp32 for the tiny models with
+//! the reference's seeded weights (saved in each family's checkpoint layout and loaded with
+//! `from_pretrained`) on fixed tokens: the last token's logits, BERT's hidden states and pooler
+//! output, and the causal-LM loss of one training step. `tools/hf_crosscheck.py` regenerates it
+//! (it needs torch; this test does not).
+//!
+//! Measured when generated: every value within 1.1e-6 of transformers, relative to the largest
+//! magnitude of its tensor; the bound here is 1e-5, so that a different summation order passes
+//! and any semantic difference (a mask, a rotary layout, a routing, a norm epsilon) fails.
+
+use serde_json::Value;
+use waferscale::functional::{self, Options, Real, Tokens, WeightSource};
+use waferscale::model::{self, DType, Phase, WorkloadArgs};
+
+fn run(name: &str, phase: Phase, seed: u64, tokens: &[i64]) -> functional::Run<f32> {
+    let model = model::load(name).unwrap();
+    let args = WorkloadArgs {
+        phase: Some(phase),
+        batch: Some(1),
+        seq: Some(tokens.len() as u64),
+        dtype: Some(DType::Fp32),
+        ..Default::default()
+    };
+    let wl = args.resolve(&model).unwrap();
+    functional::run::<f32>(&model, &wl, &WeightSource::Seeded(seed), &Tokens::one(tokens.to_vec()), &Options::default())
+        .unwrap()
+}
+
+#[test]
+fn reference_matches_transformers_on_every_family() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/functional_hf.json")).unwrap();
+    let data: Value = serde_json::from_str(&text).unwrap();
+    let seed = data["seed"].as_u64().unwrap();
+    let tokens: Vec<i64> = data["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    let models = data["models"].as_object().unwrap();
+    assert_eq!(models.len(), 6, "one entry per tiny model");
+    for (name, outputs) in models {
+        let prefill = run(name, Phase::Prefill, seed, &tokens);
+        let train = outputs.get("loss").map(|_| run(name, Phase::Train, seed, &tokens));
+        for (key, want) in outputs.as_object().unwrap() {
+            let hf: Vec<f64> = want["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let r = if key == "loss" { train.as_ref().unwrap() } else { &prefill };
+            let (_, t) =
+                r.primary_outputs().into_iter().find(|(n, _)| n == key).unwrap_or_else(|| panic!("{name}: no {key}"));
+            let ours: Vec<f64> = r.values.f(t).iter().map(|x| x.to_f64()).collect();
+            assert_eq!(ours.len(), hf.len(), "{name} {key}");
+            let scale = hf.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let diff = ours.iter().zip(&hf).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale;
+            assert!(diff < 1e-5, "{name} {key}: max |reference - transformers| / max |transformers| = {diff:e}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Cross-checks `wafer reference` against Hugging Face transformers on the tiny models.
+
+For each model in models/tiny/: `wafer reference` runs seeded weights on fixed tokens and saves the
+weights it used (in the family's checkpoint layout) and its outputs; transformers loads the same
+config.json and checkpoint (from_pretrained, so its own weight conversions apply: Mixtral's fused
+experts, tied embeddings) and computes the same forward pass in fp32 with eager attention. The
+script prints the largest difference per model and writes transformers' outputs to
+tests/data/functional_hf.json, which tests/functional_hf.rs holds the reference to in every
+`cargo test` (no torch needed there).
+
+Needs torch and transformers (not used by CI):
+    python3 -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers
+    /tmp/hf/bin/python tools/hf_crosscheck.py [path/to/wafer]
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAFER = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "release", "wafer")
+SEED = 1
+# Token ids below the tiny vocabulary (256); several repeats so attention has structure.
+TOKENS = [3, 141, 59, 26, 5, 35, 89, 79]
+MODELS = {
+    "gpt-tiny": "causal",
+    "gptj-tiny": "causal",
+    "neox-tiny": "causal",
+    "llama-tiny": "causal",
+    "mixtral-tiny": "causal",
+    "bert-tiny": "bert",
+}
+
+
+def main():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.manual_seed(0)
+    result = {
+        "generated_by": "tools/hf_crosscheck.py",
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "seed": SEED,
+        "tokens": TOKENS,
+        "models": {},
+    }
+    worst = 0.0
+    for name, kind in MODELS.items():
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(os.path.join(ROOT, "models", "tiny", name + ".json"), os.path.join(d, "config.json"))
+            subprocess.run(
+                [WAFER, "reference", name, "--seed", str(SEED), "--tokens", ",".join(map(str, TOKENS)),
+                 "--save-weights", os.path.join(d, "model.safetensors"), "--out", os.path.join(d, "out.safetensors")],
+                check=True, stdout=subprocess.DEVNULL)
+            ours = load_file(os.path.join(d, "out.safetensors"))
+            ids = torch.tensor([TOKENS])
+            with torch.no_grad():
+                if kind == "bert":
+                    model = transformers.BertModel.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+                    model.eval()
+                    out = model(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+                    theirs = {"last_hidden_state": out.last_hidden_state[0], "pooler_output": out.pooler_output}
+                else:
+                    model = transformers.AutoModelForCausalLM.from_pretrained(
+                        d, dtype=torch.float32, attn_implementation="eager")
+                    model.eval()
+                    theirs = {"logits": model(input_ids=ids).logits[:, -1, :]}
+            if kind == "causal":
+                # One training step's loss: transformers shifts the labels inside, as the reference's
+                # labels (next token, -100 at the end) do.
+                train = os.path.join(d, "train.safetensors")
+                subprocess.run(
+                    [WAFER, "reference", name, "--phase", "train", "--seed", str(SEED),
+                     "--tokens", ",".join(map(str, TOKENS)), "--out", train],
+                    check=True, stdout=subprocess.DEVNULL)
+                ours["loss"] = load_file(train)["loss"]
+                with torch.no_grad():
+                    theirs["loss"] = model(input_ids=ids, labels=ids).loss.reshape(1)
+            entry = {}
+            for key, t in theirs.items():
+                o = ours[key].reshape(t.shape)
+                diff = (o - t).abs().max().item() / t.abs().max().item()
+                worst = max(worst, diff)
+                print(f"{name:14} {key:18} shape {list(t.shape)}  max |ours - hf| / max |hf| = {diff:.2e}")
+                entry[key] = {"shape": list(t.shape), "values": [float(x) for x in t.flatten()]}
+            result["models"][name] = entry
+    path = os.path.join(ROOT, "tests", "data", "functional_hf.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(f"worst relative difference {worst:.2e}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
