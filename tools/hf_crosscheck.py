@@ -6,7 +6,8 @@ weights it used (in the family's checkpoint layout) and its outputs; transformer
 config.json and checkpoint (from_pretrained, so its own weight conversions apply: Mixtral's fused
 experts, tied embeddings) and computes the same forward pass in fp32 with eager attention. The
 script prints the largest difference per model and writes transformers' outputs to
-tests/data/functional_hf.json, which tests/functional_hf.rs holds the reference to in every
+tests/data/functional_hf.json (and, for the decoders, the loss and every weight's gradient of one
+training step, from autograd), which tests/functional_hf.rs holds the reference to in every
 `cargo test` (no torch needed there).
 
 Needs torch and transformers (not used by CI):
@@ -37,6 +38,48 @@ MODELS = {
     "mixtral-tiny": "causal",
     "bert-tiny": "bert",
 }
+
+
+GRAD_VALUES = 48
+
+
+def hf_grads(model, name, ours):
+    """transformers' gradient of every weight, in the reference's layout, with the reference's."""
+    params = dict(model.named_parameters())
+    cfg = model.config
+    out = {}
+    for key, ours_grad in ours.items():
+        if not key.startswith("grad."):
+            continue
+        w = key[len("grad."):]
+        if ".*." in w:
+            # Mixtral: the reference stacks experts.E.w1/w3/w2; transformers fuses w1 and w3 into
+            # experts.gate_up_proj [E, 2F, H] and keeps w2 as experts.down_proj [E, H, F].
+            base, part = w.split(".*.")
+            base = base.replace("block_sparse_moe", "mlp")
+            f = cfg.intermediate_size
+            if part == "w1.weight":
+                t = params[base + ".gate_up_proj"].grad[:, :f, :]
+            elif part == "w3.weight":
+                t = params[base + ".gate_up_proj"].grad[:, f:, :]
+            else:
+                t = params[base + ".down_proj"].grad
+        else:
+            # Names transformers 5 renamed on load: Mixtral's block_sparse_moe, GPT-NeoX's embed_out.
+            cands = [w, "transformer." + w, w.replace("block_sparse_moe", "mlp"), w.replace("embed_out", "lm_head")]
+            hit = next((c for c in cands if c in params), None)
+            if hit is None:
+                raise SystemExit(f"{name}: no transformers parameter for {w}")
+            t = params[hit].grad
+            if "query_key_value" in w:
+                # GPT-NeoX: transformers' rows are per head (q, k, v of head 0, ...); the reference's
+                # are all q, all k, all v.
+                heads = cfg.num_attention_heads
+                d = t.shape[0] // (3 * heads)
+                idx = [h * 3 * d + part * d + j for part in range(3) for h in range(heads) for j in range(d)]
+                t = t[idx]
+        out[w] = (ours_grad.reshape(t.shape), t.detach().clone())
+    return out
 
 
 def main():
@@ -79,9 +122,13 @@ def main():
                     [WAFER, "reference", name, "--phase", "train", "--seed", str(SEED),
                      "--tokens", ",".join(map(str, TOKENS)), "--out", train],
                     check=True, stdout=subprocess.DEVNULL)
-                ours["loss"] = load_file(train)["loss"]
-                with torch.no_grad():
-                    theirs["loss"] = model(input_ids=ids, labels=ids).loss.reshape(1)
+                ours_train = load_file(train)
+                ours["loss"] = ours_train["loss"]
+                model.zero_grad()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                theirs["loss"] = loss.detach().reshape(1)
+                grads = hf_grads(model, name, ours_train)
             entry = {}
             for key, t in theirs.items():
                 o = ours[key].reshape(t.shape)
@@ -89,6 +136,15 @@ def main():
                 worst = max(worst, diff)
                 print(f"{name:14} {key:18} shape {list(t.shape)}  max |ours - hf| / max |hf| = {diff:.2e}")
                 entry[key] = {"shape": list(t.shape), "values": [float(x) for x in t.flatten()]}
+            if kind == "causal":
+                # Every weight's gradient (first GRAD_VALUES values, in the reference's layout).
+                for wname, (o, t) in grads.items():
+                    diff = (o - t).abs().max().item() / max(t.abs().max().item(), 1e-30)
+                    worst = max(worst, diff)
+                    entry["grad." + wname] = {"shape": list(t.shape), "scale": t.abs().max().item(),
+                                               "values": [float(x) for x in t.flatten()[:GRAD_VALUES]]}
+                print(f"{name:14} {len(grads)} weight gradients  max |ours - hf| / max |hf| = "
+                      f"{max((o - t).abs().max().item() / max(t.abs().max().item(), 1e-30) for o, t in grads.values()):.2e}")
             result["models"][name] = entry
     path = os.path.join(ROOT, "tests", "data", "functional_hf.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -33,7 +33,8 @@ pub struct ReferenceCmd {
     /// A safetensors file with `input_ids` (I64 or I32, [batch, seq] or [seq]).
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
-    /// Write the outputs (logits, last_hidden_state and pooler_output, or loss) as F32 safetensors.
+    /// Write the outputs as F32 safetensors: logits, or last_hidden_state and pooler_output, or for
+    /// training the loss, every weight's gradient (grad.NAME) and its value after Adam (updated.NAME).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Also write the weights it ran on as a checkpoint in the family's Hugging Face layout.
@@ -153,6 +154,7 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
         let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = run
             .primary_outputs()
             .into_iter()
+            .chain(run.training_outputs())
             .map(|(name, t)| (name, run.graph.tensor(t).shape.clone(), run.values.f(t).to_vec()))
             .collect();
         write_f32(out, &tensors)?;

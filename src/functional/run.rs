@@ -49,6 +49,24 @@ impl<T: Real> Run<T> {
     }
 }
 
+impl<T: Real> Run<T> {
+    /// Training: each weight's gradient (`grad.NAME`) and its value after the Adam step
+    /// (`updated.NAME`), NAME the weight's checkpoint name, in the graph's layout; empty otherwise.
+    pub fn training_outputs(&self) -> Vec<(String, TensorId)> {
+        let g = &self.graph;
+        let mut out = Vec::new();
+        for o in g.op_ids() {
+            let op = g.op(o);
+            if let crate::graph::OpKind::Adam { .. } = op.kind {
+                let name = &g.tensor(op.inputs[0]).name;
+                out.push((format!("grad.{name}"), op.inputs[1]));
+                out.push((format!("updated.{name}"), op.outputs[0]));
+            }
+        }
+        out
+    }
+}
+
 /// The KV caches a step leaves (`l0.attn.k_cache_append`), under the names the next decode step
 /// reads them by (`l0.attn.k_cache`).
 pub fn caches_from<T: Real>(graph: &Graph, values: &Values<T>) -> BTreeMap<String, Vec<T>> {
