@@ -475,3 +475,83 @@ fn cli_writes_the_outputs() {
     assert!(st.tensor("last_hidden_state").is_ok() && st.tensor("pooler_output").is_ok());
     let _ = Role::Weight;
 }
+
+/// The numerics read from every shipped config: the families' epsilons, GELU variants, rotary
+/// layouts, Llama 3.1's frequency scaling; an unsupported scaling is the user's error, naming the key.
+#[test]
+fn numerics_of_every_shipped_model() {
+    use waferscale::functional::{Act, Numerics, RotaryStyle};
+    for f in model::embedded_models() {
+        let Model::Transformer(spec) = model::load(f.name).unwrap() else { continue };
+        let n = Numerics::for_model(&spec).unwrap_or_else(|e| panic!("{}: {e}", f.name));
+        assert!(n.norm_eps > 0.0 && n.norm_eps <= 1e-5, "{}: eps {}", f.name, n.norm_eps);
+        assert_eq!(n.rotary_style == RotaryStyle::Interleaved, spec.family == model::Family::GptJ, "{}", f.name);
+    }
+    let get = |name: &str| {
+        let Model::Transformer(spec) = model::load(name).unwrap() else { unreachable!() };
+        (spec.clone(), Numerics::for_model(&spec).unwrap())
+    };
+    assert_eq!((get("gpt2-small").1.act, get("gpt2-small").1.norm_eps), (Act::GeluTanh, 1e-5));
+    assert_eq!((get("bert-base-uncased").1.act, get("bert-base-uncased").1.norm_eps), (Act::GeluErf, 1e-12));
+    assert_eq!(get("llama-3-8b").1.rope_theta, 500000.0);
+    assert!(get("llama-3-8b").1.rope_scaling.is_none());
+    // Llama 3.1: wavelengths under 8192/4 keep their frequency, over 8192/1 are divided by 8.
+    let (spec, n) = get("llama-3.1-405b");
+    let plain = Numerics { rope_scaling: None, ..n.clone() };
+    let (scaled, unscaled) = (n.inv_freq(spec.head_dim), plain.inv_freq(spec.head_dim));
+    assert_eq!(scaled[0], unscaled[0]);
+    let last = scaled.len() - 1;
+    assert!((scaled[last] - unscaled[last] / 8.0).abs() < 1e-18);
+    assert!(scaled.windows(2).all(|w| w[1] < w[0]), "frequencies decrease");
+    // A scaling the reference does not implement is refused, not ignored.
+    let text = r#"{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "intermediate_size": 128, "vocab_size": 32, "max_position_embeddings": 64,
+        "rope_scaling": {"type": "linear", "factor": 2.0}}"#;
+    let spec = model::parse_config("x", "x.json", text).unwrap();
+    let err = Numerics::from_config(&spec, text).unwrap_err().to_string();
+    assert!(err.contains("rope_scaling") && err.contains("llama3"), "{err}");
+}
+
+/// Checkpoints stored in F16, BF16 and F64 load as the exact f32 values of their elements.
+#[test]
+fn half_precision_checkpoints_convert_exactly() {
+    let model = model::load("llama-tiny").unwrap();
+    let g = graph::build(&model, &workload(&model, Phase::Prefill, 1, Some(2), None, DType::Fp32)).unwrap();
+    let w = Weights::<f32>::seeded(&g, 12);
+    type Enc = fn(f32) -> Vec<u8>;
+    let cases: [(&str, safetensors::Dtype, Enc, fn(f32) -> f32); 3] = [
+        (
+            "f16",
+            safetensors::Dtype::F16,
+            |x| half::f16::from_f32(x).to_le_bytes().to_vec(),
+            |x| half::f16::from_f32(x).to_f32(),
+        ),
+        (
+            "bf16",
+            safetensors::Dtype::BF16,
+            |x| half::bf16::from_f32(x).to_le_bytes().to_vec(),
+            |x| half::bf16::from_f32(x).to_f32(),
+        ),
+        ("f64", safetensors::Dtype::F64, |x| (x as f64).to_le_bytes().to_vec(), |x| x),
+    ];
+    for (label, dtype, enc, round) in cases {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+            .tensors
+            .iter()
+            .map(|(n, (s, v))| {
+                (n.clone(), s.iter().map(|&d| d as usize).collect(), v.iter().flat_map(|&x| enc(x)).collect())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+            .collect();
+        let path = tmp(&format!("llama-{label}.safetensors"));
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        let back = Weights::<f32>::load(&path, &g, Some(model::Family::Llama)).unwrap();
+        for (n, (_, v)) in &w.tensors {
+            let want: Vec<f32> = v.iter().map(|&x| round(x)).collect();
+            assert_eq!(back.tensors[n].1, want, "{label}: {n}");
+        }
+    }
+}
