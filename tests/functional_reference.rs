@@ -519,7 +519,8 @@ fn half_precision_checkpoints_convert_exactly() {
     let g = graph::build(&model, &workload(&model, Phase::Prefill, 1, Some(2), None, DType::Fp32)).unwrap();
     let w = Weights::<f32>::seeded(&g, 12);
     type Enc = fn(f32) -> Vec<u8>;
-    let cases: [(&str, safetensors::Dtype, Enc, fn(f32) -> f32); 3] = [
+    type Case = (&'static str, safetensors::Dtype, Enc, fn(f32) -> f32);
+    let cases: [Case; 3] = [
         (
             "f16",
             safetensors::Dtype::F16,

@@ -40,18 +40,19 @@ MODELS = {
 }
 
 
-GRAD_VALUES = 48
+GRAD_VALUES = 24
 
 
-def hf_grads(model, name, ours):
-    """transformers' gradient of every weight, in the reference's layout, with the reference's."""
-    params = dict(model.named_parameters())
+def hf_grads(model, name, ours, prefix="grad.", of=lambda p: p.grad):
+    """For each `PREFIX.NAME` tensor of the reference's training outputs, transformers' counterpart
+    (`of(parameter)`: its gradient, or its value), in the reference's layout, with the reference's."""
+    params = {n: of(p) for n, p in model.named_parameters()}
     cfg = model.config
     out = {}
     for key, ours_grad in ours.items():
-        if not key.startswith("grad."):
+        if not key.startswith(prefix):
             continue
-        w = key[len("grad."):]
+        w = key[len(prefix):]
         if ".*." in w:
             # Mixtral: the reference stacks experts.E.w1/w3/w2; transformers fuses w1 and w3 into
             # experts.gate_up_proj [E, 2F, H] and keeps w2 as experts.down_proj [E, H, F].
@@ -59,18 +60,18 @@ def hf_grads(model, name, ours):
             base = base.replace("block_sparse_moe", "mlp")
             f = cfg.intermediate_size
             if part == "w1.weight":
-                t = params[base + ".gate_up_proj"].grad[:, :f, :]
+                t = params[base + ".gate_up_proj"][:, :f, :]
             elif part == "w3.weight":
-                t = params[base + ".gate_up_proj"].grad[:, f:, :]
+                t = params[base + ".gate_up_proj"][:, f:, :]
             else:
-                t = params[base + ".down_proj"].grad
+                t = params[base + ".down_proj"]
         else:
             # Names transformers 5 renamed on load: Mixtral's block_sparse_moe, GPT-NeoX's embed_out.
             cands = [w, "transformer." + w, "bert." + w, w.replace("block_sparse_moe", "mlp"), w.replace("embed_out", "lm_head")]
             hit = next((c for c in cands if c in params), None)
             if hit is None:
                 raise SystemExit(f"{name}: no transformers parameter for {w}")
-            t = params[hit].grad
+            t = params[hit]
             if "query_key_value" in w:
                 # GPT-NeoX: transformers' rows are per head (q, k, v of head 0, ...); the reference's
                 # are all q, all k, all v.
@@ -129,6 +130,10 @@ def main():
                 loss.backward()
                 theirs["loss"] = loss.detach().reshape(1)
                 grads = hf_grads(model, name, ours_train)
+                # One torch.optim.Adam step (its defaults are the reference's: lr 1e-3, betas
+                # (0.9, 0.999), eps 1e-8, no weight decay) from zero moments.
+                torch.optim.Adam(model.parameters(), lr=1e-3).step()
+                updated = hf_grads(model, name, ours_train, "updated.", lambda p: p.data)
             if kind == "bert":
                 # BertForPreTraining: masked-LM loss with every token as its own label, plus the
                 # next-sentence loss with label 0, as the reference's training graph computes them.
@@ -151,6 +156,10 @@ def main():
                 loss.backward()
                 theirs["loss"] = loss.detach().reshape(1)
                 grads = hf_grads(model, name, ours_train)
+                # One torch.optim.Adam step (its defaults are the reference's: lr 1e-3, betas
+                # (0.9, 0.999), eps 1e-8, no weight decay) from zero moments.
+                torch.optim.Adam(model.parameters(), lr=1e-3).step()
+                updated = hf_grads(model, name, ours_train, "updated.", lambda p: p.data)
             entry = {}
             for key, t in theirs.items():
                 o = ours[key].reshape(t.shape)
@@ -171,6 +180,20 @@ def main():
                 entry["grad." + wname] = {"shape": list(t.shape), "scale": scale,
                                            "values": [float(x) for x in t.flatten()[:GRAD_VALUES]]}
             worst = max(worst, worst_grad)
+            # Weights after the Adam step, relative to the tensor's size, where the gradient is clear
+            # of rounding noise: Adam's first step moves each weight by lr * g / (|g| + eps), about
+            # lr * sign(g), so where g is noise (zero in exact arithmetic) the two may step either way.
+            worst_upd = 0.0
+            for wname, (o, t) in updated.items():
+                scale = max(t.abs().max().item(), 1e-30)
+                g = grads[wname][1].reshape(-1)
+                clear = g.abs() > 1e-4 * entry["grad." + wname]["scale"]
+                diff = (o - t).abs().reshape(-1)
+                worst_upd = max(worst_upd, (diff[clear].max().item() if clear.any() else 0.0) / scale)
+                entry["updated." + wname] = {"shape": list(t.shape), "scale": scale,
+                                              "values": [float(x) for x in t.flatten()[:GRAD_VALUES]]}
+            worst = max(worst, worst_upd)
+            print(f"{name:14} {len(updated)} updated weights  max |ours - hf| / max |hf| = {worst_upd:.2e}")
             print(f"{name:14} {len(grads)} weight gradients  max |ours - hf| / scale = {worst_grad:.2e}")
             result["models"][name] = entry
     path = os.path.join(ROOT, "tests", "data", "functional_hf.json")
