@@ -14,7 +14,7 @@ use waferscale::functional::{
     self, caches_from, evaluate, numerics_of, AdamConfig, Feeds, Options, Precision, Real, Tokens, Values,
     WeightSource, Weights,
 };
-use waferscale::graph::{self, Graph, OpKind, Role, TensorId};
+use waferscale::graph::{self, Graph, OpKind, TensorId};
 use waferscale::model::{self, DType, Model, Phase, Workload, WorkloadArgs};
 
 const DECODERS: [&str; 5] = ["gpt-tiny", "gptj-tiny", "neox-tiny", "llama-tiny", "mixtral-tiny"];
@@ -473,7 +473,6 @@ fn cli_writes_the_outputs() {
         assert!(stdout.contains(&sum), "{name}: checksum {sum} not printed:\n{stdout}");
     }
     assert!(st.tensor("last_hidden_state").is_ok() && st.tensor("pooler_output").is_ok());
-    let _ = Role::Weight;
 }
 
 /// The numerics read from every shipped config: the families' epsilons, GELU variants, rotary

@@ -75,12 +75,9 @@ fn read_input(path: &Path) -> Result<Tokens, FunctionalError> {
         [_] => 1,
         [b, _] if *b > 0 => *b,
         s => {
-            return Err(FunctionalError::Shape {
-                path: p,
-                name: "input_ids".into(),
-                expected: vec![1, 0],
-                found: s.iter().map(|&d| d as u64).collect(),
-            })
+            return Err(FunctionalError::Input(format!(
+                "{p}: `input_ids` has shape {s:?}; expected [batch, seq] or [seq] with batch > 0"
+            )))
         }
     };
     Ok(Tokens { batch, ids })

@@ -114,6 +114,17 @@ pub fn run<T: Real>(
     };
     let mut caches = BTreeMap::new();
     if workload.phase == Phase::Decode {
+        let want = workload.context as usize + 1;
+        if tokens.batch != workload.batch as usize || tokens.len() != want || tokens.ids.len() != tokens.batch * want {
+            return Err(FunctionalError::Input(format!(
+                "decode with context {} takes {} sequence(s) of {want} tokens (the context and the new token); got {} of {}",
+                workload.context,
+                workload.batch,
+                tokens.batch,
+                tokens.len()
+            ))
+            .into());
+        }
         let prefill = Workload { phase: Phase::Prefill, seq: workload.context, context: 0, ..workload.clone() };
         let pg = graph::build(model, &prefill)?;
         let feeds = Feeds::for_graph(&pg, &weights, &tokens.prefix(workload.context as usize), &caches, seed)?;

@@ -125,11 +125,11 @@ impl<T: Real> Weights<T> {
 
     /// The values of weight `name`.
     pub fn get(&self, name: &str) -> Result<&[T], FunctionalError> {
-        self.tensors.get(name).map(|(_, v)| v.as_slice()).ok_or_else(|| FunctionalError::MissingTensor {
-            path: self.source.clone(),
-            name: name.to_string(),
-            model: String::new(),
-            hint: String::new(),
+        self.tensors.get(name).map(|(_, v)| v.as_slice()).ok_or_else(|| {
+            FunctionalError::Input(format!(
+                "the weights ({}) have no tensor `{name}`: they were made for another model or graph",
+                self.source
+            ))
         })
     }
 
