@@ -45,8 +45,17 @@ fn output<'a, T: Real>(graph: &Graph, values: &'a Values<T>, name: &str) -> &'a 
 
 fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
+    functional::max_rel_error(a, b)
+}
+
+#[test]
+fn max_rel_error_is_relative_to_the_reference() {
+    use functional::max_rel_error;
+    assert_eq!(max_rel_error(&[1.0f32, 2.0], &[1.0, 2.0]), 0.0);
+    assert_eq!(max_rel_error(&[1.0f32, 2.5], &[1.0, 2.0]), 0.25);
+    assert_eq!(max_rel_error::<f32>(&[], &[]), 0.0);
+    assert_eq!(max_rel_error(&[1.0f32], &[1.0, 2.0]), f64::INFINITY);
+    assert_eq!(max_rel_error(&[f32::NAN], &[1.0]), f64::INFINITY);
 }
 
 /// Decode over several tokens, each step reading the cache the previous step appended, gives the

@@ -70,6 +70,22 @@ impl FunctionalError {
     }
 }
 
+/// The error measure functional checks use: max |a - b| over the elements, relative to the largest
+/// magnitude of the reference `b` (so tiny elements do not dominate). 0 for two empty tensors;
+/// infinite when the lengths differ or a value is not finite.
+pub fn max_rel_error<T: Real>(a: &[T], b: &[T]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.to_f64().abs()));
+    let diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x.to_f64() - y.to_f64()).abs()));
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale.max(f64::MIN_POSITIVE)
+    }
+}
+
 /// The default directory where `tools/fetch-minilm.sh` puts all-MiniLM-L6-v2:
 /// `$WAFERSCALE_CACHE/minilm`, else `$HOME/.cache/waferscale/minilm`.
 pub fn minilm_cache_dir() -> Option<PathBuf> {
