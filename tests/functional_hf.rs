@@ -7,7 +7,8 @@
 //! the reference's layout, held relative to the tensor's largest magnitude floored at 1e-2 of the
 //! model's largest gradient, since a key bias's gradient is zero in exact arithmetic), and every
 //! weight after one `torch.optim.Adam` step. `tools/hf_crosscheck.py` regenerates it
-//! (it needs torch; this test does not).
+//! (it needs torch; this test does not). Beside the six tiny models, `tests/data/mistral-tiny-window3.json`
+//! is llama-tiny as Mistral with a 3-token sliding window, shorter than the 8 tokens.
 //!
 //! Measured when generated: every value within 2e-6 of transformers, relative to the largest
 //! magnitude of its tensor; the bound here is 1e-5, so that a different summation order passes
@@ -38,11 +39,13 @@ fn reference_matches_transformers_on_every_family() {
     let seed = data["seed"].as_u64().unwrap();
     let tokens: Vec<i64> = data["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
     let models = data["models"].as_object().unwrap();
-    assert_eq!(models.len(), 6, "one entry per tiny model");
+    assert_eq!(models.len(), 7, "one entry per tiny model, and Mistral with a sliding window");
     for (name, outputs) in models {
-        let prefill = run(name, Phase::Prefill, seed, &tokens);
-        let train = outputs.get("loss").map(|_| run(name, Phase::Train, seed, &tokens));
-        for (key, want) in outputs.as_object().unwrap() {
+        // A shipped name, or a config path relative to the repository.
+        let arg = outputs["model"].as_str().unwrap();
+        let prefill = run(arg, Phase::Prefill, seed, &tokens);
+        let train = outputs.get("loss").map(|_| run(arg, Phase::Train, seed, &tokens));
+        for (key, want) in outputs.as_object().unwrap().iter().filter(|(k, _)| *k != "model") {
             let hf: Vec<f64> = want["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             let r = if key == "loss" || key.starts_with("grad.") || key.starts_with("updated.") {
                 train.as_ref().unwrap()

@@ -17,7 +17,9 @@ use waferscale::functional::{
 use waferscale::graph::{self, Graph, OpKind, TensorId};
 use waferscale::model::{self, DType, Model, Phase, Workload, WorkloadArgs};
 
-const DECODERS: [&str; 5] = ["gpt-tiny", "gptj-tiny", "neox-tiny", "llama-tiny", "mixtral-tiny"];
+/// The tiny decoders, and Mistral with a 3-token sliding window (shorter than the decode tests' context).
+const DECODERS: [&str; 6] =
+    ["gpt-tiny", "gptj-tiny", "neox-tiny", "llama-tiny", "mixtral-tiny", "tests/data/mistral-tiny-window3.json"];
 const ALL: [&str; 6] = ["gpt-tiny", "gptj-tiny", "neox-tiny", "llama-tiny", "mixtral-tiny", "bert-tiny"];
 
 fn workload(model: &Model, phase: Phase, batch: u64, seq: Option<u64>, context: Option<u64>, dtype: DType) -> Workload {

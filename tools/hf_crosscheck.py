@@ -30,13 +30,15 @@ WAFER = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "rele
 SEED = 1
 # Token ids below the tiny vocabulary (256); several repeats so attention has structure.
 TOKENS = [3, 141, 59, 26, 5, 35, 89, 79]
+# name -> (kind, config): the tiny models, and Mistral with a sliding window shorter than TOKENS.
 MODELS = {
-    "gpt-tiny": "causal",
-    "gptj-tiny": "causal",
-    "neox-tiny": "causal",
-    "llama-tiny": "causal",
-    "mixtral-tiny": "causal",
-    "bert-tiny": "bert",
+    "gpt-tiny": ("causal", "models/tiny/gpt-tiny.json"),
+    "gptj-tiny": ("causal", "models/tiny/gptj-tiny.json"),
+    "neox-tiny": ("causal", "models/tiny/neox-tiny.json"),
+    "llama-tiny": ("causal", "models/tiny/llama-tiny.json"),
+    "mixtral-tiny": ("causal", "models/tiny/mixtral-tiny.json"),
+    "bert-tiny": ("bert", "models/tiny/bert-tiny.json"),
+    "mistral-tiny-window3": ("causal", "tests/data/mistral-tiny-window3.json"),
 }
 
 
@@ -95,11 +97,12 @@ def main():
         "models": {},
     }
     worst = 0.0
-    for name, kind in MODELS.items():
+    for name, (kind, config) in MODELS.items():
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy(os.path.join(ROOT, "models", "tiny", name + ".json"), os.path.join(d, "config.json"))
+            shutil.copy(os.path.join(ROOT, config), os.path.join(d, "config.json"))
+            arg = name if config.startswith("models/") else os.path.join(ROOT, config)
             subprocess.run(
-                [WAFER, "reference", name, "--seed", str(SEED), "--tokens", ",".join(map(str, TOKENS)),
+                [WAFER, "reference", arg, "--seed", str(SEED), "--tokens", ",".join(map(str, TOKENS)),
                  "--save-weights", os.path.join(d, "model.safetensors"), "--out", os.path.join(d, "out.safetensors")],
                 check=True, stdout=subprocess.DEVNULL)
             ours = load_file(os.path.join(d, "out.safetensors"))
@@ -120,7 +123,7 @@ def main():
                 # labels (next token, -100 at the end) do.
                 train = os.path.join(d, "train.safetensors")
                 subprocess.run(
-                    [WAFER, "reference", name, "--phase", "train", "--seed", str(SEED),
+                    [WAFER, "reference", arg, "--phase", "train", "--seed", str(SEED),
                      "--tokens", ",".join(map(str, TOKENS)), "--out", train],
                     check=True, stdout=subprocess.DEVNULL)
                 ours_train = load_file(train)
@@ -140,7 +143,7 @@ def main():
                 train = os.path.join(d, "train.safetensors")
                 ckpt = os.path.join(d, "model.safetensors")
                 subprocess.run(
-                    [WAFER, "reference", name, "--phase", "train", "--seed", str(SEED),
+                    [WAFER, "reference", arg, "--phase", "train", "--seed", str(SEED),
                      "--tokens", ",".join(map(str, TOKENS)), "--save-weights", ckpt, "--out", train],
                     check=True, stdout=subprocess.DEVNULL)
                 # The head model's checkpoint keeps the encoder under `bert.`, the heads under `cls.`.
@@ -160,7 +163,7 @@ def main():
                 # (0.9, 0.999), eps 1e-8, no weight decay) from zero moments.
                 torch.optim.Adam(model.parameters(), lr=1e-3).step()
                 updated = hf_grads(model, name, ours_train, "updated.", lambda p: p.data)
-            entry = {}
+            entry = {"model": arg if arg == name else config}
             for key, t in theirs.items():
                 o = ours[key].reshape(t.shape)
                 diff = (o - t).abs().max().item() / t.abs().max().item()
