@@ -99,7 +99,7 @@ pub enum Command {
         wafer reference gpt-tiny --phase train --seq 16 --seed 3\n  \
         wafer reference all-minilm-l6-v2 --weights ~/.cache/waferscale/minilm/model.safetensors \\\n      \
         --tokens 101,7592,2088,102 --out minilm.safetensors\n\n\
-        Defaults: phase prefill, dtype fp32, seq 8, seed 0. With --dtype fp16 or bf16 every stored value\n\
+        Its defaults differ from the other commands': phase prefill, dtype fp32, seq 8, seed 0. With --dtype fp16 or bf16 every stored value\n\
         is rounded to that dtype (round to nearest even) and arithmetic stays fp32.")]
     Reference(reference::ReferenceCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.

@@ -122,6 +122,13 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
         args.seq = Some(DEFAULT_SEQ);
     }
     let workload = args.resolve(&model)?;
+    if workload.sparsity > 0.0 && cmd.weights.is_none() {
+        // Seeded weights are dense; a sparse run needs a checkpoint whose zeros are the sparsity.
+        return Err(FunctionalError::Input(
+            "--sparsity: the reference makes dense seeded weights; give a checkpoint with --weights (its zeros are its sparsity)".into(),
+        )
+        .into());
+    }
     let precision = match workload.dtype {
         DType::Fp32 => Precision::Exact,
         DType::Fp16 | DType::Bf16 => Precision::Storage,
