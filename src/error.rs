@@ -1,6 +1,7 @@
 //! The crate's top-level error: one variant per stage, each knowing whose fault it is.
 
 use crate::compile::CompileError;
+use crate::functional::FunctionalError;
 use crate::gpu::GpuError;
 use crate::graph::GraphError;
 use crate::hw::HwError;
@@ -30,6 +31,8 @@ pub enum Error {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Trace(#[from] TraceError),
+    #[error(transparent)]
+    Functional(#[from] FunctionalError),
     /// Writing an output file the user named failed.
     #[error("{path}: cannot write: {source}")]
     Write {
@@ -54,6 +57,8 @@ impl Error {
             Error::Engine(_) => EXIT_INTERNAL,
             Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
             Error::Trace(_) => EXIT_INTERNAL,
+            Error::Functional(f) if f.is_user_error() => EXIT_BAD_INPUT,
+            Error::Functional(_) => EXIT_INTERNAL,
         }
     }
 }

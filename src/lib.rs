@@ -10,6 +10,7 @@
 pub mod compile;
 pub mod engine;
 pub mod error;
+pub mod functional;
 pub mod gpu;
 pub mod graph;
 pub mod hw;

@@ -15,6 +15,7 @@ mod demo;
 mod gpu;
 mod graph;
 mod plan;
+mod reference;
 mod run;
 mod trace;
 
@@ -93,6 +94,17 @@ pub enum Command {
         wafer trace heatmap run.wtrace --metric stall --all -o stall.gif\n  \
         wafer trace export run.wtrace --perfetto -o run.perfetto-trace")]
     Trace(trace::TraceCmd),
+    /// Run one step of a model on the plain fp32 reference evaluator: logits (or hidden states), loss,
+    /// gradients and the Adam update, from a safetensors checkpoint or seeded weights. No mesh, no timing.
+    #[command(after_help = "Examples:\n  \
+        wafer reference gpt-tiny --tokens 1,2,3,4\n  \
+        wafer reference llama-tiny --phase decode --tokens 5,6,7,8 --json\n  \
+        wafer reference gpt-tiny --phase train --seq 16 --seed 3\n  \
+        wafer reference all-minilm-l6-v2 --weights ~/.cache/waferscale/minilm/model.safetensors \\\n      \
+        --tokens 101,7592,2088,102 --out minilm.safetensors\n\n\
+        Its defaults differ from the other commands': phase prefill, dtype fp32, seq 8, seed 0. With --dtype fp16 or bf16 every stored value\n\
+        is rounded to that dtype (round to nearest even) and arithmetic stays fp32.")]
+    Reference(reference::ReferenceCmd),
     /// List the shipped models (models/*.json, models/tiny/*.json) and hardware files.
     #[command(after_help = "Example:\n  wafer models")]
     Models,
@@ -221,6 +233,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Run(cmd) => run::run(cmd),
         Command::Compare(cmd) => compare::run(cmd),
         Command::Trace(cmd) => trace::run(cmd),
+        Command::Reference(cmd) => reference::run(cmd),
         Command::Models => {
             let mut s = String::from("models (wafer graph NAME):\n");
             for f in embedded_models() {
