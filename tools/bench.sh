@@ -29,5 +29,4 @@ row "run: gpt2-small prefill 4, full WSE-2 (cs2), 1 thread" $W run gpt2-small --
 row "run: gpt2-small prefill 4, full WSE-2 (cs2), 2 threads" $W run gpt2-small --hw cs2 --phase prefill --seq 4 --threads 2
 row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 1 thread" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 1
 row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 2 threads" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 2
-row "run: gpt3-175b train 1 x 256, weight streaming, cs2, 2 threads" $W run gpt3-175b --hw cs2 --phase train --batch 1 --seq 256 --threads 2
 row "demo: gpt2-small prefill 8 on cs2 vs h100, trace + heatmap" $W demo --out-dir /tmp/waferscale-bench-demo
