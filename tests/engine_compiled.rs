@@ -139,3 +139,41 @@ fn reduced_demo_runs_end_to_end() {
     assert!(summary.contains("gpt-tiny") && summary.contains("l0.attn.qkv"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A compiled tiny model traced through `wafer run --trace`: the file is byte-identical for 1 and 3
+/// threads, and its summary (what `wafer trace summary` prints) is snapshotted.
+#[test]
+fn traces_of_compiled_runs_are_identical_across_threads() {
+    let dir = std::env::temp_dir().join(format!("waferscale-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files: Vec<String> = ["1", "3"]
+        .iter()
+        .map(|threads| {
+            let f = dir.join(format!("t{threads}.wtrace")).display().to_string();
+            wafer(&[
+                "run",
+                "gpt-tiny",
+                "--hw",
+                "cs2",
+                "--mesh",
+                "96x80",
+                "--phase",
+                "prefill",
+                "--seq",
+                "16",
+                "--threads",
+                threads,
+                "--trace",
+                &f,
+                "--trace-window",
+                "512",
+            ]);
+            f
+        })
+        .collect();
+    let (a, b) = (std::fs::read(&files[0]).unwrap(), std::fs::read(&files[1]).unwrap());
+    assert!(a == b, "trace bytes differ between 1 and 3 threads");
+    let summary = wafer(&["trace", "summary", &files[0]]);
+    insta::assert_snapshot!("gpt-tiny-prefill-96x80-trace-summary", summary);
+    let _ = std::fs::remove_dir_all(&dir);
+}
