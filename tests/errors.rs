@@ -103,3 +103,16 @@ fn output_file_is_written_whole_or_not_at_all() {
     assert!(!bad.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `wafer run`, `compare` and `demo` refuse bad engine options before doing any work.
+#[test]
+fn bad_run_options() {
+    check("run-threads-zero", &["run", "gpt-tiny", "--mesh", "16x16", "--threads", "0"]);
+    check(
+        "run-trace-window-zero",
+        &["run", "gpt-tiny", "--mesh", "16x16", "--trace", "x.wtrace", "--trace-window", "0"],
+    );
+    check("run-trace-into-missing-dir", &["run", "gpt-tiny", "--mesh", "16x16", "--trace", "no-such-dir/x.wtrace"]);
+    check("compare-output-into-missing-dir", &["compare", "gpt-tiny", "--mesh", "16x16", "-o", "no-such-dir/c.txt"]);
+    check("demo-threads-zero", &["demo", "--model", "gpt-tiny", "--mesh", "16x16", "--threads", "0"]);
+}

@@ -51,7 +51,7 @@ pub struct CompareCmd {
     #[arg(long, value_enum, default_value = "fast")]
     pub fidelity: FidelityArg,
     /// Engine threads [default: the cores available].
-    #[arg(long)]
+    #[arg(long, value_parser = super::run::parse_threads)]
     pub threads: Option<usize>,
     /// Print both reports and the comparison as one JSON object.
     #[arg(long)]
@@ -120,6 +120,9 @@ pub fn against_gpu(
 }
 
 pub fn run(cmd: CompareCmd) -> Result<(), Error> {
+    if let Some(path) = &cmd.output {
+        super::run::check_output_path(path)?;
+    }
     let c = compare(&cmd, cmd.json)?;
     let text = if cmd.json { to_json(&c)? } else { c.to_text() };
     emit(&text, cmd.output.as_deref())

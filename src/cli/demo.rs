@@ -42,7 +42,7 @@ pub struct DemoCmd {
     #[arg(long, value_name = "DIR", default_value = "traces")]
     pub out_dir: String,
     /// Engine threads [default: the cores available]. Results do not depend on it.
-    #[arg(long)]
+    #[arg(long, value_parser = super::run::parse_threads)]
     pub threads: Option<usize>,
 }
 

@@ -52,7 +52,7 @@ pub struct RunCmd {
     #[arg(long, value_enum, default_value = "fast")]
     pub fidelity: FidelityArg,
     /// Engine threads [default: the cores available]. Results do not depend on it.
-    #[arg(long)]
+    #[arg(long, value_parser = super::run::parse_threads)]
     pub threads: Option<usize>,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -64,11 +64,31 @@ pub struct RunCmd {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<String>,
     /// Trace window in cycles [default: as fine as the budget allows].
-    #[arg(long, value_name = "CYCLES", requires = "trace")]
+    #[arg(long, value_name = "CYCLES", requires = "trace", value_parser = clap::value_parser!(u64).range(1..))]
     pub trace_window: Option<u64>,
     /// Largest trace file, e.g. 64MB or 268435456 [default: 256MiB]; the window widens to fit.
     #[arg(long, value_name = "BYTES", requires = "trace", value_parser = waferscale::trace::parse_bytes)]
     pub trace_budget: Option<u64>,
+}
+
+/// `--threads`: a positive count.
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive number of threads")),
+    }
+}
+
+/// Fails before any work when `path` cannot be written: its directory does not exist.
+pub fn check_output_path(path: &str) -> Result<(), Error> {
+    let dir = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty());
+    match dir {
+        Some(d) if !d.is_dir() => Err(Error::Write {
+            path: path.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("no directory {}", d.display())),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A plan file is JSON with the compile inputs under `inputs`.
@@ -299,6 +319,9 @@ pub fn default_threads() -> usize {
 
 pub fn run(cmd: RunCmd) -> Result<(), Error> {
     let started = Instant::now();
+    for path in cmd.trace.iter().chain(&cmd.output) {
+        check_output_path(path)?;
+    }
     let p = prepare(&cmd)?;
     let fidelity = match cmd.fidelity {
         FidelityArg::Detailed => Fidelity::Detailed,
