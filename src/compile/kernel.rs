@@ -88,6 +88,8 @@ pub(crate) struct KCtx {
     pub colors: u32,
     /// Data SRAM per PE (SRAM less the code reserve).
     pub avail: u64,
+    /// Cycles per router-to-router hop (placement's latency estimate).
+    pub hop_cycles: u64,
 }
 
 /// A stage's algorithm and tiling on a region.
@@ -122,7 +124,7 @@ pub(crate) fn wl(values: u64, eb: u64) -> u64 {
     (values * eb).div_ceil(4)
 }
 
-fn fmac(eb: u64) -> SimdOp {
+pub(crate) fn fmac(eb: u64) -> SimdOp {
     if eb >= 4 {
         SimdOp::FmacF32
     } else {
