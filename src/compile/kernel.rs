@@ -300,6 +300,27 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     order
 }
 
+/// The narrowest width at which a row reduction's statistics pass keeps pace with its input stream on a
+/// region of `h` rows: a row's values are spread over the columns, and a PE's share of the arithmetic
+/// (at the SIMD rate) should take no longer than the stream takes to arrive (one wavelet per cycle).
+/// Few rows per run (batch-1 decode: one row on one PE row) otherwise leave one PE computing a whole
+/// row's statistics while its stream has long arrived. 1 for the other stages.
+pub(crate) fn pace_width(st: &Stage, io: &StageIo, h: u32, k: &KCtx) -> u32 {
+    let Work::RowReduce { main, rows, width, per_elem, out, .. } = st.work else {
+        return 1;
+    };
+    let runs = runs_candidates(st, io).first().copied().unwrap_or(1) as u64;
+    let rr = rows.div_ceil(runs);
+    let rc = frame_for(st, io, 1, h).rc().max(1) as u64;
+    // The statistics pass (the elementwise pass comes after, on the output stream).
+    let per_elem = if out.is_some() { per_elem.saturating_sub(1).max(1) } else { per_elem };
+    let in_w = wl(rr * st.inputs[main].values.div_ceil(rows.max(1)), st.inputs[main].elem_bytes).max(1);
+    let (elems, per) = k.pe.rate(arith(st.dtype_bytes));
+    // Cycles of one PE row's statistics over the whole width: ceil(rr / rc) rows x width x per_elem.
+    let cycles = (rr.div_ceil(rc) * width * per_elem * per).div_ceil(elems.max(1));
+    cycles.div_ceil(in_w).clamp(1, width.max(1)) as u32
+}
+
 /// Bytes per PE of `bytes` spread over `pes` PEs.
 fn share(bytes: u64, pes: u64) -> u64 {
     bytes.div_ceil(pes.max(1))

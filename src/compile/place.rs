@@ -3,8 +3,9 @@
 //! The mesh is cut into B bands of equal height; stages fill the bands in pipeline order, left to
 //! right in even bands and right to left in odd ones (a snake, so a stream from the end of one band
 //! to the start of the next is short). Every stage spans its band's height; its width is the larger
-//! of the narrowest width its tiles fit (SRAM, frame) and its share of a target area in proportion to
-//! its FLOPs. The target is the largest that still packs.
+//! of the narrowest width its tiles fit (SRAM, frame; for row reductions, also the width at which the
+//! statistics keep pace with the input stream, `kernel::pace_width`) and its share of a target area
+//! in proportion to its FLOPs. The target is the largest that still packs.
 //!
 //! B is the band count with the smallest estimated time of the layer pipeline (`pipeline_estimate`):
 //! the sum of the regions' diameters (every token crosses every region: multicasts, reductions down
@@ -171,7 +172,12 @@ pub(crate) fn place(
         let mut ok = true;
         for (i, st) in stages.iter().enumerate() {
             match min_width(st, &ios[i], h, w_all, k) {
-                Ok((wm, _)) => mins.push(wm),
+                Ok((wm, _)) => {
+                    // Wider where the stage's compute would fall behind its input stream.
+                    let pace = kernel::pace_width(st, &ios[i], h, k).min(w_all);
+                    let fits = pace > wm && kernel::tile(st, &ios[i], pace, h, k).is_ok();
+                    mins.push(if fits { pace } else { wm });
+                }
                 Err(m) => {
                     if bands == 1 && worst.as_ref().is_none_or(|(_, wm)| wm.needed < m.needed || m.frame) {
                         worst = Some((i, m));
