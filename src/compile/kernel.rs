@@ -300,12 +300,22 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     order
 }
 
-/// The narrowest width at which a row reduction's statistics pass keeps pace with its input stream on a
-/// region of `h` rows: a row's values are spread over the columns, and a PE's share of the arithmetic
-/// (at the SIMD rate) should take no longer than the stream takes to arrive (one wavelet per cycle).
-/// Few rows per run (batch-1 decode: one row on one PE row) otherwise leave one PE computing a whole
-/// row's statistics while its stream has long arrived. 1 for the other stages.
+/// The narrowest width at which a stage's work on one PE row keeps pace with the streams it serves (one
+/// wavelet per cycle), on a region of `h` rows; 1 for stages without such a limit.
+/// - A row reduction spreads a row's values over the columns: a PE's share of the statistics (at the
+///   SIMD rate) should take no longer than the input stream takes to arrive. Few rows per run (batch-1
+///   decode: one row on one PE row) otherwise leave one PE computing a whole row's statistics while
+///   its stream has long arrived.
+/// - A lookup tree selects a token's row down the columns: every PE of a fan-in group streams its
+///   share of the row (width / columns values) to the group's leader, and the leaders to the root, so
+///   a leader takes in (group - 1) shares per token. With at least that many columns the selection
+///   keeps pace with the row streaming out.
 pub(crate) fn pace_width(st: &Stage, io: &StageIo, h: u32, k: &KCtx) -> u32 {
+    if let Work::Lookup { width, .. } = st.work {
+        let fan = FanIn::new(frame_for(st, io, 1, h).rc().max(1) as u64);
+        let shares = (fan.g - 1).max(fan.ngroups() - 1).max(1);
+        return shares.min(width.max(1)) as u32;
+    }
     let Work::RowReduce { main, rows, width, per_elem, out, .. } = st.work else {
         return 1;
     };

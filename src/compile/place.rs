@@ -3,9 +3,9 @@
 //! The mesh is cut into B bands of equal height; stages fill the bands in pipeline order, left to
 //! right in even bands and right to left in odd ones (a snake, so a stream from the end of one band
 //! to the start of the next is short). Every stage spans its band's height; its width is the larger
-//! of the narrowest width its tiles fit (SRAM, frame; for row reductions, also the width at which the
-//! statistics keep pace with the input stream, `kernel::pace_width`) and its share of a target area
-//! in proportion to its FLOPs. The target is the largest that still packs.
+//! of the narrowest width its tiles fit (SRAM, frame; for row reductions and lookups, also the width at
+//! which their work keeps pace with their streams, `kernel::pace_width`) and its share of a target
+//! area in proportion to its FLOPs. The target is the largest that still packs.
 //!
 //! B is the band count with the smallest estimated time of the layer pipeline (`pipeline_estimate`):
 //! the sum of the regions' diameters (every token crosses every region: multicasts, reductions down
