@@ -26,6 +26,9 @@ pub(crate) const MAX_REPEAT: u32 = 1024;
 pub(crate) const MAX_REPEAT_HARD: u32 = 4096;
 /// Token chunks per iteration the compiler aims for (pipelining between regions).
 pub(crate) const TARGET_RUNS: u32 = 32;
+/// Row bands of a gemv-tree's compute block that get only their own slice of the streamed operand,
+/// each on its own multicast color (one more color per band beyond the first).
+pub(crate) const TREE_X_BANDS: u64 = 4;
 
 /// The rows of a region: an IO-in row, the compute block, an IO-out row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +91,8 @@ pub(crate) struct KCtx {
     pub colors: u32,
     /// Data SRAM per PE (SRAM less the code reserve).
     pub avail: u64,
+    /// Cycles per router-to-router hop (placement's latency estimate).
+    pub hop_cycles: u64,
 }
 
 /// A stage's algorithm and tiling on a region.
@@ -122,7 +127,7 @@ pub(crate) fn wl(values: u64, eb: u64) -> u64 {
     (values * eb).div_ceil(4)
 }
 
-fn fmac(eb: u64) -> SimdOp {
+pub(crate) fn fmac(eb: u64) -> SimdOp {
     if eb >= 4 {
         SimdOp::FmacF32
     } else {
@@ -295,6 +300,37 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     order
 }
 
+/// The narrowest width at which a stage's work on one PE row keeps pace with the streams it serves (one
+/// wavelet per cycle), on a region of `h` rows; 1 for stages without such a limit.
+/// - A row reduction spreads a row's values over the columns: a PE's share of the statistics (at the
+///   SIMD rate) should take no longer than the input stream takes to arrive. Few rows per run (batch-1
+///   decode: one row on one PE row) otherwise leave one PE computing a whole row's statistics while
+///   its stream has long arrived.
+/// - A lookup tree selects a token's row down the columns: every PE of a fan-in group streams its
+///   share of the row (width / columns values) to the group's leader, and the leaders to the root, so
+///   a leader takes in (group - 1) shares per token. With at least that many columns the selection
+///   keeps pace with the row streaming out.
+pub(crate) fn pace_width(st: &Stage, io: &StageIo, h: u32, k: &KCtx) -> u32 {
+    if let Work::Lookup { width, .. } = st.work {
+        let fan = FanIn::new(frame_for(st, io, 1, h).rc().max(1) as u64);
+        let shares = (fan.g - 1).max(fan.ngroups() - 1).max(1);
+        return shares.min(width.max(1)) as u32;
+    }
+    let Work::RowReduce { main, rows, width, per_elem, out, .. } = st.work else {
+        return 1;
+    };
+    let runs = runs_candidates(st, io).first().copied().unwrap_or(1) as u64;
+    let rr = rows.div_ceil(runs);
+    let rc = frame_for(st, io, 1, h).rc().max(1) as u64;
+    // The statistics pass (the elementwise pass comes after, on the output stream).
+    let per_elem = if out.is_some() { per_elem.saturating_sub(1).max(1) } else { per_elem };
+    let in_w = wl(rr * st.inputs[main].values.div_ceil(rows.max(1)), st.inputs[main].elem_bytes).max(1);
+    let (elems, per) = k.pe.rate(arith(st.dtype_bytes));
+    // Cycles of one PE row's statistics over the whole width: ceil(rr / rc) rows x width x per_elem.
+    let cycles = (rr.div_ceil(rc) * width * per_elem * per).div_ceil(elems.max(1));
+    cycles.div_ceil(in_w).clamp(1, width.max(1)) as u32
+}
+
 /// Bytes per PE of `bytes` spread over `pes` PEs.
 fn share(bytes: u64, pes: u64) -> u64 {
     bytes.div_ceil(pes.max(1))
@@ -313,6 +349,7 @@ fn algo_colors(algo: Algo, st: &Stage) -> u32 {
     match algo {
         // The single GEMV's two chained levels alternate two colors each.
         Algo::GemvTree if matches!(st.work, Work::SingleGemv { .. }) => 4,
+        Algo::GemvTree if matches!(st.work, Work::Matmul { .. }) => 2 + (TREE_X_BANDS as u32 - 1),
         Algo::GemvTree | Algo::LookupTree => 2,
         Algo::RowReduce => {
             let extra = match st.work {
@@ -820,6 +857,22 @@ pub(crate) struct Prog<'a> {
     template_of: BTreeMap<(Vec<u64>, Vec<u64>), Option<usize>>,
     /// Tasks of the output row's PEs (every output's relays and gateways), by column.
     out_row: BTreeMap<u32, Vec<Task>>,
+    /// A slot delivered by row bands, each band only its slice (gemv-tree's streamed operand).
+    xsplit: Option<XSplit>,
+}
+
+/// A streamed slot whose gateway sends each band of compute-block rows only the slice it uses.
+#[derive(Clone, Debug)]
+struct XSplit {
+    slot: usize,
+    /// (first row, end row, color, wavelets per run) of each band, rows of the compute block.
+    bands: Vec<(u32, u32, ColorId, u64)>,
+}
+
+impl XSplit {
+    fn band_of(&self, r: u32) -> usize {
+        self.bands.iter().position(|b| r >= b.0 && r < b.1).unwrap_or(0)
+    }
 }
 
 /// Tasks of one PE, built in order; indices are the task list positions.
@@ -847,6 +900,7 @@ impl<'a> Prog<'a> {
             code: RegionCode::default(),
             template_of: BTreeMap::new(),
             out_row: BTreeMap::new(),
+            xsplit: None,
         }
     }
 
@@ -961,18 +1015,21 @@ impl<'a> Prog<'a> {
                 continue;
             }
             let col = s as u32;
+            let xs = self.xsplit.clone().filter(|x| x.slot == s);
             let mut pe = Pe::default();
             for (i, feed) in self.iface.feeds[s].iter().enumerate().filter(|(_, f)| !f.direct) {
                 let sl = &self.st.inputs[s];
+                let to_block: Vec<Send> = match &xs {
+                    Some(x) => x.bands.iter().map(|b| send(b.2, b.3, true)).collect(),
+                    None => vec![send(self.mc(s), feed.wavelets, true)],
+                };
                 pe.push(task(
                     &format!("in{s}.{i}"),
                     vec![recv(feed.color, feed.wavelets)],
                     mov(sl.elem_bytes),
                     feed.wavelets * 4 / sl.elem_bytes.max(1),
                     Some(feed.color),
-                    std::iter::once(send(self.mc(s), feed.wavelets, true))
-                        .chain(feed.fwd.iter().map(|&c| send(c, feed.wavelets, true)))
-                        .collect(),
+                    to_block.into_iter().chain(feed.fwd.iter().map(|&c| send(c, feed.wavelets, true))).collect(),
                     feed.repeat,
                     0,
                 ));
@@ -984,7 +1041,18 @@ impl<'a> Prog<'a> {
             let t = self.code.templates.len() - 1;
             self.code.tiles.push((self.rect_abs(0, col, 1, 1), t));
             let r = self.rect_abs(0, col, 1, 1);
-            self.route(self.mc(s), r, Pattern::Rect { dx: -(col as i32), dy: 1, w: f.w, h: rc });
+            match xs {
+                Some(x) => {
+                    for (r0, r1, color, _) in x.bands {
+                        self.route(
+                            color,
+                            r,
+                            Pattern::Rect { dx: -(col as i32), dy: 1 + r0 as i32, w: f.w, h: r1 - r0 },
+                        );
+                    }
+                }
+                None => self.route(self.mc(s), r, Pattern::Rect { dx: -(col as i32), dy: 1, w: f.w, h: rc }),
+            }
         }
         if let Some(ws) = self.iface.wslot {
             if self.iface.wbands.len() > 1 {
@@ -1146,11 +1214,25 @@ impl<'a> Prog<'a> {
 
     /// A drain PE: consumes every multicast delivered to the compute block without work.
     fn drain(&self, band: usize, runs: u32) -> Pe {
+        self.drain_row(band, runs, None)
+    }
+
+    /// The slot, color and per-run wavelets the rows of row band `xb` receive the split slot on.
+    fn xfeed(&self, xb: usize) -> Option<(usize, ColorId, u64)> {
+        self.xsplit.as_ref().map(|x| {
+            let b = &x.bands[xb];
+            (x.slot, b.2, b.3)
+        })
+    }
+
+    /// A drain PE of the rows of row band `xb` of a split slot (None: rows that get every slot whole).
+    fn drain_row(&self, band: usize, runs: u32, xb: Option<usize>) -> Pe {
         let st = self.st;
+        let xf = xb.and_then(|b| self.xfeed(b));
         let mut pe = Pe::default();
         for (s, sl) in st.inputs.iter().enumerate() {
             let mut color = self.rc(s);
-            let (w, rep) = match sl.kind {
+            let (mut w, rep) = match sl.kind {
                 SlotKind::Weights => {
                     let (c, w) = self.weight_feed(s, band);
                     color = c;
@@ -1160,6 +1242,9 @@ impl<'a> Prog<'a> {
                 SlotKind::Stored { .. } => (self.slot_w(s, runs), self.fed_iters(s) * runs),
                 SlotKind::Live => (self.slot_w(s, runs), self.repeat(runs)),
             };
+            if let Some((_, c, xw)) = xf.filter(|x| x.0 == s) {
+                (color, w) = (c, xw);
+            }
             if w == 0 {
                 continue;
             }
@@ -1250,6 +1335,9 @@ struct PreInputs {
 /// Builds the program of a stage on its region.
 pub(crate) fn program(st: &Stage, t: &Tiling, rect: Rect, iface: &Iface) -> RegionCode {
     let mut p = Prog::new(st, t, rect, iface);
+    if t.algo == Algo::GemvTree {
+        p.xsplit = tree_xsplit(&p);
+    }
     p.in_row();
     match st.work.clone() {
         Work::Matmul { .. } => match t.algo {
@@ -1416,6 +1504,49 @@ impl Tree {
     }
 }
 
+/// The gemv-tree's row bands for the streamed operand: compute rows need only their k-slice, so the
+/// gateway sends each band of rows (a quarter of the compute rows, with the reducers among them) its
+/// slice on its own color instead of multicasting the whole operand to every PE. Only for a slot fed
+/// through the gateway by one stream chunked like the compute (else the whole operand, as before).
+fn tree_xsplit(p: &Prog) -> Option<XSplit> {
+    let Work::Matmul { a, rows, k, .. } = p.st.work.clone() else {
+        return None;
+    };
+    let f = p.f();
+    let runs = p.t.runs;
+    let banded = p.iface.wslot == Some(a) && p.iface.wbands.len() > 1;
+    let feeds = p.iface.feeds.get(a)?;
+    let [feed] = feeds.as_slice() else {
+        return None;
+    };
+    if !f.io_in || banded || feed.direct || feed.wavelets != p.slot_w(a, runs) || feed.repeat != p.repeat(runs) {
+        return None;
+    }
+    let rc = f.rc() as u64;
+    let tree = Tree::new(rc);
+    let ncomp = tree.compute_rows();
+    let nb = TREE_X_BANDS.min(ncomp);
+    if nb < 2 {
+        return None;
+    }
+    let kr = split(k, ncomp);
+    let rr = rows / runs as u64;
+    let eb = p.st.inputs[a].elem_bytes;
+    // Band j holds the compute rows with compute index in [j*ncomp/nb, (j+1)*ncomp/nb).
+    let first_row =
+        |ci: u64| -> u64 { (0..rc).find(|&r| tree.role(r) == 0 && tree.compute_index(r) == ci).unwrap_or(rc) };
+    let mut bands = Vec::new();
+    for j in 0..nb {
+        let (c0, c1) = (j * ncomp / nb, (j + 1) * ncomp / nb);
+        let r0 = if j == 0 { 0 } else { first_row(c0) };
+        let r1 = if j + 1 == nb { rc } else { first_row(c1) };
+        let kb: u64 = (c0..c1).map(|ci| kr.at(ci)).sum();
+        let color = if j == 0 { p.mc(a) } else { p.ac(1 + j as u32) };
+        bands.push((r0 as u32, r1 as u32, color, wl(rr * kb, eb)));
+    }
+    Some(XSplit { slot: a, bands })
+}
+
 fn prog_tree(p: &mut Prog) {
     let st = p.st;
     let Work::Matmul { a, rows, k, cols, bias, out, .. } = st.work.clone() else {
@@ -1437,7 +1568,8 @@ fn prog_tree(p: &mut Prog) {
         .map(|r| {
             let role = tree.role(r);
             let big = role == 0 && tree.compute_index(r) < kr.r;
-            vec![role, tree.sources(r), big as u64, tree.target(r).is_some() as u64, p.wband_r(r as u32) as u64]
+            let xb = p.xsplit.as_ref().map_or(0, |x| x.band_of(r as u32)) as u64;
+            vec![role, tree.sources(r), big as u64, tree.target(r).is_some() as u64, p.wband_r(r as u32) as u64, xb]
         })
         .collect();
     let col_kinds: Vec<Vec<u64>> =
@@ -1446,13 +1578,14 @@ fn prog_tree(p: &mut Prog) {
         let (role, sources) = (rk[0], rk[1]);
         let n_c = nc.q + ck[0];
         let band = (rk[4] + ck[2]) as usize;
+        let xb = p.xsplit.is_some().then_some(rk[5] as usize);
         if n_c == 0 || (role == 0 && kr.q + rk[2] == 0) {
-            return Some((format!("{}.idle", st.name), p.drain(band, runs)));
+            return Some((format!("{}.idle", st.name), p.drain_row(band, runs, xb)));
         }
         let w_p = wl(rr * n_c, eb);
         if role > 0 {
             // A reducer: drains the multicasts it does not use, adds the partial sums as they arrive.
-            let mut pe = p.drain(band, runs);
+            let mut pe = p.drain_row(band, runs, xb);
             let (color_in, color_out) = if role == 1 { (t1, t2) } else { (t2, g1) };
             let bias_flops = if role == 2 && bias { rr * n_c } else { 0 };
             pe.push(task(
@@ -1472,7 +1605,9 @@ fn prog_tree(p: &mut Prog) {
         let k_r = kr.q + rk[2];
         let mut pe = Pe::default();
         let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k_r * n_c);
-        let mut needs = vec![recv(p.rc(a), wa)];
+        // The streamed operand: the row band's slice when split, else the whole of it.
+        let (xc, xw) = xb.and_then(|b| p.xfeed(b)).map_or((p.rc(a), wa), |(_, c, w)| (c, w));
+        let mut needs = vec![recv(xc, xw)];
         needs.extend(p.pre_needs(&pre, runs));
         let to = if role == 0 && rk[3] == 1 { t1 } else { t2 };
         let mm = pe.push(task(
@@ -1480,7 +1615,7 @@ fn prog_tree(p: &mut Prog) {
             needs,
             fmac(eb),
             rr * k_r * n_c,
-            Some(p.rc(a)),
+            Some(xc),
             vec![send(to, w_p, true)],
             rep,
             2 * rr * k_r * n_c,

@@ -20,7 +20,12 @@ use super::{CompileError, CompileOptions, Compiled, Mode};
 
 /// The data SRAM and limits the kernels work with.
 pub(crate) fn kctx(hw: &WaferHw) -> KCtx {
-    KCtx { pe: hw.pe, colors: hw.fabric.colors, avail: hw.pe.sram_bytes - hw.pe.code_reserve_bytes }
+    KCtx {
+        pe: hw.pe,
+        colors: hw.fabric.colors,
+        avail: hw.pe.sram_bytes - hw.pe.code_reserve_bytes,
+        hop_cycles: hw.fabric.hop_cycles as u64,
+    }
 }
 
 /// Compiles in the requested mode, or pipelined with weight streaming as the fallback.

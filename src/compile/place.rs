@@ -3,8 +3,19 @@
 //! The mesh is cut into B bands of equal height; stages fill the bands in pipeline order, left to
 //! right in even bands and right to left in odd ones (a snake, so a stream from the end of one band
 //! to the start of the next is short). Every stage spans its band's height; its width is the larger
-//! of the narrowest width its tiles fit (SRAM, frame) and its share of a target area in proportion to
-//! its FLOPs. The target is the largest that still packs; B is the band count with the largest target.
+//! of the narrowest width its tiles fit (SRAM, frame; for row reductions and lookups, also the width at
+//! which their work keeps pace with their streams, `kernel::pace_width`) and its share of a target
+//! area in proportion to its FLOPs. The target is the largest that still packs.
+//!
+//! B is the band count with the smallest estimated time of the layer pipeline (`pipeline_estimate`):
+//! the sum of the regions' diameters (every token crosses every region: multicasts, reductions down
+//! the columns and gathers along the output row each span a region's width or height) plus the
+//! compute of the busiest region (the pipeline's bottleneck, which every token passes through). This
+//! is the closed form of MACHINE-MODEL.md §2 (a region is latency-bound by its diameter before it is
+//! compute-bound) over the whole pipeline. The largest area alone would pick a few tall bands: regions
+//! of ~300 rows whose reductions and multicasts span them, so a batch-1 token pays thousands of cycles
+//! per region while most of each region's PEs have almost nothing to do; large batches or long
+//! sequences make the compute term dominate and still pick the largest area.
 //! All integer arithmetic: the same inputs always give the same rectangles.
 
 use crate::mesh::{MeshDims, Rect};
@@ -71,6 +82,12 @@ fn pack(mins: &[u32], work: &[u128], total: u128, a: u128, h: u32, w: u32, bands
     Some(out)
 }
 
+/// A stage's width: its share of the target area `a` on bands of height `h`, at least its minimum.
+fn width(min: u32, work: u128, total: u128, a: u128, h: u32, w_all: u32) -> u32 {
+    let share = (a * work).div_ceil(total.max(1) * h as u128);
+    (min as u128).max(share).min(w_all as u128) as u32
+}
+
 /// Places the stages on `mesh`. Single ops take the whole mesh (Cannon a square).
 /// The rows of `bands` bands: equal heights, or, when `align` lists the IO channels' rows, bottoms moved
 /// to the nearest channel row (a region's output row is then a channel row: its streams to the IO ports
@@ -101,8 +118,24 @@ fn band_rows(h_all: u32, bands: u32, align: &[u32]) -> Vec<(u32, u32)> {
     out
 }
 
-/// A candidate packing: (area, bands, minimum widths, (band, x) of every stage).
-type Packing = (u128, u32, Vec<u32>, Vec<(u32, u32)>);
+/// A candidate packing: (estimate, area, bands, minimum widths, (band, x) of every stage).
+type Packing = (u128, u128, u32, Vec<u32>, Vec<(u32, u32)>);
+
+/// Estimated cycles of one pass through the layer pipeline with widths `widths` on bands of height
+/// `h`: every region's diameter (width + height hops) plus the largest region's FMAC time (its FLOPs
+/// over its PEs at the FMAC rate).
+fn pipeline_estimate(stages: &[Stage], widths: &[u32], h: u32, k: &KCtx) -> u128 {
+    let mut diam = 0u128;
+    let mut slowest = 0u128;
+    for (st, &w) in stages.iter().zip(widths) {
+        diam += k.hop_cycles as u128 * (w as u128 + h as u128);
+        let (elems, per) = k.pe.rate(kernel::fmac(st.dtype_bytes));
+        let pes = (w as u128 * h as u128).max(1);
+        let cycles = (st.flops() as u128 / 2 * per as u128).div_ceil(elems.max(1) as u128 * pes);
+        slowest = slowest.max(cycles);
+    }
+    diam + slowest
+}
 
 pub(crate) fn place(
     stages: &[Stage],
@@ -139,7 +172,12 @@ pub(crate) fn place(
         let mut ok = true;
         for (i, st) in stages.iter().enumerate() {
             match min_width(st, &ios[i], h, w_all, k) {
-                Ok((wm, _)) => mins.push(wm),
+                Ok((wm, _)) => {
+                    // Wider where the stage's compute would fall behind its input stream.
+                    let pace = kernel::pace_width(st, &ios[i], h, k).min(w_all);
+                    let fits = pace > wm && kernel::tile(st, &ios[i], pace, h, k).is_ok();
+                    mins.push(if fits { pace } else { wm });
+                }
                 Err(m) => {
                     if bands == 1 && worst.as_ref().is_none_or(|(_, wm)| wm.needed < m.needed || m.frame) {
                         worst = Some((i, m));
@@ -167,11 +205,13 @@ pub(crate) fn place(
             }
         }
         let spots = pack(&mins, &work, total, lo, h, w_all, bands).unwrap_or_default();
-        if best.as_ref().is_none_or(|b| lo > b.0) {
-            best = Some((lo, bands, mins, spots));
+        let widths: Vec<u32> = (0..stages.len()).map(|i| width(mins[i], work[i], total, lo, h, w_all)).collect();
+        let est = pipeline_estimate(stages, &widths, h, k);
+        if best.as_ref().is_none_or(|b| est < b.0 || (est == b.0 && lo > b.1)) {
+            best = Some((est, lo, bands, mins, spots));
         }
     }
-    let Some((a, bands, mins, spots)) = best else {
+    let Some((_, a, bands, mins, spots)) = best else {
         return Err(match worst {
             Some((i, m)) => misfit_error(&stages[i], &m, k, mesh),
             None => too_big(stages, ios, mesh, k),
@@ -182,8 +222,7 @@ pub(crate) fn place(
     let mut rects = Vec::with_capacity(stages.len());
     let mut tilings = Vec::with_capacity(stages.len());
     for (i, st) in stages.iter().enumerate() {
-        let share = (a * work[i]).div_ceil(total.max(1) * h as u128);
-        let wi = (mins[i] as u128).max(share).min(w_all as u128) as u32;
+        let wi = width(mins[i], work[i], total, a, h, w_all);
         let (band, x) = spots[i];
         // Snake: odd bands run right to left.
         let x = if band % 2 == 0 { x } else { w_all - x - wi };
