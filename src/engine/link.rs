@@ -59,7 +59,7 @@ impl Pace {
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     /// Most links hold at most a couple of reservations at a time: keep them inline.
-    steps: SmallVec<[(u64, i64); 4]>,
+    steps: SmallVec<[(u64, i64); 2]>,
     /// Units held just before the first breakpoint.
     base: u64,
 }
