@@ -248,6 +248,11 @@ pub(crate) struct Shared<'p> {
     port_pace: Vec<Pace>,
     /// (partition, local index) of each port.
     port_home: Vec<(u32, u32)>,
+    /// (partition, local index) of every PE, and the PEs of every partition's block: the block
+    /// arithmetic (three divisions by mesh dimensions) done once instead of on every link a train
+    /// crosses.
+    pe_home: Vec<(u32, u32)>,
+    block_pes: Vec<u32>,
     /// Route indices per color id (colors are small integers).
     /// Route lookup: per color and row, the sender spans (x0, x1 exclusive, route) sorted by x0.
     routes_by_row: Vec<Vec<Vec<(u32, u32, u32)>>>,
@@ -362,7 +367,7 @@ impl<'p> Shared<'p> {
                 v
             })
             .collect();
-        Ok(Shared {
+        let mut sh = Shared {
             tree_room: AtomicU64::new(TREE_CACHE_NODES),
             prog,
             links,
@@ -376,7 +381,17 @@ impl<'p> Shared<'p> {
             routes_by_row,
             port_routes,
             recv_pace,
-        })
+            pe_home: Vec::new(),
+            block_pes: Vec::new(),
+        };
+        sh.block_pes = (0..blocks_x * blocks_y)
+            .map(|p| {
+                let (_, _, w, h) = sh.block(p);
+                w * h
+            })
+            .collect();
+        sh.pe_home = (0..n_pes).map(|g| sh.home_slow(g)).collect();
+        Ok(sh)
     }
 
     pub fn n_parts(&self) -> u32 {
@@ -397,12 +412,18 @@ impl<'p> Shared<'p> {
 
     /// (partition, local index) of an agent.
     fn home(&self, agent: u32) -> (u32, u32) {
-        if agent >= self.n_pes {
-            // Ports follow the block's PEs in the partition's agent list.
-            let (part, k) = self.port_home[(agent - self.n_pes) as usize];
-            let (_, _, w, h) = self.block(part);
-            return (part, w * h + k);
+        match self.pe_home.get(agent as usize) {
+            Some(&h) => h,
+            None => {
+                // Ports follow the block's PEs in the partition's agent list.
+                let (part, k) = self.port_home[(agent - self.n_pes) as usize];
+                (part, self.block_pes[part as usize] + k)
+            }
         }
+    }
+
+    /// (partition, local index) of PE `agent`, computed.
+    fn home_slow(&self, agent: u32) -> (u32, u32) {
         let c = self.links.coord(agent);
         let part = (c.y / BLOCK) * self.blocks_x + c.x / BLOCK;
         let (x0, y0, w, _) = self.block(part);
@@ -418,15 +439,13 @@ impl<'p> Shared<'p> {
         } else if l < 6 * n {
             let pe = (l - 4 * n) / 2;
             let (part, local) = self.home(pe);
-            let (_, _, w, h) = self.block(part);
-            (part, 4 * w * h + 2 * local + (l - 4 * n) % 2)
+            (part, 4 * self.block_pes[part as usize] + 2 * local + (l - 4 * n) % 2)
         } else {
             // Outgoing port links, then incoming links from peer wafers, per owning partition.
             let np = self.links.ports;
             let (q, incoming) = if l - 6 * n < np { (l - 6 * n, 0) } else { (l - 6 * n - np, 1) };
             let (part, k) = self.port_home[q as usize];
-            let (_, _, w, h) = self.block(part);
-            (part, 6 * w * h + 2 * k + incoming)
+            (part, 6 * self.block_pes[part as usize] + 2 * k + incoming)
         }
     }
 
