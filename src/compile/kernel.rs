@@ -2637,7 +2637,28 @@ pub(crate) fn out_band_values(st: &Stage, t: &Tiling, o: usize, c0: u32, c1: u32
             let nc = split(cols, f.w as u64);
             k * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
         }
+        Work::Matmul { rows, cols, out, .. } if o == out && t.algo == Algo::GemvBroadcast => {
+            // What `prog_bcast` gathers: every compute row's PEs of the band.
+            let rr = rows / t.runs.max(1) as u64;
+            let s3 = Flat::new(cols, f.rc() as u64, f.w as u64);
+            rr * (0..f.rc() as u64).map(|r| (c0..c1).map(|x| s3.at(r, x as u64)).sum::<u64>()).sum::<u64>()
+        }
+        Work::Matmul { rows, cols, out, .. } if o == out && t.algo == Algo::GemvTree => {
+            // What `prog_tree` gathers: the root row's columns of the band.
+            let rr = rows / t.runs.max(1) as u64;
+            let nc = split(cols, f.w as u64);
+            rr * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
+        }
         _ => st.outputs[o].values / out_runs(st, t, o) as u64,
+    }
+}
+
+/// Whether output o, streamed to a port, may leave in column bands each through its own channel:
+/// `out_band_values` knows what each band of its gather carries.
+pub(crate) fn port_bandable_output(st: &Stage, t: &Tiling, o: usize) -> bool {
+    match st.work {
+        Work::Matmul { out, .. } => out == o && matches!(t.algo, Algo::GemvBroadcast | Algo::GemvTree),
+        _ => false,
     }
 }
 
