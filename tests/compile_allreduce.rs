@@ -49,10 +49,12 @@ fn one_wavelet_allreduce_is_about_one_diameter() {
 
 /// A long vector (4096 bytes, 1024 wavelets of fp16 pairs) pipelines along the chains: each PE adds
 /// the running sum as it arrives and streams it on, so the buffer's length is paid a fixed number of
-/// times, not once per hop. The centre PE takes in four buffers (two row sides, two column sides) and
-/// its own broadcast through its one ramp, so at least 5 x wavelets; each chain stage adds a hop, two
-/// ramps, a pick and an add to the head's latency:
-///   5 x wl <= cycles <= 5 x wl + D x (hop + 2 ramp + pick + 1) + 100.
+/// times, not once per hop. The meeting PE takes in at least one row chain, one column chain and its
+/// own broadcast through its one ramp (3 x wavelets); at most both sides of both (a meeting point off the
+/// middle lets the nearer side's buffer in while the farther side's head is on its way) and the
+/// broadcast, 5 x wavelets, plus, per chain stage, a hop, two ramps, a pick and an add of the head's
+/// latency:
+///   3 x wl <= cycles <= 5 x wl + D x (hop + 2 ramp + pick + 1) + 100.
 /// (The reduce-to-a-corner tree it replaces took 96,655 cycles on 420 x 420, 40,194 on 100 x 100.)
 #[test]
 fn long_vector_allreduce_pipelines() {
@@ -60,7 +62,7 @@ fn long_vector_allreduce_pipelines() {
         let (cycles, (hop, ramp, pick)) = run(4096, w, h);
         let (d, wl) = ((w + h - 2) as u64, 1024u64);
         let hi = 5 * wl + d * (hop + 2 * ramp + pick + 1) + 100;
-        println!("allreduce:4096 {w}x{h}: {cycles} cycles, bounds [{}, {hi}]", 5 * wl);
-        assert!(cycles >= 5 * wl && cycles <= hi, "{w}x{h}: {cycles} not in [{}, {hi}]", 5 * wl);
+        println!("allreduce:4096 {w}x{h}: {cycles} cycles, bounds [{}, {hi}]", 3 * wl);
+        assert!(cycles >= 3 * wl && cycles <= hi, "{w}x{h}: {cycles} not in [{}, {hi}]", 3 * wl);
     }
 }

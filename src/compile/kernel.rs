@@ -2472,7 +2472,11 @@ fn prog_allreduce(p: &mut Prog) {
     // A chain stage beyond its hops: a ramp down, a task pick, an add and a ramp up (WSE-2: 1 + 2 + 1 + 1 cycles
     // and a little slack); only the choice of group size depends on it.
     let stage = 6;
-    let (mx, my) = ((c - 1) / 2, (rc - 1) / 2);
+    // The meeting point: the middle for short vectors. A long vector's two chains both pass the meeting PE's
+    // one ramp, one after the other, so the side whose chain is shorter by about w / stage PEs delivers
+    // its buffer while the other's head is still on the way.
+    let meet = |len: u64| ((len - 1) - (w / stage).min(len - 1)) / 2;
+    let (mx, my) = (meet(c), meet(rc));
     let west = Half::plan(mx, w, stage);
     let east = Half::plan(c - 1 - mx, w, stage);
     let north = Half::plan(my, w, stage);
