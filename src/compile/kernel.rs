@@ -358,7 +358,7 @@ fn algo_colors(algo: Algo, st: &Stage) -> u32 {
             };
             3 + extra
         }
-        Algo::AllReduceTree => 5,
+        Algo::AllReduceTree => 13,
         Algo::Cannon => 8,
         Algo::Summa | Algo::GemvBroadcast | Algo::Elementwise | Algo::Local => 0,
     }
@@ -737,8 +737,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 1,
                 2 * elems * eb,
                 "compute PE (the whole buffer)".into(),
-                "every PE holds the buffer: columns reduce down, the bottom row reduces west, the sum is multicast \
-                 back"
+                "every PE holds the buffer: rows reduce toward the centre column and it toward the centre PE, \
+                 from both sides; the sum is multicast back"
                     .into(),
             );
         }
@@ -2358,6 +2358,104 @@ fn prog_local(p: &mut Prog) {
     });
 }
 
+/// One side of a line reduced toward its centre PE: `n` PEs at distances 1..=n from the centre.
+/// Every `g`-th PE (distance a multiple of g) leads a group: the members beyond it, up to the next
+/// leader, send their buffers straight to it (one multi-hop train each, no PE on the way), and the
+/// leaders either chain toward the centre (`chained`: each adds the sum from the leader beyond it as
+/// it arrives and streams the running sum on, so a long vector pipelines along the chain) or send
+/// their group sums straight to the centre (short vectors, where per-PE stages cost more than the
+/// serialized trains).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Half {
+    n: u64,
+    g: u64,
+    chained: bool,
+}
+
+impl Half {
+    /// Picks the group size and mode with the smallest estimate (an estimate only; the timing comes
+    /// from the engine): a chain stage costs about `stage` cycles beyond its hops, and trains that meet
+    /// on one link or ramp go one after another.
+    fn plan(n: u64, w: u64, stage: u64) -> Half {
+        let mut best = (u64::MAX, Half { n, g: 1, chained: true });
+        for g in 1..=n.max(1) {
+            let leaders = n / g;
+            let fan = (g - 1).min(n) * w;
+            let chained = fan + g + leaders * (g + stage) + w;
+            let direct = n + fan + 2 * leaders * w + 2 * stage;
+            for (est, c) in [(chained, true), (direct, false)] {
+                if est < best.0 {
+                    best = (est, Half { n, g, chained: c });
+                }
+            }
+        }
+        best.1
+    }
+    /// Members sending straight to the leader (or centre) at distance d.
+    fn fan(&self, d: u64) -> u64 {
+        (self.g - 1).min(self.n.saturating_sub(d))
+    }
+    fn leaders(&self) -> u64 {
+        self.n / self.g
+    }
+    /// Task kind of the PE at distance d >= 1: [0] member, [1, fan, chain input, parity] leader.
+    fn kind(&self, d: u64) -> Vec<u64> {
+        if !d.is_multiple_of(self.g) {
+            return vec![0];
+        }
+        let k = d / self.g;
+        vec![1, self.fan(d), (self.chained && (k + 1) * self.g <= self.n) as u64, k % 2]
+    }
+    /// Inputs (color offset within the side's colors, wavelets) of the PE at distance d (0: the centre).
+    /// Side colors: 0 members' trains, 1 + parity the leaders' chain (or 1: leaders straight to the centre).
+    fn inputs(&self, d: u64, w: u64) -> Vec<(u32, u64)> {
+        let mut v = Vec::new();
+        if !d.is_multiple_of(self.g) {
+            return v;
+        }
+        let fan = self.fan(d);
+        if fan > 0 {
+            v.push((0, fan * w));
+        }
+        let k = d / self.g;
+        if self.chained {
+            if (k + 1) * self.g <= self.n {
+                v.push((1 + ((k + 1) % 2) as u32, w));
+            }
+        } else if d == 0 && self.leaders() > 0 {
+            v.push((1, self.leaders() * w));
+        }
+        v
+    }
+    /// (color offset, hops) the PE at distance d >= 1 sends its sum on.
+    fn output(&self, d: u64) -> (u32, u64) {
+        if !d.is_multiple_of(self.g) {
+            (0, d % self.g)
+        } else if self.chained {
+            (1 + ((d / self.g) % 2) as u32, self.g)
+        } else {
+            (1, d)
+        }
+    }
+}
+
+/// Appends the tasks that add `inputs` (color, wavelets) to the buffer after task `last`, each paced by
+/// its color, and sends the sum on `out`: streamed by the last add when that add takes one buffer (so
+/// the next stage starts on the first wavelets), else once the adds are done; with no inputs, streamed by
+/// task `last` (the load).
+fn add_inputs(pe: &mut Pe, mut last: usize, inputs: &[(ColorId, u64)], elems: u64, w: u64, eb: u64, out: ColorId) {
+    for (i, &(col, wv)) in inputs.iter().enumerate() {
+        let final_one = i + 1 == inputs.len();
+        let sends = if final_one { vec![send(out, w, wv == w)] } else { vec![] };
+        let n = wv.div_ceil(w.max(1));
+        last = pe.push(task("add", vec![recv(col, wv), done(last, 1)], arith(eb), n * elems, Some(col), sends, 1, 0));
+    }
+    if inputs.is_empty() {
+        // Nothing to add: the load moves the buffer straight into the fabric.
+        pe.tasks[last].sends.push(send(out, w, true));
+    }
+}
+
 fn prog_allreduce(p: &mut Prog) {
     let st = p.st;
     let Work::AllReduce { elems } = st.work.clone() else {
@@ -2367,125 +2465,128 @@ fn prog_allreduce(p: &mut Prog) {
     let (rc, c) = (f.rc() as u64, f.w as u64);
     let eb = p.eb();
     let w = wl(elems, eb);
-    let colf = FanIn::new(rc);
-    let rowf = FanIn::new(c);
-    let (t1, t2, r1, r2, bc) = (p.ac(0), p.ac(1), p.ac(2), p.ac(3), p.ac(4));
-    let pos = |cc: u64| c - 1 - cc;
-    let row_kinds: Vec<Vec<u64>> = (0..rc)
-        .map(|r| {
-            let (role, gs) = colf.role(r);
-            vec![role, gs]
-        })
-        .collect();
-    let col_kinds: Vec<Vec<u64>> = (0..c)
-        .map(|cc| {
-            let (role, gs) = rowf.role(pos(cc));
-            vec![role, gs]
-        })
-        .collect();
-    p.grid(f.row0(), &row_kinds, &col_kinds, "ar", |p, rk, ck| {
-        let (crole, cgs) = (rk[0], rk[1]);
-        let (rrole, rgs) = (ck[0], ck[1]);
+    // Meet in the middle: every row reduces toward the centre column from both sides, the centre column
+    // toward the centre PE from both sides, and the centre multicasts the sum back to the region,
+    // streamed as its last add produces it. Each phase covers half a dimension, so the whole takes
+    // about one diameter of hops plus the per-stage costs.
+    // A chain stage beyond its hops: a ramp down, a task pick, an add and a ramp up (WSE-2: 1 + 2 + 1 + 1 cycles
+    // and a little slack); only the choice of group size depends on it.
+    let stage = 6;
+    // The meeting point: the middle for short vectors. A long vector's two chains both pass the meeting PE's
+    // one ramp, one after the other, so the side whose chain is shorter by about w / stage PEs delivers
+    // its buffer while the other's head is still on the way.
+    let meet = |len: u64| ((len - 1) - (w / stage).min(len - 1)) / 2;
+    let (mx, my) = (meet(c), meet(rc));
+    let west = Half::plan(mx, w, stage);
+    let east = Half::plan(c - 1 - mx, w, stage);
+    let north = Half::plan(my, w, stage);
+    let south = Half::plan(rc - 1 - my, w, stage);
+    // Colors: row phase 0..3 west side (members, chain pair), 3..6 east side; column phase 6..12; 12 the
+    // broadcast.
+    let base = p.algo_base();
+    let col = move |side: u32, off: u32| ColorId(base + 3 * side + off);
+    let bc = col(4, 0);
+    // Role of a position along a dimension: (side, distance) with side 0 before the centre, 1 after, 2 the
+    // centre.
+    let side_of = |i: u64, m: u64| {
+        if i < m {
+            (0u32, m - i)
+        } else if i > m {
+            (1u32, i - m)
+        } else {
+            (2u32, 0)
+        }
+    };
+    let kind_of = |i: u64, m: u64, a: &Half, b: &Half| -> Vec<u64> {
+        match side_of(i, m) {
+            (0, d) => [vec![0], a.kind(d)].concat(),
+            (1, d) => [vec![1], b.kind(d)].concat(),
+            _ => vec![2],
+        }
+    };
+    // Inputs of a position (color, wavelets): the members' trains, then the chain (or the leaders' trains).
+    type Ins = Vec<(ColorId, u64)>;
+    let ins = |i: u64, m: u64, a: &Half, b: &Half, base: u32| -> (Ins, Ins) {
+        let mut v: Vec<(u32, u32, u64)> = Vec::new();
+        match side_of(i, m) {
+            (0, d) => v.extend(a.inputs(d, w).into_iter().map(|(o, wv)| (0, o, wv))),
+            (1, d) => v.extend(b.inputs(d, w).into_iter().map(|(o, wv)| (1, o, wv))),
+            _ => {
+                v.extend(a.inputs(0, w).into_iter().map(|(o, wv)| (0, o, wv)));
+                v.extend(b.inputs(0, w).into_iter().map(|(o, wv)| (1, o, wv)));
+            }
+        }
+        let conv = |t: &(u32, u32, u64)| (col(base + t.0, t.1), t.2);
+        (v.iter().filter(|t| t.1 == 0).map(conv).collect(), v.iter().filter(|t| t.1 != 0).map(conv).collect())
+    };
+    let row_kinds: Vec<Vec<u64>> = (0..rc).map(|y| kind_of(y, my, &north, &south)).collect();
+    let col_kinds: Vec<Vec<u64>> = (0..c).map(|x| kind_of(x, mx, &west, &east)).collect();
+    let load = |pe: &mut Pe| pe.push(task("load", vec![], mov(eb), elems, None, vec![], 1, 0));
+    let sum = |pe: &mut Pe| pe.push(task("sum", vec![recv(bc, w)], mov(eb), elems, Some(bc), vec![], 1, 0));
+    // Off the centre column: the row phase only.
+    let one_row = vec![vec![0u64]; rc as usize];
+    p.grid(f.row0(), &one_row, &col_kinds, "ar", |p, _, ck| {
+        let x = (0..c).find(|&x| col_kinds[x as usize] == ck)?;
+        if x == mx {
+            return None;
+        }
         let mut pe = Pe::default();
-        // Column phase.
-        let first_send = match crole {
-            0 => vec![send(t1, w, false)],
-            1 if cgs == 1 => vec![send(t2, w, false)],
-            _ => vec![],
-        };
-        let mut last = pe.push(task("load", vec![], mov(eb), elems, None, first_send, 1, 0));
-        if crole >= 1 && cgs > 1 {
-            let sends = if crole == 1 { vec![send(t2, w, false)] } else { vec![] };
-            last = pe.push(task(
-                "cred1",
-                vec![recv(t1, (cgs - 1) * w), done(last, 1)],
-                arith(eb),
-                (cgs - 1) * elems,
-                Some(t1),
-                sends,
-                1,
-                0,
-            ));
-        }
-        if crole == 2 && colf.ngroups() > 1 {
-            last = pe.push(task(
-                "cred2",
-                vec![recv(t2, (colf.ngroups() - 1) * w), done(last, 1)],
-                arith(eb),
-                (colf.ngroups() - 1) * elems,
-                Some(t2),
-                vec![],
-                1,
-                0,
-            ));
-        }
-        if crole == 2 {
-            // The bottom row: row phase toward column 0.
-            let sends = match rrole {
-                0 => vec![send(r1, w, false)],
-                1 if rgs == 1 => vec![send(r2, w, false)],
-                _ => vec![],
-            };
-            pe.tasks[last].sends.extend(sends);
-            if rrole >= 1 && rgs > 1 {
-                let sends = if rrole == 1 { vec![send(r2, w, false)] } else { vec![] };
-                last = pe.push(task(
-                    "rred1",
-                    vec![recv(r1, (rgs - 1) * w), done(last, 1)],
-                    arith(eb),
-                    (rgs - 1) * elems,
-                    Some(r1),
-                    sends,
-                    1,
-                    0,
-                ));
-            }
-            if rrole == 2 && rowf.ngroups() > 1 {
-                last = pe.push(task(
-                    "rred2",
-                    vec![recv(r2, (rowf.ngroups() - 1) * w), done(last, 1)],
-                    arith(eb),
-                    (rowf.ngroups() - 1) * elems,
-                    Some(r2),
-                    vec![],
-                    1,
-                    0,
-                ));
-            }
-            if rrole == 2 {
-                pe.tasks[last].sends.push(send(bc, w, false));
-            }
-        }
-        pe.push(task("sum", vec![recv(bc, w)], mov(eb), elems, Some(bc), vec![], 1, 0));
+        let last = load(&mut pe);
+        let side = side_of(x, mx).0;
+        let out = col(side, if side == 0 { west.output(mx - x).0 } else { east.output(x - mx).0 });
+        let (fans, chains) = ins(x, mx, &west, &east, 0);
+        add_inputs(&mut pe, last, &[fans, chains].concat(), elems, w, eb, out);
+        sum(&mut pe);
         pe.sram = p.t.sram_max;
-        Some((format!("{}.ar", st.name), pe))
+        Some((format!("{}.ar.row", st.name), pe))
     });
-    for r in 0..rc {
-        let (role, _) = colf.role(r);
-        let rect = p.rect_abs(f.row0() + r as u32, 0, 1, c as u32);
-        if role == 0 {
-            p.route(
-                t1,
-                rect,
-                Pattern::Line { dir: Dir::South, hops: (colf.leader_of(r) - r) as u32, multicast: false },
-            );
-        } else if role == 1 {
-            p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false });
+    // The centre column: both row chains, then the column phase.
+    let centre_only: Vec<Vec<u64>> = (0..c).map(|x| vec![(x == mx) as u64]).collect();
+    p.grid(f.row0(), &row_kinds, &centre_only, "arc", |p, rk, ck| {
+        if ck[0] == 0 {
+            return None;
+        }
+        let y = (0..rc).find(|&y| row_kinds[y as usize] == rk)?;
+        let mut pe = Pe::default();
+        let (rf, rch) = ins(mx, mx, &west, &east, 0);
+        let (cf, cch) = ins(y, my, &north, &south, 2);
+        let out = match side_of(y, my) {
+            (0, d) => col(2, north.output(d).0),
+            (1, d) => col(3, south.output(d).0),
+            _ => bc,
+        };
+        // Members' trains first (they arrive early), the chains last: the last add streams the sum on.
+        let last = load(&mut pe);
+        add_inputs(&mut pe, last, &[rf, cf, rch, cch].concat(), elems, w, eb, out);
+        sum(&mut pe);
+        pe.sram = p.t.sram_max;
+        let role = if out == bc { "centre" } else { "col" };
+        Some((format!("{}.ar.{role}", st.name), pe))
+    });
+    let out_of = |i: u64, m: u64, a: &Half, b: &Half, base: u32, dirs: (Dir, Dir)| {
+        let (side, d) = side_of(i, m);
+        let (half, dir) = match side {
+            0 => (a, dirs.0),
+            1 => (b, dirs.1),
+            _ => return None,
+        };
+        let (o, hops) = half.output(d);
+        Some((col(base + side, o), Pattern::Line { dir, hops: hops as u32, multicast: false }))
+    };
+    for x in 0..c {
+        if let Some((color, pat)) = out_of(x, mx, &west, &east, 0, (Dir::East, Dir::West)) {
+            let rect = p.rect_abs(f.row0(), x as u32, rc as u32, 1);
+            p.route(color, rect, pat);
         }
     }
-    let yb = f.row0() + rc as u32 - 1;
-    for cc in 0..c {
-        let (role, _) = rowf.role(pos(cc));
-        let lead = c - 1 - rowf.leader_of(pos(cc));
-        let rect = p.rect_abs(yb, cc as u32, 1, 1);
-        if role == 0 {
-            p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
-        } else if role == 1 {
-            p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
+    for y in 0..rc {
+        if let Some((color, pat)) = out_of(y, my, &north, &south, 2, (Dir::South, Dir::North)) {
+            let rect = p.rect_abs(f.row0() + y as u32, mx as u32, 1, 1);
+            p.route(color, rect, pat);
         }
     }
-    let root = p.rect_abs(yb, 0, 1, 1);
-    p.route(bc, root, Pattern::Rect { dx: 0, dy: -(yb as i32 - f.row0() as i32), w: c as u32, h: rc as u32 });
+    let root = p.rect_abs(f.row0() + my as u32, mx as u32, 1, 1);
+    p.route(bc, root, Pattern::Rect { dx: -(mx as i32), dy: -(my as i32), w: c as u32, h: rc as u32 });
 }
 
 /// Runs per iteration of output o (1 for outputs emitted once per iteration).
@@ -2540,7 +2641,28 @@ pub(crate) fn out_band_values(st: &Stage, t: &Tiling, o: usize, c0: u32, c1: u32
             let nc = split(cols, f.w as u64);
             k * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
         }
+        Work::Matmul { rows, cols, out, .. } if o == out && t.algo == Algo::GemvBroadcast => {
+            // What `prog_bcast` gathers: every compute row's PEs of the band.
+            let rr = rows / t.runs.max(1) as u64;
+            let s3 = Flat::new(cols, f.rc() as u64, f.w as u64);
+            rr * (0..f.rc() as u64).map(|r| (c0..c1).map(|x| s3.at(r, x as u64)).sum::<u64>()).sum::<u64>()
+        }
+        Work::Matmul { rows, cols, out, .. } if o == out && t.algo == Algo::GemvTree => {
+            // What `prog_tree` gathers: the root row's columns of the band.
+            let rr = rows / t.runs.max(1) as u64;
+            let nc = split(cols, f.w as u64);
+            rr * (c0..c1).map(|x| nc.at(x as u64)).sum::<u64>()
+        }
         _ => st.outputs[o].values / out_runs(st, t, o) as u64,
+    }
+}
+
+/// Whether output o, streamed to a port, may leave in column bands each through its own channel:
+/// `out_band_values` knows what each band of its gather carries.
+pub(crate) fn port_bandable_output(st: &Stage, t: &Tiling, o: usize) -> bool {
+    match st.work {
+        Work::Matmul { out, .. } => out == o && matches!(t.algo, Algo::GemvBroadcast | Algo::GemvTree),
+        _ => false,
     }
 }
 

@@ -730,26 +730,61 @@ fn compile_wafer(
             }
             (End::Stage { stage: a, slot: o }, End::Port(peer)) => {
                 io_bytes[a] += bytes;
-                // One channel, the nearest: the output row is a channel row, so the stream goes straight.
-                let nb = 1;
                 let near = out_gateway(&rects[a], 0, &ifaces[a].outs[o]);
                 let avoid: Vec<usize> = (0..chans.len())
                     .filter(|&i| peer_of[i].is_some() || (matches!(peer, PeerKind::Wafer(_)) && nflows[i] > 0))
                     .collect();
-                let chosen = io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, false);
-                if *gi > usize::MAX / 2 {
-                    restore_ch.insert(usize::MAX - *gi, chosen[0]);
-                }
-                if chosen.len() > 1 {
-                    let sp = kernel::split(rects[a].w as u64, chosen.len() as u64);
+                // A long result (the logits) leaves in column bands, each through its own channel, rather
+                // than through one gateway and one channel. A `ToPort` route runs along the output row
+                // first, and every band's gateway is its west column: bands leaving by the same side
+                // share that row's links, and two bands leaving east share them up to the edge. So at
+                // most three bands: the westmost band and the next leave west (one to a channel above
+                // the output row, one below, so they share no edge links either), the eastmost leaves
+                // east. A band carries at least OUT_BAND_MIN wavelets, so a short result keeps one.
+                // Only results to the host: gradients to SwarmX (already spread by the placement's bands)
+                // and hidden states to the next wafer keep one channel.
+                let nb = if *gi <= usize::MAX / 2
+                    && matches!(peer, PeerKind::Host)
+                    && kernel::port_bandable_output(&stages[a], &tilings[a], o)
+                {
+                    ((w_s / OUT_BAND_MIN) as u32).clamp(1, OUT_BANDS_MAX).min(rects[a].w)
+                } else {
+                    1
+                };
+                let mut chosen = Vec::new();
+                if nb > 1 {
+                    let sp = kernel::split(rects[a].w as u64, nb as u64);
                     let mut c0 = 0u32;
                     let mut bands = Vec::new();
-                    for j in 0..chosen.len() {
+                    for j in 0..nb {
                         let wj = sp.at(j as u64) as u32;
                         bands.push((c0, c0 + wj));
                         c0 += wj;
                     }
-                    ifaces[a].outs[o].bands = bands;
+                    let vals: Vec<u64> = bands
+                        .iter()
+                        .map(|&(c0, c1)| kernel::out_band_values(&stages[a], &tilings[a], o, c0, c1))
+                        .collect();
+                    if vals.iter().all(|&v| v > 0) {
+                        ifaces[a].outs[o].bands = bands;
+                        chosen = out_band_channels(&chans, &rects[a], &ifaces[a].outs[o], &avoid, hw.mesh.width);
+                        if chosen.len() == nb as usize {
+                            for (j, &ch) in chosen.iter().enumerate() {
+                                load[ch] += bytes * vals[j] / vals.iter().sum::<u64>().max(1);
+                                nflows[ch] += 1;
+                            }
+                        } else {
+                            ifaces[a].outs[o].bands = vec![(0, rects[a].w)];
+                            chosen.clear();
+                        }
+                    }
+                }
+                if chosen.is_empty() {
+                    // One channel, the nearest: the output row is a channel row, so the stream goes straight.
+                    chosen = io::pick(&chans, &mut load, &mut nflows, 1, bytes, near, &avoid, false);
+                }
+                if *gi > usize::MAX / 2 {
+                    restore_ch.insert(usize::MAX - *gi, chosen[0]);
                 }
                 let bands = ifaces[a].outs[o].bands.clone();
                 for (j, &ch) in chosen.iter().enumerate() {
@@ -1200,6 +1235,40 @@ fn union(a: Rect, b: Rect) -> Rect {
 
 fn unit(c: Coord) -> Rect {
     Rect { x: c.x, y: c.y, w: 1, h: 1 }
+}
+
+/// Most column bands a stage's result leaves the wafer in (see the stage-to-port streams in `lower`).
+const OUT_BANDS_MAX: u32 = 3;
+/// Fewest wavelets per run a result band carries.
+const OUT_BAND_MIN: u64 = 4096;
+
+/// Channels for an output's column bands, one each, or fewer when there are not enough: bands whose
+/// gateway is nearer the west edge take west channels, the others east ones; on each side, the first band
+/// takes the nearest channel at or above the output row and the next the nearest below it (so their
+/// trains share no edge column links), then the nearest left.
+fn out_band_channels(chans: &[Channel], r: &Rect, o: &OutIface, avoid: &[usize], width: u32) -> Vec<usize> {
+    let y = r.y + r.h - 1;
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut used: Vec<(crate::mesh::Dir, bool)> = Vec::new();
+    for b in 0..o.bands.len() {
+        let g = out_gateway(r, b, o);
+        let side = if g.x <= width - 1 - g.x { crate::mesh::Dir::West } else { crate::mesh::Dir::East };
+        let best = (0..chans.len())
+            .filter(|i| !avoid.contains(i) && !chosen.contains(i) && chans[*i].side == side)
+            .min_by_key(|&i| {
+                let c = &chans[i];
+                let above = c.at.y <= y;
+                (used.contains(&(side, above)), c.at.y.abs_diff(y), i)
+            });
+        match best {
+            Some(i) => {
+                used.push((side, chans[i].at.y <= y));
+                chosen.push(i);
+            }
+            None => break,
+        }
+    }
+    chosen
 }
 
 /// The output gateway of band `b` of an output.
