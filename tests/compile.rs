@@ -2,25 +2,15 @@
 //! stage dumps, single-op calibration, plan files, determinism, the verifier catching broken
 //! programs, and a smoke compile of every shipped model.
 
-use std::process::Command;
+mod support;
+
+use support::wafer_ok;
 
 use waferscale::compile::{self, CompileError, CompileOptions, Compiled, Layout, Mode};
 use waferscale::graph::{self, Graph};
 use waferscale::hw::{load_with_overrides, WaferHw};
 use waferscale::mesh::{ColorId, Senders};
 use waferscale::model::{self, Phase, WorkloadArgs};
-
-/// Runs `wafer` with a fixed terminal width; returns stdout, asserting success.
-fn wafer_ok(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(args)
-        .env("COLUMNS", "100")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run wafer");
-    assert!(out.status.success(), "wafer {}: {}\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
 
 fn hw(name: &str, sets: &[&str], mesh: Option<(u32, u32)>) -> WaferHw {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

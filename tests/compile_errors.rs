@@ -1,20 +1,12 @@
 //! Compiler errors: each case exits 2 with a message that names what does not fit and what to do;
 //! snapshots hold the exit code and stderr together.
 
-use std::process::Command;
+mod support;
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run wafer");
-    let code = out.status.code().map_or("signal".to_string(), |c| c.to_string());
-    format!("exit: {code}\n{}", String::from_utf8_lossy(&out.stderr))
-}
+use support::{wafer_exit, wafer_ok};
 
 fn check(name: &str, args: &[&str]) {
-    let got = run(args);
+    let got = wafer_exit(args);
     assert!(got.starts_with("exit: 2\n"), "{name}: expected exit code 2, got:\n{got}");
     assert!(!got.contains("panicked"), "{name}: panicked:\n{got}");
     insta::assert_snapshot!(name, got);
@@ -130,13 +122,8 @@ fn bad_plan_files() {
     let dir = std::env::temp_dir().join(format!("wafer-bad-plans-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("good.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(["compile", "gpt-tiny", "--hw", "cs2", "--mesh", "16x16", "--phase", "decode", "-o"])
-        .arg(&good)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let good_path = good.display().to_string();
+    wafer_ok(&["compile", "gpt-tiny", "--hw", "cs2", "--mesh", "16x16", "--phase", "decode", "-o", &good_path]);
     let text = std::fs::read_to_string(&good).unwrap();
     let cases = [
         ("plan-truncated", text[..text.len() / 2].to_string()),
@@ -149,12 +136,12 @@ fn bad_plan_files() {
         assert_ne!(body, text, "{name}: the fixture must differ from the good file");
         let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, body).unwrap();
-        let got = run(&["plan", path.to_str().unwrap()]);
+        let got = wafer_exit(&["plan", path.to_str().unwrap()]);
         let got = got.replace(path.to_str().unwrap(), "PLAN");
         assert!(got.starts_with("exit: 2\n"), "{name}: {got}");
         insta::assert_snapshot!(name, got);
     }
-    let got = run(&["plan", dir.join("missing.json").to_str().unwrap()]).replace(dir.to_str().unwrap(), "DIR");
+    let got = wafer_exit(&["plan", dir.join("missing.json").to_str().unwrap()]).replace(dir.to_str().unwrap(), "DIR");
     assert!(got.starts_with("exit: 2\n"), "{got}");
     insta::assert_snapshot!("plan-missing", got);
     std::fs::remove_dir_all(&dir).ok();

@@ -2,19 +2,14 @@
 //! thread count, the two fidelities within 2% of each other, weight-streaming training as two phases,
 //! and a reduced demo end to end.
 
-use std::process::Command;
+mod support;
 
 use serde_json::Value;
-
-fn wafer(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer")).args(args).output().expect("wafer runs");
-    assert!(out.status.success(), "wafer {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8")
-}
+use support::wafer_ok;
 
 /// The report without its `host` section (wall time, threads, memory: facts about the emulator's run).
 fn report(args: &[&str]) -> Value {
-    let mut v: Value = serde_json::from_str(&wafer(args)).expect("JSON report");
+    let mut v: Value = serde_json::from_str(&wafer_ok(args)).expect("JSON report");
     v.as_object_mut().expect("object").remove("host");
     v
 }
@@ -127,7 +122,7 @@ fn weight_streaming_training_runs_its_phases_in_sequence() {
 fn reduced_demo_runs_end_to_end() {
     let dir = std::env::temp_dir().join(format!("waferscale-demo-{}", std::process::id()));
     let d = dir.display().to_string();
-    let out = wafer(&["demo", "--model", "gpt-tiny", "--mesh", "64x64", "--out-dir", &d]);
+    let out = wafer_ok(&["demo", "--model", "gpt-tiny", "--mesh", "64x64", "--out-dir", &d]);
     for stage in ["[1/5] model", "[2/5] graph", "[3/5] compile", "[4/5] emulate", "[5/5] GPU model"] {
         assert!(out.contains(stage), "{stage} missing:\n{out}");
     }
@@ -135,7 +130,7 @@ fn reduced_demo_runs_end_to_end() {
     assert!(out.contains("Try next"), "{out}");
     let png = std::fs::read(dir.join("demo-heatmap.png")).expect("heatmap written");
     assert_eq!(&png[1..4], b"PNG");
-    let summary = wafer(&["trace", "summary", &format!("{d}/demo.wtrace")]);
+    let summary = wafer_ok(&["trace", "summary", &format!("{d}/demo.wtrace")]);
     assert!(summary.contains("gpt-tiny") && summary.contains("l0.attn.qkv"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -150,7 +145,7 @@ fn traces_of_compiled_runs_are_identical_across_threads() {
         .iter()
         .map(|threads| {
             let f = dir.join(format!("t{threads}.wtrace")).display().to_string();
-            wafer(&[
+            wafer_ok(&[
                 "run",
                 "gpt-tiny",
                 "--hw",
@@ -173,7 +168,7 @@ fn traces_of_compiled_runs_are_identical_across_threads() {
         .collect();
     let (a, b) = (std::fs::read(&files[0]).unwrap(), std::fs::read(&files[1]).unwrap());
     assert!(a == b, "trace bytes differ between 1 and 3 threads");
-    let summary = wafer(&["trace", "summary", &files[0]]);
+    let summary = wafer_ok(&["trace", "summary", &files[0]]);
     insta::assert_snapshot!("gpt-tiny-prefill-96x80-trace-summary", summary);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,20 +1,12 @@
 //! Bad input: every case gets exit code 2 and a message naming the file and the key, never a panic.
 //! Snapshots hold the exit code and stderr together.
 
-use std::process::Command;
+mod support;
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run wafer");
-    let code = out.status.code().map_or("signal".to_string(), |c| c.to_string());
-    format!("exit: {code}\n{}", String::from_utf8_lossy(&out.stderr))
-}
+use support::{wafer_exit, wafer_ok};
 
 fn check(name: &str, args: &[&str]) {
-    let got = run(args);
+    let got = wafer_exit(args);
     assert!(got.starts_with("exit: 2\n"), "{name}: expected exit code 2, got:\n{got}");
     assert!(!got.contains("panicked"), "{name}: panicked:\n{got}");
     insta::assert_snapshot!(name, got);
@@ -72,7 +64,7 @@ fn good_commands_exit_zero() {
         &["graph", "models/tiny/llama-tiny.json", "--phase", "decode"],
         &["models"],
     ] {
-        let got = run(args);
+        let got = wafer_exit(args);
         assert!(got.starts_with("exit: 0\n"), "{args:?}: {got}");
     }
 }
@@ -80,8 +72,7 @@ fn good_commands_exit_zero() {
 /// `--json` carries at least the integer keys the issue names.
 #[test]
 fn graph_json_keys() {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer")).args(["graph", "gpt-tiny", "--json"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&wafer_ok(&["graph", "gpt-tiny", "--json"])).unwrap();
     for key in ["params", "flops", "matmul_flops", "weight_bytes", "activation_bytes", "ops"] {
         assert!(v[key].is_u64(), "key {key} missing or not an integer in {v}");
     }
@@ -93,12 +84,12 @@ fn output_file_is_written_whole_or_not_at_all() {
     let dir = std::env::temp_dir().join(format!("wafer-out-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let dot = dir.join("g.dot");
-    let got = run(&["graph", "gpt-tiny", "--dot", "-o", dot.to_str().unwrap()]);
+    let got = wafer_exit(&["graph", "gpt-tiny", "--dot", "-o", dot.to_str().unwrap()]);
     assert!(got.starts_with("exit: 0"), "{got}");
     let text = std::fs::read_to_string(&dot).unwrap();
     assert!(text.starts_with("digraph") && text.trim_end().ends_with('}'));
     let bad = dir.join("missing-dir").join("g.dot");
-    let got = run(&["graph", "gpt-tiny", "--dot", "-o", bad.to_str().unwrap()]);
+    let got = wafer_exit(&["graph", "gpt-tiny", "--dot", "-o", bad.to_str().unwrap()]);
     assert!(got.starts_with("exit: 2"), "{got}");
     assert!(!bad.exists());
     std::fs::remove_dir_all(dir).unwrap();

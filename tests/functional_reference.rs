@@ -5,9 +5,12 @@
 //! - weights: seeded values are deterministic and depend only on (seed, name); checkpoints round-trip
 //!   in the families' on-disk layouts; bad files fail with exit code 2 and a message naming the tensor.
 
+mod support;
+
+use support::wafer;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use waferscale::functional::weights::write_f32;
 use waferscale::functional::{
@@ -380,19 +383,6 @@ fn neox_qkv_rows_are_permuted_from_the_checkpoint_layout() {
             }
         }
     }
-}
-
-fn wafer(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run wafer");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 fn check_error(name: &str, args: &[&str]) {

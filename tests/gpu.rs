@@ -2,7 +2,9 @@
 //! parallelism helps but less than linearly, pipeline bubbles follow 1F1B), memory capacity and
 //! parallelism errors (exit code and stderr), determinism.
 
-use std::process::Command;
+mod support;
+
+use support::wafer;
 
 use waferscale::gpu::{self, pipeline, GpuOptions};
 use waferscale::hw::{load_with_overrides, GpuSystem};
@@ -21,19 +23,6 @@ fn run(name: &str, hw: &str, args: WorkloadArgs, opts: GpuOptions) -> RunReport 
 
 fn train(batch: u64, seq: u64) -> WorkloadArgs {
     WorkloadArgs { phase: Some(Phase::Train), batch: Some(batch), seq: Some(seq), ..Default::default() }
-}
-
-fn wafer(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run wafer");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// One fixture, one snapshot: `wafer gpu` text reports of tiny models and single ops.

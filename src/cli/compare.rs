@@ -5,10 +5,9 @@ use std::time::Instant;
 use clap::Args;
 
 use super::compile::parse_mode;
-use super::run::{default_threads, emulate, prepare, report, FidelityArg, Prepared, RunCmd};
+use super::run::{emulate, prepare, report, EngineFlags, Prepared, RunCmd};
 use super::{emit, to_json, WorkloadFlags};
 use waferscale::compile::Mode;
-use waferscale::engine::Fidelity;
 use waferscale::gpu::{self, GpuOptions};
 use waferscale::hw::{load_with_overrides, GpuSystem};
 use waferscale::report::{Comparison, RunReport};
@@ -47,12 +46,8 @@ pub struct CompareCmd {
     pub vs_pp: Option<u64>,
     #[command(flatten)]
     pub workload: WorkloadFlags,
-    /// Wafer engine fidelity.
-    #[arg(long, value_enum, default_value = "fast")]
-    pub fidelity: FidelityArg,
-    /// Engine threads [default: the cores available].
-    #[arg(long, value_parser = super::run::parse_threads)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Print both reports and the comparison as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -72,8 +67,7 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         mode: cmd.mode,
         wafers: cmd.wafers,
         workload: cmd.workload.clone(),
-        fidelity: cmd.fidelity,
-        threads: cmd.threads,
+        engine: cmd.engine,
         json: quiet,
         output: None,
         trace: None,
@@ -81,13 +75,9 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         trace_budget: None,
     };
     let p = prepare(&run_cmd)?;
-    let threads = cmd.threads.unwrap_or_else(default_threads).max(1);
-    let fidelity = match cmd.fidelity {
-        FidelityArg::Detailed => Fidelity::Detailed,
-        FidelityArg::Fast => Fidelity::Fast,
-    };
+    let (fidelity, threads) = (cmd.engine.fidelity(), cmd.engine.threads());
     let em = emulate(&p, fidelity, threads, quiet, None)?;
-    let wafer = report(&p, &em, threads, started.elapsed());
+    let wafer = report(&p, &em, threads, started.elapsed())?;
     against_gpu(&p, wafer, &cmd.vs, cmd.vs_gpus, cmd.vs_tp, cmd.vs_pp)
 }
 

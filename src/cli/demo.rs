@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::compare::against_gpu;
-use super::run::{default_threads, emulate, prepare, report, write_traces, FidelityArg, RunCmd};
+use super::run::{emulate, prepare, report, write_traces, EngineFlags, FidelityArg, RunCmd};
 use super::{emit, WorkloadFlags};
-use waferscale::engine::Fidelity;
 use waferscale::model::Phase;
 use waferscale::report::fmt::{duration, human, percent, thousands};
 use waferscale::report::GraphSummary;
@@ -52,7 +51,8 @@ fn say(s: &str) -> Result<(), Error> {
 
 pub fn run(cmd: DemoCmd) -> Result<(), Error> {
     let started = Instant::now();
-    let threads = cmd.threads.unwrap_or_else(default_threads).max(1);
+    let engine = EngineFlags { fidelity: FidelityArg::Fast, threads: cmd.threads };
+    let threads = engine.threads();
     let run_cmd = RunCmd {
         model: cmd.model.clone(),
         hw: Some(cmd.hw.clone()),
@@ -70,8 +70,7 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
             recompute: false,
             workload: None,
         },
-        fidelity: FidelityArg::Fast,
-        threads: Some(threads),
+        engine,
         json: false,
         output: None,
         trace: None,
@@ -108,15 +107,15 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
         prog.mesh.height,
         prog.regions.len(),
         thousands(prog.tiles.iter().map(|t| t.rect.pes()).sum::<u64>()),
-        human(plan_sram_bytes(&p) as f64, "B"),
+        human(p.compiled.programs.iter().map(|prog| prog.sram_bytes()).sum::<u64>() as f64, "B"),
         secs(t.elapsed()),
     ))?;
 
     // Stage 4: the engine, with a trace.
     let t = Instant::now();
     let trace_opts = TraceOptions { budget_bytes: DEMO_TRACE_BYTES, window_cycles: None };
-    let em = emulate(&p, Fidelity::Fast, threads, false, Some(&trace_opts))?;
-    let mut wafer = report(&p, &em, threads, started.elapsed());
+    let em = emulate(&p, engine.fidelity(), threads, false, Some(&trace_opts))?;
+    let mut wafer = report(&p, &em, threads, started.elapsed())?;
     say(&format!(
         "[4/5] emulate       {} cycles = {} at {}: {} tokens/s, compute {} / fabric {} / io {} busy, bound by {} ({} on {} threads)\n",
         thousands(wafer.cycles),
@@ -164,17 +163,6 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
         cmd.hw,
         cmd.seq,
     ))
-}
-
-/// SRAM the program allocates over all its PEs.
-fn plan_sram_bytes(p: &super::run::Prepared) -> u64 {
-    p.compiled
-        .programs
-        .iter()
-        .map(|prog| {
-            prog.tiles.iter().map(|t| prog.templates[t.template.0 as usize].sram_bytes * t.rect.pes()).sum::<u64>()
-        })
-        .sum()
 }
 
 fn secs(d: Duration) -> String {

@@ -25,6 +25,29 @@ pub enum FidelityArg {
     Fast,
 }
 
+/// The engine options `wafer run` and `wafer compare` take.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct EngineFlags {
+    /// detailed (every PE and train) or fast (today the same as detailed).
+    #[arg(long, value_enum, default_value = "fast")]
+    pub fidelity: FidelityArg,
+    /// Engine threads [default: the cores available]. Results do not depend on it.
+    #[arg(long, value_parser = parse_threads)]
+    pub threads: Option<usize>,
+}
+
+impl EngineFlags {
+    pub fn fidelity(&self) -> Fidelity {
+        match self.fidelity {
+            FidelityArg::Detailed => Fidelity::Detailed,
+            FidelityArg::Fast => Fidelity::Fast,
+        }
+    }
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads).max(1)
+    }
+}
+
 #[derive(Args)]
 pub struct RunCmd {
     /// A shipped model name (gpt2-small, llama-3-8b, gpt-tiny), a config.json path, a single op
@@ -48,12 +71,8 @@ pub struct RunCmd {
     pub wafers: u32,
     #[command(flatten)]
     pub workload: WorkloadFlags,
-    /// detailed (every PE and train) or fast (today the same as detailed).
-    #[arg(long, value_enum, default_value = "fast")]
-    pub fidelity: FidelityArg,
-    /// Engine threads [default: the cores available]. Results do not depend on it.
-    #[arg(long, value_parser = super::run::parse_threads)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -218,7 +237,7 @@ pub fn emulate(
 }
 
 /// The report of a run: one phase's, or the phases' in sequence.
-pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> RunReport {
+pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> Result<RunReport, Error> {
     let summary = GraphSummary::new(&p.model, &p.graph);
     let plan = &p.compiled.plan;
     let mut notes = plan.notes.clone();
@@ -258,13 +277,15 @@ pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> Ru
             (name.clone(), r)
         })
         .collect();
-    let mut report = RunReport::in_sequence(phases);
+    let mut report = RunReport::in_sequence(phases).ok_or_else(|| {
+        Error::Engine(waferscale::engine::EngineError::Program("the compile produced no program to run".into()))
+    })?;
     if p.compiled.layout == Layout::Wafers && p.compiled.programs.len() > 1 {
         report.machine.devices = p.compiled.programs.len() as u64;
         report.machine.peak_flops_per_s *= p.compiled.programs.len() as f64;
         report.peak_fraction /= p.compiled.programs.len() as f64;
     }
-    report
+    Ok(report)
 }
 
 /// Writes the trace of each run: `path` for the first, `STEM.PHASE.EXT` beside it for later phases.
@@ -323,17 +344,13 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         check_output_path(path)?;
     }
     let p = prepare(&cmd)?;
-    let fidelity = match cmd.fidelity {
-        FidelityArg::Detailed => Fidelity::Detailed,
-        FidelityArg::Fast => Fidelity::Fast,
-    };
-    let threads = cmd.threads.unwrap_or_else(default_threads).max(1);
+    let (fidelity, threads) = (cmd.engine.fidelity(), cmd.engine.threads());
     let trace_opts = waferscale::trace::TraceOptions {
         budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),
         window_cycles: cmd.trace_window,
     };
     let em = emulate(&p, fidelity, threads, cmd.json, cmd.trace.as_ref().map(|_| &trace_opts))?;
-    let mut report = report(&p, &em, threads, started.elapsed());
+    let mut report = report(&p, &em, threads, started.elapsed())?;
     if let Some(path) = &cmd.trace {
         let notes = write_traces(path, &p, &em, &report, &trace_opts)?;
         report.notes.extend(notes);

@@ -42,8 +42,7 @@ pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunR
     let busy: u64 = run.agents[..n_pes].iter().map(|a| a.busy).sum();
     let io_capacity: f64 = program.ports.iter().map(|p| p.wavelets as f64 * 4.0 / p.per_cycles as f64).sum();
     let io_bytes: u64 = run.totals.io_bytes.iter().sum();
-    let sram_used: u64 =
-        program.tiles.iter().map(|t| program.templates[t.template.0 as usize].sram_bytes * t.rect.pes()).sum();
+    let sram_used = program.sram_bytes();
     let utilization = Utilization {
         compute: busy as f64 / (pes as f64 * cycles as f64),
         fabric: run.fabric_utilization,

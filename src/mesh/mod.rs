@@ -474,6 +474,11 @@ pub struct Phases {
 pub const PROGRAM_VERSION: u32 = 3;
 
 impl MeshProgram {
+    /// SRAM bytes the compiler allocated, over every PE that runs a template.
+    pub fn sram_bytes(&self) -> u64 {
+        self.tiles.iter().map(|t| self.templates[t.template.0 as usize].sram_bytes * t.rect.pes()).sum()
+    }
+
     /// FLOPs the tasks execute: every PE of every tile runs every task `repeat` times.
     pub fn task_flops(&self) -> u64 {
         self.tiles

@@ -133,14 +133,11 @@ impl RunReport {
     /// the forward phase, then the backward phase): cycles, seconds, FLOPs and counters add up;
     /// utilisation and bottleneck shares are the phases' own, weighted by their cycles; memory is the
     /// fuller phase's; region rows are prefixed with their phase (`backward/l3.attn.qkv`).
-    pub fn in_sequence(phases: Vec<(String, RunReport)>) -> RunReport {
-        let mut it = phases.into_iter();
-        let (first_name, first) = it.next().expect("at least one phase");
-        let rest: Vec<(String, RunReport)> = it.collect();
-        if rest.is_empty() {
-            return first;
+    /// `None` when there are no phases.
+    pub fn in_sequence(mut all: Vec<(String, RunReport)>) -> Option<RunReport> {
+        if all.len() <= 1 {
+            return all.pop().map(|(_, r)| r);
         }
-        let all: Vec<(String, RunReport)> = std::iter::once((first_name, first)).chain(rest).collect();
         let mut out = all[0].1.clone();
         let cycles: u64 = all.iter().map(|(_, r)| r.cycles).sum();
         let weight = |r: &RunReport| if cycles > 0 { r.cycles as f64 / cycles as f64 } else { 1.0 / all.len() as f64 };
@@ -203,7 +200,7 @@ impl RunReport {
         }
         out.notes = notes;
         out.host.peak_rss_bytes = all.iter().map(|(_, r)| r.host.peak_rss_bytes).max().unwrap_or(0);
-        out
+        Some(out)
     }
 
     /// The human-readable report: what `wafer run` and `wafer gpu` print without `--json`, and what
