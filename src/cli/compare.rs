@@ -66,6 +66,7 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         mesh: cmd.mesh.clone(),
         mode: cmd.mode,
         wafers: cmd.wafers,
+        micro_batches: None,
         workload: cmd.workload.clone(),
         engine: cmd.engine,
         json: quiet,

@@ -4,7 +4,6 @@ use clap::Args;
 
 use super::{emit, HwFlags, WorkloadFlags};
 use waferscale::compile::{self, CompileOptions, Dump, Mode, PlanFile, PlanInputs, PLAN_VERSION};
-use waferscale::graph;
 use waferscale::model;
 use waferscale::Error;
 
@@ -22,6 +21,9 @@ pub struct CompileCmd {
     /// Wafers for multi-wafer pipelined inference (the layers split across them).
     #[arg(long, default_value_t = 1)]
     pub wafers: u32,
+    /// Training: run the step as M micro-batches [default: one batch when it fits, else the fewest that fit].
+    #[arg(long, value_name = "M")]
+    pub micro_batches: Option<u32>,
     #[command(flatten)]
     pub workload: WorkloadFlags,
     /// Print the plan summary as one JSON object.
@@ -57,10 +59,14 @@ pub(crate) fn map_cols() -> usize {
 pub fn run(cmd: CompileCmd) -> Result<(), Error> {
     let m = model::load(&cmd.model)?;
     let workload = cmd.workload.args()?.resolve(&m)?;
-    let g = graph::build(&m, &workload)?;
     let (doc, hw) = cmd.hw.load()?;
-    let opts = CompileOptions { mode: cmd.mode, wafers: cmd.wafers, verify: cmd.verify || cfg!(debug_assertions) };
-    let c = compile::compile(&g, &hw, &opts)?;
+    let opts = CompileOptions {
+        mode: cmd.mode,
+        wafers: cmd.wafers,
+        verify: cmd.verify || cfg!(debug_assertions),
+        micro_batches: cmd.micro_batches,
+    };
+    let (_, c) = compile::compile_model(&m, &workload, &hw, &opts)?;
     if let Some(path) = &cmd.output {
         let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims()?, &opts)?;
         let file = PlanFile { version: PLAN_VERSION, inputs, summary: c.plan.clone() };

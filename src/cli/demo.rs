@@ -60,6 +60,7 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
         mesh: cmd.mesh.clone(),
         mode: None,
         wafers: 1,
+        micro_batches: None,
         workload: WorkloadFlags {
             phase: Some(Phase::Prefill),
             batch: Some(1),

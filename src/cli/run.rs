@@ -10,7 +10,7 @@ use super::compile::parse_mode;
 use super::{emit, to_json, HwFlags, WorkloadFlags};
 use waferscale::compile::{self, CompileOptions, Compiled, Layout, Mode};
 use waferscale::engine::{self, report::ReportContext, EngineOptions, EngineRun, Fidelity};
-use waferscale::graph::{self, Graph};
+use waferscale::graph::Graph;
 use waferscale::hw::WaferHw;
 use waferscale::mesh::MeshProgram;
 use waferscale::model;
@@ -69,6 +69,9 @@ pub struct RunCmd {
     /// Wafers for multi-wafer pipelined inference.
     #[arg(long, default_value_t = 1)]
     pub wafers: u32,
+    /// Training: run the step as M micro-batches [default: one batch when it fits, else the fewest that fit].
+    #[arg(long, value_name = "M")]
+    pub micro_batches: Option<u32>,
     #[command(flatten)]
     pub workload: WorkloadFlags,
     #[command(flatten)]
@@ -139,12 +142,16 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     }
     let model = model::load(&cmd.model)?;
     let workload = cmd.workload.args()?.resolve(&model)?;
-    let graph = graph::build(&model, &workload)?;
     let flags =
         HwFlags { hw: cmd.hw.clone().unwrap_or_else(|| "cs2".into()), set: cmd.set.clone(), mesh: cmd.mesh.clone() };
     let (_, hw) = flags.load()?;
-    let opts = CompileOptions { mode: cmd.mode, wafers: cmd.wafers, verify: cfg!(debug_assertions) };
-    let compiled = compile::compile(&graph, &hw, &opts)?;
+    let opts = CompileOptions {
+        mode: cmd.mode,
+        wafers: cmd.wafers,
+        verify: cfg!(debug_assertions),
+        micro_batches: cmd.micro_batches,
+    };
+    let (graph, compiled) = compile::compile_model(&model, &workload, &hw, &opts)?;
     Ok(Prepared { model, graph, hw, compiled })
 }
 
@@ -280,6 +287,7 @@ pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> Re
     let mut report = RunReport::in_sequence(phases).ok_or_else(|| {
         Error::Engine(waferscale::engine::EngineError::Program("the compile produced no program to run".into()))
     })?;
+    report = report.repeated(p.compiled.micro_batches as u64);
     if p.compiled.layout == Layout::Wafers && p.compiled.programs.len() > 1 {
         report.machine.devices = p.compiled.programs.len() as u64;
         report.machine.peak_flops_per_s *= p.compiled.programs.len() as f64;

@@ -4,13 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{self, Graph};
+use crate::graph::Graph;
 use crate::hw::{HwDoc, WaferHw};
 use crate::model::{self, DType, Model, Phase, SingleOp, WorkloadArgs};
 use crate::report::PlanSummary;
 use crate::Error;
 
-use super::{compile, CompileError, CompileOptions, Compiled, Mode};
+use super::{compile_model, CompileError, CompileOptions, Compiled, Mode};
 
 /// Version of the plan file format.
 pub const PLAN_VERSION: u32 = 1;
@@ -40,6 +40,9 @@ pub struct PlanInputs {
     pub mesh: Option<(u32, u32)>,
     pub mode: Option<String>,
     pub wafers: u32,
+    /// `--micro-batches M`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batches: Option<u32>,
 }
 
 /// A plan file.
@@ -100,6 +103,7 @@ impl PlanInputs {
             mesh,
             mode: opts.mode.map(|m| m.name().to_string()),
             wafers: opts.wafers,
+            micro_batches: opts.micro_batches,
         })
     }
 
@@ -138,7 +142,6 @@ impl PlanInputs {
             },
         };
         let workload = args.resolve(&model)?;
-        let g = graph::build(&model, &workload)?;
         let tree: toml::Table =
             self.hw_toml.parse().map_err(|e| bad(format!("the stored hardware description does not parse: {e}")))?;
         let doc = HwDoc { name: self.hw_name.clone(), path: self.hw_path.clone(), tree };
@@ -150,8 +153,8 @@ impl PlanInputs {
             None => None,
             Some(m) => Some(Mode::parse(m).ok_or_else(|| bad(format!("unknown mode `{m}`")))?),
         };
-        let opts = CompileOptions { mode, wafers: self.wafers, verify };
-        let c = compile(&g, &hw, &opts)?;
+        let opts = CompileOptions { mode, wafers: self.wafers, verify, micro_batches: self.micro_batches };
+        let (g, c) = compile_model(&model, &workload, &hw, &opts)?;
         Ok((g, hw, c))
     }
 }

@@ -22,8 +22,9 @@ use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
 
 /// Runs a task aims to stay under in one step (programs stay compact: one run per chunk and layer).
 pub(crate) const MAX_REPEAT: u32 = 1024;
-/// Runs a task may make when smaller chunks are the only way to fit SRAM (the verifier's limit).
-pub(crate) const MAX_REPEAT_HARD: u32 = 4096;
+/// Runs a task may make when smaller chunks are the only way to fit SRAM: 64 chunks of a 2048-token
+/// sequence in each of 96 folded layers (gpt3-175b training under weight streaming) is 6,144.
+pub(crate) const MAX_REPEAT_HARD: u32 = 8192;
 /// Token chunks per iteration the compiler aims for (pipelining between regions).
 pub(crate) const TARGET_RUNS: u32 = 32;
 /// Row bands of a gemv-tree's compute block that get only their own slice of the streamed operand,

@@ -130,7 +130,7 @@ fn attempt(
     })
 }
 
-const WS_HINT: &str = "use a larger --mesh, a smaller batch or sequence, or more SRAM per PE";
+pub(crate) const WS_HINT: &str = "use a larger --mesh, a smaller batch or sequence, or more SRAM per PE";
 const SINGLE_HINT: &str = "use a larger --mesh, a smaller op, or more SRAM per PE (--set pe.sram_bytes=...)";
 
 fn attempt_mode(
@@ -240,14 +240,7 @@ fn attempt_mode(
         notes.extend(o.notes.iter().cloned());
     }
     notes.dedup();
-    let w = &g.workload;
-    let workload = match w.phase {
-        crate::model::Phase::Decode => {
-            format!("decode: batch {} x 1 new token, KV cache {} tokens, {}", w.batch, w.context, w.dtype)
-        }
-        _ if single => format!("one op, {}", w.dtype),
-        p => format!("{}: batch {} x seq {} = {} tokens, {}", p.name(), w.batch, w.seq, w.tokens(), w.dtype),
-    };
+    let workload = workload_text(&g.workload, single);
     let mut program = ProgramStats::default();
     for o in &outs {
         let p = &o.program;
@@ -267,6 +260,7 @@ fn attempt_mode(
         mode_reason: reason,
         wafers,
         phases: if phased { 2 } else { 1 },
+        micro_batches: 1,
         layers_folded: st.layers,
         bands: outs.iter().map(|o| o.bands).max().unwrap_or(1),
         wafer_flops: outs.iter().map(|o| o.program.graph_flops).sum(),
@@ -287,7 +281,19 @@ fn attempt_mode(
         } else {
             super::Layout::Single
         },
+        micro_batches: 1,
     })
+}
+
+/// The plan's one-line description of a workload.
+pub(crate) fn workload_text(w: &crate::model::Workload, single: bool) -> String {
+    match w.phase {
+        crate::model::Phase::Decode => {
+            format!("decode: batch {} x 1 new token, KV cache {} tokens, {}", w.batch, w.context, w.dtype)
+        }
+        _ if single => format!("one op, {}", w.dtype),
+        p => format!("{}: batch {} x seq {} = {} tokens, {}", p.name(), w.batch, w.seq, w.tokens(), w.dtype),
+    }
 }
 
 struct WaferOut {

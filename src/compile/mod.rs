@@ -20,6 +20,7 @@ mod file;
 mod io;
 mod kernel;
 mod lower;
+mod micro;
 mod place;
 mod print;
 mod route;
@@ -34,6 +35,7 @@ use crate::mesh::{Cluster, MeshProgram, Phases};
 use crate::model::{DType, SingleOp};
 
 pub use file::{load_plan, PlanFile, PlanInputs, PLAN_VERSION};
+pub use micro::compile_model;
 pub use print::{print_program, Dump, Plan};
 pub use verify::{dry_run, verify_plan, verify_program};
 
@@ -76,11 +78,14 @@ pub struct CompileOptions {
     pub wafers: u32,
     /// Run the verifier (and, on small meshes, the dry run) after compiling.
     pub verify: bool,
+    /// Training: run the step as this many micro-batches (None: one batch when it fits, else the fewest
+    /// micro-batches that fit; see `compile_model`).
+    pub micro_batches: Option<u32>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { mode: None, wafers: 1, verify: cfg!(debug_assertions) }
+        CompileOptions { mode: None, wafers: 1, verify: cfg!(debug_assertions), micro_batches: None }
     }
 }
 
@@ -103,6 +108,8 @@ pub struct Compiled {
     /// The programs: one, one per wafer, or one per phase (see `layout`).
     pub programs: Vec<MeshProgram>,
     pub layout: Layout,
+    /// Training with micro-batches: the programs (one micro-batch) run this many times per step, else 1.
+    pub micro_batches: u32,
 }
 
 impl Compiled {

@@ -21,8 +21,8 @@ use super::{io, Compiled, Layout};
 
 /// Meshes up to this many PEs get the dry run after compiling.
 pub const DRY_RUN_MAX_PES: u64 = 64 * 64;
-/// Largest `repeat` a task may have.
-const MAX_REPEAT: u32 = 4096;
+/// Largest `repeat` a task may have: what the tiling may choose at most.
+const MAX_REPEAT: u32 = super::kernel::MAX_REPEAT_HARD;
 
 fn port_at(p: &MeshProgram) -> impl Fn(PortId) -> Option<(Coord, crate::mesh::Dir)> + '_ {
     move |id: PortId| p.ports.get(id.0 as usize).map(|x| (x.at, x.side))

@@ -96,6 +96,9 @@ pub struct PlanSummary {
     pub wafers: u32,
     /// Programs run one after the other on the wafer (weight-streaming training: 2), else 1.
     pub phases: u32,
+    /// Training in micro-batches: the programs run this many times per step (gradient accumulation), else 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub micro_batches: u32,
     /// Layers folded into one loop (weight streaming), else 1.
     pub layers_folded: u32,
     pub bands: u32,
@@ -107,6 +110,14 @@ pub struct PlanSummary {
     pub ports: Vec<PlanPort>,
     pub notes: Vec<String>,
     pub program: ProgramStats,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Symbol of region i on the map.
@@ -176,6 +187,13 @@ impl PlanSummary {
         let _ = writeln!(s, "mode        {}: {}", self.mode, self.mode_reason);
         if self.wafers > 1 {
             let _ = writeln!(s, "wafers      {}", self.wafers);
+        }
+        if self.micro_batches > 1 {
+            let _ = writeln!(
+                s,
+                "micro       {} micro-batches per step through the same programs (gradient accumulation)",
+                self.micro_batches
+            );
         }
         if self.layers_folded > 1 {
             let _ = writeln!(

@@ -203,6 +203,36 @@ impl RunReport {
         Some(out)
     }
 
+    /// The report of a training step that runs the same programs `m` times in a row (micro-batches, each
+    /// from an idle wafer, so each run takes the cycles of this one): cycles, seconds, FLOPs, counters
+    /// and the breakdown's cycles and FLOPs are `m` times this run's; utilisation, bottleneck shares and
+    /// memory are this run's; tokens/s is the step's tokens over the step's time.
+    pub fn repeated(mut self, m: u64) -> RunReport {
+        if m <= 1 {
+            return self;
+        }
+        self.cycles *= m;
+        self.seconds *= m as f64;
+        self.flops *= m;
+        self.tokens_per_s = if self.seconds > 0.0 { self.workload.tokens as f64 / self.seconds } else { 0.0 };
+        for row in &mut self.breakdown {
+            row.flops *= m;
+            row.cycles_busy *= m;
+            row.cycles_stalled *= m;
+            row.cycles_idle *= m;
+            row.seconds *= m as f64;
+        }
+        for v in self.counters.values_mut() {
+            *v *= m;
+        }
+        self.notes.push(format!(
+            "the step is {m} micro-batches in a row through the same programs, each from an idle wafer: one is \
+             emulated (the engine is deterministic, so every one takes its cycles) and its counts are multiplied \
+             by {m}"
+        ));
+        self
+    }
+
     /// The human-readable report: what `wafer run` and `wafer gpu` print without `--json`, and what
     /// snapshots hold. The `host` section is left out, so the text depends only on the inputs.
     pub fn to_text(&self) -> String {
