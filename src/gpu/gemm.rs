@@ -15,8 +15,8 @@
 //! The step takes the longest of the math on the busiest SM, its SMEM operand traffic, the busier
 //! L2 partition's bytes over its bandwidth, and the misses over HBM read bandwidth: loads and math
 //! overlap (multi-stage pipelines), and whichever is slower shows. Waves add their epilogue (C
-//! writes, overlapped with the next wave's main loop on Hopper's persistent kernels) and pipeline
-//! fill latency. The library picks the fastest candidate, as cuBLAS's heuristics aim to; a lower
+//! writes, overlapped with the next wave's main loop on Hopper's persistent kernels, once the
+//! consumer warpgroups have staged their accumulators through SMEM) and pipeline fill latency. The library picks the fastest candidate, as cuBLAS's heuristics aim to; a lower
 //! bound prunes candidates that cannot win, so only a few are simulated.
 
 use super::l2::{unit_key, L2Sim};
@@ -429,9 +429,21 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
             acc.traffic.hbm_write += out;
             out as f64 / r.write_bytes_per_s
         };
-        let overlapped = r.persistent;
-        let wave = if overlapped { main.max(read_s + write_s) } else { main + write_s };
-        acc.shares.add(Resource::Hbm, wave - main);
+        let (busy, wave) = if r.persistent {
+            // The TMA stores drain while the next tile's main loop runs, but the consumer warpgroups
+            // first stage their accumulators through SMEM (at the SMEM bandwidth), and only then start
+            // the next tile: CUTLASS's sm90 cooperative kernel runs mma, fixup and epilogue store in
+            // turn in its consumer loop (NVIDIA/cutlass, include/cutlass/gemm/kernel/
+            // sm90_gemm_tma_warpspecialized_cooperative.hpp).
+            let tile_bytes = c.bm * c.bn * if split > 1 { 4 } else { oe };
+            let staging_s = c_max * tile_bytes as f64 / smem_per_s;
+            acc.shares.add(Resource::Smem, staging_s);
+            let busy = main + staging_s;
+            (busy, busy.max(read_s + write_s))
+        } else {
+            (main, main + write_s)
+        };
+        acc.shares.add(Resource::Hbm, wave - busy);
         let lat = if r.persistent && w > 0 { 0.0 } else { r.hbm_latency_s };
         acc.shares.add(Resource::Latency, lat);
         acc.traffic.l2_hits = cache.hits - hits0;
@@ -569,6 +581,11 @@ fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, budget: u6
     acc.traffic.smem += out;
     acc.traffic.hbm_write += out;
     let write_s = out as f64 / r.write_bytes_per_s;
+    // Each SM stages the tiles it finishes through SMEM before its next main loop (the TMA stores
+    // then drain in the background); an SM finishes about its share of the tiles.
+    let staging_s = g.base.div_ceil(active) as f64 * (c.bm * c.bn * oe) as f64 / smem_per_s;
+    acc.shares.add(Resource::Smem, staging_s);
+    let main = main + staging_s;
     let body = main.max(read_s + write_s);
     acc.shares.add(Resource::Hbm, body - main);
     // Fix-up: a tile whose iterations span SMs is finished by one of them, which reads the others'
