@@ -488,22 +488,30 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
     let mut shares = total.shares;
     let mut traffic = total.traffic;
     if split > 1 {
-        // Serial split-K reduction: the last CTA of each tile reads the fp32 partials and writes C.
+        // Serial split-K (CUTLASS's serial split-K, cuBLAS's in-place reduction): the splits of a tile
+        // fold their fp32 partials into the workspace in turn, each waiting on a semaphore for the
+        // one before; every link of that chain reads and writes a partial tile at one SM's share of
+        // the bandwidth (as the stream-K fix-up does) after an L2 round trip, and the last writes C.
+        // The tiles' chains run side by side on their own SMs.
         let ws = workspace;
         let out = s.batch.saturating_mul(s.m).saturating_mul(s.n).saturating_mul(oe);
-        let (read_s, res) = if workspace_in_l2 {
-            (ws as f64 / r.l2_bytes_per_s, Resource::L2)
+        let partial = (c.bm * c.bn * 4) as f64;
+        let (per_sm_bw, res) = if workspace_in_l2 {
+            (r.l2_bytes_per_s / r.sms as f64, Resource::L2)
         } else {
             traffic.hbm_read += ws;
-            (ws as f64 / r.read_bytes_per_s, Resource::Hbm)
+            (r.read_bytes_per_s / r.sms as f64, Resource::Hbm)
         };
-        traffic.l2 += ws + out;
+        let link_s = 2.0 * partial / per_sm_bw;
+        let chain_s = (split - 1) as f64 * link_s;
+        traffic.l2 += 2 * ws + out;
         traffic.hbm_write += out;
         let write_s = out as f64 / r.write_bytes_per_s;
-        let t = read_s.max(write_s);
-        shares.add(if write_s > read_s { Resource::Hbm } else { res }, t);
-        shares.add(Resource::Latency, r.l2_latency_s);
-        seconds += t + r.l2_latency_s;
+        let t = chain_s.max(write_s);
+        shares.add(if write_s > chain_s { Resource::Hbm } else { res }, t);
+        let lat = (split - 1) as f64 * r.l2_latency_s;
+        shares.add(Resource::Latency, lat);
+        seconds += t + lat;
     }
     let mut config = format!("tile {}x{}x{}", c.bm, c.bn, c.bk);
     if c.swizzle > 1 {
