@@ -193,24 +193,27 @@ fn check_rows(rows: &[Row]) -> Vec<String> {
 // FIXME mechanisms, named once.
 const SMALL_M_LIBRARY: &str = "XLA's kernel choice for short-M / short-K shapes: for 4096x4096x256 the model's \
     stream-K overlaps the 32 MB of C writes with the math (C alone is 12.6 us of HBM writes, the measured kernel \
-    about 17 us); for 256x512x4096 (16 output tiles of 64x128 on 132 SMs) the model's split-K fills the SMs better \
-    than what was measured, and which split or kernel XLA ran is not known";
+    about 17 us); for 256x512x4096 (8 to 32 output tiles on 132 SMs) the model's split-K (64x64 tiles, 2 splits, \
+    kernel 4.2 us) fills the SMs better than what was measured (about 6.7 us after the host's launch), and which \
+    split or kernel XLA ran is not known";
 const A100_SQUARES: &str = "A100 cuBLASLt (Azure, 10k-iteration warmup): its large and skinny shapes run 8-12% below \
     what MAMF's best shape (the anchor of the sustained fraction) implies; no modelled mechanism (tiles, waves, L2, \
     HBM) separates them, and the power and thermal state of a long run is not modelled";
 const A100_TAIL: &str = "A100 2048^3: 256 tiles of 128x128 on 108 SMs leave a tail wave; the measured rate needs a \
     finer split of the tail (stream-K or split-K with partials held in L2) than the model's Ampere library offers";
-const SKINNY: &str = "Hopper skinny GEMM (N = 192, K = 768): the model overlaps the persistent kernel's loads, math \
-    and epilogue fully and is HBM-bound; the measured H200 is barely faster than the H100, so the real kernel is \
-    bound by something that does not scale with HBM (per-tile epilogue and TMA-store synchronisation)";
+const SKINNY: &str = "Hopper skinny GEMM (N = 192, K = 768): the model stages each tile's accumulators through SMEM \
+    before the next tile (CUTLASS's cooperative kernel) and overlaps the rest; on H100 it is HBM-bound (A read and C \
+    write, 310 us against 357 measured), on H200 tensor-bound on 128x256 tiles (N padded to 256). The measured H200 is \
+    barely faster than the H100, so the real kernel is bound by something that scales with neither HBM nor the tile \
+    math (TMA-store synchronisation per tile is the suspect; no source in gpu.md gives its cost)";
 const FA3: &str = "FlashAttention-3 forward: the model has the exponential unit (MUFU, 16 per clock per SM) and FA3's \
-    ping-pong; the softmax of a 128x128 block (1024 MUFU cycles on H100) fits under its matmuls (2444 cycles at the \
+    ping-pong; the softmax of a 128x128 block (1024 MUFU cycles on H100) fits under its matmuls (2438 cycles at the \
     sustained wgmma rate), so the model is tensor-bound. The measured rate (and the paper's own 570 -> 620-640 TFLOP/s \
     gain from ping-pong) says the overlap is imperfect by something not modelled: what idles FA3's tensor cores \
     about 16% of the time beyond the ideal schedule is not given by any source in gpu.md";
 const FA3_SHORT: &str = "FlashAttention-3 forward at 512 keys: each CTA walks only 4 KV blocks; the ping-pong ramp is \
     modelled but costs nothing here (a warpgroup's softmax, 512 cycles, hides under the other's quarter block of \
-    matmuls, 611), and the measured rate is 31% below the 16k-key one (V17) per FLOP: per-tile costs of the \
+    matmuls, 610), and the measured rate is 31% below the 16k-key one (V17) per FLOP: per-tile costs of the \
     persistent kernel (Q load, epilogue, tile scheduling) beyond one HBM latency per wave are not modelled";
 const CROWD: &str = "crowd-sourced torch.matmul: the harness's per-call host overhead (PyTorch dispatch and \
     synchronisation) and, for FP32, the SIMT kernels' tile set are unknown; the model's 5 us eager launch and \
