@@ -9,9 +9,12 @@
 //! Backward: one CTA per (sequence, head, block of BN keys), walking the query blocks: it recomputes
 //! S and P, computes dP, dV, dK and dQ (accumulated in fp32 through L2 with atomics).
 //!
+//! The softmax's exponentials run on the special-function units (MUFU, 16 per clock per SM on
+//! A100 and H100), its other vector work on the FP32 pipes.
 //! Two generations: FlashAttention-2 runs its matmuls on `mma.sync` and serializes them with the
 //! softmax inside a warp; FlashAttention-3 (Hopper) runs `wgmma` and overlaps the softmax of one
-//! warpgroup with the matmuls of the other, so the slower of the two shows.
+//! warpgroup with the matmuls of the other, so the slower of the two shows, plus a ramp where a
+//! CTA's first softmax and last P.V have nothing to hide under.
 //! Key and value (forward) or query-side (backward) blocks go through the simulated L2 in the CTAs'
 //! order, so CTAs of one head share them when they run in the same wave.
 
@@ -159,8 +162,33 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
         FlashPass::Backward => (10 * g.bm * g.bn * d, g.bm * g.bn * (fpe::SOFTMAX + fpe::SOFTMAX_GRAD)),
     };
     let tensor_cycles = tensor_step as f64 / tensor_per_clk;
-    let vector_cycles = vector_step as f64 / gpu.sm.fp32_flops_per_clk as f64;
-    let step_cycles = if overlap { tensor_cycles.max(vector_cycles) } else { tensor_cycles + vector_cycles };
+    // One exponential per score element (the softmax's exp2 forward, P's recomputation backward) runs
+    // on the special-function units; the rest of the vector work on the FP32 pipes. The two pipes are
+    // separate and a warp issues its FP32 instructions while MUFU works, so the slower of them shows.
+    let exps_step = g.bm * g.bn;
+    let fp32_cycles = (vector_step - exps_step) as f64 / gpu.sm.fp32_flops_per_clk as f64;
+    let softmax_cycles = fp32_cycles.max(exps_step as f64 / gpu.sm.mufu_ops_per_clk as f64);
+    // Cycles of one CTA's inner block in the steady state, and what a CTA pays once on top.
+    // FA2: inside a warp the matmuls and the softmax serialize. Co-resident CTAs do not hide each
+    // other's softmax either: the warp scheduler interleaves their warps instruction by instruction, so
+    // they run their phases in step (FA3 adds explicit ping-pong barriers precisely to break this,
+    // and gains 570 -> 620-640 TFLOP/s by it, FA3 paper sec. 3.1).
+    // FA3: two consumer warpgroups ping-pong (one's softmax under the other's matmuls) and each
+    // overlaps its softmax with its own previous P.V (intra-warpgroup pipelining), so the slower of
+    // tensor cores and softmax shows. Its ramp: a warpgroup's first softmax waits for its first
+    // Q.K^T and its last P.V for its last softmax, with only the other warpgroup's quarter of a block
+    // of matmuls (T/4) to hide under; each warpgroup's softmax being S/2, two ramps of S/2 - T/4 while
+    // the tensor cores bound the steady state, and the first Q.K^T and last P.V (T/4 each) once the
+    // exponentials do.
+    let (block_cycles, ramp_cycles) = if overlap {
+        let ramp = match s.pass {
+            FlashPass::Forward => (softmax_cycles - tensor_cycles / 2.0).clamp(0.0, tensor_cycles / 2.0),
+            FlashPass::Backward => 0.0,
+        };
+        (tensor_cycles.max(softmax_cycles), ramp)
+    } else {
+        (tensor_cycles + softmax_cycles, 0.0)
+    };
     let ctas = s.batch * g.heads * g.outer * g.splits;
     let slots = gpu.sm.count as u64 * g.ctas_per_sm;
     let waves = ctas.div_ceil(slots);
@@ -217,6 +245,7 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
             let mut miss = 0u64;
             let mut active = 0u64;
             let mut jj_max = 0u64;
+            let mut cta_cycles = 0.0f64;
             for &(b, h, lo, hi) in &ranges {
                 let at = lo + cs * j;
                 if at >= hi {
@@ -225,6 +254,8 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
                 active += 1;
                 let jj = j.min(hi - at);
                 jj_max = jj_max.max(jj);
+                let ramp = if cs == 0 { ramp_cycles } else { 0.0 };
+                cta_cycles = cta_cycles.max(jj as f64 * block_cycles + ramp);
                 // Forward CTAs of one KV head share K and V; backward CTAs of one head share Q and dO.
                 let kh = if s.pass == FlashPass::Forward && !g.packed { h / group } else { h };
                 for &(tag, el) in operands {
@@ -244,7 +275,7 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
             wave_traffic.smem += loaded;
             wave_traffic.hbm_read += miss;
             let c_max = active.div_ceil(gpu.sm.count as u64) as f64;
-            let compute_s = c_max * jj_max as f64 * step_cycles / clock;
+            let compute_s = c_max * cta_cycles / clock;
             let l2_s = part_bytes.iter().copied().max().unwrap_or(0) as f64 / part_bw;
             let hbm_s = miss as f64 / rd;
             read_s += hbm_s;

@@ -15,8 +15,8 @@
 //! The step takes the longest of the math on the busiest SM, its SMEM operand traffic, the busier
 //! L2 partition's bytes over its bandwidth, and the misses over HBM read bandwidth: loads and math
 //! overlap (multi-stage pipelines), and whichever is slower shows. Waves add their epilogue (C
-//! writes, overlapped with the next wave's main loop on Hopper's persistent kernels) and pipeline
-//! fill latency. The library picks the fastest candidate, as cuBLAS's heuristics aim to; a lower
+//! writes, overlapped with the next wave's main loop on Hopper's persistent kernels, once the
+//! consumer warpgroups have staged their accumulators through SMEM) and pipeline fill latency. The library picks the fastest candidate, as cuBLAS's heuristics aim to; a lower
 //! bound prunes candidates that cannot win, so only a few are simulated.
 
 use super::l2::{unit_key, L2Sim};
@@ -429,9 +429,21 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
             acc.traffic.hbm_write += out;
             out as f64 / r.write_bytes_per_s
         };
-        let overlapped = r.persistent;
-        let wave = if overlapped { main.max(read_s + write_s) } else { main + write_s };
-        acc.shares.add(Resource::Hbm, wave - main);
+        let (busy, wave) = if r.persistent {
+            // The TMA stores drain while the next tile's main loop runs, but the consumer warpgroups
+            // first stage their accumulators through SMEM (at the SMEM bandwidth), and only then start
+            // the next tile: CUTLASS's sm90 cooperative kernel runs mma, fixup and epilogue store in
+            // turn in its consumer loop (NVIDIA/cutlass, include/cutlass/gemm/kernel/
+            // sm90_gemm_tma_warpspecialized_cooperative.hpp).
+            let tile_bytes = c.bm * c.bn * if split > 1 { 4 } else { oe };
+            let staging_s = c_max * tile_bytes as f64 / smem_per_s;
+            acc.shares.add(Resource::Smem, staging_s);
+            let busy = main + staging_s;
+            (busy, busy.max(read_s + write_s))
+        } else {
+            (main, main + write_s)
+        };
+        acc.shares.add(Resource::Hbm, wave - busy);
         let lat = if r.persistent && w > 0 { 0.0 } else { r.hbm_latency_s };
         acc.shares.add(Resource::Latency, lat);
         acc.traffic.l2_hits = cache.hits - hits0;
@@ -476,22 +488,30 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
     let mut shares = total.shares;
     let mut traffic = total.traffic;
     if split > 1 {
-        // Serial split-K reduction: the last CTA of each tile reads the fp32 partials and writes C.
+        // Serial split-K (CUTLASS's serial split-K, cuBLAS's in-place reduction): the splits of a tile
+        // fold their fp32 partials into the workspace in turn, each waiting on a semaphore for the
+        // one before; every link of that chain reads and writes a partial tile at one SM's share of
+        // the bandwidth (as the stream-K fix-up does) after an L2 round trip, and the last writes C.
+        // The tiles' chains run side by side on their own SMs.
         let ws = workspace;
         let out = s.batch.saturating_mul(s.m).saturating_mul(s.n).saturating_mul(oe);
-        let (read_s, res) = if workspace_in_l2 {
-            (ws as f64 / r.l2_bytes_per_s, Resource::L2)
+        let partial = (c.bm * c.bn * 4) as f64;
+        let (per_sm_bw, res) = if workspace_in_l2 {
+            (r.l2_bytes_per_s / r.sms as f64, Resource::L2)
         } else {
             traffic.hbm_read += ws;
-            (ws as f64 / r.read_bytes_per_s, Resource::Hbm)
+            (r.read_bytes_per_s / r.sms as f64, Resource::Hbm)
         };
-        traffic.l2 += ws + out;
+        let link_s = 2.0 * partial / per_sm_bw;
+        let chain_s = (split - 1) as f64 * link_s;
+        traffic.l2 += 2 * ws + out;
         traffic.hbm_write += out;
         let write_s = out as f64 / r.write_bytes_per_s;
-        let t = read_s.max(write_s);
-        shares.add(if write_s > read_s { Resource::Hbm } else { res }, t);
-        shares.add(Resource::Latency, r.l2_latency_s);
-        seconds += t + r.l2_latency_s;
+        let t = chain_s.max(write_s);
+        shares.add(if write_s > chain_s { Resource::Hbm } else { res }, t);
+        let lat = (split - 1) as f64 * r.l2_latency_s;
+        shares.add(Resource::Latency, lat);
+        seconds += t + lat;
     }
     let mut config = format!("tile {}x{}x{}", c.bm, c.bn, c.bk);
     if c.swizzle > 1 {
@@ -569,6 +589,11 @@ fn simulate_stream_k(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, budget: u6
     acc.traffic.smem += out;
     acc.traffic.hbm_write += out;
     let write_s = out as f64 / r.write_bytes_per_s;
+    // Each SM stages the tiles it finishes through SMEM before its next main loop (the TMA stores
+    // then drain in the background); an SM finishes about its share of the tiles.
+    let staging_s = g.base.div_ceil(active) as f64 * (c.bm * c.bn * oe) as f64 / smem_per_s;
+    acc.shares.add(Resource::Smem, staging_s);
+    let main = main + staging_s;
     let body = main.max(read_s + write_s);
     acc.shares.add(Resource::Hbm, body - main);
     // Fix-up: a tile whose iterations span SMs is finished by one of them, which reads the others'

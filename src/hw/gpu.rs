@@ -46,6 +46,9 @@ pub struct SmSpec {
     pub smem_bytes_per_clk: u64,
     /// Non-tensor FP32 FLOPs per clock (an FMA counts two).
     pub fp32_flops_per_clk: u64,
+    /// FP32 results per clock of the special-function units (MUFU: exp2, log2, rsqrt, sin, cos),
+    /// which compute the softmax's exponentials.
+    pub mufu_ops_per_clk: u64,
 }
 
 /// A value per tensor-core input type.
@@ -324,6 +327,7 @@ impl GpuSystem {
         c.range_u64("sm.smem_bytes", g.sm.smem_bytes, 1024, g.sm.l1_smem_bytes)?;
         c.range_u64("sm.smem_bytes_per_clk", g.sm.smem_bytes_per_clk, 1, 1 << 16)?;
         c.range_u64("sm.fp32_flops_per_clk", g.sm.fp32_flops_per_clk, 1, 1 << 20)?;
+        c.range_u64("sm.mufu_ops_per_clk", g.sm.mufu_ops_per_clk, 1, 1 << 16)?;
         let t = &g.tensor;
         for (key, v, min) in [
             ("tensor.flops_per_clk.fp16", t.flops_per_clk.fp16, 1.0),
