@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, Role};
 use crate::hw::WaferHw;
+use crate::mesh::data::{ProgramData, TaskData};
 use crate::mesh::{
     self, ColorId, Coord, MeshProgram, Need, Pattern, Peer, Port, PortId, Rect, Region, RegionId, Route, RunRange,
     Senders, Task, TaskIdx, Template, TemplateId, Tile, Timing, PROGRAM_VERSION,
 };
 use crate::report::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
 
+use super::data;
 use super::io::{self, Channel};
 use super::kernel::{self, wl, Dest, Feed, Iface, KCtx, OutIface, StageIo};
 use super::place::{self, Placement};
@@ -1021,8 +1023,10 @@ fn compile_wafer(
         ports: Vec::new(),
         graph_flops: 0,
         wafer_width: None,
+        data: None,
     };
     let mut plan_regions = Vec::new();
+    let mut pdata = ProgramData::default();
     for ((sid, st), code) in stages.iter().enumerate().zip(codes) {
         let t = &tilings[sid];
         let rid = RegionId(program.regions.len() as u32);
@@ -1032,6 +1036,10 @@ fn compile_wafer(
         let sram_max = code.tiles.iter().map(|(_, ti)| code.templates[*ti].2).max().unwrap_or(0);
         let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
         let sram_mean = sram_sum / area(&rects[sid]).max(1);
+        let rd = data::region(g, st, t, rects[sid], &code.templates);
+        pdata.tasks.extend(rd.tasks);
+        pdata.readouts.extend(rd.readouts);
+        pdata.unsupported.extend(rd.unsupported);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
             program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
@@ -1103,6 +1111,14 @@ fn compile_wafer(
         let c = &chans[ch];
         let pw = port_work.remove(&ch).unwrap_or_default();
         let tid = TemplateId(program.templates.len() as u32);
+        if !pw.tasks.is_empty() {
+            pdata.unsupported.push(format!(
+                "port `{}` ({}): functional mode does not carry values through IO ports yet",
+                c.name,
+                pw.streams.join(", ")
+            ));
+        }
+        pdata.tasks.push(vec![TaskData::None; pw.tasks.len()]);
         program.templates.push(Template {
             name: format!("port.{}", c.name),
             region: io_region,
@@ -1171,6 +1187,7 @@ fn compile_wafer(
             )
         ));
     }
+    program.data = Some(std::sync::Arc::new(pdata));
     Ok(WaferOut {
         program,
         regions: plan_regions,
