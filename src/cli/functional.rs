@@ -99,7 +99,8 @@ pub fn emulate(
         return Err(FunctionalError::Internal("the reference built a different graph than the compile".into()).into());
     }
     let (_, prog) = &programs[0];
-    let setup = fmesh::setup(prog, &run.graph, &run.values)?;
+    let numerics = functional::numerics_of(&p.model)?;
+    let setup = fmesh::setup(prog, &run.graph, &numerics, &run.values)?;
     let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
     let eopts = EngineOptions { fidelity, threads, trace: spec, progress: None };
     let (erun, results) = engine::run_functional(prog, &eopts, Arc::new(setup))?;

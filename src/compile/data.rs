@@ -1,16 +1,21 @@
 //! The data side table of a region (`mesh::data`): for every task of the region's templates, what it
-//! does to values, derived from the stage, its tiling and the graph op it runs, with the same slicing
-//! rules (`kernel::split`, fan-in roles) the region's program was built with.
+//! does to values, derived from the stage, its tiling, its interface and the graph op it runs, with
+//! the same slicing rules (`kernel::split`, `Flat`, fan-in roles) the region's program was built with.
 //!
-//! A region whose algorithm has no data semantics yet gets `TaskData::None` for its tasks and a line
-//! in `unsupported`, so a functional run refuses the program instead of giving a wrong answer.
+//! Tasks are recognised by the names `kernel.rs` gives them (`in0.0`, `mm`, `bias`, `stats`, `red1`,
+//! `apply`, `look`, `sel1`, `ew`, `gather0`, `out0`, `drain0`, ...). A region whose algorithm, op or
+//! task has no data semantics yet gets `TaskData::None` for its tasks and a line in `unsupported`, so a
+//! functional run refuses the program instead of giving a wrong answer.
 
-use crate::graph::{Graph, OpKind, WeightLayout};
-use crate::mesh::data::{Grid, Kernel, Readout, TaskData};
-use crate::mesh::{Coord, Rect, Task};
+use std::collections::BTreeMap;
 
-use super::kernel::{Algo, Tiling};
-use super::stage::{Stage, Work};
+use crate::graph::{Elem, Graph, OpKind, TensorId, WeightLayout};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, Readout, RowOp, TaskData, View};
+use crate::mesh::{ColorId, Coord, Rect, Task};
+use crate::model::NormKind;
+
+use super::kernel::{Algo, Iface, Tiling};
+use super::stage::{Operand, Stage, Work};
 
 /// The data of one region's templates.
 pub(crate) struct RegionData {
@@ -19,12 +24,45 @@ pub(crate) struct RegionData {
     pub unsupported: Option<String>,
 }
 
-fn unsupported(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
+fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
     RegionData {
         tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::None; ts.len()]).collect(),
         readouts: Vec::new(),
         unsupported: Some(why),
     }
+}
+
+/// The view of tensor `t`: a split output is columns of the split's input (what really moves); ids
+/// (token ids, positions) are one per row.
+pub(crate) fn view(g: &Graph, t: TensorId) -> View {
+    let producers = g.producers();
+    if let Some(p) = producers[t.idx()] {
+        let op = g.op(p);
+        if let OpKind::Split { widths, .. } = &op.kind {
+            let i = op.outputs.iter().position(|&o| o == t).unwrap_or(0);
+            let cols: u64 = widths.iter().sum();
+            let c0: u64 = widths[..i].iter().sum();
+            return View { base: op.inputs[0].0, cols, c0, width: widths.get(i).copied().unwrap_or(0) };
+        }
+    }
+    let tt = g.tensor(t);
+    let cols = match tt.elem {
+        Elem::Float(_) => tt.shape.last().copied().unwrap_or(1).max(1),
+        Elem::I32 => 1,
+    };
+    View { base: t.0, cols, c0: 0, width: cols }
+}
+
+/// Rows of a view's tensor.
+pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
+    g.tensor(t).elems() / v.width.max(1)
+}
+
+/// The compute kernels of a stage: (task name -> kernel), by template role; `final_of` says which
+/// templates' last task finishes a reduction (lookup trees) with how many terms.
+struct Compute {
+    by_name: BTreeMap<&'static str, Kernel>,
+    final_total: Option<(String, u64)>,
 }
 
 /// The data table of the region `st` runs on `rect` with tiling `t`, for the templates its program has.
@@ -33,26 +71,182 @@ pub(crate) fn region(
     st: &Stage,
     t: &Tiling,
     rect: Rect,
+    iface: &Iface,
     templates: &[(String, Vec<Task>, u64)],
 ) -> RegionData {
     if st.iters != 1 {
-        return unsupported(
+        return refuse(
             templates,
             format!("region `{}`: functional mode does not run folded layer loops (weight streaming) yet", st.name),
         );
     }
-    match (&st.work, t.algo) {
-        (Work::SingleGemv { k, n }, _) => single_gemv(g, st, t, rect, templates, *k, *n),
-        _ => unsupported(
-            templates,
-            format!(
-                "region `{}` ({} with {}): functional mode has no data semantics for this algorithm yet",
-                st.name,
-                st.kind_name(g),
-                t.algo.name()
-            ),
-        ),
+    if let Work::SingleGemv { k, n } = st.work {
+        return single_gemv(g, st, t, rect, templates, k, n);
     }
+    let compute = match compute(g, st, t, rect) {
+        Ok(c) => c,
+        Err(why) => {
+            return refuse(
+                templates,
+                format!("region `{}` ({} with {}): {why}", st.name, st.kind_name(g), t.algo.name()),
+            )
+        }
+    };
+    // Output gateways: each send carries the slice its destination stream takes.
+    let mut dest_view: BTreeMap<ColorId, Option<View>> = BTreeMap::new();
+    for o in &iface.outs {
+        for d in &o.dests {
+            dest_view.insert(d.color, d.tensor.map(|t| view(g, t)));
+        }
+    }
+    let mut tasks = Vec::new();
+    let mut bad = None;
+    for (tname, ts, _) in templates {
+        let mut row = Vec::new();
+        for (i, task) in ts.iter().enumerate() {
+            let name = task.name.as_str();
+            let base = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+            let td = match base {
+                "in" | "gather" | "w" => TaskData::Kernel(Kernel::Relay),
+                _ if name.starts_with('w') && name.contains(".band") => TaskData::Kernel(Kernel::Relay),
+                "out" => TaskData::Kernel(Kernel::Route {
+                    views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
+                }),
+                "drain" => TaskData::None,
+                "store" => TaskData::Kernel(Kernel::Store),
+                "sel" => {
+                    let total = compute
+                        .final_total
+                        .as_ref()
+                        .filter(|(suffix, _)| tname.ends_with(suffix.as_str()) && i + 1 == ts.len())
+                        .map(|(_, n)| *n);
+                    TaskData::Kernel(Kernel::Accumulate { total })
+                }
+                _ => match compute.by_name.get(base) {
+                    Some(k) => TaskData::Kernel(k.clone()),
+                    None => {
+                        bad.get_or_insert(format!(
+                            "region `{}`: task `{name}` of `{tname}` has no data semantics yet",
+                            st.name
+                        ));
+                        TaskData::None
+                    }
+                },
+            };
+            row.push(td);
+        }
+        tasks.push(row);
+    }
+    RegionData { tasks, readouts: Vec::new(), unsupported: bad }
+}
+
+/// The kernels of the stage's compute tasks.
+fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, String> {
+    let f = t.frame;
+    let grid = Grid { origin: Coord { x: rect.x, y: rect.y + f.row0() }, rows: f.rc(), cols: f.w };
+    let op = g.op(st.main);
+    let runs = t.runs.max(1) as u64;
+    let mut by_name = BTreeMap::new();
+    let mut final_total = None;
+    let out_of = |o: usize| st.outputs.get(o).map(|s| s.tensor.0).ok_or("no output slot");
+    match (&st.work, t.algo) {
+        (&Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. }, Algo::GemvBroadcast) => {
+            let av = view(g, st.inputs[a].tensor);
+            let rows_per_run = rows / runs;
+            let out = out_of(out)?;
+            match op.kind {
+                OpKind::Linear(l) => {
+                    if l.groups != 1 || l.weight_groups != 1 {
+                        return Err("grouped (expert) linear layers have no data semantics yet".into());
+                    }
+                    let Operand::Held(_) = b else {
+                        return Err("a streamed weight operand".into());
+                    };
+                    let w = op.inputs[1].0;
+                    let w_out_in = l.layout == WeightLayout::OutIn;
+                    by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
+                    if bias {
+                        by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
+                    }
+                }
+                OpKind::AttnScores(at) | OpKind::AttnContext(at) => {
+                    let read = st.ops.iter().map(|&o| g.op(o)).find(|o| {
+                        matches!(o.kind, OpKind::KvCacheRead { .. }) && o.outputs.first() == op.inputs.get(1)
+                    });
+                    let (Some(read), Some(_), Operand::Held(_)) = (read, fresh, b) else {
+                        return Err(
+                            "attention without a resident KV cache (prefill, training) has no data semantics yet"
+                                .into(),
+                        );
+                    };
+                    let OpKind::KvCacheRead { len, .. } = read.kind else {
+                        return Err("attention without a resident KV cache".into());
+                    };
+                    if at.q_len != 1 || len == 0 || runs != 1 {
+                        return Err("attention over more than one query row has no data semantics yet".into());
+                    }
+                    let shape = AttnShape {
+                        batch: at.batch,
+                        heads: at.heads,
+                        kv_heads: at.kv_heads,
+                        kv: at.kv_len,
+                        head_dim: at.head_dim,
+                        len,
+                    };
+                    let (cache, fresh) = (read.inputs[0].0, view(g, read.inputs[1]));
+                    let kernel = if matches!(op.kind, OpKind::AttnScores(_)) {
+                        Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out }
+                    } else {
+                        Kernel::AttnContext { grid, p: av, cache, fresh, attn: shape, out }
+                    };
+                    by_name.insert("mm", kernel);
+                }
+                _ => return Err("this matmul has no data semantics yet".into()),
+            }
+        }
+        (&Work::RowReduce { main, rows, width, out: Some(out), colsum: None, scalar: None, .. }, Algo::RowReduce) => {
+            let x = view(g, st.inputs[main].tensor);
+            let rop = match op.kind {
+                OpKind::Norm { kind, .. } => RowOp::Norm {
+                    gamma: op.inputs[1].0,
+                    beta: (kind == NormKind::LayerNorm).then(|| op.inputs.get(2).map(|t| t.0)).flatten(),
+                    rms: kind == NormKind::RmsNorm,
+                },
+                OpKind::AttnSoftmax(a) => {
+                    RowOp::Softmax { q: a.q_len, kv: a.kv_len, head_dim: a.head_dim, causal: a.causal }
+                }
+                _ => return Err("this row reduction has no data semantics yet".into()),
+            };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop });
+            by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
+        }
+        (&Work::Elementwise { rows, width, accumulate: false, .. }, Algo::Elementwise) => {
+            let (ewop, inputs) = match op.kind {
+                OpKind::Add { .. } => (EwOp::Add, op.inputs.clone()),
+                OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
+                _ => return Err("this elementwise op has no data semantics yet".into()),
+            };
+            let inputs: Vec<View> = inputs.iter().map(|&t| view(g, t)).collect();
+            let out = out_of(0)?;
+            let rows_per_run = rows / runs;
+            by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out });
+        }
+        (&Work::Lookup { ids, rows, width, out }, Algo::LookupTree) => {
+            let OpKind::Embedding { vocab, .. } = op.kind else {
+                return Err("a lookup that is not an embedding".into());
+            };
+            let idv = view(g, st.inputs[ids].tensor);
+            let table = op.inputs[1].0;
+            let out = out_of(out)?;
+            by_name
+                .insert("look", Kernel::Lookup { grid, ids: idv, table, vocab, width, rows_per_run: rows / runs, out });
+            final_total = Some(("look2".to_string(), f.rc() as u64));
+        }
+        _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
+    }
+    Ok(Compute { by_name, final_total })
 }
 
 /// `gemv:KxN` on pre-placed operands (`kernel::prog_single_gemv`): the PE at (r, c) of the compute
@@ -69,10 +263,10 @@ fn single_gemv(
 ) -> RegionData {
     let op = g.op(st.main);
     let OpKind::Linear(l) = op.kind else {
-        return unsupported(templates, format!("region `{}`: a single GEMV that is not a linear op", st.name));
+        return refuse(templates, format!("region `{}`: a single GEMV that is not a linear op", st.name));
     };
     if t.algo == Algo::Cannon || op.inputs.len() < 2 || op.outputs.is_empty() {
-        return unsupported(templates, format!("region `{}`: an unexpected single-GEMV layout", st.name));
+        return refuse(templates, format!("region `{}`: an unexpected single-GEMV layout", st.name));
     }
     let f = t.frame;
     let (rows, cols) = ((f.rc() as u64).min(k) as u32, (f.w as u64).min(n) as u32);
@@ -86,7 +280,7 @@ fn single_gemv(
             ts.iter()
                 .map(|task| match task.name.as_str() {
                     "mm" => TaskData::Kernel(Kernel::GemvPartial { grid, x, w, w_out_in, k, n, out }),
-                    _ => TaskData::Kernel(Kernel::Accumulate),
+                    _ => TaskData::Kernel(Kernel::Accumulate { total: None }),
                 })
                 .collect()
         })
@@ -97,7 +291,7 @@ fn single_gemv(
         readouts: vec![Readout {
             tensor: out,
             name: g.tensor(op.outputs[0]).name.clone(),
-            rect: root,
+            rect: Some(root),
             rows: 1,
             cols: n,
             cover: k,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, Role};
 use crate::hw::WaferHw;
-use crate::mesh::data::{ProgramData, TaskData};
+use crate::mesh::data::{Kernel, ProgramData, Readout, TaskData};
 use crate::mesh::{
     self, ColorId, Coord, MeshProgram, Need, Pattern, Peer, Port, PortId, Rect, Region, RegionId, Route, RunRange,
     Senders, Task, TaskIdx, Template, TemplateId, Tile, Timing, PROGRAM_VERSION,
@@ -422,6 +422,10 @@ struct Flow {
 #[derive(Default)]
 struct PortWork {
     tasks: Vec<Task>,
+    /// The data side table of each task, and why values cannot pass (if so).
+    data: Vec<TaskData>,
+    unsupported: Vec<String>,
+    readouts: Vec<Readout>,
     streams: Vec<String>,
     bytes: u64,
     peer: Option<Peer>,
@@ -824,7 +828,8 @@ fn compile_wafer(
         routes.push(Route { color, senders: fl.sender, pattern: fl.pattern, relays: 0 });
         match *us {
             FlowUse::Pair { a, o, b, slot, w, repeat, window, si } => {
-                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band: 0 });
+                let tensor = Some(stages[b].inputs[slot].tensor);
+                ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band: 0 });
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
                 ifaces[b].feeds[slot].push(Feed {
                     color,
@@ -870,6 +875,19 @@ fn compile_wafer(
                         });
                     }
                 }
+                let slot_t = stages[b].inputs[slot].tensor;
+                if op_needs_link || gate.is_some() {
+                    pw.unsupported.push(format!(
+                        "stream `{}`: functional mode does not carry values between wafers or through MemoryX yet",
+                        fl.name
+                    ));
+                    pw.data.push(TaskData::None);
+                } else {
+                    let v = data::view(g, slot_t);
+                    let rows = data::view_rows(g, slot_t, &v);
+                    pw.data
+                        .push(TaskData::Kernel(Kernel::Source { view: v, rows_per_run: rows / repeat.max(1) as u64 }));
+                }
                 pw.tasks.push(Task {
                     name: format!("send:{}", fl.name),
                     needs,
@@ -885,7 +903,8 @@ fn compile_wafer(
                 pw.peer.get_or_insert(peer.peer());
             }
             FlowUse::PortOut { ch, a, o, band, w, repeat, window, peer, gi } => {
-                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band });
+                let tensor = Some(stages[a].outputs[o].tensor);
+                ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
@@ -895,6 +914,27 @@ fn compile_wafer(
                     cross.push((gi, PortId(ch as u32), true));
                     pw.peer.get_or_insert(peer.peer());
                     continue;
+                }
+                if gi > usize::MAX / 2 || !matches!(peer, PeerKind::Host) {
+                    pw.unsupported.push(format!(
+                        "stream `{}`: functional mode does not carry values to MemoryX or SwarmX yet",
+                        fl.name
+                    ));
+                    pw.data.push(TaskData::None);
+                } else {
+                    pw.data.push(TaskData::Kernel(Kernel::Collect));
+                    let t = stages[a].outputs[o].tensor;
+                    if !pw.readouts.iter().any(|r| r.tensor == t.0) {
+                        let v = data::view(g, t);
+                        pw.readouts.push(Readout {
+                            tensor: t.0,
+                            name: g.tensor(t).name.clone(),
+                            rect: None,
+                            rows: data::view_rows(g, t, &v),
+                            cols: v.cols,
+                            cover: 0,
+                        });
+                    }
                 }
                 pw.tasks.push(Task {
                     name: if gi > usize::MAX / 2 {
@@ -1036,7 +1076,7 @@ fn compile_wafer(
         let sram_max = code.tiles.iter().map(|(_, ti)| code.templates[*ti].2).max().unwrap_or(0);
         let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
         let sram_mean = sram_sum / area(&rects[sid]).max(1);
-        let rd = data::region(g, st, t, rects[sid], &code.templates);
+        let rd = data::region(g, st, t, rects[sid], &ifaces[sid], &code.templates);
         pdata.tasks.extend(rd.tasks);
         pdata.readouts.extend(rd.readouts);
         pdata.unsupported.extend(rd.unsupported);
@@ -1111,14 +1151,15 @@ fn compile_wafer(
         let c = &chans[ch];
         let pw = port_work.remove(&ch).unwrap_or_default();
         let tid = TemplateId(program.templates.len() as u32);
-        if !pw.tasks.is_empty() {
-            pdata.unsupported.push(format!(
-                "port `{}` ({}): functional mode does not carry values through IO ports yet",
-                c.name,
-                pw.streams.join(", ")
-            ));
+        pdata.unsupported.extend(pw.unsupported);
+        for r in pw.readouts {
+            if !pdata.readouts.iter().any(|x| x.tensor == r.tensor) {
+                pdata.readouts.push(r);
+            }
         }
-        pdata.tasks.push(vec![TaskData::None; pw.tasks.len()]);
+        let mut pd = pw.data;
+        pd.resize(pw.tasks.len(), TaskData::None);
+        pdata.tasks.push(pd);
         program.templates.push(Template {
             name: format!("port.{}", c.name),
             region: io_region,

@@ -236,7 +236,7 @@ pub fn run_functional(
     program: &MeshProgram,
     opts: &EngineOptions,
     setup: std::sync::Arc<values::Setup>,
-) -> Result<(EngineRun, Vec<(crate::mesh::Coord, values::Frag)>), EngineError> {
+) -> Result<(EngineRun, Vec<(Option<crate::mesh::Coord>, values::Frag)>), EngineError> {
     run_with(program, opts, Some(setup))
 }
 
@@ -249,7 +249,7 @@ fn run_with(
     program: &MeshProgram,
     opts: &EngineOptions,
     setup: Option<std::sync::Arc<values::Setup>>,
-) -> Result<(EngineRun, Vec<(crate::mesh::Coord, values::Frag)>), EngineError> {
+) -> Result<(EngineRun, Vec<(Option<crate::mesh::Coord>, values::Frag)>), EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
     let mut parts = build_parts(&shared, opts);

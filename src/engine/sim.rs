@@ -74,17 +74,20 @@ impl Inbox {
         None
     }
 
-    /// The values of the arrivals whose last wavelet the next claim of `w` wavelets takes.
+    /// The values the next claim of `w` wavelets takes: whole trains, or the part of a train's
+    /// payload its claimed wavelets carry.
     fn claimed_data(&self, mut w: u64, out: &mut Vec<Payload>) {
         let mut done = self.first_claimed;
         for a in &self.arrivals[self.first..] {
-            let left = a.n - done;
-            if w < left {
+            if w == 0 {
                 return;
             }
-            w -= left;
+            let take = w.min(a.n - done);
+            if let Some(p) = &a.data {
+                out.push(super::values::slice_payload(p, a.n, done, done + take));
+            }
+            w -= take;
             done = 0;
-            out.extend(a.data.clone());
         }
     }
 
@@ -583,10 +586,10 @@ impl Part {
     }
 
     /// The values the readout PEs of this partition hold at the end of a functional run.
-    pub fn value_results(&self, sh: &Shared) -> Vec<(Coord, super::values::Frag)> {
-        let locals = self.agents.iter().enumerate().filter(|(_, a)| a.id < sh.n_pes);
+    pub fn value_results(&self, sh: &Shared) -> Vec<(Option<Coord>, super::values::Frag)> {
+        let locals = self.agents.iter().enumerate().map(|(i, a)| (i, (a.id < sh.n_pes).then(|| sh.links.coord(a.id))));
         match &self.vals {
-            Some(v) => v.results(locals.map(|(i, a)| (i, sh.links.coord(a.id)))),
+            Some(v) => v.results(locals),
             None => Vec::new(),
         }
     }
@@ -785,7 +788,7 @@ impl Part {
         self.agents[a as usize].run_path = start_path;
         let run = self.agents[a as usize].runs_done[k] + 1;
         if self.vals.is_some() {
-            self.values_start(sh, a, k, claimed)?;
+            self.values_start(sh, a, k, run, claimed)?;
         }
         for (i, s) in task.sends.iter().enumerate() {
             if s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
@@ -1088,20 +1091,20 @@ impl Part {
     }
 
     /// Functional runs: runs the values kernel of task `k` of local agent `a` on what it claimed.
-    fn values_start(&mut self, sh: &Shared, a: u32, k: usize, claimed: Vec<Vec<Payload>>) -> Result<(), EngineError> {
+    fn values_start(
+        &mut self,
+        sh: &Shared,
+        a: u32,
+        k: usize,
+        run: u32,
+        claimed: Vec<Vec<Payload>>,
+    ) -> Result<(), EngineError> {
         let g = self.agents[a as usize].id;
         let template = self.agents[a as usize].template as usize;
         let coord = if g >= sh.n_pes { sh.prog.ports[(g - sh.n_pes) as usize].at } else { sh.links.coord(g) };
         let t = &sh.prog.templates[template];
-        let at = At {
-            id: g,
-            coord,
-            template,
-            k,
-            task: &t.tasks[k],
-            sram_planned: t.sram_bytes,
-            sram_bytes: sh.prog.timing.sram_bytes,
-        };
+        let at =
+            At { id: g, coord, template, k, run: run as u64, task: &t.tasks[k], sram_bytes: sh.prog.timing.sram_bytes };
         match self.vals.as_mut() {
             Some(v) => v.start(a as usize, &at, claimed).map_err(EngineError::Values),
             None => Ok(()),

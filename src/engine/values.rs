@@ -19,18 +19,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::mesh::data::{Kernel, ProgramData, Share, TaskData};
-use crate::mesh::{Coord, Need, Task};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, ProgramData, RowOp, Share, TaskData, View};
+use crate::mesh::{Coord, Task};
 
-/// A slice of a graph tensor viewed as `rows x cols`: rows r0..r1, columns c0..c1, row-major.
+/// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
+const STATS: u32 = u32::MAX;
+
+/// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frag {
     pub tensor: u32,
-    pub r0: u32,
-    pub r1: u32,
-    pub c0: u32,
-    pub c1: u32,
-    /// Terms summed into every value (a partial sum over part of a contraction).
+    pub view_cols: u64,
+    pub r0: u64,
+    pub r1: u64,
+    pub c0: u64,
+    pub c1: u64,
+    /// Terms summed into every value so far (a partial sum); 0 for a finished value.
     pub cover: u64,
     /// Global id of the agent that made it (partial sums are added in this order).
     pub src: u32,
@@ -42,7 +46,8 @@ impl Frag {
         format!("t{}[{}..{}, {}..{}]", self.tensor, self.r0, self.r1, self.c0, self.c1)
     }
     fn same_slice(&self, o: &Frag) -> bool {
-        (self.tensor, self.r0, self.r1, self.c0, self.c1) == (o.tensor, o.r0, o.r1, o.c0, o.c1)
+        (self.tensor, self.view_cols, self.r0, self.r1, self.c0, self.c1)
+            == (o.tensor, o.view_cols, o.r0, o.r1, o.c0, o.c1)
     }
 }
 
@@ -73,23 +78,41 @@ impl Storage {
     }
 }
 
+/// Numerics the graph does not carry (from the model's config), as the reference uses them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Numerics {
+    pub norm_eps: f64,
+    /// GELU with the tanh approximation (else erf).
+    pub gelu_tanh: bool,
+    pub sliding_window: Option<u64>,
+}
+
 /// Everything a functional run starts from.
 #[derive(Debug)]
 pub struct Setup {
     pub data: Arc<ProgramData>,
     /// Values the wafer holds before the run (weights, pre-placed operands, KV caches) and the host's
-    /// inputs, by graph tensor id, row-major.
+    /// inputs (token ids as floats), by graph tensor id, row-major.
     pub tensors: BTreeMap<u32, Arc<[f32]>>,
     pub storage: Storage,
+    pub numerics: Numerics,
 }
 
-/// One PE's values.
+/// One PE's (or port's) values.
 #[derive(Debug, Default)]
 struct Pe {
-    acc: Option<Frag>,
+    /// The result the PE's last kernel left (an accumulator, a lookup, an elementwise share).
+    acc: Vec<Frag>,
+    /// Row statistics of the current run.
+    stats: Option<Frag>,
+    /// Operands kept for later tasks (stored operands, the row a reduction applies to).
+    store: Vec<Frag>,
+    /// A port's collected results.
+    kept: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
-    /// Bytes of values resident in SRAM (tiles and buffers).
+    /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
+    resident: bool,
     sram: u64,
 }
 
@@ -106,16 +129,23 @@ pub struct At<'a> {
     pub coord: Coord,
     pub template: usize,
     pub k: usize,
+    /// The run starting (1-based).
+    pub run: u64,
     pub task: &'a Task,
-    /// SRAM the plan allocated on this PE and the PE's capacity.
-    pub sram_planned: u64,
     pub sram_bytes: u64,
 }
 
 impl At<'_> {
     fn name(&self) -> String {
-        format!("PE ({},{}) task `{}`", self.coord.x, self.coord.y, self.task.name)
+        format!("PE ({},{}) task `{}` run {}", self.coord.x, self.coord.y, self.task.name, self.run)
     }
+    fn pos(&self, g: &Grid) -> Result<(u64, u64), String> {
+        g.pos(self.coord).ok_or_else(|| format!("{}: outside its kernel's grid", self.name()))
+    }
+}
+
+fn flat_index(g: &Grid, r: u64, c: u64) -> (u64, u64) {
+    (r * g.cols as u64 + c, g.rows as u64 * g.cols as u64)
 }
 
 impl PartValues {
@@ -128,14 +158,12 @@ impl PartValues {
         let data = Arc::clone(&self.setup.data);
         let td = data.tasks.get(at.template).and_then(|t| t.get(at.k)).unwrap_or(&TaskData::None);
         let n_sends = at.task.sends.len();
-        let out: Payload = match td {
-            TaskData::None => {
-                self.pes[local].out = vec![None; n_sends];
-                return Ok(());
-            }
+        let claimed: Vec<Frag> = claimed.into_iter().flatten().flat_map(|p| p.to_vec()).collect();
+        let outs = match td {
+            TaskData::None => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
         };
-        self.pes[local].out = vec![Some(out); n_sends];
+        self.pes[local].out = outs;
         Ok(())
     }
 
@@ -144,44 +172,107 @@ impl PartValues {
         self.pes[local].out.get(i).cloned().flatten()
     }
 
-    /// The accumulators of the given agents (local index, coordinate) that lie in a readout rectangle.
-    pub fn results(&self, agents: impl Iterator<Item = (usize, Coord)>) -> Vec<(Coord, Frag)> {
-        let rects: Vec<_> = self.setup.data.readouts.iter().map(|r| r.rect).collect();
-        agents
-            .filter(|(_, c)| rects.iter().any(|r| r.contains(*c)))
-            .filter_map(|(l, c)| self.pes.get(l).and_then(|p| p.acc.clone()).map(|f| (c, f)))
-            .collect()
+    /// What the given agents (local index, coordinate; None for a port) hold at the end: a PE's
+    /// accumulator where it lies in a readout rectangle, everything a port collected.
+    pub fn results(&self, agents: impl Iterator<Item = (usize, Option<Coord>)>) -> Vec<(Option<Coord>, Frag)> {
+        let rects: Vec<_> = self.setup.data.readouts.iter().filter_map(|r| r.rect).collect();
+        let mut out = Vec::new();
+        for (l, c) in agents {
+            let Some(pe) = self.pes.get(l) else { continue };
+            match c {
+                Some(c) if rects.iter().any(|r| r.contains(c)) => {
+                    out.extend(pe.acc.iter().map(|f| (Some(c), f.clone())))
+                }
+                Some(_) => {}
+                None => out.extend(pe.kept.iter().map(|f| (None, f.clone()))),
+            }
+        }
+        out
     }
 
     fn tensor(&self, t: u32, at: &At) -> Result<Arc<[f32]>, String> {
         self.setup.tensors.get(&t).cloned().ok_or_else(|| format!("{}: no values for tensor t{t}", at.name()))
     }
 
-    /// Accounts `bytes` more of resident values on a PE, checked against the plan and the SRAM.
-    fn alloc(&mut self, local: usize, at: &At, bytes: u64) -> Result<(), String> {
+    /// Loads a PE's resident tiles once (`values` of them): its SRAM image at the start of the step,
+    /// checked against the PE's SRAM.
+    fn resident(&mut self, local: usize, at: &At, values: u64) -> Result<(), String> {
+        let bytes = values * self.setup.storage.bytes();
         let pe = &mut self.pes[local];
+        if pe.resident {
+            return Ok(());
+        }
+        pe.resident = true;
         pe.sram += bytes;
-        if pe.sram > at.sram_bytes || pe.sram > at.sram_planned {
+        if pe.sram > at.sram_bytes {
             return Err(format!(
-                "{}: holds {} bytes of values, but the plan allocated {} bytes on this PE (SRAM {} bytes)",
+                "{}: its tiles and buffers take {} bytes, more than the PE's {} bytes of SRAM",
                 at.name(),
                 pe.sram,
-                at.sram_planned,
                 at.sram_bytes
             ));
         }
         Ok(())
     }
 
-    fn send_acc(&self, local: usize) -> Payload {
+    fn rounded(&self, frags: &[Frag]) -> Payload {
         let st = self.setup.storage;
-        match &self.pes[local].acc {
-            Some(a) => {
-                let vals: Arc<[f32]> = a.vals.iter().map(|&v| st.round(v)).collect();
-                Arc::from(vec![Frag { vals, ..a.clone() }])
+        frags
+            .iter()
+            .map(|f| Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// Rows `rows` of the view `v`, from the fragments `frags` (and what the PE stored): every value
+    /// must be there, finished.
+    fn read(&self, local: usize, at: &At, frags: &[Frag], v: &View, rows: (u64, u64)) -> Result<Vec<f32>, String> {
+        let w = v.width as usize;
+        let n = (rows.1 - rows.0) as usize * w;
+        let mut buf = vec![0f32; n];
+        let mut have = vec![false; n];
+        for f in frags.iter().chain(&self.pes[local].store).filter(|f| f.tensor == v.base) {
+            if f.view_cols != v.cols {
+                return Err(format!(
+                    "{}: received {} in rows of {}, expected {}",
+                    at.name(),
+                    f.slice(),
+                    f.view_cols,
+                    v.cols
+                ));
             }
-            None => Arc::from(Vec::new()),
+            if f.cover != 0 {
+                return Err(format!("{}: received {}, an unfinished partial sum", at.name(), f.slice()));
+            }
+            if f.r1 <= rows.0 || f.r0 >= rows.1 || f.c1 <= v.c0 || f.c0 >= v.c0 + v.width {
+                continue;
+            }
+            let fw = (f.c1 - f.c0) as usize;
+            for r in f.r0.max(rows.0)..f.r1.min(rows.1) {
+                for c in f.c0.max(v.c0)..f.c1.min(v.c0 + v.width) {
+                    let i = (r - rows.0) as usize * w + (c - v.c0) as usize;
+                    buf[i] = f.vals[(r - f.r0) as usize * fw + (c - f.c0) as usize];
+                    have[i] = true;
+                }
+            }
         }
+        if let Some(i) = have.iter().position(|h| !h) {
+            return Err(format!(
+                "{}: element ({}, {}) of t{} (columns {}..{} of t{}) never arrived (a wrong or missing route)",
+                at.name(),
+                rows.0 + (i / w.max(1)) as u64,
+                i % w.max(1),
+                v.base,
+                v.c0,
+                v.c0 + v.width,
+                v.base
+            ));
+        }
+        Ok(buf)
+    }
+
+    fn run_rows(at: &At, rows_per_run: u64) -> (u64, u64) {
+        ((at.run - 1) * rows_per_run, at.run * rows_per_run)
     }
 
     fn kernel(
@@ -189,14 +280,14 @@ impl PartValues {
         local: usize,
         at: &At,
         kernel: &Kernel,
-        claimed: Vec<Vec<Payload>>,
-    ) -> Result<Payload, String> {
+        claimed: Vec<Frag>,
+    ) -> Result<Vec<Option<Payload>>, String> {
         let st = self.setup.storage;
-        match *kernel {
-            Kernel::GemvPartial { grid, x, w, w_out_in, k, n, out } => {
-                let Some((r, c)) = grid.pos(at.coord) else {
-                    return Err(format!("{}: outside the GEMV's grid", at.name()));
-                };
+        let n_sends = at.task.sends.len();
+        let all = |p: Payload| vec![Some(p); n_sends];
+        match kernel {
+            &Kernel::GemvPartial { grid, x, w, w_out_in, k, n, out } => {
+                let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
                 let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
                 let (xv, wv) = (self.tensor(x, at)?, self.tensor(w, at)?);
@@ -208,10 +299,7 @@ impl PartValues {
                         wv.len()
                     ));
                 }
-                if self.pes[local].acc.is_none() {
-                    // The pre-placed tiles: x's k-slice, W's block, and the accumulator.
-                    self.alloc(local, at, (kl + kl * nl + nl) * st.bytes())?;
-                }
+                self.resident(local, at, kl + kl * nl + nl)?;
                 let mut acc = vec![0f32; nl as usize];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let col = n0 + j as u64;
@@ -220,33 +308,32 @@ impl PartValues {
                         *a += st.round(xv[kk as usize]) * st.round(wv[wi as usize]);
                     }
                 }
-                self.pes[local].acc = Some(Frag {
+                let f = Frag {
                     tensor: out,
+                    view_cols: n,
                     r0: 0,
                     r1: 1,
-                    c0: n0 as u32,
-                    c1: (n0 + nl) as u32,
+                    c0: n0,
+                    c1: n0 + nl,
                     cover: kl,
                     src: at.id,
                     vals: acc.into(),
-                });
-                Ok(self.send_acc(local))
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            Kernel::Accumulate => {
-                let mut parts: Vec<Frag> = claimed.into_iter().flatten().flat_map(|p| p.to_vec()).collect();
+            &Kernel::Accumulate { total } => {
+                let mut parts = claimed;
                 parts.sort_by_key(|f| f.src);
-                let Some(acc) = self.pes[local].acc.as_mut() else {
+                let pe = &mut self.pes[local];
+                let [acc] = pe.acc.as_mut_slice() else {
                     return Err(format!("{}: adds partial sums but holds no accumulator", at.name()));
                 };
-                let want: u64 = at.task.needs.iter().filter(|n| matches!(n, Need::Recv { .. })).count() as u64;
-                if want > 0 && parts.is_empty() {
-                    return Err(format!("{}: claimed trains that carried no partial sums", at.name()));
-                }
                 let mut vals = acc.vals.to_vec();
                 for p in &parts {
-                    if !p.same_slice(acc) || p.vals.len() != vals.len() {
+                    if !p.same_slice(acc) || p.vals.len() != vals.len() || p.cover == 0 {
                         return Err(format!(
-                            "{}: received a partial sum of {} but accumulates {}",
+                            "{}: received {} but accumulates a partial sum of {}",
                             at.name(),
                             p.slice(),
                             acc.slice()
@@ -258,7 +345,554 @@ impl PartValues {
                     acc.cover += p.cover;
                 }
                 acc.vals = vals.into();
-                Ok(self.send_acc(local))
+                if let Some(t) = total {
+                    if acc.cover != t {
+                        return Err(format!(
+                            "{}: {} summed over {} of {t} terms (a missing reduction)",
+                            at.name(),
+                            acc.slice(),
+                            acc.cover
+                        ));
+                    }
+                    acc.cover = 0;
+                }
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Relay => Ok(all(in_order(claimed).into())),
+            Kernel::Route { views } => {
+                let mut outs = Vec::with_capacity(n_sends);
+                for i in 0..n_sends {
+                    let sel: Vec<Frag> = match views.get(i).copied().flatten() {
+                        None => claimed.clone(),
+                        Some(v) => claimed.iter().filter_map(|f| crop(f, &v)).collect(),
+                    };
+                    let sel = in_order(sel);
+                    outs.push(Some(Payload::from(sel)));
+                }
+                Ok(outs)
+            }
+            Kernel::Store => {
+                self.pes[local].store.extend(claimed);
+                Ok(vec![None; n_sends])
+            }
+            Kernel::Collect => {
+                self.pes[local].kept.extend(claimed);
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::Source { view, rows_per_run } => {
+                let t = self.tensor(view.base, at)?;
+                let (r0, r1) = Self::run_rows(at, rows_per_run);
+                let cols = view.cols as usize;
+                let mut vals = Vec::with_capacity((r1 - r0) as usize * view.width as usize);
+                for r in r0..r1 {
+                    let base = r as usize * cols + view.c0 as usize;
+                    let row = t
+                        .get(base..base + view.width as usize)
+                        .ok_or_else(|| format!("{}: the host's t{} has no row {r}", at.name(), view.base))?;
+                    vals.extend(row.iter().map(|&v| st.round(v)));
+                }
+                let f = Frag {
+                    tensor: view.base,
+                    view_cols: view.cols,
+                    r0,
+                    r1,
+                    c0: view.c0,
+                    c1: view.c0 + view.width,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                Ok(all(Payload::from(vec![f])))
+            }
+            &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (n0, nl) = Share { n, parts }.range(idx);
+                let rows = Self::run_rows(at, rows_per_run);
+                let x = self.read(local, at, &claimed, &a, rows)?;
+                let wv = self.tensor(w, at)?;
+                if wv.len() as u64 != k * n || a.width != k {
+                    return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
+                }
+                self.resident(local, at, k * nl + 2 * nl * rows_per_run)?;
+                let rr = rows_per_run as usize;
+                let mut acc = vec![0f32; rr * nl as usize];
+                for i in 0..rr {
+                    let xr = &x[i * k as usize..(i + 1) * k as usize];
+                    for j in 0..nl {
+                        let col = n0 + j;
+                        let mut s = 0f32;
+                        for (kk, &xv) in xr.iter().enumerate() {
+                            let wi = if w_out_in { col * k + kk as u64 } else { kk as u64 * n + col };
+                            s += xv * st.round(wv[wi as usize]);
+                        }
+                        acc[i * nl as usize + j as usize] = s;
+                    }
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: n,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: 0,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Bias { b } => {
+                let bv = self.tensor(b, at)?;
+                let pe = &mut self.pes[local];
+                for f in pe.acc.iter_mut() {
+                    let w = (f.c1 - f.c0) as usize;
+                    let mut vals = f.vals.to_vec();
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        *v += st.round(bv[f.c0 as usize + i % w.max(1)]);
+                    }
+                    f.vals = vals.into();
+                }
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::AttnScores { grid, q, cache, fresh, attn, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let total = attn.batch * attn.heads * attn.kv;
+                let (j0, jl) = Share { n: total, parts }.range(idx);
+                let qv = self.read(local, at, &claimed, &q, (0, attn.batch))?;
+                let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
+                let cv = self.tensor(cache, at)?;
+                self.resident(local, at, jl * attn.head_dim + jl)?;
+                let d = attn.head_dim as usize;
+                let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
+                let mut vals = Vec::with_capacity(jl as usize);
+                for j in j0..j0 + jl {
+                    let (b, h, t) = (j / (attn.heads * attn.kv), (j / attn.kv) % attn.heads, j % attn.kv);
+                    let qrow = &qv[(b * attn.heads * attn.head_dim + h * attn.head_dim) as usize..][..d];
+                    let krow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                    let mut acc = 0f32;
+                    for dd in 0..d {
+                        acc += qrow[dd] * st.round(krow[dd]);
+                    }
+                    vals.push(acc);
+                }
+                self.pes[local].acc = flat_frags(out, attn.kv, j0, &vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::AttnContext { grid, p, cache, fresh, attn, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let total = attn.batch * attn.heads * attn.head_dim;
+                let (j0, jl) = Share { n: total, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &p, (0, attn.batch * attn.heads))?;
+                let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
+                let cv = self.tensor(cache, at)?;
+                self.resident(local, at, jl * attn.kv + jl)?;
+                let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
+                let mut vals = Vec::with_capacity(jl as usize);
+                for j in j0..j0 + jl {
+                    let (b, h, dd) =
+                        (j / (attn.heads * attn.head_dim), (j / attn.head_dim) % attn.heads, j % attn.head_dim);
+                    let mut acc = 0f32;
+                    for t in 0..attn.kv {
+                        let pr = pv[((b * attn.heads + h) * attn.kv + t) as usize];
+                        let vrow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                        acc += pr * st.round(vrow[dd as usize]);
+                    }
+                    vals.push(acc);
+                }
+                self.pes[local].acc = flat_frags(out, attn.heads * attn.head_dim, j0, &vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Elementwise { grid, op, inputs, rows_per_run, width, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (off, len) = Share { n: rows_per_run * width, parts }.range(idx);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let mut frags = Vec::new();
+                if len > 0 {
+                    let first = row0 + off / width;
+                    let last = row0 + (off + len - 1) / width + 1;
+                    let ins: Vec<Vec<f32>> = inputs
+                        .iter()
+                        .map(|v| self.read(local, at, &claimed, v, (first, last)))
+                        .collect::<Result<_, _>>()?;
+                    self.resident(local, at, 2 * len)?;
+                    let num = self.setup.numerics;
+                    let mut p = off;
+                    while p < off + len {
+                        let row = row0 + p / width;
+                        let c0 = p % width;
+                        let c1 = (*width).min(c0 + (off + len - p));
+                        let mut vals = Vec::with_capacity((c1 - c0) as usize);
+                        for cc in c0..c1 {
+                            let i = ((row - first) * width + cc) as usize;
+                            vals.push(match op {
+                                EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
+                                EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
+                            });
+                        }
+                        frags.push(Frag {
+                            tensor: *out,
+                            view_cols: *width,
+                            r0: row,
+                            r1: row + 1,
+                            c0,
+                            c1,
+                            cover: 0,
+                            src: at.id,
+                            vals: vals.into(),
+                        });
+                        p += c1 - c0;
+                    }
+                }
+                self.pes[local].acc = frags;
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::RowStats { grid, op, x, rows_per_run, width } => {
+                let (r, c) = at.pos(grid)?;
+                let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
+                let (co, cl) = Share { n: *width, parts: grid.cols as u64 }.range(c);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let rows = (row0 + ro, row0 + ro + rl);
+                let xv = self.read(local, at, &claimed, x, rows)?;
+                self.resident(local, at, 2 * rl * cl + 2 * cl + 3 * rl)?;
+                let mut vals = Vec::with_capacity(3 * rl as usize);
+                for i in 0..rl as usize {
+                    let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
+                    vals.extend([cl as f32, a, b]);
+                }
+                // The row stays for the apply pass.
+                let keep: Vec<Frag> = claimed.iter().filter(|f| f.tensor == x.base).cloned().collect();
+                let pe = &mut self.pes[local];
+                pe.store = keep;
+                pe.stats = Some(Frag {
+                    tensor: STATS,
+                    view_cols: 3,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: 0,
+                    c1: 3,
+                    cover: cl,
+                    src: at.id,
+                    vals: vals.into(),
+                });
+                Ok(all(Payload::from(pe.stats.clone().into_iter().collect::<Vec<_>>())))
+            }
+            Kernel::RowCombine { op } => {
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let pe = &mut self.pes[local];
+                let Some(own) = pe.stats.as_mut() else {
+                    return Err(format!("{}: combines statistics but has none", at.name()));
+                };
+                let mut vals = own.vals.to_vec();
+                for p in parts.iter().filter(|f| f.tensor == STATS) {
+                    if (p.r0, p.r1) != (own.r0, own.r1) || p.vals.len() != vals.len() {
+                        return Err(format!(
+                            "{}: received statistics of rows {}..{}, holds {}..{}",
+                            at.name(),
+                            p.r0,
+                            p.r1,
+                            own.r0,
+                            own.r1
+                        ));
+                    }
+                    for (o, q) in vals.chunks_mut(3).zip(p.vals.chunks(3)) {
+                        combine(op, o, q);
+                    }
+                    own.cover += p.cover;
+                }
+                own.vals = vals.into();
+                Ok(all(Payload::from(vec![own.clone()])))
+            }
+            Kernel::RowApply { grid, op, x, rows_per_run, width, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
+                let (co, cl) = Share { n: *width, parts: grid.cols as u64 }.range(c);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let rows = (row0 + ro, row0 + ro + rl);
+                let stats = match claimed.iter().find(|f| f.tensor == STATS) {
+                    Some(s) => s.clone(),
+                    None => self.pes[local].stats.clone().ok_or_else(|| format!("{}: no row statistics", at.name()))?,
+                };
+                if stats.cover != *width || (stats.r0, stats.r1) != rows {
+                    return Err(format!(
+                        "{}: statistics of rows {}..{} over {} of {} columns (a missing reduction)",
+                        at.name(),
+                        stats.r0,
+                        stats.r1,
+                        stats.cover,
+                        width
+                    ));
+                }
+                let xv = self.read(local, at, &[], x, rows)?;
+                let num = self.setup.numerics;
+                let mut vals = Vec::with_capacity((rl * cl) as usize);
+                for i in 0..rl as usize {
+                    let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    let s = &stats.vals[3 * i..3 * i + 3];
+                    for cc in co..co + cl {
+                        vals.push(row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
+                            self.setup.tensors.get(&t).map_or(0.0, |v| st.round(v[j as usize]))
+                        }));
+                    }
+                }
+                let f = Frag {
+                    tensor: *out,
+                    view_cols: *width,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: co,
+                    c1: co + cl,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Lookup { grid, ids, table, vocab, width, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (v0, vl) = Share { n: vocab, parts: grid.rows as u64 }.range(r);
+                let (w0, wl) = Share { n: width, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let idv = self.read(local, at, &claimed, &ids, rows)?;
+                let tv = self.tensor(table, at)?;
+                self.resident(local, at, vl * wl + 2 * rows_per_run * wl)?;
+                let mut vals = Vec::with_capacity((rows_per_run * wl) as usize);
+                for &id in &idv {
+                    let id = id as u64;
+                    for cc in w0..w0 + wl {
+                        vals.push(if id >= v0 && id < v0 + vl {
+                            st.round(tv[(id * width + cc) as usize])
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+                let cover = if grid.rows == 1 { 0 } else { 1 };
+                let f = Frag {
+                    tensor: out,
+                    view_cols: width,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: w0,
+                    c1: w0 + wl,
+                    cover,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+        }
+    }
+}
+
+/// The part of a train's payload that wavelets `from .. to` of its `n` carry: the values are laid out
+/// in fragment order, row-major within a fragment, and spread evenly over the wavelets (a wavelet
+/// carries one fp32 or two fp16 values; padding of a last half wavelet is spread with them).
+pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
+    if from == 0 && to >= n {
+        return Arc::clone(p);
+    }
+    let total: u64 = p.iter().map(|f| f.vals.len() as u64).sum();
+    let (lo, hi) = (from * total / n.max(1), to * total / n.max(1));
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for f in p.iter() {
+        let len = f.vals.len() as u64;
+        let (a, b) = (lo.max(base), hi.min(base + len));
+        if a < b {
+            let w = (f.c1 - f.c0).max(1);
+            // Cut [a, b) of this fragment's values into row pieces.
+            let mut i = a - base;
+            while i < b - base {
+                let (row, col) = (i / w, i % w);
+                let end = (b - base).min((row + 1) * w);
+                let vals: Arc<[f32]> = f.vals[i as usize..end as usize].into();
+                out.push(Frag {
+                    r0: f.r0 + row,
+                    r1: f.r0 + row + 1,
+                    c0: f.c0 + col,
+                    c1: f.c0 + col + (end - i),
+                    vals,
+                    ..f.clone()
+                });
+                i = end;
+            }
+        }
+        base += len;
+    }
+    out.into()
+}
+
+/// Fragments in address order (tensor, row, column, sender): how a gateway that buffers a stream
+/// forwards it.
+fn in_order(mut frags: Vec<Frag>) -> Vec<Frag> {
+    frags.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
+    frags
+}
+
+/// Values at flat positions `lo ..` of a tensor with rows of `cols`, as one fragment per row touched.
+fn flat_frags(tensor: u32, cols: u64, lo: u64, vals: &[f32], src: u32) -> Vec<Frag> {
+    let mut out = Vec::new();
+    let (mut p, mut i) = (lo, 0usize);
+    while i < vals.len() {
+        let (row, c0) = (p / cols.max(1), p % cols.max(1));
+        let c1 = cols.min(c0 + (vals.len() - i) as u64);
+        let n = (c1 - c0) as usize;
+        let v: Arc<[f32]> = vals[i..i + n].into();
+        out.push(Frag { tensor, view_cols: cols, r0: row, r1: row + 1, c0, c1, cover: 0, src, vals: v });
+        p += n as u64;
+        i += n;
+    }
+    out
+}
+
+/// The part of `f` inside the view `v`'s columns (None if none).
+fn crop(f: &Frag, v: &View) -> Option<Frag> {
+    if f.tensor != v.base {
+        return None;
+    }
+    let (c0, c1) = (f.c0.max(v.c0), f.c1.min(v.c0 + v.width));
+    if c0 >= c1 {
+        return None;
+    }
+    if (c0, c1) == (f.c0, f.c1) {
+        return Some(f.clone());
+    }
+    let w = (f.c1 - f.c0) as usize;
+    let mut vals = Vec::with_capacity((f.r1 - f.r0) as usize * (c1 - c0) as usize);
+    for r in 0..(f.r1 - f.r0) as usize {
+        vals.extend_from_slice(&f.vals[r * w + (c0 - f.c0) as usize..r * w + (c1 - f.c0) as usize]);
+    }
+    Some(Frag { c0, c1, vals: vals.into(), ..f.clone() })
+}
+
+/// Key (or value) row `t` of sequence `b`, head group `g`: from the cache, or from the fresh rows.
+fn key_row<'a>(cache: &'a [f32], fresh: &'a [f32], a: &AttnShape, b: u64, t: u64, g: u64) -> &'a [f32] {
+    let (d, w) = (a.head_dim as usize, (a.kv_heads * a.head_dim) as usize);
+    let new = a.kv - a.len;
+    if t < a.len {
+        &cache[((b * a.len + t) as usize) * w + g as usize * d..][..d]
+    } else {
+        &fresh[((b * new + t - a.len) as usize) * w + g as usize * d..][..d]
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044715;
+
+fn gelu(tanh: bool, x: f32) -> f32 {
+    if tanh {
+        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+    } else {
+        0.5 * x * (1.0 + libm_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+}
+
+fn libm_erf(x: f32) -> f32 {
+    <f32 as crate::functional::Real>::erf(x)
+}
+
+/// Whether query `i` (of `q`) sees key `j` (of `kv`), as the reference masks.
+fn visible(q: u64, kv: u64, causal: bool, window: Option<u64>, i: u64, j: u64) -> bool {
+    let pos = kv - q + i;
+    if causal && j > pos {
+        return false;
+    }
+    match window {
+        Some(w) if causal => j + w > pos,
+        _ => true,
+    }
+}
+
+/// Partial statistics (a, b) of columns `co .. co + cl` of one row: LayerNorm (mean, M2), RMSNorm
+/// (mean square, 0), softmax (max of the scaled visible scores, sum of exp(s - max)).
+fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) -> (f32, f32) {
+    let xs = &row[co as usize..(co + cl) as usize];
+    match *op {
+        RowOp::Norm { rms: false, .. } => {
+            let n = cl.max(1) as f32;
+            let mean = xs.iter().sum::<f32>() / n;
+            let m2 = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>();
+            (mean, m2)
+        }
+        RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
+        RowOp::Softmax { q, kv, head_dim, causal } => {
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let i = r % q.max(1);
+            let vis = |j: u64| visible(q, kv, causal, num.sliding_window, i, j);
+            let mut m = f32::NEG_INFINITY;
+            for (k, x) in xs.iter().enumerate() {
+                if vis(co + k as u64) {
+                    m = m.max(x * scale);
+                }
+            }
+            let mut s = 0f32;
+            for (k, x) in xs.iter().enumerate() {
+                if vis(co + k as u64) {
+                    s += (x * scale - m).exp();
+                }
+            }
+            (m, s)
+        }
+    }
+}
+
+/// Combines statistics `q` into `o`, both (count, a, b): LayerNorm's (mean, M2) by Chan's formula,
+/// RMSNorm's mean square by counts, softmax's (max, sum) by rescaling to the larger max.
+fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
+    let (na, nb) = (o[0], q[0]);
+    let n = na + nb;
+    match op {
+        RowOp::Norm { rms: false, .. } => {
+            if n > 0.0 {
+                let delta = q[1] - o[1];
+                o[1] += delta * nb / n;
+                o[2] += q[2] + delta * delta * na * nb / n;
+            }
+        }
+        RowOp::Norm { rms: true, .. } => {
+            if n > 0.0 {
+                o[1] = (na * o[1] + nb * q[1]) / n;
+            }
+        }
+        RowOp::Softmax { .. } => {
+            let m = o[1].max(q[1]);
+            if m > f32::NEG_INFINITY {
+                let scale = |mx: f32| if mx == f32::NEG_INFINITY { 0.0 } else { (mx - m).exp() };
+                o[2] = o[2] * scale(o[1]) + q[2] * scale(q[1]);
+                o[1] = m;
+            }
+        }
+    }
+    o[0] = n;
+}
+
+/// Output of column `cc` of one row given its final statistics `s` (count, a, b).
+fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32], w: impl Fn(u32, u64) -> f32) -> f32 {
+    let x = row[cc as usize];
+    match *op {
+        RowOp::Norm { gamma, beta, rms: false } => {
+            let rstd = 1.0 / (s[2] / s[0] + num.norm_eps as f32).sqrt();
+            (x - s[1]) * rstd * w(gamma, cc) + beta.map_or(0.0, |b| w(b, cc))
+        }
+        RowOp::Norm { gamma, rms: true, .. } => {
+            let rstd = 1.0 / (s[1] + num.norm_eps as f32).sqrt();
+            w(gamma, cc) * (x * rstd)
+        }
+        RowOp::Softmax { q, kv, head_dim, causal } => {
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {
+                (x * scale - s[1]).exp() / s[2]
+            } else {
+                0.0
             }
         }
     }

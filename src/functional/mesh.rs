@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{max_rel_error, FunctionalError, Values};
-use crate::engine::values::{Frag, Setup, Storage};
+use super::{max_rel_error, Act, FunctionalError, Numerics, Value, Values};
+use crate::engine::values::{self, Frag, Setup, Storage};
 use crate::graph::{Graph, TensorId};
 use crate::mesh::{Coord, MeshProgram};
 use crate::model::DType;
@@ -28,7 +28,12 @@ pub struct MeshOutput {
 
 /// The start of a functional run of `program`: fails (the user's request, exit 2) naming what the
 /// program does that functional mode does not support yet.
-pub fn setup(program: &MeshProgram, graph: &Graph, reference: &Values<f32>) -> Result<Setup, FunctionalError> {
+pub fn setup(
+    program: &MeshProgram,
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+) -> Result<Setup, FunctionalError> {
     let Some(data) = program.data.as_ref() else {
         return Err(FunctionalError::Unsupported(
             "this program has no data side table (several wafers side by side, or a synthetic program)".into(),
@@ -54,10 +59,22 @@ pub fn setup(program: &MeshProgram, graph: &Graph, reference: &Values<f32>) -> R
     let producers = graph.producers();
     let tensors: BTreeMap<u32, Arc<[f32]>> = (0..graph.tensors.len())
         .filter(|&i| producers[i].is_none())
-        .map(|i| (i as u32, Arc::from(reference.f(TensorId(i as u32)))))
-        .filter(|(_, v): &(u32, Arc<[f32]>)| !v.is_empty())
+        .map(|i| {
+            let v: Arc<[f32]> = match &reference.values[i] {
+                Value::F(v) => Arc::from(v.as_slice()),
+                // Token ids, positions: exact as floats below 2^24.
+                Value::I(ids) => ids.iter().map(|&x| x as f32).collect(),
+            };
+            (i as u32, v)
+        })
+        .filter(|(_, v)| !v.is_empty())
         .collect();
-    Ok(Setup { data: Arc::clone(data), tensors, storage })
+    let numerics = values::Numerics {
+        norm_eps: numerics.norm_eps,
+        gelu_tanh: numerics.act == Act::GeluTanh,
+        sliding_window: numerics.sliding_window,
+    };
+    Ok(Setup { data: Arc::clone(data), tensors, storage, numerics })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there
@@ -65,7 +82,7 @@ pub fn setup(program: &MeshProgram, graph: &Graph, reference: &Values<f32>) -> R
 pub fn outputs(
     program: &MeshProgram,
     graph: &Graph,
-    results: &[(Coord, Frag)],
+    results: &[(Option<Coord>, Frag)],
     reference: &Values<f32>,
 ) -> Result<Vec<MeshOutput>, FunctionalError> {
     let Some(data) = program.data.as_ref() else {
@@ -76,21 +93,27 @@ pub fn outputs(
         let (rows, cols) = (r.rows as usize, r.cols as usize);
         let mut values = vec![0f32; rows * cols];
         let mut seen = vec![false; rows * cols];
-        for (at, f) in results.iter().filter(|(c, f)| r.rect.contains(*c) && f.tensor == r.tensor) {
+        let here = |c: &Option<Coord>| match (r.rect, c) {
+            (Some(rect), Some(c)) => rect.contains(*c),
+            (None, None) => true,
+            _ => false,
+        };
+        for (at, f) in results.iter().filter(|(c, f)| here(c) && f.tensor == r.tensor) {
+            let who = at.map_or("a port".to_string(), |c| format!("PE ({},{})", c.x, c.y));
             if f.cover != r.cover {
                 return Err(FunctionalError::Mesh(format!(
-                    "`{}`: PE ({},{}) holds columns {}..{} summed over {} of {} terms (a missing reduction)",
-                    r.name, at.x, at.y, f.c0, f.c1, f.cover, r.cover
+                    "`{}`: {who} holds columns {}..{} summed over {} of {} terms (a missing reduction)",
+                    r.name, f.c0, f.c1, f.cover, r.cover
                 )));
             }
             let w = (f.c1 - f.c0) as usize;
             for (i, v) in f.vals.iter().enumerate() {
                 let (row, col) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
                 let idx = row * cols + col;
-                if row >= rows || col >= cols || seen[idx] {
+                if row >= rows || col >= cols || f.view_cols as usize != cols || seen[idx] {
                     return Err(FunctionalError::Mesh(format!(
-                        "`{}`: PE ({},{}) holds element ({row}, {col}) outside the result or held twice",
-                        r.name, at.x, at.y
+                        "`{}`: {who} holds element ({row}, {col}) outside the result or held twice",
+                        r.name
                     )));
                 }
                 seen[idx] = true;

@@ -48,9 +48,38 @@ impl Grid {
     }
 }
 
+/// A graph tensor as a slice of the tensor that really moves: columns `c0 .. c0 + width` of every row
+/// of `base`, whose rows are `cols` long (a view's slice of its producer's output, or the tensor itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub base: u32,
+    pub cols: u64,
+    pub c0: u64,
+    pub width: u64,
+}
+
+/// Elementwise operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EwOp {
+    /// The sum of the inputs.
+    Add,
+    /// GELU of the one input (the numerics say which variant).
+    Gelu,
+}
+
+/// What a row reduction computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOp {
+    /// LayerNorm (`beta`: with a bias) or RMSNorm (`rms`) with the per-column scale `gamma`.
+    Norm { gamma: u32, beta: Option<u32>, rms: bool },
+    /// Attention softmax over `kv` keys, scaled by `1 / sqrt(head_dim)`, causal over `q` queries.
+    Softmax { q: u64, kv: u64, head_dim: u64, causal: bool },
+}
+
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
-/// the trains the task claimed (in need order) and its PE's SRAM; each of the task's sends carries
-/// what the kernel says.
+/// the trains the task claimed (in need order), the values its PE stored earlier and its SRAM; each of
+/// the task's sends carries what the kernel says. `rows_per_run`: the task's run n works on rows
+/// `(n - 1) * rows_per_run ..` of its tensors (token chunks).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kernel {
     /// A partial matrix-vector product: the PE at grid position (r, c) holds the k-slice
@@ -59,9 +88,60 @@ pub enum Kernel {
     /// the partial sums of its n-slice into its accumulator (summing over k in increasing order). Its
     /// sends carry the accumulator.
     GemvPartial { grid: Grid, x: u32, w: u32, w_out_in: bool, k: u64, n: u64, out: u32 },
-    /// Adds the partial sums claimed (one train per need, in need order) to the accumulator, which
-    /// must hold the same slice of the same tensor; the sends carry the accumulator.
-    Accumulate,
+    /// Adds the partial sums claimed to the accumulator (in the order of their senders), which must
+    /// hold the same slice of the same tensor; with `total`, the sum must then have all its terms and
+    /// becomes a finished value. The sends carry the accumulator.
+    Accumulate { total: Option<u64> },
+    /// Sends on every send what it claimed (gateways, gathers, relays).
+    Relay,
+    /// An output gateway: send i carries the part of what it claimed that `views[i]` covers (None:
+    /// everything).
+    Route { views: Vec<Option<View>> },
+    /// Keeps what it claimed for later tasks of its PE (an operand stored ahead of its use).
+    Store,
+    /// A port feeding the wafer: the host's rows of `view` for this run.
+    Source { view: View, rows_per_run: u64 },
+    /// A port leaving the wafer: keeps what it claimed (the step's results).
+    Collect,
+    /// `out[rows, n-slice] = a[rows, :] x w[:, n-slice]` (plus nothing: a `Bias` task adds the bias):
+    /// the PE's n-slice is `Share { n, parts: grid.rows * grid.cols }` at index `r * grid.cols + c`.
+    Linear { grid: Grid, a: View, w: u32, w_out_in: bool, k: u64, n: u64, rows_per_run: u64, out: u32 },
+    /// Adds the bias `b` to the accumulator's columns.
+    Bias { b: u32 },
+    /// Attention scores of one query row against the PE's keys (decode: q_len = 1): the PE's columns
+    /// `Share { batch * heads * kv, parts }` at index `r * grid.cols + c`, each a (sequence, head, key);
+    /// keys before `len` come from the resident cache `cache` (`[batch, len, kv_heads * head_dim]`),
+    /// the others from the fresh rows `fresh`.
+    AttnScores { grid: Grid, q: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// Attention context of one query row: the PE's columns are (sequence, head, dim) of the output;
+    /// values before `len` from `cache`, the others from `fresh`.
+    AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
+    /// `r * grid.cols + c`) of this run's rows.
+    Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32 },
+    /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
+    /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
+    RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
+    /// Combines the statistics claimed with the PE's own (in sender order); sends the combined.
+    RowCombine { op: RowOp },
+    /// The elementwise pass with the row's final statistics (claimed, or the PE's own at the root).
+    RowApply { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64, out: u32 },
+    /// The lookup tree's first step: the PE at (r, c) holds table rows `Share { vocab, grid.rows }` r,
+    /// columns `Share { width, grid.cols }` c; for every id of this run it gives its row's slice, or
+    /// zeros when another PE holds the row (a partial sum with one term per table share).
+    Lookup { grid: Grid, ids: View, table: u32, vocab: u64, width: u64, rows_per_run: u64, out: u32 },
+}
+
+/// The attention sizes a kernel needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub kv: u64,
+    pub head_dim: u64,
+    /// Keys in the resident cache (the rest are fresh).
+    pub len: u64,
 }
 
 /// What a task does to values.
@@ -72,13 +152,14 @@ pub enum TaskData {
     Kernel(Kernel),
 }
 
-/// Where a result is when the run ends: the accumulators of the PEs in `rect` hold, together, the
-/// whole `rows x cols` tensor `tensor`, each value summed over all `cover` terms.
+/// Where a result is when the run ends: the accumulators of the PEs in `rect` (None: what the ports
+/// collected) hold, together, the whole `rows x cols` tensor `tensor`, each value summed over all
+/// `cover` terms (0: finished values).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Readout {
     pub tensor: u32,
     pub name: String,
-    pub rect: Rect,
+    pub rect: Option<Rect>,
     pub rows: u64,
     pub cols: u64,
     pub cover: u64,
