@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 
 use crate::graph::{Elem, Graph, OpKind, TensorId, WeightLayout};
-use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, Readout, RowOp, TaskData, View};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, Readout, RowOp, TaskData, TreeRows, View};
 use crate::mesh::{ColorId, Coord, Rect, Task};
-use crate::model::NormKind;
+use crate::model::{NormKind, Phase};
 
-use super::kernel::{Algo, Iface, Tiling};
+use super::kernel::{Algo, Iface, Tiling, Tree};
 use super::stage::{Operand, Stage, Work};
 
 /// The data of one region's templates.
@@ -122,7 +122,7 @@ pub(crate) fn region(
                         .map(|(_, n)| *n);
                     TaskData::Kernel(Kernel::Accumulate { total })
                 }
-                _ => match compute.by_name.get(base) {
+                _ => match compute.by_name.get(name).or_else(|| compute.by_name.get(base)) {
                     Some(k) => TaskData::Kernel(k.clone()),
                     None => {
                         bad.get_or_insert(format!(
@@ -222,14 +222,41 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             by_name.insert("red", Kernel::RowCombine { op: rop });
             by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
         }
-        (&Work::Elementwise { rows, width, accumulate: false, .. }, Algo::Elementwise) => {
+        (&Work::Matmul { a, b, rows, k, cols, bias, out, .. }, Algo::GemvTree) => {
+            let OpKind::Linear(l) = op.kind else {
+                return Err("this matmul has no data semantics yet".into());
+            };
+            if l.groups != 1 || l.weight_groups != 1 {
+                return Err("grouped (expert) linear layers have no data semantics yet".into());
+            }
+            let Operand::Held(_) = b else {
+                return Err("a streamed weight operand".into());
+            };
+            let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
+            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, l.layout == WeightLayout::OutIn);
+            let out = out_of(out)?;
+            by_name.insert(
+                "mm",
+                Kernel::TreePartial { grid, tree, a: av, w, w_out_in, k, n: cols, rows_per_run: rows / runs, out },
+            );
+            by_name.insert("red1", Kernel::Reduce { total: None, bias: None });
+            let b = bias.then(|| op.inputs[2].0);
+            by_name.insert("red2", Kernel::Reduce { total: Some(k), bias: b });
+        }
+        (&Work::Elementwise { rows, accumulate: false, .. }, Algo::Elementwise) => {
+            let pos0 = if g.workload.phase == Phase::Decode { g.workload.context } else { 0 };
             let (ewop, inputs) = match op.kind {
                 OpKind::Add { .. } => (EwOp::Add, op.inputs.clone()),
                 OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
+                OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
+                OpKind::Rotary { heads, head_dim, rot_dims, .. } => {
+                    (EwOp::Rotary { heads, head_dim, rot_dims, pos0, seq: g.workload.seq }, vec![op.inputs[0]])
+                }
                 _ => return Err("this elementwise op has no data semantics yet".into()),
             };
             let inputs: Vec<View> = inputs.iter().map(|&t| view(g, t)).collect();
             let out = out_of(0)?;
+            let width = view(g, TensorId(out)).width;
             let rows_per_run = rows / runs;
             by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out });
         }

@@ -82,6 +82,8 @@ impl Storage {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Numerics {
     pub norm_eps: f64,
+    /// Rotary: pairs (2i, 2i+1) (GPT-J) instead of (i, i + rot/2).
+    pub rotary_interleaved: bool,
     /// GELU with the tanh approximation (else erf).
     pub gelu_tanh: bool,
     pub sliding_window: Option<u64>,
@@ -96,6 +98,8 @@ pub struct Setup {
     pub tensors: BTreeMap<u32, Arc<[f32]>>,
     pub storage: Storage,
     pub numerics: Numerics,
+    /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
+    pub inv_freq: BTreeMap<u64, Vec<f64>>,
 }
 
 /// One PE's (or port's) values.
@@ -359,6 +363,91 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Relay => Ok(all(in_order(claimed).into())),
+            &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: tree.compute_rows() }.range(tree.compute_index(r));
+                let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let xs = View { c0: a.c0 + k0, width: kl, ..a };
+                let x = self.read(local, at, &claimed, &xs, rows)?;
+                let wv = self.tensor(w, at)?;
+                if wv.len() as u64 != k * n || a.width != k {
+                    return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
+                }
+                self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
+                let rr = rows_per_run as usize;
+                let mut acc = vec![0f32; rr * nl as usize];
+                for i in 0..rr {
+                    let xr = &x[i * kl as usize..(i + 1) * kl as usize];
+                    for j in 0..nl {
+                        let col = n0 + j;
+                        let mut s = 0f32;
+                        for (kk, &xv) in xr.iter().enumerate() {
+                            let kk = k0 + kk as u64;
+                            let wi = if w_out_in { col * k + kk } else { kk * n + col };
+                            s += xv * st.round(wv[wi as usize]);
+                        }
+                        acc[i * nl as usize + j as usize] = s;
+                    }
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: n,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: kl,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Reduce { total, bias } => {
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let Some(first) = parts.first() else {
+                    return Err(format!("{}: reduces, but its trains carried no partial sums", at.name()));
+                };
+                let mut acc = Frag { cover: 0, src: at.id, ..first.clone() };
+                let mut vals = vec![0f32; first.vals.len()];
+                for p in &parts {
+                    if !p.same_slice(&acc) || p.vals.len() != vals.len() || p.cover == 0 {
+                        return Err(format!(
+                            "{}: received {} but reduces a partial sum of {}",
+                            at.name(),
+                            p.slice(),
+                            acc.slice()
+                        ));
+                    }
+                    for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
+                        *a += *b;
+                    }
+                    acc.cover += p.cover;
+                }
+                if let Some(t) = total {
+                    if acc.cover != t {
+                        return Err(format!(
+                            "{}: {} summed over {} of {t} terms (a missing reduction)",
+                            at.name(),
+                            acc.slice(),
+                            acc.cover
+                        ));
+                    }
+                    acc.cover = 0;
+                    if let Some(b) = bias {
+                        let bv = self.tensor(b, at)?;
+                        let w = (acc.c1 - acc.c0).max(1) as usize;
+                        for (i, v) in vals.iter_mut().enumerate() {
+                            *v += st.round(bv[acc.c0 as usize + i % w]);
+                        }
+                    }
+                }
+                acc.vals = vals.into();
+                self.pes[local].acc = vec![acc];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
             Kernel::Route { views } => {
                 let mut outs = Vec::with_capacity(n_sends);
                 for i in 0..n_sends {
@@ -529,9 +618,26 @@ impl PartValues {
                         let mut vals = Vec::with_capacity((c1 - c0) as usize);
                         for cc in c0..c1 {
                             let i = ((row - first) * width + cc) as usize;
-                            vals.push(match op {
+                            vals.push(match *op {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
+                                EwOp::SwiGlu => {
+                                    let (g, u) = (ins[0][i], ins[1][i]);
+                                    g * (1.0 / (1.0 + (-g).exp())) * u
+                                }
+                                EwOp::Rotary { head_dim, rot_dims, pos0, seq, .. } => {
+                                    let row_vals = &ins[0][((row - first) * width) as usize..][..*width as usize];
+                                    let freqs = self.setup.inv_freq.get(&rot_dims).map_or(&[][..], |v| v.as_slice());
+                                    rotary(
+                                        row_vals,
+                                        cc,
+                                        head_dim,
+                                        rot_dims,
+                                        pos0 + row % seq.max(1),
+                                        freqs,
+                                        num.rotary_interleaved,
+                                    )
+                                }
                             });
                         }
                         frags.push(Frag {
@@ -782,6 +888,27 @@ fn key_row<'a>(cache: &'a [f32], fresh: &'a [f32], a: &AttnShape, b: u64, t: u64
         &cache[((b * a.len + t) as usize) * w + g as usize * d..][..d]
     } else {
         &fresh[((b * new + t - a.len) as usize) * w + g as usize * d..][..d]
+    }
+}
+
+/// Output column `cc` of a row after the rotary embedding at position `pos`, as the reference rotates.
+fn rotary(row: &[f32], cc: u64, head_dim: u64, rot: u64, pos: u64, freqs: &[f64], interleaved: bool) -> f32 {
+    let (h, d) = (cc / head_dim, cc % head_dim);
+    if d >= rot || freqs.is_empty() {
+        return row[cc as usize];
+    }
+    let half = rot / 2;
+    let base = h * head_dim;
+    // The pair (a, b) this column belongs to, which one it is, and its frequency index.
+    let (i, first) = if interleaved { (d / 2, d % 2 == 0) } else { (d % half, d < half) };
+    let (a, b) = if interleaved { (base + 2 * i, base + 2 * i + 1) } else { (base + i, base + i + half) };
+    let angle = (pos as f64 * freqs[i as usize]) as f32;
+    let (cos, sin) = (angle.cos(), angle.sin());
+    let (xa, xb) = (row[a as usize], row[b as usize]);
+    if first {
+        xa * cos - xb * sin
+    } else {
+        xb * cos + xa * sin
     }
 }
 

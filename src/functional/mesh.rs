@@ -69,12 +69,19 @@ pub fn setup(
         })
         .filter(|(_, v)| !v.is_empty())
         .collect();
+    let mut inv_freq = BTreeMap::new();
+    for o in graph.op_ids() {
+        if let crate::graph::OpKind::Rotary { rot_dims, .. } = graph.op(o).kind {
+            inv_freq.entry(rot_dims).or_insert_with(|| numerics.inv_freq(rot_dims));
+        }
+    }
     let numerics = values::Numerics {
         norm_eps: numerics.norm_eps,
+        rotary_interleaved: numerics.rotary_style == super::RotaryStyle::Interleaved,
         gelu_tanh: numerics.act == Act::GeluTanh,
         sliding_window: numerics.sliding_window,
     };
-    Ok(Setup { data: Arc::clone(data), tensors, storage, numerics })
+    Ok(Setup { data: Arc::clone(data), tensors, storage, numerics, inv_freq })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there

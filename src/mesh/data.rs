@@ -65,6 +65,11 @@ pub enum EwOp {
     Add,
     /// GELU of the one input (the numerics say which variant).
     Gelu,
+    /// SwiGLU of (gate, up): `g * sigmoid(g) * u`.
+    SwiGlu,
+    /// Rotary embedding of the first `rot_dims` dimensions of each of the `heads` heads of
+    /// `head_dim`; row r is at position `pos0 + r % seq` (the numerics give frequencies and layout).
+    Rotary { heads: u64, head_dim: u64, rot_dims: u64, pos0: u64, seq: u64 },
 }
 
 /// What a row reduction computes.
@@ -108,6 +113,23 @@ pub enum Kernel {
     Linear { grid: Grid, a: View, w: u32, w_out_in: bool, k: u64, n: u64, rows_per_run: u64, out: u32 },
     /// Adds the bias `b` to the accumulator's columns.
     Bias { b: u32 },
+    /// A gemv-tree compute row: the PE at (r, c) multiplies this run's rows of `a`'s k-slice
+    /// `Share { k, tree.compute_rows() }` at `tree.compute_index(r)` by the block of `w` (n-slice
+    /// `Share { n, grid.cols }` c) into a partial sum, which it sends.
+    TreePartial {
+        grid: Grid,
+        tree: TreeRows,
+        a: View,
+        w: u32,
+        w_out_in: bool,
+        k: u64,
+        n: u64,
+        rows_per_run: u64,
+        out: u32,
+    },
+    /// A reducer: the sum of the partial sums claimed (in sender order); with `total`, it must have all
+    /// its terms and becomes a finished value (plus the bias `bias`). The sends carry it.
+    Reduce { total: Option<u64>, bias: Option<u32> },
     /// Attention scores of one query row against the PE's keys (decode: q_len = 1): the PE's columns
     /// `Share { batch * heads * kv, parts }` at index `r * grid.cols + c`, each a (sequence, head, key);
     /// keys before `len` come from the resident cache `cache` (`[batch, len, kv_heads * head_dim]`),
@@ -117,7 +139,7 @@ pub enum Kernel {
     /// values before `len` from `cache`, the others from `fresh`.
     AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
     /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
-    /// `r * grid.cols + c`) of this run's rows.
+    /// `r * grid.cols + c`) of this run's rows of the output (`width` wide).
     Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32 },
     /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
     /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
@@ -130,6 +152,39 @@ pub enum Kernel {
     /// columns `Share { width, grid.cols }` c; for every id of this run it gives its row's slice, or
     /// zeros when another PE holds the row (a partial sum with one term per table share).
     Lookup { grid: Grid, ids: View, table: u32, vocab: u64, width: u64, rows_per_run: u64, out: u32 },
+}
+
+/// The gemv-tree's rows (`compile::kernel::Tree`, restated: the two must agree): `rc` rows, groups of
+/// `g` rows reduce into their last row (a leader), leaders and ungrouped rows into the root (the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeRows {
+    pub rc: u64,
+    pub g: u64,
+}
+
+impl TreeRows {
+    fn group(&self, r: u64) -> (u64, u64) {
+        let start = (r / self.g.max(1)) * self.g.max(1);
+        (start, (start + self.g.max(1)).min(self.rc - 1))
+    }
+    /// 0 compute, 1 leader, 2 root.
+    pub fn role(&self, r: u64) -> u64 {
+        if r + 1 == self.rc {
+            return 2;
+        }
+        let (a, b) = self.group(r);
+        if self.g > 1 && r + 1 == b && b - a >= 2 {
+            1
+        } else {
+            0
+        }
+    }
+    pub fn compute_index(&self, r: u64) -> u64 {
+        (0..r).filter(|&x| self.role(x) == 0).count() as u64
+    }
+    pub fn compute_rows(&self) -> u64 {
+        (0..self.rc).filter(|&x| self.role(x) == 0).count() as u64
+    }
 }
 
 /// The attention sizes a kernel needs.
