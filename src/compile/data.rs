@@ -173,17 +173,20 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     let read = st.ops.iter().map(|&o| g.op(o)).find(|o| {
                         matches!(o.kind, OpKind::KvCacheRead { .. }) && o.outputs.first() == op.inputs.get(1)
                     });
-                    let (Some(read), Some(_), Operand::Held(_)) = (read, fresh, b) else {
-                        return Err(
-                            "attention without a resident KV cache (prefill, training) has no data semantics yet"
-                                .into(),
-                        );
+                    // Keys (values) from a resident cache and the fresh rows (decode), or all stored
+                    // ahead in SRAM (prefill).
+                    let (len, cache, fresh) = match (read, fresh, b) {
+                        (Some(read), Some(_), Operand::Held(_)) => {
+                            let OpKind::KvCacheRead { len, .. } = read.kind else {
+                                return Err("attention without a readable KV cache".into());
+                            };
+                            (len, read.inputs[0].0, view(g, read.inputs[1]))
+                        }
+                        (None, _, Operand::Slot(s)) => (0, u32::MAX, view(g, st.inputs[s].tensor)),
+                        _ => return Err("attention with this KV layout has no data semantics yet".into()),
                     };
-                    let OpKind::KvCacheRead { len, .. } = read.kind else {
-                        return Err("attention without a resident KV cache".into());
-                    };
-                    if at.q_len != 1 || len == 0 || runs != 1 {
-                        return Err("attention over more than one query row has no data semantics yet".into());
+                    if runs != 1 {
+                        return Err("attention in token chunks has no data semantics yet".into());
                     }
                     let shape = AttnShape {
                         batch: at.batch,
@@ -191,9 +194,9 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         kv_heads: at.kv_heads,
                         kv: at.kv_len,
                         head_dim: at.head_dim,
+                        q_len: at.q_len,
                         len,
                     };
-                    let (cache, fresh) = (read.inputs[0].0, view(g, read.inputs[1]));
                     let kernel = if matches!(op.kind, OpKind::AttnScores(_)) {
                         Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out }
                     } else {
@@ -249,6 +252,10 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 OpKind::Add { .. } => (EwOp::Add, op.inputs.clone()),
                 OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
                 OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
+                OpKind::Tanh(_) => (EwOp::Tanh, vec![op.inputs[0]]),
+                OpKind::TokenSelect { seq, pick, .. } => {
+                    (EwOp::Select { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
+                }
                 OpKind::Rotary { heads, head_dim, rot_dims, .. } => {
                     (EwOp::Rotary { heads, head_dim, rot_dims, pos0, seq: g.workload.seq }, vec![op.inputs[0]])
                 }

@@ -261,15 +261,28 @@ impl PartValues {
             }
         }
         if let Some(i) = have.iter().position(|h| !h) {
+            let mut got: Vec<(u64, u64, u64, u64)> = frags
+                .iter()
+                .chain(&self.pes[local].store)
+                .filter(|f| f.tensor == v.base)
+                .map(|f| (f.r0, f.r1, f.c0, f.c1))
+                .collect();
+            got.sort();
+            got.dedup();
+            let shown: Vec<String> =
+                got.iter().take(6).map(|g| format!("[{}..{}, {}..{}]", g.0, g.1, g.2, g.3)).collect();
             return Err(format!(
-                "{}: element ({}, {}) of t{} (columns {}..{} of t{}) never arrived (a wrong or missing route)",
+                "{}: element ({}, {}) of t{} (columns {}..{} of t{}) is not among the values it claimed ({}{}): a \
+                 wrong or missing route, or wavelets of another run taken in its place",
                 at.name(),
                 rows.0 + (i / w.max(1)) as u64,
                 i % w.max(1),
                 v.base,
                 v.c0,
                 v.c0 + v.width,
-                v.base
+                v.base,
+                shown.join(" "),
+                if got.len() > 6 { " ..." } else { "" }
             ));
         }
         Ok(buf)
@@ -550,24 +563,27 @@ impl PartValues {
                 let (idx, parts) = flat_index(&grid, r, c);
                 let total = attn.batch * attn.heads * attn.kv;
                 let (j0, jl) = Share { n: total, parts }.range(idx);
-                let qv = self.read(local, at, &claimed, &q, (0, attn.batch))?;
+                let ql = attn.q_len;
+                let qv = self.read(local, at, &claimed, &q, (0, attn.batch * ql))?;
                 let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
-                let cv = self.tensor(cache, at)?;
-                self.resident(local, at, jl * attn.head_dim + jl)?;
+                let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
+                self.resident(local, at, jl * attn.head_dim + jl * ql)?;
                 let d = attn.head_dim as usize;
                 let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
-                let mut vals = Vec::with_capacity(jl as usize);
+                let mut vals = Vec::with_capacity((jl * ql) as usize);
                 for j in j0..j0 + jl {
                     let (b, h, t) = (j / (attn.heads * attn.kv), (j / attn.kv) % attn.heads, j % attn.kv);
-                    let qrow = &qv[(b * attn.heads * attn.head_dim + h * attn.head_dim) as usize..][..d];
                     let krow = key_row(&cv, &fr, &attn, b, t, h / grp);
-                    let mut acc = 0f32;
-                    for dd in 0..d {
-                        acc += qrow[dd] * st.round(krow[dd]);
+                    for i in 0..ql {
+                        let qrow = &qv[((b * ql + i) * attn.heads * attn.head_dim + h * attn.head_dim) as usize..][..d];
+                        let mut acc = 0f32;
+                        for dd in 0..d {
+                            acc += qrow[dd] * st.round(krow[dd]);
+                        }
+                        vals.push(((((b * attn.heads + h) * ql + i) * attn.kv + t), acc));
                     }
-                    vals.push(acc);
                 }
-                self.pes[local].acc = flat_frags(out, attn.kv, j0, &vals, at.id);
+                self.pes[local].acc = scatter_frags(out, attn.kv, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             &Kernel::AttnContext { grid, p, cache, fresh, attn, out } => {
@@ -575,24 +591,27 @@ impl PartValues {
                 let (idx, parts) = flat_index(&grid, r, c);
                 let total = attn.batch * attn.heads * attn.head_dim;
                 let (j0, jl) = Share { n: total, parts }.range(idx);
-                let pv = self.read(local, at, &claimed, &p, (0, attn.batch * attn.heads))?;
+                let ql = attn.q_len;
+                let pv = self.read(local, at, &claimed, &p, (0, attn.batch * attn.heads * ql))?;
                 let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
-                let cv = self.tensor(cache, at)?;
-                self.resident(local, at, jl * attn.kv + jl)?;
+                let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
+                self.resident(local, at, jl * attn.kv + jl * ql)?;
                 let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
-                let mut vals = Vec::with_capacity(jl as usize);
+                let hd = attn.heads * attn.head_dim;
+                let mut vals = Vec::with_capacity((jl * ql) as usize);
                 for j in j0..j0 + jl {
-                    let (b, h, dd) =
-                        (j / (attn.heads * attn.head_dim), (j / attn.head_dim) % attn.heads, j % attn.head_dim);
-                    let mut acc = 0f32;
-                    for t in 0..attn.kv {
-                        let pr = pv[((b * attn.heads + h) * attn.kv + t) as usize];
-                        let vrow = key_row(&cv, &fr, &attn, b, t, h / grp);
-                        acc += pr * st.round(vrow[dd as usize]);
+                    let (b, h, dd) = (j / hd, (j / attn.head_dim) % attn.heads, j % attn.head_dim);
+                    for i in 0..ql {
+                        let mut acc = 0f32;
+                        for t in 0..attn.kv {
+                            let pr = pv[(((b * attn.heads + h) * ql + i) * attn.kv + t) as usize];
+                            let vrow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                            acc += pr * st.round(vrow[dd as usize]);
+                        }
+                        vals.push(((b * ql + i) * hd + h * attn.head_dim + dd, acc));
                     }
-                    vals.push(acc);
                 }
-                self.pes[local].acc = flat_frags(out, attn.heads * attn.head_dim, j0, &vals, at.id);
+                self.pes[local].acc = scatter_frags(out, hd, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Elementwise { grid, op, inputs, rows_per_run, width, out } => {
@@ -603,11 +622,23 @@ impl PartValues {
                 let mut frags = Vec::new();
                 if len > 0 {
                     let first = row0 + off / width;
-                    let last = row0 + (off + len - 1) / width + 1;
-                    let ins: Vec<Vec<f32>> = inputs
-                        .iter()
-                        .map(|v| self.read(local, at, &claimed, v, (first, last)))
-                        .collect::<Result<_, _>>()?;
+                    let end = row0 + (off + len - 1) / width + 1;
+                    let ins: Vec<Vec<f32>> = match *op {
+                        // One token of every sequence: output row b reads input row b * seq + pick.
+                        EwOp::Select { seq, last } => {
+                            let pick = if last { seq.saturating_sub(1) } else { 0 };
+                            let mut v = Vec::new();
+                            for row in first..end {
+                                let r = row * seq + pick;
+                                v.extend(self.read(local, at, &claimed, &inputs[0], (r, r + 1))?);
+                            }
+                            vec![v]
+                        }
+                        _ => inputs
+                            .iter()
+                            .map(|v| self.read(local, at, &claimed, v, (first, end)))
+                            .collect::<Result<_, _>>()?,
+                    };
                     self.resident(local, at, 2 * len)?;
                     let num = self.setup.numerics;
                     let mut p = off;
@@ -621,6 +652,8 @@ impl PartValues {
                             vals.push(match *op {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
+                                EwOp::Tanh => ins[0][i].tanh(),
+                                EwOp::Select { .. } => ins[0][i],
                                 EwOp::SwiGlu => {
                                     let (g, u) = (ins[0][i], ins[1][i]);
                                     g * (1.0 / (1.0 + (-g).exp())) * u
@@ -842,6 +875,23 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
 fn in_order(mut frags: Vec<Frag>) -> Vec<Frag> {
     frags.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
     frags
+}
+
+/// Values at scattered flat positions of a tensor with rows of `cols`, as fragments of contiguous runs.
+fn scatter_frags(tensor: u32, cols: u64, mut vals: Vec<(u64, f32)>, src: u32) -> Vec<Frag> {
+    vals.sort_by_key(|v| v.0);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < vals.len() {
+        let mut j = i + 1;
+        while j < vals.len() && vals[j].0 == vals[j - 1].0 + 1 {
+            j += 1;
+        }
+        let run: Vec<f32> = vals[i..j].iter().map(|v| v.1).collect();
+        out.extend(flat_frags(tensor, cols, vals[i].0, &run, src));
+        i = j;
+    }
+    out
 }
 
 /// Values at flat positions `lo ..` of a tensor with rows of `cols`, as one fragment per row touched.

@@ -65,6 +65,11 @@ pub enum EwOp {
     Add,
     /// GELU of the one input (the numerics say which variant).
     Gelu,
+    /// tanh of the one input.
+    Tanh,
+    /// One token of every sequence of `seq` (the first, or the last): output row b is input row
+    /// `b * seq + pick`.
+    Select { seq: u64, last: bool },
     /// SwiGLU of (gate, up): `g * sigmoid(g) * u`.
     SwiGlu,
     /// Rotary embedding of the first `rot_dims` dimensions of each of the `heads` heads of
@@ -130,12 +135,12 @@ pub enum Kernel {
     /// A reducer: the sum of the partial sums claimed (in sender order); with `total`, it must have all
     /// its terms and becomes a finished value (plus the bias `bias`). The sends carry it.
     Reduce { total: Option<u64>, bias: Option<u32> },
-    /// Attention scores of one query row against the PE's keys (decode: q_len = 1): the PE's columns
+    /// Attention scores of the query rows against the PE's keys: the PE's columns
     /// `Share { batch * heads * kv, parts }` at index `r * grid.cols + c`, each a (sequence, head, key);
     /// keys before `len` come from the resident cache `cache` (`[batch, len, kv_heads * head_dim]`),
     /// the others from the fresh rows `fresh`.
     AttnScores { grid: Grid, q: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
-    /// Attention context of one query row: the PE's columns are (sequence, head, dim) of the output;
+    /// Attention context of the query rows: the PE's columns are (sequence, head, dim) of the output;
     /// values before `len` from `cache`, the others from `fresh`.
     AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
     /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
@@ -195,6 +200,8 @@ pub struct AttnShape {
     pub kv_heads: u64,
     pub kv: u64,
     pub head_dim: u64,
+    /// Query rows per sequence.
+    pub q_len: u64,
     /// Keys in the resident cache (the rest are fresh).
     pub len: u64,
 }

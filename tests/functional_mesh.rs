@@ -1,0 +1,177 @@
+//! Functional runs of compiled mesh programs (`wafer run --functional`): the values the emulated PEs
+//! compute, in the same emulation that gives the timing, against the reference; the timing report
+//! untouched by the values; values identical for any thread count; clear refusals (exit 2) where the
+//! data semantics do not reach yet.
+
+mod support;
+
+use serde_json::Value;
+use support::wafer;
+
+/// Runs `wafer run ARGS --functional --json`; returns the report without `host` and the max relative
+/// error the check line gives.
+fn functional(args: &[&str], out: Option<&std::path::Path>) -> (Value, f64) {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    a.extend(["--functional", "--json"]);
+    let path;
+    if let Some(p) = out {
+        path = p.display().to_string();
+        a.extend(["--out", path.as_str()]);
+    }
+    let (code, stdout, stderr) = wafer(&a);
+    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("functional: max relative error vs the reference"))
+        .unwrap_or_else(|| panic!("no check line in:\n{stderr}"));
+    let err: f64 = line
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no error value in `{line}`"));
+    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
+    v.as_object_mut().expect("object").remove("host");
+    (v, err)
+}
+
+fn timing_only(args: &[&str]) -> Value {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let (code, stdout, stderr) = wafer(&a);
+    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
+    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
+    v.as_object_mut().expect("object").remove("host");
+    v
+}
+
+/// Every tiny decoder the data table covers, decoding one token after a 15-token context, in fp32:
+/// the logits the PEs compute are the reference's within 1e-4 (relative to the largest logit), on
+/// meshes where the linears run as gemv-broadcast (32x32) and as gemv-tree (16x16). And a single GEMV
+/// on pre-placed operands, whose result stays in the root row's SRAM.
+#[test]
+fn decode_logits_match_the_reference() {
+    for (model, mesh) in [
+        ("gpt-tiny", "32x32"),
+        ("gpt-tiny", "16x16"),
+        ("llama-tiny", "32x32"),
+        ("neox-tiny", "32x32"),
+        ("gptj-tiny", "32x32"),
+    ] {
+        let args = ["--hw", "cs2", "--mesh", mesh, "--phase", "decode", "--context", "15", "--dtype", "fp32"];
+        let mut a = vec![model];
+        a.extend(args);
+        let (_, err) = functional(&a, None);
+        assert!(err < 1e-4, "{model} on {mesh}: max relative error {err}");
+    }
+    for (op, mesh) in [("gemv:64x64", "16x16"), ("gemv:1000x300", "16x16"), ("gemv:256x2048", "32x32")] {
+        let (_, err) = functional(&[op, "--mesh", mesh, "--dtype", "fp32"], None);
+        assert!(err < 1e-4, "{op} on {mesh}: max relative error {err}");
+    }
+}
+
+/// The values only observe the emulation: the report (cycles, counters, utilisation, bottlenecks) is
+/// the same JSON with and without `--functional`.
+#[test]
+fn timing_is_identical_with_and_without_values() {
+    for args in [
+        vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15", "--dtype", "fp32"],
+        vec!["llama-tiny", "--mesh", "16x16", "--phase", "decode", "--context", "15"],
+        vec!["gemv:1000x300", "--mesh", "16x16"],
+    ] {
+        let (with, _) = functional(&args, None);
+        assert_eq!(with, timing_only(&args), "{}", args.join(" "));
+    }
+}
+
+/// Partial sums meet in sender order, never arrival order: a mesh cut into several engine partitions
+/// gives the same output bytes for 1 and 3 threads.
+#[test]
+fn values_are_identical_for_any_thread_count() {
+    let dir = std::env::temp_dir().join(format!("wafer-functional-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut outs = Vec::new();
+    for threads in ["1", "3"] {
+        let path = dir.join(format!("logits-{threads}.safetensors"));
+        let args = [
+            "gpt-tiny",
+            "--mesh",
+            "140x70",
+            "--phase",
+            "decode",
+            "--context",
+            "15",
+            "--dtype",
+            "fp32",
+            "--threads",
+            threads,
+        ];
+        let (_, err) = functional(&args, Some(&path));
+        assert!(err < 1e-4, "{threads} threads: {err}");
+        outs.push(std::fs::read(&path).expect("output written"));
+    }
+    assert_eq!(outs[0], outs[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// fp16 storage (values rounded to fp16 in SRAM and in wavelets, fp32 arithmetic) against the
+/// reference's storage rounding (every stored tensor rounded): close, not equal.
+#[test]
+fn fp16_storage_is_close() {
+    let (_, err) = functional(&["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15"], None);
+    assert!(err < 1e-2, "fp16: {err}");
+}
+
+/// Where the data semantics do not reach, `--functional` refuses before emulating, with exit 2 and a
+/// message naming what is missing; never a wrong answer.
+#[test]
+fn unsupported_programs_are_refused() {
+    for (args, says) in [
+        (vec!["mixtral-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15"], "moe_topk"),
+        (vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--wafers", "2"], "several wafers"),
+        (vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--mode", "weight-streaming"], "folded layer loops"),
+        (vec!["gpt-tiny", "--mesh", "32x32", "--phase", "train", "--seq", "8"], "refresh"),
+        (vec!["gemm:64x64x64", "--mesh", "16x16"], "cannon"),
+    ] {
+        let mut a = vec!["run"];
+        a.extend(args.iter().copied());
+        a.push("--functional");
+        let (code, _, stderr) = wafer(&a);
+        assert_eq!(code, 2, "{}: {stderr}", a.join(" "));
+        assert!(stderr.contains("functional mode does not support this yet"), "{stderr}");
+        assert!(stderr.contains(says), "{}: expected `{says}` in {stderr}", a.join(" "));
+    }
+}
+
+/// Prefill runs its stages in token chunks, and an output row's gather relays count wavelets from all
+/// the columns of a region: a column that runs ahead sends chunk n + 1 before a slower column's chunk n
+/// has arrived, so a gather run forwards values of two chunks. The timing does not see it (it counts
+/// wavelets); the values do, and the run stops with an error naming the PE, the run and what it got
+/// (a bug of the compiled program, exit 1), never a wrong answer.
+/// FIXME: gathers need per-chunk ordering (or per-sender buffers) before prefill can run with values.
+#[test]
+fn prefill_chunks_mixed_at_gathers_are_an_error() {
+    let (code, _, stderr) = wafer(&[
+        "run",
+        "gpt-tiny",
+        "--mesh",
+        "32x32",
+        "--phase",
+        "prefill",
+        "--seq",
+        "8",
+        "--dtype",
+        "fp32",
+        "--functional",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("wavelets of another run taken in its place"), "{stderr}");
+}
+
+/// The functional inputs are refused without `--functional`.
+#[test]
+fn functional_flags_need_functional() {
+    let (code, _, stderr) = wafer(&["run", "gpt-tiny", "--seed", "3"]);
+    assert_eq!(code, 2, "{stderr}");
+}
