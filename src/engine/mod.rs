@@ -236,7 +236,7 @@ pub fn run_functional(
     program: &MeshProgram,
     opts: &EngineOptions,
     setup: std::sync::Arc<values::Setup>,
-) -> Result<(EngineRun, Vec<(Option<crate::mesh::Coord>, values::Frag)>), EngineError> {
+) -> Result<(EngineRun, values::Results), EngineError> {
     run_with(program, opts, Some(setup))
 }
 
@@ -244,12 +244,11 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
     run_with(program, opts, None).map(|(r, _)| r)
 }
 
-#[allow(clippy::type_complexity)]
 fn run_with(
     program: &MeshProgram,
     opts: &EngineOptions,
     setup: Option<std::sync::Arc<values::Setup>>,
-) -> Result<(EngineRun, Vec<(Option<crate::mesh::Coord>, values::Frag)>), EngineError> {
+) -> Result<(EngineRun, values::Results), EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
     let mut parts = build_parts(&shared, opts);

@@ -586,7 +586,7 @@ impl Part {
     }
 
     /// The values the readout PEs of this partition hold at the end of a functional run.
-    pub fn value_results(&self, sh: &Shared) -> Vec<(Option<Coord>, super::values::Frag)> {
+    pub fn value_results(&self, sh: &Shared) -> super::values::Results {
         let locals = self.agents.iter().enumerate().map(|(i, a)| (i, (a.id < sh.n_pes).then(|| sh.links.coord(a.id))));
         match &self.vals {
             Some(v) => v.results(locals),

@@ -54,6 +54,9 @@ impl Frag {
 /// What one train carries.
 pub type Payload = Arc<[Frag]>;
 
+/// What a functional run's agents hold at the end: a PE's (with its coordinate) or a port's (None).
+pub type Results = Vec<(Option<Coord>, Frag)>;
+
 /// Storage rounding of values kept in SRAM and sent in wavelets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Storage {
@@ -178,7 +181,7 @@ impl PartValues {
 
     /// What the given agents (local index, coordinate; None for a port) hold at the end: a PE's
     /// accumulator where it lies in a readout rectangle, everything a port collected.
-    pub fn results(&self, agents: impl Iterator<Item = (usize, Option<Coord>)>) -> Vec<(Option<Coord>, Frag)> {
+    pub fn results(&self, agents: impl Iterator<Item = (usize, Option<Coord>)>) -> Results {
         let rects: Vec<_> = self.setup.data.readouts.iter().filter_map(|r| r.rect).collect();
         let mut out = Vec::new();
         for (l, c) in agents {
