@@ -83,6 +83,25 @@ pub(crate) fn region(
     if let Work::SingleGemv { k, n } = st.work {
         return single_gemv(g, st, t, rect, templates, k, n);
     }
+    if let (Work::SingleAdd { n }, OpKind::Add { .. }) = (&st.work, &g.op(st.main).kind) {
+        let op = g.op(st.main);
+        let f = t.frame;
+        let grid = Grid { origin: Coord { x: rect.x, y: rect.y + f.row0() }, rows: f.rc(), cols: f.w };
+        let (inputs, out) = (op.inputs.iter().map(|t| t.0).collect(), op.outputs[0].0);
+        let kernel = Kernel::LocalAdd { grid, inputs, n: *n, out };
+        return RegionData {
+            tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::Kernel(kernel.clone()); ts.len()]).collect(),
+            readouts: vec![Readout {
+                tensor: out,
+                name: g.tensor(op.outputs[0]).name.clone(),
+                rect: Some(Rect { x: rect.x, y: rect.y + f.row0(), w: f.w, h: f.rc() }),
+                rows: 1,
+                cols: *n,
+                cover: 0,
+            }],
+            unsupported: None,
+        };
+    }
     let compute = match compute(g, st, t, rect) {
         Ok(c) => c,
         Err(why) => {

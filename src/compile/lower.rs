@@ -876,12 +876,15 @@ fn compile_wafer(
                     }
                 }
                 let slot_t = stages[b].inputs[slot].tensor;
-                if op_needs_link || gate.is_some() {
+                if gate.is_some() {
                     pw.unsupported.push(format!(
-                        "stream `{}`: functional mode does not carry values between wafers or through MemoryX yet",
+                        "stream `{}`: functional mode does not carry values through MemoryX yet",
                         fl.name
                     ));
                     pw.data.push(TaskData::None);
+                } else if op_needs_link {
+                    // From the previous wafer: what arrives on the link goes on into this wafer.
+                    pw.data.push(TaskData::Kernel(Kernel::Relay));
                 } else {
                     let v = data::view(g, slot_t);
                     let rows = data::view_rows(g, slot_t, &v);

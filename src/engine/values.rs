@@ -379,6 +379,21 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Relay => Ok(all(in_order(claimed).into())),
+            Kernel::LocalAdd { grid, inputs, n, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (lo, len) = Share { n: *n, parts }.range(idx);
+                let ins: Vec<Arc<[f32]>> = inputs.iter().map(|&t| self.tensor(t, at)).collect::<Result<_, _>>()?;
+                if ins.iter().any(|v| (v.len() as u64) < lo + len) {
+                    return Err(format!("{}: an operand shorter than its share", at.name()));
+                }
+                self.resident(local, at, (inputs.len() as u64 + 1) * len)?;
+                let vals: Vec<f32> = (lo..lo + len)
+                    .map(|i| ins.iter().map(|v| st.round(v[i as usize])).fold(0f32, |a, b| a + b))
+                    .collect();
+                self.pes[local].acc = flat_frags(*out, *n, lo, &vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
             &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out } => {
                 let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: tree.compute_rows() }.range(tree.compute_index(r));

@@ -35,9 +35,7 @@ pub fn setup(
     reference: &Values<f32>,
 ) -> Result<Setup, FunctionalError> {
     let Some(data) = program.data.as_ref() else {
-        return Err(FunctionalError::Unsupported(
-            "this program has no data side table (several wafers side by side, or a synthetic program)".into(),
-        ));
+        return Err(FunctionalError::Unsupported("this program has no data side table (a synthetic program)".into()));
     };
     if !data.unsupported.is_empty() {
         let n = data.unsupported.len();

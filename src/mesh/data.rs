@@ -98,6 +98,9 @@ pub enum Kernel {
     /// the partial sums of its n-slice into its accumulator (summing over k in increasing order). Its
     /// sends carry the accumulator.
     GemvPartial { grid: Grid, x: u32, w: u32, w_out_in: bool, k: u64, n: u64, out: u32 },
+    /// `out = sum of inputs` over the PE's flat share (`Share { n, grid.rows * grid.cols }` at index
+    /// `r * grid.cols + c`) of pre-placed operands; the result stays in its accumulator.
+    LocalAdd { grid: Grid, inputs: Vec<u32>, n: u64, out: u32 },
     /// Adds the partial sums claimed to the accumulator (in the order of their senders), which must
     /// hold the same slice of the same tensor; with `total`, the sum must then have all its terms and
     /// becomes a finished value. The sends carry the accumulator.
@@ -206,6 +209,35 @@ pub struct AttnShape {
     pub len: u64,
 }
 
+impl Kernel {
+    /// The kernel of the same PEs moved `dx` columns east (wafers laid side by side).
+    pub fn shifted(&self, dx: u32) -> Kernel {
+        let mut k = self.clone();
+        match &mut k {
+            Kernel::GemvPartial { grid, .. }
+            | Kernel::LocalAdd { grid, .. }
+            | Kernel::Linear { grid, .. }
+            | Kernel::TreePartial { grid, .. }
+            | Kernel::AttnScores { grid, .. }
+            | Kernel::AttnContext { grid, .. }
+            | Kernel::Elementwise { grid, .. }
+            | Kernel::RowStats { grid, .. }
+            | Kernel::RowApply { grid, .. }
+            | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
+            Kernel::Accumulate { .. }
+            | Kernel::Relay
+            | Kernel::Route { .. }
+            | Kernel::Store
+            | Kernel::Source { .. }
+            | Kernel::Collect
+            | Kernel::Bias { .. }
+            | Kernel::Reduce { .. }
+            | Kernel::RowCombine { .. } => {}
+        }
+        k
+    }
+}
+
 /// What a task does to values.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskData {
@@ -225,6 +257,30 @@ pub struct Readout {
     pub rows: u64,
     pub cols: u64,
     pub cover: u64,
+}
+
+impl ProgramData {
+    /// The tables of wafers laid side by side (`Cluster::concat`): templates in wafer order, wafer k's
+    /// PEs `k * width` columns east.
+    pub fn concat(wafers: &[&ProgramData], width: u32) -> ProgramData {
+        let mut out = ProgramData::default();
+        for (k, d) in wafers.iter().enumerate() {
+            let dx = k as u32 * width;
+            out.tasks.extend(d.tasks.iter().map(|ts| {
+                ts.iter()
+                    .map(|t| match t {
+                        TaskData::Kernel(k) => TaskData::Kernel(k.shifted(dx)),
+                        TaskData::None => TaskData::None,
+                    })
+                    .collect()
+            }));
+            out.readouts.extend(
+                d.readouts.iter().map(|r| Readout { rect: r.rect.map(|x| Rect { x: x.x + dx, ..x }), ..r.clone() }),
+            );
+            out.unsupported.extend(d.unsupported.iter().map(|u| format!("wafer {k}: {u}")));
+        }
+        out
+    }
 }
 
 /// The data side table of one program.

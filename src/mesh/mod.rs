@@ -461,6 +461,9 @@ impl Cluster {
             }
             out.graph_flops += p.graph_flops;
         }
+        // The data side tables, when every wafer has one (functional runs).
+        let tables: Option<Vec<&data::ProgramData>> = self.wafers.iter().map(|p| p.data.as_deref()).collect();
+        out.data = tables.map(|t| Arc::new(data::ProgramData::concat(&t, w)));
         Ok(out)
     }
 }
