@@ -352,3 +352,21 @@ fn single_gemv(
         unsupported: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data table's restatement of the gemv-tree's rows agrees with the tiling's own.
+    #[test]
+    fn tree_rows_agree_with_the_tiling() {
+        for rc in 1..200u64 {
+            let t = Tree::new(rc);
+            let d = TreeRows { rc, g: t.g };
+            for r in 0..rc {
+                assert_eq!(d.role(r), t.role(r), "rc {rc} row {r}");
+            }
+            assert_eq!(d.compute_rows(), t.compute_rows(), "rc {rc}");
+        }
+    }
+}

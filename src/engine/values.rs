@@ -128,6 +128,8 @@ struct Pe {
 pub struct PartValues {
     setup: Arc<Setup>,
     pes: Vec<Pe>,
+    /// `WAFER_VALUES_DEBUG` set: every kernel prints what it claimed (stderr).
+    debug: bool,
 }
 
 /// Where a task is: for error messages and kernels.
@@ -157,7 +159,8 @@ fn flat_index(g: &Grid, r: u64, c: u64) -> (u64, u64) {
 
 impl PartValues {
     pub fn new(setup: Arc<Setup>, agents: usize) -> PartValues {
-        PartValues { setup, pes: (0..agents).map(|_| Pe::default()).collect() }
+        let debug = std::env::var_os("WAFER_VALUES_DEBUG").is_some();
+        PartValues { setup, pes: (0..agents).map(|_| Pe::default()).collect(), debug }
     }
 
     /// Runs task `at.k`'s kernel on the payloads it claimed (one list per `Recv` need, in need order).
@@ -166,6 +169,12 @@ impl PartValues {
         let td = data.tasks.get(at.template).and_then(|t| t.get(at.k)).unwrap_or(&TaskData::None);
         let n_sends = at.task.sends.len();
         let claimed: Vec<Frag> = claimed.into_iter().flatten().flat_map(|p| p.to_vec()).collect();
+        if self.debug {
+            let mut got: Vec<String> =
+                claimed.iter().map(|f| format!("t{}[{}..{},{}..{}]", f.tensor, f.r0, f.r1, f.c0, f.c1)).collect();
+            got.sort();
+            eprintln!("{} claimed {}", at.name(), got.join(" "));
+        }
         let outs = match td {
             TaskData::None => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
@@ -1090,5 +1099,46 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
                 0.0
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frag(r0: u64, r1: u64, c0: u64, c1: u64, first: f32) -> Frag {
+        let n = ((r1 - r0) * (c1 - c0)) as usize;
+        let vals: Arc<[f32]> = (0..n).map(|i| first + i as f32).collect();
+        Frag { tensor: 1, view_cols: 8, r0, r1, c0, c1, cover: 0, src: 0, vals }
+    }
+
+    /// Claims that split a train take, together, every value once, in order.
+    #[test]
+    fn slices_of_a_payload_partition_it() {
+        let p: Payload = vec![frag(0, 2, 2, 6, 0.0), frag(5, 6, 0, 8, 100.0)].into();
+        let n = 16; // 16 values, one per wavelet
+        let mut seen = Vec::new();
+        for (a, b) in [(0, 3), (3, 4), (4, 11), (11, 16)] {
+            for f in slice_payload(&p, n, a, b).iter() {
+                assert_eq!(f.vals.len() as u64, (f.r1 - f.r0) * (f.c1 - f.c0));
+                seen.extend(f.vals.iter().copied());
+            }
+        }
+        let all: Vec<f32> = p.iter().flat_map(|f| f.vals.iter().copied()).collect();
+        assert_eq!(seen, all);
+    }
+
+    /// Chan's combine of two halves equals the statistics of the whole row.
+    #[test]
+    fn layernorm_statistics_combine() {
+        let row: Vec<f32> = (0..10).map(|i| (i as f32 * 0.37).sin()).collect();
+        let op = RowOp::Norm { gamma: 0, beta: None, rms: false };
+        let num = Numerics { norm_eps: 1e-5, rotary_interleaved: false, gelu_tanh: true, sliding_window: None };
+        let (m1, s1) = row_stats(&op, &num, &row, 0, 0, 4);
+        let (m2, s2) = row_stats(&op, &num, &row, 0, 4, 6);
+        let (m, s) = row_stats(&op, &num, &row, 0, 0, 10);
+        let mut o = [4.0, m1, s1];
+        combine(&op, &mut o, &[6.0, m2, s2]);
+        assert!((o[1] - m).abs() < 1e-6 && (o[2] - s).abs() < 1e-5, "{o:?} vs ({m}, {s})");
     }
 }
