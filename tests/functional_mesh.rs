@@ -184,3 +184,60 @@ fn functional_flags_need_functional() {
     let (code, _, stderr) = wafer(&["run", "gpt-tiny", "--seed", "3"]);
     assert_eq!(code, 2, "{stderr}");
 }
+
+/// A checkpoint through `--weights`: the good one runs (and matches), and a tensor left out, a tensor
+/// with the wrong shape or a file cut short is the user's error (exit 2) naming the file and tensor.
+#[test]
+fn weight_files_feed_the_wafer_and_bad_ones_are_named() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("functional-mesh");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let good = dir.join("gpt-tiny.safetensors");
+    let s = |p: &std::path::Path| p.display().to_string();
+    let (code, _, err) = wafer(&["reference", "gpt-tiny", "--seed", "5", "--save-weights", &s(&good)]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&good).expect("checkpoint");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let all: Vec<(String, Vec<u64>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (name, v.shape().iter().map(|&d| d as u64).collect(), vals)
+        })
+        .collect();
+    let missing = dir.join("missing.safetensors");
+    let fewer: Vec<_> = all.iter().filter(|t| t.0 != "h.1.mlp.c_fc.weight").cloned().collect();
+    waferscale::functional::weights::write_f32(&missing, &fewer).expect("write");
+    let shape = dir.join("shape.safetensors");
+    let reshaped: Vec<_> =
+        all.iter()
+            .map(|t| {
+                if t.0 == "h.0.attn.c_attn.weight" {
+                    (t.0.clone(), vec![t.1[1], t.1[0]], t.2.clone())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+    waferscale::functional::weights::write_f32(&shape, &reshaped).expect("write");
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).expect("write");
+
+    let base = ["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15", "--dtype", "fp32", "--weights"];
+    let mut a = base.to_vec();
+    let g = s(&good);
+    a.push(&g);
+    let (_, e) = functional(&a, None);
+    assert!(e < 1e-4, "checkpoint: {e}");
+    for (file, says) in
+        [(&missing, "h.1.mlp.c_fc.weight"), (&shape, "h.0.attn.c_attn.weight"), (&truncated, "truncated")]
+    {
+        let f = s(file);
+        let mut a = vec!["run"];
+        a.extend(base);
+        a.extend([f.as_str(), "--functional"]);
+        let (code, _, stderr) = wafer(&a);
+        assert_eq!(code, 2, "{f}: {stderr}");
+        assert!(stderr.contains(&f) && stderr.contains(says), "{f}: expected `{says}` in {stderr}");
+    }
+}

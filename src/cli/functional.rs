@@ -24,7 +24,7 @@ impl Checked {
     pub fn line(&self) -> String {
         let names: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
         format!(
-            "functional: max relative error vs the reference {:.3e} ({}; {} storage, fp32 arithmetic)",
+            "functional: max relative error vs the reference {:.3e} ({}; {} storage, fp32 arithmetic; values and timing from one detailed run)",
             self.worst(),
             names.join(", "),
             self.dtype.name()
