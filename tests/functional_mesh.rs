@@ -241,3 +241,35 @@ fn weight_files_feed_the_wafer_and_bad_ones_are_named() {
         assert!(stderr.contains(&f) && stderr.contains(says), "{f}: expected `{says}` in {stderr}");
     }
 }
+
+fn logits(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).expect("output written");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let v = st.tensor("logits").expect("logits");
+    v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Decoding token 16 on the wafer, with the KV cache of tokens 1..15 resident in its attention
+/// regions (filled by the reference's prefill: the wafer's own prefill stops at its gathers, see
+/// above), gives the logits the reference's prefill of all 16 tokens gives for the last one.
+#[test]
+fn wafer_decode_matches_reference_prefill_of_the_sequence() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("functional-mesh");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tokens = "3,14,15,92,65,35,89,79,32,38,46,26,43,38,32,79";
+    for model in ["gpt-tiny", "llama-tiny"] {
+        let (dec, pre) =
+            (dir.join(format!("{model}-decode.safetensors")), dir.join(format!("{model}-prefill.safetensors")));
+        let args = [model, "--mesh", "32x32", "--phase", "decode", "--dtype", "fp32", "--tokens", tokens];
+        let (_, err) = functional(&args, Some(&dec));
+        assert!(err < 1e-4, "{model}: {err}");
+        let p = pre.display().to_string();
+        let (code, _, stderr) = wafer(&["reference", model, "--phase", "prefill", "--tokens", tokens, "--out", &p]);
+        assert_eq!(code, 0, "{stderr}");
+        let (a, b) = (logits(&dec), logits(&pre));
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff / scale < 1e-4, "{model}: decode vs prefill {}", diff / scale);
+    }
+}

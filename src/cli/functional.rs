@@ -106,8 +106,16 @@ pub fn emulate(
     let (erun, results) = engine::run_functional(prog, &eopts, Arc::new(setup))?;
     let outputs = fmesh::outputs(prog, &run.graph, &results, &run.values)?;
     if let Some(path) = &cmd.out {
-        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> =
-            outputs.iter().map(|o| (o.name.clone(), o.shape.clone(), o.values.clone())).collect();
+        // Under the names transformers gives them (`logits`, `last_hidden_state`), as `wafer reference` writes.
+        let names = run.primary_outputs();
+        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = outputs
+            .iter()
+            .map(|o| {
+                let name =
+                    names.iter().find(|(_, t)| *t == o.tensor).map_or_else(|| o.name.clone(), |(n, _)| n.clone());
+                (name, o.shape.clone(), o.values.clone())
+            })
+            .collect();
         write_f32(path, &tensors)?;
     }
     Ok((Emulated { programs, runs: vec![erun] }, Checked { outputs, dtype: workload.dtype }))
