@@ -37,6 +37,7 @@ impl B {
                 ports: vec![],
                 graph_flops: 0,
                 wafer_width: None,
+                data: None,
             },
         }
     }

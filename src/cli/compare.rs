@@ -74,6 +74,7 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         trace: None,
         trace_window: None,
         trace_budget: None,
+        func: Default::default(),
     };
     let p = prepare(&run_cmd)?;
     let (fidelity, threads) = (cmd.engine.fidelity(), cmd.engine.threads());

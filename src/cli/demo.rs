@@ -77,6 +77,7 @@ pub fn run(cmd: DemoCmd) -> Result<(), Error> {
         trace: None,
         trace_window: None,
         trace_budget: None,
+        func: Default::default(),
     };
     let why = if cmd.model == "gpt2-small" {
         "(a full training step of gpt2-small, batch 8 x 1024, emulates in minutes rather than seconds today:\n\

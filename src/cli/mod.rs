@@ -12,6 +12,7 @@ use waferscale::Error;
 mod compare;
 mod compile;
 mod demo;
+mod functional;
 mod gpu;
 mod graph;
 mod plan;

@@ -8,7 +8,7 @@ use super::{emit, to_json, WorkloadFlags};
 use waferscale::functional::{
     self, weights::write_f32, FunctionalError, Options, Precision, ReferenceSummary, Tokens, WeightSource,
 };
-use waferscale::model::{self, DType, Model, Phase};
+use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
 use waferscale::Error;
 
 /// Sequence length when neither --seq nor --tokens is given: the reference is plain loops, so the
@@ -45,7 +45,7 @@ pub struct ReferenceCmd {
     pub json: bool,
 }
 
-fn read_input(path: &Path) -> Result<Tokens, FunctionalError> {
+pub fn read_input(path: &Path) -> Result<Tokens, FunctionalError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| FunctionalError::Read { path: p.clone(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -83,17 +83,19 @@ fn read_input(path: &Path) -> Result<Tokens, FunctionalError> {
     Ok(Tokens { batch, ids })
 }
 
-pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
-    let model = model::load(&cmd.model)?;
-    let mut args = cmd.workload.args()?;
-    args.phase = args.phase.or(Some(Phase::Prefill));
-    args.dtype = args.dtype.or(Some(DType::Fp32));
-    let given = match (&cmd.tokens, &cmd.input) {
+/// The tokens given by `--tokens` or `--input`, if any.
+pub fn given_tokens(tokens: Option<&str>, input: Option<&Path>) -> Result<Option<Tokens>, Error> {
+    Ok(match (tokens, input) {
         (Some(t), _) => Some(Tokens::parse(t)?),
         (None, Some(p)) => Some(read_input(p)?),
         (None, None) => None,
-    };
-    if let Some(t) = &given {
+    })
+}
+
+/// Sets batch and sequence (or, in decode, context) from the given tokens, checking the flags that
+/// were given agree; without tokens, a transformer's sequence defaults to `DEFAULT_SEQ`.
+pub fn apply_tokens(args: &mut WorkloadArgs, model: &Model, given: Option<&Tokens>) -> Result<(), Error> {
+    if let Some(t) = given {
         let bad = |flag: &str, v: u64, want: usize| {
             FunctionalError::Input(format!("--{flag} {v} does not match the {want} given by the tokens"))
         };
@@ -121,6 +123,16 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
     } else if matches!(model, Model::Transformer(_)) && args.seq.is_none() && args.context.is_none() {
         args.seq = Some(DEFAULT_SEQ);
     }
+    Ok(())
+}
+
+pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
+    let model = model::load(&cmd.model)?;
+    let mut args = cmd.workload.args()?;
+    args.phase = args.phase.or(Some(Phase::Prefill));
+    args.dtype = args.dtype.or(Some(DType::Fp32));
+    let given = given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
+    apply_tokens(&mut args, &model, given.as_ref())?;
     let workload = args.resolve(&model)?;
     if workload.sparsity > 0.0 && cmd.weights.is_none() {
         // Seeded weights are dense; a sparse run needs a checkpoint whose zeros are the sparsity.

@@ -48,6 +48,30 @@ impl EngineFlags {
     }
 }
 
+/// `wafer run --functional` and its inputs.
+#[derive(Args, Clone, Debug, Default)]
+pub struct FunctionalFlags {
+    /// Functional run: the PEs hold real values and compute real results in the same emulation, checked
+    /// against the reference (the timing report is unchanged; a check line follows it).
+    #[arg(long)]
+    pub functional: bool,
+    /// With --functional: a Hugging Face safetensors checkpoint [default: seeded random weights].
+    #[arg(long, value_name = "FILE", requires = "functional")]
+    pub weights: Option<std::path::PathBuf>,
+    /// With --functional: seed of the random weights, inputs and tokens.
+    #[arg(long, default_value_t = 0, requires = "functional")]
+    pub seed: u64,
+    /// With --functional: token ids of one sequence (sets --seq; in decode, the context and the new token).
+    #[arg(long, value_name = "IDS", conflicts_with = "input", requires = "functional")]
+    pub tokens: Option<String>,
+    /// With --functional: a safetensors file with `input_ids` (I64 or I32, [batch, seq] or [seq]).
+    #[arg(long, value_name = "FILE", requires = "functional")]
+    pub input: Option<std::path::PathBuf>,
+    /// With --functional: write the results the wafer computed as F32 safetensors.
+    #[arg(long, value_name = "FILE", requires = "functional")]
+    pub out: Option<std::path::PathBuf>,
+}
+
 #[derive(Args)]
 pub struct RunCmd {
     /// A shipped model name (gpt2-small, llama-3-8b, gpt-tiny), a config.json path, a single op
@@ -91,6 +115,8 @@ pub struct RunCmd {
     /// Largest trace file, e.g. 64MB or 268435456 [default: 256MiB]; the window widens to fit.
     #[arg(long, value_name = "BYTES", requires = "trace", value_parser = waferscale::trace::parse_bytes)]
     pub trace_budget: Option<u64>,
+    #[command(flatten)]
+    pub func: FunctionalFlags,
 }
 
 /// `--threads`: a positive count.
@@ -141,7 +167,13 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
         return Ok(Prepared { model, graph, hw, compiled });
     }
     let model = model::load(&cmd.model)?;
-    let workload = cmd.workload.args()?.resolve(&model)?;
+    let mut args = cmd.workload.args()?;
+    if cmd.func.functional {
+        if let Some(t) = super::reference::given_tokens(cmd.func.tokens.as_deref(), cmd.func.input.as_deref())? {
+            super::reference::apply_tokens(&mut args, &model, Some(&t))?;
+        }
+    }
+    let workload = args.resolve(&model)?;
     let flags =
         HwFlags { hw: cmd.hw.clone().unwrap_or_else(|| "cs2".into()), set: cmd.set.clone(), mesh: cmd.mesh.clone() };
     let (_, hw) = flags.load()?;
@@ -357,12 +389,26 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),
         window_cycles: cmd.trace_window,
     };
-    let em = emulate(&p, fidelity, threads, cmd.json, cmd.trace.as_ref().map(|_| &trace_opts))?;
+    let trace = cmd.trace.as_ref().map(|_| &trace_opts);
+    let (em, checked) = if cmd.func.functional {
+        let (em, checked) = super::functional::emulate(&cmd.func, &p, fidelity, threads, trace)?;
+        (em, Some(checked))
+    } else {
+        (emulate(&p, fidelity, threads, cmd.json, trace)?, None)
+    };
     let mut report = report(&p, &em, threads, started.elapsed())?;
     if let Some(path) = &cmd.trace {
         let notes = write_traces(path, &p, &em, &report, &trace_opts)?;
         report.notes.extend(notes);
     }
-    let text = if cmd.json { to_json(&report)? } else { report.to_text() };
+    let mut text = if cmd.json { to_json(&report)? } else { report.to_text() };
+    if let Some(c) = &checked {
+        // The report stays the timing report; the check goes after it (to stderr beside JSON).
+        if cmd.json {
+            eprintln!("{}", c.line());
+        } else {
+            text.push_str(&c.text());
+        }
+    }
     emit(&text, cmd.output.as_deref())
 }

@@ -773,6 +773,8 @@ pub(crate) struct Feed {
 #[derive(Clone, Debug)]
 pub(crate) struct Dest {
     pub color: ColorId,
+    /// The graph tensor the destination takes (a slice of the output for a view), for the data table.
+    pub tensor: Option<crate::graph::TensorId>,
     pub wavelets: u64,
     pub runs: Option<RunRange>,
     pub band: usize,

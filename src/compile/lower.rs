@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, Role};
 use crate::hw::WaferHw;
+use crate::mesh::data::{Kernel, ProgramData, Readout, TaskData};
 use crate::mesh::{
     self, ColorId, Coord, MeshProgram, Need, Pattern, Peer, Port, PortId, Rect, Region, RegionId, Route, RunRange,
     Senders, Task, TaskIdx, Template, TemplateId, Tile, Timing, PROGRAM_VERSION,
 };
 use crate::report::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
 
+use super::data;
 use super::io::{self, Channel};
 use super::kernel::{self, wl, Dest, Feed, Iface, KCtx, OutIface, StageIo};
 use super::place::{self, Placement};
@@ -426,6 +428,10 @@ struct Flow {
 #[derive(Default)]
 struct PortWork {
     tasks: Vec<Task>,
+    /// The data side table of each task, and why values cannot pass (if so).
+    data: Vec<TaskData>,
+    unsupported: Vec<String>,
+    readouts: Vec<Readout>,
     streams: Vec<String>,
     bytes: u64,
     peer: Option<Peer>,
@@ -828,7 +834,8 @@ fn compile_wafer(
         routes.push(Route { color, senders: fl.sender, pattern: fl.pattern, relays: 0 });
         match *us {
             FlowUse::Pair { a, o, b, slot, w, repeat, window, si } => {
-                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band: 0 });
+                let tensor = Some(stages[b].inputs[slot].tensor);
+                ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band: 0 });
                 feed_pos.insert(si, (b, slot, ifaces[b].feeds[slot].len()));
                 ifaces[b].feeds[slot].push(Feed {
                     color,
@@ -874,6 +881,22 @@ fn compile_wafer(
                         });
                     }
                 }
+                let slot_t = stages[b].inputs[slot].tensor;
+                if gate.is_some() {
+                    pw.unsupported.push(format!(
+                        "stream `{}`: functional mode does not carry values through MemoryX yet",
+                        fl.name
+                    ));
+                    pw.data.push(TaskData::None);
+                } else if op_needs_link {
+                    // From the previous wafer: what arrives on the link goes on into this wafer.
+                    pw.data.push(TaskData::Kernel(Kernel::Relay));
+                } else {
+                    let v = data::view(g, slot_t);
+                    let rows = data::view_rows(g, slot_t, &v);
+                    pw.data
+                        .push(TaskData::Kernel(Kernel::Source { view: v, rows_per_run: rows / repeat.max(1) as u64 }));
+                }
                 pw.tasks.push(Task {
                     name: format!("send:{}", fl.name),
                     needs,
@@ -889,7 +912,8 @@ fn compile_wafer(
                 pw.peer.get_or_insert(peer.peer());
             }
             FlowUse::PortOut { ch, a, o, band, w, repeat, window, peer, gi } => {
-                ifaces[a].outs[o].dests.push(Dest { color, wavelets: w, runs: window, band });
+                let tensor = Some(stages[a].outputs[o].tensor);
+                ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
                 pw.bytes += w * 4 * repeat as u64;
@@ -899,6 +923,27 @@ fn compile_wafer(
                     cross.push((gi, PortId(ch as u32), true));
                     pw.peer.get_or_insert(peer.peer());
                     continue;
+                }
+                if gi > usize::MAX / 2 || !matches!(peer, PeerKind::Host) {
+                    pw.unsupported.push(format!(
+                        "stream `{}`: functional mode does not carry values to MemoryX or SwarmX yet",
+                        fl.name
+                    ));
+                    pw.data.push(TaskData::None);
+                } else {
+                    pw.data.push(TaskData::Kernel(Kernel::Collect));
+                    let t = stages[a].outputs[o].tensor;
+                    if !pw.readouts.iter().any(|r| r.tensor == t.0) {
+                        let v = data::view(g, t);
+                        pw.readouts.push(Readout {
+                            tensor: t.0,
+                            name: g.tensor(t).name.clone(),
+                            rect: None,
+                            rows: data::view_rows(g, t, &v),
+                            cols: v.cols,
+                            cover: 0,
+                        });
+                    }
                 }
                 pw.tasks.push(Task {
                     name: if gi > usize::MAX / 2 {
@@ -1027,8 +1072,10 @@ fn compile_wafer(
         ports: Vec::new(),
         graph_flops: 0,
         wafer_width: None,
+        data: None,
     };
     let mut plan_regions = Vec::new();
+    let mut pdata = ProgramData::default();
     for ((sid, st), code) in stages.iter().enumerate().zip(codes) {
         let t = &tilings[sid];
         let rid = RegionId(program.regions.len() as u32);
@@ -1038,6 +1085,10 @@ fn compile_wafer(
         let sram_max = code.tiles.iter().map(|(_, ti)| code.templates[*ti].2).max().unwrap_or(0);
         let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
         let sram_mean = sram_sum / area(&rects[sid]).max(1);
+        let rd = data::region(g, st, t, rects[sid], &ifaces[sid], &code.templates);
+        pdata.tasks.extend(rd.tasks);
+        pdata.readouts.extend(rd.readouts);
+        pdata.unsupported.extend(rd.unsupported);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
             program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
@@ -1109,6 +1160,15 @@ fn compile_wafer(
         let c = &chans[ch];
         let pw = port_work.remove(&ch).unwrap_or_default();
         let tid = TemplateId(program.templates.len() as u32);
+        pdata.unsupported.extend(pw.unsupported);
+        for r in pw.readouts {
+            if !pdata.readouts.iter().any(|x| x.tensor == r.tensor) {
+                pdata.readouts.push(r);
+            }
+        }
+        let mut pd = pw.data;
+        pd.resize(pw.tasks.len(), TaskData::None);
+        pdata.tasks.push(pd);
         program.templates.push(Template {
             name: format!("port.{}", c.name),
             region: io_region,
@@ -1177,6 +1237,7 @@ fn compile_wafer(
             )
         ));
     }
+    program.data = Some(std::sync::Arc::new(pdata));
     Ok(WaferOut {
         program,
         regions: plan_regions,

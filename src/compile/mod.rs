@@ -16,6 +16,7 @@
 //! loading a plan file recompiles from the inputs it stores. The compiler knows nothing of time or
 //! threads; the program it emits is the engine's only input.
 
+mod data;
 mod file;
 mod io;
 mod kernel;

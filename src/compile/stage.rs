@@ -49,6 +49,8 @@ pub(crate) enum SlotKind {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Slot {
+    /// The graph tensor the slot receives (its first instance's, when layers fold).
+    pub tensor: TensorId,
     /// Values per iteration of the stage.
     pub values: u64,
     pub elem_bytes: u64,
@@ -78,6 +80,8 @@ pub(crate) struct Held {
 
 #[derive(Clone, Debug)]
 pub(crate) struct OutSlot {
+    /// The graph tensor the slot produces (its first instance's, when layers fold).
+    pub tensor: TensorId,
     /// Values per iteration.
     pub values: u64,
     pub elem_bytes: u64,
@@ -579,7 +583,7 @@ impl StageBuilder<'_> {
             return i;
         }
         let tt = self.g.tensor(t);
-        self.slots.push(Slot { values, elem_bytes: tt.elem.bytes(), kind });
+        self.slots.push(Slot { tensor: t, values, elem_bytes: tt.elem.bytes(), kind });
         self.slot_of.insert(t, self.slots.len() - 1);
         self.slots.len() - 1
     }
@@ -627,7 +631,7 @@ impl StageBuilder<'_> {
 
     fn output(&mut self, t: TensorId) -> usize {
         let tt = self.g.tensor(t);
-        self.outputs.push(OutSlot { values: tt.elems(), elem_bytes: tt.elem.bytes() });
+        self.outputs.push(OutSlot { tensor: t, values: tt.elems(), elem_bytes: tt.elem.bytes() });
         self.outputs.len() - 1
     }
 
@@ -1115,7 +1119,7 @@ impl LinkCtx<'_> {
                 let wname = g.tensor(w).name.clone();
                 for (hid, h) in stages.iter().enumerate() {
                     if hid != sid && h.held.iter().any(|x| x.name == wname && x.kind == HeldKind::Weight) {
-                        refresh.push((sid, hid, wname.clone(), g.tensor(w).elems(), elem_bytes(g, w)));
+                        refresh.push((sid, hid, w, wname.clone(), g.tensor(w).elems(), elem_bytes(g, w)));
                     }
                 }
             }
@@ -1125,9 +1129,9 @@ impl LinkCtx<'_> {
                         .into(),
                 );
             }
-            for (sid, hid, name, values, eb) in refresh {
+            for (sid, hid, w, name, values, eb) in refresh {
                 let slot = stages[hid].inputs.len();
-                stages[hid].inputs.push(Slot { values, elem_bytes: eb, kind: SlotKind::Refresh });
+                stages[hid].inputs.push(Slot { tensor: w, values, elem_bytes: eb, kind: SlotKind::Refresh });
                 streams.push(Stream {
                     name: format!("{name}'"),
                     from: End::Stage { stage: sid, slot: 0 },

@@ -17,6 +17,7 @@ pub mod report;
 mod route;
 mod sim;
 pub mod synth;
+pub mod values;
 
 pub use link::{Pace, Timeline, UNIT};
 
@@ -187,6 +188,10 @@ pub enum EngineError {
     /// The program breaks the mesh-program contract (a compiler bug or a hand-written program's).
     #[error("invalid mesh program: {0}")]
     Program(String),
+    /// A functional run found values that do not add up (a wrong route, a missing reduction, a tile
+    /// that does not fit): a bug in the compiled program.
+    #[error("functional run: {0}")]
+    Values(String),
     /// An end-of-run invariant failed.
     #[error("engine invariant violated: {0}")]
     Invariant(String),
@@ -225,10 +230,33 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
     run_program(program, opts)
 }
 
+/// Runs `program` with values (a functional run, `values` says where they start): the same run as
+/// `run` (its `EngineRun` is identical), and the values the program's readout PEs hold at the end.
+pub fn run_functional(
+    program: &MeshProgram,
+    opts: &EngineOptions,
+    setup: std::sync::Arc<values::Setup>,
+) -> Result<(EngineRun, values::Results), EngineError> {
+    run_with(program, opts, Some(setup))
+}
+
 fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, EngineError> {
+    run_with(program, opts, None).map(|(r, _)| r)
+}
+
+fn run_with(
+    program: &MeshProgram,
+    opts: &EngineOptions,
+    setup: Option<std::sync::Arc<values::Setup>>,
+) -> Result<(EngineRun, values::Results), EngineError> {
     let t0 = std::time::Instant::now();
     let shared = sim::Shared::new(program)?;
     let mut parts = build_parts(&shared, opts);
+    if let Some(setup) = &setup {
+        for p in parts.iter_mut() {
+            p.enable_values(std::sync::Arc::clone(setup));
+        }
+    }
     let t1 = std::time::Instant::now();
     let cycles = sim::run_parts(&shared, &mut parts, opts.threads, opts.progress.as_deref())?;
     // The critical path ends at the last task to finish (ties: the lowest agent id).
@@ -294,7 +322,10 @@ fn run_program(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun,
     let fabric_utilization =
         if cycles == 0 { 0.0 } else { hop_unit_cycles as f64 / (UNIT as f64 * mesh_links * cycles as f64) };
     let recording = opts.trace.as_ref().map(|_| collect_recording(&mut parts, n_agents, cycles));
-    Ok(EngineRun { cycles, totals, agents, fabric_utilization, critical_path, recording, fidelity: opts.fidelity })
+    let results = parts.iter().flat_map(|p| p.value_results(&shared)).collect();
+    let run =
+        EngineRun { cycles, totals, agents, fabric_utilization, critical_path, recording, fidelity: opts.fidelity };
+    Ok((run, results))
 }
 
 /// Builds every partition, on `opts.threads` threads (each partition is built independently, so the

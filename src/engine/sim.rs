@@ -15,6 +15,7 @@ use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::record::{Metric, PartRecorder, Span, TraceSpec};
 use super::route::{expand, Deliver, Links, Node, ROOT};
+use super::values::{At, PartValues, Payload};
 use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
 
@@ -22,7 +23,7 @@ use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
 pub const BLOCK: u32 = 64;
 
 /// A train's arrival at one agent: wavelet j arrives at `head + pace.offset(j)`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Arrival {
     head: u64,
     n: u64,
@@ -30,6 +31,8 @@ struct Arrival {
     /// Critical path to the head's arrival, and what the serialisation behind it is spent on.
     path: Path,
     tail_res: Res,
+    /// The train's values (functional runs only).
+    data: Option<Payload>,
 }
 
 /// Wavelets of one color at one agent: arrivals in head order, and how many task runs have claimed.
@@ -49,8 +52,8 @@ impl Inbox {
         // Keep head order among arrivals nobody has claimed from yet.
         let lo = self.first + usize::from(self.first_claimed > 0);
         let pos = lo + self.arrivals[lo..].partition_point(|x| x.head <= a.head);
-        self.arrivals.insert(pos, a);
         self.delivered += a.n;
+        self.arrivals.insert(pos, a);
     }
 
     /// Arrival cycle of the unclaimed wavelet `k` positions after the claim frontier.
@@ -69,6 +72,23 @@ impl Inbox {
             k -= a.n;
         }
         None
+    }
+
+    /// The values the next claim of `w` wavelets takes: whole trains, or the part of a train's
+    /// payload its claimed wavelets carry.
+    fn claimed_data(&self, mut w: u64, out: &mut Vec<Payload>) {
+        let mut done = self.first_claimed;
+        for a in &self.arrivals[self.first..] {
+            if w == 0 {
+                return;
+            }
+            let take = w.min(a.n - done);
+            if let Some(p) = &a.data {
+                out.push(super::values::slice_payload(p, a.n, done, done + take));
+            }
+            w -= take;
+            done = 0;
+        }
     }
 
     fn claim(&mut self, mut w: u64) {
@@ -179,6 +199,7 @@ struct Train {
     sent: u64,
     transit_res: Res,
     tail_res: Res,
+    data: Option<Payload>,
 }
 
 /// Fills the children lists of a route tree, in node order (the root's at index `nodes.len()`),
@@ -219,6 +240,7 @@ impl Train {
             sent: self.sent,
             transit_res: Res::InterWafer,
             tail_res: self.tail_res,
+            data: self.data.clone(),
         }
     }
 }
@@ -491,6 +513,8 @@ pub(crate) struct Part {
     pub error: Option<EngineError>,
     /// Trace recording, when asked for.
     pub rec: Option<PartRecorder>,
+    /// Values, in functional runs (observes, never steers).
+    pub vals: Option<PartValues>,
 }
 
 impl Part {
@@ -543,6 +567,7 @@ impl Part {
             hop_unit_cycles: 0,
             error: None,
             rec: None,
+            vals: None,
         }
         .with_recorder(trace)
     }
@@ -553,6 +578,20 @@ impl Part {
             self.rec = Some(PartRecorder::new(spec, &ids));
         }
         self
+    }
+
+    /// Turns on values (a functional run).
+    pub fn enable_values(&mut self, setup: Arc<super::values::Setup>) {
+        self.vals = Some(PartValues::new(setup, self.agents.len()));
+    }
+
+    /// The values the readout PEs of this partition hold at the end of a functional run.
+    pub fn value_results(&self, sh: &Shared) -> super::values::Results {
+        let locals = self.agents.iter().enumerate().map(|(i, a)| (i, (a.id < sh.n_pes).then(|| sh.links.coord(a.id))));
+        match &self.vals {
+            Some(v) => v.results(locals),
+            None => Vec::new(),
+        }
     }
 
     /// Global id of each local agent.
@@ -722,10 +761,16 @@ impl Part {
         let mut finish = start + compute;
         let mut finish_path = start_path.add(op_res, compute);
         let mut stall = Metric::StallData;
+        let mut claimed: Vec<Vec<Payload>> = Vec::new();
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
         for need in &task.needs {
             if let Need::Recv { color, wavelets } = *need {
                 let inbox = self.agents[a as usize].inbox(color);
+                if self.vals.is_some() {
+                    let mut got = Vec::new();
+                    inbox.claimed_data(wavelets, &mut got);
+                    claimed.push(got);
+                }
                 if task.work.paced_by == Some(color) && wavelets > 0 {
                     let (last, last_path) = inbox.arrival_of(wavelets - 1).unwrap_or((self.now, start_path));
                     let per = compute.div_ceil(wavelets);
@@ -742,10 +787,14 @@ impl Part {
         }
         self.agents[a as usize].run_path = start_path;
         let run = self.agents[a as usize].runs_done[k] + 1;
-        for s in &task.sends {
+        if self.vals.is_some() {
+            self.values_start(sh, a, k, run, claimed)?;
+        }
+        for (i, s) in task.sends.iter().enumerate() {
             if s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
                 let pace = if compute > 0 { Pace::new(compute, s.wavelets).max(Pace::FULL) } else { Pace::FULL };
-                let tail = self.send(sh, a, s.color, s.wavelets, pace, start)?;
+                let data = self.vals.as_ref().and_then(|v| v.payload(a as usize, i));
+                let tail = self.send(sh, a, s.color, s.wavelets, pace, start, data)?;
                 if tail > finish {
                     finish_path = start_path.add(Res::Fabric, tail - start);
                     finish = tail;
@@ -786,9 +835,10 @@ impl Part {
             self.stats[a as usize].flops += task.flops;
         }
         let run = self.agents[a as usize].runs_done[k as usize];
-        for s in &task.sends {
+        for (i, s) in task.sends.iter().enumerate() {
             if !s.streamed && s.wavelets > 0 && s.runs.is_none_or(|r| r.contains(run)) {
-                self.send(sh, a, s.color, s.wavelets, Pace::FULL, self.now)?;
+                let data = self.vals.as_ref().and_then(|v| v.payload(a as usize, i));
+                self.send(sh, a, s.color, s.wavelets, Pace::FULL, self.now, data)?;
             }
         }
         self.try_start(sh, a)
@@ -822,7 +872,17 @@ impl Part {
     }
 
     /// Sends a train from local agent `a`; returns the cycle its tail has left the sender.
-    fn send(&mut self, sh: &Shared, a: u32, c: ColorId, n: u64, mut pace: Pace, t: u64) -> Result<u64, EngineError> {
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        sh: &Shared,
+        a: u32,
+        c: ColorId,
+        n: u64,
+        mut pace: Pace,
+        t: u64,
+        data: Option<Payload>,
+    ) -> Result<u64, EngineError> {
         let r = self.route(sh, a, c)?;
         let route = sh.prog.routes[r as usize];
         let timing = &sh.prog.timing;
@@ -886,7 +946,7 @@ impl Part {
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
         }
-        let train = Arc::new(Train { color: c, n, pace, len, units, tree, path, sent: t, transit_res, tail_res });
+        let train = Arc::new(Train { color: c, n, pace, len, units, tree, path, sent: t, transit_res, tail_res, data });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds the tree.
         if let Ok(t) = Arc::try_unwrap(train) {
@@ -1020,7 +1080,7 @@ impl Part {
             )));
         }
         let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
-        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res });
+        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res, data: train.data.clone() });
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
@@ -1028,6 +1088,27 @@ impl Part {
         let at = if paced { head } else { head + pace.offset(n - 1) };
         self.queue.push(at, Ev::Wake(local));
         Ok(())
+    }
+
+    /// Functional runs: runs the values kernel of task `k` of local agent `a` on what it claimed.
+    fn values_start(
+        &mut self,
+        sh: &Shared,
+        a: u32,
+        k: usize,
+        run: u32,
+        claimed: Vec<Vec<Payload>>,
+    ) -> Result<(), EngineError> {
+        let g = self.agents[a as usize].id;
+        let template = self.agents[a as usize].template as usize;
+        let coord = if g >= sh.n_pes { sh.prog.ports[(g - sh.n_pes) as usize].at } else { sh.links.coord(g) };
+        let t = &sh.prog.templates[template];
+        let at =
+            At { id: g, coord, template, k, run: run as u64, task: &t.tasks[k], sram_bytes: sh.prog.timing.sram_bytes };
+        match self.vals.as_mut() {
+            Some(v) => v.start(a as usize, &at, claimed).map_err(EngineError::Values),
+            None => Ok(()),
+        }
     }
 
     /// Tasks that did not run all their runs: (global agent id, what it waits for).

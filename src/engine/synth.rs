@@ -115,6 +115,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
         ports: vec![],
         graph_flops: flops,
         wafer_width: None,
+        data: None,
     }
 }
 
@@ -284,5 +285,6 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
         ports: vec![],
         graph_flops: flops,
         wafer_width: None,
+        data: None,
     }
 }

@@ -13,6 +13,7 @@
 //! index order, so a result is a pure function of graph, numerics, weights and inputs.
 
 mod inputs;
+pub mod mesh;
 mod numerics;
 mod real;
 pub mod reference;
@@ -59,6 +60,11 @@ pub enum FunctionalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("functional mode does not support this yet: {0}")]
+    Unsupported(String),
+    /// The mesh program's values do not add up (a bug in the compiled program).
+    #[error("functional run of the mesh program: {0}")]
+    Mesh(String),
     #[error("internal error in the reference: {0}")]
     Internal(String),
 }
@@ -66,7 +72,7 @@ pub enum FunctionalError {
 impl FunctionalError {
     /// True when the error is the user's input rather than a bug.
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, FunctionalError::Internal(_))
+        !matches!(self, FunctionalError::Internal(_) | FunctionalError::Mesh(_))
     }
 }
 

@@ -12,6 +12,9 @@
 //! The program is not a file format: plans are saved as their compile inputs and recompiled.
 
 use std::fmt;
+use std::sync::Arc;
+
+pub mod data;
 
 pub use crate::hw::{MeshDims, SimdOp};
 
@@ -373,6 +376,9 @@ pub struct MeshProgram {
     /// Set when the program is several wafers side by side (`Cluster::concat`): the width of one,
     /// across whose boundaries no link runs.
     pub wafer_width: Option<u32>,
+    /// The data side table for functional runs (cold: the timing engine never reads it); None where the
+    /// program was not compiled with one (synthetic programs, wafers laid side by side).
+    pub data: Option<Arc<data::ProgramData>>,
 }
 
 /// Several wafers run together (multi-wafer pipelined inference): ports with `Peer::Wafer` link them.
@@ -399,6 +405,7 @@ impl Cluster {
             ports: vec![],
             graph_flops: 0,
             wafer_width: Some(w),
+            data: None,
         };
         let port_base: Vec<u32> = self
             .wafers
@@ -454,6 +461,9 @@ impl Cluster {
             }
             out.graph_flops += p.graph_flops;
         }
+        // The data side tables, when every wafer has one (functional runs).
+        let tables: Option<Vec<&data::ProgramData>> = self.wafers.iter().map(|p| p.data.as_deref()).collect();
+        out.data = tables.map(|t| Arc::new(data::ProgramData::concat(&t, w)));
         Ok(out)
     }
 }

@@ -1,0 +1,372 @@
+//! The data side table of a region (`mesh::data`): for every task of the region's templates, what it
+//! does to values, derived from the stage, its tiling, its interface and the graph op it runs, with
+//! the same slicing rules (`kernel::split`, `Flat`, fan-in roles) the region's program was built with.
+//!
+//! Tasks are recognised by the names `kernel.rs` gives them (`in0.0`, `mm`, `bias`, `stats`, `red1`,
+//! `apply`, `look`, `sel1`, `ew`, `gather0`, `out0`, `drain0`, ...). A region whose algorithm, op or
+//! task has no data semantics yet gets `TaskData::None` for its tasks and a line in `unsupported`, so a
+//! functional run refuses the program instead of giving a wrong answer.
+
+use std::collections::BTreeMap;
+
+use crate::graph::{Elem, Graph, OpKind, TensorId, WeightLayout};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, Readout, RowOp, TaskData, TreeRows, View};
+use crate::mesh::{ColorId, Coord, Rect, Task};
+use crate::model::{NormKind, Phase};
+
+use super::kernel::{Algo, Iface, Tiling, Tree};
+use super::stage::{Operand, Stage, Work};
+
+/// The data of one region's templates.
+pub(crate) struct RegionData {
+    pub tasks: Vec<Vec<TaskData>>,
+    pub readouts: Vec<Readout>,
+    pub unsupported: Option<String>,
+}
+
+fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
+    RegionData {
+        tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::None; ts.len()]).collect(),
+        readouts: Vec::new(),
+        unsupported: Some(why),
+    }
+}
+
+/// The view of tensor `t`: a split output is columns of the split's input (what really moves); ids
+/// (token ids, positions) are one per row.
+pub(crate) fn view(g: &Graph, t: TensorId) -> View {
+    let producers = g.producers();
+    if let Some(p) = producers[t.idx()] {
+        let op = g.op(p);
+        if let OpKind::Split { widths, .. } = &op.kind {
+            let i = op.outputs.iter().position(|&o| o == t).unwrap_or(0);
+            let cols: u64 = widths.iter().sum();
+            let c0: u64 = widths[..i].iter().sum();
+            return View { base: op.inputs[0].0, cols, c0, width: widths.get(i).copied().unwrap_or(0) };
+        }
+    }
+    let tt = g.tensor(t);
+    let cols = match tt.elem {
+        Elem::Float(_) => tt.shape.last().copied().unwrap_or(1).max(1),
+        Elem::I32 => 1,
+    };
+    View { base: t.0, cols, c0: 0, width: cols }
+}
+
+/// Rows of a view's tensor.
+pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
+    g.tensor(t).elems() / v.width.max(1)
+}
+
+/// The compute kernels of a stage: (task name -> kernel), by template role; `final_of` says which
+/// templates' last task finishes a reduction (lookup trees) with how many terms.
+struct Compute {
+    by_name: BTreeMap<&'static str, Kernel>,
+    final_total: Option<(String, u64)>,
+}
+
+/// The data table of the region `st` runs on `rect` with tiling `t`, for the templates its program has.
+pub(crate) fn region(
+    g: &Graph,
+    st: &Stage,
+    t: &Tiling,
+    rect: Rect,
+    iface: &Iface,
+    templates: &[(String, Vec<Task>, u64)],
+) -> RegionData {
+    if st.iters != 1 {
+        return refuse(
+            templates,
+            format!("region `{}`: functional mode does not run folded layer loops (weight streaming) yet", st.name),
+        );
+    }
+    if let Work::SingleGemv { k, n } = st.work {
+        return single_gemv(g, st, t, rect, templates, k, n);
+    }
+    if let (Work::SingleAdd { n }, OpKind::Add { .. }) = (&st.work, &g.op(st.main).kind) {
+        let op = g.op(st.main);
+        let f = t.frame;
+        let grid = Grid { origin: Coord { x: rect.x, y: rect.y + f.row0() }, rows: f.rc(), cols: f.w };
+        let (inputs, out) = (op.inputs.iter().map(|t| t.0).collect(), op.outputs[0].0);
+        let kernel = Kernel::LocalAdd { grid, inputs, n: *n, out };
+        return RegionData {
+            tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::Kernel(kernel.clone()); ts.len()]).collect(),
+            readouts: vec![Readout {
+                tensor: out,
+                name: g.tensor(op.outputs[0]).name.clone(),
+                rect: Some(Rect { x: rect.x, y: rect.y + f.row0(), w: f.w, h: f.rc() }),
+                rows: 1,
+                cols: *n,
+                cover: 0,
+            }],
+            unsupported: None,
+        };
+    }
+    let compute = match compute(g, st, t, rect) {
+        Ok(c) => c,
+        Err(why) => {
+            return refuse(
+                templates,
+                format!("region `{}` ({} with {}): {why}", st.name, st.kind_name(g), t.algo.name()),
+            )
+        }
+    };
+    // Output gateways: each send carries the slice its destination stream takes.
+    let mut dest_view: BTreeMap<ColorId, Option<View>> = BTreeMap::new();
+    for o in &iface.outs {
+        for d in &o.dests {
+            dest_view.insert(d.color, d.tensor.map(|t| view(g, t)));
+        }
+    }
+    let mut tasks = Vec::new();
+    let mut bad = None;
+    for (tname, ts, _) in templates {
+        let mut row = Vec::new();
+        for (i, task) in ts.iter().enumerate() {
+            let name = task.name.as_str();
+            let base = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+            let td = match base {
+                "in" | "gather" | "w" => TaskData::Kernel(Kernel::Relay),
+                _ if name.starts_with('w') && name.contains(".band") => TaskData::Kernel(Kernel::Relay),
+                "out" => TaskData::Kernel(Kernel::Route {
+                    views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
+                }),
+                "drain" => TaskData::None,
+                "store" => TaskData::Kernel(Kernel::Store),
+                "sel" => {
+                    let total = compute
+                        .final_total
+                        .as_ref()
+                        .filter(|(suffix, _)| tname.ends_with(suffix.as_str()) && i + 1 == ts.len())
+                        .map(|(_, n)| *n);
+                    TaskData::Kernel(Kernel::Accumulate { total })
+                }
+                _ => match compute.by_name.get(name).or_else(|| compute.by_name.get(base)) {
+                    Some(k) => TaskData::Kernel(k.clone()),
+                    None => {
+                        bad.get_or_insert(format!(
+                            "region `{}`: task `{name}` of `{tname}` has no data semantics yet",
+                            st.name
+                        ));
+                        TaskData::None
+                    }
+                },
+            };
+            row.push(td);
+        }
+        tasks.push(row);
+    }
+    RegionData { tasks, readouts: Vec::new(), unsupported: bad }
+}
+
+/// The kernels of the stage's compute tasks.
+fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, String> {
+    let f = t.frame;
+    let grid = Grid { origin: Coord { x: rect.x, y: rect.y + f.row0() }, rows: f.rc(), cols: f.w };
+    let op = g.op(st.main);
+    let runs = t.runs.max(1) as u64;
+    let mut by_name = BTreeMap::new();
+    let mut final_total = None;
+    let out_of = |o: usize| st.outputs.get(o).map(|s| s.tensor.0).ok_or("no output slot");
+    match (&st.work, t.algo) {
+        (&Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. }, Algo::GemvBroadcast) => {
+            let av = view(g, st.inputs[a].tensor);
+            let rows_per_run = rows / runs;
+            let out = out_of(out)?;
+            match op.kind {
+                OpKind::Linear(l) => {
+                    if l.groups != 1 || l.weight_groups != 1 {
+                        return Err("grouped (expert) linear layers have no data semantics yet".into());
+                    }
+                    let Operand::Held(_) = b else {
+                        return Err("a streamed weight operand".into());
+                    };
+                    let w = op.inputs[1].0;
+                    let w_out_in = l.layout == WeightLayout::OutIn;
+                    by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
+                    if bias {
+                        by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
+                    }
+                }
+                OpKind::AttnScores(at) | OpKind::AttnContext(at) => {
+                    let read = st.ops.iter().map(|&o| g.op(o)).find(|o| {
+                        matches!(o.kind, OpKind::KvCacheRead { .. }) && o.outputs.first() == op.inputs.get(1)
+                    });
+                    // Keys (values) from a resident cache and the fresh rows (decode), or all stored
+                    // ahead in SRAM (prefill).
+                    let (len, cache, fresh) = match (read, fresh, b) {
+                        (Some(read), Some(_), Operand::Held(_)) => {
+                            let OpKind::KvCacheRead { len, .. } = read.kind else {
+                                return Err("attention without a readable KV cache".into());
+                            };
+                            (len, read.inputs[0].0, view(g, read.inputs[1]))
+                        }
+                        (None, _, Operand::Slot(s)) => (0, u32::MAX, view(g, st.inputs[s].tensor)),
+                        _ => return Err("attention with this KV layout has no data semantics yet".into()),
+                    };
+                    if runs != 1 {
+                        return Err("attention in token chunks has no data semantics yet".into());
+                    }
+                    let shape = AttnShape {
+                        batch: at.batch,
+                        heads: at.heads,
+                        kv_heads: at.kv_heads,
+                        kv: at.kv_len,
+                        head_dim: at.head_dim,
+                        q_len: at.q_len,
+                        len,
+                    };
+                    let kernel = if matches!(op.kind, OpKind::AttnScores(_)) {
+                        Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out }
+                    } else {
+                        Kernel::AttnContext { grid, p: av, cache, fresh, attn: shape, out }
+                    };
+                    by_name.insert("mm", kernel);
+                }
+                _ => return Err("this matmul has no data semantics yet".into()),
+            }
+        }
+        (&Work::RowReduce { main, rows, width, out: Some(out), colsum: None, scalar: None, .. }, Algo::RowReduce) => {
+            let x = view(g, st.inputs[main].tensor);
+            let rop = match op.kind {
+                OpKind::Norm { kind, .. } => RowOp::Norm {
+                    gamma: op.inputs[1].0,
+                    beta: (kind == NormKind::LayerNorm).then(|| op.inputs.get(2).map(|t| t.0)).flatten(),
+                    rms: kind == NormKind::RmsNorm,
+                },
+                OpKind::AttnSoftmax(a) => {
+                    RowOp::Softmax { q: a.q_len, kv: a.kv_len, head_dim: a.head_dim, causal: a.causal }
+                }
+                _ => return Err("this row reduction has no data semantics yet".into()),
+            };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop });
+            by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
+        }
+        (&Work::Matmul { a, b, rows, k, cols, bias, out, .. }, Algo::GemvTree) => {
+            let OpKind::Linear(l) = op.kind else {
+                return Err("this matmul has no data semantics yet".into());
+            };
+            if l.groups != 1 || l.weight_groups != 1 {
+                return Err("grouped (expert) linear layers have no data semantics yet".into());
+            }
+            let Operand::Held(_) = b else {
+                return Err("a streamed weight operand".into());
+            };
+            let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
+            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, l.layout == WeightLayout::OutIn);
+            let out = out_of(out)?;
+            by_name.insert(
+                "mm",
+                Kernel::TreePartial { grid, tree, a: av, w, w_out_in, k, n: cols, rows_per_run: rows / runs, out },
+            );
+            by_name.insert("red1", Kernel::Reduce { total: None, bias: None });
+            let b = bias.then(|| op.inputs[2].0);
+            by_name.insert("red2", Kernel::Reduce { total: Some(k), bias: b });
+        }
+        (&Work::Elementwise { rows, accumulate: false, .. }, Algo::Elementwise) => {
+            let pos0 = if g.workload.phase == Phase::Decode { g.workload.context } else { 0 };
+            let (ewop, inputs) = match op.kind {
+                OpKind::Add { .. } => (EwOp::Add, op.inputs.clone()),
+                OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
+                OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
+                OpKind::Tanh(_) => (EwOp::Tanh, vec![op.inputs[0]]),
+                OpKind::TokenSelect { seq, pick, .. } => {
+                    (EwOp::Select { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
+                }
+                OpKind::Rotary { heads, head_dim, rot_dims, .. } => {
+                    (EwOp::Rotary { heads, head_dim, rot_dims, pos0, seq: g.workload.seq }, vec![op.inputs[0]])
+                }
+                _ => return Err("this elementwise op has no data semantics yet".into()),
+            };
+            let inputs: Vec<View> = inputs.iter().map(|&t| view(g, t)).collect();
+            let out = out_of(0)?;
+            let width = view(g, TensorId(out)).width;
+            let rows_per_run = rows / runs;
+            by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out });
+        }
+        (&Work::Lookup { ids, rows, width, out }, Algo::LookupTree) => {
+            let OpKind::Embedding { vocab, .. } = op.kind else {
+                return Err("a lookup that is not an embedding".into());
+            };
+            let idv = view(g, st.inputs[ids].tensor);
+            let table = op.inputs[1].0;
+            let out = out_of(out)?;
+            by_name
+                .insert("look", Kernel::Lookup { grid, ids: idv, table, vocab, width, rows_per_run: rows / runs, out });
+            final_total = Some(("look2".to_string(), f.rc() as u64));
+        }
+        _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
+    }
+    Ok(Compute { by_name, final_total })
+}
+
+/// `gemv:KxN` on pre-placed operands (`kernel::prog_single_gemv`): the PE at (r, c) of the compute
+/// block holds x's k-slice r and W's block (r, c); partial sums chain down each group of rows, the
+/// group sums chain over the leaders to the root (the last row), whose accumulators hold y.
+fn single_gemv(
+    g: &Graph,
+    st: &Stage,
+    t: &Tiling,
+    rect: Rect,
+    templates: &[(String, Vec<Task>, u64)],
+    k: u64,
+    n: u64,
+) -> RegionData {
+    let op = g.op(st.main);
+    let OpKind::Linear(l) = op.kind else {
+        return refuse(templates, format!("region `{}`: a single GEMV that is not a linear op", st.name));
+    };
+    if t.algo == Algo::Cannon || op.inputs.len() < 2 || op.outputs.is_empty() {
+        return refuse(templates, format!("region `{}`: an unexpected single-GEMV layout", st.name));
+    }
+    let f = t.frame;
+    let (rows, cols) = ((f.rc() as u64).min(k) as u32, (f.w as u64).min(n) as u32);
+    let origin = Coord { x: rect.x, y: rect.y + f.row0() };
+    let grid = Grid { origin, rows, cols };
+    let (x, w, out) = (op.inputs[0].0, op.inputs[1].0, op.outputs[0].0);
+    let w_out_in = l.layout == WeightLayout::OutIn;
+    let tasks = templates
+        .iter()
+        .map(|(_, ts, _)| {
+            ts.iter()
+                .map(|task| match task.name.as_str() {
+                    "mm" => TaskData::Kernel(Kernel::GemvPartial { grid, x, w, w_out_in, k, n, out }),
+                    _ => TaskData::Kernel(Kernel::Accumulate { total: None }),
+                })
+                .collect()
+        })
+        .collect();
+    let root = Rect { x: origin.x, y: origin.y + rows.saturating_sub(1), w: cols, h: 1 };
+    RegionData {
+        tasks,
+        readouts: vec![Readout {
+            tensor: out,
+            name: g.tensor(op.outputs[0]).name.clone(),
+            rect: Some(root),
+            rows: 1,
+            cols: n,
+            cover: k,
+        }],
+        unsupported: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data table's restatement of the gemv-tree's rows agrees with the tiling's own.
+    #[test]
+    fn tree_rows_agree_with_the_tiling() {
+        for rc in 1..200u64 {
+            let t = Tree::new(rc);
+            let d = TreeRows { rc, g: t.g };
+            for r in 0..rc {
+                assert_eq!(d.role(r), t.role(r), "rc {rc} row {r}");
+            }
+            assert_eq!(d.compute_rows(), t.compute_rows(), "rc {rc}");
+        }
+    }
+}

@@ -1,0 +1,1144 @@
+//! Values through the engine (functional runs): every PE's SRAM holds real values, every task computes
+//! real values when the engine starts it, and every train carries its sender's values.
+//!
+//! What a task computes is the program's data side table (`mesh::data`): a kernel that reads the
+//! payloads of the trains the task claimed (in need order) and its PE's SRAM, and says what each of
+//! its sends carries. Payloads are fragments tagged with the slice of the graph tensor they hold (the
+//! addresses a real program knows statically), so a wrong route or a missing reduction shows up as an
+//! error naming the PE, the task and the slice, or as a wrong number, never as a silent success.
+//!
+//! Architecture invariant: this module observes the engine and never steers it: no timing, ordering
+//! or wavelet count depends on a value, so a run's timing is identical with and without values.
+//! Partial sums that meet at a PE are added in the order of their senders' ids (never arrival order),
+//! so values do not depend on timing or on the thread count.
+//!
+//! Rounding model: arithmetic in fp32 (sums over k in increasing order within a PE, partial sums added
+//! in sender order); values stored in SRAM and sent in wavelets are rounded to the storage dtype
+//! (fp16/bf16: nearest even) when the program's dtype is narrower than fp32.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, ProgramData, RowOp, Share, TaskData, View};
+use crate::mesh::{Coord, Task};
+
+/// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
+const STATS: u32 = u32::MAX;
+
+/// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frag {
+    pub tensor: u32,
+    pub view_cols: u64,
+    pub r0: u64,
+    pub r1: u64,
+    pub c0: u64,
+    pub c1: u64,
+    /// Terms summed into every value so far (a partial sum); 0 for a finished value.
+    pub cover: u64,
+    /// Global id of the agent that made it (partial sums are added in this order).
+    pub src: u32,
+    pub vals: Arc<[f32]>,
+}
+
+impl Frag {
+    fn slice(&self) -> String {
+        format!("t{}[{}..{}, {}..{}]", self.tensor, self.r0, self.r1, self.c0, self.c1)
+    }
+    fn same_slice(&self, o: &Frag) -> bool {
+        (self.tensor, self.view_cols, self.r0, self.r1, self.c0, self.c1)
+            == (o.tensor, o.view_cols, o.r0, o.r1, o.c0, o.c1)
+    }
+}
+
+/// What one train carries.
+pub type Payload = Arc<[Frag]>;
+
+/// What a functional run's agents hold at the end: a PE's (with its coordinate) or a port's (None).
+pub type Results = Vec<(Option<Coord>, Frag)>;
+
+/// Storage rounding of values kept in SRAM and sent in wavelets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Storage {
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Storage::Fp32 => x,
+            Storage::Fp16 => half::f16::from_f32(x).to_f32(),
+            Storage::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+    pub fn bytes(self) -> u64 {
+        match self {
+            Storage::Fp32 => 4,
+            Storage::Fp16 | Storage::Bf16 => 2,
+        }
+    }
+}
+
+/// Numerics the graph does not carry (from the model's config), as the reference uses them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Numerics {
+    pub norm_eps: f64,
+    /// Rotary: pairs (2i, 2i+1) (GPT-J) instead of (i, i + rot/2).
+    pub rotary_interleaved: bool,
+    /// GELU with the tanh approximation (else erf).
+    pub gelu_tanh: bool,
+    pub sliding_window: Option<u64>,
+}
+
+/// Everything a functional run starts from.
+#[derive(Debug)]
+pub struct Setup {
+    pub data: Arc<ProgramData>,
+    /// Values the wafer holds before the run (weights, pre-placed operands, KV caches) and the host's
+    /// inputs (token ids as floats), by graph tensor id, row-major.
+    pub tensors: BTreeMap<u32, Arc<[f32]>>,
+    pub storage: Storage,
+    pub numerics: Numerics,
+    /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
+    pub inv_freq: BTreeMap<u64, Vec<f64>>,
+}
+
+/// One PE's (or port's) values.
+#[derive(Debug, Default)]
+struct Pe {
+    /// The result the PE's last kernel left (an accumulator, a lookup, an elementwise share).
+    acc: Vec<Frag>,
+    /// Row statistics of the current run.
+    stats: Option<Frag>,
+    /// Operands kept for later tasks (stored operands, the row a reduction applies to).
+    store: Vec<Frag>,
+    /// A port's collected results.
+    kept: Vec<Frag>,
+    /// What each send of the running task carries.
+    out: Vec<Option<Payload>>,
+    /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
+    resident: bool,
+    sram: u64,
+}
+
+/// The values of one partition's agents (local indices as in `sim::Part`).
+#[derive(Debug)]
+pub struct PartValues {
+    setup: Arc<Setup>,
+    pes: Vec<Pe>,
+    /// `WAFER_VALUES_DEBUG` set: every kernel prints what it claimed (stderr).
+    debug: bool,
+}
+
+/// Where a task is: for error messages and kernels.
+pub struct At<'a> {
+    pub id: u32,
+    pub coord: Coord,
+    pub template: usize,
+    pub k: usize,
+    /// The run starting (1-based).
+    pub run: u64,
+    pub task: &'a Task,
+    pub sram_bytes: u64,
+}
+
+impl At<'_> {
+    fn name(&self) -> String {
+        format!("PE ({},{}) task `{}` run {}", self.coord.x, self.coord.y, self.task.name, self.run)
+    }
+    fn pos(&self, g: &Grid) -> Result<(u64, u64), String> {
+        g.pos(self.coord).ok_or_else(|| format!("{}: outside its kernel's grid", self.name()))
+    }
+}
+
+fn flat_index(g: &Grid, r: u64, c: u64) -> (u64, u64) {
+    (r * g.cols as u64 + c, g.rows as u64 * g.cols as u64)
+}
+
+impl PartValues {
+    pub fn new(setup: Arc<Setup>, agents: usize) -> PartValues {
+        let debug = std::env::var_os("WAFER_VALUES_DEBUG").is_some();
+        PartValues { setup, pes: (0..agents).map(|_| Pe::default()).collect(), debug }
+    }
+
+    /// Runs task `at.k`'s kernel on the payloads it claimed (one list per `Recv` need, in need order).
+    pub fn start(&mut self, local: usize, at: &At, claimed: Vec<Vec<Payload>>) -> Result<(), String> {
+        let data = Arc::clone(&self.setup.data);
+        let td = data.tasks.get(at.template).and_then(|t| t.get(at.k)).unwrap_or(&TaskData::None);
+        let n_sends = at.task.sends.len();
+        let claimed: Vec<Frag> = claimed.into_iter().flatten().flat_map(|p| p.to_vec()).collect();
+        if self.debug {
+            let mut got: Vec<String> =
+                claimed.iter().map(|f| format!("t{}[{}..{},{}..{}]", f.tensor, f.r0, f.r1, f.c0, f.c1)).collect();
+            got.sort();
+            eprintln!("{} claimed {}", at.name(), got.join(" "));
+        }
+        let outs = match td {
+            TaskData::None => vec![None; n_sends],
+            TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
+        };
+        self.pes[local].out = outs;
+        Ok(())
+    }
+
+    /// What send `i` of the task that agent `local` runs carries.
+    pub fn payload(&self, local: usize, i: usize) -> Option<Payload> {
+        self.pes[local].out.get(i).cloned().flatten()
+    }
+
+    /// What the given agents (local index, coordinate; None for a port) hold at the end: a PE's
+    /// accumulator where it lies in a readout rectangle, everything a port collected.
+    pub fn results(&self, agents: impl Iterator<Item = (usize, Option<Coord>)>) -> Results {
+        let rects: Vec<_> = self.setup.data.readouts.iter().filter_map(|r| r.rect).collect();
+        let mut out = Vec::new();
+        for (l, c) in agents {
+            let Some(pe) = self.pes.get(l) else { continue };
+            match c {
+                Some(c) if rects.iter().any(|r| r.contains(c)) => {
+                    out.extend(pe.acc.iter().map(|f| (Some(c), f.clone())))
+                }
+                Some(_) => {}
+                None => out.extend(pe.kept.iter().map(|f| (None, f.clone()))),
+            }
+        }
+        out
+    }
+
+    fn tensor(&self, t: u32, at: &At) -> Result<Arc<[f32]>, String> {
+        self.setup.tensors.get(&t).cloned().ok_or_else(|| format!("{}: no values for tensor t{t}", at.name()))
+    }
+
+    /// Loads a PE's resident tiles once (`values` of them): its SRAM image at the start of the step,
+    /// checked against the PE's SRAM.
+    fn resident(&mut self, local: usize, at: &At, values: u64) -> Result<(), String> {
+        let bytes = values * self.setup.storage.bytes();
+        let pe = &mut self.pes[local];
+        if pe.resident {
+            return Ok(());
+        }
+        pe.resident = true;
+        pe.sram += bytes;
+        if pe.sram > at.sram_bytes {
+            return Err(format!(
+                "{}: its tiles and buffers take {} bytes, more than the PE's {} bytes of SRAM",
+                at.name(),
+                pe.sram,
+                at.sram_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn rounded(&self, frags: &[Frag]) -> Payload {
+        let st = self.setup.storage;
+        frags
+            .iter()
+            .map(|f| Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// Rows `rows` of the view `v`, from the fragments `frags` (and what the PE stored): every value
+    /// must be there, finished.
+    fn read(&self, local: usize, at: &At, frags: &[Frag], v: &View, rows: (u64, u64)) -> Result<Vec<f32>, String> {
+        let w = v.width as usize;
+        let n = (rows.1 - rows.0) as usize * w;
+        let mut buf = vec![0f32; n];
+        let mut have = vec![false; n];
+        for f in frags.iter().chain(&self.pes[local].store).filter(|f| f.tensor == v.base) {
+            if f.view_cols != v.cols {
+                return Err(format!(
+                    "{}: received {} in rows of {}, expected {}",
+                    at.name(),
+                    f.slice(),
+                    f.view_cols,
+                    v.cols
+                ));
+            }
+            if f.cover != 0 {
+                return Err(format!("{}: received {}, an unfinished partial sum", at.name(), f.slice()));
+            }
+            if f.r1 <= rows.0 || f.r0 >= rows.1 || f.c1 <= v.c0 || f.c0 >= v.c0 + v.width {
+                continue;
+            }
+            let fw = (f.c1 - f.c0) as usize;
+            for r in f.r0.max(rows.0)..f.r1.min(rows.1) {
+                for c in f.c0.max(v.c0)..f.c1.min(v.c0 + v.width) {
+                    let i = (r - rows.0) as usize * w + (c - v.c0) as usize;
+                    buf[i] = f.vals[(r - f.r0) as usize * fw + (c - f.c0) as usize];
+                    have[i] = true;
+                }
+            }
+        }
+        if let Some(i) = have.iter().position(|h| !h) {
+            let mut got: Vec<(u64, u64, u64, u64)> = frags
+                .iter()
+                .chain(&self.pes[local].store)
+                .filter(|f| f.tensor == v.base)
+                .map(|f| (f.r0, f.r1, f.c0, f.c1))
+                .collect();
+            got.sort();
+            got.dedup();
+            let shown: Vec<String> =
+                got.iter().take(6).map(|g| format!("[{}..{}, {}..{}]", g.0, g.1, g.2, g.3)).collect();
+            return Err(format!(
+                "{}: element ({}, {}) of t{} (columns {}..{} of t{}) is not among the values it claimed ({}{}): a \
+                 wrong or missing route, or wavelets of another run taken in its place",
+                at.name(),
+                rows.0 + (i / w.max(1)) as u64,
+                i % w.max(1),
+                v.base,
+                v.c0,
+                v.c0 + v.width,
+                v.base,
+                shown.join(" "),
+                if got.len() > 6 { " ..." } else { "" }
+            ));
+        }
+        Ok(buf)
+    }
+
+    fn run_rows(at: &At, rows_per_run: u64) -> (u64, u64) {
+        ((at.run - 1) * rows_per_run, at.run * rows_per_run)
+    }
+
+    fn kernel(
+        &mut self,
+        local: usize,
+        at: &At,
+        kernel: &Kernel,
+        claimed: Vec<Frag>,
+    ) -> Result<Vec<Option<Payload>>, String> {
+        let st = self.setup.storage;
+        let n_sends = at.task.sends.len();
+        let all = |p: Payload| vec![Some(p); n_sends];
+        match kernel {
+            &Kernel::GemvPartial { grid, x, w, w_out_in, k, n, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
+                let (xv, wv) = (self.tensor(x, at)?, self.tensor(w, at)?);
+                if xv.len() as u64 != k || wv.len() as u64 != k * n {
+                    return Err(format!(
+                        "{}: operands of {} and {} values for a {k}x{n} GEMV",
+                        at.name(),
+                        xv.len(),
+                        wv.len()
+                    ));
+                }
+                self.resident(local, at, kl + kl * nl + nl)?;
+                let mut acc = vec![0f32; nl as usize];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let col = n0 + j as u64;
+                    for kk in k0..k0 + kl {
+                        let wi = if w_out_in { col * k + kk } else { kk * n + col };
+                        *a += st.round(xv[kk as usize]) * st.round(wv[wi as usize]);
+                    }
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: n,
+                    r0: 0,
+                    r1: 1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: kl,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Accumulate { total } => {
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let pe = &mut self.pes[local];
+                let [acc] = pe.acc.as_mut_slice() else {
+                    return Err(format!("{}: adds partial sums but holds no accumulator", at.name()));
+                };
+                let mut vals = acc.vals.to_vec();
+                for p in &parts {
+                    if !p.same_slice(acc) || p.vals.len() != vals.len() || p.cover == 0 {
+                        return Err(format!(
+                            "{}: received {} but accumulates a partial sum of {}",
+                            at.name(),
+                            p.slice(),
+                            acc.slice()
+                        ));
+                    }
+                    for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
+                        *a += *b;
+                    }
+                    acc.cover += p.cover;
+                }
+                acc.vals = vals.into();
+                if let Some(t) = total {
+                    if acc.cover != t {
+                        return Err(format!(
+                            "{}: {} summed over {} of {t} terms (a missing reduction)",
+                            at.name(),
+                            acc.slice(),
+                            acc.cover
+                        ));
+                    }
+                    acc.cover = 0;
+                }
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Relay => Ok(all(in_order(claimed).into())),
+            Kernel::LocalAdd { grid, inputs, n, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (lo, len) = Share { n: *n, parts }.range(idx);
+                let ins: Vec<Arc<[f32]>> = inputs.iter().map(|&t| self.tensor(t, at)).collect::<Result<_, _>>()?;
+                if ins.iter().any(|v| (v.len() as u64) < lo + len) {
+                    return Err(format!("{}: an operand shorter than its share", at.name()));
+                }
+                self.resident(local, at, (inputs.len() as u64 + 1) * len)?;
+                let vals: Vec<f32> = (lo..lo + len)
+                    .map(|i| ins.iter().map(|v| st.round(v[i as usize])).fold(0f32, |a, b| a + b))
+                    .collect();
+                self.pes[local].acc = flat_frags(*out, *n, lo, &vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: tree.compute_rows() }.range(tree.compute_index(r));
+                let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let xs = View { c0: a.c0 + k0, width: kl, ..a };
+                let x = self.read(local, at, &claimed, &xs, rows)?;
+                let wv = self.tensor(w, at)?;
+                if wv.len() as u64 != k * n || a.width != k {
+                    return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
+                }
+                self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
+                let rr = rows_per_run as usize;
+                let mut acc = vec![0f32; rr * nl as usize];
+                for i in 0..rr {
+                    let xr = &x[i * kl as usize..(i + 1) * kl as usize];
+                    for j in 0..nl {
+                        let col = n0 + j;
+                        let mut s = 0f32;
+                        for (kk, &xv) in xr.iter().enumerate() {
+                            let kk = k0 + kk as u64;
+                            let wi = if w_out_in { col * k + kk } else { kk * n + col };
+                            s += xv * st.round(wv[wi as usize]);
+                        }
+                        acc[i * nl as usize + j as usize] = s;
+                    }
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: n,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: kl,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Reduce { total, bias } => {
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let Some(first) = parts.first() else {
+                    return Err(format!("{}: reduces, but its trains carried no partial sums", at.name()));
+                };
+                let mut acc = Frag { cover: 0, src: at.id, ..first.clone() };
+                let mut vals = vec![0f32; first.vals.len()];
+                for p in &parts {
+                    if !p.same_slice(&acc) || p.vals.len() != vals.len() || p.cover == 0 {
+                        return Err(format!(
+                            "{}: received {} but reduces a partial sum of {}",
+                            at.name(),
+                            p.slice(),
+                            acc.slice()
+                        ));
+                    }
+                    for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
+                        *a += *b;
+                    }
+                    acc.cover += p.cover;
+                }
+                if let Some(t) = total {
+                    if acc.cover != t {
+                        return Err(format!(
+                            "{}: {} summed over {} of {t} terms (a missing reduction)",
+                            at.name(),
+                            acc.slice(),
+                            acc.cover
+                        ));
+                    }
+                    acc.cover = 0;
+                    if let Some(b) = bias {
+                        let bv = self.tensor(b, at)?;
+                        let w = (acc.c1 - acc.c0).max(1) as usize;
+                        for (i, v) in vals.iter_mut().enumerate() {
+                            *v += st.round(bv[acc.c0 as usize + i % w]);
+                        }
+                    }
+                }
+                acc.vals = vals.into();
+                self.pes[local].acc = vec![acc];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Route { views } => {
+                let mut outs = Vec::with_capacity(n_sends);
+                for i in 0..n_sends {
+                    let sel: Vec<Frag> = match views.get(i).copied().flatten() {
+                        None => claimed.clone(),
+                        Some(v) => claimed.iter().filter_map(|f| crop(f, &v)).collect(),
+                    };
+                    let sel = in_order(sel);
+                    outs.push(Some(Payload::from(sel)));
+                }
+                Ok(outs)
+            }
+            Kernel::Store => {
+                self.pes[local].store.extend(claimed);
+                Ok(vec![None; n_sends])
+            }
+            Kernel::Collect => {
+                self.pes[local].kept.extend(claimed);
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::Source { view, rows_per_run } => {
+                let t = self.tensor(view.base, at)?;
+                let (r0, r1) = Self::run_rows(at, rows_per_run);
+                let cols = view.cols as usize;
+                let mut vals = Vec::with_capacity((r1 - r0) as usize * view.width as usize);
+                for r in r0..r1 {
+                    let base = r as usize * cols + view.c0 as usize;
+                    let row = t
+                        .get(base..base + view.width as usize)
+                        .ok_or_else(|| format!("{}: the host's t{} has no row {r}", at.name(), view.base))?;
+                    vals.extend(row.iter().map(|&v| st.round(v)));
+                }
+                let f = Frag {
+                    tensor: view.base,
+                    view_cols: view.cols,
+                    r0,
+                    r1,
+                    c0: view.c0,
+                    c1: view.c0 + view.width,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                Ok(all(Payload::from(vec![f])))
+            }
+            &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (n0, nl) = Share { n, parts }.range(idx);
+                let rows = Self::run_rows(at, rows_per_run);
+                let x = self.read(local, at, &claimed, &a, rows)?;
+                let wv = self.tensor(w, at)?;
+                if wv.len() as u64 != k * n || a.width != k {
+                    return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
+                }
+                self.resident(local, at, k * nl + 2 * nl * rows_per_run)?;
+                let rr = rows_per_run as usize;
+                let mut acc = vec![0f32; rr * nl as usize];
+                for i in 0..rr {
+                    let xr = &x[i * k as usize..(i + 1) * k as usize];
+                    for j in 0..nl {
+                        let col = n0 + j;
+                        let mut s = 0f32;
+                        for (kk, &xv) in xr.iter().enumerate() {
+                            let wi = if w_out_in { col * k + kk as u64 } else { kk as u64 * n + col };
+                            s += xv * st.round(wv[wi as usize]);
+                        }
+                        acc[i * nl as usize + j as usize] = s;
+                    }
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: n,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: 0,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Bias { b } => {
+                let bv = self.tensor(b, at)?;
+                let pe = &mut self.pes[local];
+                for f in pe.acc.iter_mut() {
+                    let w = (f.c1 - f.c0) as usize;
+                    let mut vals = f.vals.to_vec();
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        *v += st.round(bv[f.c0 as usize + i % w.max(1)]);
+                    }
+                    f.vals = vals.into();
+                }
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::AttnScores { grid, q, cache, fresh, attn, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let total = attn.batch * attn.heads * attn.kv;
+                let (j0, jl) = Share { n: total, parts }.range(idx);
+                let ql = attn.q_len;
+                let qv = self.read(local, at, &claimed, &q, (0, attn.batch * ql))?;
+                let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
+                let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
+                self.resident(local, at, jl * attn.head_dim + jl * ql)?;
+                let d = attn.head_dim as usize;
+                let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
+                let mut vals = Vec::with_capacity((jl * ql) as usize);
+                for j in j0..j0 + jl {
+                    let (b, h, t) = (j / (attn.heads * attn.kv), (j / attn.kv) % attn.heads, j % attn.kv);
+                    let krow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                    for i in 0..ql {
+                        let qrow = &qv[((b * ql + i) * attn.heads * attn.head_dim + h * attn.head_dim) as usize..][..d];
+                        let mut acc = 0f32;
+                        for dd in 0..d {
+                            acc += qrow[dd] * st.round(krow[dd]);
+                        }
+                        vals.push(((((b * attn.heads + h) * ql + i) * attn.kv + t), acc));
+                    }
+                }
+                self.pes[local].acc = scatter_frags(out, attn.kv, vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::AttnContext { grid, p, cache, fresh, attn, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let total = attn.batch * attn.heads * attn.head_dim;
+                let (j0, jl) = Share { n: total, parts }.range(idx);
+                let ql = attn.q_len;
+                let pv = self.read(local, at, &claimed, &p, (0, attn.batch * attn.heads * ql))?;
+                let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
+                let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
+                self.resident(local, at, jl * attn.kv + jl * ql)?;
+                let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
+                let hd = attn.heads * attn.head_dim;
+                let mut vals = Vec::with_capacity((jl * ql) as usize);
+                for j in j0..j0 + jl {
+                    let (b, h, dd) = (j / hd, (j / attn.head_dim) % attn.heads, j % attn.head_dim);
+                    for i in 0..ql {
+                        let mut acc = 0f32;
+                        for t in 0..attn.kv {
+                            let pr = pv[(((b * attn.heads + h) * ql + i) * attn.kv + t) as usize];
+                            let vrow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                            acc += pr * st.round(vrow[dd as usize]);
+                        }
+                        vals.push(((b * ql + i) * hd + h * attn.head_dim + dd, acc));
+                    }
+                }
+                self.pes[local].acc = scatter_frags(out, hd, vals, at.id);
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Elementwise { grid, op, inputs, rows_per_run, width, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (off, len) = Share { n: rows_per_run * width, parts }.range(idx);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let mut frags = Vec::new();
+                if len > 0 {
+                    let first = row0 + off / width;
+                    let end = row0 + (off + len - 1) / width + 1;
+                    let ins: Vec<Vec<f32>> = match *op {
+                        // One token of every sequence: output row b reads input row b * seq + pick.
+                        EwOp::Select { seq, last } => {
+                            let pick = if last { seq.saturating_sub(1) } else { 0 };
+                            let mut v = Vec::new();
+                            for row in first..end {
+                                let r = row * seq + pick;
+                                v.extend(self.read(local, at, &claimed, &inputs[0], (r, r + 1))?);
+                            }
+                            vec![v]
+                        }
+                        _ => inputs
+                            .iter()
+                            .map(|v| self.read(local, at, &claimed, v, (first, end)))
+                            .collect::<Result<_, _>>()?,
+                    };
+                    self.resident(local, at, 2 * len)?;
+                    let num = self.setup.numerics;
+                    let mut p = off;
+                    while p < off + len {
+                        let row = row0 + p / width;
+                        let c0 = p % width;
+                        let c1 = (*width).min(c0 + (off + len - p));
+                        let mut vals = Vec::with_capacity((c1 - c0) as usize);
+                        for cc in c0..c1 {
+                            let i = ((row - first) * width + cc) as usize;
+                            vals.push(match *op {
+                                EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
+                                EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
+                                EwOp::Tanh => ins[0][i].tanh(),
+                                EwOp::Select { .. } => ins[0][i],
+                                EwOp::SwiGlu => {
+                                    let (g, u) = (ins[0][i], ins[1][i]);
+                                    g * (1.0 / (1.0 + (-g).exp())) * u
+                                }
+                                EwOp::Rotary { head_dim, rot_dims, pos0, seq, .. } => {
+                                    let row_vals = &ins[0][((row - first) * width) as usize..][..*width as usize];
+                                    let freqs = self.setup.inv_freq.get(&rot_dims).map_or(&[][..], |v| v.as_slice());
+                                    rotary(
+                                        row_vals,
+                                        cc,
+                                        head_dim,
+                                        rot_dims,
+                                        pos0 + row % seq.max(1),
+                                        freqs,
+                                        num.rotary_interleaved,
+                                    )
+                                }
+                            });
+                        }
+                        frags.push(Frag {
+                            tensor: *out,
+                            view_cols: *width,
+                            r0: row,
+                            r1: row + 1,
+                            c0,
+                            c1,
+                            cover: 0,
+                            src: at.id,
+                            vals: vals.into(),
+                        });
+                        p += c1 - c0;
+                    }
+                }
+                self.pes[local].acc = frags;
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::RowStats { grid, op, x, rows_per_run, width } => {
+                let (r, c) = at.pos(grid)?;
+                let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
+                let (co, cl) = Share { n: *width, parts: grid.cols as u64 }.range(c);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let rows = (row0 + ro, row0 + ro + rl);
+                let xv = self.read(local, at, &claimed, x, rows)?;
+                self.resident(local, at, 2 * rl * cl + 2 * cl + 3 * rl)?;
+                let mut vals = Vec::with_capacity(3 * rl as usize);
+                for i in 0..rl as usize {
+                    let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
+                    vals.extend([cl as f32, a, b]);
+                }
+                // The row stays for the apply pass.
+                let keep: Vec<Frag> = claimed.iter().filter(|f| f.tensor == x.base).cloned().collect();
+                let pe = &mut self.pes[local];
+                pe.store = keep;
+                pe.stats = Some(Frag {
+                    tensor: STATS,
+                    view_cols: 3,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: 0,
+                    c1: 3,
+                    cover: cl,
+                    src: at.id,
+                    vals: vals.into(),
+                });
+                Ok(all(Payload::from(pe.stats.clone().into_iter().collect::<Vec<_>>())))
+            }
+            Kernel::RowCombine { op } => {
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let pe = &mut self.pes[local];
+                let Some(own) = pe.stats.as_mut() else {
+                    return Err(format!("{}: combines statistics but has none", at.name()));
+                };
+                let mut vals = own.vals.to_vec();
+                for p in parts.iter().filter(|f| f.tensor == STATS) {
+                    if (p.r0, p.r1) != (own.r0, own.r1) || p.vals.len() != vals.len() {
+                        return Err(format!(
+                            "{}: received statistics of rows {}..{}, holds {}..{}",
+                            at.name(),
+                            p.r0,
+                            p.r1,
+                            own.r0,
+                            own.r1
+                        ));
+                    }
+                    for (o, q) in vals.chunks_mut(3).zip(p.vals.chunks(3)) {
+                        combine(op, o, q);
+                    }
+                    own.cover += p.cover;
+                }
+                own.vals = vals.into();
+                Ok(all(Payload::from(vec![own.clone()])))
+            }
+            Kernel::RowApply { grid, op, x, rows_per_run, width, out } => {
+                let (r, c) = at.pos(grid)?;
+                let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
+                let (co, cl) = Share { n: *width, parts: grid.cols as u64 }.range(c);
+                let (row0, _) = Self::run_rows(at, *rows_per_run);
+                let rows = (row0 + ro, row0 + ro + rl);
+                let stats = match claimed.iter().find(|f| f.tensor == STATS) {
+                    Some(s) => s.clone(),
+                    None => self.pes[local].stats.clone().ok_or_else(|| format!("{}: no row statistics", at.name()))?,
+                };
+                if stats.cover != *width || (stats.r0, stats.r1) != rows {
+                    return Err(format!(
+                        "{}: statistics of rows {}..{} over {} of {} columns (a missing reduction)",
+                        at.name(),
+                        stats.r0,
+                        stats.r1,
+                        stats.cover,
+                        width
+                    ));
+                }
+                let xv = self.read(local, at, &[], x, rows)?;
+                let num = self.setup.numerics;
+                let mut vals = Vec::with_capacity((rl * cl) as usize);
+                for i in 0..rl as usize {
+                    let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    let s = &stats.vals[3 * i..3 * i + 3];
+                    for cc in co..co + cl {
+                        vals.push(row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
+                            self.setup.tensors.get(&t).map_or(0.0, |v| st.round(v[j as usize]))
+                        }));
+                    }
+                }
+                let f = Frag {
+                    tensor: *out,
+                    view_cols: *width,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: co,
+                    c1: co + cl,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Lookup { grid, ids, table, vocab, width, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (v0, vl) = Share { n: vocab, parts: grid.rows as u64 }.range(r);
+                let (w0, wl) = Share { n: width, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let idv = self.read(local, at, &claimed, &ids, rows)?;
+                let tv = self.tensor(table, at)?;
+                self.resident(local, at, vl * wl + 2 * rows_per_run * wl)?;
+                let mut vals = Vec::with_capacity((rows_per_run * wl) as usize);
+                for &id in &idv {
+                    let id = id as u64;
+                    for cc in w0..w0 + wl {
+                        vals.push(if id >= v0 && id < v0 + vl {
+                            st.round(tv[(id * width + cc) as usize])
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+                let cover = if grid.rows == 1 { 0 } else { 1 };
+                let f = Frag {
+                    tensor: out,
+                    view_cols: width,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: w0,
+                    c1: w0 + wl,
+                    cover,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+        }
+    }
+}
+
+/// The part of a train's payload that wavelets `from .. to` of its `n` carry: the values are laid out
+/// in fragment order, row-major within a fragment, and spread evenly over the wavelets (a wavelet
+/// carries one fp32 or two fp16 values; padding of a last half wavelet is spread with them).
+pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
+    if from == 0 && to >= n {
+        return Arc::clone(p);
+    }
+    let total: u64 = p.iter().map(|f| f.vals.len() as u64).sum();
+    let (lo, hi) = (from * total / n.max(1), to * total / n.max(1));
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for f in p.iter() {
+        let len = f.vals.len() as u64;
+        let (a, b) = (lo.max(base), hi.min(base + len));
+        if a < b {
+            let w = (f.c1 - f.c0).max(1);
+            // Cut [a, b) of this fragment's values into row pieces.
+            let mut i = a - base;
+            while i < b - base {
+                let (row, col) = (i / w, i % w);
+                let end = (b - base).min((row + 1) * w);
+                let vals: Arc<[f32]> = f.vals[i as usize..end as usize].into();
+                out.push(Frag {
+                    r0: f.r0 + row,
+                    r1: f.r0 + row + 1,
+                    c0: f.c0 + col,
+                    c1: f.c0 + col + (end - i),
+                    vals,
+                    ..f.clone()
+                });
+                i = end;
+            }
+        }
+        base += len;
+    }
+    out.into()
+}
+
+/// Fragments in address order (tensor, row, column, sender): how a gateway that buffers a stream
+/// forwards it.
+fn in_order(mut frags: Vec<Frag>) -> Vec<Frag> {
+    frags.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
+    frags
+}
+
+/// Values at scattered flat positions of a tensor with rows of `cols`, as fragments of contiguous runs.
+fn scatter_frags(tensor: u32, cols: u64, mut vals: Vec<(u64, f32)>, src: u32) -> Vec<Frag> {
+    vals.sort_by_key(|v| v.0);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < vals.len() {
+        let mut j = i + 1;
+        while j < vals.len() && vals[j].0 == vals[j - 1].0 + 1 {
+            j += 1;
+        }
+        let run: Vec<f32> = vals[i..j].iter().map(|v| v.1).collect();
+        out.extend(flat_frags(tensor, cols, vals[i].0, &run, src));
+        i = j;
+    }
+    out
+}
+
+/// Values at flat positions `lo ..` of a tensor with rows of `cols`, as one fragment per row touched.
+fn flat_frags(tensor: u32, cols: u64, lo: u64, vals: &[f32], src: u32) -> Vec<Frag> {
+    let mut out = Vec::new();
+    let (mut p, mut i) = (lo, 0usize);
+    while i < vals.len() {
+        let (row, c0) = (p / cols.max(1), p % cols.max(1));
+        let c1 = cols.min(c0 + (vals.len() - i) as u64);
+        let n = (c1 - c0) as usize;
+        let v: Arc<[f32]> = vals[i..i + n].into();
+        out.push(Frag { tensor, view_cols: cols, r0: row, r1: row + 1, c0, c1, cover: 0, src, vals: v });
+        p += n as u64;
+        i += n;
+    }
+    out
+}
+
+/// The part of `f` inside the view `v`'s columns (None if none).
+fn crop(f: &Frag, v: &View) -> Option<Frag> {
+    if f.tensor != v.base {
+        return None;
+    }
+    let (c0, c1) = (f.c0.max(v.c0), f.c1.min(v.c0 + v.width));
+    if c0 >= c1 {
+        return None;
+    }
+    if (c0, c1) == (f.c0, f.c1) {
+        return Some(f.clone());
+    }
+    let w = (f.c1 - f.c0) as usize;
+    let mut vals = Vec::with_capacity((f.r1 - f.r0) as usize * (c1 - c0) as usize);
+    for r in 0..(f.r1 - f.r0) as usize {
+        vals.extend_from_slice(&f.vals[r * w + (c0 - f.c0) as usize..r * w + (c1 - f.c0) as usize]);
+    }
+    Some(Frag { c0, c1, vals: vals.into(), ..f.clone() })
+}
+
+/// Key (or value) row `t` of sequence `b`, head group `g`: from the cache, or from the fresh rows.
+fn key_row<'a>(cache: &'a [f32], fresh: &'a [f32], a: &AttnShape, b: u64, t: u64, g: u64) -> &'a [f32] {
+    let (d, w) = (a.head_dim as usize, (a.kv_heads * a.head_dim) as usize);
+    let new = a.kv - a.len;
+    if t < a.len {
+        &cache[((b * a.len + t) as usize) * w + g as usize * d..][..d]
+    } else {
+        &fresh[((b * new + t - a.len) as usize) * w + g as usize * d..][..d]
+    }
+}
+
+/// Output column `cc` of a row after the rotary embedding at position `pos`, as the reference rotates.
+fn rotary(row: &[f32], cc: u64, head_dim: u64, rot: u64, pos: u64, freqs: &[f64], interleaved: bool) -> f32 {
+    let (h, d) = (cc / head_dim, cc % head_dim);
+    if d >= rot || freqs.is_empty() {
+        return row[cc as usize];
+    }
+    let half = rot / 2;
+    let base = h * head_dim;
+    // The pair (a, b) this column belongs to, which one it is, and its frequency index.
+    let (i, first) = if interleaved { (d / 2, d % 2 == 0) } else { (d % half, d < half) };
+    let (a, b) = if interleaved { (base + 2 * i, base + 2 * i + 1) } else { (base + i, base + i + half) };
+    let angle = (pos as f64 * freqs[i as usize]) as f32;
+    let (cos, sin) = (angle.cos(), angle.sin());
+    let (xa, xb) = (row[a as usize], row[b as usize]);
+    if first {
+        xa * cos - xb * sin
+    } else {
+        xb * cos + xa * sin
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044715;
+
+fn gelu(tanh: bool, x: f32) -> f32 {
+    if tanh {
+        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+    } else {
+        0.5 * x * (1.0 + libm_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+}
+
+fn libm_erf(x: f32) -> f32 {
+    <f32 as crate::functional::Real>::erf(x)
+}
+
+/// Whether query `i` (of `q`) sees key `j` (of `kv`), as the reference masks.
+fn visible(q: u64, kv: u64, causal: bool, window: Option<u64>, i: u64, j: u64) -> bool {
+    let pos = kv - q + i;
+    if causal && j > pos {
+        return false;
+    }
+    match window {
+        Some(w) if causal => j + w > pos,
+        _ => true,
+    }
+}
+
+/// Partial statistics (a, b) of columns `co .. co + cl` of one row: LayerNorm (mean, M2), RMSNorm
+/// (mean square, 0), softmax (max of the scaled visible scores, sum of exp(s - max)).
+fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) -> (f32, f32) {
+    let xs = &row[co as usize..(co + cl) as usize];
+    match *op {
+        RowOp::Norm { rms: false, .. } => {
+            let n = cl.max(1) as f32;
+            let mean = xs.iter().sum::<f32>() / n;
+            let m2 = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>();
+            (mean, m2)
+        }
+        RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
+        RowOp::Softmax { q, kv, head_dim, causal } => {
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let i = r % q.max(1);
+            let vis = |j: u64| visible(q, kv, causal, num.sliding_window, i, j);
+            let mut m = f32::NEG_INFINITY;
+            for (k, x) in xs.iter().enumerate() {
+                if vis(co + k as u64) {
+                    m = m.max(x * scale);
+                }
+            }
+            let mut s = 0f32;
+            for (k, x) in xs.iter().enumerate() {
+                if vis(co + k as u64) {
+                    s += (x * scale - m).exp();
+                }
+            }
+            (m, s)
+        }
+    }
+}
+
+/// Combines statistics `q` into `o`, both (count, a, b): LayerNorm's (mean, M2) by Chan's formula,
+/// RMSNorm's mean square by counts, softmax's (max, sum) by rescaling to the larger max.
+fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
+    let (na, nb) = (o[0], q[0]);
+    let n = na + nb;
+    match op {
+        RowOp::Norm { rms: false, .. } => {
+            if n > 0.0 {
+                let delta = q[1] - o[1];
+                o[1] += delta * nb / n;
+                o[2] += q[2] + delta * delta * na * nb / n;
+            }
+        }
+        RowOp::Norm { rms: true, .. } => {
+            if n > 0.0 {
+                o[1] = (na * o[1] + nb * q[1]) / n;
+            }
+        }
+        RowOp::Softmax { .. } => {
+            let m = o[1].max(q[1]);
+            if m > f32::NEG_INFINITY {
+                let scale = |mx: f32| if mx == f32::NEG_INFINITY { 0.0 } else { (mx - m).exp() };
+                o[2] = o[2] * scale(o[1]) + q[2] * scale(q[1]);
+                o[1] = m;
+            }
+        }
+    }
+    o[0] = n;
+}
+
+/// Output of column `cc` of one row given its final statistics `s` (count, a, b).
+fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32], w: impl Fn(u32, u64) -> f32) -> f32 {
+    let x = row[cc as usize];
+    match *op {
+        RowOp::Norm { gamma, beta, rms: false } => {
+            let rstd = 1.0 / (s[2] / s[0] + num.norm_eps as f32).sqrt();
+            (x - s[1]) * rstd * w(gamma, cc) + beta.map_or(0.0, |b| w(b, cc))
+        }
+        RowOp::Norm { gamma, rms: true, .. } => {
+            let rstd = 1.0 / (s[1] + num.norm_eps as f32).sqrt();
+            w(gamma, cc) * (x * rstd)
+        }
+        RowOp::Softmax { q, kv, head_dim, causal } => {
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {
+                (x * scale - s[1]).exp() / s[2]
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frag(r0: u64, r1: u64, c0: u64, c1: u64, first: f32) -> Frag {
+        let n = ((r1 - r0) * (c1 - c0)) as usize;
+        let vals: Arc<[f32]> = (0..n).map(|i| first + i as f32).collect();
+        Frag { tensor: 1, view_cols: 8, r0, r1, c0, c1, cover: 0, src: 0, vals }
+    }
+
+    /// Claims that split a train take, together, every value once, in order.
+    #[test]
+    fn slices_of_a_payload_partition_it() {
+        let p: Payload = vec![frag(0, 2, 2, 6, 0.0), frag(5, 6, 0, 8, 100.0)].into();
+        let n = 16; // 16 values, one per wavelet
+        let mut seen = Vec::new();
+        for (a, b) in [(0, 3), (3, 4), (4, 11), (11, 16)] {
+            for f in slice_payload(&p, n, a, b).iter() {
+                assert_eq!(f.vals.len() as u64, (f.r1 - f.r0) * (f.c1 - f.c0));
+                seen.extend(f.vals.iter().copied());
+            }
+        }
+        let all: Vec<f32> = p.iter().flat_map(|f| f.vals.iter().copied()).collect();
+        assert_eq!(seen, all);
+    }
+
+    /// Chan's combine of two halves equals the statistics of the whole row.
+    #[test]
+    fn layernorm_statistics_combine() {
+        let row: Vec<f32> = (0..10).map(|i| (i as f32 * 0.37).sin()).collect();
+        let op = RowOp::Norm { gamma: 0, beta: None, rms: false };
+        let num = Numerics { norm_eps: 1e-5, rotary_interleaved: false, gelu_tanh: true, sliding_window: None };
+        let (m1, s1) = row_stats(&op, &num, &row, 0, 0, 4);
+        let (m2, s2) = row_stats(&op, &num, &row, 0, 4, 6);
+        let (m, s) = row_stats(&op, &num, &row, 0, 0, 10);
+        let mut o = [4.0, m1, s1];
+        combine(&op, &mut o, &[6.0, m2, s2]);
+        assert!((o[1] - m).abs() < 1e-6 && (o[2] - s).abs() < 1e-5, "{o:?} vs ({m}, {s})");
+    }
+}

@@ -1,0 +1,147 @@
+//! Functional runs of a compiled mesh program: what the wafer starts from (the weights, pre-placed
+//! operands, caches and host inputs of the reference run's feeds) and what it ends with (the tensors
+//! its readout PEs hold), checked against the reference.
+//!
+//! The values themselves are computed by the engine (`engine::values`), task by task, from the data
+//! side table the compiler wrote (`mesh::data`); this module only prepares the start and reads the end.
+//! It never evaluates an op of the graph: the reference is read for the feeds and for the comparison.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{max_rel_error, Act, FunctionalError, Numerics, Value, Values};
+use crate::engine::values::{self, Frag, Setup, Storage};
+use crate::graph::{Graph, TensorId};
+use crate::mesh::{Coord, MeshProgram};
+use crate::model::DType;
+
+/// One result of a functional run, beside the reference's value of the same tensor.
+#[derive(Clone, Debug)]
+pub struct MeshOutput {
+    pub name: String,
+    pub tensor: TensorId,
+    pub shape: Vec<u64>,
+    pub values: Vec<f32>,
+    /// Max |mesh - reference| over the elements, relative to the largest reference magnitude.
+    pub max_rel_error: f64,
+}
+
+/// The start of a functional run of `program`: fails (the user's request, exit 2) naming what the
+/// program does that functional mode does not support yet.
+pub fn setup(
+    program: &MeshProgram,
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+) -> Result<Setup, FunctionalError> {
+    let Some(data) = program.data.as_ref() else {
+        return Err(FunctionalError::Unsupported("this program has no data side table (a synthetic program)".into()));
+    };
+    if !data.unsupported.is_empty() {
+        let n = data.unsupported.len();
+        let mut lines: Vec<String> = data.unsupported.iter().take(4).cloned().collect();
+        if n > 4 {
+            lines.push(format!("and {} more", n - 4));
+        }
+        return Err(FunctionalError::Unsupported(lines.join("; ")));
+    }
+    if data.readouts.is_empty() {
+        return Err(FunctionalError::Unsupported("the program leaves no result a functional run can read".into()));
+    }
+    let storage = match graph.workload.dtype {
+        DType::Fp32 => Storage::Fp32,
+        DType::Fp16 => Storage::Fp16,
+        DType::Bf16 => Storage::Bf16,
+        DType::Fp8 => return Err(FunctionalError::Unsupported("fp8 storage (use --dtype fp32, fp16 or bf16)".into())),
+    };
+    let producers = graph.producers();
+    let tensors: BTreeMap<u32, Arc<[f32]>> = (0..graph.tensors.len())
+        .filter(|&i| producers[i].is_none())
+        .map(|i| {
+            let v: Arc<[f32]> = match &reference.values[i] {
+                Value::F(v) => Arc::from(v.as_slice()),
+                // Token ids, positions: exact as floats below 2^24.
+                Value::I(ids) => ids.iter().map(|&x| x as f32).collect(),
+            };
+            (i as u32, v)
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let mut inv_freq = BTreeMap::new();
+    for o in graph.op_ids() {
+        if let crate::graph::OpKind::Rotary { rot_dims, .. } = graph.op(o).kind {
+            inv_freq.entry(rot_dims).or_insert_with(|| numerics.inv_freq(rot_dims));
+        }
+    }
+    let numerics = values::Numerics {
+        norm_eps: numerics.norm_eps,
+        rotary_interleaved: numerics.rotary_style == super::RotaryStyle::Interleaved,
+        gelu_tanh: numerics.act == Act::GeluTanh,
+        sliding_window: numerics.sliding_window,
+    };
+    Ok(Setup { data: Arc::clone(data), tensors, storage, numerics, inv_freq })
+}
+
+/// Assembles the program's results from what its readout PEs hold, checks that every value is there
+/// exactly once with every term of its sum, and compares each with the reference.
+pub fn outputs(
+    program: &MeshProgram,
+    graph: &Graph,
+    results: &[(Option<Coord>, Frag)],
+    reference: &Values<f32>,
+) -> Result<Vec<MeshOutput>, FunctionalError> {
+    let Some(data) = program.data.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for r in &data.readouts {
+        let (rows, cols) = (r.rows as usize, r.cols as usize);
+        let mut values = vec![0f32; rows * cols];
+        let mut seen = vec![false; rows * cols];
+        let here = |c: &Option<Coord>| match (r.rect, c) {
+            (Some(rect), Some(c)) => rect.contains(*c),
+            (None, None) => true,
+            _ => false,
+        };
+        for (at, f) in results.iter().filter(|(c, f)| here(c) && f.tensor == r.tensor) {
+            let who = at.map_or("a port".to_string(), |c| format!("PE ({},{})", c.x, c.y));
+            if f.cover != r.cover {
+                return Err(FunctionalError::Mesh(format!(
+                    "`{}`: {who} holds columns {}..{} summed over {} of {} terms (a missing reduction)",
+                    r.name, f.c0, f.c1, f.cover, r.cover
+                )));
+            }
+            let w = (f.c1 - f.c0) as usize;
+            for (i, v) in f.vals.iter().enumerate() {
+                let (row, col) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
+                let idx = row * cols + col;
+                if row >= rows || col >= cols || f.view_cols as usize != cols || seen[idx] {
+                    return Err(FunctionalError::Mesh(format!(
+                        "`{}`: {who} holds element ({row}, {col}) outside the result or held twice",
+                        r.name
+                    )));
+                }
+                seen[idx] = true;
+                values[idx] = *v;
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(FunctionalError::Mesh(format!(
+                "`{}`: element ({}, {}) is on no readout PE after the run",
+                r.name,
+                i / cols.max(1),
+                i % cols.max(1)
+            )));
+        }
+        let t = TensorId(r.tensor);
+        let max_rel_error = max_rel_error(&values, reference.f(t));
+        out.push(MeshOutput {
+            name: r.name.clone(),
+            tensor: t,
+            shape: graph.tensor(t).shape.clone(),
+            values,
+            max_rel_error,
+        });
+    }
+    Ok(out)
+}

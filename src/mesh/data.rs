@@ -1,0 +1,295 @@
+//! The data side table of a mesh program: what each task does to *values*, for functional runs.
+//!
+//! The timing program (`MeshProgram`) says when tasks run and how many wavelets move; this table says
+//! which slice of which graph tensor a PE holds, what a task computes from the trains it claimed and
+//! its PE's SRAM, and what its sends carry. It is cold data: the engine reads it only in functional
+//! runs, and it never changes the timing program or its printer.
+//!
+//! Slices are formulas of the PE's position (a `Grid` and the same `split` rule the tiling uses),
+//! never per-PE lists, so the table stays as compact as the program.
+//!
+//! Architecture invariant: tensors are named by their graph `TensorId` as a plain `u32` (the engine
+//! never sees the graph); everything a kernel needs (sizes, layouts) is written here by the compiler.
+
+use super::{Coord, Rect};
+
+/// `n` split over `parts`: part i gets `q + 1` for `i < r`, else `q` (the tiling's `split`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub n: u64,
+    pub parts: u64,
+}
+
+impl Share {
+    /// (offset, length) of part `i`.
+    pub fn range(&self, i: u64) -> (u64, u64) {
+        let parts = self.parts.max(1);
+        let (q, r) = (self.n / parts, self.n % parts);
+        (i * q + i.min(r), q + (i < r) as u64)
+    }
+}
+
+/// PEs numbered by their row and column within a rectangle whose top-left PE is `origin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub origin: Coord,
+    pub rows: u32,
+    pub cols: u32,
+}
+
+impl Grid {
+    /// (row, column) of the PE at `at`, if it is in the grid.
+    pub fn pos(&self, at: Coord) -> Option<(u64, u64)> {
+        let inside = at.x >= self.origin.x
+            && at.y >= self.origin.y
+            && at.x < self.origin.x + self.cols
+            && at.y < self.origin.y + self.rows;
+        inside.then(|| ((at.y - self.origin.y) as u64, (at.x - self.origin.x) as u64))
+    }
+}
+
+/// A graph tensor as a slice of the tensor that really moves: columns `c0 .. c0 + width` of every row
+/// of `base`, whose rows are `cols` long (a view's slice of its producer's output, or the tensor itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub base: u32,
+    pub cols: u64,
+    pub c0: u64,
+    pub width: u64,
+}
+
+/// Elementwise operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EwOp {
+    /// The sum of the inputs.
+    Add,
+    /// GELU of the one input (the numerics say which variant).
+    Gelu,
+    /// tanh of the one input.
+    Tanh,
+    /// One token of every sequence of `seq` (the first, or the last): output row b is input row
+    /// `b * seq + pick`.
+    Select { seq: u64, last: bool },
+    /// SwiGLU of (gate, up): `g * sigmoid(g) * u`.
+    SwiGlu,
+    /// Rotary embedding of the first `rot_dims` dimensions of each of the `heads` heads of
+    /// `head_dim`; row r is at position `pos0 + r % seq` (the numerics give frequencies and layout).
+    Rotary { heads: u64, head_dim: u64, rot_dims: u64, pos0: u64, seq: u64 },
+}
+
+/// What a row reduction computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOp {
+    /// LayerNorm (`beta`: with a bias) or RMSNorm (`rms`) with the per-column scale `gamma`.
+    Norm { gamma: u32, beta: Option<u32>, rms: bool },
+    /// Attention softmax over `kv` keys, scaled by `1 / sqrt(head_dim)`, causal over `q` queries.
+    Softmax { q: u64, kv: u64, head_dim: u64, causal: bool },
+}
+
+/// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
+/// the trains the task claimed (in need order), the values its PE stored earlier and its SRAM; each of
+/// the task's sends carries what the kernel says. `rows_per_run`: the task's run n works on rows
+/// `(n - 1) * rows_per_run ..` of its tensors (token chunks).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// A partial matrix-vector product: the PE at grid position (r, c) holds the k-slice
+    /// `Share { n: k, parts: grid.rows }` r of the vector `x` and the block (k-slice r, n-slice c) of
+    /// the `k x n` matrix `w` (`w_out_in`: stored `[n, k]`, as `nn.Linear`) in its SRAM, and computes
+    /// the partial sums of its n-slice into its accumulator (summing over k in increasing order). Its
+    /// sends carry the accumulator.
+    GemvPartial { grid: Grid, x: u32, w: u32, w_out_in: bool, k: u64, n: u64, out: u32 },
+    /// `out = sum of inputs` over the PE's flat share (`Share { n, grid.rows * grid.cols }` at index
+    /// `r * grid.cols + c`) of pre-placed operands; the result stays in its accumulator.
+    LocalAdd { grid: Grid, inputs: Vec<u32>, n: u64, out: u32 },
+    /// Adds the partial sums claimed to the accumulator (in the order of their senders), which must
+    /// hold the same slice of the same tensor; with `total`, the sum must then have all its terms and
+    /// becomes a finished value. The sends carry the accumulator.
+    Accumulate { total: Option<u64> },
+    /// Sends on every send what it claimed (gateways, gathers, relays).
+    Relay,
+    /// An output gateway: send i carries the part of what it claimed that `views[i]` covers (None:
+    /// everything).
+    Route { views: Vec<Option<View>> },
+    /// Keeps what it claimed for later tasks of its PE (an operand stored ahead of its use).
+    Store,
+    /// A port feeding the wafer: the host's rows of `view` for this run.
+    Source { view: View, rows_per_run: u64 },
+    /// A port leaving the wafer: keeps what it claimed (the step's results).
+    Collect,
+    /// `out[rows, n-slice] = a[rows, :] x w[:, n-slice]` (plus nothing: a `Bias` task adds the bias):
+    /// the PE's n-slice is `Share { n, parts: grid.rows * grid.cols }` at index `r * grid.cols + c`.
+    Linear { grid: Grid, a: View, w: u32, w_out_in: bool, k: u64, n: u64, rows_per_run: u64, out: u32 },
+    /// Adds the bias `b` to the accumulator's columns.
+    Bias { b: u32 },
+    /// A gemv-tree compute row: the PE at (r, c) multiplies this run's rows of `a`'s k-slice
+    /// `Share { k, tree.compute_rows() }` at `tree.compute_index(r)` by the block of `w` (n-slice
+    /// `Share { n, grid.cols }` c) into a partial sum, which it sends.
+    TreePartial {
+        grid: Grid,
+        tree: TreeRows,
+        a: View,
+        w: u32,
+        w_out_in: bool,
+        k: u64,
+        n: u64,
+        rows_per_run: u64,
+        out: u32,
+    },
+    /// A reducer: the sum of the partial sums claimed (in sender order); with `total`, it must have all
+    /// its terms and becomes a finished value (plus the bias `bias`). The sends carry it.
+    Reduce { total: Option<u64>, bias: Option<u32> },
+    /// Attention scores of the query rows against the PE's keys: the PE's columns
+    /// `Share { batch * heads * kv, parts }` at index `r * grid.cols + c`, each a (sequence, head, key);
+    /// keys before `len` come from the resident cache `cache` (`[batch, len, kv_heads * head_dim]`),
+    /// the others from the fresh rows `fresh`.
+    AttnScores { grid: Grid, q: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// Attention context of the query rows: the PE's columns are (sequence, head, dim) of the output;
+    /// values before `len` from `cache`, the others from `fresh`.
+    AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
+    /// `r * grid.cols + c`) of this run's rows of the output (`width` wide).
+    Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32 },
+    /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
+    /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
+    RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
+    /// Combines the statistics claimed with the PE's own (in sender order); sends the combined.
+    RowCombine { op: RowOp },
+    /// The elementwise pass with the row's final statistics (claimed, or the PE's own at the root).
+    RowApply { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64, out: u32 },
+    /// The lookup tree's first step: the PE at (r, c) holds table rows `Share { vocab, grid.rows }` r,
+    /// columns `Share { width, grid.cols }` c; for every id of this run it gives its row's slice, or
+    /// zeros when another PE holds the row (a partial sum with one term per table share).
+    Lookup { grid: Grid, ids: View, table: u32, vocab: u64, width: u64, rows_per_run: u64, out: u32 },
+}
+
+/// The gemv-tree's rows (`compile::kernel::Tree`, restated: the two must agree): `rc` rows, groups of
+/// `g` rows reduce into their last row (a leader), leaders and ungrouped rows into the root (the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeRows {
+    pub rc: u64,
+    pub g: u64,
+}
+
+impl TreeRows {
+    fn group(&self, r: u64) -> (u64, u64) {
+        let start = (r / self.g.max(1)) * self.g.max(1);
+        (start, (start + self.g.max(1)).min(self.rc - 1))
+    }
+    /// 0 compute, 1 leader, 2 root.
+    pub fn role(&self, r: u64) -> u64 {
+        if r + 1 == self.rc {
+            return 2;
+        }
+        let (a, b) = self.group(r);
+        if self.g > 1 && r + 1 == b && b - a >= 2 {
+            1
+        } else {
+            0
+        }
+    }
+    pub fn compute_index(&self, r: u64) -> u64 {
+        (0..r).filter(|&x| self.role(x) == 0).count() as u64
+    }
+    pub fn compute_rows(&self) -> u64 {
+        (0..self.rc).filter(|&x| self.role(x) == 0).count() as u64
+    }
+}
+
+/// The attention sizes a kernel needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub kv: u64,
+    pub head_dim: u64,
+    /// Query rows per sequence.
+    pub q_len: u64,
+    /// Keys in the resident cache (the rest are fresh).
+    pub len: u64,
+}
+
+impl Kernel {
+    /// The kernel of the same PEs moved `dx` columns east (wafers laid side by side).
+    pub fn shifted(&self, dx: u32) -> Kernel {
+        let mut k = self.clone();
+        match &mut k {
+            Kernel::GemvPartial { grid, .. }
+            | Kernel::LocalAdd { grid, .. }
+            | Kernel::Linear { grid, .. }
+            | Kernel::TreePartial { grid, .. }
+            | Kernel::AttnScores { grid, .. }
+            | Kernel::AttnContext { grid, .. }
+            | Kernel::Elementwise { grid, .. }
+            | Kernel::RowStats { grid, .. }
+            | Kernel::RowApply { grid, .. }
+            | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
+            Kernel::Accumulate { .. }
+            | Kernel::Relay
+            | Kernel::Route { .. }
+            | Kernel::Store
+            | Kernel::Source { .. }
+            | Kernel::Collect
+            | Kernel::Bias { .. }
+            | Kernel::Reduce { .. }
+            | Kernel::RowCombine { .. } => {}
+        }
+        k
+    }
+}
+
+/// What a task does to values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskData {
+    /// Moves no values (a task whose wavelets nobody reads).
+    None,
+    Kernel(Kernel),
+}
+
+/// Where a result is when the run ends: the accumulators of the PEs in `rect` (None: what the ports
+/// collected) hold, together, the whole `rows x cols` tensor `tensor`, each value summed over all
+/// `cover` terms (0: finished values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Readout {
+    pub tensor: u32,
+    pub name: String,
+    pub rect: Option<Rect>,
+    pub rows: u64,
+    pub cols: u64,
+    pub cover: u64,
+}
+
+impl ProgramData {
+    /// The tables of wafers laid side by side (`Cluster::concat`): templates in wafer order, wafer k's
+    /// PEs `k * width` columns east.
+    pub fn concat(wafers: &[&ProgramData], width: u32) -> ProgramData {
+        let mut out = ProgramData::default();
+        for (k, d) in wafers.iter().enumerate() {
+            let dx = k as u32 * width;
+            out.tasks.extend(d.tasks.iter().map(|ts| {
+                ts.iter()
+                    .map(|t| match t {
+                        TaskData::Kernel(k) => TaskData::Kernel(k.shifted(dx)),
+                        TaskData::None => TaskData::None,
+                    })
+                    .collect()
+            }));
+            out.readouts.extend(
+                d.readouts.iter().map(|r| Readout { rect: r.rect.map(|x| Rect { x: x.x + dx, ..x }), ..r.clone() }),
+            );
+            out.unsupported.extend(d.unsupported.iter().map(|u| format!("wafer {k}: {u}")));
+        }
+        out
+    }
+}
+
+/// The data side table of one program.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProgramData {
+    /// Per template (indexed like `MeshProgram::templates`), per task.
+    pub tasks: Vec<Vec<TaskData>>,
+    pub readouts: Vec<Readout>,
+    /// Why values cannot run through this program yet (regions whose algorithm has no data semantics);
+    /// a functional run refuses the program when this is not empty.
+    pub unsupported: Vec<String>,
+}
