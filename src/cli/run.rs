@@ -9,7 +9,8 @@ use clap::{Args, ValueEnum};
 use super::compile::parse_mode;
 use super::{emit, to_json, HwFlags, WorkloadFlags};
 use waferscale::compile::{self, CompileOptions, Compiled, Layout, Mode};
-use waferscale::engine::{self, report::ReportContext, EngineOptions, EngineRun, Fidelity};
+use waferscale::engine::report::{ReportContext, StepShape};
+use waferscale::engine::{self, EngineOptions, EngineRun, Fidelity};
 use waferscale::graph::Graph;
 use waferscale::hw::WaferHw;
 use waferscale::mesh::MeshProgram;
@@ -187,30 +188,9 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     Ok(Prepared { model, graph, hw, compiled })
 }
 
-/// The programs the engine runs, one after the other, each with its phase name: one program (one
-/// wafer, or all wafers side by side as one), or one per phase of a weight-streaming training step
-/// (forward, then backward: nothing stays on the wafer between them).
+/// The programs the engine runs for one step, in order, each with its phase name.
 pub fn programs_of(p: &Prepared) -> Result<Vec<(String, MeshProgram)>, Error> {
-    let c = &p.compiled;
-    Ok(match c.layout {
-        Layout::Phases => {
-            c.programs.iter().enumerate().map(|(i, prog)| (phase_name(i).to_string(), prog.clone())).collect()
-        }
-        Layout::Wafers if c.programs.len() > 1 => vec![(
-            String::new(),
-            c.cluster().concat().map_err(|e| Error::Engine(waferscale::engine::EngineError::Program(e)))?,
-        )],
-        _ => vec![(String::new(), c.program().clone())],
-    })
-}
-
-/// The name of phase i of a phased step (as the plan printer names them).
-pub fn phase_name(i: usize) -> &'static str {
-    if i == 0 {
-        "forward"
-    } else {
-        "backward"
-    }
+    Ok(p.compiled.step_programs()?)
 }
 
 /// The engine's runs of the programs, in order.
@@ -295,37 +275,21 @@ pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> Re
         peak_rss_bytes: peak_rss_bytes(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let phases: Vec<(String, RunReport)> = em
-        .programs
-        .iter()
-        .zip(&em.runs)
-        .map(|((name, program), run)| {
-            let r = engine::report::build(
-                program,
-                run,
-                ReportContext {
-                    hw: &p.hw,
-                    model: p.graph.model.clone(),
-                    workload: summary.workload.clone(),
-                    dtype: p.graph.workload.dtype,
-                    mode: plan.mode.clone(),
-                    notes: notes.clone(),
-                    host: host.clone(),
-                },
-            );
-            (name.clone(), r)
-        })
-        .collect();
-    let mut report = RunReport::in_sequence(phases).ok_or_else(|| {
+    let ctx = ReportContext {
+        hw: &p.hw,
+        model: p.graph.model.clone(),
+        workload: summary.workload.clone(),
+        dtype: p.graph.workload.dtype,
+        mode: plan.mode.clone(),
+        notes,
+        host,
+    };
+    let c = &p.compiled;
+    let wafers = if c.layout == Layout::Wafers { c.programs.len() as u64 } else { 1 };
+    let shape = StepShape { wafers, micro_batches: c.micro_batches as u64 };
+    engine::report::build_step(&em.programs, &em.runs, ctx, shape).ok_or_else(|| {
         Error::Engine(waferscale::engine::EngineError::Program("the compile produced no program to run".into()))
-    })?;
-    report = report.repeated(p.compiled.micro_batches as u64);
-    if p.compiled.layout == Layout::Wafers && p.compiled.programs.len() > 1 {
-        report.machine.devices = p.compiled.programs.len() as u64;
-        report.machine.peak_flops_per_s *= p.compiled.programs.len() as f64;
-        report.peak_fraction /= p.compiled.programs.len() as f64;
-    }
-    Ok(report)
+    })
 }
 
 /// Writes the trace of each run: `path` for the first, `STEM.PHASE.EXT` beside it for later phases.

@@ -126,6 +126,30 @@ impl Compiled {
     pub fn phases(&self) -> Phases {
         Phases { phases: self.programs.clone() }
     }
+    /// What the engine runs for one step, in order, each with its phase name: one program (`""`), all
+    /// wafers side by side as one (`""`), or one per phase of a weight-streaming training step
+    /// (`forward`, then `backward`: nothing stays on the wafer between them). A micro-batched step runs
+    /// these `micro_batches` times (see `engine::report::build_step`).
+    pub fn step_programs(&self) -> Result<Vec<(String, MeshProgram)>, CompileError> {
+        Ok(match self.layout {
+            Layout::Phases => {
+                self.programs.iter().enumerate().map(|(i, p)| (phase_name(i).to_string(), p.clone())).collect()
+            }
+            Layout::Wafers if self.programs.len() > 1 => {
+                vec![(String::new(), self.cluster().concat().map_err(CompileError::Internal)?)]
+            }
+            _ => vec![(String::new(), self.program().clone())],
+        })
+    }
+}
+
+/// The name of phase `i` of a phased step (as the plan printer names them).
+pub fn phase_name(i: usize) -> &'static str {
+    if i == 0 {
+        "forward"
+    } else {
+        "backward"
+    }
 }
 
 /// Errors of the compiler. Limits of the machine and bad requests are the user's (exit 2); an internal

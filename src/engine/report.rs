@@ -30,6 +30,48 @@ pub fn peak_flops_per_s(hw: &WaferHw, dtype: DType) -> f64 {
     hw.mesh.pes() as f64 * 2.0 * n as f64 / per as f64 * hw.clock_hz
 }
 
+/// How a step's programs relate: wafers side by side (their peak adds up), and micro-batches run one
+/// after the other through the same programs.
+#[derive(Clone, Copy, Debug)]
+pub struct StepShape {
+    pub wafers: u64,
+    pub micro_batches: u64,
+}
+
+/// The report of one step from the runs of its programs in order (`compile::Compiled::step_programs`):
+/// each program's report, the phases added up (`RunReport::in_sequence`), micro-batches counted
+/// (`RunReport::repeated`), and several wafers' peak. `None` when there are no runs.
+pub fn build_step(
+    programs: &[(String, MeshProgram)],
+    runs: &[EngineRun],
+    ctx: ReportContext,
+    shape: StepShape,
+) -> Option<RunReport> {
+    let phases: Vec<(String, RunReport)> = programs
+        .iter()
+        .zip(runs)
+        .map(|((name, program), run)| {
+            let c = ReportContext {
+                hw: ctx.hw,
+                model: ctx.model.clone(),
+                workload: ctx.workload.clone(),
+                dtype: ctx.dtype,
+                mode: ctx.mode.clone(),
+                notes: ctx.notes.clone(),
+                host: ctx.host.clone(),
+            };
+            (name.clone(), build(program, run, c))
+        })
+        .collect();
+    let mut report = RunReport::in_sequence(phases)?.repeated(shape.micro_batches);
+    if shape.wafers > 1 {
+        report.machine.devices = shape.wafers;
+        report.machine.peak_flops_per_s *= shape.wafers as f64;
+        report.peak_fraction /= shape.wafers as f64;
+    }
+    Some(report)
+}
+
 pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunReport {
     let hw = ctx.hw;
     let cycles = run.cycles.max(1);
