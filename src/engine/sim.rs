@@ -6,17 +6,22 @@
 //! so the result is the same whether one thread runs all partitions or many threads share them.
 //! Threads take blocks along diagonals, so a wavefront moving along rows or columns is shared.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use smallvec::{smallvec, SmallVec};
 
+use super::credit::{path_buffer, Credit, CreditKind, PendingHold, SenderHold};
 use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::record::{Metric, PartRecorder, Span, TraceSpec};
 use super::route::{expand, Deliver, Links, Node, ROOT};
 use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
+
+/// Bytes of one wavelet's payload.
+const WAVELET_BYTES: u64 = 4;
 
 /// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
 pub const BLOCK: u32 = 64;
@@ -42,6 +47,8 @@ struct Inbox {
     first_claimed: u64,
     delivered: u64,
     claimed: u64,
+    /// Trains of this color held for want of room (`Part::rx_holds` has them).
+    holds: u32,
 }
 
 impl Inbox {
@@ -108,6 +115,8 @@ struct Agent {
     template: u32,
     busy_until: u64,
     running: bool,
+    /// Holds on this agent's sends not yet released, over all colors (`Part::tx_holds` has them).
+    held: i32,
     /// Critical path to the end of the agent's last task run (or zero before any).
     free_path: Path,
     /// Path at the start of the running task (for its streamed sends) and at its finish.
@@ -143,6 +152,8 @@ enum Ev {
     Done(u32, u32),
     /// A train's head enters this partition (index into `Part::conts`).
     Cont(u32),
+    /// A credit message for a local sender takes effect (index into `Part::credits`).
+    Credit(u32),
 }
 
 /// Route-tree nodes kept expanded over the whole run (about 24 bytes each: 200 MB at most). Sharing
@@ -161,6 +172,8 @@ struct Tree {
     /// `nodes.len()` stands for the root.
     kids: Vec<u32>,
     kid_start: Vec<u32>,
+    /// Router-to-router hops from the sender to the end of each node (buffering on the way).
+    hops: Vec<u32>,
     /// The slowest consumer pace and what it is charged to (first in node order among equals).
     consumer_pace: Option<(Pace, Res)>,
 }
@@ -168,6 +181,8 @@ struct Tree {
 /// A train in flight: everything a partition needs to continue it.
 #[derive(Debug)]
 struct Train {
+    /// Global id of the sending agent (held when a receiver has no room).
+    sender: u32,
     color: ColorId,
     n: u64,
     pace: Pace,
@@ -209,6 +224,7 @@ impl Train {
     /// The train without its route tree.
     fn clone_header(&self) -> Train {
         Train {
+            sender: self.sender,
             color: self.color,
             n: self.n,
             pace: self.pace,
@@ -258,8 +274,9 @@ pub(crate) struct Shared<'p> {
     routes_by_row: Vec<Vec<Vec<(u32, u32, u32)>>>,
     /// Per port, its routes by color.
     port_routes: Vec<SmallVec<[(ColorId, u32); 2]>>,
-    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced).
-    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool); 2]>>,
+    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced,
+    /// wavelets it receives per run).
+    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool, u64); 2]>>,
 }
 
 impl<'p> Shared<'p> {
@@ -349,18 +366,18 @@ impl<'p> Shared<'p> {
             .templates
             .iter()
             .map(|t| {
-                let mut v: SmallVec<[(ColorId, Pace, bool); 2]> = SmallVec::new();
+                let mut v: SmallVec<[(ColorId, Pace, bool, u64); 2]> = SmallVec::new();
                 for task in &t.tasks {
                     for need in &task.needs {
                         if let Need::Recv { color, wavelets } = *need {
-                            if wavelets == 0 || v.iter().any(|(c, _, _)| *c == color) {
+                            if wavelets == 0 || v.iter().any(|(c, _, _, _)| *c == color) {
                                 continue;
                             }
                             let paced = task.work.paced_by == Some(color);
                             let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
                             let pace =
                                 if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
-                            v.push((color, pace, paced));
+                            v.push((color, pace, paced, wavelets));
                         }
                     }
                 }
@@ -455,8 +472,18 @@ impl<'p> Shared<'p> {
         }
         self.recv_pace[template as usize]
             .iter()
-            .find(|(k, _, _)| *k == c)
-            .map_or((Pace::FULL, false), |(_, p, paced)| (*p, *paced))
+            .find(|(k, _, _, _)| *k == c)
+            .map_or((Pace::FULL, false), |(_, p, paced, _)| (*p, *paced))
+    }
+
+    /// Wavelets a PE running `template` takes on color `c` beyond its router queues before its
+    /// consumer claims them: one run of the consumer, or the SRAM the plan left free (a receive FIFO),
+    /// whichever is larger (see `credit.rs`).
+    fn receive_buffer(&self, template: u32, c: ColorId) -> u64 {
+        let Some(t) = self.prog.templates.get(template as usize) else { return 0 };
+        let fifo = self.prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
+        let run = self.recv_pace[template as usize].iter().find(|(k, _, _, _)| *k == c).map_or(0, |(_, _, _, w)| *w);
+        fifo.max(run)
     }
 
     pub fn agent_name(&self, a: u32) -> String {
@@ -480,6 +507,18 @@ pub(crate) struct Part {
     free_conts: Vec<u32>,
     /// Continuations for other partitions, produced in this window.
     outbox: Vec<(u32, Cont)>,
+    /// Credit messages waiting for their cycle (`Ev::Credit` holds the index), free slots, and those
+    /// for other partitions produced in this window.
+    credits: Vec<Option<Credit>>,
+    free_credits: Vec<u32>,
+    credit_out: Vec<(u32, Credit)>,
+    /// Receiver side: trains held per (local agent, color), in the order they were delivered.
+    rx_holds: BTreeMap<(u32, ColorId), Vec<PendingHold>>,
+    /// Sender side: stalled colors per (local agent, color).
+    tx_holds: BTreeMap<(u32, ColorId), SenderHold>,
+    /// Local agents whose running task reached its finish while a send of its run was held:
+    /// (task, the cycle it would have finished).
+    deferred: BTreeMap<u32, (u32, u64)>,
     now: u64,
     walk_stack: Vec<(u32, u64)>,
     scratch: Vec<Node>,
@@ -533,6 +572,12 @@ impl Part {
             conts: Vec::new(),
             free_conts: Vec::new(),
             outbox: Vec::new(),
+            credits: Vec::new(),
+            free_credits: Vec::new(),
+            credit_out: Vec::new(),
+            rx_holds: BTreeMap::new(),
+            tx_holds: BTreeMap::new(),
+            deferred: BTreeMap::new(),
             now: 0,
             walk_stack: Vec::new(),
             scratch: Vec::new(),
@@ -565,6 +610,28 @@ impl Part {
         self.queue.peek_time()
     }
 
+    /// Takes in credit messages handed over at the end of the last window.
+    fn accept_credits(&mut self, credits: Vec<Credit>) {
+        for c in credits {
+            let t = c.time;
+            let idx = self.park_credit(c);
+            self.queue.push(t, Ev::Credit(idx));
+        }
+    }
+
+    fn park_credit(&mut self, c: Credit) -> u32 {
+        match self.free_credits.pop() {
+            Some(i) => {
+                self.credits[i as usize] = Some(c);
+                i
+            }
+            None => {
+                self.credits.push(Some(c));
+                self.credits.len() as u32 - 1
+            }
+        }
+    }
+
     /// Takes in continuations handed over at the end of the last window.
     fn accept(&mut self, conts: Vec<Cont>) {
         for c in conts {
@@ -592,6 +659,10 @@ impl Part {
                 Ev::Done(a, k) => self.finish(sh, a, k),
                 Ev::Cont(i) => match self.conts[i as usize].take().inspect(|_| self.free_conts.push(i)) {
                     Some(c) => self.walk(sh, &c.train, c.node, c.time, None),
+                    None => Ok(()),
+                },
+                Ev::Credit(i) => match self.credits[i as usize].take().inspect(|_| self.free_credits.push(i)) {
+                    Some(c) => self.on_credit(sh, c),
                     None => Ok(()),
                 },
             };
@@ -722,6 +793,7 @@ impl Part {
         let mut finish = start + compute;
         let mut finish_path = start_path.add(op_res, compute);
         let mut stall = Metric::StallData;
+        let mut released: SmallVec<[(ColorId, u64, u64); 1]> = SmallVec::new();
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
         for need in &task.needs {
             if let Need::Recv { color, wavelets } = *need {
@@ -736,9 +808,24 @@ impl Part {
                         stall =
                             if io > last_path.0[Res::Fabric as usize] { Metric::StallIo } else { Metric::StallData };
                     }
+                    // Wavelets held in the queues reach the task one per pace from its start.
+                    if let Some(drain) = held_drain(&self.rx_holds, inbox.holds, a, color, wavelets) {
+                        if start + drain > finish {
+                            finish = start + drain;
+                            finish_path = start_path.add(Res::Fabric, drain);
+                            stall = Metric::StallData;
+                        }
+                    }
                 }
+                let before = inbox.claimed;
                 inbox.claim(wavelets);
+                if inbox.holds > 0 {
+                    released.push((color, before, inbox.claimed));
+                }
             }
+        }
+        for (color, before, after) in released {
+            self.release_holds(sh, a, color, before, after, start, start_path);
         }
         self.agents[a as usize].run_path = start_path;
         let run = self.agents[a as usize].runs_done[k] + 1;
@@ -775,6 +862,14 @@ impl Part {
 
     fn finish(&mut self, sh: &Shared, a: u32, k: u32) -> Result<(), EngineError> {
         let task = &self.template(sh, a).tasks[k as usize];
+        if self.agents[a as usize].held > 0 && self.sends_held(sh, a, k) {
+            // A send of this run cannot drain: the task finishes when its holds are released.
+            self.deferred.entry(a).or_insert((k, self.now));
+            return Ok(());
+        }
+        if let Some((_, due)) = self.deferred.remove(&a) {
+            self.stretch(a, k, due);
+        }
         {
             let agent = &mut self.agents[a as usize];
             agent.running = false;
@@ -886,7 +981,8 @@ impl Part {
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
         }
-        let train = Arc::new(Train { color: c, n, pace, len, units, tree, path, sent: t, transit_res, tail_res });
+        let train =
+            Arc::new(Train { sender: g, color: c, n, pace, len, units, tree, path, sent: t, transit_res, tail_res });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds the tree.
         if let Ok(t) = Arc::try_unwrap(train) {
@@ -933,7 +1029,13 @@ impl Part {
         }
         let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
         children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
-        Ok(Tree { nodes, kids, kid_start, consumer_pace })
+        // Parents come before their children.
+        let mut hops: Vec<u32> = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            let up = if node.parent == ROOT { 0 } else { hops.get(node.parent as usize).copied().unwrap_or(0) };
+            hops.push(up + u32::from(node.deliver == Deliver::Hop));
+        }
+        Ok(Tree { nodes, kids, kid_start, hops, consumer_pace })
     }
 
     /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
@@ -989,7 +1091,10 @@ impl Part {
                     self.totals.wavelet_hops += train.n;
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
-                Deliver::Pe(d) => self.deliver(sh, d, train, out)?,
+                Deliver::Pe(d) => {
+                    self.deliver(sh, d, train, out)?;
+                    self.hold_if_full(sh, sh.home(d).1, d, train, tree.hops[i]);
+                }
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
@@ -1038,7 +1143,8 @@ impl Part {
                 continue;
             }
             let tasks = &self.template(sh, i as u32).tasks;
-            if let Some(k) = (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat) {
+            let deferred = self.deferred.get(&(i as u32)).map(|&(k, _)| k as usize);
+            if let Some(k) = deferred.or_else(|| (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat)) {
                 out.push((
                     agent.id,
                     Blocked {
@@ -1074,7 +1180,11 @@ impl Part {
         let agent = &self.agents[a as usize];
         let tasks = &self.template(sh, a).tasks;
         let run = agent.runs_done[k] as u64 + 1;
-        let mut out = Vec::new();
+        let mut out = self.holds_of(sh, a);
+        if self.deferred.contains_key(&a) {
+            // The run has started; only its sends are left.
+            return out;
+        }
         for need in &tasks[k].needs {
             match *need {
                 Need::Done { task: TaskIdx(u), .. } | Need::After { task: TaskIdx(u), .. } => {
@@ -1117,6 +1227,161 @@ impl Part {
     pub fn agent_stats(&self) -> impl Iterator<Item = (u32, AgentStats)> + '_ {
         self.agents.iter().zip(&self.stats).map(|(a, s)| (a.id, *s))
     }
+}
+
+/// Backpressure (the model is in `credit.rs`): holds at the receiver, credits to the sender.
+impl Part {
+    /// At a delivery to local PE `local` (global `d`) over `hops` router hops: if the train's tail does
+    /// not fit into what the consumer has claimed plus the path's buffer, hold the train and tell its
+    /// sender.
+    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, hops: u32) {
+        if d >= sh.n_pes || d == train.sender || train.color == ColorId::LINK {
+            return;
+        }
+        let c = train.color;
+        let agent = &mut self.agents[local as usize];
+        let buffer = path_buffer(sh.prog.timing.queue_depth, hops, sh.receive_buffer(agent.template, c));
+        let inbox = agent.inbox(c);
+        if inbox.delivered <= inbox.claimed + buffer {
+            return;
+        }
+        inbox.holds += 1;
+        let hold = PendingHold {
+            threshold: inbox.delivered - buffer,
+            sender: train.sender,
+            n: train.n,
+            pace: train.pace,
+            tail_res: train.tail_res,
+        };
+        self.rx_holds.entry((local, c)).or_default().push(hold);
+        let credit = Credit { time: self.now, agent: train.sender, color: c, kind: CreditKind::Hold { receiver: d } };
+        self.post_credit(sh, credit);
+    }
+
+    /// After local agent `a` claimed color `c` from `before` to `after` wavelets, in a task starting at
+    /// `at` on `path`: releases the holds whose tails now fit, oldest first.
+    #[allow(clippy::too_many_arguments)]
+    fn release_holds(&mut self, sh: &Shared, a: u32, c: ColorId, before: u64, after: u64, at: u64, path: Path) {
+        let Some(list) = self.rx_holds.get_mut(&(a, c)) else { return };
+        let mut out: SmallVec<[Credit; 1]> = SmallVec::new();
+        list.retain(|h| match h.release(before, after, at, path) {
+            Some((tail, path)) => {
+                out.push(Credit { time: tail, agent: h.sender, color: c, kind: CreditKind::Release { tail, path } });
+                false
+            }
+            None => true,
+        });
+        if list.is_empty() {
+            self.rx_holds.remove(&(a, c));
+        }
+        self.agents[a as usize].inbox(c).holds -= out.len() as u32;
+        for credit in out {
+            self.post_credit(sh, credit);
+        }
+    }
+
+    /// Delivers a credit message: here (at once if it is due, else as an event) or to the sender's
+    /// partition, no earlier than the next window.
+    fn post_credit(&mut self, sh: &Shared, c: Credit) {
+        let (part, _) = sh.home(c.agent);
+        if part != self.id {
+            self.credit_out.push((part, Credit { time: c.time.max(self.now + 1), ..c }));
+        } else if c.time <= self.now {
+            // Only holds are due at once; applying one schedules nothing.
+            let _ = self.on_credit(sh, c);
+        } else {
+            let t = c.time;
+            let idx = self.park_credit(c);
+            self.queue.push(t, Ev::Credit(idx));
+        }
+    }
+
+    /// A credit message for a local sender takes effect.
+    fn on_credit(&mut self, sh: &Shared, c: Credit) -> Result<(), EngineError> {
+        let (_, a) = sh.home(c.agent);
+        let key = (a, c.color);
+        let entry = self.tx_holds.entry(key).or_default();
+        entry.apply(c.kind);
+        let (count, release_at, release_path) = (entry.count, entry.release_at, entry.release_path);
+        let delta = match c.kind {
+            CreditKind::Hold { .. } => 1,
+            CreditKind::Release { .. } => -1,
+        };
+        self.agents[a as usize].held += delta;
+        if count != 0 {
+            return Ok(());
+        }
+        self.tx_holds.remove(&key);
+        if let Some(&(k, due)) = self.deferred.get(&a) {
+            if !self.sends_held(sh, a, k) {
+                // The stalled send drains by the release: the run finishes then, on its path.
+                let agent = &mut self.agents[a as usize];
+                if release_at > due {
+                    agent.run_path = release_path;
+                }
+                self.queue.push(self.now, Ev::Done(a, k));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a send of the current run of task `k` of local agent `a` is on a held color.
+    fn sends_held(&self, sh: &Shared, a: u32, k: u32) -> bool {
+        let run = self.agents[a as usize].runs_done[k as usize] + 1;
+        self.template(sh, a).tasks[k as usize].sends.iter().any(|s| {
+            s.wavelets > 0
+                && s.runs.is_none_or(|r| r.contains(run))
+                && self.tx_holds.get(&(a, s.color)).is_some_and(|h| h.count > 0)
+        })
+    }
+
+    /// A run of task `k` of local agent `a` that was due at `due` finishes now, stalled since.
+    fn stretch(&mut self, a: u32, k: u32, due: u64) {
+        let now = self.now;
+        let extra = now.saturating_sub(due);
+        let st = &mut self.stats[a as usize];
+        st.stalled += extra;
+        st.last_finish = st.last_finish.max(now);
+        let agent = &mut self.agents[a as usize];
+        agent.busy_until = agent.busy_until.max(now);
+        let g = agent.id;
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::StallBackpressure, due, extra, 1);
+            if let Some(s) = rec.spans.iter_mut().rev().find(|s| s.agent == g && s.task == k) {
+                s.finish = s.finish.max(now);
+            }
+        }
+    }
+
+    /// What local agent `a`'s stalled sends wait for, for deadlock reports.
+    fn holds_of(&self, sh: &Shared, a: u32) -> Vec<String> {
+        self.tx_holds
+            .range((a, ColorId(0))..=(a, ColorId(u32::MAX)))
+            .filter(|(_, h)| h.count > 0)
+            .map(|((_, c), h)| {
+                format!(
+                    "its sends on color {c} to drain ({} train(s) held at {}, whose queues are full until a task there consumes {c})",
+                    h.count,
+                    sh.agent_name(h.receiver)
+                )
+            })
+            .collect()
+    }
+}
+
+/// Cycles a paced run of `wavelets` on color `c` of local agent `a` takes to drain them from the
+/// queues while trains of that color are held there (the slowest held train's pace); None if none is.
+fn held_drain(
+    rx_holds: &BTreeMap<(u32, ColorId), Vec<PendingHold>>,
+    holds: u32,
+    a: u32,
+    c: ColorId,
+    wavelets: u64,
+) -> Option<u64> {
+    if holds == 0 {
+        return None;
+    }
+    rx_holds.get(&(a, c))?.iter().map(|h| h.pace).reduce(Pace::max).map(|p| p.cycles(wavelets))
 }
 
 /// What a port's transit is spent on.
@@ -1257,7 +1522,7 @@ impl Board {
     /// (source partition, emission) order, and the heap updated for every partition touched.
     /// `with(i, f)` runs `f` on partition `i`.
     fn settle(&mut self, with: &mut WithPart) -> Result<(), EngineError> {
-        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
+        let mut inbound: Vec<(u32, Vec<Cont>, Vec<Credit>)> = Vec::new();
         let mut error = None;
         for &i in &self.active {
             with(i as usize, &mut |p: &mut Part| {
@@ -1265,9 +1530,15 @@ impl Board {
                     error.get_or_insert(e);
                 }
                 for (dest, c) in p.outbox.drain(..) {
-                    match inbound.iter_mut().find(|(d, _)| *d == dest) {
-                        Some((_, v)) => v.push(c),
-                        None => inbound.push((dest, vec![c])),
+                    match inbound.iter_mut().find(|(d, _, _)| *d == dest) {
+                        Some((_, v, _)) => v.push(c),
+                        None => inbound.push((dest, vec![c], Vec::new())),
+                    }
+                }
+                for (dest, c) in p.credit_out.drain(..) {
+                    match inbound.iter_mut().find(|(d, _, _)| *d == dest) {
+                        Some((_, _, v)) => v.push(c),
+                        None => inbound.push((dest, Vec::new(), vec![c])),
                     }
                 }
             });
@@ -1281,12 +1552,13 @@ impl Board {
                 self.heap.push(std::cmp::Reverse((t, i)));
             }
         }
-        for (dest, conts) in inbound {
-            let mut conts = Some(conts);
+        for (dest, conts, credits) in inbound {
+            let mut conts = Some((conts, credits));
             let next = &self.next;
             with(dest as usize, &mut |p: &mut Part| {
-                if let Some(c) = conts.take() {
+                if let Some((c, k)) = conts.take() {
                     p.accept(c);
+                    p.accept_credits(k);
                 }
                 next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
             });
