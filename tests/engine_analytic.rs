@@ -467,6 +467,13 @@ fn two_wafers_link_through_their_ports() {
 /// router queues and one run. The producer, `h` hops west, streams `n` wavelets in one train.
 /// Returns (the producer's finish, the consumer's first start T, the run).
 fn held_stream(h: u32, n: u64, w: u64, gate_cycles: u64) -> (u64, u64, EngineRun) {
+    let b = B { p: held_program(h, n, w, gate_cycles) };
+    let run = b.run().unwrap();
+    (run.agents[0].last_finish, PICK + gate_cycles + PICK, run)
+}
+
+/// The program of `held_stream`.
+fn held_program(h: u32, n: u64, w: u64, gate_cycles: u64) -> MeshProgram {
     let mut b = B::new(h + 1, 1);
     let streamed = Send { color: ColorId(0), wavelets: n, streamed: true, runs: None };
     let s = b.template("send", vec![task("stream", vec![], SimdOp::Mov32, 0, None, vec![streamed])]);
@@ -485,8 +492,7 @@ fn held_stream(h: u32, n: u64, w: u64, gate_cycles: u64) -> (u64, u64, EngineRun
         b.tile(1, 0, h - 1, 1, idle);
     }
     b.route(0, rect(0, 0, 1, 1), Pattern::Line { dir: Dir::East, hops: h, multicast: false });
-    let run = b.run().unwrap();
-    (run.agents[0].last_finish, PICK + gate_cycles + PICK, run)
+    b.p
 }
 
 #[test]
@@ -553,4 +559,24 @@ fn finite_queues_can_deadlock_and_it_is_reported() {
         }
         other => panic!("expected a deadlock, got {other:?}"),
     }
+}
+
+#[test]
+fn held_trains_across_partitions_are_thread_count_independent() {
+    // The held stream over 150 hops crosses two 64 x 64 partition boundaries: the hold and its release
+    // travel between partitions as credit messages, handed over in partition order.
+    let (h, n, w) = (150u32, 6000u64, 500u64);
+    let (_, t, one) = held_stream(h, n, w, 3000);
+    let program = held_program(h, n, w, 3000);
+    for threads in [2usize, 3] {
+        let opts = EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None, progress: None };
+        let many = engine::run(&program, &opts).unwrap();
+        assert_eq!(many.cycles, one.cycles, "{threads} threads");
+        assert_eq!(many.agents, one.agents, "{threads} threads");
+        assert_eq!(many.critical_path, one.critical_path, "{threads} threads");
+    }
+    let buffer = 4 * (h as u64 + 2) + w;
+    println!("150 hops: sender finishes at {}, T + n - B = {}", one.agents[0].last_finish, t + n - buffer);
+    assert!(one.agents[0].last_finish >= t + n - buffer, "{} vs {}", one.agents[0].last_finish, t + n - buffer);
+    assert!(one.agents[0].stalled > n, "{:?}", one.agents[0]);
 }
