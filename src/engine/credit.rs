@@ -6,9 +6,17 @@
 //! queue with room. A consumer that has not started its task takes nothing, so the wavelets of a
 //! train addressed to it fill the queues of the train's own path, and then the sender stalls. The
 //! wavelets a path buffers for receiver d, `path_buffer`, are `queue_depth` per router it enters
-//! (the sender's router and one per hop) plus the PE's input queue, plus, for a consumer that is not
-//! paced by this color, one run of the receive buffer the plan allocated (an asynchronous receive
-//! takes a whole run's wavelets into SRAM without the task running).
+//! (the sender's router and one per hop) plus the PE's input queue, plus what the PE itself takes
+//! before its consumer claims: one run of the consumer, or the SRAM its plan left free, whichever is
+//! larger.
+//! - One run: the engine keeps trains whole, so a paced consumer starts only once its run's trains
+//!   are all sent (the machine would start on the first wavelet and consume the rest as they come),
+//!   and an asynchronous receive takes a whole run into the buffer the plan allocated.
+//! - Free SRAM as a receive FIFO: the compiled programs need it. Without it every shipped tiny
+//!   model deadlocks on its residual skip streams (a norm's gateway multicasts x both to the norm
+//!   and to the residual add far down the pipeline; the add cannot take x before the attention
+//!   output that x itself feeds, so with queues alone the gateway stalls and starves the attention).
+//!   A compiler that allocates skip FIFOs explicitly would let the engine drop this allowance.
 //!
 //! The engine keeps trains as units: a train still reserves its links when it is sent, and its
 //! wavelets are delivered with their scheduled arrival cycles. What backpressure adds is the
@@ -28,17 +36,19 @@
 //! each credited their own path's queues (their paths share the last routers, so the machine has a
 //! little less room); a stalled train's link reservations stay where they were made (stalled
 //! wavelets occupy their color's queues, not the link's bandwidth, so other colors pass); a held
-//! train's wavelets keep their scheduled arrival cycles at the receiver; a hold that reaches the
-//! sender after the run that sent it has finished delays the sender's next sending run instead.
-//! A PE's loopback (`Pattern::Local`) and the links between wafers are not held.
+//! train's wavelets keep their scheduled arrival cycles at the receiver, except that a paced run
+//! drains them at the train's pace from its start; a hold that reaches the sender after the run that
+//! sent it has finished (a remote receiver, a small train) delays the sender's next run that sends on
+//! the color instead. Trains a PE sends to itself, trains into IO ports (the host, SwarmX and peer
+//! wafers take what arrives) and the links between wafers are not held.
 
 use super::link::Pace;
 use super::{Path, Res};
 use crate::mesh::ColorId;
 
 /// Wavelets a train's path buffers ahead of a consumer that has not claimed them (see the module
-/// docs): `queue_depth` per router entered (`hops + 1`), the PE's input queue, and the receive
-/// buffer of a consumer that is not paced by the color.
+/// docs): `queue_depth` per router entered (`hops + 1`), the PE's input queue, and what the PE takes
+/// into SRAM (`receive_buffer`).
 pub(crate) fn path_buffer(queue_depth: u32, hops: u32, receive_buffer: u64) -> u64 {
     queue_depth as u64 * (hops as u64 + 2) + receive_buffer
 }

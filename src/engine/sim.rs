@@ -172,8 +172,6 @@ struct Tree {
     /// `nodes.len()` stands for the root.
     kids: Vec<u32>,
     kid_start: Vec<u32>,
-    /// Router-to-router hops from the sender to the end of each node (buffering on the way).
-    hops: Vec<u32>,
     /// The slowest consumer pace and what it is charged to (first in node order among equals).
     consumer_pace: Option<(Pace, Res)>,
 }
@@ -247,6 +245,9 @@ struct Cont {
     node: u32,
 }
 
+/// The consumers of a template's colors: (color, pace, paced, receive buffer); see `Shared::recv_pace`.
+type Consumers = SmallVec<[(ColorId, Pace, bool, u64); 2]>;
+
 /// Read-only facts every partition shares.
 pub(crate) struct Shared<'p> {
     prog: &'p MeshProgram,
@@ -275,8 +276,8 @@ pub(crate) struct Shared<'p> {
     /// Per port, its routes by color.
     port_routes: Vec<SmallVec<[(ColorId, u32); 2]>>,
     /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced,
-    /// wavelets it receives per run).
-    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool, u64); 2]>>,
+    /// wavelets the PE takes beyond its queues before the consumer claims: `receive_buffer`).
+    recv_pace: Vec<Consumers>,
 }
 
 impl<'p> Shared<'p> {
@@ -366,7 +367,7 @@ impl<'p> Shared<'p> {
             .templates
             .iter()
             .map(|t| {
-                let mut v: SmallVec<[(ColorId, Pace, bool, u64); 2]> = SmallVec::new();
+                let mut v: Consumers = SmallVec::new();
                 for task in &t.tasks {
                     for need in &task.needs {
                         if let Need::Recv { color, wavelets } = *need {
@@ -377,7 +378,8 @@ impl<'p> Shared<'p> {
                             let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
                             let pace =
                                 if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
-                            v.push((color, pace, paced, wavelets));
+                            let fifo = prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
+                            v.push((color, pace, paced, fifo.max(wavelets)));
                         }
                     }
                 }
@@ -476,14 +478,17 @@ impl<'p> Shared<'p> {
             .map_or((Pace::FULL, false), |(_, p, paced, _)| (*p, *paced))
     }
 
-    /// Wavelets a PE running `template` takes on color `c` beyond its router queues before its
-    /// consumer claims them: one run of the consumer, or the SRAM the plan left free (a receive FIFO),
-    /// whichever is larger (see `credit.rs`).
-    fn receive_buffer(&self, template: u32, c: ColorId) -> u64 {
-        let Some(t) = self.prog.templates.get(template as usize) else { return 0 };
-        let fifo = self.prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
-        let run = self.recv_pace[template as usize].iter().find(|(k, _, _, _)| *k == c).map_or(0, |(_, _, _, w)| *w);
-        fifo.max(run)
+    /// Whether the consumer of color `c` on a PE running `template` is paced by it, and the wavelets
+    /// the PE takes on `c` beyond its router queues before that consumer claims them: one run of the
+    /// consumer, or the SRAM the plan left free (a receive FIFO), whichever is larger (`credit.rs`).
+    fn consumer_of(&self, template: u32, c: ColorId) -> (bool, u64) {
+        if template == u32::MAX {
+            return (false, 0);
+        }
+        self.recv_pace[template as usize]
+            .iter()
+            .find(|(k, _, _, _)| *k == c)
+            .map_or((false, 0), |(_, _, paced, receive)| (*paced, *receive))
     }
 
     pub fn agent_name(&self, a: u32) -> String {
@@ -1029,13 +1034,7 @@ impl Part {
         }
         let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
         children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
-        // Parents come before their children.
-        let mut hops: Vec<u32> = Vec::with_capacity(nodes.len());
-        for node in &nodes {
-            let up = if node.parent == ROOT { 0 } else { hops.get(node.parent as usize).copied().unwrap_or(0) };
-            hops.push(up + u32::from(node.deliver == Deliver::Hop));
-        }
-        Ok(Tree { nodes, kids, kid_start, hops, consumer_pace })
+        Ok(Tree { nodes, kids, kid_start, consumer_pace })
     }
 
     /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
@@ -1092,20 +1091,21 @@ impl Part {
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
                 Deliver::Pe(d) => {
-                    self.deliver(sh, d, train, out)?;
-                    self.hold_if_full(sh, sh.home(d).1, d, train, tree.hops[i]);
+                    if self.deliver(sh, d, train, out)? {
+                        self.hold_if_full(sh, sh.home(d).1, d, train, i);
+                    }
                 }
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
-                        self.deliver(sh, sh.n_pes + p, train, out)?;
+                        let _ = self.deliver(sh, sh.n_pes + p, train, out)?;
                     }
                 }
                 Deliver::PortIn(q) => {
                     // Counted where the data crosses the port: when the peer port injects it.
                     let link = Train { color: ColorId::LINK, ..train.clone_header() };
-                    self.deliver(sh, sh.n_pes + q, &link, out)?;
+                    let _ = self.deliver(sh, sh.n_pes + q, &link, out)?;
                 }
             }
         }
@@ -1113,7 +1113,9 @@ impl Part {
         Ok(())
     }
 
-    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<(), EngineError> {
+    /// Adds a train's arrival to agent `d`'s inbox and wakes it; returns whether the arrivals it has
+    /// not claimed may exceed its buffering (then `hold_if_full` decides).
+    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<bool, EngineError> {
         let (c, n, pace) = (train.color, train.n, train.pace);
         let (part, local) = sh.home(d);
         debug_assert_eq!(part, self.id);
@@ -1125,14 +1127,18 @@ impl Part {
             )));
         }
         let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
-        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res });
+        let inbox = agent.inbox(c);
+        inbox.add(Arrival { head, n, pace, path, tail_res: train.tail_res });
+        let unclaimed = inbox.delivered - inbox.claimed;
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
-        let paced = d < sh.n_pes && sh.pace_of(agent.template, c).1;
+        let (paced, receive) = sh.consumer_of(agent.template, c);
+        let paced = d < sh.n_pes && paced;
         let at = if paced { head } else { head + pace.offset(n - 1) };
         self.queue.push(at, Ev::Wake(local));
-        Ok(())
+        // Even a path of no hops buffers this much.
+        Ok(unclaimed > receive + 2 * sh.prog.timing.queue_depth as u64)
     }
 
     /// Tasks that did not run all their runs: (global agent id, what it waits for).
@@ -1231,17 +1237,26 @@ impl Part {
 
 /// Backpressure (the model is in `credit.rs`): holds at the receiver, credits to the sender.
 impl Part {
-    /// At a delivery to local PE `local` (global `d`) over `hops` router hops: if the train's tail does
-    /// not fit into what the consumer has claimed plus the path's buffer, hold the train and tell its
-    /// sender.
-    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, hops: u32) {
+    /// At a delivery to local PE `local` (global `d`) by node `node` of the train's tree: if the
+    /// train's tail does not fit into what the consumer has claimed plus the path's buffer, hold the
+    /// train and tell its sender.
+    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, node: usize) {
         if d >= sh.n_pes || d == train.sender || train.color == ColorId::LINK {
             return;
         }
         let c = train.color;
         let agent = &mut self.agents[local as usize];
-        let buffer = path_buffer(sh.prog.timing.queue_depth, hops, sh.receive_buffer(agent.template, c));
+        let receive = sh.consumer_of(agent.template, c).1;
+        let queue_depth = sh.prog.timing.queue_depth;
         let inbox = agent.inbox(c);
+        // Router-to-router hops from the sender (parents come before their children).
+        let nodes = &train.tree.nodes;
+        let (mut hops, mut i) = (0u32, node);
+        while let Some(n) = nodes.get(i) {
+            hops += u32::from(n.deliver == Deliver::Hop);
+            i = n.parent as usize;
+        }
+        let buffer = path_buffer(queue_depth, hops, receive);
         if inbox.delivered <= inbox.claimed + buffer {
             return;
         }
