@@ -30,7 +30,9 @@
 //! streamed send, or the end-of-run send it blocks in, cannot drain), so neither a task's next
 //! run nor an IO port's next train can run ahead of a consumer by more than the buffering allows.
 //! The wait is counted as the sender's stall and the released path carries the consumer's claim
-//! (the critical path goes through whatever made the consumer late).
+//! (the critical path goes through whatever made the consumer late). An IO port's streams are
+//! independent (per-color queues at its edge router): a held color holds back only the port's tasks
+//! that send on it, while its other streams go on.
 //!
 //! Approximations, stated so they can be refined: several senders feeding one PE on one color are
 //! each credited their own path's queues (their paths share the last routers, so the machine has a

@@ -762,9 +762,11 @@ impl Part {
             return Ok(());
         }
         let tasks = &self.template(sh, a).tasks;
+        // An IO port's streams are independent: a held color holds back only the tasks that send on it.
+        let port_held = |k: usize| agent.held > 0 && agent.id >= sh.n_pes && self.sends_held(sh, a, k as u32);
         let Some(k) = (0..tasks.len()).find(|&k| {
             let run = agent.runs_done[k] as u64 + 1;
-            run <= tasks[k].repeat as u64 && self.ready(sh, a, k, run)
+            run <= tasks[k].repeat as u64 && !port_held(k) && self.ready(sh, a, k, run)
         }) else {
             // Nothing is ready now. Wavelets already on their way may make a task ready later without
             // a new delivery (one long train feeding several runs): wake up when the earliest can go.
@@ -867,7 +869,7 @@ impl Part {
 
     fn finish(&mut self, sh: &Shared, a: u32, k: u32) -> Result<(), EngineError> {
         let task = &self.template(sh, a).tasks[k as usize];
-        if self.agents[a as usize].held > 0 && self.sends_held(sh, a, k) {
+        if self.agents[a as usize].held > 0 && !self.is_port(sh, a) && self.sends_held(sh, a, k) {
             // A send of this run cannot drain: the task finishes when its holds are released.
             self.deferred.entry(a).or_insert((k, self.now));
             return Ok(());
@@ -1327,6 +1329,9 @@ impl Part {
             return Ok(());
         }
         self.tx_holds.remove(&key);
+        if self.is_port(sh, a) {
+            self.queue.push(self.now, Ev::Wake(a));
+        }
         if let Some(&(k, due)) = self.deferred.get(&a) {
             if !self.sends_held(sh, a, k) {
                 // The stalled send drains by the release: the run finishes then, on its path.
