@@ -1131,7 +1131,7 @@ impl Part {
         let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
         let inbox = agent.inbox(c);
         inbox.add(Arrival { head, n, pace, path, tail_res: train.tail_res });
-        let unclaimed = inbox.delivered - inbox.claimed;
+        let unclaimed = inbox.delivered.saturating_sub(inbox.claimed);
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
