@@ -462,3 +462,122 @@ fn two_wafers_link_through_their_ports() {
     let inter = run.critical_path.0[waferscale::engine::Res::InterWafer as usize] as f64 / run.cycles as f64;
     assert!(inter > 0.9, "{:?}", run.critical_path);
 }
+
+/// A consumer that claims nothing until cycle T: a `gate` task of G cycles, then `consume` runs of `w`
+/// wavelets paced by color 0 (so T = pick + G + pick). Its SRAM is full, so the path buffers only its
+/// router queues and one run. The producer, `h` hops west, streams `n` wavelets in one train.
+/// Returns (the producer's finish, the consumer's first start T, the run).
+fn held_stream(h: u32, n: u64, w: u64, gate_cycles: u64) -> (u64, u64, EngineRun) {
+    let b = B { p: held_program(h, n, w, gate_cycles) };
+    let run = b.run().unwrap();
+    (run.agents[0].last_finish, PICK + gate_cycles + PICK, run)
+}
+
+/// The program of `held_stream`.
+fn held_program(h: u32, n: u64, w: u64, gate_cycles: u64) -> MeshProgram {
+    let mut b = B::new(h + 1, 1);
+    let streamed = Send { color: ColorId(0), wavelets: n, streamed: true, runs: None };
+    let s = b.template("send", vec![task("stream", vec![], SimdOp::Mov32, 0, None, vec![streamed])]);
+    let gate = task("gate", vec![], SimdOp::FmacF16, 4 * gate_cycles, None, vec![]);
+    let after_gate = Need::After { task: TaskIdx(0), first: 1, num: 0, den: 1 };
+    let consume = Task {
+        repeat: (n / w) as u32,
+        ..task("consume", vec![after_gate, recv(0, w)], SimdOp::Mov32, 0, Some(0), vec![])
+    };
+    let r = b.template("recv", vec![gate, consume]);
+    b.p.templates[r.0 as usize].sram_bytes = b.p.timing.sram_bytes;
+    b.tile(0, 0, 1, 1, s);
+    b.tile(h, 0, 1, 1, r);
+    if h > 1 {
+        let idle = b.template("idle", vec![]);
+        b.tile(1, 0, h - 1, 1, idle);
+    }
+    b.route(0, rect(0, 0, 1, 1), Pattern::Line { dir: Dir::East, hops: h, multicast: false });
+    b.p
+}
+
+#[test]
+fn a_consumer_that_starts_late_stalls_the_sender() {
+    // Credit backpressure: the path buffers B = queue_depth * (h + 2) + w wavelets (a queue per router
+    // entered, the PE's input queue, one run of the consumer). The rest of the stream cannot leave the
+    // sender before the consumer drains them at one wavelet per cycle from T, so the sender's send
+    // finishes no earlier than T + n - B (closed form; the engine may add a pick per consumer run).
+    let (q, h, n, w) = (4u64, 3u32, 4000u64, 500u64);
+    let buffer = q * (h as u64 + 2) + w;
+    for gate in [5_000u64, 20_000] {
+        let (finish, t, run) = held_stream(h, n, w, gate);
+        let expect = t + n - buffer;
+        println!("gate {gate}: sender finishes at {finish}, closed form T + n - B = {t} + {n} - {buffer} = {expect}");
+        assert!(finish >= expect, "the sender finished at {finish}, before T + n - B = {expect}");
+        assert!(finish <= expect + (n / w) * (PICK + 1), "{finish} vs {expect}");
+        // The wait shows as the sender's stall, and the consumer's late start is on the critical path.
+        assert!(run.agents[0].stalled >= expect - n - PICK, "{:?}", run.agents[0]);
+        assert!(run.critical_path.0[waferscale::engine::Res::Compute as usize] >= gate);
+    }
+    // A consumer that is already waiting does not stall it: the stream leaves at one wavelet per cycle.
+    let (finish, _, run) = held_stream(h, n, w, 0);
+    assert_eq!(finish, PICK + n, "an unstalled stream ends n cycles after its start");
+    assert_eq!(run.agents[0].stalled, n, "the stream's own serialisation only");
+}
+
+#[test]
+fn finite_queues_can_deadlock_and_it_is_reported() {
+    // The sender streams 1000 wavelets on color 1 and only then sends one on color 0; the receiver
+    // consumes color 0 first. Its queues and one run (100) of color 1 fill, the sender stalls in its
+    // first task and never sends color 0: a deadlock of finite buffers, reported, never hung.
+    let mut b = B::new(2, 1);
+    let big = Send { color: ColorId(1), wavelets: 1000, streamed: true, runs: None };
+    let first = task("send_b", vec![], SimdOp::Mov32, 0, None, vec![big]);
+    let then =
+        task("send_a", vec![Need::Done { task: TaskIdx(0), times: 1 }], SimdOp::Mov32, 0, None, vec![send(0, 1)]);
+    let s = b.template("send", vec![first, then]);
+    let recv_a = task("recv_a", vec![recv(0, 1)], SimdOp::Mov32, 0, None, vec![]);
+    let recv_b = Task {
+        repeat: 10,
+        ..task(
+            "recv_b",
+            vec![Need::After { task: TaskIdx(0), first: 1, num: 0, den: 1 }, recv(1, 100)],
+            SimdOp::Mov32,
+            0,
+            Some(1),
+            vec![],
+        )
+    };
+    let r = b.template("recv", vec![recv_a, recv_b]);
+    b.p.templates[r.0 as usize].sram_bytes = b.p.timing.sram_bytes;
+    b.tile(0, 0, 1, 1, s);
+    b.tile(1, 0, 1, 1, r);
+    b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
+    b.route(1, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
+    match b.run() {
+        Err(EngineError::Deadlock(d)) => {
+            let text = d.to_string();
+            println!("{text}");
+            assert_eq!(d.blocked_agents, 2);
+            assert!(text.contains("PE (0,0) task send_b (run 1) waits for: its sends on color c1 to drain"), "{text}");
+            assert!(text.contains("held at PE (1,0)"), "{text}");
+            assert!(text.contains("PE (1,0) task recv_a (run 1) waits for: 1 wavelets on color c0"), "{text}");
+        }
+        other => panic!("expected a deadlock, got {other:?}"),
+    }
+}
+
+#[test]
+fn held_trains_across_partitions_are_thread_count_independent() {
+    // The held stream over 150 hops crosses two 64 x 64 partition boundaries: the hold and its release
+    // travel between partitions as credit messages, handed over in partition order.
+    let (h, n, w) = (150u32, 6000u64, 500u64);
+    let (_, t, one) = held_stream(h, n, w, 3000);
+    let program = held_program(h, n, w, 3000);
+    for threads in [2usize, 3] {
+        let opts = EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None, progress: None };
+        let many = engine::run(&program, &opts).unwrap();
+        assert_eq!(many.cycles, one.cycles, "{threads} threads");
+        assert_eq!(many.agents, one.agents, "{threads} threads");
+        assert_eq!(many.critical_path, one.critical_path, "{threads} threads");
+    }
+    let buffer = 4 * (h as u64 + 2) + w;
+    println!("150 hops: sender finishes at {}, T + n - B = {}", one.agents[0].last_finish, t + n - buffer);
+    assert!(one.agents[0].last_finish >= t + n - buffer, "{} vs {}", one.agents[0].last_finish, t + n - buffer);
+    assert!(one.agents[0].stalled > n, "{:?}", one.agents[0]);
+}

@@ -437,6 +437,27 @@ struct PortWork {
     peer: Option<Peer>,
 }
 
+/// A MemoryX port streams the tensors of a layer loop in turn, layer by layer: its send tasks with the
+/// same repeat (one run per layer) alternate, run n of each after run n of the one before it and the
+/// first after run n - 1 of the last. Without this the task picker (lowest ready index) would stream
+/// one tensor for every layer before the next tensor of the first layer, which only works if the
+/// fabric buffers whole layers of weights: with finite router queues the port stalls on a tensor the
+/// wafer cannot take yet while the tensor it waits for is queued behind it (a deadlock).
+fn interleave_layer_streams(tasks: &mut [Task]) {
+    let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, t) in tasks.iter().enumerate() {
+        if t.repeat > 1 && t.needs.is_empty() && t.name.starts_with("send:") {
+            groups.entry(t.repeat).or_default().push(i);
+        }
+    }
+    for idx in groups.values().filter(|g| g.len() > 1) {
+        for (j, &i) in idx.iter().enumerate() {
+            let (prev, first) = if j == 0 { (idx[idx.len() - 1], 0) } else { (idx[j - 1], 1) };
+            tasks[i].needs.push(Need::After { task: TaskIdx(prev as u32), first, num: 1, den: 1 });
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compile_wafer(
     g: &Graph,
@@ -1048,6 +1069,9 @@ fn compile_wafer(
     }
     for pw in port_work.values_mut() {
         patch_tasks(&mut pw.tasks);
+        if pw.peer == Some(Peer::MemoryX) {
+            interleave_layer_streams(&mut pw.tasks);
+        }
     }
     let region_colors: Vec<u32> = footprints.iter().map(|f| f.1.len() as u32).collect();
     let mut program = MeshProgram {

@@ -111,6 +111,7 @@ impl Timeline {
         }
     }
 
+    #[inline(always)]
     fn add(&mut self, at: u64, delta: i64) {
         let pos = self.steps.partition_point(|s| s.0 < at);
         match self.steps.get_mut(pos) {

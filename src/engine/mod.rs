@@ -10,6 +10,7 @@
 //! petgraph); all timing is integer cycles; no floating point decides an order; results do not depend
 //! on hash order or thread count.
 
+mod credit;
 mod link;
 mod queue;
 pub mod record;

@@ -6,11 +6,13 @@
 //! so the result is the same whether one thread runs all partitions or many threads share them.
 //! Threads take blocks along diagonals, so a wavefront moving along rows or columns is shared.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use smallvec::{smallvec, SmallVec};
 
+use super::credit::{path_buffer, Credit, CreditKind, PendingHold, SenderHold};
 use super::link::{Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::record::{Metric, PartRecorder, Span, TraceSpec};
@@ -18,6 +20,9 @@ use super::route::{expand, Deliver, Links, Node, ROOT};
 use super::values::{At, PartValues, Payload};
 use super::{AgentStats, Blocked, EngineError, Path, Res, Totals};
 use crate::mesh::{ColorId, Coord, MeshProgram, Need, Senders, TaskIdx};
+
+/// Bytes of one wavelet's payload.
+const WAVELET_BYTES: u64 = 4;
 
 /// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
 pub const BLOCK: u32 = 64;
@@ -45,6 +50,8 @@ struct Inbox {
     first_claimed: u64,
     delivered: u64,
     claimed: u64,
+    /// Trains of this color held for want of room (`Part::rx_holds` has them).
+    holds: u32,
 }
 
 impl Inbox {
@@ -128,6 +135,8 @@ struct Agent {
     template: u32,
     busy_until: u64,
     running: bool,
+    /// Holds on this agent's sends not yet released, over all colors (`Part::tx_holds` has them).
+    held: i32,
     /// Critical path to the end of the agent's last task run (or zero before any).
     free_path: Path,
     /// Path at the start of the running task (for its streamed sends) and at its finish.
@@ -163,6 +172,8 @@ enum Ev {
     Done(u32, u32),
     /// A train's head enters this partition (index into `Part::conts`).
     Cont(u32),
+    /// A credit message for a local sender takes effect (index into `Part::credits`).
+    Credit(u32),
 }
 
 /// Route-tree nodes kept expanded over the whole run (about 24 bytes each: 200 MB at most). Sharing
@@ -188,6 +199,8 @@ struct Tree {
 /// A train in flight: everything a partition needs to continue it.
 #[derive(Debug)]
 struct Train {
+    /// Global id of the sending agent (held when a receiver has no room).
+    sender: u32,
     color: ColorId,
     n: u64,
     pace: Pace,
@@ -230,6 +243,7 @@ impl Train {
     /// The train without its route tree.
     fn clone_header(&self) -> Train {
         Train {
+            sender: self.sender,
             color: self.color,
             n: self.n,
             pace: self.pace,
@@ -252,6 +266,9 @@ struct Cont {
     train: Arc<Train>,
     node: u32,
 }
+
+/// The consumers of a template's colors: (color, pace, paced, receive buffer); see `Shared::recv_pace`.
+type Consumers = SmallVec<[(ColorId, Pace, bool, u64); 2]>;
 
 /// Read-only facts every partition shares.
 pub(crate) struct Shared<'p> {
@@ -280,8 +297,9 @@ pub(crate) struct Shared<'p> {
     routes_by_row: Vec<Vec<Vec<(u32, u32, u32)>>>,
     /// Per port, its routes by color.
     port_routes: Vec<SmallVec<[(ColorId, u32); 2]>>,
-    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced).
-    recv_pace: Vec<SmallVec<[(ColorId, Pace, bool); 2]>>,
+    /// Per template: (color, pace imposed by its paced consumer, whether that consumer is paced,
+    /// wavelets the PE takes beyond its queues before the consumer claims: `receive_buffer`).
+    recv_pace: Vec<Consumers>,
 }
 
 impl<'p> Shared<'p> {
@@ -371,18 +389,19 @@ impl<'p> Shared<'p> {
             .templates
             .iter()
             .map(|t| {
-                let mut v: SmallVec<[(ColorId, Pace, bool); 2]> = SmallVec::new();
+                let mut v: Consumers = SmallVec::new();
                 for task in &t.tasks {
                     for need in &task.needs {
                         if let Need::Recv { color, wavelets } = *need {
-                            if wavelets == 0 || v.iter().any(|(c, _, _)| *c == color) {
+                            if wavelets == 0 || v.iter().any(|(c, _, _, _)| *c == color) {
                                 continue;
                             }
                             let paced = task.work.paced_by == Some(color);
                             let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
                             let pace =
                                 if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
-                            v.push((color, pace, paced));
+                            let fifo = prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
+                            v.push((color, pace, paced, fifo.max(wavelets)));
                         }
                     }
                 }
@@ -477,8 +496,21 @@ impl<'p> Shared<'p> {
         }
         self.recv_pace[template as usize]
             .iter()
-            .find(|(k, _, _)| *k == c)
-            .map_or((Pace::FULL, false), |(_, p, paced)| (*p, *paced))
+            .find(|(k, _, _, _)| *k == c)
+            .map_or((Pace::FULL, false), |(_, p, paced, _)| (*p, *paced))
+    }
+
+    /// Whether the consumer of color `c` on a PE running `template` is paced by it, and the wavelets
+    /// the PE takes on `c` beyond its router queues before that consumer claims them: one run of the
+    /// consumer, or the SRAM the plan left free (a receive FIFO), whichever is larger (`credit.rs`).
+    fn consumer_of(&self, template: u32, c: ColorId) -> (bool, u64) {
+        if template == u32::MAX {
+            return (false, 0);
+        }
+        self.recv_pace[template as usize]
+            .iter()
+            .find(|(k, _, _, _)| *k == c)
+            .map_or((false, 0), |(_, _, paced, receive)| (*paced, *receive))
     }
 
     pub fn agent_name(&self, a: u32) -> String {
@@ -502,6 +534,18 @@ pub(crate) struct Part {
     free_conts: Vec<u32>,
     /// Continuations for other partitions, produced in this window.
     outbox: Vec<(u32, Cont)>,
+    /// Credit messages waiting for their cycle (`Ev::Credit` holds the index), free slots, and those
+    /// for other partitions produced in this window.
+    credits: Vec<Option<Credit>>,
+    free_credits: Vec<u32>,
+    credit_out: Vec<(u32, Credit)>,
+    /// Receiver side: trains held per (local agent, color), in the order they were delivered.
+    rx_holds: BTreeMap<(u32, ColorId), Vec<PendingHold>>,
+    /// Sender side: stalled colors per (local agent, color).
+    tx_holds: BTreeMap<(u32, ColorId), SenderHold>,
+    /// Local agents whose running task reached its finish while a send of its run was held:
+    /// (task, the cycle it would have finished).
+    deferred: BTreeMap<u32, (u32, u64)>,
     now: u64,
     walk_stack: Vec<(u32, u64)>,
     scratch: Vec<Node>,
@@ -557,6 +601,12 @@ impl Part {
             conts: Vec::new(),
             free_conts: Vec::new(),
             outbox: Vec::new(),
+            credits: Vec::new(),
+            free_credits: Vec::new(),
+            credit_out: Vec::new(),
+            rx_holds: BTreeMap::new(),
+            tx_holds: BTreeMap::new(),
+            deferred: BTreeMap::new(),
             now: 0,
             walk_stack: Vec::new(),
             scratch: Vec::new(),
@@ -604,6 +654,28 @@ impl Part {
         self.queue.peek_time()
     }
 
+    /// Takes in credit messages handed over at the end of the last window.
+    fn accept_credits(&mut self, credits: Vec<Credit>) {
+        for c in credits {
+            let t = c.time;
+            let idx = self.park_credit(c);
+            self.queue.push(t, Ev::Credit(idx));
+        }
+    }
+
+    fn park_credit(&mut self, c: Credit) -> u32 {
+        match self.free_credits.pop() {
+            Some(i) => {
+                self.credits[i as usize] = Some(c);
+                i
+            }
+            None => {
+                self.credits.push(Some(c));
+                self.credits.len() as u32 - 1
+            }
+        }
+    }
+
     /// Takes in continuations handed over at the end of the last window.
     fn accept(&mut self, conts: Vec<Cont>) {
         for c in conts {
@@ -631,6 +703,10 @@ impl Part {
                 Ev::Done(a, k) => self.finish(sh, a, k),
                 Ev::Cont(i) => match self.conts[i as usize].take().inspect(|_| self.free_conts.push(i)) {
                     Some(c) => self.walk(sh, &c.train, c.node, c.time, None),
+                    None => Ok(()),
+                },
+                Ev::Credit(i) => match self.credits[i as usize].take().inspect(|_| self.free_credits.push(i)) {
+                    Some(c) => self.on_credit(sh, c),
                     None => Ok(()),
                 },
             };
@@ -725,9 +801,11 @@ impl Part {
             return Ok(());
         }
         let tasks = &self.template(sh, a).tasks;
+        // An IO port's streams are independent: a held color holds back only the tasks that send on it.
+        let port_held = |k: usize| agent.held > 0 && agent.id >= sh.n_pes && self.sends_held(sh, a, k as u32);
         let Some(k) = (0..tasks.len()).find(|&k| {
             let run = agent.runs_done[k] as u64 + 1;
-            run <= tasks[k].repeat as u64 && self.ready(sh, a, k, run)
+            run <= tasks[k].repeat as u64 && !port_held(k) && self.ready(sh, a, k, run)
         }) else {
             // Nothing is ready now. Wavelets already on their way may make a task ready later without
             // a new delivery (one long train feeding several runs): wake up when the earliest can go.
@@ -762,6 +840,7 @@ impl Part {
         let mut finish_path = start_path.add(op_res, compute);
         let mut stall = Metric::StallData;
         let mut claimed: Vec<Vec<Payload>> = Vec::new();
+        let mut released: SmallVec<[(ColorId, u64, u64); 1]> = SmallVec::new();
         // Claim this run's wavelets; a paced operand cannot finish before its last wavelet is in.
         for need in &task.needs {
             if let Need::Recv { color, wavelets } = *need {
@@ -781,9 +860,24 @@ impl Part {
                         stall =
                             if io > last_path.0[Res::Fabric as usize] { Metric::StallIo } else { Metric::StallData };
                     }
+                    // Wavelets held in the queues reach the task one per pace from its start.
+                    if let Some(drain) = held_drain(&self.rx_holds, inbox.holds, a, color, wavelets) {
+                        if start + drain > finish {
+                            finish = start + drain;
+                            finish_path = start_path.add(Res::Fabric, drain);
+                            stall = Metric::StallData;
+                        }
+                    }
                 }
+                let before = inbox.claimed;
                 inbox.claim(wavelets);
+                if inbox.holds > 0 {
+                    released.push((color, before, inbox.claimed));
+                }
             }
+        }
+        for (color, before, after) in released {
+            self.release_holds(sh, a, color, before, after, start, start_path);
         }
         self.agents[a as usize].run_path = start_path;
         let run = self.agents[a as usize].runs_done[k] + 1;
@@ -824,6 +918,14 @@ impl Part {
 
     fn finish(&mut self, sh: &Shared, a: u32, k: u32) -> Result<(), EngineError> {
         let task = &self.template(sh, a).tasks[k as usize];
+        if self.agents[a as usize].held > 0 && !self.is_port(sh, a) && self.sends_held(sh, a, k) {
+            // A send of this run cannot drain: the task finishes when its holds are released.
+            self.deferred.entry(a).or_insert((k, self.now));
+            return Ok(());
+        }
+        if let Some((_, due)) = self.deferred.remove(&a) {
+            self.stretch(a, k, due);
+        }
         {
             let agent = &mut self.agents[a as usize];
             agent.running = false;
@@ -946,7 +1048,20 @@ impl Part {
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
         }
-        let train = Arc::new(Train { color: c, n, pace, len, units, tree, path, sent: t, transit_res, tail_res, data });
+        let train = Arc::new(Train {
+            sender: g,
+            color: c,
+            n,
+            pace,
+            len,
+            units,
+            tree,
+            path,
+            sent: t,
+            transit_res,
+            tail_res,
+            data,
+        });
         self.walk(sh, &train, 0, start + root_latency, Some(start + root_latency))?;
         // Keep the allocation for the next train when nobody else holds the tree.
         if let Ok(t) = Arc::try_unwrap(train) {
@@ -1049,18 +1164,22 @@ impl Part {
                     self.totals.wavelet_hops += train.n;
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
-                Deliver::Pe(d) => self.deliver(sh, d, train, out)?,
+                Deliver::Pe(d) => {
+                    if self.deliver(sh, d, train, out)? {
+                        self.hold_if_full(sh, sh.home(d).1, d, train, i);
+                    }
+                }
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
-                        self.deliver(sh, sh.n_pes + p, train, out)?;
+                        let _ = self.deliver(sh, sh.n_pes + p, train, out)?;
                     }
                 }
                 Deliver::PortIn(q) => {
                     // Counted where the data crosses the port: when the peer port injects it.
                     let link = Train { color: ColorId::LINK, ..train.clone_header() };
-                    self.deliver(sh, sh.n_pes + q, &link, out)?;
+                    let _ = self.deliver(sh, sh.n_pes + q, &link, out)?;
                 }
             }
         }
@@ -1068,7 +1187,9 @@ impl Part {
         Ok(())
     }
 
-    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<(), EngineError> {
+    /// Adds a train's arrival to agent `d`'s inbox and wakes it; returns whether the arrivals it has
+    /// not claimed may exceed its buffering (then `hold_if_full` decides).
+    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<bool, EngineError> {
         let (c, n, pace) = (train.color, train.n, train.pace);
         let (part, local) = sh.home(d);
         debug_assert_eq!(part, self.id);
@@ -1080,14 +1201,18 @@ impl Part {
             )));
         }
         let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
-        agent.inbox(c).add(Arrival { head, n, pace, path, tail_res: train.tail_res, data: train.data.clone() });
+        let inbox = agent.inbox(c);
+        inbox.add(Arrival { head, n, pace, path, tail_res: train.tail_res, data: train.data.clone() });
+        let unclaimed = inbox.delivered.saturating_sub(inbox.claimed);
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
         // consumer, at the tail otherwise.
-        let paced = d < sh.n_pes && sh.pace_of(agent.template, c).1;
+        let (paced, receive) = sh.consumer_of(agent.template, c);
+        let paced = d < sh.n_pes && paced;
         let at = if paced { head } else { head + pace.offset(n - 1) };
         self.queue.push(at, Ev::Wake(local));
-        Ok(())
+        // Even a path of no hops buffers this much.
+        Ok(unclaimed > receive + 2 * sh.prog.timing.queue_depth as u64)
     }
 
     /// Functional runs: runs the values kernel of task `k` of local agent `a` on what it claimed.
@@ -1119,7 +1244,8 @@ impl Part {
                 continue;
             }
             let tasks = &self.template(sh, i as u32).tasks;
-            if let Some(k) = (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat) {
+            let deferred = self.deferred.get(&(i as u32)).map(|&(k, _)| k as usize);
+            if let Some(k) = deferred.or_else(|| (0..tasks.len()).find(|&k| agent.runs_done[k] < tasks[k].repeat)) {
                 out.push((
                     agent.id,
                     Blocked {
@@ -1155,7 +1281,11 @@ impl Part {
         let agent = &self.agents[a as usize];
         let tasks = &self.template(sh, a).tasks;
         let run = agent.runs_done[k] as u64 + 1;
-        let mut out = Vec::new();
+        let mut out = self.holds_of(sh, a);
+        if self.deferred.contains_key(&a) {
+            // The run has started; only its sends are left.
+            return out;
+        }
         for need in &tasks[k].needs {
             match *need {
                 Need::Done { task: TaskIdx(u), .. } | Need::After { task: TaskIdx(u), .. } => {
@@ -1198,6 +1328,173 @@ impl Part {
     pub fn agent_stats(&self) -> impl Iterator<Item = (u32, AgentStats)> + '_ {
         self.agents.iter().zip(&self.stats).map(|(a, s)| (a.id, *s))
     }
+}
+
+/// Backpressure (the model is in `credit.rs`): holds at the receiver, credits to the sender.
+impl Part {
+    /// At a delivery to local PE `local` (global `d`) by node `node` of the train's tree: if the
+    /// train's tail does not fit into what the consumer has claimed plus the path's buffer, hold the
+    /// train and tell its sender.
+    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, node: usize) {
+        if d >= sh.n_pes || d == train.sender || train.color == ColorId::LINK {
+            return;
+        }
+        let c = train.color;
+        let agent = &mut self.agents[local as usize];
+        let receive = sh.consumer_of(agent.template, c).1;
+        let queue_depth = sh.prog.timing.queue_depth;
+        let inbox = agent.inbox(c);
+        // Router-to-router hops from the sender (parents come before their children).
+        let nodes = &train.tree.nodes;
+        let (mut hops, mut i) = (0u32, node);
+        while let Some(n) = nodes.get(i) {
+            hops += u32::from(n.deliver == Deliver::Hop);
+            i = n.parent as usize;
+        }
+        let buffer = path_buffer(queue_depth, hops, receive);
+        if inbox.delivered <= inbox.claimed + buffer {
+            return;
+        }
+        inbox.holds += 1;
+        let hold = PendingHold {
+            threshold: inbox.delivered - buffer,
+            sender: train.sender,
+            n: train.n,
+            pace: train.pace,
+            tail_res: train.tail_res,
+        };
+        self.rx_holds.entry((local, c)).or_default().push(hold);
+        let credit = Credit { time: self.now, agent: train.sender, color: c, kind: CreditKind::Hold { receiver: d } };
+        self.post_credit(sh, credit);
+    }
+
+    /// After local agent `a` claimed color `c` from `before` to `after` wavelets, in a task starting at
+    /// `at` on `path`: releases the holds whose tails now fit, oldest first.
+    #[allow(clippy::too_many_arguments)]
+    fn release_holds(&mut self, sh: &Shared, a: u32, c: ColorId, before: u64, after: u64, at: u64, path: Path) {
+        let Some(list) = self.rx_holds.get_mut(&(a, c)) else { return };
+        let mut out: SmallVec<[Credit; 1]> = SmallVec::new();
+        list.retain(|h| match h.release(before, after, at, path) {
+            Some((tail, path)) => {
+                out.push(Credit { time: tail, agent: h.sender, color: c, kind: CreditKind::Release { tail, path } });
+                false
+            }
+            None => true,
+        });
+        if list.is_empty() {
+            self.rx_holds.remove(&(a, c));
+        }
+        self.agents[a as usize].inbox(c).holds -= out.len() as u32;
+        for credit in out {
+            self.post_credit(sh, credit);
+        }
+    }
+
+    /// Delivers a credit message: here (at once if it is due, else as an event) or to the sender's
+    /// partition, no earlier than the next window.
+    fn post_credit(&mut self, sh: &Shared, c: Credit) {
+        let (part, _) = sh.home(c.agent);
+        if part != self.id {
+            self.credit_out.push((part, Credit { time: c.time.max(self.now + 1), ..c }));
+        } else if c.time <= self.now {
+            // Only holds are due at once; applying one schedules nothing.
+            let _ = self.on_credit(sh, c);
+        } else {
+            let t = c.time;
+            let idx = self.park_credit(c);
+            self.queue.push(t, Ev::Credit(idx));
+        }
+    }
+
+    /// A credit message for a local sender takes effect.
+    fn on_credit(&mut self, sh: &Shared, c: Credit) -> Result<(), EngineError> {
+        let (_, a) = sh.home(c.agent);
+        let key = (a, c.color);
+        let entry = self.tx_holds.entry(key).or_default();
+        entry.apply(c.kind);
+        let (count, release_at, release_path) = (entry.count, entry.release_at, entry.release_path);
+        let delta = match c.kind {
+            CreditKind::Hold { .. } => 1,
+            CreditKind::Release { .. } => -1,
+        };
+        self.agents[a as usize].held += delta;
+        if count != 0 {
+            return Ok(());
+        }
+        self.tx_holds.remove(&key);
+        if self.is_port(sh, a) {
+            self.queue.push(self.now, Ev::Wake(a));
+        }
+        if let Some(&(k, due)) = self.deferred.get(&a) {
+            if !self.sends_held(sh, a, k) {
+                // The stalled send drains by the release: the run finishes then, on its path.
+                let agent = &mut self.agents[a as usize];
+                if release_at > due {
+                    agent.run_path = release_path;
+                }
+                self.queue.push(self.now, Ev::Done(a, k));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a send of the current run of task `k` of local agent `a` is on a held color.
+    fn sends_held(&self, sh: &Shared, a: u32, k: u32) -> bool {
+        let run = self.agents[a as usize].runs_done[k as usize] + 1;
+        self.template(sh, a).tasks[k as usize].sends.iter().any(|s| {
+            s.wavelets > 0
+                && s.runs.is_none_or(|r| r.contains(run))
+                && self.tx_holds.get(&(a, s.color)).is_some_and(|h| h.count > 0)
+        })
+    }
+
+    /// A run of task `k` of local agent `a` that was due at `due` finishes now, stalled since.
+    fn stretch(&mut self, a: u32, k: u32, due: u64) {
+        let now = self.now;
+        let extra = now.saturating_sub(due);
+        let st = &mut self.stats[a as usize];
+        st.stalled += extra;
+        st.last_finish = st.last_finish.max(now);
+        let agent = &mut self.agents[a as usize];
+        agent.busy_until = agent.busy_until.max(now);
+        let g = agent.id;
+        if let Some(rec) = self.rec.as_mut() {
+            rec.add(a, Metric::StallBackpressure, due, extra, 1);
+            if let Some(s) = rec.spans.iter_mut().rev().find(|s| s.agent == g && s.task == k) {
+                s.finish = s.finish.max(now);
+            }
+        }
+    }
+
+    /// What local agent `a`'s stalled sends wait for, for deadlock reports.
+    fn holds_of(&self, sh: &Shared, a: u32) -> Vec<String> {
+        self.tx_holds
+            .range((a, ColorId(0))..=(a, ColorId(u32::MAX)))
+            .filter(|(_, h)| h.count > 0)
+            .map(|((_, c), h)| {
+                format!(
+                    "its sends on color {c} to drain ({} train(s) held at {}, whose queues are full until a task there consumes {c})",
+                    h.count,
+                    sh.agent_name(h.receiver)
+                )
+            })
+            .collect()
+    }
+}
+
+/// Cycles a paced run of `wavelets` on color `c` of local agent `a` takes to drain them from the
+/// queues while trains of that color are held there (the slowest held train's pace); None if none is.
+fn held_drain(
+    rx_holds: &BTreeMap<(u32, ColorId), Vec<PendingHold>>,
+    holds: u32,
+    a: u32,
+    c: ColorId,
+    wavelets: u64,
+) -> Option<u64> {
+    if holds == 0 {
+        return None;
+    }
+    rx_holds.get(&(a, c))?.iter().map(|h| h.pace).reduce(Pace::max).map(|p| p.cycles(wavelets))
 }
 
 /// What a port's transit is spent on.
@@ -1338,7 +1635,7 @@ impl Board {
     /// (source partition, emission) order, and the heap updated for every partition touched.
     /// `with(i, f)` runs `f` on partition `i`.
     fn settle(&mut self, with: &mut WithPart) -> Result<(), EngineError> {
-        let mut inbound: Vec<(u32, Vec<Cont>)> = Vec::new();
+        let mut inbound: Vec<(u32, Vec<Cont>, Vec<Credit>)> = Vec::new();
         let mut error = None;
         for &i in &self.active {
             with(i as usize, &mut |p: &mut Part| {
@@ -1346,9 +1643,15 @@ impl Board {
                     error.get_or_insert(e);
                 }
                 for (dest, c) in p.outbox.drain(..) {
-                    match inbound.iter_mut().find(|(d, _)| *d == dest) {
-                        Some((_, v)) => v.push(c),
-                        None => inbound.push((dest, vec![c])),
+                    match inbound.iter_mut().find(|(d, _, _)| *d == dest) {
+                        Some((_, v, _)) => v.push(c),
+                        None => inbound.push((dest, vec![c], Vec::new())),
+                    }
+                }
+                for (dest, c) in p.credit_out.drain(..) {
+                    match inbound.iter_mut().find(|(d, _, _)| *d == dest) {
+                        Some((_, _, v)) => v.push(c),
+                        None => inbound.push((dest, Vec::new(), vec![c])),
                     }
                 }
             });
@@ -1362,12 +1665,13 @@ impl Board {
                 self.heap.push(std::cmp::Reverse((t, i)));
             }
         }
-        for (dest, conts) in inbound {
-            let mut conts = Some(conts);
+        for (dest, conts, credits) in inbound {
+            let mut conts = Some((conts, credits));
             let next = &self.next;
             with(dest as usize, &mut |p: &mut Part| {
-                if let Some(c) = conts.take() {
+                if let Some((c, k)) = conts.take() {
                     p.accept(c);
+                    p.accept_credits(k);
                 }
                 next[dest as usize].store(p.next_time().unwrap_or(u64::MAX), Ordering::Release);
             });
