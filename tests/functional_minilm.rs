@@ -102,7 +102,7 @@ fn minilm_hidden_states_match_published_embeddings() {
 /// (`wafer run --functional --weights`), every value computed by the emulated PEs, and gives the
 /// reference's hidden states of every token and its pooler output within 1e-4 relative (fp32): for
 /// "hello world" (whose mean-pooled hidden states are then the published sentence embedding) and for
-/// 32 tokens (eight token chunks through every region).
+/// 32 tokens (eight token chunks through every region); and with fp16 and bf16 storage, close.
 #[test]
 fn minilm_on_the_wafer_matches_the_reference() {
     let Some(dir) = minilm_cache_dir().filter(|d| d.join("model.safetensors").is_file()) else {
@@ -118,7 +118,15 @@ fn minilm_on_the_wafer_matches_the_reference() {
     ids.extend((0..30).map(|i| 1000 + (i * 977) % 29000));
     ids.push(102);
     let long = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
-    for (name, tokens) in [("hello", hello.as_str()), ("long", long.as_str())] {
+    // fp16 / bf16 storage: values rounded in SRAM and wavelets at other points than the reference
+    // rounds them, so close, not equal (measured 9.0e-4 and 5.9e-3); token ids travel exactly (rounded
+    // to fp16 they named other rows of the 30,522-row table: errors of order one).
+    for (name, tokens, dtype, tol) in [
+        ("hello", hello.as_str(), "fp32", 1e-4),
+        ("long", long.as_str(), "fp32", 1e-4),
+        ("long-fp16", long.as_str(), "fp16", 1e-2),
+        ("long-bf16", long.as_str(), "bf16", 2e-2),
+    ] {
         let out = tmp.join(format!("{name}.safetensors")).display().to_string();
         let args = [
             "run",
@@ -128,7 +136,7 @@ fn minilm_on_the_wafer_matches_the_reference() {
             "--phase",
             "prefill",
             "--dtype",
-            "fp32",
+            dtype,
             "--functional",
             "--weights",
             &weights,
@@ -143,7 +151,7 @@ fn minilm_on_the_wafer_matches_the_reference() {
         let line = stdout.lines().map(str::trim).find(|l| l.starts_with("functional: max relative error")).unwrap();
         let err: f64 = line.split_whitespace().nth(7).and_then(|v| v.parse().ok()).unwrap();
         println!("{name}: {line}");
-        assert!(err < 1e-4, "{name}: {line}");
+        assert!(err < tol, "{name}: {line}");
         assert!(line.contains("l5.norm2") && line.contains("pooler.tanh"), "{line}");
         if name == "hello" {
             let bytes = std::fs::read(&out).unwrap();
