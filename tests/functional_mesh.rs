@@ -65,13 +65,6 @@ fn decode_logits_match_the_reference() {
         let (_, err) = functional(&a, None);
         assert!(err < 1e-4, "{model} on {mesh}: max relative error {err}");
     }
-    // Prefill of two tokens (token chunks that cannot overtake each other, see below), BERT's hidden
-    // states and pooler output among them.
-    for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
-        let args = [model, "--mesh", "32x32", "--phase", "prefill", "--seq", "2", "--dtype", "fp32"];
-        let (_, err) = functional(&args, None);
-        assert!(err < 1e-4, "{model} prefill: max relative error {err}");
-    }
     // Two wafers, the hidden state crossing between them through their ports.
     for model in ["gpt-tiny", "llama-tiny"] {
         let args =
@@ -95,6 +88,7 @@ fn timing_is_identical_with_and_without_values() {
         vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15", "--wafers", "2"],
         vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15", "--dtype", "fp32"],
         vec!["llama-tiny", "--mesh", "16x16", "--phase", "decode", "--context", "15"],
+        vec!["bert-tiny", "--mesh", "32x32", "--phase", "prefill", "--seq", "64", "--dtype", "fp32"],
         vec!["gemv:1000x300", "--mesh", "16x16"],
     ] {
         let (with, _) = functional(&args, None);
@@ -108,27 +102,22 @@ fn timing_is_identical_with_and_without_values() {
 fn values_are_identical_for_any_thread_count() {
     let dir = std::env::temp_dir().join(format!("wafer-functional-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut outs = Vec::new();
-    for threads in ["1", "3"] {
-        let path = dir.join(format!("logits-{threads}.safetensors"));
-        let args = [
-            "gpt-tiny",
-            "--mesh",
-            "140x70",
-            "--phase",
-            "decode",
-            "--context",
-            "15",
-            "--dtype",
-            "fp32",
-            "--threads",
-            threads,
-        ];
-        let (_, err) = functional(&args, Some(&path));
-        assert!(err < 1e-4, "{threads} threads: {err}");
-        outs.push(std::fs::read(&path).expect("output written"));
+    // Decode, and prefill in token chunks (BERT: hidden states of every token), over several 64x64
+    // partitions.
+    let decode = ["gpt-tiny", "--mesh", "140x70", "--phase", "decode", "--context", "15", "--dtype", "fp32"];
+    let prefill = ["bert-tiny", "--mesh", "140x70", "--phase", "prefill", "--seq", "64", "--dtype", "fp32"];
+    for (i, base) in [decode, prefill].into_iter().enumerate() {
+        let mut outs = Vec::new();
+        for threads in ["1", "3"] {
+            let path = dir.join(format!("out{i}-{threads}.safetensors"));
+            let mut args = base.to_vec();
+            args.extend(["--threads", threads]);
+            let (_, err) = functional(&args, Some(&path));
+            assert!(err < 1e-4, "{} with {threads} threads: {err}", base.join(" "));
+            outs.push(std::fs::read(&path).expect("output written"));
+        }
+        assert_eq!(outs[0], outs[1], "{}", base.join(" "));
     }
-    assert_eq!(outs[0], outs[1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -160,30 +149,27 @@ fn unsupported_programs_are_refused() {
     }
 }
 
-/// Prefill runs its stages in token chunks, and an output row's gather relays count wavelets from all
-/// the columns of a region: a column that runs ahead sends chunk n + 1 before a slower column's chunk n
-/// has arrived, so a gather run forwards values of two chunks. The timing does not see it (it counts
-/// wavelets); the values do, and the run stops with an error naming the PE, the run and what it got
-/// (a bug of the compiled program, exit 1), never a wrong answer.
-/// Two chunks do not overtake each other on these meshes (tested above); eight do.
-/// FIXME: gathers need per-chunk ordering (or per-sender buffers) before prefill can run with values.
+/// Prefill at the tiny models' full length (128 tokens, their position limit), in token chunks, on
+/// meshes where the linears run as gemv-broadcast (32x32, 64x64) and gemv-tree (16x16): the logits (BERT:
+/// every token's hidden state and the pooler output) match the reference within 1e-4.
+/// Chunks used to overtake each other where several PEs send to one on a color (gather relays, fan-in
+/// leaders; the router queue is FIFO across senders): with eight or more chunks a run took wavelets of
+/// the next chunk from a faster column. Each gathered output's gateway now hands its band a credit per
+/// run (`kernel::Prog::gather`), so these would fail (exit 1, "wavelets of another run") without it.
 #[test]
-fn prefill_chunks_mixed_at_gathers_are_an_error() {
-    let (code, _, stderr) = wafer(&[
-        "run",
-        "gpt-tiny",
-        "--mesh",
-        "32x32",
-        "--phase",
-        "prefill",
-        "--seq",
-        "8",
-        "--dtype",
-        "fp32",
-        "--functional",
-    ]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("wavelets of another run taken in its place"), "{stderr}");
+fn prefill_at_full_length_matches_the_reference() {
+    for mesh in ["32x32", "16x16", "64x64"] {
+        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+            let args = [model, "--mesh", mesh, "--phase", "prefill", "--seq", "128", "--dtype", "fp32"];
+            let (_, err) = functional(&args, None);
+            assert!(err < 1e-4, "{model} prefill of 128 tokens on {mesh}: max relative error {err}");
+        }
+    }
+    for seq in ["2", "16", "33"] {
+        let args = ["gpt-tiny", "--mesh", "32x32", "--phase", "prefill", "--seq", seq, "--dtype", "fp32"];
+        let (_, err) = functional(&args, None);
+        assert!(err < 1e-4, "gpt-tiny prefill of {seq} tokens: max relative error {err}");
+    }
 }
 
 /// The functional inputs are refused without `--functional`.
@@ -258,8 +244,8 @@ fn logits(path: &std::path::Path) -> Vec<f32> {
 }
 
 /// Decoding token 16 on the wafer, with the KV cache of tokens 1..15 resident in its attention
-/// regions (filled by the reference's prefill: the wafer's own prefill stops at its gathers, see
-/// above), gives the logits the reference's prefill of all 16 tokens gives for the last one.
+/// regions (filled by the reference's prefill: the wafer's prefill program keeps no KV cache for a
+/// later decode yet), gives the logits the reference's prefill of all 16 tokens gives for the last one.
 #[test]
 fn wafer_decode_matches_reference_prefill_of_the_sequence() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("functional-mesh");

@@ -131,13 +131,17 @@ pub(crate) fn region(
                 "out" => TaskData::Kernel(Kernel::Route {
                     views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
                 }),
-                "drain" => TaskData::None,
+                "drain" | "credit" => TaskData::None,
                 "store" => TaskData::Kernel(Kernel::Store),
                 "sel" => {
                     let total = compute
                         .final_total
                         .as_ref()
-                        .filter(|(suffix, _)| tname.ends_with(suffix.as_str()) && i + 1 == ts.len())
+                        .filter(|(suffix, _)| {
+                            // The template's last task before any gather credits.
+                            let last = ts.iter().filter(|t| !t.name.starts_with("credit")).count();
+                            tname.ends_with(suffix.as_str()) && i + 1 == last
+                        })
                         .map(|(_, n)| *n);
                     TaskData::Kernel(Kernel::Accumulate { total })
                 }

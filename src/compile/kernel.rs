@@ -380,7 +380,9 @@ struct Chooser<'a> {
 impl Chooser<'_> {
     fn consider(&mut self, algo: Algo, runs: u32, sram: u64, class: String, reason: String) {
         let gathered = self.io.gathered.iter().filter(|&&g| g).count() as u32;
-        let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + 2 * gathered;
+        // Two gather colors per gathered output, and a credit color when the gather runs more than once.
+        let per_out = 2 + (runs.saturating_mul(self.st.iters) > 1) as u32;
+        let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + per_out * gathered;
         if sram <= self.k.avail && colors <= self.k.colors {
             if self.best.is_none() {
                 self.best = Some(Tiling {
@@ -672,7 +674,16 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             for &runs in &runs_list {
                 let rr = rows.div_ceil(runs as u64);
                 let wc = split(width, c);
-                let sram = held_share(p, None) + 2 * rr * wc.max() * eb;
+                // The table is tiled as the program reads it: PE (r, c) holds vocabulary rows
+                // `split(vocab, rc)` r and columns `split(width, c)` c, so the largest tile is the
+                // larger share of both splits (more than an even share when they do not divide).
+                let row_bytes = (width * eb).max(1);
+                let table: u64 = st
+                    .held
+                    .iter()
+                    .map(|h| split(h.bytes.div_ceil(row_bytes), rc).max() * wc.max() * eb * h.copies)
+                    .sum();
+                let sram = table + 2 * rr * wc.max() * eb;
                 let fan = FanIn::new(rc);
                 ch.consider(
                     Algo::LookupTree,
@@ -956,6 +967,13 @@ impl<'a> Prog<'a> {
         let base = self.algo_base() + algo_colors(self.t.algo, self.st);
         let idx = self.iface.outs[..o].iter().filter(|x| x.gathered).count() as u32;
         (ColorId(base + 2 * idx), ColorId(base + 2 * idx + 1))
+    }
+    /// Credit color of output o's gather (after every gathered output's two gather colors).
+    fn kc(&self, o: usize) -> ColorId {
+        let base = self.algo_base() + algo_colors(self.t.algo, self.st);
+        let n = self.iface.outs.iter().filter(|x| x.gathered).count() as u32;
+        let idx = self.iface.outs[..o].iter().filter(|x| x.gathered).count() as u32;
+        ColorId(base + 2 * n + idx)
     }
     fn repeat(&self, runs_per_iter: u32) -> u32 {
         runs_per_iter * self.iters
@@ -1314,7 +1332,8 @@ impl<'a> Prog<'a> {
                 .filter(|d| d.band == b)
                 .map(|d| Send { color: d.color, wavelets: d.wavelets, streamed: true, runs: d.runs })
                 .collect();
-            self.out_row.entry(c0).or_default().push(task(
+            let gw = self.out_row.entry(c0).or_default();
+            gw.push(task(
                 &format!("out{o}"),
                 vec![recv(color_in, w_in)],
                 mov(eb),
@@ -1324,6 +1343,69 @@ impl<'a> Prog<'a> {
                 rep,
                 0,
             ));
+            // Per-chunk ordering. A router queue is FIFO across the senders of a color, so where several
+            // PEs send to one (the gather's relays and gateway, fan-in leaders, row combines) a fast
+            // sender's run n + 1 could arrive before a slow one's run n and be counted into run n. The
+            // gateway hands the band's compute PEs one credit per run (after its run n has taken every
+            // wavelet of run n, which needs every send of run n in the band), and none of them starts a
+            // sending task's run n + 1 before that credit: one run's trains are all claimed before any
+            // train of the next run is sent.
+            let rc = f.rc();
+            if rep > 1 && rc * (c1 - c0) > 1 {
+                let kc = self.kc(o);
+                let gw = self.out_row.entry(c0).or_default();
+                let out_t = gw.len() - 1;
+                let credit = vec![send(kc, 1, false)];
+                gw.push(task(&format!("credit{o}"), vec![after(out_t, 1, 1, 1)], mov(eb), 0, None, credit, rep - 1, 0));
+                let dy = f.row0() as i32 - hy as i32;
+                self.route(kc, self.rect_abs(hy, c0, 1, 1), Pattern::Rect { dx: 0, dy, w: c1 - c0, h: rc });
+                let area = self.rect_abs(f.row0(), c0, rc, c1 - c0);
+                self.credit_senders(area, kc, rep, o);
+            }
+        }
+    }
+
+    /// Gives every PE of `area` a task taking the gather's credit (`rep - 1` runs), and makes each of
+    /// its sending tasks of `rep` runs wait, from its second run on, for the credit of the run before.
+    /// Tiles that straddle the area are split; templates are cloned once.
+    fn credit_senders(&mut self, area: Rect, kc: ColorId, rep: u32, o: usize) {
+        let mut cloned: BTreeMap<usize, usize> = BTreeMap::new();
+        let tiles = std::mem::take(&mut self.code.tiles);
+        for (r, t) in tiles {
+            let (x0, x1) = (r.x.max(area.x), (r.x + r.w).min(area.x + area.w));
+            let (y0, y1) = (r.y.max(area.y), (r.y + r.h).min(area.y + area.h));
+            if x0 >= x1 || y0 >= y1 {
+                self.code.tiles.push((r, t));
+                continue;
+            }
+            // The parts outside the area: above, below, then left and right of it within its rows.
+            let outside = [
+                Rect { x: r.x, y: r.y, w: r.w, h: y0 - r.y },
+                Rect { x: r.x, y: y1, w: r.w, h: r.y + r.h - y1 },
+                Rect { x: r.x, y: y0, w: x0 - r.x, h: y1 - y0 },
+                Rect { x: x1, y: y0, w: r.x + r.w - x1, h: y1 - y0 },
+            ];
+            for piece in outside.into_iter().filter(|p| p.w > 0 && p.h > 0) {
+                self.code.tiles.push((piece, t));
+            }
+            let nt = match cloned.get(&t) {
+                Some(&nt) => nt,
+                None => {
+                    let (name, mut tasks, sram) = self.code.templates[t].clone();
+                    let k = tasks.len();
+                    for tk in tasks.iter_mut() {
+                        if tk.repeat == rep && !tk.sends.is_empty() {
+                            tk.needs.push(after(k, 0, 1, 1));
+                        }
+                    }
+                    tasks.push(task(&format!("credit{o}"), vec![recv(kc, 1)], mov(4), 0, None, vec![], rep - 1, 0));
+                    self.code.templates.push((name, tasks, sram));
+                    let nt = self.code.templates.len() - 1;
+                    cloned.insert(t, nt);
+                    nt
+                }
+            };
+            self.code.tiles.push((Rect { x: x0, y: y0, w: x1 - x0, h: y1 - y0 }, nt));
         }
     }
 }

@@ -100,6 +100,10 @@ pub struct Setup {
     /// inputs (token ids as floats), by graph tensor id, row-major.
     pub tensors: BTreeMap<u32, Arc<[f32]>>,
     pub storage: Storage,
+    /// Integer tensors (token ids, positions, token types): carried exactly, never rounded to the
+    /// storage dtype (a wafer sends ids as integers; fp16 would turn id 7592 into 7592 but 30001 into
+    /// 30000, bf16 every id above 256).
+    pub ints: std::collections::BTreeSet<u32>,
     pub numerics: Numerics,
     /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
     pub inv_freq: BTreeMap<u64, Vec<f64>>,
@@ -235,7 +239,10 @@ impl PartValues {
         let st = self.setup.storage;
         frags
             .iter()
-            .map(|f| Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() })
+            .map(|f| match self.setup.ints.contains(&f.tensor) {
+                true => f.clone(),
+                false => Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() },
+            })
             .collect::<Vec<_>>()
             .into()
     }
@@ -518,7 +525,8 @@ impl PartValues {
                     let row = t
                         .get(base..base + view.width as usize)
                         .ok_or_else(|| format!("{}: the host's t{} has no row {r}", at.name(), view.base))?;
-                    vals.extend(row.iter().map(|&v| st.round(v)));
+                    let int = self.setup.ints.contains(&view.base);
+                    vals.extend(row.iter().map(|&v| if int { v } else { st.round(v) }));
                 }
                 let f = Frag {
                     tensor: view.base,

@@ -67,6 +67,8 @@ pub fn setup(
         })
         .filter(|(_, v)| !v.is_empty())
         .collect();
+    let ints =
+        (0..graph.tensors.len()).filter(|&i| matches!(reference.values[i], Value::I(_))).map(|i| i as u32).collect();
     let mut inv_freq = BTreeMap::new();
     for o in graph.op_ids() {
         if let crate::graph::OpKind::Rotary { rot_dims, .. } = graph.op(o).kind {
@@ -79,7 +81,7 @@ pub fn setup(
         gelu_tanh: numerics.act == Act::GeluTanh,
         sliding_window: numerics.sliding_window,
     };
-    Ok(Setup { data: Arc::clone(data), tensors, storage, numerics, inv_freq })
+    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there
