@@ -84,12 +84,8 @@ const PICK: u64 = 2;
 const RAMP: u64 = 1;
 const HOP: u64 = 1;
 
-/// A sender and a receiver `h` hops east; `n` wavelets. Uncontended train over h hops:
-/// head = pick + ramp + h*hop + ramp, tail = head + n - 1, done = tail + pick.
-fn train(h: u32, n: u64) -> u64 {
-    let mut b = B::new(h + 1, 1);
-    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])]);
-    let r = b.template("recv", vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])]);
+/// Sender `s` at (0, 0), receiver `r` at (h, 0), idle PEs between, color 0 going east from the sender.
+fn east_line(b: &mut B, h: u32, s: TemplateId, r: TemplateId) {
     b.tile(0, 0, 1, 1, s);
     b.tile(h, 0, 1, 1, r);
     if h > 1 {
@@ -97,6 +93,15 @@ fn train(h: u32, n: u64) -> u64 {
         b.tile(1, 0, h - 1, 1, idle);
     }
     b.route(0, rect(0, 0, 1, 1), Pattern::Line { dir: Dir::East, hops: h, multicast: false });
+}
+
+/// A sender and a receiver `h` hops east; `n` wavelets. Uncontended train over h hops:
+/// head = pick + ramp + h*hop + ramp, tail = head + n - 1, done = tail + pick.
+fn train(h: u32, n: u64) -> u64 {
+    let mut b = B::new(h + 1, 1);
+    let s = b.template("send", vec![task("send", vec![], SimdOp::Mov32, 0, None, vec![send(0, n)])]);
+    let r = b.template("recv", vec![task("recv", vec![recv(0, n)], SimdOp::Mov32, 0, None, vec![])]);
+    east_line(&mut b, h, s, r);
     b.run().unwrap().cycles
 }
 
@@ -486,13 +491,7 @@ fn held_program(h: u32, n: u64, w: u64, gate_cycles: u64) -> MeshProgram {
     };
     let r = b.template("recv", vec![gate, consume]);
     b.p.templates[r.0 as usize].sram_bytes = b.p.timing.sram_bytes;
-    b.tile(0, 0, 1, 1, s);
-    b.tile(h, 0, 1, 1, r);
-    if h > 1 {
-        let idle = b.template("idle", vec![]);
-        b.tile(1, 0, h - 1, 1, idle);
-    }
-    b.route(0, rect(0, 0, 1, 1), Pattern::Line { dir: Dir::East, hops: h, multicast: false });
+    east_line(&mut b, h, s, r);
     b.p
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use super::run::{programs_of, Emulated, FunctionalFlags, Prepared};
 use waferscale::engine::{self, EngineOptions, Fidelity};
 use waferscale::functional::mesh::{self as fmesh, MeshOutput};
-use waferscale::functional::{self, weights::write_f32, FunctionalError, Options, Precision, Tokens, WeightSource};
-use waferscale::model::{DType, Model, Phase};
+use waferscale::functional::{self, weights::write_f32, FunctionalError, Options, Precision};
+use waferscale::model::DType;
 use waferscale::Error;
 
 /// The results of a functional run beside the reference.
@@ -79,20 +79,8 @@ pub fn emulate(
         )
         .into());
     }
-    let tokens = match super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())? {
-        Some(t) => t,
-        None => match &p.model {
-            Model::Transformer(s) => {
-                let len = if workload.phase == Phase::Decode { workload.context + 1 } else { workload.seq };
-                Tokens::seeded(cmd.seed, workload.batch as usize, len as usize, s.vocab)
-            }
-            Model::Op(_) => Tokens { batch: 1, ids: Vec::new() },
-        },
-    };
-    let source = match &cmd.weights {
-        Some(f) => WeightSource::File(f.clone()),
-        None => WeightSource::Seeded(cmd.seed),
-    };
+    let given = super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
+    let (tokens, source) = super::reference::inputs(given, &p.model, workload, cmd.weights.as_ref(), cmd.seed);
     let opts = Options { precision, ..Options::default() };
     let run = functional::run::<f32>(&p.model, workload, &source, &tokens, &opts)?;
     if run.graph.tensors.len() != p.graph.tensors.len() {

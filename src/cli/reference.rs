@@ -8,7 +8,7 @@ use super::{emit, to_json, WorkloadFlags};
 use waferscale::functional::{
     self, weights::write_f32, FunctionalError, Options, Precision, ReferenceSummary, Tokens, WeightSource,
 };
-use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
+use waferscale::model::{self, DType, Model, Phase, Workload, WorkloadArgs};
 use waferscale::Error;
 
 /// Sequence length when neither --seq nor --tokens is given: the reference is plain loops, so the
@@ -126,6 +126,33 @@ pub fn apply_tokens(args: &mut WorkloadArgs, model: &Model, given: Option<&Token
     Ok(())
 }
 
+/// The tokens (given, or seeded for the workload's sequence) and the weights (a checkpoint, or seeded)
+/// of a reference or functional run.
+pub fn inputs(
+    given: Option<Tokens>,
+    model: &Model,
+    workload: &Workload,
+    weights: Option<&PathBuf>,
+    seed: u64,
+) -> (Tokens, WeightSource) {
+    let tokens = match given {
+        Some(t) => t,
+        None => match model {
+            Model::Transformer(s) => {
+                let len = if workload.phase == Phase::Decode { workload.context + 1 } else { workload.seq };
+                Tokens::seeded(seed, workload.batch as usize, len as usize, s.vocab)
+            }
+            // Single ops take no tokens; their inputs are seeded.
+            Model::Op(_) => Tokens { batch: 1, ids: Vec::new() },
+        },
+    };
+    let source = match weights {
+        Some(p) => WeightSource::File(p.clone()),
+        None => WeightSource::Seeded(seed),
+    };
+    (tokens, source)
+}
+
 pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
     let model = model::load(&cmd.model)?;
     let mut args = cmd.workload.args()?;
@@ -148,21 +175,7 @@ pub fn run(cmd: ReferenceCmd) -> Result<(), Error> {
             return Err(FunctionalError::Input("the reference does not model fp8; use fp32, fp16 or bf16".into()).into())
         }
     };
-    let tokens = match given {
-        Some(t) => t,
-        None => match &model {
-            Model::Transformer(s) => {
-                let len = if workload.phase == Phase::Decode { workload.context + 1 } else { workload.seq };
-                Tokens::seeded(cmd.seed, workload.batch as usize, len as usize, s.vocab)
-            }
-            // Single ops take no tokens; their inputs are seeded.
-            Model::Op(_) => Tokens { batch: 1, ids: Vec::new() },
-        },
-    };
-    let source = match &cmd.weights {
-        Some(p) => WeightSource::File(p.clone()),
-        None => WeightSource::Seeded(cmd.seed),
-    };
+    let (tokens, source) = inputs(given, &model, &workload, cmd.weights.as_ref(), cmd.seed);
     let opts = Options { precision, ..Options::default() };
     let run = functional::run::<f32>(&model, &workload, &source, &tokens, &opts)?;
     let summary = ReferenceSummary::new(&run, &tokens.ids);

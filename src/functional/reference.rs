@@ -802,16 +802,15 @@ fn linear_wgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], x: &[T], dy
     (dw, db)
 }
 
+/// (batch, heads, kv heads, query length, key length, head dim) of an attention, as indices.
+fn dims(a: &Attn) -> (usize, usize, usize, usize, usize, usize) {
+    let u = |x: u64| x as usize;
+    (u(a.batch), u(a.heads), u(a.kv_heads), u(a.q_len), u(a.kv_len), u(a.head_dim))
+}
+
 /// S[b, h, i, j] = A[b*qa + i, h, :] . B[b*kv + j, kvh(h), :] (the scores, and dP from dO and V).
 fn attn_scores<T: Real>(a: &Attn, qm: &[T], km: &[T]) -> Vec<T> {
-    let (bs, h, kvh, q, kv, d) = (
-        a.batch as usize,
-        a.heads as usize,
-        a.kv_heads as usize,
-        a.q_len as usize,
-        a.kv_len as usize,
-        a.head_dim as usize,
-    );
+    let (bs, h, kvh, q, kv, d) = dims(a);
     let grp = h / kvh;
     let mut s = vec![T::zero(); bs * h * q * kv];
     for b in 0..bs {
@@ -834,14 +833,7 @@ fn attn_scores<T: Real>(a: &Attn, qm: &[T], km: &[T]) -> Vec<T> {
 
 /// O[b*q + i, h, :] = sum_j P[b, h, i, j] V[b*kv + j, kvh(h), :] (the context, and dQ from dS and K).
 fn attn_context<T: Real>(a: &Attn, p: &[T], vm: &[T]) -> Vec<T> {
-    let (bs, h, kvh, q, kv, d) = (
-        a.batch as usize,
-        a.heads as usize,
-        a.kv_heads as usize,
-        a.q_len as usize,
-        a.kv_len as usize,
-        a.head_dim as usize,
-    );
+    let (bs, h, kvh, q, kv, d) = dims(a);
     let grp = h / kvh;
     let mut o = vec![T::zero(); bs * q * h * d];
     for b in 0..bs {
@@ -864,14 +856,7 @@ fn attn_context<T: Real>(a: &Attn, p: &[T], vm: &[T]) -> Vec<T> {
 /// G[b*kv + j, g, :] = sum over the heads h of group g and queries i of P[b, h, i, j] X[b*q + i, h, :]
 /// (dK from dS and Q, dV from P and dO).
 fn attn_kv_grad<T: Real>(a: &Attn, p: &[T], xm: &[T]) -> Vec<T> {
-    let (bs, h, kvh, q, kv, d) = (
-        a.batch as usize,
-        a.heads as usize,
-        a.kv_heads as usize,
-        a.q_len as usize,
-        a.kv_len as usize,
-        a.head_dim as usize,
-    );
+    let (bs, h, kvh, q, kv, d) = dims(a);
     let grp = h / kvh;
     let mut g = vec![T::zero(); bs * kv * kvh * d];
     for b in 0..bs {
