@@ -62,11 +62,22 @@ fn the_run_of_a_micro_batched_step_counts_each_micro_batch() {
     assert!(step["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("2 micro-batches")));
 }
 
+/// `wafer compile gpt-tiny` on a 32 x 32 CS-2 mesh with `extra` flags; returns stdout (`ok`) or the
+/// exit code and stderr.
+fn compile_tiny(extra: &str, ok: bool) -> String {
+    let args = format!("compile gpt-tiny --hw cs2 --mesh 32x32 {extra}");
+    let args: Vec<&str> = args.split_whitespace().collect();
+    if ok {
+        wafer_ok(&args)
+    } else {
+        wafer_exit(&args)
+    }
+}
+
 #[test]
 fn a_batch_that_does_not_fit_runs_in_micro_batches() {
     // gpt-tiny training at 64 x 128 overflows a 32 x 32 mesh; 16 sequences at a time fit.
-    let plan =
-        wafer_ok(&["compile", "gpt-tiny", "--hw", "cs2", "--mesh", "32x32", "--phase", "train", "--batch", "64"]);
+    let plan = compile_tiny("--phase train --batch 64", true);
     assert!(plan.contains("in 4 micro-batches of 16 x 128 tokens"), "{plan}");
     assert!(plan.contains("micro       4 micro-batches per step"), "{plan}");
     // A plan file keeps --micro-batches and recompiles to the same plan.
@@ -74,24 +85,12 @@ fn a_batch_that_does_not_fit_runs_in_micro_batches() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tiny.plan.json");
     let file = file.to_str().unwrap();
-    wafer_ok(&[
-        "compile",
-        "gpt-tiny",
-        "--hw",
-        "cs2",
-        "--mesh",
-        "32x32",
-        "--phase",
-        "train",
-        "--batch",
-        "8",
-        "--seq",
-        "32",
-        "--micro-batches",
-        "4",
-        "-o",
-        file,
-    ]);
+    let mut args: Vec<&str> =
+        "compile gpt-tiny --hw cs2 --mesh 32x32 --phase train --batch 8 --seq 32 --micro-batches 4 -o"
+            .split_whitespace()
+            .collect();
+    args.push(file);
+    wafer_ok(&args);
     let shown = wafer_ok(&["plan", file]);
     assert!(shown.contains("micro       4 micro-batches per step"), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -99,68 +98,12 @@ fn a_batch_that_does_not_fit_runs_in_micro_batches() {
 
 #[test]
 fn micro_batch_errors_name_the_flag() {
-    insta::assert_snapshot!(
-        "micro-batches-not-dividing",
-        wafer_exit(&[
-            "compile",
-            "gpt-tiny",
-            "--hw",
-            "cs2",
-            "--mesh",
-            "32x32",
-            "--phase",
-            "train",
-            "--batch",
-            "4",
-            "--micro-batches",
-            "3"
-        ])
-    );
-    insta::assert_snapshot!(
-        "micro-batches-inference",
-        wafer_exit(&[
-            "compile",
-            "gpt-tiny",
-            "--hw",
-            "cs2",
-            "--mesh",
-            "32x32",
-            "--phase",
-            "decode",
-            "--micro-batches",
-            "2"
-        ])
-    );
-    insta::assert_snapshot!(
-        "micro-batches-pipelined",
-        wafer_exit(&[
-            "compile",
-            "gpt-tiny",
-            "--hw",
-            "cs2",
-            "--phase",
-            "train",
-            "--batch",
-            "4",
-            "--micro-batches",
-            "2",
-            "--mode",
-            "pipelined"
-        ])
-    );
-    insta::assert_snapshot!(
-        "micro-batches-zero",
-        wafer_exit(&[
-            "compile",
-            "gpt-tiny",
-            "--hw",
-            "cs2",
-            "--mesh",
-            "32x32",
-            "--phase",
-            "train",
-            "--micro-batches",
-            "0"
-        ])
-    );
+    for (name, flags) in [
+        ("micro-batches-not-dividing", "--phase train --batch 4 --micro-batches 3"),
+        ("micro-batches-inference", "--phase decode --micro-batches 2"),
+        ("micro-batches-pipelined", "--phase train --batch 4 --micro-batches 2 --mode pipelined"),
+        ("micro-batches-zero", "--phase train --micro-batches 0"),
+    ] {
+        insta::assert_snapshot!(name, compile_tiny(flags, false));
+    }
 }
