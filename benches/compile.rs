@@ -18,7 +18,8 @@ fn bench_compile(c: &mut Criterion) {
         let m = model::load(name).unwrap();
         let w = WorkloadArgs { phase: Some(phase), ..Default::default() }.resolve(&m).unwrap();
         let g = graph::build(&m, &w).unwrap();
-        let opts = CompileOptions { mode: Some(mode), wafers: 1, verify: false, micro_batches: None };
+        let opts =
+            CompileOptions { mode: Some(mode), wafers: 1, verify: false, micro_batches: None, layer_iters: None };
         group.bench_function(format!("{name} {} {mode} wse3", phase.name()), |b| {
             b.iter(|| compile::compile(&g, &hw, &opts).unwrap())
         });

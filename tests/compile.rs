@@ -33,7 +33,7 @@ fn total_flops(g: &Graph) -> u64 {
 }
 
 fn opts(mode: Option<Mode>, verify: bool) -> CompileOptions {
-    CompileOptions { mode, wafers: 1, verify, micro_batches: None }
+    CompileOptions { mode, wafers: 1, verify, micro_batches: None, layer_iters: None }
 }
 
 /// The plan printer (map, region table, algorithm reasons, IO channels) for tiny models on 16 x 16
@@ -193,7 +193,7 @@ fn plan_files_round_trip() {
         assert!(json.contains("\"regions\""), "{name}");
         let (g, hwd, loaded) = compile::load_plan(p).unwrap();
         assert_eq!(hwd.pe.sram_bytes, if name == "op" { 98304 } else { 49152 });
-        let o = CompileOptions { mode, wafers, verify: false, micro_batches: None };
+        let o = CompileOptions { mode, wafers, verify: false, micro_batches: None, layer_iters: None };
         let direct = compile::compile(&g, &hwd, &o).unwrap();
         assert_eq!(loaded.programs, direct.programs, "{name}: a reload compiles the same programs");
         assert_eq!(loaded.plan, direct.plan, "{name}");
@@ -497,7 +497,7 @@ fn compiled_programs_run_on_the_engine() {
     let c = compile::compile(
         &g,
         &hw("cs2", &[], Some((64, 64))),
-        &CompileOptions { mode: None, wafers: 2, verify: false, micro_batches: None },
+        &CompileOptions { mode: None, wafers: 2, verify: false, micro_batches: None, layer_iters: None },
     )
     .unwrap();
     assert_eq!(c.layout, Layout::Wafers);

@@ -15,8 +15,12 @@ fn run(bytes: u64, w: u32, h: u32) -> (u64, (u64, u64, u64)) {
     let wl = WorkloadArgs::default().resolve(&m).unwrap();
     let g = graph::build(&m, &wl).unwrap();
     let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap()).unwrap().with_mesh(w, h).unwrap();
-    let c = compile::compile(&g, &hw, &CompileOptions { mode: None, wafers: 1, verify: true, micro_batches: None })
-        .unwrap();
+    let c = compile::compile(
+        &g,
+        &hw,
+        &CompileOptions { mode: None, wafers: 1, verify: true, micro_batches: None, layer_iters: None },
+    )
+    .unwrap();
     let p = c.program();
     let t = &p.timing;
     let r = engine::run(p, &EngineOptions::new(Fidelity::Detailed, 2)).unwrap();

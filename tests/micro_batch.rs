@@ -28,7 +28,13 @@ fn the_plan_of_micro_batches_has_the_steps_flops() {
         .resolve(&m)
         .unwrap();
     let hw = hw::WaferHw::from_doc(&hw::load_with_overrides("cs2", &[]).unwrap()).unwrap().with_mesh(32, 32).unwrap();
-    let opts = |mb| CompileOptions { mode: Some(Mode::WeightStreaming), wafers: 1, verify: true, micro_batches: mb };
+    let opts = |mb| CompileOptions {
+        mode: Some(Mode::WeightStreaming),
+        wafers: 1,
+        verify: true,
+        micro_batches: mb,
+        layer_iters: None,
+    };
     let (g, whole) = compile_model(&m, &w, &hw, &opts(None)).unwrap();
     assert_eq!(whole.micro_batches, 1, "the batch fits: one batch");
     let graph_flops: u64 = g.op_ids().map(|o| g.op(o).cost.flops).sum();

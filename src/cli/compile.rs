@@ -65,6 +65,7 @@ pub fn run(cmd: CompileCmd) -> Result<(), Error> {
         wafers: cmd.wafers,
         verify: cmd.verify || cfg!(debug_assertions),
         micro_batches: cmd.micro_batches,
+        layer_iters: None,
     };
     let (_, c) = compile::compile_model(&m, &workload, &hw, &opts)?;
     if let Some(path) = &cmd.output {

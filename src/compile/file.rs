@@ -153,7 +153,8 @@ impl PlanInputs {
             None => None,
             Some(m) => Some(Mode::parse(m).ok_or_else(|| bad(format!("unknown mode `{m}`")))?),
         };
-        let opts = CompileOptions { mode, wafers: self.wafers, verify, micro_batches: self.micro_batches };
+        let opts =
+            CompileOptions { mode, wafers: self.wafers, verify, micro_batches: self.micro_batches, layer_iters: None };
         let (g, c) = compile_model(&model, &workload, &hw, &opts)?;
         Ok((g, hw, c))
     }

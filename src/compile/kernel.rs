@@ -904,13 +904,14 @@ impl Pe {
 }
 
 impl<'a> Prog<'a> {
-    pub fn new(st: &'a Stage, t: &'a Tiling, rect: Rect, iface: &'a Iface) -> Prog<'a> {
+    /// `iters`: the iterations to emit (the stage's, or fewer for a cut loop, `lower::LoopCut`).
+    pub fn new(st: &'a Stage, t: &'a Tiling, rect: Rect, iface: &'a Iface, iters: u32) -> Prog<'a> {
         Prog {
             st,
             t,
             rect,
             iface,
-            iters: st.iters,
+            iters,
             code: RegionCode::default(),
             template_of: BTreeMap::new(),
             out_row: BTreeMap::new(),
@@ -1418,8 +1419,8 @@ struct PreInputs {
 }
 
 /// Builds the program of a stage on its region.
-pub(crate) fn program(st: &Stage, t: &Tiling, rect: Rect, iface: &Iface) -> RegionCode {
-    let mut p = Prog::new(st, t, rect, iface);
+pub(crate) fn program(st: &Stage, t: &Tiling, rect: Rect, iface: &Iface, iters: u32) -> RegionCode {
+    let mut p = Prog::new(st, t, rect, iface, iters);
     if t.algo == Algo::GemvTree {
         p.xsplit = tree_xsplit(&p);
     }

@@ -220,7 +220,8 @@ fn attempt_mode(
             streams.push((gi, s2));
         }
         let (wafer, phase) = if phased { (0, w) } else { (w, 0) };
-        outs.push(compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams)?);
+        let cut = LoopCut::new(st.layers, opts.layer_iters);
+        outs.push(compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut)?);
     }
     // Link the ports of streams that cross wafers.
     let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
@@ -435,19 +436,24 @@ struct PortWork {
     streams: Vec<String>,
     bytes: u64,
     peer: Option<Peer>,
+    /// The loop iterations (first, count) each send task streams, by task index.
+    send_iters: BTreeMap<usize, (u32, u32)>,
 }
 
 /// A MemoryX port streams the tensors of a layer loop in turn, layer by layer: its send tasks with the
-/// same repeat (one run per layer) alternate, run n of each after run n of the one before it and the
-/// first after run n - 1 of the last. Without this the task picker (lowest ready index) would stream
+/// same repeat over the same loop iterations (one run per layer) alternate, run n of each after run n of
+/// the one before it and the first after run n - 1 of the last. (Equal repeats over other iterations,
+/// say every layer's stream and all but one layer's at two runs each, are not one layer's tensors.) Without this the task picker (lowest ready index) would stream
 /// one tensor for every layer before the next tensor of the first layer, which only works if the
 /// fabric buffers whole layers of weights: with finite router queues the port stalls on a tensor the
 /// wafer cannot take yet while the tensor it waits for is queued behind it (a deadlock).
-fn interleave_layer_streams(tasks: &mut [Task]) {
-    let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+fn interleave_layer_streams(tasks: &mut [Task], iters: &BTreeMap<usize, (u32, u32)>) {
+    // Key: the repeat and the iterations (first, count) it covers.
+    type Key = (u32, Option<(u32, u32)>);
+    let mut groups: BTreeMap<Key, Vec<usize>> = BTreeMap::new();
     for (i, t) in tasks.iter().enumerate() {
         if t.repeat > 1 && t.needs.is_empty() && t.name.starts_with("send:") {
-            groups.entry(t.repeat).or_default().push(i);
+            groups.entry((t.repeat, iters.get(&i).copied())).or_default().push(i);
         }
     }
     for idx in groups.values().filter(|g| g.len() > 1) {
@@ -455,6 +461,55 @@ fn interleave_layer_streams(tasks: &mut [Task]) {
             let (prev, first) = if j == 0 { (idx[idx.len() - 1], 0) } else { (idx[j - 1], 1) };
             tasks[i].needs.push(Need::After { task: TaskIdx(prev as u32), first, num: 1, den: 1 });
         }
+    }
+}
+
+/// The folded layer loop emitted for fewer iterations than the model has layers (`layer_iters`): the
+/// first `keep - 1` iterations and the last (`full - 1`, relabelled `keep - 1`). Only what the program
+/// emits is cut (task repeats, stream runs, FLOPs); every decision (placement, tiling, IO channels,
+/// routes) is taken on the whole loop, so the cut program is the whole program with a shorter loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoopCut {
+    full: u32,
+    keep: u32,
+}
+
+impl LoopCut {
+    fn new(full: u32, keep: Option<u32>) -> LoopCut {
+        LoopCut { full, keep: keep.map_or(full, |k| k.clamp(2.min(full), full)) }
+    }
+    /// Iterations emitted of a stage that runs `iters` times (1 outside the loop).
+    pub(crate) fn iters(&self, iters: u32) -> u32 {
+        if iters == self.full {
+            self.keep
+        } else {
+            iters
+        }
+    }
+    /// The emitted iterations `first..first + count` of the loop's `first..first + count`.
+    fn range(&self, name: &str, first: u32, count: u32) -> Result<(u32, u32), CompileError> {
+        if self.keep == self.full {
+            return Ok((first, count));
+        }
+        let end = first + count;
+        if end > self.full {
+            return Err(CompileError::Unsupported(format!(
+                "stream `{name}` sends {count} times from iteration {first}, past the loop's {} iterations: the \
+                 loop cannot be cut",
+                self.full
+            )));
+        }
+        let head = self.keep - 1;
+        let kept_head = end.min(head).saturating_sub(first);
+        let last = first < self.full && self.full - 1 < end;
+        let count2 = kept_head + last as u32;
+        if count2 == 0 {
+            return Err(CompileError::Unsupported(format!(
+                "stream `{name}` sends only in iterations {first}..{end}, which a loop cut to {} iterations leaves out",
+                self.keep
+            )));
+        }
+        Ok((if first < head { first } else { head }, count2))
     }
 }
 
@@ -468,6 +523,7 @@ fn compile_wafer(
     phase: u32,
     mut stages: Vec<Stage>,
     mut streams: Vec<(usize, Stream)>,
+    cut: LoopCut,
 ) -> Result<WaferOut, CompileError> {
     let mesh = hw.mesh;
     let mut notes = Vec::new();
@@ -582,10 +638,12 @@ fn compile_wafer(
             },
         };
         let w_s = wl(s.values / runs_s as u64, s.elem_bytes);
-        let repeat = s.send_count * runs_s;
+        // What the program emits (a cut loop sends fewer times); `bytes` below stays the whole step's.
+        let (send_first, send_count) = cut.range(&s.name, s.send_first, s.send_count)?;
+        let repeat = send_count * runs_s;
         let window = match s.from {
-            End::Stage { stage, .. } if s.send_count < stages[stage].iters => {
-                Some(RunRange { first: s.send_first * runs_s + 1, last: (s.send_first + s.send_count) * runs_s })
+            End::Stage { stage, .. } if send_count < cut.iters(stages[stage].iters) => {
+                Some(RunRange { first: send_first * runs_s + 1, last: (send_first + send_count) * runs_s })
             }
             _ => None,
         };
@@ -725,7 +783,7 @@ fn compile_wafer(
                     let rows_banded = ifaces[b].wband_rows && ifaces[b].wslot == Some(slot);
                     let (to, w, rep) = if bands.len() > 1 {
                         let v = kernel::weight_band_values(&stages[b], &tilings[b], c0, c1, rows_banded);
-                        (Coord { x: rects[b].x + c1 - 1, y: rects[b].y }, wl(v, s.elem_bytes), s.send_count)
+                        (Coord { x: rects[b].x + c1 - 1, y: rects[b].y }, wl(v, s.elem_bytes), send_count)
                     } else {
                         (near, w_s, repeat)
                     };
@@ -757,7 +815,19 @@ fn compile_wafer(
                     let saved = restore_ch.contains_key(gi).then_some(*gi);
                     flows.push((
                         fl,
-                        FlowUse::PortIn { ch, b, slot, band: j, w, repeat: rep, peer, gi: *gi, gate: saved, direct },
+                        FlowUse::PortIn {
+                            ch,
+                            b,
+                            slot,
+                            band: j,
+                            w,
+                            repeat: rep,
+                            iters: (send_first, send_count),
+                            peer,
+                            gi: *gi,
+                            gate: saved,
+                            direct,
+                        },
                     ));
                 }
             }
@@ -879,7 +949,7 @@ fn compile_wafer(
                     direct: false,
                 });
             }
-            FlowUse::PortIn { ch, b, slot, band, w, repeat, peer, gi, gate, direct } => {
+            FlowUse::PortIn { ch, b, slot, band, w, repeat, iters, peer, gi, gate, direct } => {
                 ifaces[b].feeds[slot].push(Feed { color, wavelets: w, repeat, band, fwd: Vec::new(), direct });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
@@ -918,6 +988,7 @@ fn compile_wafer(
                     pw.data
                         .push(TaskData::Kernel(Kernel::Source { view: v, rows_per_run: rows / repeat.max(1) as u64 }));
                 }
+                pw.send_iters.insert(pw.tasks.len(), iters);
                 pw.tasks.push(Task {
                     name: format!("send:{}", fl.name),
                     needs,
@@ -992,7 +1063,7 @@ fn compile_wafer(
     let codes: Vec<kernel::RegionCode> = stages
         .iter()
         .enumerate()
-        .map(|(sid, st)| kernel::program(st, &tilings[sid], rects[sid], &ifaces[sid]))
+        .map(|(sid, st)| kernel::program(st, &tilings[sid], rects[sid], &ifaces[sid], cut.iters(st.iters)))
         .collect();
     // Where each region uses its internal colors: the bounding box of every internal route.
     let mut footprints: Vec<(Rect, Vec<(u32, Rect)>)> = Vec::new();
@@ -1070,7 +1141,7 @@ fn compile_wafer(
     for pw in port_work.values_mut() {
         patch_tasks(&mut pw.tasks);
         if pw.peer == Some(Peer::MemoryX) {
-            interleave_layer_streams(&mut pw.tasks);
+            interleave_layer_streams(&mut pw.tasks, &pw.send_iters);
         }
     }
     let region_colors: Vec<u32> = footprints.iter().map(|f| f.1.len() as u32).collect();
@@ -1127,9 +1198,9 @@ fn compile_wafer(
             ops: st.ops.iter().map(|&o| g.op(o).name.clone()).collect(),
             kind: st.kind_name(g).to_string(),
             algorithm: t.algo.name().to_string(),
-            flops: st.flops(),
+            flops: st.flops_iter * cut.iters(st.iters) as u64,
         });
-        program.graph_flops += st.flops();
+        program.graph_flops += st.flops_iter * cut.iters(st.iters) as u64;
         plan_regions.push(PlanRegion {
             wafer,
             phase,
@@ -1390,6 +1461,8 @@ enum FlowUse {
     },
     PortIn {
         ch: usize,
+        /// Loop iterations streamed: (first, count).
+        iters: (u32, u32),
         b: usize,
         slot: usize,
         band: usize,
