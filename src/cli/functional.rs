@@ -106,5 +106,8 @@ pub fn emulate(
             .collect();
         write_f32(path, &tensors)?;
     }
-    Ok((Emulated { programs, runs: vec![erun] }, Checked { outputs, dtype: workload.dtype }))
+    // Values run the whole program (functional runs are pipelined, which fast fidelity runs whole anyway).
+    let notes =
+        (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note(engine::fast::ONLY_LOOPS)).into_iter().collect();
+    Ok((Emulated { programs, runs: vec![erun], notes }, Checked { outputs, dtype: workload.dtype }))
 }

@@ -22,14 +22,15 @@ use waferscale::Error;
 pub enum FidelityArg {
     /// Every PE, every task run and every train as events (meshes up to ~256x256).
     Detailed,
-    /// For the whole wafer; today the same as detailed (no equivalence classes yet).
+    /// For the whole wafer: a weight-streaming layer loop is emulated for a few layers and extrapolated;
+    /// anything else runs as detailed (the report says which).
     Fast,
 }
 
 /// The engine options `wafer run` and `wafer compare` take.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct EngineFlags {
-    /// detailed (every PE and train) or fast (today the same as detailed).
+    /// detailed (every PE and train) or fast (weight-streaming loops emulated for a few layers and extrapolated).
     #[arg(long, value_enum, default_value = "fast")]
     pub fidelity: FidelityArg,
     /// Engine threads [default: the cores available]. Results do not depend on it.
@@ -183,6 +184,7 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
         wafers: cmd.wafers,
         verify: cfg!(debug_assertions),
         micro_batches: cmd.micro_batches,
+        layer_iters: None,
     };
     let (graph, compiled) = compile::compile_model(&model, &workload, &hw, &opts)?;
     Ok(Prepared { model, graph, hw, compiled })
@@ -197,6 +199,8 @@ pub fn programs_of(p: &Prepared) -> Result<Vec<(String, MeshProgram)>, Error> {
 pub struct Emulated {
     pub programs: Vec<(String, MeshProgram)>,
     pub runs: Vec<EngineRun>,
+    /// What the fidelity did (fast fidelity: aggregated, or emulated whole and why).
+    pub notes: Vec<String>,
 }
 
 /// Runs the engine over every program with a progress spinner (after a second, on a terminal, unless
@@ -211,7 +215,6 @@ pub fn emulate(
     let programs = programs_of(p)?;
     let progress = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
-    let n = programs.len();
     let spinner = (!quiet).then(|| {
         let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
         std::thread::spawn(move || {
@@ -235,24 +238,54 @@ pub fn emulate(
             bar.finish_and_clear();
         })
     });
-    let mut runs = Vec::with_capacity(n);
-    let mut result = Ok(());
-    for (_, prog) in &programs {
-        let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
-        let opts = EngineOptions { fidelity, threads, trace: spec, progress: Some(Arc::clone(&progress)) };
-        match engine::run(prog, &opts) {
-            Ok(r) => runs.push(r),
-            Err(e) => {
-                result = Err(Error::from(e));
-                break;
-            }
-        }
-    }
+    let opts = |prog: &MeshProgram| EngineOptions {
+        fidelity,
+        threads,
+        trace: trace.map(|t| waferscale::trace::spec_for(prog, t)),
+        progress: Some(Arc::clone(&progress)),
+    };
+    let result = if fidelity == Fidelity::Fast && trace.is_none() {
+        run_fast(p, &programs, &opts)
+    } else {
+        let note = (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note("a traced run is emulated whole"));
+        programs
+            .iter()
+            .map(|(_, prog)| engine::run(prog, &opts(prog)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|r| (r, note))
+            .map_err(Error::from)
+    };
     done.store(true, Ordering::Relaxed);
     if let Some(h) = spinner {
         let _ = h.join();
     }
-    result.map(|()| Emulated { programs, runs })
+    let (runs, note) = result?;
+    Ok(Emulated { programs, runs, notes: note.into_iter().collect() })
+}
+
+/// Fast fidelity over a step's programs (`engine::fast::run_step`): the loop cut by recompiling with
+/// `layer_iters`.
+fn run_fast(
+    p: &Prepared,
+    programs: &[(String, MeshProgram)],
+    opts: &dyn Fn(&MeshProgram) -> EngineOptions,
+) -> Result<(Vec<EngineRun>, Option<String>), Error> {
+    let plan = &p.compiled.plan;
+    let layers = (plan.mode == Mode::WeightStreaming.name()).then_some(plan.layers_folded);
+    let cut = |keep: u32| -> Result<Vec<(String, MeshProgram)>, String> {
+        let o = CompileOptions {
+            mode: Some(Mode::WeightStreaming),
+            wafers: 1,
+            verify: cfg!(debug_assertions),
+            micro_batches: Some(p.compiled.micro_batches),
+            layer_iters: Some(keep),
+        };
+        let (_, c) = compile::compile_model(&p.model, &p.graph.workload, &p.hw, &o).map_err(|e| e.to_string())?;
+        c.step_programs().map_err(|e| e.to_string())
+    };
+    let run = |prog: &MeshProgram| engine::run(prog, &opts(prog));
+    let step = engine::fast::run_step(programs, layers, &cut, &run)?;
+    Ok((step.runs, Some(step.note)))
 }
 
 /// The report of a run: one phase's, or the phases' in sequence.
@@ -260,9 +293,7 @@ pub fn report(p: &Prepared, em: &Emulated, threads: usize, wall: Duration) -> Re
     let summary = GraphSummary::new(&p.model, &p.graph);
     let plan = &p.compiled.plan;
     let mut notes = plan.notes.clone();
-    if em.runs.first().is_some_and(|r| r.fidelity == Fidelity::Fast) {
-        notes.push("fast fidelity simulates every PE and task run today (no equivalence classes yet): its numbers equal detailed".into());
-    }
+    notes.extend(em.notes.iter().cloned());
     if plan.offload_flops > 0 {
         notes.push(format!(
             "{} FLOPs of the step run off the wafer (the optimizer update in MemoryX) and are not in the wafer's FLOP count",
