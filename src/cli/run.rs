@@ -244,7 +244,9 @@ pub fn emulate(
         trace: trace.map(|t| waferscale::trace::spec_for(prog, t)),
         progress: Some(Arc::clone(&progress)),
     };
-    let result = if fidelity == Fidelity::Fast && trace.is_none() {
+    // A trace records every window of every PE: a loop fast fidelity would cut runs whole instead.
+    let cuts = loop_layers(p).is_some_and(engine::fast::aggregates);
+    let result = if fidelity == Fidelity::Fast && !(cuts && trace.is_some()) {
         run_fast(p, &programs, &opts)
     } else {
         let note = (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note("a traced run is emulated whole"));
@@ -263,6 +265,12 @@ pub fn emulate(
     Ok(Emulated { programs, runs, notes: note.into_iter().collect() })
 }
 
+/// The weight-streaming loop's length (None: not weight streaming).
+fn loop_layers(p: &Prepared) -> Option<u32> {
+    let plan = &p.compiled.plan;
+    (plan.mode == Mode::WeightStreaming.name()).then_some(plan.layers_folded)
+}
+
 /// Fast fidelity over a step's programs (`engine::fast::run_step`): the loop cut by recompiling with
 /// `layer_iters`.
 fn run_fast(
@@ -270,8 +278,7 @@ fn run_fast(
     programs: &[(String, MeshProgram)],
     opts: &dyn Fn(&MeshProgram) -> EngineOptions,
 ) -> Result<(Vec<EngineRun>, Option<String>), Error> {
-    let plan = &p.compiled.plan;
-    let layers = (plan.mode == Mode::WeightStreaming.name()).then_some(plan.layers_folded);
+    let layers = loop_layers(p);
     let cut = |keep: u32| -> Result<Vec<(String, MeshProgram)>, String> {
         let o = CompileOptions {
             mode: Some(Mode::WeightStreaming),
