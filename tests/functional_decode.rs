@@ -8,7 +8,7 @@ mod support;
 use support::wafer;
 use waferscale::compile::{compile_model, CompileOptions};
 use waferscale::engine::{EngineOptions, Fidelity};
-use waferscale::functional::decode::{decode_on_mesh, Caches, Decoder};
+use waferscale::functional::decode::{decode_on_mesh, Caches, Decoder, Start};
 use waferscale::functional::{max_rel_error, Options, Tokens, WeightSource};
 use waferscale::graph::Graph;
 use waferscale::hw::WaferHw;
@@ -48,18 +48,20 @@ fn engine() -> EngineOptions {
 }
 
 /// Every tiny decoder decodes three tokens after a context of four on 16 x 16 (gpt-tiny also on
-/// 32 x 32, where its linears are gemv-broadcast instead of gemv-tree), each step from the cache the
-/// wafer left: each step's logits are the reference's prefill of the sequence up to that token, and
-/// the cache the wafer leaves is the one the reference's prefill of the same tokens leaves, within
-/// 1e-4 relative (fp32).
+/// 32 x 32, where its linears are gemv-broadcast instead of gemv-tree), the context prefilled on the
+/// wafer and each step from the cache the wafer left: each step's logits are the reference's prefill
+/// of the sequence up to that token, and the cache the wafer leaves (after the prefill and after each
+/// step) is the one the reference's prefill of the same tokens leaves, within 1e-4 relative (fp32).
+/// gpt-tiny also starts once from the reference's prefill of the context.
 #[test]
 fn decode_over_several_tokens_matches_prefill() {
-    for (name, mesh) in [
-        ("gpt-tiny", "16x16"),
-        ("gpt-tiny", "32x32"),
-        ("llama-tiny", "16x16"),
-        ("neox-tiny", "16x16"),
-        ("gptj-tiny", "16x16"),
+    for (name, mesh, start) in [
+        ("gpt-tiny", "16x16", Start::Mesh),
+        ("gpt-tiny", "16x16", Start::Reference),
+        ("gpt-tiny", "32x32", Start::Mesh),
+        ("llama-tiny", "16x16", Start::Mesh),
+        ("neox-tiny", "16x16", Start::Mesh),
+        ("gptj-tiny", "16x16", Start::Mesh),
     ] {
         let model = model::load(name).expect("model");
         let hw = hw(mesh);
@@ -71,15 +73,39 @@ fn decode_over_several_tokens_matches_prefill() {
         let tokens = Tokens::seeded(11, 1, (CONTEXT + STEPS) as usize, spec.vocab);
         let source = WeightSource::Seeded(3);
         let opts = Options::default();
-        let steps = decode_on_mesh(&model, &first, &source, &tokens, STEPS, &opts, &engine(), |_, w| {
+        let done = decode_on_mesh(&model, &first, &source, &tokens, STEPS, start, &opts, &engine(), |w| {
             Ok(compiled(&model, w, &hw))
         })
         .unwrap_or_else(|e| panic!("{name} on {mesh}: {e}"));
-        assert_eq!(steps.len(), STEPS as usize);
+        assert_eq!(done.steps.len(), STEPS as usize);
         let check = Decoder::new(&model, &first, &source, &tokens, STEPS, &opts).expect("decoder");
-        for (s, st) in steps.iter().enumerate() {
-            let at = format!("{name} on {mesh}, step {s}");
+        assert_eq!(done.context.is_some(), start == Start::Mesh, "{name}: the context's prefill on the mesh");
+        if let Some(ctx) = &done.context {
+            let want = check.context_caches().expect("context caches");
+            assert_eq!(ctx.caches.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}");
+            for (k, v) in &ctx.caches {
+                let err = max_rel_error(v, &want[k]);
+                assert!(err < 1e-4, "{name} on {mesh}: `{k}` of the wafer's prefill vs the reference's: {err}");
+            }
+            for o in &ctx.outputs {
+                assert!(o.max_rel_error < 1e-4, "{name} on {mesh}: prefill's {} {}", o.name, o.max_rel_error);
+            }
+        }
+        let mut given = match &done.context {
+            Some(ctx) => ctx.caches.clone(),
+            None => check.context_caches().expect("context caches"),
+        };
+        for (s, st) in done.steps.iter().enumerate() {
+            let at = format!("{name} on {mesh} from {start:?}, step {s}");
             assert_eq!(st.context, CONTEXT + s as u64, "{at}");
+            // It started from exactly the cache the wafer left before it (bit for bit: the wafer's
+            // values, not a reference's that agrees to 1e-6), and left one row more.
+            for (k, v) in &st.caches {
+                let old = &given[k];
+                assert_eq!(v.len() * st.context as usize, old.len() * (st.context as usize + 1), "{at}: `{k}`");
+                assert!(v[..old.len()] == old[..], "{at}: `{k}` does not start from the cache the wafer left");
+            }
+            given = st.caches.clone();
             assert!(st.vs_prefill < 1e-4, "{at}: logits vs prefill {}", st.vs_prefill);
             for o in &st.outputs {
                 assert!(o.max_rel_error < 1e-4, "{at}: {} vs the reference's decode {}", o.name, o.max_rel_error);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::run::{programs_of, Emulated, FunctionalFlags, Prepared};
 use waferscale::compile;
 use waferscale::engine::{self, EngineOptions, Fidelity};
-use waferscale::functional::decode::{self, DecodeStep};
+use waferscale::functional::decode::{self, DecodeStep, Start};
 use waferscale::functional::mesh::{self as fmesh, MeshOutput};
 use waferscale::functional::{self, weights::write_f32, FunctionalError, Options, Precision, Tokens};
 use waferscale::model::{DType, Model, Phase, WorkloadArgs};
@@ -16,6 +16,8 @@ pub struct Checked {
     /// Every result (of every step, with --decode-steps).
     pub outputs: Vec<MeshOutput>,
     pub dtype: DType,
+    /// --decode-steps: the context's prefill on the wafer (cycles, its results in `outputs`).
+    pub context: Option<(u64, std::ops::Range<usize>)>,
     /// --decode-steps: each step's position, cycles and logits against the reference's prefill.
     pub steps: Vec<StepCheck>,
     /// Notes for the timing report.
@@ -91,6 +93,16 @@ impl Checked {
                 s.push_str(&row(o, "  "));
             }
         }
+        if let (Some((cycles, range)), Some(first)) = (&self.context, self.steps.first()) {
+            s.push_str(&format!(
+                "  prefill of the context (positions 0..={}), {} cycles: the KV cache step 1 starts from\n",
+                first.context.saturating_sub(1),
+                waferscale::report::fmt::thousands(*cycles)
+            ));
+            for o in &self.outputs[range.clone()] {
+                s.push_str(&row(o, "    "));
+            }
+        }
         for (i, st) in self.steps.iter().enumerate() {
             s.push_str(&format!(
                 "  step {}: the token at position {}, {} cycles; logits vs the reference prefill of positions 0..={}: max relative error {:.3e}\n",
@@ -116,7 +128,7 @@ impl Checked {
         let (first, last) = (self.steps.first()?, self.steps.last()?);
         let worst = self.steps.iter().map(|s| s.vs_prefill).fold(0.0, f64::max);
         Some(format!(
-            "functional: decode of {} tokens vs the reference prefill of the sequence: max relative error {worst:.3e} (logits at positions {}..={}; each step from the KV cache the wafer left)",
+            "functional: decode of {} tokens vs the reference prefill of the sequence: max relative error {worst:.3e} (logits at positions {}..={}; each step from the KV cache the wafer left, the first from the wafer's prefill of the context)",
             self.steps.len(),
             first.context,
             last.context
@@ -197,13 +209,13 @@ pub fn emulate(
             .collect();
         write_f32(path, &tensors)?;
     }
-    let checked = Checked { outputs, dtype: workload.dtype, steps: Vec::new(), notes: Vec::new() };
+    let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
     Ok((Emulated { programs, runs: vec![erun] }, checked))
 }
 
-/// `--decode-steps N`: N decode steps on the mesh, each from the cache the previous one left (the
-/// first from the reference's prefill of the context), each compiled for its own context. The
-/// emulation returned (the timing report's) is the first step's.
+/// `--decode-steps N`: the context's prefill and N decode steps on the mesh, each step from the cache
+/// the previous program left, each compiled for its own context. The emulation returned (the timing
+/// report's) is the first decode step's.
 fn decode_steps(
     cmd: &FunctionalFlags,
     p: &Prepared,
@@ -242,10 +254,12 @@ fn decode_steps(
     };
     let source = super::reference::inputs(None, &p.model, first, cmd.weights.as_ref(), cmd.seed).1;
     let mut step0 = Some(programs[0].1.clone());
-    let done = decode::decode_on_mesh(&p.model, first, &source, &tokens, steps, opts, eopts, |s, w| {
-        // Step 0 is the program already compiled (the one the timing report describes).
-        if let (0, Some(prog)) = (s, step0.take()) {
-            return Ok((p.graph.clone(), prog));
+    let done = decode::decode_on_mesh(&p.model, first, &source, &tokens, steps, Start::Mesh, opts, eopts, |w| {
+        // The first decode step's program is compiled already (the one the timing report describes).
+        if w == first {
+            if let Some(prog) = step0.take() {
+                return Ok((p.graph.clone(), prog));
+            }
         }
         let (g, c) = compile::compile_model(&p.model, w, &p.hw, copts)?;
         let prog = c.step_programs()?.into_iter().next().map(|(_, prog)| prog).ok_or_else(|| {
@@ -254,12 +268,16 @@ fn decode_steps(
         Ok((g, prog))
     })?;
     if let Some(path) = &cmd.out {
-        write_logits(path, &done, first.batch, steps)?;
+        write_logits(path, &done.steps, first.batch, steps)?;
     }
     let mut outputs = Vec::new();
+    let context = done.context.map(|c| {
+        outputs.extend(c.outputs);
+        (c.run.cycles, 0..outputs.len())
+    });
     let mut checks = Vec::new();
     let mut runs = Vec::new();
-    for st in done {
+    for st in done.steps {
         let at = outputs.len();
         outputs.extend(st.outputs);
         checks.push(StepCheck {
@@ -271,11 +289,11 @@ fn decode_steps(
         runs.push(st.run);
     }
     let notes = vec![format!(
-        "{flag}: this is the timing of the first decode step (context {}); each later step ran its own program, one KV row longer (cycles per step in the functional check)",
+        "{flag}: this is the timing of the first decode step (context {}); the context's prefill and each later step ran their own programs (cycles in the functional check)",
         first.context
     )];
     runs.truncate(1);
-    let checked = Checked { outputs, dtype: first.dtype, steps: checks, notes };
+    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes };
     Ok((Emulated { programs, runs }, checked))
 }
 

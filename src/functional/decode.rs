@@ -1,13 +1,13 @@
 //! Decode over several tokens on the mesh, each step from the KV cache the previous step left on the
 //! wafer, checked against the reference's prefill of the same sequence.
 //!
-//! Step 0 starts from the reference's prefill of the context (as a one-step functional decode does).
-//! Every decode program's attention regions keep the updated cache (their resident rows and the rows
-//! the step appended, `mesh::data::Kernel::AttnScores::append`), and the run reads it back like any
-//! other result; step s + 1 starts from exactly those values. The new token of step s is token
-//! `context + s` of the given sequence (teacher forcing), so step s's logits must be those of the
-//! reference's prefill of the sequence's first `context + s + 1` tokens (causal attention: the same
-//! position sees the same keys).
+//! Step 0 starts from the KV cache of the context's prefill: the reference's (as a one-step functional
+//! decode does), or the wafer's own prefill program's (`Start`). The attention regions of every prefill
+//! and decode program keep the cache they leave (their resident rows and the rows the step appended,
+//! `mesh::data::Kernel::AttnScores::append`), and the run reads it back like any other result; step
+//! s + 1 starts from exactly those values. The new token of step s is token `context + s` of the given
+//! sequence (teacher forcing), so step s's logits must be those of the reference's prefill of the
+//! sequence's first `context + s + 1` tokens (causal attention: the same position sees the same keys).
 //!
 //! Each step has its own program (the cache grows by one row per step, so the shapes differ); the
 //! caller compiles it. Like `mesh`, this module never evaluates an op for the wafer: the reference
@@ -160,38 +160,108 @@ impl<'a> Decoder<'a> {
             .into());
         }
         let len = workload.context + 1;
-        let tokens = self.tokens.prefix(len as usize);
-        // The reference's decode of this step from the same cache: the feeds, and each result's check.
-        let feeds = Feeds::for_graph(graph, &self.weights, &tokens, caches, self.seed)?;
-        let values = evaluate(graph, &self.numerics, &feeds, &self.opts)?;
-        let setup = fmesh::setup(program, graph, &self.numerics, &values)?;
-        let (run, results) = engine::run_functional(program, engine, Arc::new(setup))?;
-        let outputs = fmesh::outputs(program, graph, &results, &values)?;
+        let (run, outputs, caches) = self.on_mesh(graph, program, len, caches, engine)?;
         let logits = outputs
             .iter()
             .find(|o| o.name == LOGITS)
             .map(|o| o.values.clone())
             .ok_or_else(|| FunctionalError::Mesh(format!("the decode program leaves no `{LOGITS}` to read")))?;
-        // The cache the wafer left, under the names the next step reads it by.
-        let mut next = Caches::new();
+        let (want, _) = self.prefill(len)?;
+        let vs_prefill = max_rel_error(&logits, &want);
+        Ok(DecodeStep { context: workload.context, run, outputs, logits, vs_prefill, caches })
+    }
+
+    /// The prefill of the context (C tokens per sequence), whose program leaves the cache step 0
+    /// starts from when the wafer computes it too.
+    pub fn context_workload(&self) -> Workload {
+        Workload { phase: Phase::Prefill, seq: self.first.context, context: 0, ..self.first.clone() }
+    }
+
+    /// The context's prefill on the mesh (`graph` and `program`: the compile of
+    /// `context_workload()`): its results beside the reference's, and the K and V caches its attention
+    /// regions leave, where step 0 starts.
+    pub fn context_on_mesh(
+        &self,
+        graph: &Graph,
+        program: &MeshProgram,
+        engine: &EngineOptions,
+    ) -> Result<ContextRun, Error> {
+        if graph.workload != self.context_workload() {
+            return Err(FunctionalError::Internal(format!(
+                "the context's prefill was given the graph of another workload ({} of {} tokens)",
+                graph.workload.phase.name(),
+                graph.workload.seq
+            ))
+            .into());
+        }
+        let (run, outputs, caches) = self.on_mesh(graph, program, self.first.context, &Caches::new(), engine)?;
+        Ok(ContextRun { run, outputs, caches })
+    }
+
+    /// A functional run of `program` (compiled from `graph`) on the first `len` tokens of each
+    /// sequence from `caches`: the engine's run, its results beside the reference's run of the same
+    /// graph from the same inputs, and the KV caches its attention regions left (under the names the
+    /// next decode step reads them by).
+    fn on_mesh(
+        &self,
+        graph: &Graph,
+        program: &MeshProgram,
+        len: u64,
+        caches: &Caches,
+        engine: &EngineOptions,
+    ) -> Result<(EngineRun, Vec<MeshOutput>, Caches), Error> {
+        let tokens = self.tokens.prefix(len as usize);
+        let feeds = Feeds::for_graph(graph, &self.weights, &tokens, caches, self.seed)?;
+        let values = evaluate(graph, &self.numerics, &feeds, &self.opts)?;
+        let setup = fmesh::setup(program, graph, &self.numerics, &values)?;
+        let (run, results) = engine::run_functional(program, engine, Arc::new(setup))?;
+        let outputs = fmesh::outputs(program, graph, &results, &values)?;
+        let mut left = Caches::new();
         for &t in graph.outputs.iter().filter(|t| graph.tensor(**t).role == Role::KvCache) {
             let name = &graph.tensor(t).name;
             let out = outputs.iter().find(|o| o.tensor == t).ok_or_else(|| {
-                FunctionalError::Mesh(format!("the decode program leaves no read-back of the updated cache `{name}`"))
+                FunctionalError::Mesh(format!("the program leaves no read-back of the KV cache `{name}`"))
             })?;
             let key = name.strip_suffix("_append").unwrap_or(name).to_string();
-            next.insert(key, out.values.clone());
+            left.insert(key, out.values.clone());
         }
-        let (want, _) = self.prefill(len)?;
-        let vs_prefill = max_rel_error(&logits, &want);
-        Ok(DecodeStep { context: workload.context, run, outputs, logits, vs_prefill, caches: next })
+        Ok((run, outputs, left))
     }
 }
 
-/// Decodes `steps` tokens on the mesh after `first.context` tokens of context: step 0 from the
-/// reference's prefill of the context, every later step from the cache the wafer left. `compile`
-/// gives the graph and program of step `s`'s workload; `engine` runs every step (a trace it asks
-/// for records step 0 only).
+/// The context's prefill on the mesh.
+#[derive(Debug)]
+pub struct ContextRun {
+    pub run: EngineRun,
+    /// Its results (the last context token's logits, every layer's K and V cache) beside the
+    /// reference's prefill of the same tokens.
+    pub outputs: Vec<MeshOutput>,
+    /// The K and V caches its attention regions left.
+    pub caches: Caches,
+}
+
+/// Where step 0's cache comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The reference's prefill of the context (as a one-step functional decode).
+    Reference,
+    /// The context's prefill program on the mesh: every K and V row is the wafer's.
+    Mesh,
+}
+
+/// Several decode steps on the mesh.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The context's prefill on the mesh (`Start::Mesh`).
+    pub context: Option<ContextRun>,
+    pub steps: Vec<DecodeStep>,
+}
+
+/// Decodes `steps` tokens on the mesh after `first.context` tokens of context: step 0 from the cache
+/// of the context's prefill (`start`: the reference's, or the wafer's own), every later step from the
+/// cache the previous step's program left. `compile` gives the graph and program of a workload (the
+/// context's prefill, then each step's decode); `engine` runs every program (a trace it asks for
+/// records the first decode step only).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_on_mesh(
     model: &Model,
@@ -199,19 +269,28 @@ pub fn decode_on_mesh(
     source: &WeightSource,
     tokens: &Tokens,
     steps: u64,
+    start: Start,
     opts: &Options,
     engine: &EngineOptions,
-    mut compile: impl FnMut(u64, &Workload) -> Result<(Graph, MeshProgram), Error>,
-) -> Result<Vec<DecodeStep>, Error> {
+    mut compile: impl FnMut(&Workload) -> Result<(Graph, MeshProgram), Error>,
+) -> Result<Decoded, Error> {
     let dec = Decoder::new(model, first, source, tokens, steps, opts)?;
-    let mut caches = dec.context_caches()?;
+    let untraced = EngineOptions { trace: None, ..engine.clone() };
+    let (context, mut caches) = match start {
+        Start::Reference => (None, dec.context_caches()?),
+        Start::Mesh => {
+            let (graph, program) = compile(&dec.context_workload())?;
+            let ran = dec.context_on_mesh(&graph, &program, &untraced)?;
+            let caches = ran.caches.clone();
+            (Some(ran), caches)
+        }
+    };
     let mut out = Vec::with_capacity(steps as usize);
     for s in 0..steps {
-        let (graph, program) = compile(s, &dec.workload(s))?;
-        let eopts = if s == 0 { engine.clone() } else { EngineOptions { trace: None, ..engine.clone() } };
-        let step = dec.step(s, &graph, &program, &caches, &eopts)?;
+        let (graph, program) = compile(&dec.workload(s))?;
+        let step = dec.step(s, &graph, &program, &caches, if s == 0 { engine } else { &untraced })?;
         caches = step.caches.clone();
         out.push(step);
     }
-    Ok(out)
+    Ok(Decoded { context, steps: out })
 }
