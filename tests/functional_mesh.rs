@@ -244,8 +244,9 @@ fn logits(path: &std::path::Path) -> Vec<f32> {
 }
 
 /// Decoding token 16 on the wafer, with the KV cache of tokens 1..15 resident in its attention
-/// regions (filled by the reference's prefill: the wafer's prefill program keeps no KV cache for a
-/// later decode yet), gives the logits the reference's prefill of all 16 tokens gives for the last one.
+/// regions (filled by the reference's prefill, as a one-step run is; `tests/functional_decode.rs`
+/// starts from the wafer's own prefill and decodes several tokens), gives the logits the reference's
+/// prefill of all 16 tokens gives for the last one.
 #[test]
 fn wafer_decode_matches_reference_prefill_of_the_sequence() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("functional-mesh");

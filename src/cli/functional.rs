@@ -3,16 +3,61 @@
 use std::sync::Arc;
 
 use super::run::{programs_of, Emulated, FunctionalFlags, Prepared};
+use waferscale::compile;
 use waferscale::engine::{self, EngineOptions, Fidelity};
+use waferscale::functional::decode::{self, DecodeStep, Start};
 use waferscale::functional::mesh::{self as fmesh, MeshOutput};
-use waferscale::functional::{self, weights::write_f32, FunctionalError, Options, Precision};
-use waferscale::model::DType;
+use waferscale::functional::{self, weights::write_f32, FunctionalError, Options, Precision, Tokens};
+use waferscale::model::{DType, Model, Phase, WorkloadArgs};
 use waferscale::Error;
 
 /// The results of a functional run beside the reference.
 pub struct Checked {
+    /// Every result (of every step, with --decode-steps).
     pub outputs: Vec<MeshOutput>,
     pub dtype: DType,
+    /// --decode-steps: the context's prefill on the wafer (cycles, its results in `outputs`).
+    pub context: Option<(u64, std::ops::Range<usize>)>,
+    /// --decode-steps: each step's position, cycles and logits against the reference's prefill.
+    pub steps: Vec<StepCheck>,
+    /// Notes for the timing report.
+    pub notes: Vec<String>,
+}
+
+/// One decode step of --decode-steps.
+pub struct StepCheck {
+    pub context: u64,
+    pub cycles: u64,
+    pub vs_prefill: f64,
+    /// The step's results, as indices into `Checked::outputs`.
+    pub outputs: std::ops::Range<usize>,
+}
+
+/// `--decode-steps` applies to a functional decode of a transformer compiled here (not a plan file,
+/// which fixes its context).
+pub fn check_decode_steps(func: &FunctionalFlags, args: &WorkloadArgs) -> Result<(), Error> {
+    match func.decode_steps {
+        Some(n) if args.phase != Some(Phase::Decode) => {
+            Err(FunctionalError::Input(format!("--decode-steps {n}: decoding several tokens needs --phase decode"))
+                .into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// With `--decode-steps N`, the given sequences hold the context and all N new tokens: the first
+/// step's tokens are the context and the first new one.
+pub fn first_step_tokens(func: &FunctionalFlags, given: Tokens) -> Result<Tokens, Error> {
+    match func.decode_steps {
+        Some(n) if given.len() as u64 <= n => Err(FunctionalError::Input(format!(
+            "--decode-steps {n}: the given sequences have {} tokens; decoding {n} needs at least {} (a context and the {n} new ones)",
+            given.len(),
+            n + 1
+        ))
+        .into()),
+        Some(n) => Ok(given.prefix(given.len() - n as usize + 1)),
+        None => Ok(given),
+    }
 }
 
 impl Checked {
@@ -22,23 +67,72 @@ impl Checked {
 
     /// One line: the largest relative error over the results.
     pub fn line(&self) -> String {
-        let names: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        for o in &self.outputs {
+            if !names.contains(&o.name.as_str()) {
+                names.push(&o.name);
+            }
+        }
         format!(
-            "functional: max relative error vs the reference {:.3e} ({}; {} storage, fp32 arithmetic; values and timing from one detailed run)",
+            "functional: max relative error vs the reference {:.3e} ({}; {} storage, fp32 arithmetic; values and timing from one detailed run{})",
             self.worst(),
             names.join(", "),
-            self.dtype.name()
+            self.dtype.name(),
+            if self.steps.is_empty() { "" } else { " per step" }
         )
     }
 
     /// The check as a report section.
     pub fn text(&self) -> String {
         let mut s = String::from("\nfunctional (values computed by the emulated PEs, checked against the reference)\n");
-        for o in &self.outputs {
-            s.push_str(&format!("  {:<28} {:?}  max relative error {:.3e}\n", o.name, o.shape, o.max_rel_error));
+        let row = |o: &MeshOutput, indent: &str| {
+            format!("{indent}{:<28} {:?}  max relative error {:.3e}\n", o.name, o.shape, o.max_rel_error)
+        };
+        if self.steps.is_empty() {
+            for o in &self.outputs {
+                s.push_str(&row(o, "  "));
+            }
+        }
+        if let (Some((cycles, range)), Some(first)) = (&self.context, self.steps.first()) {
+            s.push_str(&format!(
+                "  prefill of the context (positions 0..={}), {} cycles: the KV cache step 1 starts from\n",
+                first.context.saturating_sub(1),
+                waferscale::report::fmt::thousands(*cycles)
+            ));
+            for o in &self.outputs[range.clone()] {
+                s.push_str(&row(o, "    "));
+            }
+        }
+        for (i, st) in self.steps.iter().enumerate() {
+            s.push_str(&format!(
+                "  step {}: the token at position {}, {} cycles; logits vs the reference prefill of positions 0..={}: max relative error {:.3e}\n",
+                i + 1,
+                st.context,
+                waferscale::report::fmt::thousands(st.cycles),
+                st.context,
+                st.vs_prefill
+            ));
+            for o in &self.outputs[st.outputs.clone()] {
+                s.push_str(&row(o, "    "));
+            }
         }
         s.push_str(&format!("  {}\n", self.line()));
+        if let Some(l) = self.steps_line() {
+            s.push_str(&format!("  {l}\n"));
+        }
         s
+    }
+
+    /// --decode-steps: one line, the largest error of a step's logits against the reference's prefill.
+    pub fn steps_line(&self) -> Option<String> {
+        let (first, last) = (self.steps.first()?, self.steps.last()?);
+        let worst = self.steps.iter().map(|s| s.vs_prefill).fold(0.0, f64::max);
+        Some(format!(
+            "functional: decode of {} tokens vs the reference prefill of the sequence: max relative error {worst:.3e} (logits at positions {}..={}; each step from the KV cache the wafer left, the first from the wafer's prefill of the context)",
+            self.steps.len(),
+            first.context,
+            last.context
+        ))
     }
 }
 
@@ -80,8 +174,17 @@ pub fn emulate(
         .into());
     }
     let given = super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
-    let (tokens, source) = super::reference::inputs(given, &p.model, workload, cmd.weights.as_ref(), cmd.seed);
     let opts = Options { precision, ..Options::default() };
+    if let Some(steps) = cmd.decode_steps {
+        let eopts = EngineOptions {
+            fidelity,
+            threads,
+            trace: trace.map(|t| waferscale::trace::spec_for(&programs[0].1, t)),
+            progress: None,
+        };
+        return decode_steps(cmd, p, given, steps, &opts, &eopts, programs);
+    }
+    let (tokens, source) = super::reference::inputs(given, &p.model, workload, cmd.weights.as_ref(), cmd.seed);
     let run = functional::run::<f32>(&p.model, workload, &source, &tokens, &opts)?;
     if run.graph.tensors.len() != p.graph.tensors.len() {
         return Err(FunctionalError::Internal("the reference built a different graph than the compile".into()).into());
@@ -106,8 +209,111 @@ pub fn emulate(
             .collect();
         write_f32(path, &tensors)?;
     }
-    // Values run the whole program (functional runs are pipelined, which fast fidelity runs whole anyway).
-    let notes =
-        (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note(engine::fast::ONLY_LOOPS)).into_iter().collect();
-    Ok((Emulated { programs, runs: vec![erun], notes }, Checked { outputs, dtype: workload.dtype }))
+    let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
+    Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(fidelity) }, checked))
+}
+
+/// Values run the whole program (functional runs are pipelined, which fast fidelity runs whole anyway).
+fn fast_notes(fidelity: Fidelity) -> Vec<String> {
+    (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note(engine::fast::ONLY_LOOPS)).into_iter().collect()
+}
+
+/// `--decode-steps N`: the context's prefill and N decode steps on the mesh, each step from the cache
+/// the previous program left, each compiled for its own context. The emulation returned (the timing
+/// report's) is the first decode step's.
+fn decode_steps(
+    cmd: &FunctionalFlags,
+    p: &Prepared,
+    given: Option<Tokens>,
+    steps: u64,
+    opts: &Options,
+    eopts: &EngineOptions,
+    programs: Vec<(String, waferscale::mesh::MeshProgram)>,
+) -> Result<(Emulated, Checked), Error> {
+    let first = &p.graph.workload;
+    let flag = format!("--decode-steps {steps}");
+    let Some(copts) = p.options.as_ref() else {
+        return Err(FunctionalError::Input(format!(
+            "{flag}: a plan file fixes its context; give the model instead (each step compiles for its own context)"
+        ))
+        .into());
+    };
+    if let Model::Transformer(spec) = &p.model {
+        let need = first.context + steps;
+        if need > spec.max_positions {
+            return Err(FunctionalError::Input(format!(
+                "{flag}: a context of {} and {steps} new tokens need {need} positions; {} has {}",
+                first.context, spec.name, spec.max_positions
+            ))
+            .into());
+        }
+    }
+    // The whole sequences: the given ones, or seeded ones of context + steps tokens (for one sequence
+    // the same first tokens as a one-step run's).
+    let tokens = match given {
+        Some(t) => t,
+        None => {
+            let last = waferscale::model::Workload { context: first.context + steps - 1, ..first.clone() };
+            super::reference::inputs(None, &p.model, &last, None, cmd.seed).0
+        }
+    };
+    let source = super::reference::inputs(None, &p.model, first, cmd.weights.as_ref(), cmd.seed).1;
+    let mut step0 = Some(programs[0].1.clone());
+    let done = decode::decode_on_mesh(&p.model, first, &source, &tokens, steps, Start::Mesh, opts, eopts, |w| {
+        // The first decode step's program is compiled already (the one the timing report describes).
+        if w == first {
+            if let Some(prog) = step0.take() {
+                return Ok((p.graph.clone(), prog));
+            }
+        }
+        let (g, c) = compile::compile_model(&p.model, w, &p.hw, copts)?;
+        let prog = c.step_programs()?.into_iter().next().map(|(_, prog)| prog).ok_or_else(|| {
+            FunctionalError::Internal(format!("the compile for context {} gave no program", w.context))
+        })?;
+        Ok((g, prog))
+    })?;
+    if let Some(path) = &cmd.out {
+        write_logits(path, &done.steps, first.batch, steps)?;
+    }
+    let mut outputs = Vec::new();
+    let context = done.context.map(|c| {
+        outputs.extend(c.outputs);
+        (c.run.cycles, 0..outputs.len())
+    });
+    let mut checks = Vec::new();
+    let mut runs = Vec::new();
+    for st in done.steps {
+        let at = outputs.len();
+        outputs.extend(st.outputs);
+        checks.push(StepCheck {
+            context: st.context,
+            cycles: st.run.cycles,
+            vs_prefill: st.vs_prefill,
+            outputs: at..outputs.len(),
+        });
+        runs.push(st.run);
+    }
+    let notes = vec![format!(
+        "{flag}: this is the timing of the first decode step (context {}); the context's prefill and each later step ran their own programs (cycles in the functional check)",
+        first.context
+    )];
+    runs.truncate(1);
+    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes };
+    Ok((Emulated { programs, runs, notes: fast_notes(eopts.fidelity) }, checked))
+}
+
+/// --out with --decode-steps: the wafer's logits of every step as `logits`, `[batch, steps, vocab]`
+/// (as transformers' logits of the sequence at those positions).
+fn write_logits(path: &std::path::Path, done: &[DecodeStep], batch: u64, steps: u64) -> Result<(), Error> {
+    let vocab = done.first().map_or(0, |s| s.logits.len() as u64 / batch.max(1));
+    let mut all = vec![0f32; (batch * steps * vocab) as usize];
+    for (s, st) in done.iter().enumerate() {
+        for b in 0..batch as usize {
+            let row = &st.logits[b * vocab as usize..(b + 1) * vocab as usize];
+            let at = (b * steps as usize + s) * vocab as usize;
+            all[at..at + vocab as usize].copy_from_slice(row);
+        }
+    }
+    write_f32(path, &[("logits".to_string(), vec![batch, steps, vocab], all)])?;
+    Ok(())
 }

@@ -72,6 +72,12 @@ pub struct FunctionalFlags {
     /// With --functional: write the results the wafer computed as F32 safetensors.
     #[arg(long, value_name = "FILE", requires = "functional")]
     pub out: Option<std::path::PathBuf>,
+    /// With --functional and --phase decode: decode N tokens in turn, each step from the KV cache the
+    /// previous step left on the wafer, checked against the reference's prefill of the sequence
+    /// (--context C: sequences of C + N tokens; --tokens: the last N are decoded). The timing report
+    /// is the first step's.
+    #[arg(long, value_name = "N", requires = "functional", value_parser = clap::value_parser!(u64).range(1..))]
+    pub decode_steps: Option<u64>,
 }
 
 #[derive(Args)]
@@ -159,6 +165,8 @@ pub struct Prepared {
     pub graph: Graph,
     pub hw: WaferHw,
     pub compiled: Compiled,
+    /// How it was compiled (None: recompiled from a plan file's own inputs).
+    pub options: Option<CompileOptions>,
 }
 
 /// Compiles the model argument (or recompiles a plan) for the wafer.
@@ -166,12 +174,14 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     if is_plan(&cmd.model) {
         let (graph, hw, compiled) = compile::load_plan(&cmd.model)?;
         let model = model::load(&graph.model).or_else(|_| model::load(&compiled.plan.model))?;
-        return Ok(Prepared { model, graph, hw, compiled });
+        return Ok(Prepared { model, graph, hw, compiled, options: None });
     }
     let model = model::load(&cmd.model)?;
     let mut args = cmd.workload.args()?;
     if cmd.func.functional {
+        super::functional::check_decode_steps(&cmd.func, &args)?;
         if let Some(t) = super::reference::given_tokens(cmd.func.tokens.as_deref(), cmd.func.input.as_deref())? {
+            let t = super::functional::first_step_tokens(&cmd.func, t)?;
             super::reference::apply_tokens(&mut args, &model, Some(&t))?;
         }
     }
@@ -187,7 +197,7 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
         layer_iters: None,
     };
     let (graph, compiled) = compile::compile_model(&model, &workload, &hw, &opts)?;
-    Ok(Prepared { model, graph, hw, compiled })
+    Ok(Prepared { model, graph, hw, compiled, options: Some(opts) })
 }
 
 /// The programs the engine runs for one step, in order, each with its phase name.
@@ -399,6 +409,7 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         (emulate(&p, fidelity, threads, cmd.json, trace)?, None)
     };
     let mut report = report(&p, &em, threads, started.elapsed())?;
+    report.notes.extend(checked.iter().flat_map(|c| c.notes.iter().cloned()));
     if let Some(path) = &cmd.trace {
         let notes = write_traces(path, &p, &em, &report, &trace_opts)?;
         report.notes.extend(notes);
@@ -408,6 +419,9 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         // The report stays the timing report; the check goes after it (to stderr beside JSON).
         if cmd.json {
             eprintln!("{}", c.line());
+            if let Some(l) = c.steps_line() {
+                eprintln!("{l}");
+            }
         } else {
             text.push_str(&c.text());
         }

@@ -63,6 +63,8 @@ pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
 struct Compute {
     by_name: BTreeMap<&'static str, Kernel>,
     final_total: Option<(String, u64)>,
+    /// Results the compute block holds at the end (an attention region's updated KV cache).
+    readouts: Vec<Readout>,
 }
 
 /// The data table of the region `st` runs on `rect` with tiling `t`, for the templates its program has.
@@ -160,7 +162,7 @@ pub(crate) fn region(
         }
         tasks.push(row);
     }
-    RegionData { tasks, readouts: Vec::new(), unsupported: bad }
+    RegionData { tasks, readouts: compute.readouts, unsupported: bad }
 }
 
 /// The kernels of the stage's compute tasks.
@@ -171,6 +173,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
     let runs = t.runs.max(1) as u64;
     let mut by_name = BTreeMap::new();
     let mut final_total = None;
+    let mut readouts = Vec::new();
     let out_of = |o: usize| st.outputs.get(o).map(|s| s.tensor.0).ok_or("no output slot");
     match (&st.work, t.algo) {
         (&Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. }, Algo::GemvBroadcast) => {
@@ -220,10 +223,32 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         q_len: at.q_len,
                         len,
                     };
+                    // The cache append fused here (the same fresh rows): its PEs keep the updated
+                    // cache, which a later decode step starts from.
+                    let append = st.ops.iter().map(|&o| g.op(o)).find(|o| {
+                        matches!(o.kind, OpKind::KvCacheAppend { .. })
+                            && o.inputs.last().map(|&t| view(g, t)) == Some(fresh)
+                    });
+                    let append = append.and_then(|o| o.outputs.first().copied());
+                    if let Some(t) = append {
+                        let (tensor, cols) = (g.tensor(t), at.kv_heads * at.head_dim);
+                        if tensor.elems() != at.batch * at.kv_len * cols {
+                            return Err(format!("a KV cache `{}` of an unexpected shape", tensor.name));
+                        }
+                        readouts.push(Readout {
+                            tensor: t.0,
+                            name: tensor.name.clone(),
+                            rect: Some(Rect { x: grid.origin.x, y: grid.origin.y, w: grid.cols, h: grid.rows }),
+                            rows: at.batch * at.kv_len,
+                            cols,
+                            cover: 0,
+                        });
+                    }
+                    let append = append.map(|t| t.0);
                     let kernel = if matches!(op.kind, OpKind::AttnScores(_)) {
-                        Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out }
+                        Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out, append }
                     } else {
-                        Kernel::AttnContext { grid, p: av, cache, fresh, attn: shape, out }
+                        Kernel::AttnContext { grid, p: av, cache, fresh, attn: shape, out, append }
                     };
                     by_name.insert("mm", kernel);
                 }
@@ -303,7 +328,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
         }
         _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
     }
-    Ok(Compute { by_name, final_total })
+    Ok(Compute { by_name, final_total, readouts })
 }
 
 /// `gemv:KxN` on pre-placed operands (`kernel::prog_single_gemv`): the PE at (r, c) of the compute

@@ -120,6 +120,8 @@ struct Pe {
     store: Vec<Frag>,
     /// A port's collected results.
     kept: Vec<Frag>,
+    /// An attention PE's part of the updated KV cache (its keys or values, resident and fresh).
+    cache: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
     /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
@@ -193,7 +195,8 @@ impl PartValues {
     }
 
     /// What the given agents (local index, coordinate; None for a port) hold at the end: a PE's
-    /// accumulator where it lies in a readout rectangle, everything a port collected.
+    /// accumulator and its part of an updated KV cache where it lies in a readout rectangle,
+    /// everything a port collected.
     pub fn results(&self, agents: impl Iterator<Item = (usize, Option<Coord>)>) -> Results {
         let rects: Vec<_> = self.setup.data.readouts.iter().filter_map(|r| r.rect).collect();
         let mut out = Vec::new();
@@ -201,7 +204,7 @@ impl PartValues {
             let Some(pe) = self.pes.get(l) else { continue };
             match c {
                 Some(c) if rects.iter().any(|r| r.contains(c)) => {
-                    out.extend(pe.acc.iter().map(|f| (Some(c), f.clone())))
+                    out.extend(pe.acc.iter().chain(&pe.cache).map(|f| (Some(c), f.clone())))
                 }
                 Some(_) => {}
                 None => out.extend(pe.kept.iter().map(|f| (None, f.clone()))),
@@ -566,7 +569,7 @@ impl PartValues {
                 }
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            &Kernel::AttnScores { grid, q, cache, fresh, attn, out } => {
+            &Kernel::AttnScores { grid, q, cache, fresh, attn, out, append } => {
                 let (r, c) = at.pos(&grid)?;
                 let (idx, parts) = flat_index(&grid, r, c);
                 let total = attn.batch * attn.heads * attn.kv;
@@ -591,10 +594,36 @@ impl PartValues {
                         vals.push(((((b * attn.heads + h) * ql + i) * attn.kv + t), acc));
                     }
                 }
+                if let Some(app) = append {
+                    // Its key rows, once per KV head: the updated cache the step leaves.
+                    let kvw = attn.kv_heads * attn.head_dim;
+                    let mut keep = Vec::new();
+                    for j in j0..j0 + jl {
+                        let (b, h, t) = (j / (attn.heads * attn.kv), (j / attn.kv) % attn.heads, j % attn.kv);
+                        if h % grp == 0 {
+                            let row: Arc<[f32]> =
+                                key_row(&cv, &fr, &attn, b, t, h / grp).iter().map(|&v| st.round(v)).collect();
+                            let (r0, c0) = (b * attn.kv + t, h / grp * attn.head_dim);
+                            let (r1, c1) = (r0 + 1, c0 + attn.head_dim);
+                            keep.push(Frag {
+                                tensor: app,
+                                view_cols: kvw,
+                                r0,
+                                r1,
+                                c0,
+                                c1,
+                                cover: 0,
+                                src: at.id,
+                                vals: row,
+                            });
+                        }
+                    }
+                    self.pes[local].cache = keep;
+                }
                 self.pes[local].acc = scatter_frags(out, attn.kv, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            &Kernel::AttnContext { grid, p, cache, fresh, attn, out } => {
+            &Kernel::AttnContext { grid, p, cache, fresh, attn, out, append } => {
                 let (r, c) = at.pos(&grid)?;
                 let (idx, parts) = flat_index(&grid, r, c);
                 let total = attn.batch * attn.heads * attn.head_dim;
@@ -618,6 +647,38 @@ impl PartValues {
                         }
                         vals.push(((b * ql + i) * hd + h * attn.head_dim + dd, acc));
                     }
+                }
+                if let Some(app) = append {
+                    // Its value columns (every key's), once per KV head: the updated cache the step
+                    // leaves, a block of columns per run of its columns within one (sequence, head).
+                    let kvw = attn.kv_heads * attn.head_dim;
+                    let mut keep = Vec::new();
+                    let mut j = j0;
+                    while j < j0 + jl {
+                        let (b, h, d0) = (j / hd, (j / attn.head_dim) % attn.heads, j % attn.head_dim);
+                        let d1 = attn.head_dim.min(d0 + (j0 + jl - j));
+                        if h % grp == 0 {
+                            let mut block = Vec::with_capacity((attn.kv * (d1 - d0)) as usize);
+                            for t in 0..attn.kv {
+                                let vrow = key_row(&cv, &fr, &attn, b, t, h / grp);
+                                block.extend(vrow[d0 as usize..d1 as usize].iter().map(|&v| st.round(v)));
+                            }
+                            let c0 = h / grp * attn.head_dim;
+                            keep.push(Frag {
+                                tensor: app,
+                                view_cols: kvw,
+                                r0: b * attn.kv,
+                                r1: (b + 1) * attn.kv,
+                                c0: c0 + d0,
+                                c1: c0 + d1,
+                                cover: 0,
+                                src: at.id,
+                                vals: block.into(),
+                            });
+                        }
+                        j += d1 - d0;
+                    }
+                    self.pes[local].cache = keep;
                 }
                 self.pes[local].acc = scatter_frags(out, hd, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))

@@ -12,6 +12,7 @@
 //! their id order (a topological order), one value per graph tensor, and every loop runs in a fixed
 //! index order, so a result is a pure function of graph, numerics, weights and inputs.
 
+pub mod decode;
 mod inputs;
 pub mod mesh;
 mod numerics;

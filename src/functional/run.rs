@@ -100,18 +100,7 @@ pub fn run<T: Real>(
 ) -> Result<Run<T>, Error> {
     let numerics = numerics_of(model)?;
     let graph = graph::build(model, workload)?;
-    let family = match model {
-        Model::Transformer(s) => Some(s.family),
-        Model::Op(_) => None,
-    };
-    let seed = match source {
-        WeightSource::Seeded(s) => *s,
-        WeightSource::File(_) => 0,
-    };
-    let weights = match source {
-        WeightSource::Seeded(s) => Weights::seeded(&graph, *s),
-        WeightSource::File(p) => Weights::load(p, &graph, family)?,
-    };
+    let (weights, seed) = weights_of(model, &graph, source)?;
     let mut caches = BTreeMap::new();
     if workload.phase == Phase::Decode {
         let want = workload.context as usize + 1;
@@ -125,13 +114,43 @@ pub fn run<T: Real>(
             ))
             .into());
         }
-        let prefill = Workload { phase: Phase::Prefill, seq: workload.context, context: 0, ..workload.clone() };
-        let pg = graph::build(model, &prefill)?;
-        let feeds = Feeds::for_graph(&pg, &weights, &tokens.prefix(workload.context as usize), &caches, seed)?;
-        let pv = evaluate(&pg, &numerics, &feeds, opts)?;
+        let (_, pv, pg) = prefill(model, workload, &weights, &tokens.prefix(workload.context as usize), opts, seed)?;
         caches = caches_from(&pg, &pv);
     }
     let feeds = Feeds::for_graph(&graph, &weights, tokens, &caches, seed)?;
     let values = evaluate(&graph, &numerics, &feeds, opts)?;
     Ok(Run { graph, values, weights })
+}
+
+/// The reference's prefill of `tokens` (whole sequences) with `workload`'s batch and dtype: its
+/// workload, values and graph.
+pub(crate) fn prefill<T: Real>(
+    model: &Model,
+    workload: &Workload,
+    weights: &Weights<T>,
+    tokens: &Tokens,
+    opts: &Options,
+    seed: u64,
+) -> Result<(Workload, Values<T>, Graph), Error> {
+    let prefill = Workload { phase: Phase::Prefill, seq: tokens.len() as u64, context: 0, ..workload.clone() };
+    let graph = graph::build(model, &prefill)?;
+    let feeds = Feeds::for_graph(&graph, weights, tokens, &BTreeMap::new(), seed)?;
+    let values = evaluate(&graph, &numerics_of(model)?, &feeds, opts)?;
+    Ok((prefill, values, graph))
+}
+
+/// The weights `source` gives for `graph`'s weight tensors; the seed of seeded values (0 for a file).
+pub(crate) fn weights_of<T: Real>(
+    model: &Model,
+    graph: &Graph,
+    source: &WeightSource,
+) -> Result<(Weights<T>, u64), Error> {
+    let family = match model {
+        Model::Transformer(s) => Some(s.family),
+        Model::Op(_) => None,
+    };
+    Ok(match source {
+        WeightSource::Seeded(s) => (Weights::seeded(graph, *s), *s),
+        WeightSource::File(p) => (Weights::load(p, graph, family)?, 0),
+    })
 }

@@ -141,11 +141,15 @@ pub enum Kernel {
     /// Attention scores of the query rows against the PE's keys: the PE's columns
     /// `Share { batch * heads * kv, parts }` at index `r * grid.cols + c`, each a (sequence, head, key);
     /// keys before `len` come from the resident cache `cache` (`[batch, len, kv_heads * head_dim]`),
-    /// the others from the fresh rows `fresh`.
-    AttnScores { grid: Grid, q: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// the others from the fresh rows `fresh`. With `append` (the graph's updated cache,
+    /// `[batch * kv, kv_heads * head_dim]`: the resident rows and the fresh ones after them), the PE
+    /// keeps its keys as its rows of that tensor, each key row of a KV head kept once: by the PE whose
+    /// column has the group's first query head (a read-back of the cache the step leaves).
+    AttnScores { grid: Grid, q: View, cache: u32, fresh: View, attn: AttnShape, out: u32, append: Option<u32> },
     /// Attention context of the query rows: the PE's columns are (sequence, head, dim) of the output;
-    /// values before `len` from `cache`, the others from `fresh`.
-    AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32 },
+    /// values before `len` from `cache`, the others from `fresh`. With `append`, the PE keeps the value
+    /// columns it read (every key's) as its part of the updated cache, once per KV head as above.
+    AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32, append: Option<u32> },
     /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
     /// `r * grid.cols + c`) of this run's rows of the output (`width` wide).
     Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32 },
@@ -248,7 +252,8 @@ pub enum TaskData {
 
 /// Where a result is when the run ends: the accumulators of the PEs in `rect` (None: what the ports
 /// collected) hold, together, the whole `rows x cols` tensor `tensor`, each value summed over all
-/// `cover` terms (0: finished values).
+/// `cover` terms (0: finished values). An attention region's PEs hold the updated KV cache they keep
+/// (`Kernel::AttnScores::append`) beside their accumulators.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Readout {
     pub tensor: u32,
