@@ -1105,16 +1105,23 @@ impl Part {
         let tree = match cached {
             Some(t) => t,
             None => {
-                let t = self.expand_tree(sh, g, c, route.pattern, entry)?;
+                let mut t = self.expand_tree(sh, g, c, route.pattern, entry)?;
                 let size = t.nodes.len() as u64;
-                let t = Arc::new(t);
                 // Keep it for the next train while the cache has room (never trees of one node: cheap).
-                if size > 1
+                let keep = size > 1
                     && sh
                         .tree_room
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| room.checked_sub(size))
-                        .is_ok()
-                {
+                        .is_ok();
+                if keep {
+                    // The cache counts nodes, so a kept tree gives back the room of the scratch vectors it
+                    // was built in (which a larger tree before it may have grown).
+                    t.nodes.shrink_to_fit();
+                    t.kids.shrink_to_fit();
+                    t.kid_start.shrink_to_fit();
+                }
+                let t = Arc::new(t);
+                if keep {
                     self.agents[a as usize].trees.push((r, Arc::clone(&t)));
                 }
                 t
