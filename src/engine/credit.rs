@@ -56,30 +56,38 @@ pub(crate) fn path_buffer(queue_depth: u32, hops: u32, receive_buffer: u64) -> u
 }
 
 /// A train whose tail did not fit: kept by the receiver until its consumer has claimed up to
-/// `threshold` wavelets of the color.
+/// `threshold` wavelets of the color. The train's wavelets, pace and tail resource are kept once per
+/// partition with its arrivals (`info`, a slot of the receiver's partition), not once per hold: a
+/// weight-streaming run holds millions of trains at once.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PendingHold {
     /// Claimed wavelets at which the train's tail has room.
     pub threshold: u64,
     /// Global id of the sender.
     pub sender: u32,
-    pub n: u64,
-    pub pace: Pace,
-    pub tail_res: Res,
+    pub info: u32,
 }
 
 impl PendingHold {
-    /// The release when a claim moves the receiver's claimed count from `before` to `after` at cycle
+    /// The release of this hold on a train of `n` wavelets at `pace` whose serialisation is charged to
+    /// `tail_res`, when a claim moves the receiver's claimed count from `before` to `after` at cycle
     /// `at` on critical path `path`: the cycle the train's tail can leave its sender, and the path to
     /// it. None while the tail still has no room.
-    pub fn release(&self, before: u64, after: u64, at: u64, path: Path) -> Option<(u64, Path)> {
+    pub fn release(
+        &self,
+        (n, pace, tail_res): (u64, Pace, Res),
+        before: u64,
+        after: u64,
+        at: u64,
+        path: Path,
+    ) -> Option<(u64, Path)> {
         if after < self.threshold {
             return None;
         }
         // The train's wavelets still stalled just before this claim leave one per pace after it.
-        let stalled = self.n.min(self.threshold.saturating_sub(before));
-        let cycles = self.pace.cycles(stalled);
-        Some((at + cycles, path.add(self.tail_res, cycles)))
+        let stalled = n.min(self.threshold.saturating_sub(before));
+        let cycles = pace.cycles(stalled);
+        Some((at + cycles, path.add(tail_res, cycles)))
     }
 }
 
@@ -142,9 +150,10 @@ mod tests {
 
     #[test]
     fn release_waits_for_the_threshold() {
-        let h = PendingHold { threshold: 90, sender: 0, n: 100, pace: Pace::FULL, tail_res: Res::Fabric };
-        assert!(h.release(0, 89, 50, Path::default()).is_none());
+        let h = PendingHold { threshold: 90, sender: 0, info: 0 };
+        let train = (100, Pace::FULL, Res::Fabric);
+        assert!(h.release(train, 0, 89, 50, Path::default()).is_none());
         // A claim from 0 to 100 at cycle 50: the 90 stalled wavelets leave by cycle 140.
-        assert_eq!(h.release(0, 100, 50, Path::default()).map(|r| r.0), Some(140));
+        assert_eq!(h.release(train, 0, 100, 50, Path::default()).map(|r| r.0), Some(140));
     }
 }

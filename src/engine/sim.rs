@@ -27,21 +27,96 @@ const WAVELET_BYTES: u64 = 4;
 /// Side of a partition's block of PEs. Fixed, so results never depend on the thread count.
 pub const BLOCK: u32 = 64;
 
-/// A train's arrival at one agent: wavelet j arrives at `head + pace.offset(j)`.
-#[derive(Clone, Debug)]
+/// A train's arrival at one agent: wavelet j arrives at `head + pace.offset(j)`, with the train's
+/// `n`, `pace` and the rest in `Part::infos` (slot `info`, which counts this arrival until it is claimed).
+#[derive(Debug)]
 struct Arrival {
     head: u64,
+    info: u32,
+}
+
+/// What every arrival (and hold) of one train in a partition shares, kept once per partition the train
+/// delivers in rather than once per receiver: a weight-streaming run keeps millions of arrivals that
+/// no task has claimed yet (ports stream weights far ahead of the PEs that take them), and an arrival
+/// that carries all of this takes 104 bytes instead of 16.
+#[derive(Debug)]
+struct TrainInfo {
     n: u64,
     pace: Pace,
-    /// Critical path to the head's arrival, and what the serialisation behind it is spent on.
+    /// The critical path at the send, the cycle of the send, and what transit is charged to: the path
+    /// to an arrival's head is `path` plus `head - sent` cycles of `transit_res`.
     path: Path,
+    sent: u64,
+    transit_res: Res,
+    /// What the serialisation behind the head is spent on.
     tail_res: Res,
     /// The train's values (functional runs only).
     data: Option<Payload>,
+    /// Arrivals not fully claimed and holds not released that refer to it; the slot is free at zero.
+    refs: u32,
+}
+
+impl TrainInfo {
+    /// Critical path to the head's arrival at `head`.
+    fn path_to(&self, head: u64) -> Path {
+        self.path.add(self.transit_res, head.saturating_sub(self.sent))
+    }
+}
+
+/// A partition's `TrainInfo`s: a slab with reference counts (partitions run on any thread, so a
+/// non-atomic count per partition rather than an `Arc` per arrival).
+#[derive(Debug, Default)]
+struct Infos {
+    slots: Vec<TrainInfo>,
+    free: Vec<u32>,
+}
+
+impl Infos {
+    /// A new slot for `t`'s arrivals, with no reference yet (the caller takes one at once).
+    fn intern(&mut self, t: &Train) -> u32 {
+        let info = TrainInfo {
+            n: t.n,
+            pace: t.pace,
+            path: t.path,
+            sent: t.sent,
+            transit_res: t.transit_res,
+            tail_res: t.tail_res,
+            data: t.data.clone(),
+            refs: 0,
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = info;
+                i
+            }
+            None => {
+                self.slots.push(info);
+                self.slots.len() as u32 - 1
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: u32) -> &TrainInfo {
+        &self.slots[i as usize]
+    }
+
+    fn retain(&mut self, i: u32) {
+        self.slots[i as usize].refs += 1;
+    }
+
+    fn release(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        slot.refs -= 1;
+        if slot.refs == 0 {
+            slot.data = None;
+            self.free.push(i);
+        }
+    }
 }
 
 /// Wavelets of one color at one agent: arrivals in head order, and how many task runs have claimed.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct Inbox {
     arrivals: SmallVec<[Arrival; 1]>,
     /// Arrivals before this index are fully claimed and never read again.
@@ -55,63 +130,76 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn add(&mut self, a: Arrival) {
+    /// Adds an arrival of `n` wavelets (the caller has taken its reference on the info).
+    fn add(&mut self, a: Arrival, n: u64) {
         // Keep head order among arrivals nobody has claimed from yet.
         let lo = self.first + usize::from(self.first_claimed > 0);
         let pos = lo + self.arrivals[lo..].partition_point(|x| x.head <= a.head);
-        self.delivered += a.n;
+        self.delivered += n;
         self.arrivals.insert(pos, a);
     }
 
     /// Arrival cycle of the unclaimed wavelet `k` positions after the claim frontier.
-    fn time_of(&self, k: u64) -> Option<u64> {
-        self.arrival_of(k).map(|(t, _)| t)
+    fn time_of(&self, k: u64, infos: &Infos) -> Option<u64> {
+        let mut k = k + self.first_claimed;
+        for a in &self.arrivals[self.first..] {
+            let t = infos.get(a.info);
+            if k < t.n {
+                return Some(a.head + t.pace.offset(k));
+            }
+            k -= t.n;
+        }
+        None
     }
 
     /// Arrival cycle and critical path of the unclaimed wavelet `k` positions after the frontier.
-    fn arrival_of(&self, k: u64) -> Option<(u64, Path)> {
+    fn arrival_of(&self, k: u64, infos: &Infos) -> Option<(u64, Path)> {
         let mut k = k + self.first_claimed;
         for a in &self.arrivals[self.first..] {
-            if k < a.n {
-                let off = a.pace.offset(k);
-                return Some((a.head + off, a.path.add(a.tail_res, off)));
+            let t = infos.get(a.info);
+            if k < t.n {
+                let off = t.pace.offset(k);
+                return Some((a.head + off, t.path_to(a.head).add(t.tail_res, off)));
             }
-            k -= a.n;
+            k -= t.n;
         }
         None
     }
 
     /// The values the next claim of `w` wavelets takes: whole trains, or the part of a train's
     /// payload its claimed wavelets carry.
-    fn claimed_data(&self, mut w: u64, out: &mut Vec<Payload>) {
+    fn claimed_data(&self, mut w: u64, out: &mut Vec<Payload>, infos: &Infos) {
         let mut done = self.first_claimed;
         for a in &self.arrivals[self.first..] {
             if w == 0 {
                 return;
             }
-            let take = w.min(a.n - done);
-            if let Some(p) = &a.data {
-                out.push(super::values::slice_payload(p, a.n, done, done + take));
+            let t = infos.get(a.info);
+            let take = w.min(t.n - done);
+            if let Some(p) = &t.data {
+                out.push(super::values::slice_payload(p, t.n, done, done + take));
             }
             w -= take;
             done = 0;
         }
     }
 
-    fn claim(&mut self, mut w: u64) {
+    /// Claims `w` wavelets; an arrival claimed to its end gives back its reference on the info.
+    fn claim(&mut self, mut w: u64, infos: &mut Infos) {
         self.claimed += w;
         while w > 0 {
             let a = &self.arrivals[self.first];
-            let left = a.n - self.first_claimed;
+            let left = infos.get(a.info).n - self.first_claimed;
             if w < left {
                 self.first_claimed += w;
                 return;
             }
             w -= left;
+            infos.release(a.info);
             self.first += 1;
             self.first_claimed = 0;
         }
-        // Forget fully claimed arrivals (88 bytes each) soon, and give back the room of a burst once it
+        // Forget fully claimed arrivals soon, and give back the room of a burst once it
         // is consumed: a full wafer has a million inboxes.
         if self.first == self.arrivals.len() {
             self.arrivals.clear();
@@ -127,7 +215,7 @@ impl Inbox {
 }
 
 /// A PE or an IO port.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct Agent {
     /// Global agent id (PE index in the mesh, then n_pes + port index).
     id: u32,
@@ -539,6 +627,8 @@ pub(crate) struct Part {
     credits: Vec<Option<Credit>>,
     free_credits: Vec<u32>,
     credit_out: Vec<(u32, Credit)>,
+    /// What the arrivals and holds of each train delivered here share.
+    infos: Infos,
     /// Receiver side: trains held per (local agent, color), in the order they were delivered.
     rx_holds: BTreeMap<(u32, ColorId), Vec<PendingHold>>,
     /// Sender side: stalled colors per (local agent, color).
@@ -604,6 +694,7 @@ impl Part {
             credits: Vec::new(),
             free_credits: Vec::new(),
             credit_out: Vec::new(),
+            infos: Infos::default(),
             rx_holds: BTreeMap::new(),
             tx_holds: BTreeMap::new(),
             deferred: BTreeMap::new(),
@@ -745,7 +836,7 @@ impl Part {
                     }
                     let paced = task.work.paced_by == Some(color) && wavelets > 0;
                     let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
-                    match inbox.time_of(probe) {
+                    match inbox.time_of(probe, &self.infos) {
                         Some(at) if at <= self.now => {}
                         _ => return false,
                     }
@@ -776,7 +867,7 @@ impl Part {
                         }
                         let paced = task.work.paced_by == Some(color) && wavelets > 0;
                         let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
-                        match inbox.time_of(probe) {
+                        match inbox.time_of(probe, &self.infos) {
                             Some(t) => at = at.max(t),
                             None => continue 'task,
                         }
@@ -827,7 +918,7 @@ impl Part {
             if let Need::Recv { color, wavelets } = *need {
                 let paced = task.work.paced_by == Some(color) && wavelets > 0;
                 let probe = if paced { 0 } else { wavelets.saturating_sub(1) };
-                if let Some(at) = agent.inbox_ref(color).and_then(|i| i.arrival_of(probe)) {
+                if let Some(at) = agent.inbox_ref(color).and_then(|i| i.arrival_of(probe, &self.infos)) {
                     if at.0 > bind.0 {
                         bind = at;
                     }
@@ -847,11 +938,12 @@ impl Part {
                 let inbox = self.agents[a as usize].inbox(color);
                 if self.vals.is_some() {
                     let mut got = Vec::new();
-                    inbox.claimed_data(wavelets, &mut got);
+                    inbox.claimed_data(wavelets, &mut got, &self.infos);
                     claimed.push(got);
                 }
                 if task.work.paced_by == Some(color) && wavelets > 0 {
-                    let (last, last_path) = inbox.arrival_of(wavelets - 1).unwrap_or((self.now, start_path));
+                    let (last, last_path) =
+                        inbox.arrival_of(wavelets - 1, &self.infos).unwrap_or((self.now, start_path));
                     let per = compute.div_ceil(wavelets);
                     if last + per > finish {
                         finish = last + per;
@@ -861,7 +953,7 @@ impl Part {
                             if io > last_path.0[Res::Fabric as usize] { Metric::StallIo } else { Metric::StallData };
                     }
                     // Wavelets held in the queues reach the task one per pace from its start.
-                    if let Some(drain) = held_drain(&self.rx_holds, inbox.holds, a, color, wavelets) {
+                    if let Some(drain) = held_drain(&self.rx_holds, &self.infos, inbox.holds, a, color, wavelets) {
                         if start + drain > finish {
                             finish = start + drain;
                             finish_path = start_path.add(Res::Fabric, drain);
@@ -870,7 +962,7 @@ impl Part {
                     }
                 }
                 let before = inbox.claimed;
-                inbox.claim(wavelets);
+                inbox.claim(wavelets, &mut self.infos);
                 if inbox.holds > 0 {
                     released.push((color, before, inbox.claimed));
                 }
@@ -1013,16 +1105,23 @@ impl Part {
         let tree = match cached {
             Some(t) => t,
             None => {
-                let t = self.expand_tree(sh, g, c, route.pattern, entry)?;
+                let mut t = self.expand_tree(sh, g, c, route.pattern, entry)?;
                 let size = t.nodes.len() as u64;
-                let t = Arc::new(t);
                 // Keep it for the next train while the cache has room (never trees of one node: cheap).
-                if size > 1
+                let keep = size > 1
                     && sh
                         .tree_room
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| room.checked_sub(size))
-                        .is_ok()
-                {
+                        .is_ok();
+                if keep {
+                    // The cache counts nodes, so a kept tree gives back the room of the scratch vectors it
+                    // was built in (which a larger tree before it may have grown).
+                    t.nodes.shrink_to_fit();
+                    t.kids.shrink_to_fit();
+                    t.kid_start.shrink_to_fit();
+                }
+                let t = Arc::new(t);
+                if keep {
                     self.agents[a as usize].trees.push((r, Arc::clone(&t)));
                 }
                 t
@@ -1133,6 +1232,7 @@ impl Part {
             None => stack.push((first, first_in)),
         }
         let timing = &sh.prog.timing;
+        let mut info: Option<u32> = None;
         while let Some((i, t_in)) = stack.pop() {
             let i = i as usize;
             let node = nodes[i];
@@ -1159,27 +1259,32 @@ impl Part {
                 rec.add(agent, metric, s, train.len, train.units);
             }
             stack.extend(kids_of(i).iter().rev().map(|&k| (k, out)));
+            // The train's share of its arrivals here, made at its first delivery in this walk.
+            let mut shared_info = |infos: &mut Infos| *info.get_or_insert_with(|| infos.intern(train));
             match node.deliver {
                 Deliver::Hop => {
                     self.totals.wavelet_hops += train.n;
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
                 Deliver::Pe(d) => {
-                    if self.deliver(sh, d, train, out)? {
-                        self.hold_if_full(sh, sh.home(d).1, d, train, i);
+                    let k = shared_info(&mut self.infos);
+                    if self.deliver(sh, d, train, k, out)? {
+                        self.hold_if_full(sh, sh.home(d).1, d, train, k, i);
                     }
                 }
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
-                        let _ = self.deliver(sh, sh.n_pes + p, train, out)?;
+                        let k = shared_info(&mut self.infos);
+                        let _ = self.deliver(sh, sh.n_pes + p, train, k, out)?;
                     }
                 }
                 Deliver::PortIn(q) => {
                     // Counted where the data crosses the port: when the peer port injects it.
                     let link = Train { color: ColorId::LINK, ..train.clone_header() };
-                    let _ = self.deliver(sh, sh.n_pes + q, &link, out)?;
+                    let k = self.infos.intern(&link);
+                    let _ = self.deliver(sh, sh.n_pes + q, &link, k, out)?;
                 }
             }
         }
@@ -1187,9 +1292,9 @@ impl Part {
         Ok(())
     }
 
-    /// Adds a train's arrival to agent `d`'s inbox and wakes it; returns whether the arrivals it has
-    /// not claimed may exceed its buffering (then `hold_if_full` decides).
-    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, head: u64) -> Result<bool, EngineError> {
+    /// Adds a train's arrival (sharing info slot `info`) to agent `d`'s inbox and wakes it; returns
+    /// whether the arrivals it has not claimed may exceed its buffering (then `hold_if_full` decides).
+    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, info: u32, head: u64) -> Result<bool, EngineError> {
         let (c, n, pace) = (train.color, train.n, train.pace);
         let (part, local) = sh.home(d);
         debug_assert_eq!(part, self.id);
@@ -1200,9 +1305,9 @@ impl Part {
                 sh.agent_name(d)
             )));
         }
-        let path = train.path.add(train.transit_res, head.saturating_sub(train.sent));
         let inbox = agent.inbox(c);
-        inbox.add(Arrival { head, n, pace, path, tail_res: train.tail_res, data: train.data.clone() });
+        inbox.add(Arrival { head, info }, n);
+        self.infos.retain(info);
         let unclaimed = inbox.delivered.saturating_sub(inbox.claimed);
         self.totals.wavelets_delivered += n;
         // Wake the receiver when its consumer of this color can start: at the head for a paced
@@ -1304,8 +1409,8 @@ impl Part {
                             "[ready? color {color}: {} delivered, {} claimed, next at {:?}, last at {:?}, busy until {}]",
                             i.delivered,
                             i.claimed,
-                            i.time_of(0),
-                            i.time_of(wavelets - 1),
+                            i.time_of(0, &self.infos),
+                            i.time_of(wavelets - 1, &self.infos),
                             agent.busy_until
                         ));
                     }
@@ -1335,7 +1440,7 @@ impl Part {
     /// At a delivery to local PE `local` (global `d`) by node `node` of the train's tree: if the
     /// train's tail does not fit into what the consumer has claimed plus the path's buffer, hold the
     /// train and tell its sender.
-    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, node: usize) {
+    fn hold_if_full(&mut self, sh: &Shared, local: u32, d: u32, train: &Train, info: u32, node: usize) {
         if d >= sh.n_pes || d == train.sender || train.color == ColorId::LINK {
             return;
         }
@@ -1356,13 +1461,8 @@ impl Part {
             return;
         }
         inbox.holds += 1;
-        let hold = PendingHold {
-            threshold: inbox.delivered - buffer,
-            sender: train.sender,
-            n: train.n,
-            pace: train.pace,
-            tail_res: train.tail_res,
-        };
+        let hold = PendingHold { threshold: inbox.delivered - buffer, sender: train.sender, info };
+        self.infos.retain(info);
         self.rx_holds.entry((local, c)).or_default().push(hold);
         let credit = Credit { time: self.now, agent: train.sender, color: c, kind: CreditKind::Hold { receiver: d } };
         self.post_credit(sh, credit);
@@ -1374,15 +1474,29 @@ impl Part {
     fn release_holds(&mut self, sh: &Shared, a: u32, c: ColorId, before: u64, after: u64, at: u64, path: Path) {
         let Some(list) = self.rx_holds.get_mut(&(a, c)) else { return };
         let mut out: SmallVec<[Credit; 1]> = SmallVec::new();
-        list.retain(|h| match h.release(before, after, at, path) {
-            Some((tail, path)) => {
-                out.push(Credit { time: tail, agent: h.sender, color: c, kind: CreditKind::Release { tail, path } });
-                false
+        let mut done: SmallVec<[u32; 1]> = SmallVec::new();
+        let infos = &self.infos;
+        list.retain(|h| {
+            let t = infos.get(h.info);
+            match h.release((t.n, t.pace, t.tail_res), before, after, at, path) {
+                Some((tail, path)) => {
+                    out.push(Credit {
+                        time: tail,
+                        agent: h.sender,
+                        color: c,
+                        kind: CreditKind::Release { tail, path },
+                    });
+                    done.push(h.info);
+                    false
+                }
+                None => true,
             }
-            None => true,
         });
         if list.is_empty() {
             self.rx_holds.remove(&(a, c));
+        }
+        for i in done {
+            self.infos.release(i);
         }
         self.agents[a as usize].inbox(c).holds -= out.len() as u32;
         for credit in out {
@@ -1486,6 +1600,7 @@ impl Part {
 /// queues while trains of that color are held there (the slowest held train's pace); None if none is.
 fn held_drain(
     rx_holds: &BTreeMap<(u32, ColorId), Vec<PendingHold>>,
+    infos: &Infos,
     holds: u32,
     a: u32,
     c: ColorId,
@@ -1494,7 +1609,7 @@ fn held_drain(
     if holds == 0 {
         return None;
     }
-    rx_holds.get(&(a, c))?.iter().map(|h| h.pace).reduce(Pace::max).map(|p| p.cycles(wavelets))
+    rx_holds.get(&(a, c))?.iter().map(|h| infos.get(h.info).pace).reduce(Pace::max).map(|p| p.cycles(wavelets))
 }
 
 /// What a port's transit is spent on.
