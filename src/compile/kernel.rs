@@ -27,6 +27,9 @@ pub(crate) const MAX_REPEAT: u32 = 1024;
 pub(crate) const MAX_REPEAT_HARD: u32 = 8192;
 /// Token chunks per iteration the compiler aims for (pipelining between regions).
 pub(crate) const TARGET_RUNS: u32 = 32;
+/// Most runs of a gemv-tree whose colors alternate by chunk parity: its compute tasks send on the
+/// color of each run's parity through one send per run, so the sends of a task stay this few.
+pub(crate) const PARITY_MAX_RUNS: u32 = 64;
 /// Row bands of a gemv-tree's compute block that get only their own slice of the streamed operand,
 /// each on its own multicast color (one more color per band beyond the first).
 pub(crate) const TREE_X_BANDS: u64 = 4;
@@ -365,6 +368,14 @@ fn algo_colors(algo: Algo, st: &Stage) -> u32 {
     }
 }
 
+/// Whether a stage's tiling alternates its fan-in and gather colors by chunk parity (two chunks in
+/// flight): a gemv-tree matmul of 2 to `PARITY_MAX_RUNS` runs. The program does so only where its
+/// streamed operand comes through the input gateway in row bands (`Prog::parity`); the colors are
+/// counted for every such tiling.
+fn parity_algo(algo: Algo, st: &Stage, rep: u32) -> bool {
+    algo == Algo::GemvTree && matches!(st.work, Work::Matmul { .. }) && (2..=PARITY_MAX_RUNS).contains(&rep)
+}
+
 /// Keeps the first fitting tiling, or the least bad misfit.
 struct Chooser<'a> {
     st: &'a Stage,
@@ -380,9 +391,13 @@ struct Chooser<'a> {
 impl Chooser<'_> {
     fn consider(&mut self, algo: Algo, runs: u32, sram: u64, class: String, reason: String) {
         let gathered = self.io.gathered.iter().filter(|&&g| g).count() as u32;
-        // Two gather colors per gathered output, and a credit color when the gather runs more than once.
-        let per_out = 2 + (runs.saturating_mul(self.st.iters) > 1) as u32;
-        let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + per_out * gathered;
+        // Two gather colors per gathered output, and a credit color when the gather runs more than once;
+        // a tree that alternates colors by chunk parity has a second pair per output and a second pair of
+        // fan-in colors.
+        let rep = runs.saturating_mul(self.st.iters);
+        let par = parity_algo(algo, self.st, rep) as u32;
+        let per_out = 2 + (rep > 1) as u32 + 2 * par;
+        let colors = self.st.inputs.len() as u32 + algo_colors(algo, self.st) + per_out * gathered + 2 * par;
         if sram <= self.k.avail && colors <= self.k.colors {
             if self.best.is_none() {
                 self.best = Some(Tiling {
@@ -976,6 +991,27 @@ impl<'a> Prog<'a> {
         let idx = self.iface.outs[..o].iter().filter(|x| x.gathered).count() as u32;
         ColorId(base + 2 * n + idx)
     }
+    /// Second gather colors (odd and even chunks alternate) of output o, after every credit color.
+    fn gc_b(&self, o: usize) -> (ColorId, ColorId) {
+        let base = self.algo_base() + algo_colors(self.t.algo, self.st);
+        let n = self.iface.outs.iter().filter(|x| x.gathered).count() as u32;
+        let idx = self.iface.outs[..o].iter().filter(|x| x.gathered).count() as u32;
+        (ColorId(base + 3 * n + 2 * idx), ColorId(base + 3 * n + 2 * idx + 1))
+    }
+    /// Second fan-in colors of a tree (to the leaders, to the root) for even chunks, after the gathers'.
+    fn tc_b(&self) -> (ColorId, ColorId) {
+        let base = self.algo_base() + algo_colors(self.t.algo, self.st);
+        let n = self.iface.outs.iter().filter(|x| x.gathered).count() as u32;
+        (ColorId(base + 5 * n), ColorId(base + 5 * n + 1))
+    }
+    /// Whether this tree alternates its colors by chunk parity: counted for the tiling, its operand
+    /// relayed by the input gateway in row bands (so the gateway can hold chunk n + 2 back until the
+    /// output has taken chunk n), and every gathered output in one band.
+    fn parity(&self) -> bool {
+        parity_algo(self.t.algo, self.st, self.repeat(self.t.runs))
+            && self.xsplit.is_some()
+            && self.iface.outs.iter().all(|o| !o.gathered || o.bands.len() == 1)
+    }
     fn repeat(&self, runs_per_iter: u32) -> u32 {
         runs_per_iter * self.iters
     }
@@ -1285,91 +1321,236 @@ impl<'a> Prog<'a> {
         }
         let f = self.f();
         let eb = self.st.outputs[o].elem_bytes;
+        let rep = self.repeat(out_runs);
+        // Colors by chunk parity: odd runs on the first, even runs on the second (the same when the
+        // gather does not alternate).
+        let par = self.parity() && rep == self.repeat(self.t.runs);
         let (g1, g0) = self.gc(o);
+        let (g1b, g0b) = if par { self.gc_b(o) } else { (g1, g0) };
         let hy = f.h - 1;
         // Column-to-row routes: every sending row, per band: the band's first column steps one east
         // then down (so the gateway only receives on g0); the others go straight down.
         for &r in rows {
             let y = f.row0() + r;
             for &(c0, c1) in &oi.bands {
-                if c1 - c0 > 1 {
-                    let r0 = self.rect_abs(y, c0, 1, 1);
-                    self.route(g1, r0, Pattern::To { dx: 1, dy: (hy - y) as i32 });
-                    let rr = self.rect_abs(y, c0 + 1, 1, c1 - c0 - 1);
-                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
-                } else {
-                    let rr = self.rect_abs(y, c0, 1, 1);
-                    self.route(g1, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
+                for g in if par { vec![g1, g1b] } else { vec![g1] } {
+                    if c1 - c0 > 1 {
+                        let r0 = self.rect_abs(y, c0, 1, 1);
+                        self.route(g, r0, Pattern::To { dx: 1, dy: (hy - y) as i32 });
+                        let rr = self.rect_abs(y, c0 + 1, 1, c1 - c0 - 1);
+                        self.route(g, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
+                    } else {
+                        let rr = self.rect_abs(y, c0, 1, 1);
+                        self.route(g, rr, Pattern::Line { dir: Dir::South, hops: hy - y, multicast: false });
+                    }
                 }
             }
         }
         let col_w = |c: u32| -> u64 { rows.iter().map(|&r| wl(vals(r, c), eb)).sum() };
+        // Runs of the odd-chunk and even-chunk tasks of an alternating pair.
+        let (ra, rb) = if par { (rep.div_ceil(2), rep / 2) } else { (rep, 0) };
         for (b, &(c0, c1)) in oi.bands.iter().enumerate() {
-            let rep = self.repeat(out_runs);
             // Relays c0+1 .. c1 - 1: their column (and c0's, at c0 + 1) west to c0.
             for c in (c0 + 1)..c1 {
                 let w = col_w(c) + if c == c0 + 1 { col_w(c0) } else { 0 };
                 if w == 0 {
                     continue;
                 }
-                self.out_row.entry(c).or_default().push(task(
-                    &format!("gather{o}"),
-                    vec![recv(g1, w)],
-                    mov(eb),
-                    w * 4 / eb,
-                    Some(g1),
-                    vec![send(g0, w, true)],
-                    rep,
-                    0,
-                ));
+                let relay = |gi: ColorId, go: ColorId, runs: u32| {
+                    task(
+                        &format!("gather{o}"),
+                        vec![recv(gi, w)],
+                        mov(eb),
+                        w * 4 / eb,
+                        Some(gi),
+                        vec![send(go, w, true)],
+                        runs,
+                        0,
+                    )
+                };
+                let tasks = self.out_row.entry(c).or_default();
+                alternate(tasks, relay(g1, g0, ra), par.then(|| relay(g1b, g0b, rb)));
                 let r = self.rect_abs(hy, c, 1, 1);
-                self.route(g0, r, Pattern::Line { dir: Dir::West, hops: c - c0, multicast: false });
+                for g in if par { vec![g0, g0b] } else { vec![g0] } {
+                    self.route(g, r, Pattern::Line { dir: Dir::West, hops: c - c0, multicast: false });
+                }
             }
             // The band's gateway.
-            let (color_in, w_in) = if c1 - c0 > 1 { (g0, (c0..c1).map(col_w).sum::<u64>()) } else { (g1, col_w(c0)) };
-            let sends: Vec<Send> = oi
-                .dests
-                .iter()
-                .filter(|d| d.band == b)
-                .map(|d| Send { color: d.color, wavelets: d.wavelets, streamed: true, runs: d.runs })
-                .collect();
-            let gw = self.out_row.entry(c0).or_default();
-            gw.push(task(
-                &format!("out{o}"),
-                vec![recv(color_in, w_in)],
-                mov(eb),
-                w_in * 4 / eb,
-                Some(color_in),
-                sends,
-                rep,
-                0,
-            ));
+            let multi = c1 - c0 > 1;
+            let w_in = if multi { (c0..c1).map(col_w).sum::<u64>() } else { col_w(c0) };
+            let out = |color_in: ColorId, half: Option<bool>| {
+                let sends: Vec<Send> = oi
+                    .dests
+                    .iter()
+                    .filter(|d| d.band == b)
+                    .filter_map(|d| {
+                        let runs = match (d.runs, half) {
+                            (Some(r), Some(odd)) => Some(parity_runs(r, odd)?),
+                            (r, _) => r,
+                        };
+                        Some(Send { color: d.color, wavelets: d.wavelets, streamed: true, runs })
+                    })
+                    .collect();
+                let runs = match half {
+                    Some(true) => ra,
+                    Some(false) => rb,
+                    None => rep,
+                };
+                task(
+                    &format!("out{o}"),
+                    vec![recv(color_in, w_in)],
+                    mov(eb),
+                    w_in * 4 / eb,
+                    Some(color_in),
+                    sends,
+                    runs,
+                    0,
+                )
+            };
+            let (ia, ib) = if multi { (g0, g0b) } else { (g1, g1b) };
             // Per-chunk ordering. A router queue is FIFO across the senders of a color, so where several
             // PEs send to one (the gather's relays and gateway, fan-in leaders, row combines) a fast
             // sender's run n + 1 could arrive before a slow one's run n and be counted into run n. The
-            // gateway hands the band's compute PEs one credit per run (after its run n has taken every
-            // wavelet of run n, which needs every send of run n in the band), and none of them starts a
-            // sending task's run n + 1 before that credit: one run's trains are all claimed before any
-            // train of the next run is sent.
+            // gateway sends one credit per run once its run n has taken every wavelet of run n (which
+            // needs every send of run n in the band), and no sending task of the band starts its run
+            // n + w before that credit (w = 1, or 2 where colors alternate by chunk parity, so that
+            // chunks n and n + 1 never share a queue): a run's trains are all claimed before any train
+            // of the next run on its colors is sent. Where every sending task of the band waits, run by
+            // run, for an input that one gateway relays, the credit goes to that input gateway, which
+            // relays chunk n + w only after it (one train per run); else it is multicast over the
+            // band's compute block.
+            let window = if par { 2 } else { 1 };
             let rc = f.rc();
-            if rep > 1 && rc * (c1 - c0) > 1 {
-                let kc = self.kc(o);
-                let gw = self.out_row.entry(c0).or_default();
-                let out_t = gw.len() - 1;
-                let credit = vec![send(kc, 1, false)];
-                gw.push(task(&format!("credit{o}"), vec![after(out_t, 1, 1, 1)], mov(eb), 0, None, credit, rep - 1, 0));
-                let dy = f.row0() as i32 - hy as i32;
-                self.route(kc, self.rect_abs(hy, c0, 1, 1), Pattern::Rect { dx: 0, dy, w: c1 - c0, h: rc });
+            let credits = rep > window && rc * (c1 - c0) > 1;
+            let kc = self.kc(o);
+            let credit = |t: usize, runs: u32| {
+                task(
+                    &format!("credit{o}"),
+                    vec![after(t, 1, 1, 1)],
+                    mov(eb),
+                    0,
+                    None,
+                    vec![send(kc, 1, false)],
+                    runs,
+                    0,
+                )
+            };
+            let gw = self.out_row.entry(c0).or_default();
+            let first = gw.len();
+            if !par {
+                gw.push(out(ia, None));
+                if credits {
+                    gw.push(credit(first, rep - 1));
+                }
+            } else {
+                // Credits first: a finished run's credit goes out before the gateway's next run. Odd
+                // chunks' credits come from the first task of the pair, even chunks' from the second.
+                let n = if credits { rep - window } else { 0 };
+                let (na, nb) = (n.div_ceil(2), n / 2);
+                let outs = first + (na > 0) as usize + (nb > 0) as usize;
+                if na > 0 {
+                    gw.push(credit(outs, na));
+                }
+                if nb > 0 {
+                    gw.push(credit(outs + 1, nb));
+                }
+                alternate(gw, out(ia, Some(true)), Some(out(ib, Some(false))));
+            }
+            if credits {
                 let area = self.rect_abs(f.row0(), c0, rc, c1 - c0);
-                self.credit_senders(area, kc, rep, o);
+                let gate = if par { self.input_gate(area, rep) } else { None };
+                match gate {
+                    Some((s, tpl)) => {
+                        let to = Pattern::To { dx: s as i32 - c0 as i32, dy: -(hy as i32) };
+                        self.route(kc, self.rect_abs(hy, c0, 1, 1), to);
+                        let tasks = &mut self.code.templates[tpl].1;
+                        let k = tasks.len();
+                        for tk in tasks.iter_mut().filter(|t| !t.name.starts_with("credit")) {
+                            tk.needs.push(after(k, 1 - window as i64, 1, 1));
+                        }
+                        let runs = rep - window;
+                        tasks.push(task(&format!("credit{o}"), vec![recv(kc, 1)], mov(4), 0, None, vec![], runs, 0));
+                    }
+                    None => {
+                        let dy = f.row0() as i32 - hy as i32;
+                        self.route(kc, self.rect_abs(hy, c0, 1, 1), Pattern::Rect { dx: 0, dy, w: c1 - c0, h: rc });
+                        self.credit_senders(area, kc, rep, window, o);
+                    }
+                }
             }
         }
     }
 
-    /// Gives every PE of `area` a task taking the gather's credit (`rep - 1` runs), and makes each of
-    /// its sending tasks of `rep` runs wait, from its second run on, for the credit of the run before.
-    /// Tiles that straddle the area are split; templates are cloned once.
-    fn credit_senders(&mut self, area: Rect, kc: ColorId, rep: u32, o: usize) {
+    /// The input gateway a gather's credit can hold back instead of every sender of `area`: a slot
+    /// relayed by one gateway task of `rep` runs (chunk n in run n) such that every task of `area`
+    /// that sends waits in its run n for chunk n of that slot: it receives the gateway's multicast
+    /// (or a color sent only inside the compute block, by such tasks), or it follows, run for run, a
+    /// task that does. Then no train of chunk n + w leaves a PE of `area` before the gateway relays
+    /// chunk n + w, so holding that relay back until the output has taken chunk n orders the chunks
+    /// with one credit train per run instead of one delivered to every PE. Returns the slot and its
+    /// gateway's template (slots without forwards first); None when none qualifies.
+    fn input_gate(&self, area: Rect, rep: u32) -> Option<(usize, usize)> {
+        if !self.f().io_in {
+            return None;
+        }
+        // Every input's colors: the slots' multicasts and the row bands of a split slot.
+        let mut inputs: Vec<ColorId> = (0..self.st.inputs.len()).map(|s| self.mc(s)).collect();
+        inputs.extend(self.xsplit.iter().flat_map(|x| x.bands.iter().map(|b| b.2)));
+        let mut internal: Vec<ColorId> = (0..algo_colors(self.t.algo, self.st)).map(|i| self.ac(i)).collect();
+        if self.parity() {
+            let (t1b, t2b) = self.tc_b();
+            internal.extend([t1b, t2b]);
+        }
+        let mut cands: Vec<(usize, &Feed)> = Vec::new();
+        for s in 0..self.st.inputs.len() {
+            let banded = self.iface.wslot == Some(s) && self.iface.wbands.len() > 1;
+            if let [feed] = self.iface.feeds[s].as_slice() {
+                if !banded && !feed.direct && feed.repeat == rep {
+                    cands.push((s, feed));
+                }
+            }
+        }
+        cands.sort_by_key(|(s, feed)| (!feed.fwd.is_empty(), *s));
+        let tiles: Vec<usize> = self
+            .code
+            .tiles
+            .iter()
+            .filter(|(r, _)| r.x < area.x + area.w && area.x < r.x + r.w && r.y < area.y + area.h && area.y < r.y + r.h)
+            .map(|&(_, t)| t)
+            .collect();
+        'cand: for (s, feed) in cands {
+            // The colors the gateway multicasts chunk n on, with their wavelets per run.
+            let gated: Vec<(ColorId, u64)> = match self.xsplit.as_ref().filter(|x| x.slot == s) {
+                Some(x) => x.bands.iter().map(|b| (b.2, b.3)).collect(),
+                None => vec![(self.mc(s), feed.wavelets)],
+            };
+            let here = self.rect_abs(0, s as u32, 1, 1);
+            let Some(&(_, tpl)) = self.code.tiles.iter().find(|(r, _)| *r == here) else {
+                continue;
+            };
+            if self.code.templates[tpl].1.iter().any(|t| t.repeat != rep && !t.name.starts_with("credit")) {
+                continue;
+            }
+            for &t in &tiles {
+                let tasks = &self.code.templates[t].1;
+                let mut memo = vec![None; tasks.len()];
+                for k in 0..tasks.len() {
+                    if !tasks[k].sends.is_empty()
+                        && !follows_chunk(tasks, k, rep, &gated, &inputs, &internal, &mut memo)
+                    {
+                        continue 'cand;
+                    }
+                }
+            }
+            return Some((s, tpl));
+        }
+        None
+    }
+
+    /// Gives every PE of `area` a task taking the gather's credit (`rep - window` runs), and makes each
+    /// of its sending tasks of `rep` runs wait, from its run `window + 1` on, for the credit of the run
+    /// `window` before. Tiles that straddle the area are split; templates are cloned once.
+    fn credit_senders(&mut self, area: Rect, kc: ColorId, rep: u32, window: u32, o: usize) {
         let mut cloned: BTreeMap<usize, usize> = BTreeMap::new();
         let tiles = std::mem::take(&mut self.code.tiles);
         for (r, t) in tiles {
@@ -1396,10 +1577,11 @@ impl<'a> Prog<'a> {
                     let k = tasks.len();
                     for tk in tasks.iter_mut() {
                         if tk.repeat == rep && !tk.sends.is_empty() {
-                            tk.needs.push(after(k, 0, 1, 1));
+                            tk.needs.push(after(k, 1 - window as i64, 1, 1));
                         }
                     }
-                    tasks.push(task(&format!("credit{o}"), vec![recv(kc, 1)], mov(4), 0, None, vec![], rep - 1, 0));
+                    let runs = rep - window;
+                    tasks.push(task(&format!("credit{o}"), vec![recv(kc, 1)], mov(4), 0, None, vec![], runs, 0));
                     self.code.templates.push((name, tasks, sram));
                     let nt = self.code.templates.len() - 1;
                     cloned.insert(t, nt);
@@ -1409,6 +1591,67 @@ impl<'a> Prog<'a> {
             self.code.tiles.push((Rect { x: x0, y: y0, w: x1 - x0, h: y1 - y0 }, nt));
         }
     }
+}
+
+/// Pushes task `a` and, when given, its partner `b` (odd and even chunks on their own colors), which
+/// take turns: b's run m after a's run m, a's run m + 1 after b's run m, so a PE handles chunks in order.
+fn alternate(tasks: &mut Vec<Task>, mut a: Task, b: Option<Task>) {
+    let ia = tasks.len();
+    if let Some(mut b) = b {
+        a.needs.push(after(ia + 1, 0, 1, 1));
+        b.needs.push(after(ia, 1, 1, 1));
+        tasks.push(a);
+        tasks.push(b);
+    } else {
+        tasks.push(a);
+    }
+}
+
+/// The runs of the odd-chunk (`odd`) or even-chunk task of an alternating pair that fall in the chunks
+/// `r`; None when none does.
+fn parity_runs(r: RunRange, odd: bool) -> Option<RunRange> {
+    // Chunk c is run (c + 1) / 2 of the odd task (c odd) and run c / 2 of the even task (c even).
+    let (first, last) =
+        if odd { ((r.first + 1).div_ceil(2), r.last.div_ceil(2)) } else { (r.first.div_ceil(2), r.last / 2) };
+    (first <= last).then_some(RunRange { first, last })
+}
+
+/// Whether run n of task k of a PE waits for chunk n of a gated input (`Prog::input_gate`): it has
+/// `rep` runs and receives a gated color (the chunk's wavelets per run) or an `internal` color (one
+/// only the block's tasks send, which holds if they all follow the chunk), or needs, for its run n, at
+/// least n runs of a task that follows the chunk. A color of another input never counts.
+fn follows_chunk(
+    tasks: &[Task],
+    k: usize,
+    rep: u32,
+    gated: &[(ColorId, u64)],
+    inputs: &[ColorId],
+    internal: &[ColorId],
+    memo: &mut [Option<bool>],
+) -> bool {
+    if let Some(v) = memo[k] {
+        return v;
+    }
+    // Cycles among needs (a chain waiting on its own last task) do not count: false while visiting.
+    memo[k] = Some(false);
+    let t = &tasks[k];
+    let v = t.needs.iter().any(|n| match *n {
+        Need::Recv { color, wavelets } => {
+            (t.repeat == rep && gated.contains(&(color, wavelets)))
+                || (internal.contains(&color) && !inputs.contains(&color))
+        }
+        Need::Done { task, times } => {
+            t.repeat == rep && times >= 1 && follows_chunk(tasks, task.0 as usize, rep, gated, inputs, internal, memo)
+        }
+        Need::After { task, first, num, den } => {
+            t.repeat == rep
+                && first >= 1
+                && num >= den
+                && follows_chunk(tasks, task.0 as usize, rep, gated, inputs, internal, memo)
+        }
+    });
+    memo[k] = Some(v);
+    v
 }
 
 #[derive(Default)]
@@ -1650,6 +1893,9 @@ fn prog_tree(p: &mut Prog) {
     let rep = p.repeat(runs);
     let (t1, t2) = (p.ac(0), p.ac(1));
     let (g1, _) = p.gc(out);
+    // Colors by chunk parity: odd runs on the first, even runs on the second (`Prog::parity`).
+    let par = p.parity();
+    let ((t1b, t2b), (g1b, _)) = if par { (p.tc_b(), p.gc_b(out)) } else { ((t1, t2), (g1, g1)) };
     let row_kinds: Vec<Vec<u64>> = (0..rc)
         .map(|r| {
             let role = tree.role(r);
@@ -1672,18 +1918,26 @@ fn prog_tree(p: &mut Prog) {
         if role > 0 {
             // A reducer: drains the multicasts it does not use, adds the partial sums as they arrive.
             let mut pe = p.drain_row(band, runs, xb);
-            let (color_in, color_out) = if role == 1 { (t1, t2) } else { (t2, g1) };
             let bias_flops = if role == 2 && bias { rr * n_c } else { 0 };
-            pe.push(task(
-                if role == 1 { "red1" } else { "red2" },
-                vec![recv(color_in, sources * w_p)],
-                arith(eb),
-                (sources.saturating_sub(1) * rr * n_c + bias_flops).max(1),
-                Some(color_in),
-                vec![send(color_out, w_p, true)],
-                rep,
-                bias_flops,
-            ));
+            let red = |color_in: ColorId, color_out: ColorId, runs: u32| {
+                task(
+                    if role == 1 { "red1" } else { "red2" },
+                    vec![recv(color_in, sources * w_p)],
+                    arith(eb),
+                    (sources.saturating_sub(1) * rr * n_c + bias_flops).max(1),
+                    Some(color_in),
+                    vec![send(color_out, w_p, true)],
+                    runs,
+                    bias_flops,
+                )
+            };
+            let ((a_in, a_out), (b_in, b_out)) =
+                if role == 1 { ((t1, t2), (t1b, t2b)) } else { ((t2, g1), (t2b, g1b)) };
+            if par {
+                alternate(&mut pe.tasks, red(a_in, a_out, rep.div_ceil(2)), Some(red(b_in, b_out, rep / 2)));
+            } else {
+                pe.push(red(a_in, a_out, rep));
+            }
             // One accumulator row and one arriving row: partial sums stream through row by row.
             pe.sram = 2 * n_c * eb;
             return Some((format!("{}.tree{role}", st.name), pe));
@@ -1695,17 +1949,21 @@ fn prog_tree(p: &mut Prog) {
         let (xc, xw) = xb.and_then(|b| p.xfeed(b)).map_or((p.rc(a), wa), |(_, c, w)| (c, w));
         let mut needs = vec![recv(xc, xw)];
         needs.extend(p.pre_needs(&pre, runs));
-        let to = if role == 0 && rk[3] == 1 { t1 } else { t2 };
-        let mm = pe.push(task(
-            "mm",
-            needs,
-            fmac(eb),
-            rr * k_r * n_c,
-            Some(xc),
-            vec![send(to, w_p, true)],
-            rep,
-            2 * rr * k_r * n_c,
-        ));
+        let (to, to_b) = if role == 0 && rk[3] == 1 { (t1, t1b) } else { (t2, t2b) };
+        // Alternating colors: one send per run, on the color of the run's parity.
+        let sends = if par {
+            (1..=rep)
+                .map(|r| Send {
+                    color: if r % 2 == 1 { to } else { to_b },
+                    wavelets: w_p,
+                    streamed: true,
+                    runs: Some(RunRange { first: r, last: r }),
+                })
+                .collect()
+        } else {
+            vec![send(to, w_p, true)]
+        };
+        let mm = pe.push(task("mm", needs, fmac(eb), rr * k_r * n_c, Some(xc), sends, rep, 2 * rr * k_r * n_c));
         p.gate_pre(&mut pe, &pre, mm, runs);
         pe.sram = p.t.sram_max;
         Some((format!("{}.tree0", st.name), pe))
@@ -1715,14 +1973,15 @@ fn prog_tree(p: &mut Prog) {
     for r in 0..rc {
         let y = f.row0() + r as u32;
         let rect = p.rect_abs(y, 0, 1, active_cols.max(1));
-        match (tree.role(r), tree.target(r)) {
-            (0, Some(l)) => {
-                p.route(t1, rect, Pattern::Line { dir: Dir::South, hops: (l - r) as u32, multicast: false })
-            }
-            (0, None) | (1, _) => {
-                p.route(t2, rect, Pattern::Line { dir: Dir::South, hops: (rc - 1 - r) as u32, multicast: false })
-            }
-            _ => {}
+        let ((ca, cb), hops) = match (tree.role(r), tree.target(r)) {
+            (0, Some(l)) => ((t1, t1b), l - r),
+            (0, None) | (1, _) => ((t2, t2b), rc - 1 - r),
+            _ => continue,
+        };
+        let line = Pattern::Line { dir: Dir::South, hops: hops as u32, multicast: false };
+        p.route(ca, rect, line);
+        if par {
+            p.route(cb, rect, line);
         }
     }
     let vals = move |_r: u32, cc: u32| rr * nc.at(cc as u64);
