@@ -636,6 +636,9 @@ pub(crate) struct Part {
     /// Local agents whose running task reached its finish while a send of its run was held:
     /// (task, the cycle it would have finished).
     deferred: BTreeMap<u32, (u32, u64)>,
+    /// Local IO ports whose held colors were all released: when, and the critical path of the release
+    /// (the consumer's late claim), for the port's next task start to carry.
+    port_released: BTreeMap<u32, (u64, Path)>,
     now: u64,
     walk_stack: Vec<(u32, u64)>,
     scratch: Vec<Node>,
@@ -698,6 +701,7 @@ impl Part {
             rx_holds: BTreeMap::new(),
             tx_holds: BTreeMap::new(),
             deferred: BTreeMap::new(),
+            port_released: BTreeMap::new(),
             now: 0,
             walk_stack: Vec::new(),
             scratch: Vec::new(),
@@ -923,6 +927,11 @@ impl Part {
                         bind = at;
                     }
                 }
+            }
+        }
+        if port {
+            if let Some(r) = self.port_released.remove(&a).filter(|r| r.0 > bind.0) {
+                bind = r;
             }
         }
         let start_path = bind.1.add(Res::Compute, start.saturating_sub(bind.0));
@@ -1537,6 +1546,9 @@ impl Part {
         }
         self.tx_holds.remove(&key);
         if self.is_port(sh, a) {
+            // A port's task waits for the release: its path runs through the consumer's late claim,
+            // not through the port (which computes nothing).
+            self.port_released.insert(a, (release_at.min(self.now), release_path));
             self.queue.push(self.now, Ev::Wake(a));
         }
         if let Some(&(k, due)) = self.deferred.get(&a) {
