@@ -26,6 +26,11 @@ fn deep(name: &str, layers: u32) -> PathBuf {
     path
 }
 
+/// Batch 1 of `seq` tokens (the context, in decode) in `phase`.
+fn workload(m: &model::Model, phase: Phase, seq: u64) -> waferscale::model::Workload {
+    WorkloadArgs { phase: Some(phase), batch: Some(1), seq: Some(seq), ..Default::default() }.resolve(m).unwrap()
+}
+
 fn hw(mesh: u32) -> WaferHw {
     let doc = waferscale::hw::load_with_overrides("wse2", &[]).unwrap();
     WaferHw::from_doc(&doc).unwrap().with_mesh(mesh, mesh).unwrap()
@@ -49,9 +54,7 @@ struct Case {
 /// (detailed runs, fast step) of one case.
 fn both(c: &Case, layers: u32) -> (Vec<EngineRun>, fast::FastStep) {
     let m = model::load(deep(c.model, layers).to_str().unwrap()).unwrap();
-    let w = WorkloadArgs { phase: Some(c.phase), batch: Some(1), seq: Some(c.seq), ..Default::default() }
-        .resolve(&m)
-        .unwrap();
+    let w = workload(&m, c.phase, c.seq);
     let hw = hw(c.mesh);
     let (_, whole) = compile_model(&m, &w, &hw, &opts(None, None)).unwrap();
     assert_eq!(whole.plan.layers_folded, layers);
@@ -116,9 +119,7 @@ fn fast_fidelity_is_within_two_percent_of_detailed_on_deep_weight_streaming_loop
 #[test]
 fn a_loop_cut_to_every_layer_is_the_whole_program_and_shorter_cuts_drop_whole_layers() {
     let m = model::load(deep("gpt-tiny", 10).to_str().unwrap()).unwrap();
-    let w = WorkloadArgs { phase: Some(Phase::Train), batch: Some(1), seq: Some(16), ..Default::default() }
-        .resolve(&m)
-        .unwrap();
+    let w = workload(&m, Phase::Train, 16);
     let hw = hw(32);
     let (_, whole) = compile_model(&m, &w, &hw, &opts(None, None)).unwrap();
     let (_, same) = compile_model(&m, &w, &hw, &opts(Some(10), None)).unwrap();
@@ -145,9 +146,7 @@ fn cut_loops_run_where_equal_repeats_once_grouped_unrelated_port_streams() {
     // different iterations (every layer's tensor, and all but one layer's at two runs each); taking
     // turns between them deadlocked.
     let m = model::load(deep("gpt-tiny", 24).to_str().unwrap()).unwrap();
-    let w = WorkloadArgs { phase: Some(Phase::Train), batch: Some(1), seq: Some(16), ..Default::default() }
-        .resolve(&m)
-        .unwrap();
+    let w = workload(&m, Phase::Train, 16);
     let hw = hw(32);
     for k in [2, 16] {
         let (_, c) = compile_model(&m, &w, &hw, &opts(Some(k), None)).unwrap();
