@@ -35,7 +35,11 @@ fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
 /// The view of tensor `t`: a split output is columns of the split's input (what really moves); ids
 /// (token ids, positions) are one per row.
 pub(crate) fn view(g: &Graph, t: TensorId) -> View {
-    let producers = g.producers();
+    view_with(g, &g.producers(), t)
+}
+
+/// `view` with the graph's producers at hand.
+fn view_with(g: &Graph, producers: &[Option<crate::graph::OpId>], t: TensorId) -> View {
     if let Some(p) = producers[t.idx()] {
         let op = g.op(p);
         if let OpKind::Split { widths, .. } = &op.kind {
@@ -63,6 +67,7 @@ pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
 /// and output by output (and the tensors a view slices). A first-layer tensor that would stand for two
 /// tensors of one layer is an error (the kernels could not tell them apart).
 pub(crate) fn loop_map(g: &Graph, st: &Stage, iters: &[u32]) -> Result<LoopMap, String> {
+    let producers = g.producers();
     let mut maps = Vec::new();
     for &it in iters {
         let inst = st.inst.get(it as usize).ok_or_else(|| format!("region `{}`: no iteration {it}", st.name))?;
@@ -81,7 +86,7 @@ pub(crate) fn loop_map(g: &Graph, st: &Stage, iters: &[u32]) -> Result<LoopMap, 
             let (oa, ob) = (g.op(a), g.op(b));
             for (&x, &y) in oa.inputs.iter().zip(&ob.inputs).chain(oa.outputs.iter().zip(&ob.outputs)) {
                 pair(x.0, y.0)?;
-                let (vx, vy) = (view(g, x), view(g, y));
+                let (vx, vy) = (view_with(g, &producers, x), view_with(g, &producers, y));
                 pair(vx.base, vy.base)?;
             }
         }
@@ -129,16 +134,6 @@ pub(crate) fn region(
             templates,
             format!(
                 "region `{}`: functional mode does not run the backward layer loop of weight streaming yet",
-                st.name
-            ),
-        );
-    }
-    if st.iters != 1 && g.workload.phase == Phase::Decode {
-        return refuse(
-            templates,
-            format!(
-                "region `{}`: functional mode does not run weight-streaming decode yet (every layer's KV cache in one \
-                 folded region)",
                 st.name
             ),
         );
