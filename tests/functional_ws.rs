@@ -186,7 +186,7 @@ fn a_memoryx_streaming_the_wrong_layer_is_caught() {
     data.loops.push(LoopMap { maps: vec![BTreeMap::new(); iters] });
     let mut bent = 0;
     for td in data.tasks.iter_mut().flatten() {
-        if let TaskData::Looped { kernel: Kernel::Source { .. }, lp } = td {
+        if let TaskData::Looped { kernel: Kernel::Source { .. }, lp, .. } = td {
             *lp = stuck;
             bent += 1;
         }

@@ -96,6 +96,55 @@ pub(crate) fn loop_map(g: &Graph, st: &Stage, iters: &[u32]) -> Result<LoopMap, 
     Ok(LoopMap { maps })
 }
 
+/// A folded region's task table with its iteration-bound kernels looped (`TaskData::Looped`) on loop
+/// `lp` of `iters` iterations: a task's runs split evenly over the iterations, or (a pair of tasks of
+/// the same name, one after the other: odd and even chunks on their own colors) the pair's do, the
+/// first taking chunks 1, 3, ... and the second 2, 4, ...; else a reason.
+pub(crate) fn looped(
+    templates: &[(String, Vec<Task>, u64)],
+    tasks: Vec<Vec<TaskData>>,
+    lp: u32,
+    iters: u64,
+) -> (Vec<Vec<TaskData>>, Option<String>) {
+    let mut bad = None;
+    let out = templates
+        .iter()
+        .zip(tasks)
+        .map(|((tname, ts, _), tds)| {
+            let looped: Vec<bool> =
+                tds.iter().map(|td| matches!(td, TaskData::Kernel(k) if iteration_bound(k))).collect();
+            let pair =
+                |i: usize, j: usize| j < ts.len() && looped[i] && looped[j] && ts[i].name == ts[j].name && i != j;
+            tds.into_iter()
+                .enumerate()
+                .map(|(i, td)| {
+                    let TaskData::Kernel(kernel) = td else { return td };
+                    if !looped[i] {
+                        return TaskData::Kernel(kernel);
+                    }
+                    let rep = ts[i].repeat as u64;
+                    let (chunks, stride, offset) = if pair(i, i + 1) {
+                        (rep + ts[i + 1].repeat as u64, 2, 0)
+                    } else if i > 0 && pair(i - 1, i) {
+                        (rep + ts[i - 1].repeat as u64, 2, 1)
+                    } else {
+                        (rep, 1, 0)
+                    };
+                    if iters == 0 || chunks % iters != 0 {
+                        bad.get_or_insert(format!(
+                            "`{tname}` task `{}`: {chunks} runs do not split evenly into the loop's {iters} iterations",
+                            ts[i].name
+                        ));
+                        return TaskData::None;
+                    }
+                    TaskData::Looped { kernel, lp, per_iter: chunks / iters, stride, offset }
+                })
+                .collect()
+        })
+        .collect();
+    (out, bad)
+}
+
 /// Whether a kernel must see the tensors and run numbers of its loop iteration (else it only moves
 /// what it claimed, and runs as it is in every iteration).
 pub(crate) fn iteration_bound(k: &Kernel) -> bool {

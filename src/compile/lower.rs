@@ -1020,8 +1020,18 @@ fn compile_wafer(
                     let v = data::view(g, slot_t);
                     let rows = data::view_rows(g, slot_t, &v);
                     let kernel = Kernel::Source { view: v, rows_per_run: rows };
+                    let iters = loop_of[b].map_or(0, |lp| loops[lp as usize].maps.len() as u64);
                     pw.data.push(match loop_of[b] {
-                        Some(lp) => TaskData::Looped { kernel, lp },
+                        Some(lp) if iters > 0 && repeat as u64 % iters == 0 => {
+                            TaskData::Looped { kernel, lp, per_iter: repeat as u64 / iters, stride: 1, offset: 0 }
+                        }
+                        Some(_) => {
+                            pw.unsupported.push(format!(
+                                "stream `{}`: {repeat} runs do not split evenly into the loop's {iters} iterations",
+                                fl.name
+                            ));
+                            TaskData::None
+                        }
                         None => TaskData::Kernel(kernel),
                     });
                 } else if let (Work::Relay { rows, width, .. }, PeerKind::MemoryX) = (&stages[b].work, peer) {
@@ -1243,18 +1253,12 @@ fn compile_wafer(
         let rd = data::region(g, st, t, rects[sid], &ifaces[sid], &code.templates);
         let tasks = match loop_of[sid] {
             // A folded loop's kernels run on each iteration's tensors.
-            Some(lp) => rd
-                .tasks
-                .into_iter()
-                .map(|ts| {
-                    ts.into_iter()
-                        .map(|td| match td {
-                            TaskData::Kernel(k) if data::iteration_bound(&k) => TaskData::Looped { kernel: k, lp },
-                            td => td,
-                        })
-                        .collect()
-                })
-                .collect(),
+            Some(lp) => {
+                let iters = loops[lp as usize].maps.len() as u64;
+                let (tasks, bad) = data::looped(&code.templates, rd.tasks, lp, iters);
+                pdata.unsupported.extend(bad.map(|b| format!("region `{}`: {b}", st.name)));
+                tasks
+            }
             None => rd.tasks,
         };
         pdata.tasks.extend(tasks);

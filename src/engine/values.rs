@@ -187,20 +187,19 @@ impl PartValues {
         let outs = match td {
             TaskData::None => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
-            TaskData::Looped { kernel, lp } => {
-                // Iteration l of the loop: layer l's tensors, runs counted within the iteration.
-                let maps = data.loops.get(*lp as usize).map_or(&[][..], |l| l.maps.as_slice());
-                let (n, rep) = (maps.len() as u64, at.task.repeat as u64);
-                if n == 0 || rep % n != 0 {
+            &TaskData::Looped { ref kernel, lp, per_iter, stride, offset } => {
+                // The chunk this run is: its iteration's tensors, runs counted within the iteration.
+                let maps = data.loops.get(lp as usize).map_or(&[][..], |l| l.maps.as_slice());
+                let chunk = (at.run - 1) * stride + offset;
+                let Some(m) = maps.get((chunk / per_iter.max(1)) as usize) else {
                     return Err(format!(
-                        "{}: {rep} runs do not split evenly into the loop's {n} iterations",
-                        at.name()
+                        "{}: chunk {chunk} is past the loop's {} iterations of {per_iter}",
+                        at.name(),
+                        maps.len()
                     ));
-                }
-                let per = rep / n;
-                let m = &maps[((at.run - 1) / per) as usize];
+                };
                 let kernel = kernel.map_tensors(|t| m.get(&t).copied().unwrap_or(t));
-                let inner = At { run: (at.run - 1) % per + 1, ..*at };
+                let inner = At { run: chunk % per_iter.max(1) + 1, ..*at };
                 self.kernel(local, &inner, &kernel, claimed)?
             }
         };

@@ -324,12 +324,16 @@ pub enum TaskData {
     /// Moves no values (a task whose wavelets nobody reads).
     None,
     Kernel(Kernel),
-    /// A task of a folded loop (`ProgramData::loops[lp]`): its runs are the loop's iterations in
-    /// order, the same number in each; iteration l runs the kernel on layer l's tensors, and the run
-    /// numbers the kernel sees count within the iteration.
+    /// A task of a folded loop (`ProgramData::loops[lp]`): its run n is chunk
+    /// `(n - 1) * stride + offset` (0-based) of the loop's `per_iter` chunks per iteration, in order
+    /// (stride 2: one of a pair of tasks taking odd and even chunks in turn); the chunk's iteration l
+    /// runs the kernel on layer l's tensors, and the run number the kernel sees counts within it.
     Looped {
         kernel: Kernel,
         lp: u32,
+        per_iter: u64,
+        stride: u64,
+        offset: u64,
     },
 }
 
@@ -359,9 +363,13 @@ impl ProgramData {
                 ts.iter()
                     .map(|t| match t {
                         TaskData::Kernel(k) => TaskData::Kernel(k.shifted(dx)),
-                        TaskData::Looped { kernel, lp } => {
-                            TaskData::Looped { kernel: kernel.shifted(dx), lp: lp0 + lp }
-                        }
+                        TaskData::Looped { kernel, lp, per_iter, stride, offset } => TaskData::Looped {
+                            kernel: kernel.shifted(dx),
+                            lp: lp0 + lp,
+                            per_iter: *per_iter,
+                            stride: *stride,
+                            offset: *offset,
+                        },
                         TaskData::None => TaskData::None,
                     })
                     .collect()
