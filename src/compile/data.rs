@@ -130,7 +130,7 @@ pub(crate) fn looped(
                     } else {
                         (rep, 1, 0)
                     };
-                    if iters == 0 || chunks % iters != 0 {
+                    if iters == 0 || !chunks.is_multiple_of(iters) {
                         bad.get_or_insert(format!(
                             "`{tname}` task `{}`: {chunks} runs do not split evenly into the loop's {iters} iterations",
                             ts[i].name

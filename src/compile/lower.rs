@@ -1022,7 +1022,7 @@ fn compile_wafer(
                     let kernel = Kernel::Source { view: v, rows_per_run: rows };
                     let iters = loop_of[b].map_or(0, |lp| loops[lp as usize].maps.len() as u64);
                     pw.data.push(match loop_of[b] {
-                        Some(lp) if iters > 0 && repeat as u64 % iters == 0 => {
+                        Some(lp) if iters > 0 && (repeat as u64).is_multiple_of(iters) => {
                             TaskData::Looped { kernel, lp, per_iter: repeat as u64 / iters, stride: 1, offset: 0 }
                         }
                         Some(_) => {
