@@ -210,12 +210,17 @@ pub fn emulate(
         write_f32(path, &tensors)?;
     }
     let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
-    Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(fidelity) }, checked))
+    Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
 }
 
-/// Values run the whole program (functional runs are pipelined, which fast fidelity runs whole anyway).
-fn fast_notes(fidelity: Fidelity) -> Vec<String> {
-    (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note(engine::fast::ONLY_LOOPS)).into_iter().collect()
+/// Values run the whole program: a weight-streaming loop fast fidelity would cut runs every layer
+/// (values need them all); anything else fast fidelity runs whole anyway.
+fn fast_notes(p: &Prepared, fidelity: Fidelity) -> Vec<String> {
+    let layers = super::run::loop_layers(p);
+    let why = engine::fast::not_aggregated(layers).unwrap_or_else(|| {
+        format!("a functional run computes the values of all {} layers of the loop", layers.unwrap_or(0))
+    });
+    (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note(&why)).into_iter().collect()
 }
 
 /// `--decode-steps N`: the context's prefill and N decode steps on the mesh, each step from the cache
@@ -299,7 +304,7 @@ fn decode_steps(
     )];
     runs.truncate(1);
     let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes };
-    Ok((Emulated { programs, runs, notes: fast_notes(eopts.fidelity) }, checked))
+    Ok((Emulated { programs, runs, notes: fast_notes(p, eopts.fidelity) }, checked))
 }
 
 /// --out with --decode-steps: the wafer's logits of every step as `logits`, `[batch, steps, vocab]`

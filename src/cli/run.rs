@@ -276,7 +276,7 @@ pub fn emulate(
 }
 
 /// The weight-streaming loop's length (None: not weight streaming).
-fn loop_layers(p: &Prepared) -> Option<u32> {
+pub(super) fn loop_layers(p: &Prepared) -> Option<u32> {
     let plan = &p.compiled.plan;
     (plan.mode == Mode::WeightStreaming.name()).then_some(plan.layers_folded)
 }

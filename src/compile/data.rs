@@ -10,12 +10,12 @@
 use std::collections::BTreeMap;
 
 use crate::graph::{Elem, Graph, OpKind, TensorId, WeightLayout};
-use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, Readout, RowOp, TaskData, TreeRows, View};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, LoopMap, Readout, RowOp, TaskData, TreeRows, View};
 use crate::mesh::{ColorId, Coord, Rect, Task};
 use crate::model::{NormKind, Phase};
 
 use super::kernel::{Algo, Iface, Tiling, Tree};
-use super::stage::{Operand, Stage, Work};
+use super::stage::{Operand, SlotKind, Stage, Work};
 
 /// The data of one region's templates.
 pub(crate) struct RegionData {
@@ -35,7 +35,11 @@ fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
 /// The view of tensor `t`: a split output is columns of the split's input (what really moves); ids
 /// (token ids, positions) are one per row.
 pub(crate) fn view(g: &Graph, t: TensorId) -> View {
-    let producers = g.producers();
+    view_with(g, &g.producers(), t)
+}
+
+/// `view` with the graph's producers at hand.
+fn view_with(g: &Graph, producers: &[Option<crate::graph::OpId>], t: TensorId) -> View {
     if let Some(p) = producers[t.idx()] {
         let op = g.op(p);
         if let OpKind::Split { widths, .. } = &op.kind {
@@ -58,6 +62,104 @@ pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
     g.tensor(t).elems() / v.width.max(1)
 }
 
+/// The tensors of a folded stage's iterations (`iters`: the ones the program emits, in order): for each,
+/// the map from the first layer's tensor ids to that layer's, pairing the instances' ops input by input
+/// and output by output (and the tensors a view slices). A first-layer tensor that would stand for two
+/// tensors of one layer is an error (the kernels could not tell them apart).
+pub(crate) fn loop_map(g: &Graph, st: &Stage, iters: &[u32]) -> Result<LoopMap, String> {
+    let producers = g.producers();
+    let mut maps = Vec::new();
+    for &it in iters {
+        let inst = st.inst.get(it as usize).ok_or_else(|| format!("region `{}`: no iteration {it}", st.name))?;
+        let mut m: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut pair = |a: u32, b: u32| -> Result<(), String> {
+            match m.insert(a, b) {
+                Some(c) if c != b => Err(format!(
+                    "region `{}`: tensor `{}` of the first layer stands for two tensors of layer {it}",
+                    st.name,
+                    g.tensor(TensorId(a)).name
+                )),
+                _ => Ok(()),
+            }
+        };
+        for (&a, &b) in st.inst[0].iter().zip(inst) {
+            let (oa, ob) = (g.op(a), g.op(b));
+            for (&x, &y) in oa.inputs.iter().zip(&ob.inputs).chain(oa.outputs.iter().zip(&ob.outputs)) {
+                pair(x.0, y.0)?;
+                let (vx, vy) = (view_with(g, &producers, x), view_with(g, &producers, y));
+                pair(vx.base, vy.base)?;
+            }
+        }
+        m.retain(|a, b| a != b);
+        maps.push(m);
+    }
+    Ok(LoopMap { maps })
+}
+
+/// A folded region's task table with its iteration-bound kernels looped (`TaskData::Looped`) on loop
+/// `lp` of `iters` iterations: a task's runs split evenly over the iterations, or (a pair of tasks of
+/// the same name, one after the other: odd and even chunks on their own colors) the pair's do, the
+/// first taking chunks 1, 3, ... and the second 2, 4, ...; else a reason.
+pub(crate) fn looped(
+    templates: &[(String, Vec<Task>, u64)],
+    tasks: Vec<Vec<TaskData>>,
+    lp: u32,
+    iters: u64,
+) -> (Vec<Vec<TaskData>>, Option<String>) {
+    let mut bad = None;
+    let out = templates
+        .iter()
+        .zip(tasks)
+        .map(|((tname, ts, _), tds)| {
+            let looped: Vec<bool> =
+                tds.iter().map(|td| matches!(td, TaskData::Kernel(k) if iteration_bound(k))).collect();
+            let pair =
+                |i: usize, j: usize| j < ts.len() && looped[i] && looped[j] && ts[i].name == ts[j].name && i != j;
+            tds.into_iter()
+                .enumerate()
+                .map(|(i, td)| {
+                    let TaskData::Kernel(kernel) = td else { return td };
+                    if !looped[i] {
+                        return TaskData::Kernel(kernel);
+                    }
+                    let rep = ts[i].repeat as u64;
+                    let (chunks, stride, offset) = if pair(i, i + 1) {
+                        (rep + ts[i + 1].repeat as u64, 2, 0)
+                    } else if i > 0 && pair(i - 1, i) {
+                        (rep + ts[i - 1].repeat as u64, 2, 1)
+                    } else {
+                        (rep, 1, 0)
+                    };
+                    if iters == 0 || !chunks.is_multiple_of(iters) {
+                        bad.get_or_insert(format!(
+                            "`{tname}` task `{}`: {chunks} runs do not split evenly into the loop's {iters} iterations",
+                            ts[i].name
+                        ));
+                        return TaskData::None;
+                    }
+                    TaskData::Looped { kernel, lp, per_iter: chunks / iters, stride, offset }
+                })
+                .collect()
+        })
+        .collect();
+    (out, bad)
+}
+
+/// Whether a kernel must see the tensors and run numbers of its loop iteration (else it only moves
+/// what it claimed, and runs as it is in every iteration).
+pub(crate) fn iteration_bound(k: &Kernel) -> bool {
+    !matches!(
+        k,
+        Kernel::Relay
+            | Kernel::Store
+            | Kernel::Load
+            | Kernel::Collect
+            | Kernel::Accumulate { .. }
+            | Kernel::RowCombine { .. }
+            | Kernel::Reduce { bias: None, .. }
+    )
+}
+
 /// The compute kernels of a stage: (task name -> kernel), by template role; `final_of` says which
 /// templates' last task finishes a reduction (lookup trees) with how many terms.
 struct Compute {
@@ -76,10 +178,13 @@ pub(crate) fn region(
     iface: &Iface,
     templates: &[(String, Vec<Task>, u64)],
 ) -> RegionData {
-    if st.iters != 1 {
+    if st.iters != 1 && st.pass != crate::graph::Pass::Forward {
         return refuse(
             templates,
-            format!("region `{}`: functional mode does not run folded layer loops (weight streaming) yet", st.name),
+            format!(
+                "region `{}`: functional mode does not run the backward layer loop of weight streaming yet",
+                st.name
+            ),
         );
     }
     if let Work::SingleGemv { k, n } = st.work {
@@ -113,11 +218,18 @@ pub(crate) fn region(
             )
         }
     };
-    // Output gateways: each send carries the slice its destination stream takes.
+    // Output gateways: each send carries the slice its destination stream takes. In a folded loop the
+    // destination's tensor may be another layer's instance (the next layer's input, or the head's input
+    // from the last layer): the same slice of this region's own output.
     let mut dest_view: BTreeMap<ColorId, Option<View>> = BTreeMap::new();
-    for o in &iface.outs {
-        for d in &o.dests {
-            dest_view.insert(d.color, d.tensor.map(|t| view(g, t)));
+    for (o, oi) in iface.outs.iter().enumerate() {
+        let own = st.outputs.get(o).map(|s| s.tensor.0);
+        for d in &oi.dests {
+            let v = d.tensor.map(|t| view(g, t)).map(|v| match own {
+                Some(b) if st.iters > 1 => View { base: b, ..v },
+                _ => v,
+            });
+            dest_view.insert(d.color, v);
         }
     }
     let mut tasks = Vec::new();
@@ -130,6 +242,9 @@ pub(crate) fn region(
             let td = match base {
                 "in" | "gather" | "w" => TaskData::Kernel(Kernel::Relay),
                 _ if name.starts_with('w') && name.contains(".band") => TaskData::Kernel(Kernel::Relay),
+                // Weights streamed in: kept for the PE's kernels (also by PEs that only drain them).
+                "wload" => TaskData::Kernel(Kernel::Load),
+                "drain" if weight_slot(st, name) => TaskData::Kernel(Kernel::Load),
                 "out" => TaskData::Kernel(Kernel::Route {
                     views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
                 }),
@@ -165,6 +280,21 @@ pub(crate) fn region(
     RegionData { tasks, readouts: compute.readouts, unsupported: bad }
 }
 
+/// Whether the task `drain{s}` drains a streamed weight slot.
+fn weight_slot(st: &Stage, name: &str) -> bool {
+    let s = name.trim_start_matches("drain").parse::<usize>().ok();
+    s.and_then(|s| st.inputs.get(s)).is_some_and(|s| s.kind == SlotKind::Weights)
+}
+
+/// A stationary operand: resident, or (weight streaming) streamed in every iteration.
+fn stationary(st: &Stage, b: Operand) -> bool {
+    match b {
+        Operand::Held(_) => true,
+        Operand::Slot(s) => st.inputs.get(s).is_some_and(|s| s.kind == SlotKind::Weights),
+        Operand::Internal => false,
+    }
+}
+
 /// The kernels of the stage's compute tasks.
 fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, String> {
     let f = t.frame;
@@ -185,9 +315,9 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     if l.groups != 1 || l.weight_groups != 1 {
                         return Err("grouped (expert) linear layers have no data semantics yet".into());
                     }
-                    let Operand::Held(_) = b else {
-                        return Err("a streamed weight operand".into());
-                    };
+                    if !stationary(st, b) {
+                        return Err("a streamed (non-weight) stationary operand".into());
+                    }
                     let w = op.inputs[1].0;
                     let w_out_in = l.layout == WeightLayout::OutIn;
                     by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
@@ -280,9 +410,9 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             if l.groups != 1 || l.weight_groups != 1 {
                 return Err("grouped (expert) linear layers have no data semantics yet".into());
             }
-            let Operand::Held(_) = b else {
-                return Err("a streamed weight operand".into());
-            };
+            if !stationary(st, b) {
+                return Err("a streamed (non-weight) stationary operand".into());
+            }
             let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
             let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, l.layout == WeightLayout::OutIn);
             let out = out_of(out)?;
@@ -314,6 +444,15 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let width = view(g, TensorId(out)).width;
             let rows_per_run = rows / runs;
             by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out });
+        }
+        (&Work::Relay { rows, width, .. }, Algo::Elementwise) => {
+            // Rows MemoryX looked up (`Kernel::Gather`), relayed on as the embedding's output.
+            let out = out_of(0)?;
+            let inputs = vec![view(g, TensorId(out))];
+            by_name.insert(
+                "ew",
+                Kernel::Elementwise { grid, op: EwOp::Copy, inputs, rows_per_run: rows / runs, width, out },
+            );
         }
         (&Work::Lookup { ids, rows, width, out }, Algo::LookupTree) => {
             let OpKind::Embedding { vocab, .. } = op.kind else {

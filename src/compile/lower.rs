@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::{Graph, Role};
 use crate::hw::WaferHw;
-use crate::mesh::data::{Kernel, ProgramData, Readout, TaskData};
+use crate::mesh::data::{self as data_t, Kernel, ProgramData, Readout, TaskData};
 use crate::mesh::{
     self, ColorId, Coord, MeshProgram, Need, Pattern, Peer, Port, PortId, Rect, Region, RegionId, Route, RunRange,
     Senders, Task, TaskIdx, Template, TemplateId, Tile, Timing, PROGRAM_VERSION,
@@ -616,6 +616,24 @@ fn compile_wafer(
             }
         }
     }
+    // The data table's folded loops: per stage of a loop, the tensors of each iteration it emits.
+    let mut loops: Vec<data_t::LoopMap> = Vec::new();
+    let mut loop_of: Vec<Option<u32>> = vec![None; stages.len()];
+    let mut loop_bad: Vec<String> = Vec::new();
+    for (sid, st) in stages.iter().enumerate() {
+        if st.iters <= 1 {
+            continue;
+        }
+        let n = cut.iters(st.iters);
+        let its: Vec<u32> = if n == st.iters { (0..n).collect() } else { (0..n - 1).chain([st.iters - 1]).collect() };
+        match data::loop_map(g, st, &its) {
+            Ok(m) => {
+                loop_of[sid] = Some(loops.len() as u32);
+                loops.push(m);
+            }
+            Err(e) => loop_bad.push(e),
+        }
+    }
     let mut feed_pos: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
     let mut forwards: Vec<(usize, usize)> = Vec::new();
     for (si, (gi, s)) in streams.iter().enumerate() {
@@ -908,7 +926,21 @@ fn compile_wafer(
                         rx0: route::R,
                         pattern: Pattern::ToPort { port: PortId(ch as u32) },
                     };
-                    flows.push((fl, FlowUse::PortOut { ch, a, o, band: j, w, repeat, window, peer, gi: *gi }));
+                    flows.push((
+                        fl,
+                        FlowUse::PortOut {
+                            ch,
+                            a,
+                            o,
+                            band: j,
+                            w,
+                            repeat,
+                            window,
+                            iters: (send_first, send_count),
+                            peer,
+                            gi: *gi,
+                        },
+                    ));
                 }
             }
             (End::Port(_), End::Port(_)) => {}
@@ -982,6 +1014,33 @@ fn compile_wafer(
                 } else if op_needs_link {
                     // From the previous wafer: what arrives on the link goes on into this wafer.
                     pw.data.push(TaskData::Kernel(Kernel::Relay));
+                } else if stages[b].inputs[slot].kind == SlotKind::Weights {
+                    // A layer's whole tensor per iteration (every band its own copy): layer l's on the
+                    // loop's iteration l.
+                    let v = data::view(g, slot_t);
+                    let rows = data::view_rows(g, slot_t, &v);
+                    let kernel = Kernel::Source { view: v, rows_per_run: rows };
+                    let iters = loop_of[b].map_or(0, |lp| loops[lp as usize].maps.len() as u64);
+                    pw.data.push(match loop_of[b] {
+                        Some(lp) if iters > 0 && (repeat as u64).is_multiple_of(iters) => {
+                            TaskData::Looped { kernel, lp, per_iter: repeat as u64 / iters, stride: 1, offset: 0 }
+                        }
+                        Some(_) => {
+                            pw.unsupported.push(format!(
+                                "stream `{}`: {repeat} runs do not split evenly into the loop's {iters} iterations",
+                                fl.name
+                            ));
+                            TaskData::None
+                        }
+                        None => TaskData::Kernel(kernel),
+                    });
+                } else if let (Work::Relay { rows, width, .. }, PeerKind::MemoryX) = (&stages[b].work, peer) {
+                    // Embedding rows MemoryX looks up by the step's ids.
+                    let op = g.op(stages[b].main);
+                    let (ids, out) = (data::view(g, op.inputs[0]), op.outputs[0].0);
+                    let rows_per_run = rows / repeat.max(1) as u64;
+                    let kernel = Kernel::Gather { ids, table: slot_t.0, width: *width, rows_per_run, out };
+                    pw.data.push(TaskData::Kernel(kernel));
                 } else {
                     let v = data::view(g, slot_t);
                     let rows = data::view_rows(g, slot_t, &v);
@@ -1003,7 +1062,7 @@ fn compile_wafer(
                 });
                 pw.peer.get_or_insert(peer.peer());
             }
-            FlowUse::PortOut { ch, a, o, band, w, repeat, window, peer, gi } => {
+            FlowUse::PortOut { ch, a, o, band, w, repeat, window, iters, peer, gi } => {
                 let tensor = Some(stages[a].outputs[o].tensor);
                 ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band });
                 let pw = port_work.entry(ch).or_default();
@@ -1024,8 +1083,19 @@ fn compile_wafer(
                     pw.data.push(TaskData::None);
                 } else {
                     pw.data.push(TaskData::Kernel(Kernel::Collect));
-                    let t = stages[a].outputs[o].tensor;
-                    if !pw.readouts.iter().any(|r| r.tensor == t.0) {
+                    let t0 = stages[a].outputs[o].tensor;
+                    // From a folded loop: the layers' tensors of the iterations it sends on.
+                    let ts: Vec<u32> = match loop_of[a] {
+                        Some(lp) => (iters.0..iters.0 + iters.1)
+                            .filter_map(|i| loops[lp as usize].maps.get(i as usize))
+                            .map(|m| m.get(&t0.0).copied().unwrap_or(t0.0))
+                            .collect(),
+                        None => vec![t0.0],
+                    };
+                    for t in ts.into_iter().map(crate::graph::TensorId) {
+                        if pw.readouts.iter().any(|r| r.tensor == t.0) {
+                            continue;
+                        }
                         let v = data::view(g, t);
                         pw.readouts.push(Readout {
                             tensor: t.0,
@@ -1181,8 +1251,38 @@ fn compile_wafer(
         let sram_sum: u64 = code.tiles.iter().map(|(r, ti)| area(r) * code.templates[*ti].2).sum();
         let sram_mean = sram_sum / area(&rects[sid]).max(1);
         let rd = data::region(g, st, t, rects[sid], &ifaces[sid], &code.templates);
-        pdata.tasks.extend(rd.tasks);
-        pdata.readouts.extend(rd.readouts);
+        let tasks = match loop_of[sid] {
+            // A folded loop's kernels run on each iteration's tensors.
+            Some(lp) => {
+                let iters = loops[lp as usize].maps.len() as u64;
+                let (tasks, bad) = data::looped(&code.templates, rd.tasks, lp, iters);
+                pdata.unsupported.extend(bad.map(|b| format!("region `{}`: {b}", st.name)));
+                tasks
+            }
+            None => rd.tasks,
+        };
+        pdata.tasks.extend(tasks);
+        // What a folded region holds at the end, every layer's (an attention region's KV caches).
+        let readouts = match loop_of[sid] {
+            Some(lp) => rd
+                .readouts
+                .iter()
+                .flat_map(|r| {
+                    loops[lp as usize].maps.iter().map(move |m| {
+                        let t = m.get(&r.tensor).copied().unwrap_or(r.tensor);
+                        Readout { tensor: t, name: g.tensor(crate::graph::TensorId(t)).name.clone(), ..r.clone() }
+                    })
+                })
+                .collect(),
+            None => rd.readouts,
+        };
+        pdata.readouts.extend(readouts);
+        for sl in st.inputs.iter().filter(|s| s.kind == SlotKind::Weights) {
+            pdata.streamed.insert(sl.tensor.0);
+            if let Some(lp) = loop_of[sid] {
+                pdata.streamed.extend(loops[lp as usize].maps.iter().filter_map(|m| m.get(&sl.tensor.0)));
+            }
+        }
         pdata.unsupported.extend(rd.unsupported);
         for (name, mut tasks, sram) in code.templates {
             patch_tasks(&mut tasks);
@@ -1332,6 +1432,8 @@ fn compile_wafer(
             )
         ));
     }
+    pdata.unsupported.extend(loop_bad);
+    pdata.loops = loops;
     program.data = Some(std::sync::Arc::new(pdata));
     Ok(WaferOut {
         program,
@@ -1483,6 +1585,8 @@ enum FlowUse {
         w: u64,
         repeat: u32,
         window: Option<RunRange>,
+        /// The loop iterations (first, count) the stream sends on, as the program emits them.
+        iters: (u32, u32),
         peer: PeerKind,
         gi: usize,
     },

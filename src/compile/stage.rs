@@ -185,6 +185,9 @@ pub(crate) struct Stage {
     pub main: OpId,
     /// Every graph op the stage executes (all layers when folded).
     pub ops: Vec<OpId>,
+    /// The ops of each iteration (the main op, then the ops fused into it, in op order): one list
+    /// outside a loop, one per layer in a folded loop.
+    pub inst: Vec<Vec<OpId>>,
     pub lp: Loop,
     pub iters: u32,
     /// Layer of the main op, for splitting across wafers.
@@ -526,6 +529,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             name,
             main: main0,
             ops,
+            inst: by_iter.clone(),
             lp,
             iters,
             layer: op.layer,

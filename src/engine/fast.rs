@@ -31,6 +31,18 @@ pub struct FastStep {
 /// Why fast fidelity runs a program that is not weight streaming whole.
 pub const ONLY_LOOPS: &str = "only a weight-streaming layer loop is aggregated";
 
+/// Why fast fidelity runs a step whose weight-streaming loop has `layers` (None: not weight
+/// streaming) whole before trying to cut it, if it does.
+pub fn not_aggregated(layers: Option<u32>) -> Option<String> {
+    match layers {
+        None => Some(ONLY_LOOPS.into()),
+        Some(l) if !aggregates(l) => {
+            Some(format!("a loop of {l} layers is too short to aggregate (at least {MIN_LAYERS})"))
+        }
+        Some(_) => None,
+    }
+}
+
 /// The report's note on a fast-fidelity run emulated whole.
 pub fn whole_note(why: &str) -> String {
     format!("fast fidelity emulated this program whole, as detailed: {why}")
@@ -54,13 +66,10 @@ pub fn run_step(
         let runs = programs.iter().map(|(_, p)| run(p)).collect::<Result<Vec<_>, _>>()?;
         Ok(FastStep { runs, note: whole_note(&why) })
     };
-    let layers = match layers {
-        None => return whole(ONLY_LOOPS.into()),
-        Some(l) if !aggregates(l) => {
-            return whole(format!("a loop of {l} layers is too short to aggregate (at least {MIN_LAYERS})"))
-        }
-        Some(l) => l,
-    };
+    if let Some(why) = not_aggregated(layers) {
+        return whole(why);
+    }
+    let layers = layers.unwrap_or(0);
     let mut cuts = Vec::new();
     for keep in CUT {
         let c = match cut(keep) {

@@ -122,6 +122,8 @@ struct Pe {
     kept: Vec<Frag>,
     /// An attention PE's part of the updated KV cache (its keys or values, resident and fresh).
     cache: Vec<Frag>,
+    /// Weights streamed in (`Kernel::Load`), whole tensors, by layer.
+    weights: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
     /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
@@ -139,6 +141,7 @@ pub struct PartValues {
 }
 
 /// Where a task is: for error messages and kernels.
+#[derive(Clone, Copy)]
 pub struct At<'a> {
     pub id: u32,
     pub coord: Coord,
@@ -184,6 +187,21 @@ impl PartValues {
         let outs = match td {
             TaskData::None => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
+            &TaskData::Looped { ref kernel, lp, per_iter, stride, offset } => {
+                // The chunk this run is: its iteration's tensors, runs counted within the iteration.
+                let maps = data.loops.get(lp as usize).map_or(&[][..], |l| l.maps.as_slice());
+                let chunk = (at.run - 1) * stride + offset;
+                let Some(m) = maps.get((chunk / per_iter.max(1)) as usize) else {
+                    return Err(format!(
+                        "{}: chunk {chunk} is past the loop's {} iterations of {per_iter}",
+                        at.name(),
+                        maps.len()
+                    ));
+                };
+                let kernel = kernel.map_tensors(|t| m.get(&t).copied().unwrap_or(t));
+                let inner = At { run: chunk % per_iter.max(1) + 1, ..*at };
+                self.kernel(local, &inner, &kernel, claimed)?
+            }
         };
         self.pes[local].out = outs;
         Ok(())
@@ -215,6 +233,27 @@ impl PartValues {
 
     fn tensor(&self, t: u32, at: &At) -> Result<Arc<[f32]>, String> {
         self.setup.tensors.get(&t).cloned().ok_or_else(|| format!("{}: no values for tensor t{t}", at.name()))
+    }
+
+    /// A weight a kernel reads: resident (the step's initial SRAM image), or streamed in, whole, and
+    /// loaded by this PE (`Kernel::Load`) for the layer its iteration runs.
+    fn weight(&self, local: usize, t: u32, at: &At) -> Result<Arc<[f32]>, String> {
+        if !self.setup.data.streamed.contains(&t) {
+            return self.tensor(t, at);
+        }
+        let whole = |f: &&Frag| f.tensor == t && f.r0 == 0 && f.c0 == 0 && f.c1 == f.view_cols && f.cover == 0;
+        match self.pes[local].weights.iter().find(whole) {
+            Some(f) => Ok(Arc::clone(&f.vals)),
+            None => {
+                let got: Vec<String> = self.pes[local].weights.iter().map(|f| f.slice()).take(6).collect();
+                Err(format!(
+                    "{}: weight t{t} has not streamed in whole (it loaded {}): a missing or misrouted MemoryX stream, \
+                     or another layer's weights in its place",
+                    at.name(),
+                    if got.is_empty() { "nothing".to_string() } else { got.join(" ") }
+                ))
+            }
+        }
     }
 
     /// Loads a PE's resident tiles once (`values` of them): its SRAM image at the start of the step,
@@ -420,7 +459,7 @@ impl PartValues {
                 let rows = Self::run_rows(at, rows_per_run);
                 let xs = View { c0: a.c0 + k0, width: kl, ..a };
                 let x = self.read(local, at, &claimed, &xs, rows)?;
-                let wv = self.tensor(w, at)?;
+                let wv = self.weight(local, w, at)?;
                 if wv.len() as u64 != k * n || a.width != k {
                     return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
                 }
@@ -473,7 +512,7 @@ impl PartValues {
                     }
                     acc.cover = 0;
                     if let Some(b) = bias {
-                        let bv = self.tensor(b, at)?;
+                        let bv = self.weight(local, b, at)?;
                         let w = (acc.c1 - acc.c0).max(1) as usize;
                         for (i, v) in vals.iter_mut().enumerate() {
                             *v += st.round(bv[acc.c0 as usize + i % w]);
@@ -503,6 +542,36 @@ impl PartValues {
             Kernel::Collect => {
                 self.pes[local].kept.extend(claimed);
                 Ok(vec![None; n_sends])
+            }
+            Kernel::Load => {
+                self.pes[local].weights.extend(claimed);
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::Gather { ids, table, width, rows_per_run, out } => {
+                let (r0, r1) = Self::run_rows(at, rows_per_run);
+                let (idv, tv) = (self.tensor(ids.base, at)?, self.tensor(table, at)?);
+                let mut vals = Vec::with_capacity(((r1 - r0) * width) as usize);
+                for r in r0..r1 {
+                    let i = (r * ids.cols + ids.c0) as usize;
+                    let id =
+                        *idv.get(i).ok_or_else(|| format!("{}: the host's ids have no row {r}", at.name()))? as u64;
+                    let row = tv
+                        .get((id * width) as usize..((id + 1) * width) as usize)
+                        .ok_or_else(|| format!("{}: id {id} is outside the table t{table}", at.name()))?;
+                    vals.extend(row.iter().map(|&v| st.round(v)));
+                }
+                let f = Frag {
+                    tensor: out,
+                    view_cols: width,
+                    r0,
+                    r1,
+                    c0: 0,
+                    c1: width,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
+                Ok(all(Payload::from(vec![f])))
             }
             &Kernel::Source { view, rows_per_run } => {
                 let t = self.tensor(view.base, at)?;
@@ -536,7 +605,7 @@ impl PartValues {
                 let (n0, nl) = Share { n, parts }.range(idx);
                 let rows = Self::run_rows(at, rows_per_run);
                 let x = self.read(local, at, &claimed, &a, rows)?;
-                let wv = self.tensor(w, at)?;
+                let wv = self.weight(local, w, at)?;
                 if wv.len() as u64 != k * n || a.width != k {
                     return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
                 }
@@ -557,7 +626,7 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             &Kernel::Bias { b } => {
-                let bv = self.tensor(b, at)?;
+                let bv = self.weight(local, b, at)?;
                 let pe = &mut self.pes[local];
                 for f in pe.acc.iter_mut() {
                     let w = (f.c1 - f.c0) as usize;
@@ -618,7 +687,9 @@ impl PartValues {
                             });
                         }
                     }
-                    self.pes[local].cache = keep;
+                    let cache = &mut self.pes[local].cache;
+                    cache.retain(|f| f.tensor != app);
+                    cache.extend(keep);
                 }
                 self.pes[local].acc = scatter_frags(out, attn.kv, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
@@ -678,7 +749,9 @@ impl PartValues {
                         }
                         j += d1 - d0;
                     }
-                    self.pes[local].cache = keep;
+                    let cache = &mut self.pes[local].cache;
+                    cache.retain(|f| f.tensor != app);
+                    cache.extend(keep);
                 }
                 self.pes[local].acc = scatter_frags(out, hd, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
@@ -722,7 +795,7 @@ impl PartValues {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
                                 EwOp::Tanh => ins[0][i].tanh(),
-                                EwOp::Select { .. } => ins[0][i],
+                                EwOp::Select { .. } | EwOp::Copy => ins[0][i],
                                 EwOp::SwiGlu => {
                                     let (g, u) = (ins[0][i], ins[1][i]);
                                     g * (1.0 / (1.0 + (-g).exp())) * u
@@ -839,13 +912,21 @@ impl PartValues {
                 }
                 let xv = self.read(local, at, &[], x, rows)?;
                 let num = self.setup.numerics;
+                // The norm's scale and shift: resident, or streamed in with the layer.
+                let params: Vec<(u32, Arc<[f32]>)> = match *op {
+                    RowOp::Norm { gamma, beta, .. } => std::iter::once(gamma)
+                        .chain(beta)
+                        .map(|t| self.weight(local, t, at).map(|v| (t, v)))
+                        .collect::<Result<_, _>>()?,
+                    RowOp::Softmax { .. } => Vec::new(),
+                };
                 let mut vals = Vec::with_capacity((rl * cl) as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
                     let s = &stats.vals[3 * i..3 * i + 3];
                     for cc in co..co + cl {
                         vals.push(row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
-                            self.setup.tensors.get(&t).map_or(0.0, |v| st.round(v[j as usize]))
+                            params.iter().find(|p| p.0 == t).map_or(0.0, |p| st.round(p.1[j as usize]))
                         }));
                     }
                 }

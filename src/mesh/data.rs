@@ -11,6 +11,8 @@
 //! Architecture invariant: tensors are named by their graph `TensorId` as a plain `u32` (the engine
 //! never sees the graph); everything a kernel needs (sizes, layouts) is written here by the compiler.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::{Coord, Rect};
 
 /// `n` split over `parts`: part i gets `q + 1` for `i < r`, else `q` (the tiling's `split`).
@@ -72,6 +74,8 @@ pub enum EwOp {
     Select { seq: u64, last: bool },
     /// SwiGLU of (gate, up): `g * sigmoid(g) * u`.
     SwiGlu,
+    /// The input as it is (rows looked up in MemoryX, relayed on).
+    Copy,
     /// Rotary embedding of the first `rot_dims` dimensions of each of the `heads` heads of
     /// `head_dim`; row r is at position `pos0 + r % seq` (the numerics give frequencies and layout).
     Rotary { heads: u64, head_dim: u64, rot_dims: u64, pos0: u64, seq: u64 },
@@ -116,6 +120,12 @@ pub enum Kernel {
     Source { view: View, rows_per_run: u64 },
     /// A port leaving the wafer: keeps what it claimed (the step's results).
     Collect,
+    /// A port feeding the wafer embedding rows MemoryX looked up (weight streaming): rows of `out`
+    /// (`width` wide) for this run's ids of `ids`, from the table `table`.
+    Gather { ids: View, table: u32, width: u64, rows_per_run: u64, out: u32 },
+    /// Keeps the weights streamed in (whole tensors, one per layer) for the PE's later tasks: the
+    /// tensors of `ProgramData::streamed` are read from these, never from a resident image.
+    Load,
     /// `out[rows, n-slice] = a[rows, :] x w[:, n-slice]` (plus nothing: a `Bias` task adds the bias):
     /// the PE's n-slice is `Share { n, parts: grid.rows * grid.cols }` at index `r * grid.cols + c`.
     Linear { grid: Grid, a: View, w: u32, w_out_in: bool, k: u64, n: u64, rows_per_run: u64, out: u32 },
@@ -234,6 +244,8 @@ impl Kernel {
             | Kernel::Store
             | Kernel::Source { .. }
             | Kernel::Collect
+            | Kernel::Gather { .. }
+            | Kernel::Load
             | Kernel::Bias { .. }
             | Kernel::Reduce { .. }
             | Kernel::RowCombine { .. } => {}
@@ -242,12 +254,87 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// The same kernel on other tensors (`f` maps every graph tensor id it names): a folded loop's
+    /// kernel, written for the first layer's tensors, in another layer.
+    pub fn map_tensors(&self, f: impl Fn(u32) -> u32) -> Kernel {
+        let v = |x: &View| View { base: f(x.base), ..*x };
+        let mut k = self.clone();
+        match &mut k {
+            Kernel::GemvPartial { x, w, out, .. } => (*x, *w, *out) = (f(*x), f(*w), f(*out)),
+            Kernel::LocalAdd { inputs, out, .. } => {
+                inputs.iter_mut().for_each(|t| *t = f(*t));
+                *out = f(*out);
+            }
+            Kernel::Route { views } => views.iter_mut().flatten().for_each(|x| *x = v(x)),
+            Kernel::Source { view, .. } => *view = v(view),
+            Kernel::Gather { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
+            Kernel::Linear { a, w, out, .. } | Kernel::TreePartial { a, w, out, .. } => {
+                (*a, *w, *out) = (v(a), f(*w), f(*out))
+            }
+            Kernel::Bias { b } => *b = f(*b),
+            Kernel::Reduce { bias, .. } => *bias = bias.map(&f),
+            Kernel::AttnScores { q: x, cache, fresh, out, append, .. }
+            | Kernel::AttnContext { p: x, cache, fresh, out, append, .. } => {
+                (*x, *fresh, *out, *append) = (v(x), v(fresh), f(*out), append.map(&f));
+                if *cache != u32::MAX {
+                    *cache = f(*cache);
+                }
+            }
+            Kernel::Elementwise { inputs, out, .. } => {
+                inputs.iter_mut().for_each(|x| *x = v(x));
+                *out = f(*out);
+            }
+            Kernel::RowStats { op, x, .. } => {
+                *op = op.map_tensors(&f);
+                *x = v(x);
+            }
+            Kernel::RowCombine { op } => *op = op.map_tensors(&f),
+            Kernel::RowApply { op, x, out, .. } => {
+                *op = op.map_tensors(&f);
+                (*x, *out) = (v(x), f(*out));
+            }
+            Kernel::Lookup { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
+            Kernel::Accumulate { .. } | Kernel::Relay | Kernel::Store | Kernel::Collect | Kernel::Load => {}
+        }
+        k
+    }
+}
+
+impl RowOp {
+    fn map_tensors(&self, f: impl Fn(u32) -> u32) -> RowOp {
+        match *self {
+            RowOp::Norm { gamma, beta, rms } => RowOp::Norm { gamma: f(gamma), beta: beta.map(&f), rms },
+            op @ RowOp::Softmax { .. } => op,
+        }
+    }
+}
+
+/// A folded layer loop (weight streaming): its kernels are written for the first layer's graph
+/// tensors, and iteration l runs them on layer l's (`maps[l]`: first layer's id -> layer l's; an id
+/// not in it is the same in every layer).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoopMap {
+    pub maps: Vec<BTreeMap<u32, u32>>,
+}
+
 /// What a task does to values.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskData {
     /// Moves no values (a task whose wavelets nobody reads).
     None,
     Kernel(Kernel),
+    /// A task of a folded loop (`ProgramData::loops[lp]`): its run n is chunk
+    /// `(n - 1) * stride + offset` (0-based) of the loop's `per_iter` chunks per iteration, in order
+    /// (stride 2: one of a pair of tasks taking odd and even chunks in turn); the chunk's iteration l
+    /// runs the kernel on layer l's tensors, and the run number the kernel sees counts within it.
+    Looped {
+        kernel: Kernel,
+        lp: u32,
+        per_iter: u64,
+        stride: u64,
+        offset: u64,
+    },
 }
 
 /// Where a result is when the run ends: the accumulators of the PEs in `rect` (None: what the ports
@@ -271,14 +358,24 @@ impl ProgramData {
         let mut out = ProgramData::default();
         for (k, d) in wafers.iter().enumerate() {
             let dx = k as u32 * width;
+            let lp0 = out.loops.len() as u32;
             out.tasks.extend(d.tasks.iter().map(|ts| {
                 ts.iter()
                     .map(|t| match t {
                         TaskData::Kernel(k) => TaskData::Kernel(k.shifted(dx)),
+                        TaskData::Looped { kernel, lp, per_iter, stride, offset } => TaskData::Looped {
+                            kernel: kernel.shifted(dx),
+                            lp: lp0 + lp,
+                            per_iter: *per_iter,
+                            stride: *stride,
+                            offset: *offset,
+                        },
                         TaskData::None => TaskData::None,
                     })
                     .collect()
             }));
+            out.loops.extend(d.loops.iter().cloned());
+            out.streamed.extend(d.streamed.iter().copied());
             out.readouts.extend(
                 d.readouts.iter().map(|r| Readout { rect: r.rect.map(|x| Rect { x: x.x + dx, ..x }), ..r.clone() }),
             );
@@ -297,4 +394,8 @@ pub struct ProgramData {
     /// Why values cannot run through this program yet (regions whose algorithm has no data semantics);
     /// a functional run refuses the program when this is not empty.
     pub unsupported: Vec<String>,
+    /// The folded loops `TaskData::Looped` names.
+    pub loops: Vec<LoopMap>,
+    /// Weights streamed in (every layer's): a kernel reads them from what its PE loaded (`Kernel::Load`).
+    pub streamed: BTreeSet<u32>,
 }
