@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::wafer;
+use support::{check_error, wafer};
 use waferscale::compile::{compile_model, CompileOptions};
 use waferscale::engine::{EngineOptions, Fidelity};
 use waferscale::functional::decode::{decode_on_mesh, Caches, Decoder, Start};
@@ -190,17 +190,10 @@ fn cli_decodes_several_tokens() {
     args.extend(["--tokens", &all, "--functional", "--decode-steps", "3", "--json", "--out", &o]);
     let (code, stdout, stderr) = wafer(&args);
     assert_eq!(code, 0, "{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("functional: decode of 3 tokens vs the reference prefill"))
-        .unwrap_or_else(|| panic!("no decode line in:\n{stderr}"));
-    let err: f64 = line
-        .split("max relative error ")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no error value in `{line}`"));
-    assert!(err < 1e-4, "{line}");
+    let marker = "functional: decode of 3 tokens vs the reference prefill";
+    let err = check_error(&stderr, marker);
+    assert!(err < 1e-4, "decode of 3 tokens: max relative error {err}");
+    let line = stderr.lines().find(|l| l.starts_with(marker)).unwrap_or_default();
     assert!(line.contains("positions 4..=6"), "{line}");
 
     let (shape, got) = read_logits(&out);

@@ -6,44 +6,22 @@
 mod support;
 
 use serde_json::Value;
-use support::wafer;
+use support::{functional_json, run_json, wafer};
 
 /// Runs `wafer run ARGS --functional --json`; returns the report without `host` and the max relative
 /// error the check line gives.
 fn functional(args: &[&str], out: Option<&std::path::Path>) -> (Value, f64) {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    a.extend(["--functional", "--json"]);
-    let path;
-    if let Some(p) = out {
-        path = p.display().to_string();
-        a.extend(["--out", path.as_str()]);
+    let path = out.map(|p| p.display().to_string());
+    let mut a = args.to_vec();
+    if let Some(p) = &path {
+        a.extend(["--out", p.as_str()]);
     }
-    let (code, stdout, stderr) = wafer(&a);
-    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("functional: max relative error vs the reference"))
-        .unwrap_or_else(|| panic!("no check line in:\n{stderr}"));
-    let err: f64 = line
-        .split_whitespace()
-        .nth(7)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no error value in `{line}`"));
-    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
-    v.as_object_mut().expect("object").remove("host");
+    let (v, err, _) = functional_json(&a);
     (v, err)
 }
 
 fn timing_only(args: &[&str]) -> Value {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    a.push("--json");
-    let (code, stdout, stderr) = wafer(&a);
-    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
-    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
-    v.as_object_mut().expect("object").remove("host");
-    v
+    run_json(args).0
 }
 
 /// Every tiny decoder the data table covers, decoding one token after a 15-token context, in fp32:

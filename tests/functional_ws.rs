@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::Value;
-use support::wafer;
+use support::{check_error, functional_json, run_json, wafer};
 use waferscale::compile::{compile_model, CompileOptions, Mode};
 use waferscale::engine::{self, EngineOptions, Fidelity};
 use waferscale::functional::{self, Options, Tokens, WeightSource};
@@ -23,36 +23,11 @@ const WS: [&str; 4] = ["--mode", "weight-streaming", "--dtype", "fp32"];
 /// `wafer run ARGS --functional --json` (weight streaming, fp32): the report without `host`, the
 /// max relative error of the check line, and stderr.
 fn functional(args: &[&str]) -> (Value, f64, String) {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    a.extend(WS);
-    a.extend(["--functional", "--json"]);
-    let (code, stdout, stderr) = wafer(&a);
-    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("functional: max relative error vs the reference"))
-        .unwrap_or_else(|| panic!("no check line in:\n{stderr}"));
-    let err: f64 = line
-        .split_whitespace()
-        .nth(7)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no error value in `{line}`"));
-    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
-    v.as_object_mut().expect("object").remove("host");
-    (v, err, stderr)
+    functional_json(&[args, &WS[..]].concat())
 }
 
 fn timing_only(args: &[&str]) -> Value {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    a.extend(WS);
-    a.push("--json");
-    let (code, stdout, stderr) = wafer(&a);
-    assert_eq!(code, 0, "wafer {} failed:\n{stderr}", a.join(" "));
-    let mut v: Value = serde_json::from_str(&stdout).expect("JSON report");
-    v.as_object_mut().expect("object").remove("host");
-    v
+    run_json(&[args, &WS[..]].concat()).0
 }
 
 /// The plan must really be a folded loop (else the test would check a pipelined run).
@@ -107,17 +82,8 @@ fn weight_streaming_decodes_several_tokens() {
     a.extend(["--functional", "--decode-steps", "3"]);
     let (code, stdout, stderr) = wafer(&a);
     assert_eq!(code, 0, "{stderr}");
-    let line = stdout
-        .lines()
-        .find(|l| l.contains("functional: decode of 3 tokens vs the reference prefill"))
-        .unwrap_or_else(|| panic!("no decode line in:\n{stdout}"));
-    let err: f64 = line
-        .split("max relative error ")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no error in `{line}`"));
-    assert!(err < 1e-4, "{line}");
+    let err = check_error(&stdout, "functional: decode of 3 tokens vs the reference prefill");
+    assert!(err < 1e-4, "decode of 3 tokens: max relative error {err}");
 }
 
 /// The values only observe: a weight-streaming run's report is the same JSON with and without them.
