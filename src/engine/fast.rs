@@ -89,11 +89,15 @@ pub fn run_step(
     let mut runs = Vec::with_capacity(programs.len());
     for (i, (_, whole_prog)) in programs.iter().enumerate() {
         // A cut that fails (a deadlock the whole loop would not have) leaves the answer to the whole.
-        let (a, b) = match (run(&cuts[0][i].1), run(&cuts[1][i].1)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return whole(format!("a cut loop did not run ({e})")),
-        };
-        match extrapolate(&a, &b, layers, whole_prog) {
+        let mut ran = Vec::with_capacity(2);
+        for (c, keep) in cuts.iter().zip(CUT) {
+            match run(&c[i].1) {
+                Ok(r) => ran.push(r),
+                Err(e) => return whole(format!("the loop cut to {keep} layers did not run ({e})")),
+            }
+        }
+        let (a, b) = (&ran[0], &ran[1]);
+        match extrapolate(a, b, layers, whole_prog) {
             Ok(r) => runs.push(r),
             Err(why) => return whole(format!("the cut loops do not extrapolate ({why})")),
         }
