@@ -408,31 +408,10 @@ impl PartValues {
                     return Err(format!("{}: adds partial sums but holds no accumulator", at.name()));
                 };
                 let mut vals = acc.vals.to_vec();
-                for p in &parts {
-                    if !p.same_slice(acc) || p.vals.len() != vals.len() || p.cover == 0 {
-                        return Err(format!(
-                            "{}: received {} but accumulates a partial sum of {}",
-                            at.name(),
-                            p.slice(),
-                            acc.slice()
-                        ));
-                    }
-                    for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
-                        *a += *b;
-                    }
-                    acc.cover += p.cover;
-                }
+                add_partials(acc, &mut vals, &parts, at, "accumulates")?;
                 acc.vals = vals.into();
                 if let Some(t) = total {
-                    if acc.cover != t {
-                        return Err(format!(
-                            "{}: {} summed over {} of {t} terms (a missing reduction)",
-                            at.name(),
-                            acc.slice(),
-                            acc.cover
-                        ));
-                    }
-                    acc.cover = 0;
+                    complete(acc, t, at)?;
                 }
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
@@ -487,30 +466,9 @@ impl PartValues {
                 };
                 let mut acc = Frag { cover: 0, src: at.id, ..first.clone() };
                 let mut vals = vec![0f32; first.vals.len()];
-                for p in &parts {
-                    if !p.same_slice(&acc) || p.vals.len() != vals.len() || p.cover == 0 {
-                        return Err(format!(
-                            "{}: received {} but reduces a partial sum of {}",
-                            at.name(),
-                            p.slice(),
-                            acc.slice()
-                        ));
-                    }
-                    for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
-                        *a += *b;
-                    }
-                    acc.cover += p.cover;
-                }
+                add_partials(&mut acc, &mut vals, &parts, at, "reduces")?;
                 if let Some(t) = total {
-                    if acc.cover != t {
-                        return Err(format!(
-                            "{}: {} summed over {} of {t} terms (a missing reduction)",
-                            at.name(),
-                            acc.slice(),
-                            acc.cover
-                        ));
-                    }
-                    acc.cover = 0;
+                    complete(&mut acc, t, at)?;
                     if let Some(b) = bias {
                         let bv = self.weight(local, b, at)?;
                         let w = (acc.c1 - acc.c0).max(1) as usize;
@@ -1254,6 +1212,35 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
             }
         }
     }
+}
+
+/// Adds partial sums `parts` (in sender order) into `vals`, the values of `acc`'s slice, counting the
+/// terms each covers; a part of another slice is an error naming the agent (`verb`: what it does).
+fn add_partials(acc: &mut Frag, vals: &mut [f32], parts: &[Frag], at: &At, verb: &str) -> Result<(), String> {
+    for p in parts {
+        if !p.same_slice(acc) || p.vals.len() != vals.len() || p.cover == 0 {
+            return Err(format!("{}: received {} but {verb} a partial sum of {}", at.name(), p.slice(), acc.slice()));
+        }
+        for (a, b) in vals.iter_mut().zip(p.vals.iter()) {
+            *a += *b;
+        }
+        acc.cover += p.cover;
+    }
+    Ok(())
+}
+
+/// Checks that `acc` sums all `total` terms, and starts its count again for the next run.
+fn complete(acc: &mut Frag, total: u64, at: &At) -> Result<(), String> {
+    if acc.cover != total {
+        return Err(format!(
+            "{}: {} summed over {} of {total} terms (a missing reduction)",
+            at.name(),
+            acc.slice(),
+            acc.cover
+        ));
+    }
+    acc.cover = 0;
+    Ok(())
 }
 
 #[cfg(test)]
