@@ -123,6 +123,17 @@ fn geometry(gpu: &GpuHw, s: &FlashShape) -> Geo {
     Geo { bm, bn, heads, outer, inner, splits, rows, packed, ctas_per_sm }
 }
 
+/// A CTA on an SM slot: its sequence and head, the next inner block it walks and its end, and
+/// whether it has not yet run a step (its ramp is still ahead).
+#[derive(Clone, Copy)]
+struct Live {
+    b: u64,
+    h: u64,
+    at: u64,
+    hi: u64,
+    fresh: bool,
+}
+
 /// The inner blocks CTA `(outer block o, split sp)` walks: [lo, hi).
 fn inner_range(s: &FlashShape, g: &Geo, o: u64, sp: u64) -> (u64, u64) {
     let (lo, hi) = match (s.pass, s.causal && !g.packed) {
@@ -223,38 +234,56 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
     let mut busy = 0.0;
     let mut seconds = 0.0;
     let mut part_bytes = vec![0u64; parts];
-    let mut run_wave = |w: u64, cache: &mut L2Sim, times: f64| {
-        let first = w * slots;
-        let n = slots.min(ctas - first);
-        let mut ranges = Vec::with_capacity(n as usize);
-        for c in first..first + n {
+    // The block scheduler starts a CTA on an SM slot as soon as the slot's last CTA ends, so CTAs of
+    // unequal length (a causal mask's query blocks walk 1 to `inner` key blocks) never wait for the
+    // longest of a wave. CTAs `first..first + count` run through the `slots` slots in launch order,
+    // in steps of `j` inner blocks; a slot whose CTA ends in a step takes the next CTA at the next.
+    // HBM (misses, each CTA's prologue and epilogue) and the SMs run side by side over the stretch.
+    let mut run_ctas = |first: u64, count: u64, cache: &mut L2Sim, times: f64| {
+        let cta = |c: u64| {
             let sp = c % g.splits;
             let rest = c / g.splits;
             let o = rest % g.outer;
             let bh = rest / g.outer;
             let (lo, hi) = inner_range(s, &g, o, sp);
-            ranges.push((bh / g.heads, bh % g.heads, lo, hi));
-        }
-        let longest = ranges.iter().map(|r| r.3 - r.2).max().unwrap_or(0);
-        let mut main = 0.0;
-        let mut read_s = 0.0;
+            (bh / g.heads, bh % g.heads, lo, hi)
+        };
+        let n_slots = slots.min(count) as usize;
+        let mut live: Vec<Option<Live>> = vec![None; n_slots];
+        let mut next = first;
+        let end = first + count;
+        let (mut main, mut read_s, mut pro, mut epi) = (0.0, 0.0, 0u64, 0u64);
+        let mut steps = 0u64;
         let mut wave_traffic = Traffic::default();
         let (h0, m0) = (cache.hits, cache.misses);
-        for cs in 0..longest.div_ceil(j) {
+        loop {
+            for slot in live.iter_mut() {
+                while slot.is_none() && next < end {
+                    let (b, h, lo, hi) = cta(next);
+                    next += 1;
+                    pro += pro_bytes;
+                    if lo < hi {
+                        *slot = Some(Live { b, h, at: lo, hi, fresh: true });
+                    } else {
+                        epi += epi_bytes;
+                    }
+                }
+            }
+            if live.iter().all(Option::is_none) {
+                break;
+            }
             part_bytes.iter_mut().for_each(|b| *b = 0);
             let mut miss = 0u64;
             let mut active = 0u64;
             let mut jj_max = 0u64;
             let mut cta_cycles = 0.0f64;
-            for &(b, h, lo, hi) in &ranges {
-                let at = lo + cs * j;
-                if at >= hi {
-                    continue;
-                }
+            for slot in live.iter_mut() {
+                let Some(Live { b, h, at, hi, fresh }) = *slot else { continue };
                 active += 1;
                 let jj = j.min(hi - at);
                 jj_max = jj_max.max(jj);
-                let ramp = if cs == 0 { ramp_cycles } else { 0.0 };
+                steps += jj;
+                let ramp = if fresh { ramp_cycles } else { 0.0 };
                 cta_cycles = cta_cycles.max(jj as f64 * block_cycles + ramp);
                 // Forward CTAs of one KV head share K and V; backward CTAs of one head share Q and dO.
                 let kh = if s.pass == FlashPass::Forward && !g.packed { h / group } else { h };
@@ -269,6 +298,12 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
                         miss += bytes;
                     }
                 }
+                *slot = if at + jj < hi {
+                    Some(Live { b, h, at: at + jj, hi, fresh: false })
+                } else {
+                    epi += epi_bytes;
+                    None
+                };
             }
             let loaded: u64 = part_bytes.iter().sum();
             wave_traffic.l2 += loaded;
@@ -289,10 +324,7 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
             busy += c_max * jj_max as f64 * tensor_cycles / clock * times;
             main += best.0;
         }
-        let steps: u64 = ranges.iter().map(|r| r.3 - r.2).sum();
         exec_flops += (steps * (tensor_step + vector_step)) as f64 * times;
-        let pro = n * pro_bytes;
-        let epi = n * epi_bytes;
         wave_traffic.hbm_read += pro;
         wave_traffic.hbm_write += epi;
         wave_traffic.l2 += pro + epi;
@@ -300,31 +332,25 @@ pub fn time_flash(gpu: &GpuHw, s: &FlashShape) -> Timing {
         wave_traffic.l2_hits = cache.hits - h0;
         wave_traffic.l2_misses = cache.misses - m0;
         let io_s = read_s + pro as f64 / rd + epi as f64 / wr;
-        let wave = main.max(io_s);
-        let lat = gpu.hbm.latency_cycles as f64 / clock;
-        shares.add(Resource::Hbm, (wave - main) * times);
+        let stretch = main.max(io_s);
+        // One HBM latency per round of CTAs over the slots (each CTA's prologue).
+        let lat = count.div_ceil(slots) as f64 * gpu.hbm.latency_cycles as f64 / clock;
+        shares.add(Resource::Hbm, (stretch - main) * times);
         shares.add(Resource::Latency, lat * times);
         traffic += wave_traffic.scaled(times as u64);
-        seconds += (wave + lat) * times;
+        seconds += (stretch + lat) * times;
     };
     if sampled {
-        for w in 0..SAMPLE_WAVES {
-            run_wave(w, &mut cache, 1.0);
-        }
+        run_ctas(0, SAMPLE_WAVES * slots, &mut cache, 1.0);
         // The middle waves repeat the second half of the sampled ones.
         let middle = waves - SAMPLE_WAVES - 1;
         let reps = middle / (SAMPLE_WAVES / 2);
-        for w in SAMPLE_WAVES / 2..SAMPLE_WAVES {
-            run_wave(w, &mut cache, reps as f64);
-        }
-        for w in SAMPLE_WAVES / 2..SAMPLE_WAVES / 2 + middle % (SAMPLE_WAVES / 2) {
-            run_wave(w, &mut cache, 1.0);
-        }
-        run_wave(waves - 1, &mut cache, 1.0);
+        let half = SAMPLE_WAVES / 2 * slots;
+        run_ctas(half, half, &mut cache, reps as f64);
+        run_ctas(half, middle % (SAMPLE_WAVES / 2) * slots, &mut cache, 1.0);
+        run_ctas((waves - 1) * slots, ctas - (waves - 1) * slots, &mut cache, 1.0);
     } else {
-        for w in 0..waves {
-            run_wave(w, &mut cache, 1.0);
-        }
+        run_ctas(0, ctas, &mut cache, 1.0);
     }
     if g.splits > 1 {
         // FlashDecoding's combine: read the fp32 partial outputs, write O.
