@@ -70,14 +70,21 @@ impl Timeline {
     /// Returns the start.
     pub fn reserve(&mut self, t: u64, len: u64, units: u64, cap: u64, now: u64) -> u64 {
         // Fold the past into the base load.
-        let past = self.steps.iter().take_while(|s| s.0 <= now).count();
-        if past > 0 {
-            let delta: i64 = self.steps[..past].iter().map(|s| s.1).sum();
+        let steps = self.steps.as_slice();
+        if steps.first().is_some_and(|s| s.0 <= now) {
+            let past = steps.iter().take_while(|s| s.0 <= now).count();
+            let delta: i64 = steps[..past].iter().map(|s| s.1).sum();
             self.base = (self.base as i64 + delta).max(0) as u64;
             self.steps.drain(..past);
         }
         let units = units.min(cap);
         let len = len.max(1);
+        if self.steps.is_empty() && self.base + units <= cap {
+            // An idle link (the common case): the train starts when its head arrives.
+            self.steps.push((t, units as i64));
+            self.steps.push((t + len, -(units as i64)));
+            return t;
+        }
         let start = self.earliest(t, len, cap - units);
         self.add(start, units as i64);
         self.add(start + len, -(units as i64));

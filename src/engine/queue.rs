@@ -74,17 +74,18 @@ impl<E> RadixQueue<E> {
                 return;
             };
             self.min_cache = None;
-            let items = std::mem::take(&mut self.buckets[b]);
+            let mut items = std::mem::take(&mut self.buckets[b]);
             self.last = items.iter().map(|i| i.0).min().unwrap_or(self.last);
-            let mut now: Vec<(u64, u64, E)> = Vec::new();
-            for it in items {
+            // Relative to the new base every item of bucket b lands in a lower bucket (they share the
+            // bits above b - 1 with it), so bucket b gets its emptied vector back, allocation and all.
+            for it in items.drain(..) {
                 match self.bucket(it.0) {
-                    0 => now.push(it),
+                    0 => self.now.push_back(it),
                     nb => self.buckets[nb].push(it),
                 }
             }
-            now.sort_by_key(|i| i.1);
-            self.now.extend(now);
+            self.buckets[b] = items;
+            self.now.make_contiguous().sort_by_key(|i| i.1);
         }
     }
 
