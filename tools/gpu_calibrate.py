@@ -45,6 +45,37 @@ def device_hw(name):
     return None
 
 
+def graph_seconds(fn, reps, iters):
+    """Seconds per call of `fn` replayed from a CUDA graph that captures it `reps` times (after three
+    calls on a side stream, as capture requires), over `iters` replays after three."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return time_loop(graph.replay, 3, iters) / reps
+
+
+def write_csv(path, dev, rows, versions):
+    """Writes `rows` (hw, benchmark, shape, dtype, value, unit) with the device, versions and date."""
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    today = datetime.date.today().isoformat()
+    with open(path, "w") as f:
+        f.write(f"# {dev}, {versions}, {today}\n")
+        f.write("hw,benchmark,shape,dtype,value,unit,device,torch,cuda,date\n")
+        for r in rows:
+            f.write(",".join(r) + f",{dev.replace(',', ' ')},{torch.__version__},{torch.version.cuda},{today}\n")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
 class ClockSampler:
     """NVML's SM clock and board power, sampled every 5 ms on a thread until stop()."""
 
@@ -197,19 +228,9 @@ def main():
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
         c = torch.matmul(a, b)
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                torch.matmul(a, b, out=c)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        reps = 20
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                torch.matmul(a, b, out=c)
-        s = time_loop(graph.replay, 3, max(iters // 20, 5)) / reps
+        s = graph_seconds(lambda: torch.matmul(a, b, out=c), 20, max(iters // 20, 5))
         row("gemm_graph", f"{m}x{n}x{k}", "bf16", 2 * m * n * k / s / 1e12, "TFLOP/s")
-        del a, b, c, graph
+        del a, b, c
 
     torch.cuda.synchronize()
     time.sleep(2.0)  # let the board cool back from the loops above
@@ -255,17 +276,7 @@ def main():
     a = torch.randn(n, device="cuda")
     b = torch.randn(n, device="cuda")
     out = torch.empty_like(a)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            torch.add(a, b, out=out)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    reps = 100
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            torch.add(a, b, out=out)
-    s = time_loop(graph.replay, 3, max(iters // 10, 5)) / reps
+    s = graph_seconds(lambda: torch.add(a, b, out=out), 100, max(iters // 10, 5))
     row("launch_add", f"{n}", "fp32", s * 1e6, "us")
     s = time_loop(lambda: torch.add(a, b, out=out), warm, iters * 5)
     row("launch_eager", f"{n}", "fp32", s * 1e6, "us")
@@ -278,14 +289,7 @@ def main():
     out_path = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", f"gpu_calibration_{hw}.csv"
     )
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    today = datetime.date.today().isoformat()
-    with open(out_path, "w") as f:
-        f.write(f"# {dev}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}, {today}\n")
-        f.write("hw,benchmark,shape,dtype,value,unit,device,torch,cuda,date\n")
-        for r in rows:
-            f.write(",".join(r) + f",{dev.replace(',', ' ')},{torch.__version__},{torch.version.cuda},{today}\n")
-    print(f"wrote {len(rows)} rows to {out_path}")
+    write_csv(out_path, dev, rows, f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ Rows: hw,benchmark,shape,dtype,value,unit,... with benchmark `e2e_<phase>:<model
 """
 
 import argparse
-import datetime
 import json
 import os
 import sys
+
+from gpu_calibrate import device_hw, time_loop, write_csv
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CASES = [
@@ -32,26 +33,9 @@ CASES = [
 ]
 
 
-def device_hw(name):
-    n = name.lower()
-    for key in ("h200", "h100", "a100"):
-        if key in n:
-            return key
-    return None
-
-
-def timed(torch, fn, warm, iters):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    a = torch.cuda.Event(enable_timing=True)
-    b = torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
+def timed(fn, warm, iters):
+    """Milliseconds per step between CUDA events (gpu_calibrate's loop, in ms)."""
+    return time_loop(fn, warm, iters) * 1e3
 
 
 def profiled(torch, fn, top=12):
@@ -112,7 +96,7 @@ def main():
                 with torch.no_grad():
                     fwd(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-            ms = timed(torch, step, 3, 10)
+            ms = timed(step, 3, 10)
             if args.profile:
                 profiled(torch, step)
             return ms
@@ -126,7 +110,7 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        ms = timed(torch, step, 3, 10)
+        ms = timed(step, 3, 10)
         if args.profile:
             profiled(torch, step)
         return ms
@@ -142,13 +126,7 @@ def main():
         rows.append((hw, f"e2e_{phase}:{name}", f"{batch}x{seq}", "bf16", f"{ms:.4f}", "ms"))
         print(f"{phase:<8} {name:<12} {batch}x{seq:<6} {ms:10.3f} ms", flush=True)
     out_path = args.out or os.path.join(ROOT, "tests", "data", f"gpu_e2e_{hw}.csv")
-    today = datetime.date.today().isoformat()
-    with open(out_path, "w") as f:
-        f.write(f"# {dev}, PyTorch {torch.__version__}, transformers {transformers.__version__}, {today}\n")
-        f.write("hw,benchmark,shape,dtype,value,unit,device,torch,cuda,date\n")
-        for r in rows:
-            f.write(",".join(r) + f",{dev.replace(',', ' ')},{torch.__version__},{torch.version.cuda},{today}\n")
-    print(f"wrote {len(rows)} rows to {out_path}")
+    write_csv(out_path, dev, rows, f"PyTorch {torch.__version__}, transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":
