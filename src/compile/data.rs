@@ -4,7 +4,7 @@
 //!
 //! Tasks are recognised by the names `kernel.rs` gives them (`in0.0`, `mm`, `bias`, `stats`, `red1`,
 //! `apply`, `look`, `sel1`, `ew`, `gather0`, `out0`, `drain0`, ...). A region whose algorithm, op or
-//! task has no data semantics yet gets `TaskData::None` for its tasks and a line in `unsupported`, so a
+//! task has no data semantics yet gets `TaskData::Refused` for its tasks and a line in `unsupported`, so a
 //! functional run refuses the program instead of giving a wrong answer.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ pub(crate) struct RegionData {
 
 fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
     RegionData {
-        tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::None; ts.len()]).collect(),
+        tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::Refused; ts.len()]).collect(),
         readouts: Vec::new(),
         unsupported: Some(why),
     }
@@ -135,7 +135,7 @@ pub(crate) fn looped(
                             "`{tname}` task `{}`: {chunks} runs do not split evenly into the loop's {iters} iterations",
                             ts[i].name
                         ));
-                        return TaskData::None;
+                        return TaskData::Refused;
                     }
                     TaskData::Looped { kernel, lp, per_iter: chunks / iters, stride, offset }
                 })
@@ -182,8 +182,10 @@ pub(crate) fn region(
         return refuse(
             templates,
             format!(
-                "region `{}`: functional mode does not run the backward layer loop of weight streaming yet",
-                st.name
+                "region `{}` ({} with {}): functional mode does not run the backward layer loop of weight streaming yet",
+                st.name,
+                st.kind_name(g),
+                t.algo.name()
             ),
         );
     }
@@ -248,6 +250,9 @@ pub(crate) fn region(
                 "out" => TaskData::Kernel(Kernel::Route {
                     views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
                 }),
+                // The optimizer's updated weights (pipelined training), kept by the PEs that hold the
+                // weight for the next step; this step's kernels read the resident image.
+                "refresh" => TaskData::Kernel(Kernel::Load),
                 "drain" | "credit" => TaskData::None,
                 "store" => TaskData::Kernel(Kernel::Store),
                 "sel" => {
@@ -266,10 +271,12 @@ pub(crate) fn region(
                     Some(k) => TaskData::Kernel(k.clone()),
                     None => {
                         bad.get_or_insert(format!(
-                            "region `{}`: task `{name}` of `{tname}` has no data semantics yet",
-                            st.name
+                            "region `{}` ({} with {}): task `{name}` of `{tname}` has no data semantics yet",
+                            st.name,
+                            st.kind_name(g),
+                            t.algo.name()
                         ));
-                        TaskData::None
+                        TaskData::Refused
                     }
                 },
             };
@@ -385,6 +392,30 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 _ => return Err("this matmul has no data semantics yet".into()),
             }
         }
+        (&Work::RowReduce { main, rows, width, out, colsum: None, scalar, .. }, Algo::RowReduce)
+            if matches!(op.kind, OpKind::CrossEntropy { .. } | OpKind::CrossEntropyGrad { .. }) =>
+        {
+            // Cross-entropy: the loss (a scalar, summed down the rows' roots once per step) or its
+            // gradient (the apply pass).
+            let x = view(g, st.inputs[main].tensor);
+            let labels = view(g, op.inputs[1]);
+            let grad = matches!(op.kind, OpKind::CrossEntropyGrad { .. });
+            let rop = RowOp::CrossEntropy { labels, grad };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
+            match (out, scalar) {
+                (Some(o), None) if grad => {
+                    let out = out_of(o)?;
+                    by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out });
+                }
+                (None, Some(o)) if !grad => {
+                    let out = out_of(o)?;
+                    by_name.insert("colsum", Kernel::LossSum { grid, total: rows, labels: labels.base, out });
+                }
+                _ => return Err("a cross-entropy with unexpected outputs".into()),
+            }
+        }
         (&Work::RowReduce { main, rows, width, out: Some(out), colsum: None, scalar: None, .. }, Algo::RowReduce) => {
             let x = view(g, st.inputs[main].tensor);
             let rop = match op.kind {
@@ -400,7 +431,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             };
             let rows_per_run = rows / runs;
             by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
-            by_name.insert("red", Kernel::RowCombine { op: rop });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
             by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
         }
         (&Work::Matmul { a, b, rows, k, cols, bias, out, .. }, Algo::GemvTree) => {

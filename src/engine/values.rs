@@ -25,6 +25,10 @@ use crate::mesh::{Coord, Task};
 /// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
 const STATS: u32 = u32::MAX;
 
+/// A partial run's mark that a train carries no values (a refused region sent it, or a task that
+/// claimed the mark): a fragment of this pseudo-tensor with no values.
+const NO_VALUES: u32 = u32::MAX - 1;
+
 /// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frag {
@@ -56,6 +60,10 @@ pub type Payload = Arc<[Frag]>;
 
 /// What a functional run's agents hold at the end: a PE's (with its coordinate) or a port's (None).
 pub type Results = Vec<(Option<Coord>, Frag)>;
+
+/// The coordinate a partial run gives the finished values its output gateways passed on (every
+/// region's outputs, a development aid to check intermediate tensors): no PE has it.
+pub const TAP: Coord = Coord { x: u32::MAX, y: u32::MAX };
 
 /// Storage rounding of values kept in SRAM and sent in wavelets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +115,9 @@ pub struct Setup {
     pub numerics: Numerics,
     /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
     pub inv_freq: BTreeMap<u64, Vec<f64>>,
+    /// A partial run: the program's refused regions (`TaskData::Refused`) run without values, and so
+    /// does every task downstream of them; only the results computed in full are read back.
+    pub partial: bool,
 }
 
 /// One PE's (or port's) values.
@@ -116,6 +127,8 @@ struct Pe {
     acc: Vec<Frag>,
     /// Row statistics of the current run.
     stats: Option<Frag>,
+    /// A cross-entropy root's loss so far: the sum of its rows' losses and how many rows.
+    loss: (f32, u64),
     /// Operands kept for later tasks (stored operands, the row a reduction applies to).
     store: Vec<Frag>,
     /// A port's collected results.
@@ -124,6 +137,8 @@ struct Pe {
     cache: Vec<Frag>,
     /// Weights streamed in (`Kernel::Load`), whole tensors, by layer.
     weights: Vec<Frag>,
+    /// A partial run: the finished values this output gateway passed on.
+    tapped: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
     /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
@@ -184,8 +199,32 @@ impl PartValues {
             got.sort();
             eprintln!("{} claimed {}", at.name(), got.join(" "));
         }
+        // A partial run: nothing to compute from where a refused region's mark arrived (or was kept).
+        let marked = |frags: &[Frag]| frags.iter().any(|f| f.tensor == NO_VALUES);
+        if self.setup.partial && (matches!(td, TaskData::Refused) || marked(&claimed) || marked(&self.pes[local].store))
+        {
+            let mark = Frag {
+                tensor: NO_VALUES,
+                view_cols: 0,
+                r0: 0,
+                r1: 0,
+                c0: 0,
+                c1: 0,
+                cover: 0,
+                src: at.id,
+                vals: Arc::from(Vec::new()),
+            };
+            let pe = &mut self.pes[local];
+            pe.acc.clear();
+            pe.stats = None;
+            if !marked(&pe.store) {
+                pe.store.push(mark.clone());
+            }
+            pe.out = vec![Some(Payload::from(vec![mark])); n_sends];
+            return Ok(());
+        }
         let outs = match td {
-            TaskData::None => vec![None; n_sends],
+            TaskData::None | TaskData::Refused => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
             &TaskData::Looped { ref kernel, lp, per_iter, stride, offset } => {
                 // The chunk this run is: its iteration's tensors, runs counted within the iteration.
@@ -220,6 +259,7 @@ impl PartValues {
         let mut out = Vec::new();
         for (l, c) in agents {
             let Some(pe) = self.pes.get(l) else { continue };
+            out.extend(pe.tapped.iter().map(|f| (Some(TAP), f.clone())));
             match c {
                 Some(c) if rects.iter().any(|r| r.contains(c)) => {
                     out.extend(pe.acc.iter().chain(&pe.cache).map(|f| (Some(c), f.clone())))
@@ -482,6 +522,10 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Route { views } => {
+                if self.setup.partial {
+                    let done = claimed.iter().filter(|f| f.cover == 0 && f.tensor < NO_VALUES).cloned();
+                    self.pes[local].tapped.extend(done);
+                }
                 let mut outs = Vec::with_capacity(n_sends);
                 for i in 0..n_sends {
                     let sel: Vec<Frag> = match views.get(i).copied().flatten() {
@@ -797,31 +841,51 @@ impl PartValues {
                 let (row0, _) = Self::run_rows(at, *rows_per_run);
                 let rows = (row0 + ro, row0 + ro + rl);
                 let xv = self.read(local, at, &claimed, x, rows)?;
-                self.resident(local, at, 2 * rl * cl + 2 * cl + 3 * rl)?;
-                let mut vals = Vec::with_capacity(3 * rl as usize);
+                let labels = match op {
+                    RowOp::CrossEntropy { labels, .. } => self.read(local, at, &claimed, labels, rows)?,
+                    _ => Vec::new(),
+                };
+                let sw = stat_width(op);
+                self.resident(local, at, 2 * rl * cl + 2 * cl + sw as u64 * rl)?;
+                let mut vals = Vec::with_capacity(sw * rl as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
                     let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
                     vals.extend([cl as f32, a, b]);
+                    if let Some(&l) = labels.get(i) {
+                        // The label's logit, where this PE holds it.
+                        let picked = label_col(l).filter(|&j| j >= co && j < co + cl).map_or(0.0, |j| row[j as usize]);
+                        vals.push(picked);
+                    }
                 }
-                // The row stays for the apply pass.
-                let keep: Vec<Frag> = claimed.iter().filter(|f| f.tensor == x.base).cloned().collect();
+                // The row (and its labels) stay for the apply pass.
+                let lb = match op {
+                    RowOp::CrossEntropy { labels, .. } => Some(labels.base),
+                    _ => None,
+                };
+                let keep = claimed.iter().filter(|f| f.tensor == x.base || Some(f.tensor) == lb).cloned();
                 let pe = &mut self.pes[local];
-                pe.store = keep;
-                pe.stats = Some(Frag {
+                pe.store.retain(|f| f.tensor != x.base);
+                pe.store.extend(keep);
+                let stats = Frag {
                     tensor: STATS,
-                    view_cols: 3,
+                    view_cols: sw as u64,
                     r0: rows.0,
                     r1: rows.1,
                     c0: 0,
-                    c1: 3,
+                    c1: sw as u64,
                     cover: cl,
                     src: at.id,
                     vals: vals.into(),
-                });
+                };
+                if cl == *width {
+                    row_loss(op, pe, &stats);
+                }
+                pe.stats = Some(stats);
                 Ok(all(Payload::from(pe.stats.clone().into_iter().collect::<Vec<_>>())))
             }
-            Kernel::RowCombine { op } => {
+            Kernel::RowCombine { op, width } => {
+                let sw = stat_width(op);
                 let mut parts = claimed;
                 parts.sort_by_key(|f| f.src);
                 let pe = &mut self.pes[local];
@@ -840,13 +904,17 @@ impl PartValues {
                             own.r1
                         ));
                     }
-                    for (o, q) in vals.chunks_mut(3).zip(p.vals.chunks(3)) {
+                    for (o, q) in vals.chunks_mut(sw).zip(p.vals.chunks(sw)) {
                         combine(op, o, q);
                     }
                     own.cover += p.cover;
                 }
                 own.vals = vals.into();
-                Ok(all(Payload::from(vec![own.clone()])))
+                let own = own.clone();
+                if own.cover == *width {
+                    row_loss(op, pe, &own);
+                }
+                Ok(all(Payload::from(vec![own])))
             }
             Kernel::RowApply { grid, op, x, rows_per_run, width, out } => {
                 let (r, c) = at.pos(grid)?;
@@ -876,16 +944,27 @@ impl PartValues {
                         .chain(beta)
                         .map(|t| self.weight(local, t, at).map(|v| (t, v)))
                         .collect::<Result<_, _>>()?,
-                    RowOp::Softmax { .. } => Vec::new(),
+                    RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => Vec::new(),
                 };
+                // Cross-entropy: the rows' labels, and the step's count of labels not ignored.
+                let (labels, valid) = match op {
+                    RowOp::CrossEntropy { labels, .. } => {
+                        (self.read(local, at, &[], labels, rows)?, valid_labels(&self.tensor(labels.base, at)?))
+                    }
+                    _ => (Vec::new(), 0),
+                };
+                let sw = stat_width(op);
                 let mut vals = Vec::with_capacity((rl * cl) as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
-                    let s = &stats.vals[3 * i..3 * i + 3];
+                    let s = &stats.vals[sw * i..sw * i + sw];
                     for cc in co..co + cl {
-                        vals.push(row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
-                            params.iter().find(|p| p.0 == t).map_or(0.0, |p| st.round(p.1[j as usize]))
-                        }));
+                        vals.push(match labels.get(i) {
+                            Some(&l) => ce_grad(row[cc as usize], cc, label_col(l), s, valid),
+                            None => row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
+                                params.iter().find(|p| p.0 == t).map_or(0.0, |p| st.round(p.1[j as usize]))
+                            }),
+                        });
                     }
                 }
                 let f = Frag {
@@ -901,6 +980,43 @@ impl PartValues {
                 };
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::LossSum { grid, total, labels, out } => {
+                let (r, _) = at.pos(&grid)?;
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let pe = &mut self.pes[local];
+                let (mut sum, mut rows) = std::mem::take(&mut pe.loss);
+                for p in parts.iter().filter(|f| f.tensor == out) {
+                    if p.cover == 0 || p.vals.len() != 1 {
+                        return Err(format!("{}: received {}, not a partial loss", at.name(), p.slice()));
+                    }
+                    sum += p.vals[0];
+                    rows += p.cover;
+                }
+                let mut f = Frag {
+                    tensor: out,
+                    view_cols: 1,
+                    r0: 0,
+                    r1: 1,
+                    c0: 0,
+                    c1: 1,
+                    cover: rows,
+                    src: at.id,
+                    vals: Arc::from(vec![sum]),
+                };
+                if r == 0 {
+                    if rows != total {
+                        return Err(format!(
+                            "{}: the loss sums {rows} of the step's {total} rows (a missing reduction)",
+                            at.name()
+                        ));
+                    }
+                    let valid = valid_labels(&self.tensor(labels, at)?);
+                    let inv = if valid == 0 { 0.0 } else { 1.0 / valid as f32 };
+                    f = Frag { cover: 0, vals: Arc::from(vec![sum * inv]), ..f };
+                }
+                Ok(all(Payload::from(vec![f])))
             }
             &Kernel::Lookup { grid, ids, table, vocab, width, rows_per_run, out } => {
                 let (r, c) = at.pos(&grid)?;
@@ -952,6 +1068,11 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
     let mut out = Vec::new();
     let mut base = 0u64;
     for f in p.iter() {
+        if f.tensor == NO_VALUES {
+            // A partial run's mark rides with every part of the train.
+            out.push(f.clone());
+            continue;
+        }
         let len = f.vals.len() as u64;
         let (a, b) = (lo.max(base), hi.min(base + len));
         if a < b {
@@ -1140,6 +1261,10 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
             (mean, m2)
         }
         RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
+        RowOp::CrossEntropy { .. } => {
+            let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            (m, xs.iter().map(|x| (x - m).exp()).sum::<f32>())
+        }
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             let i = r % q.max(1);
@@ -1161,6 +1286,58 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
     }
 }
 
+/// Values of one row's statistics: (count, a, b), and the label's logit for cross-entropy.
+fn stat_width(op: &RowOp) -> usize {
+    match op {
+        RowOp::CrossEntropy { .. } => 4,
+        _ => 3,
+    }
+}
+
+/// The class a label picks (None: ignored, -100).
+fn label_col(l: f32) -> Option<u64> {
+    (l >= 0.0).then_some(l as u64)
+}
+
+/// Labels of the step not ignored.
+fn valid_labels(labels: &[f32]) -> u64 {
+    labels.iter().filter(|&&l| l >= 0.0).count() as u64
+}
+
+/// A cross-entropy root with a row's complete statistics (count, max, sum of exp, the label's logit)
+/// adds the rows' `logsumexp - logit[label]` to its loss (ignored rows: their logit is 0 and their
+/// label none, so they are told apart by the labels the root keeps).
+fn row_loss(op: &RowOp, pe: &mut Pe, stats: &Frag) {
+    let RowOp::CrossEntropy { labels, grad: false } = op else { return };
+    let rows = stats.r1 - stats.r0;
+    for i in 0..rows {
+        let r = stats.r0 + i;
+        let label = pe
+            .store
+            .iter()
+            .find(|f| f.tensor == labels.base && f.r0 <= r && r < f.r1)
+            .map(|f| f.vals[((r - f.r0) * (f.c1 - f.c0)) as usize]);
+        let s = &stats.vals[4 * i as usize..4 * i as usize + 4];
+        if label.and_then(label_col).is_some() {
+            pe.loss.0 += s[1] + s[2].ln() - s[3];
+        }
+    }
+    pe.loss.1 += rows;
+}
+
+/// `d loss / d logit` of column `cc` given the row's statistics (count, max, sum of exp, label's logit),
+/// as the reference computes it: `exp(x - max) / sum / valid`, less `1 / valid` at the label.
+fn ce_grad(x: f32, cc: u64, label: Option<u64>, s: &[f32], valid: u64) -> f32 {
+    let Some(l) = label else { return 0.0 };
+    let inv = if valid == 0 { 0.0 } else { 1.0 / valid as f32 };
+    let p = (x - s[1]).exp() / s[2] * inv;
+    if cc == l {
+        p - inv
+    } else {
+        p
+    }
+}
+
 /// Combines statistics `q` into `o`, both (count, a, b): LayerNorm's (mean, M2) by Chan's formula,
 /// RMSNorm's mean square by counts, softmax's (max, sum) by rescaling to the larger max.
 fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
@@ -1179,12 +1356,16 @@ fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
                 o[1] = (na * o[1] + nb * q[1]) / n;
             }
         }
-        RowOp::Softmax { .. } => {
+        RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => {
             let m = o[1].max(q[1]);
             if m > f32::NEG_INFINITY {
                 let scale = |mx: f32| if mx == f32::NEG_INFINITY { 0.0 } else { (mx - m).exp() };
                 o[2] = o[2] * scale(o[1]) + q[2] * scale(q[1]);
                 o[1] = m;
+            }
+            if o.len() > 3 {
+                // The label's logit: held by one PE of the row, zero on the others.
+                o[3] += q[3];
             }
         }
     }
@@ -1203,6 +1384,8 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
             let rstd = 1.0 / (s[1] + num.norm_eps as f32).sqrt();
             w(gamma, cc) * (x * rstd)
         }
+        // Its own formula (`ce_grad`), with the row's label.
+        RowOp::CrossEntropy { .. } => 0.0,
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {
