@@ -293,6 +293,13 @@ fn weight_slot(st: &Stage, name: &str) -> bool {
     s.and_then(|s| st.inputs.get(s)).is_some_and(|s| s.kind == SlotKind::Weights)
 }
 
+/// Whether a matmul kernel reads its weight as `[n, k]` of its own contraction k and output n: a
+/// linear's `nn.Linear` layout, or the transpose a data gradient multiplies by (`dx = dy W^T`: its k is
+/// the linear's n), which reads an `[in, out]` weight that way.
+fn w_out_in(kind: &OpKind, layout: WeightLayout) -> bool {
+    (layout == WeightLayout::OutIn) != matches!(kind, OpKind::LinearDgrad(_))
+}
+
 /// A stationary operand: resident, or (weight streaming) streamed in every iteration.
 fn stationary(st: &Stage, b: Operand) -> bool {
     match b {
@@ -318,7 +325,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let rows_per_run = rows / runs;
             let out = out_of(out)?;
             match op.kind {
-                OpKind::Linear(l) => {
+                OpKind::Linear(l) | OpKind::LinearDgrad(l) => {
                     if l.groups != 1 || l.weight_groups != 1 {
                         return Err("grouped (expert) linear layers have no data semantics yet".into());
                     }
@@ -326,7 +333,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         return Err("a streamed (non-weight) stationary operand".into());
                     }
                     let w = op.inputs[1].0;
-                    let w_out_in = l.layout == WeightLayout::OutIn;
+                    let w_out_in = w_out_in(&op.kind, l.layout);
                     by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
                     if bias {
                         by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
@@ -416,6 +423,25 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 _ => return Err("a cross-entropy with unexpected outputs".into()),
             }
         }
+        (
+            &Work::RowReduce { main, rows, width, out: Some(out), colsum: Some(_), scalar: None, .. },
+            Algo::RowReduce,
+        ) if matches!(op.kind, OpKind::NormGrad { .. }) => {
+            let OpKind::NormGrad { kind, .. } = op.kind else { unreachable!("matched above") };
+            let dy = view(g, st.inputs[main].tensor);
+            let rop = RowOp::NormGrad {
+                x: view(g, op.inputs[0]),
+                gamma: op.inputs[1].0,
+                rms: kind == NormKind::RmsNorm,
+                dgamma: op.outputs[1].0,
+                dbeta: op.outputs.get(2).map(|t| t.0),
+            };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x: dy, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
+            by_name.insert("apply", Kernel::RowApply { grid, op: rop, x: dy, rows_per_run, width, out: out_of(out)? });
+            by_name.insert("colsum", Kernel::ColSum { grid, total: rows });
+        }
         (&Work::RowReduce { main, rows, width, out: Some(out), colsum: None, scalar: None, .. }, Algo::RowReduce) => {
             let x = view(g, st.inputs[main].tensor);
             let rop = match op.kind {
@@ -435,7 +461,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
         }
         (&Work::Matmul { a, b, rows, k, cols, bias, out, .. }, Algo::GemvTree) => {
-            let OpKind::Linear(l) = op.kind else {
+            let (OpKind::Linear(l) | OpKind::LinearDgrad(l)) = op.kind else {
                 return Err("this matmul has no data semantics yet".into());
             };
             if l.groups != 1 || l.weight_groups != 1 {
@@ -445,7 +471,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 return Err("a streamed (non-weight) stationary operand".into());
             }
             let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
-            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, l.layout == WeightLayout::OutIn);
+            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, w_out_in(&op.kind, l.layout));
             let out = out_of(out)?;
             by_name.insert(
                 "mm",
@@ -462,6 +488,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
                 OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
                 OpKind::Tanh(_) => (EwOp::Tanh, vec![op.inputs[0]]),
+                OpKind::GeluGrad(_) => (EwOp::GeluGrad, op.inputs.clone()),
                 OpKind::TokenSelect { seq, pick, .. } => {
                     (EwOp::Select { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
                 }

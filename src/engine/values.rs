@@ -129,6 +129,8 @@ struct Pe {
     stats: Option<Frag>,
     /// A cross-entropy root's loss so far: the sum of its rows' losses and how many rows.
     loss: (f32, u64),
+    /// A norm backward's column sums over the PE's rows so far (dgamma, dbeta: partial sums).
+    cols: Vec<Frag>,
     /// Operands kept for later tasks (stored operands, the row a reduction applies to).
     store: Vec<Frag>,
     /// A port's collected results.
@@ -797,6 +799,7 @@ impl PartValues {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
                                 EwOp::Tanh => ins[0][i].tanh(),
+                                EwOp::GeluGrad => gelu_grad(num.gelu_tanh, ins[0][i]) * ins[1][i],
                                 EwOp::Select { .. } | EwOp::Copy => ins[0][i],
                                 EwOp::SwiGlu => {
                                     let (g, u) = (ins[0][i], ins[1][i]);
@@ -845,11 +848,23 @@ impl PartValues {
                     RowOp::CrossEntropy { labels, .. } => self.read(local, at, &claimed, labels, rows)?,
                     _ => Vec::new(),
                 };
+                // A norm's backward: the forward's input and scale beside dy.
+                let (xin, gamma) = match *op {
+                    RowOp::NormGrad { x: xi, gamma, .. } => {
+                        (self.read(local, at, &claimed, &xi, rows)?, Some(self.weight(local, gamma, at)?))
+                    }
+                    _ => (Vec::new(), None),
+                };
                 let sw = stat_width(op);
                 self.resident(local, at, 2 * rl * cl + 2 * cl + sw as u64 * rl)?;
                 let mut vals = Vec::with_capacity(sw * rl as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    if let (RowOp::NormGrad { rms, .. }, Some(gm)) = (op, &gamma) {
+                        let xr = &xin[i * *width as usize..(i + 1) * *width as usize];
+                        vals.extend(norm_grad_stats(*rms, row, xr, gm, st, co, cl));
+                        continue;
+                    }
                     let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
                     vals.extend([cl as f32, a, b]);
                     if let Some(&l) = labels.get(i) {
@@ -858,9 +873,10 @@ impl PartValues {
                         vals.push(picked);
                     }
                 }
-                // The row (and its labels) stay for the apply pass.
+                // The row (and its labels, or the forward's input) stay for the apply pass.
                 let lb = match op {
                     RowOp::CrossEntropy { labels, .. } => Some(labels.base),
+                    RowOp::NormGrad { x, .. } => Some(x.base),
                     _ => None,
                 };
                 let keep = claimed.iter().filter(|f| f.tensor == x.base || Some(f.tensor) == lb).cloned();
@@ -945,7 +961,72 @@ impl PartValues {
                         .map(|t| self.weight(local, t, at).map(|v| (t, v)))
                         .collect::<Result<_, _>>()?,
                     RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => Vec::new(),
+                    RowOp::NormGrad { gamma, .. } => vec![(gamma, self.weight(local, gamma, at)?)],
                 };
+                if let RowOp::NormGrad { x: xi, rms, dgamma, dbeta, .. } = *op {
+                    let xin = self.read(local, at, &[], &xi, rows)?;
+                    let gm = &params[0].1;
+                    let eps = num.norm_eps as f32;
+                    let w = *width as usize;
+                    let mut vals = Vec::with_capacity((rl * cl) as usize);
+                    let mut dg = vec![0f32; cl as usize];
+                    let mut db = vec![0f32; cl as usize];
+                    for i in 0..rl as usize {
+                        let (dyr, xr) = (&xv[i * w..(i + 1) * w], &xin[i * w..(i + 1) * w]);
+                        let s = &stats.vals[5 * i..5 * i + 5];
+                        let n = s[0];
+                        let (mean, rstd) = match rms {
+                            false => (s[1], 1.0 / (s[2] / n + eps).sqrt()),
+                            true => (0.0, 1.0 / (s[1] + eps).sqrt()),
+                        };
+                        let (m1, m2) = (s[3] / n, rstd * (s[4] - mean * s[3]) / n);
+                        for (j, cc) in (co..co + cl).enumerate() {
+                            let c = cc as usize;
+                            let xhat = (xr[c] - mean) * rstd;
+                            let g = dyr[c] * st.round(gm[c]);
+                            vals.push(if rms { rstd * (g - xhat * m2) } else { rstd * (g - m1 - xhat * m2) });
+                            dg[j] += dyr[c] * xhat;
+                            db[j] += dyr[c];
+                        }
+                    }
+                    // The rows' terms of the column sums, kept until the step's `ColSum`.
+                    let part = |t: u32, v: Vec<f32>| Frag {
+                        tensor: t,
+                        view_cols: *width,
+                        r0: 0,
+                        r1: 1,
+                        c0: co,
+                        c1: co + cl,
+                        cover: rl,
+                        src: at.id,
+                        vals: v.into(),
+                    };
+                    let mut new = vec![part(dgamma, dg)];
+                    new.extend(dbeta.map(|t| part(t, db)));
+                    let pe = &mut self.pes[local];
+                    if pe.cols.is_empty() {
+                        pe.cols = new;
+                    } else {
+                        for (acc, p) in pe.cols.iter_mut().zip(&new) {
+                            let mut v = acc.vals.to_vec();
+                            add_partials(acc, &mut v, std::slice::from_ref(p), at, "adds column sums to")?;
+                            acc.vals = v.into();
+                        }
+                    }
+                    let f = Frag {
+                        tensor: *out,
+                        view_cols: *width,
+                        r0: rows.0,
+                        r1: rows.1,
+                        c0: co,
+                        c1: co + cl,
+                        cover: 0,
+                        src: at.id,
+                        vals: vals.into(),
+                    };
+                    self.pes[local].acc = vec![f];
+                    return Ok(all(self.rounded(&self.pes[local].acc)));
+                }
                 // Cross-entropy: the rows' labels, and the step's count of labels not ignored.
                 let (labels, valid) = match op {
                     RowOp::CrossEntropy { labels, .. } => {
@@ -980,6 +1061,25 @@ impl PartValues {
                 };
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::ColSum { grid, total } => {
+                let (r, _) = at.pos(&grid)?;
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let mut cols = std::mem::take(&mut self.pes[local].cols);
+                if cols.is_empty() {
+                    return Err(format!("{}: sends column sums but has none", at.name()));
+                }
+                for acc in cols.iter_mut() {
+                    let mine: Vec<Frag> = parts.iter().filter(|p| p.tensor == acc.tensor).cloned().collect();
+                    let mut v = acc.vals.to_vec();
+                    add_partials(acc, &mut v, &mine, at, "adds column sums to")?;
+                    acc.vals = v.into();
+                    if r == 0 {
+                        complete(acc, total, at)?;
+                    }
+                }
+                Ok(all(self.rounded(&cols)))
             }
             &Kernel::LossSum { grid, total, labels, out } => {
                 let (r, _) = at.pos(&grid)?;
@@ -1233,6 +1333,18 @@ fn gelu(tanh: bool, x: f32) -> f32 {
     }
 }
 
+/// GELU's derivative, in the reference's formulas.
+fn gelu_grad(tanh: bool, x: f32) -> f32 {
+    if tanh {
+        let th = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+        0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    } else {
+        let cdf = 0.5 * (1.0 + libm_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * x * x).exp() * (1.0 / (2.0 * std::f32::consts::PI).sqrt());
+        cdf + x * pdf
+    }
+}
+
 fn libm_erf(x: f32) -> f32 {
     <f32 as crate::functional::Real>::erf(x)
 }
@@ -1261,6 +1373,8 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
             (mean, m2)
         }
         RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
+        // Computed with the forward's input (`norm_grad_stats`).
+        RowOp::NormGrad { .. } => (0.0, 0.0),
         RowOp::CrossEntropy { .. } => {
             let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             (m, xs.iter().map(|x| (x - m).exp()).sum::<f32>())
@@ -1290,6 +1404,7 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
 fn stat_width(op: &RowOp) -> usize {
     match op {
         RowOp::CrossEntropy { .. } => 4,
+        RowOp::NormGrad { .. } => 5,
         _ => 3,
     }
 }
@@ -1338,20 +1453,41 @@ fn ce_grad(x: f32, cc: u64, label: Option<u64>, s: &[f32], valid: u64) -> f32 {
     }
 }
 
+/// A norm backward's partial statistics of columns `co .. co + cl` of one row: (count, mean, M2) of x
+/// (RMSNorm: (count, mean square, 0)), the sum of `g = dy * gamma` and of `g * x`.
+fn norm_grad_stats(rms: bool, dy: &[f32], x: &[f32], gamma: &[f32], st: Storage, co: u64, cl: u64) -> [f32; 5] {
+    let r = co as usize..(co + cl) as usize;
+    let n = cl.max(1) as f32;
+    let xs = &x[r.clone()];
+    let (a, b) = if rms {
+        (xs.iter().map(|v| v * v).sum::<f32>() / n, 0.0)
+    } else {
+        let mean = xs.iter().sum::<f32>() / n;
+        (mean, xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
+    };
+    let (mut sg, mut sgx) = (0f32, 0f32);
+    for c in r {
+        let g = dy[c] * st.round(gamma[c]);
+        sg += g;
+        sgx += g * x[c];
+    }
+    [cl as f32, a, b, sg, sgx]
+}
+
 /// Combines statistics `q` into `o`, both (count, a, b): LayerNorm's (mean, M2) by Chan's formula,
 /// RMSNorm's mean square by counts, softmax's (max, sum) by rescaling to the larger max.
 fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
     let (na, nb) = (o[0], q[0]);
     let n = na + nb;
     match op {
-        RowOp::Norm { rms: false, .. } => {
+        RowOp::Norm { rms: false, .. } | RowOp::NormGrad { rms: false, .. } => {
             if n > 0.0 {
                 let delta = q[1] - o[1];
                 o[1] += delta * nb / n;
                 o[2] += q[2] + delta * delta * na * nb / n;
             }
         }
-        RowOp::Norm { rms: true, .. } => {
+        RowOp::Norm { rms: true, .. } | RowOp::NormGrad { rms: true, .. } => {
             if n > 0.0 {
                 o[1] = (na * o[1] + nb * q[1]) / n;
             }
@@ -1369,6 +1505,10 @@ fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
             }
         }
     }
+    if let RowOp::NormGrad { .. } = op {
+        o[3] += q[3];
+        o[4] += q[4];
+    }
     o[0] = n;
 }
 
@@ -1384,8 +1524,8 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
             let rstd = 1.0 / (s[1] + num.norm_eps as f32).sqrt();
             w(gamma, cc) * (x * rstd)
         }
-        // Its own formula (`ce_grad`), with the row's label.
-        RowOp::CrossEntropy { .. } => 0.0,
+        // Their own formulas (`ce_grad`, the norm backward in `Kernel::RowApply`).
+        RowOp::CrossEntropy { .. } | RowOp::NormGrad { .. } => 0.0,
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {

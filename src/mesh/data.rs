@@ -69,6 +69,8 @@ pub enum EwOp {
     Gelu,
     /// tanh of the one input.
     Tanh,
+    /// GELU's derivative at the first input times the second (x, dy), as the reference computes it.
+    GeluGrad,
     /// One token of every sequence of `seq` (the first, or the last): output row b is input row
     /// `b * seq + pick`.
     Select { seq: u64, last: bool },
@@ -93,6 +95,11 @@ pub enum RowOp {
     /// `valid` the step's labels not ignored (a count the host gives with its labels), else the root of
     /// each row adds the row's `logsumexp - logit[label]` to the loss it keeps (`Kernel::LossSum`).
     CrossEntropy { labels: View, grad: bool },
+    /// A norm's backward (LayerNorm, or RMSNorm with `rms`) over rows of dy (the reduction's main
+    /// input) with the forward's input `x` and scale `gamma`: statistics (mean and M2 of x, or its mean
+    /// square; the sums of `g = dy * gamma` and of `g * x`); the apply pass gives dx and adds the rows'
+    /// `dy * xhat` (and `dy`) into the PE's column sums of `dgamma` (and `dbeta`, `Kernel::ColSum`).
+    NormGrad { x: View, gamma: u32, rms: bool, dgamma: u32, dbeta: Option<u32> },
 }
 
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
@@ -182,6 +189,10 @@ pub enum Kernel {
     /// of the step's `total` rows, and divides by the count of labels not ignored (`labels`' values,
     /// which the host gives): the scalar `out`.
     LossSum { grid: Grid, total: u64, labels: u32, out: u32 },
+    /// Column sums of a row reduction (a norm's dgamma and dbeta, `RowOp::NormGrad`), once per step:
+    /// the PE's sums over its rows plus those claimed from the PEs below in its column (in sender
+    /// order); in grid row 0 they must then cover all `total` rows, and are sent as finished values.
+    ColSum { grid: Grid, total: u64 },
     /// The lookup tree's first step: the PE at (r, c) holds table rows `Share { vocab, grid.rows }` r,
     /// columns `Share { width, grid.cols }` c; for every id of this run it gives its row's slice, or
     /// zeros when another PE holds the row (a partial sum with one term per table share).
@@ -250,6 +261,7 @@ impl Kernel {
             | Kernel::RowStats { grid, .. }
             | Kernel::RowApply { grid, .. }
             | Kernel::LossSum { grid, .. }
+            | Kernel::ColSum { grid, .. }
             | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
             Kernel::Accumulate { .. }
             | Kernel::Relay
@@ -309,6 +321,7 @@ impl Kernel {
             }
             Kernel::Lookup { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
             Kernel::LossSum { labels, out, .. } => (*labels, *out) = (f(*labels), f(*out)),
+            Kernel::ColSum { .. } => {}
             Kernel::Accumulate { .. } | Kernel::Relay | Kernel::Store | Kernel::Collect | Kernel::Load => {}
         }
         k
@@ -320,6 +333,13 @@ impl RowOp {
         match *self {
             RowOp::Norm { gamma, beta, rms } => RowOp::Norm { gamma: f(gamma), beta: beta.map(&f), rms },
             op @ RowOp::Softmax { .. } => op,
+            RowOp::NormGrad { x, gamma, rms, dgamma, dbeta } => RowOp::NormGrad {
+                x: View { base: f(x.base), ..x },
+                gamma: f(gamma),
+                rms,
+                dgamma: f(dgamma),
+                dbeta: dbeta.map(&f),
+            },
             RowOp::CrossEntropy { labels, grad } => {
                 RowOp::CrossEntropy { labels: View { base: f(labels.base), ..labels }, grad }
             }
