@@ -523,6 +523,27 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 .insert("look", Kernel::Lookup { grid, ids: idv, table, vocab, width, rows_per_run: rows / runs, out });
             final_total = Some(("look2".to_string(), f.rc() as u64));
         }
+        (&Work::Accum { x, dy, rows, k, cols, out, bias_out }, Algo::Summa) => {
+            let OpKind::LinearWgrad(l) = op.kind else {
+                return Err("attention gradients accumulated by summa have no data semantics yet".into());
+            };
+            if l.groups != 1 || l.weight_groups != 1 {
+                return Err("grouped (expert) linear layers have no data semantics yet".into());
+            }
+            let (xv, dyv) = (view(g, st.inputs[x].tensor), view(g, st.inputs[dy].tensor));
+            let out = out_of(out)?;
+            let bias = match bias_out {
+                Some(b) => Some(out_of(b)?),
+                None => None,
+            };
+            let w_out_in = l.layout == WeightLayout::OutIn;
+            let rows_per_run = rows / runs;
+            let kernel = Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias };
+            by_name.insert("acc", kernel);
+            // The bias gradient is summed by `acc`, which holds the rows of dy.
+            by_name.insert("dbias", Kernel::Relay);
+            by_name.insert("emit", Kernel::WgradEmit);
+        }
         _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
     }
     Ok(Compute { by_name, final_total, readouts })

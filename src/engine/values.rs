@@ -1062,6 +1062,68 @@ impl PartValues {
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let xv = self.read(local, at, &claimed, &View { c0: x.c0 + k0, width: kl, ..x }, rows)?;
+                let dyv = self.read(local, at, &claimed, &View { c0: dy.c0 + n0, width: nl, ..dy }, rows)?;
+                self.resident(local, at, 2 * kl * nl)?;
+                let pe = &mut self.pes[local];
+                // The block, laid out as the weight is: [k, n], or [n, k].
+                let (r0, r1, c0, c1, vc) =
+                    if w_out_in { (n0, n0 + nl, k0, k0 + kl, k) } else { (k0, k0 + kl, n0, n0 + nl, n) };
+                let fresh = |t: u32, r0: u64, r1: u64, c0: u64, c1: u64, vc: u64| Frag {
+                    tensor: t,
+                    view_cols: vc,
+                    r0,
+                    r1,
+                    c0,
+                    c1,
+                    cover: 0,
+                    src: at.id,
+                    vals: vec![0f32; ((r1 - r0) * (c1 - c0)) as usize].into(),
+                };
+                if at.run == 1 {
+                    pe.acc = vec![fresh(out, r0, r1, c0, c1, vc)];
+                    pe.cols = bias.filter(|_| r == 0).map(|b| fresh(b, 0, 1, n0, n0 + nl, n)).into_iter().collect();
+                }
+                let [acc] = pe.acc.as_mut_slice() else {
+                    return Err(format!("{}: accumulates a weight gradient but holds no block", at.name()));
+                };
+                let mut vals = acc.vals.to_vec();
+                let (kl, nl) = (kl as usize, nl as usize);
+                for i in 0..rows_per_run as usize {
+                    for kk in 0..kl {
+                        let xval = xv[i * kl + kk];
+                        for j in 0..nl {
+                            let idx = if w_out_in { j * kl + kk } else { kk * nl + j };
+                            vals[idx] += xval * dyv[i * nl + j];
+                        }
+                    }
+                }
+                acc.vals = vals.into();
+                if let Some(db) = pe.cols.first_mut() {
+                    let mut v = db.vals.to_vec();
+                    for i in 0..rows_per_run as usize {
+                        for j in 0..nl {
+                            v[j] += dyv[i * nl + j];
+                        }
+                    }
+                    db.vals = v.into();
+                }
+                Ok(vec![None; n_sends])
+            }
+            Kernel::WgradEmit => {
+                let pe = &self.pes[local];
+                let mut outs = vec![Some(self.rounded(&pe.acc))];
+                if n_sends > 1 {
+                    outs.push(Some(self.rounded(&pe.cols)));
+                }
+                outs.resize(n_sends, None);
+                Ok(outs)
+            }
             &Kernel::ColSum { grid, total } => {
                 let (r, _) = at.pos(&grid)?;
                 let mut parts = claimed;

@@ -189,6 +189,23 @@ pub enum Kernel {
     /// of the step's `total` rows, and divides by the count of labels not ignored (`labels`' values,
     /// which the host gives): the scalar `out`.
     LossSum { grid: Grid, total: u64, labels: u32, out: u32 },
+    /// A linear's weight gradient, output-stationary (summa): the PE at (r, c) accumulates, over the
+    /// step's runs, its block `dW[k-slice r, n-slice c] += x[rows, k-slice]^T dy[rows, n-slice]` (rows in
+    /// increasing order; `Share { k, grid.rows }` and `Share { n, grid.cols }`; the block laid out as `out`
+    /// is, `[n, k]` when `w_out_in`), and the PEs of grid row 0 the bias gradient `db[n-slice] += dy`.
+    WgradAcc {
+        grid: Grid,
+        x: View,
+        dy: View,
+        k: u64,
+        n: u64,
+        rows_per_run: u64,
+        w_out_in: bool,
+        out: u32,
+        bias: Option<u32>,
+    },
+    /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished.
+    WgradEmit,
     /// Column sums of a row reduction (a norm's dgamma and dbeta, `RowOp::NormGrad`), once per step:
     /// the PE's sums over its rows plus those claimed from the PEs below in its column (in sender
     /// order); in grid row 0 they must then cover all `total` rows, and are sent as finished values.
@@ -262,6 +279,7 @@ impl Kernel {
             | Kernel::RowApply { grid, .. }
             | Kernel::LossSum { grid, .. }
             | Kernel::ColSum { grid, .. }
+            | Kernel::WgradAcc { grid, .. }
             | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
             Kernel::Accumulate { .. }
             | Kernel::Relay
@@ -273,6 +291,7 @@ impl Kernel {
             | Kernel::Load
             | Kernel::Bias { .. }
             | Kernel::Reduce { .. }
+            | Kernel::WgradEmit
             | Kernel::RowCombine { .. } => {}
         }
         k
@@ -321,7 +340,10 @@ impl Kernel {
             }
             Kernel::Lookup { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
             Kernel::LossSum { labels, out, .. } => (*labels, *out) = (f(*labels), f(*out)),
-            Kernel::ColSum { .. } => {}
+            Kernel::ColSum { .. } | Kernel::WgradEmit => {}
+            Kernel::WgradAcc { x, dy, out, bias, .. } => {
+                (*x, *dy, *out, *bias) = (v(x), v(dy), f(*out), bias.map(&f));
+            }
             Kernel::Accumulate { .. } | Kernel::Relay | Kernel::Store | Kernel::Collect | Kernel::Load => {}
         }
         k
