@@ -228,7 +228,8 @@ pub(crate) fn region(
         let own = st.outputs.get(o).map(|s| s.tensor.0);
         for d in &oi.dests {
             let v = d.tensor.map(|t| view(g, t)).map(|v| match own {
-                Some(b) if st.iters > 1 => View { base: b, ..v },
+                // Adam's updated weight refreshes the copies of the weight other regions hold.
+                Some(b) if st.iters > 1 || matches!(g.op(st.main).kind, OpKind::Adam { .. }) => View { base: b, ..v },
                 _ => v,
             });
             dest_view.insert(d.color, v);
@@ -480,6 +481,44 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             by_name.insert("red1", Kernel::Reduce { total: None, bias: None });
             let b = bias.then(|| op.inputs[2].0);
             by_name.insert("red2", Kernel::Reduce { total: Some(k), bias: b });
+        }
+        (&Work::Elementwise { rows, width, accumulate: false, .. }, Algo::Elementwise)
+            if matches!(op.kind, OpKind::Adam { .. }) =>
+        {
+            let OpKind::Adam { master, .. } = op.kind else { unreachable!("matched above") };
+            let ins: Vec<u32> = op.inputs.iter().map(|t| t.0).collect();
+            let outs: Vec<u32> = op.outputs.iter().map(|t| t.0).collect();
+            if ins.len() < 4 + master as usize || outs.len() < 3 + master as usize {
+                return Err("an Adam op with unexpected operands".into());
+            }
+            let gv = view(g, op.inputs[1]);
+            let rows_per_run = rows / runs;
+            // The updated weight and moments stay on the Adam region's PEs, each element on one.
+            for &t in &outs {
+                readouts.push(Readout {
+                    tensor: t,
+                    name: g.tensor(TensorId(t)).name.clone(),
+                    rect: Some(Rect { x: grid.origin.x, y: grid.origin.y, w: grid.cols, h: grid.rows }),
+                    rows,
+                    cols: width,
+                    cover: 0,
+                });
+            }
+            by_name.insert(
+                "ew",
+                Kernel::Adam {
+                    grid,
+                    w: ins[0],
+                    g: gv,
+                    m: ins[2],
+                    v: ins[3],
+                    master: master.then(|| ins[4]),
+                    rows,
+                    rows_per_run,
+                    width,
+                    outs: outs.clone(),
+                },
+            );
         }
         (&Work::Elementwise { rows, accumulate: false, .. }, Algo::Elementwise) => {
             let pos0 = if g.workload.phase == Phase::Decode { g.workload.context } else { 0 };

@@ -115,6 +115,8 @@ pub struct Setup {
     pub numerics: Numerics,
     /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
     pub inv_freq: BTreeMap<u64, Vec<f64>>,
+    /// Adam's hyperparameters (learning rate, betas, epsilon) and the step number, as the reference's.
+    pub adam: (f64, f64, f64, f64, u64),
     /// A partial run: the program's refused regions (`TaskData::Refused`) run without values, and so
     /// does every task downstream of them; only the results computed in full are read back.
     pub partial: bool,
@@ -1061,6 +1063,65 @@ impl PartValues {
                 };
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Adam { grid, w, g, m, v, master, rows, rows_per_run, width, outs } => {
+                // The gradient streams in the order its producers send it (blocks, not rows): the PE
+                // keeps what it claims and steps once it has all of it, at its last run, over its share
+                // of every run's rows.
+                let pe = &mut self.pes[local];
+                pe.store.extend(claimed.into_iter().filter(|f| f.tensor == g.base));
+                if at.run < rows / rows_per_run.max(&1) {
+                    return Ok(vec![None; n_sends]);
+                }
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (off, len) = Share { n: rows_per_run * width, parts }.range(idx);
+                let (wv, mv, vv) = (self.tensor(*w, at)?, self.tensor(*m, at)?, self.tensor(*v, at)?);
+                let pv = match master {
+                    Some(t) => self.tensor(*t, at)?,
+                    None => Arc::clone(&wv),
+                };
+                // Its share of the weight and both moments (the gradient streams through).
+                self.resident(local, at, 3 * len * (rows / rows_per_run.max(&1)))?;
+                let (lr, b1, b2, eps, step) = self.setup.adam;
+                let t = step.max(1) as i32;
+                let (c1, c2) = ((1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32);
+                let (lr, b1, b2, eps) = (lr as f32, b1 as f32, b2 as f32, eps as f32);
+                let gw = g.width.max(1);
+                let (mut kept, mut sent) = (Vec::new(), Vec::new());
+                for j in 0..rows / rows_per_run.max(&1) {
+                    let lo = j * rows_per_run * width + off;
+                    // The gradient's values of the share (flat positions of the weight), row piece by
+                    // row piece of the gradient's own rows (a vector's are one row).
+                    let mut gv = Vec::with_capacity(len as usize);
+                    let mut e = lo;
+                    while e < lo + len {
+                        let (row, c0) = (e / gw, e % gw);
+                        let c1 = gw.min(c0 + (lo + len - e));
+                        let piece = View { c0: g.c0 + c0, width: c1 - c0, ..*g };
+                        gv.extend(self.read(local, at, &[], &piece, (row, row + 1))?);
+                        e += c1 - c0;
+                    }
+                    let mut res: Vec<Vec<f32>> = vec![Vec::with_capacity(len as usize); outs.len()];
+                    for (i, &gi) in gv.iter().enumerate() {
+                        let e = lo as usize + i;
+                        let mi = b1 * mv[e] + (1.0 - b1) * gi;
+                        let vi = b2 * vv[e] + (1.0 - b2) * gi * gi;
+                        let p2 = pv[e] - lr * (mi / c1) / ((vi / c2).sqrt() + eps);
+                        for (o, x) in res.iter_mut().zip([p2, mi, vi, p2]) {
+                            o.push(x);
+                        }
+                    }
+                    for (&t, vals) in outs.iter().zip(&res) {
+                        kept.extend(flat_frags(t, *width, lo, vals, at.id));
+                    }
+                    sent.extend(flat_frags(outs[0], *width, lo, &res[0], at.id));
+                }
+                let pe = &mut self.pes[local];
+                pe.store.retain(|f| f.tensor != g.base);
+                pe.cache.extend(kept);
+                pe.acc.clear();
+                Ok(all(self.rounded(&sent)))
             }
             &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias } => {
                 let (r, c) = at.pos(&grid)?;

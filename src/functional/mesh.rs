@@ -98,7 +98,11 @@ fn setup_with(
         gelu_tanh: numerics.act == Act::GeluTanh,
         sliding_window: numerics.sliding_window,
     };
-    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq, partial })
+    // The reference's optimizer: one step of torch.optim.Adam's defaults (`AdamConfig::default`), the
+    // step `wafer run --functional` and `wafer reference` evaluate.
+    let a = super::AdamConfig::default();
+    let adam = (a.lr, a.beta1, a.beta2, a.eps, a.step);
+    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq, adam, partial })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there

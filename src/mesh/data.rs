@@ -206,6 +206,23 @@ pub enum Kernel {
     },
     /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished.
     WgradEmit,
+    /// One Adam step over the PE's flat share (as `Elementwise`) of each run's rows of the weight `w`
+    /// (`rows` of `width`): the gradient `g` claimed (kept until the PE's last run, when all of it has
+    /// arrived: it streams in its producers' order), the weight and the moments `m`, `v` (and the fp32
+    /// master copy) resident; the hyperparameters are the run's (`Setup::adam`). The PE keeps its
+    /// shares of the outputs `w'`, `m'`, `v'` (and `master'`) for the readouts, and sends `w'`.
+    Adam {
+        grid: Grid,
+        w: u32,
+        g: View,
+        m: u32,
+        v: u32,
+        master: Option<u32>,
+        rows: u64,
+        rows_per_run: u64,
+        width: u64,
+        outs: Vec<u32>,
+    },
     /// Column sums of a row reduction (a norm's dgamma and dbeta, `RowOp::NormGrad`), once per step:
     /// the PE's sums over its rows plus those claimed from the PEs below in its column (in sender
     /// order); in grid row 0 they must then cover all `total` rows, and are sent as finished values.
@@ -280,6 +297,7 @@ impl Kernel {
             | Kernel::LossSum { grid, .. }
             | Kernel::ColSum { grid, .. }
             | Kernel::WgradAcc { grid, .. }
+            | Kernel::Adam { grid, .. }
             | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
             Kernel::Accumulate { .. }
             | Kernel::Relay
@@ -341,6 +359,10 @@ impl Kernel {
             Kernel::Lookup { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
             Kernel::LossSum { labels, out, .. } => (*labels, *out) = (f(*labels), f(*out)),
             Kernel::ColSum { .. } | Kernel::WgradEmit => {}
+            Kernel::Adam { w, g, m, v: vv, master, outs, .. } => {
+                (*w, *g, *m, *vv, *master) = (f(*w), v(g), f(*m), f(*vv), master.map(&f));
+                outs.iter_mut().for_each(|t| *t = f(*t));
+            }
             Kernel::WgradAcc { x, dy, out, bias, .. } => {
                 (*x, *dy, *out, *bias) = (v(x), v(dy), f(*out), bias.map(&f));
             }
