@@ -167,11 +167,8 @@ pub fn emulate(
         .into());
     }
     // Refuse what the program cannot do before the reference runs.
-    if let Some(data) = programs[0].1.data.as_ref().filter(|d| !d.unsupported.is_empty()) {
-        return Err(FunctionalError::Unsupported(
-            data.unsupported.iter().take(4).cloned().collect::<Vec<_>>().join("; "),
-        )
-        .into());
+    if let Some(why) = programs[0].1.data.as_ref().and_then(|d| d.refusal()) {
+        return Err(FunctionalError::Unsupported(why).into());
     }
     let given = super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
     let opts = Options { precision, ..Options::default() };

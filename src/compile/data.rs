@@ -4,7 +4,7 @@
 //!
 //! Tasks are recognised by the names `kernel.rs` gives them (`in0.0`, `mm`, `bias`, `stats`, `red1`,
 //! `apply`, `look`, `sel1`, `ew`, `gather0`, `out0`, `drain0`, ...). A region whose algorithm, op or
-//! task has no data semantics yet gets `TaskData::None` for its tasks and a line in `unsupported`, so a
+//! task has no data semantics yet gets `TaskData::Refused` for its tasks and a line in `unsupported`, so a
 //! functional run refuses the program instead of giving a wrong answer.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ pub(crate) struct RegionData {
 
 fn refuse(templates: &[(String, Vec<Task>, u64)], why: String) -> RegionData {
     RegionData {
-        tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::None; ts.len()]).collect(),
+        tasks: templates.iter().map(|(_, ts, _)| vec![TaskData::Refused; ts.len()]).collect(),
         readouts: Vec::new(),
         unsupported: Some(why),
     }
@@ -135,7 +135,7 @@ pub(crate) fn looped(
                             "`{tname}` task `{}`: {chunks} runs do not split evenly into the loop's {iters} iterations",
                             ts[i].name
                         ));
-                        return TaskData::None;
+                        return TaskData::Refused;
                     }
                     TaskData::Looped { kernel, lp, per_iter: chunks / iters, stride, offset }
                 })
@@ -182,8 +182,10 @@ pub(crate) fn region(
         return refuse(
             templates,
             format!(
-                "region `{}`: functional mode does not run the backward layer loop of weight streaming yet",
-                st.name
+                "region `{}` ({} with {}): functional mode does not run the backward layer loop of weight streaming yet",
+                st.name,
+                st.kind_name(g),
+                t.algo.name()
             ),
         );
     }
@@ -226,7 +228,8 @@ pub(crate) fn region(
         let own = st.outputs.get(o).map(|s| s.tensor.0);
         for d in &oi.dests {
             let v = d.tensor.map(|t| view(g, t)).map(|v| match own {
-                Some(b) if st.iters > 1 => View { base: b, ..v },
+                // Adam's updated weight refreshes the copies of the weight other regions hold.
+                Some(b) if st.iters > 1 || matches!(g.op(st.main).kind, OpKind::Adam { .. }) => View { base: b, ..v },
                 _ => v,
             });
             dest_view.insert(d.color, v);
@@ -248,6 +251,9 @@ pub(crate) fn region(
                 "out" => TaskData::Kernel(Kernel::Route {
                     views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
                 }),
+                // The optimizer's updated weights (pipelined training), kept by the PEs that hold the
+                // weight for the next step; this step's kernels read the resident image.
+                "refresh" => TaskData::Kernel(Kernel::Load),
                 "drain" | "credit" => TaskData::None,
                 "store" => TaskData::Kernel(Kernel::Store),
                 "sel" => {
@@ -266,10 +272,12 @@ pub(crate) fn region(
                     Some(k) => TaskData::Kernel(k.clone()),
                     None => {
                         bad.get_or_insert(format!(
-                            "region `{}`: task `{name}` of `{tname}` has no data semantics yet",
-                            st.name
+                            "region `{}` ({} with {}): task `{name}` of `{tname}` has no data semantics yet",
+                            st.name,
+                            st.kind_name(g),
+                            t.algo.name()
                         ));
-                        TaskData::None
+                        TaskData::Refused
                     }
                 },
             };
@@ -284,6 +292,13 @@ pub(crate) fn region(
 fn weight_slot(st: &Stage, name: &str) -> bool {
     let s = name.trim_start_matches("drain").parse::<usize>().ok();
     s.and_then(|s| st.inputs.get(s)).is_some_and(|s| s.kind == SlotKind::Weights)
+}
+
+/// Whether a matmul kernel reads its weight as `[n, k]` of its own contraction k and output n: a
+/// linear's `nn.Linear` layout, or the transpose a data gradient multiplies by (`dx = dy W^T`: its k is
+/// the linear's n), which reads an `[in, out]` weight that way.
+fn w_out_in(kind: &OpKind, layout: WeightLayout) -> bool {
+    (layout == WeightLayout::OutIn) != matches!(kind, OpKind::LinearDgrad(_))
 }
 
 /// A stationary operand: resident, or (weight streaming) streamed in every iteration.
@@ -311,7 +326,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let rows_per_run = rows / runs;
             let out = out_of(out)?;
             match op.kind {
-                OpKind::Linear(l) => {
+                OpKind::Linear(l) | OpKind::LinearDgrad(l) => {
                     if l.groups != 1 || l.weight_groups != 1 {
                         return Err("grouped (expert) linear layers have no data semantics yet".into());
                     }
@@ -319,7 +334,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         return Err("a streamed (non-weight) stationary operand".into());
                     }
                     let w = op.inputs[1].0;
-                    let w_out_in = l.layout == WeightLayout::OutIn;
+                    let w_out_in = w_out_in(&op.kind, l.layout);
                     by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
                     if bias {
                         by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
@@ -385,6 +400,49 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 _ => return Err("this matmul has no data semantics yet".into()),
             }
         }
+        (&Work::RowReduce { main, rows, width, out, colsum: None, scalar, .. }, Algo::RowReduce)
+            if matches!(op.kind, OpKind::CrossEntropy { .. } | OpKind::CrossEntropyGrad { .. }) =>
+        {
+            // Cross-entropy: the loss (a scalar, summed down the rows' roots once per step) or its
+            // gradient (the apply pass).
+            let x = view(g, st.inputs[main].tensor);
+            let labels = view(g, op.inputs[1]);
+            let grad = matches!(op.kind, OpKind::CrossEntropyGrad { .. });
+            let rop = RowOp::CrossEntropy { labels, grad };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
+            match (out, scalar) {
+                (Some(o), None) if grad => {
+                    let out = out_of(o)?;
+                    by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out });
+                }
+                (None, Some(o)) if !grad => {
+                    let out = out_of(o)?;
+                    by_name.insert("colsum", Kernel::LossSum { grid, total: rows, labels: labels.base, out });
+                }
+                _ => return Err("a cross-entropy with unexpected outputs".into()),
+            }
+        }
+        (
+            &Work::RowReduce { main, rows, width, out: Some(out), colsum: Some(_), scalar: None, .. },
+            Algo::RowReduce,
+        ) if matches!(op.kind, OpKind::NormGrad { .. }) => {
+            let OpKind::NormGrad { kind, .. } = op.kind else { unreachable!("matched above") };
+            let dy = view(g, st.inputs[main].tensor);
+            let rop = RowOp::NormGrad {
+                x: view(g, op.inputs[0]),
+                gamma: op.inputs[1].0,
+                rms: kind == NormKind::RmsNorm,
+                dgamma: op.outputs[1].0,
+                dbeta: op.outputs.get(2).map(|t| t.0),
+            };
+            let rows_per_run = rows / runs;
+            by_name.insert("stats", Kernel::RowStats { grid, op: rop, x: dy, rows_per_run, width });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
+            by_name.insert("apply", Kernel::RowApply { grid, op: rop, x: dy, rows_per_run, width, out: out_of(out)? });
+            by_name.insert("colsum", Kernel::ColSum { grid, total: rows });
+        }
         (&Work::RowReduce { main, rows, width, out: Some(out), colsum: None, scalar: None, .. }, Algo::RowReduce) => {
             let x = view(g, st.inputs[main].tensor);
             let rop = match op.kind {
@@ -400,11 +458,11 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             };
             let rows_per_run = rows / runs;
             by_name.insert("stats", Kernel::RowStats { grid, op: rop, x, rows_per_run, width });
-            by_name.insert("red", Kernel::RowCombine { op: rop });
+            by_name.insert("red", Kernel::RowCombine { op: rop, width });
             by_name.insert("apply", Kernel::RowApply { grid, op: rop, x, rows_per_run, width, out: out_of(out)? });
         }
         (&Work::Matmul { a, b, rows, k, cols, bias, out, .. }, Algo::GemvTree) => {
-            let OpKind::Linear(l) = op.kind else {
+            let (OpKind::Linear(l) | OpKind::LinearDgrad(l)) = op.kind else {
                 return Err("this matmul has no data semantics yet".into());
             };
             if l.groups != 1 || l.weight_groups != 1 {
@@ -414,7 +472,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 return Err("a streamed (non-weight) stationary operand".into());
             }
             let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
-            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, l.layout == WeightLayout::OutIn);
+            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, w_out_in(&op.kind, l.layout));
             let out = out_of(out)?;
             by_name.insert(
                 "mm",
@@ -424,6 +482,44 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let b = bias.then(|| op.inputs[2].0);
             by_name.insert("red2", Kernel::Reduce { total: Some(k), bias: b });
         }
+        (&Work::Elementwise { rows, width, accumulate: false, .. }, Algo::Elementwise)
+            if matches!(op.kind, OpKind::Adam { .. }) =>
+        {
+            let OpKind::Adam { master, .. } = op.kind else { unreachable!("matched above") };
+            let ins: Vec<u32> = op.inputs.iter().map(|t| t.0).collect();
+            let outs: Vec<u32> = op.outputs.iter().map(|t| t.0).collect();
+            if ins.len() < 4 + master as usize || outs.len() < 3 + master as usize {
+                return Err("an Adam op with unexpected operands".into());
+            }
+            let gv = view(g, op.inputs[1]);
+            let rows_per_run = rows / runs;
+            // The updated weight and moments stay on the Adam region's PEs, each element on one.
+            for &t in &outs {
+                readouts.push(Readout {
+                    tensor: t,
+                    name: g.tensor(TensorId(t)).name.clone(),
+                    rect: Some(Rect { x: grid.origin.x, y: grid.origin.y, w: grid.cols, h: grid.rows }),
+                    rows,
+                    cols: width,
+                    cover: 0,
+                });
+            }
+            by_name.insert(
+                "ew",
+                Kernel::Adam {
+                    grid,
+                    w: ins[0],
+                    g: gv,
+                    m: ins[2],
+                    v: ins[3],
+                    master: master.then(|| ins[4]),
+                    rows,
+                    rows_per_run,
+                    width,
+                    outs: outs.clone(),
+                },
+            );
+        }
         (&Work::Elementwise { rows, accumulate: false, .. }, Algo::Elementwise) => {
             let pos0 = if g.workload.phase == Phase::Decode { g.workload.context } else { 0 };
             let (ewop, inputs) = match op.kind {
@@ -431,6 +527,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
                 OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
                 OpKind::Tanh(_) => (EwOp::Tanh, vec![op.inputs[0]]),
+                OpKind::GeluGrad(_) => (EwOp::GeluGrad, op.inputs.clone()),
                 OpKind::TokenSelect { seq, pick, .. } => {
                     (EwOp::Select { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
                 }
@@ -464,6 +561,27 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             by_name
                 .insert("look", Kernel::Lookup { grid, ids: idv, table, vocab, width, rows_per_run: rows / runs, out });
             final_total = Some(("look2".to_string(), f.rc() as u64));
+        }
+        (&Work::Accum { x, dy, rows, k, cols, out, bias_out }, Algo::Summa) => {
+            let OpKind::LinearWgrad(l) = op.kind else {
+                return Err("attention gradients accumulated by summa have no data semantics yet".into());
+            };
+            if l.groups != 1 || l.weight_groups != 1 {
+                return Err("grouped (expert) linear layers have no data semantics yet".into());
+            }
+            let (xv, dyv) = (view(g, st.inputs[x].tensor), view(g, st.inputs[dy].tensor));
+            let out = out_of(out)?;
+            let bias = match bias_out {
+                Some(b) => Some(out_of(b)?),
+                None => None,
+            };
+            let w_out_in = l.layout == WeightLayout::OutIn;
+            let rows_per_run = rows / runs;
+            let kernel = Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias };
+            by_name.insert("acc", kernel);
+            // The bias gradient is summed by `acc`, which holds the rows of dy.
+            by_name.insert("dbias", Kernel::Relay);
+            by_name.insert("emit", Kernel::WgradEmit);
         }
         _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
     }

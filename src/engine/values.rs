@@ -25,6 +25,10 @@ use crate::mesh::{Coord, Task};
 /// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
 const STATS: u32 = u32::MAX;
 
+/// A partial run's mark that a train carries no values (a refused region sent it, or a task that
+/// claimed the mark): a fragment of this pseudo-tensor with no values.
+const NO_VALUES: u32 = u32::MAX - 1;
+
 /// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frag {
@@ -56,6 +60,10 @@ pub type Payload = Arc<[Frag]>;
 
 /// What a functional run's agents hold at the end: a PE's (with its coordinate) or a port's (None).
 pub type Results = Vec<(Option<Coord>, Frag)>;
+
+/// The coordinate a partial run gives the finished values its output gateways passed on (every
+/// region's outputs, a development aid to check intermediate tensors): no PE has it.
+pub const TAP: Coord = Coord { x: u32::MAX, y: u32::MAX };
 
 /// Storage rounding of values kept in SRAM and sent in wavelets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +115,11 @@ pub struct Setup {
     pub numerics: Numerics,
     /// Rotary frequencies per rotated width (`Numerics::inv_freq` of the reference's numerics).
     pub inv_freq: BTreeMap<u64, Vec<f64>>,
+    /// Adam's hyperparameters (learning rate, betas, epsilon) and the step number, as the reference's.
+    pub adam: (f64, f64, f64, f64, u64),
+    /// A partial run: the program's refused regions (`TaskData::Refused`) run without values, and so
+    /// does every task downstream of them; only the results computed in full are read back.
+    pub partial: bool,
 }
 
 /// One PE's (or port's) values.
@@ -116,6 +129,10 @@ struct Pe {
     acc: Vec<Frag>,
     /// Row statistics of the current run.
     stats: Option<Frag>,
+    /// A cross-entropy root's loss so far: the sum of its rows' losses and how many rows.
+    loss: (f32, u64),
+    /// A norm backward's column sums over the PE's rows so far (dgamma, dbeta: partial sums).
+    cols: Vec<Frag>,
     /// Operands kept for later tasks (stored operands, the row a reduction applies to).
     store: Vec<Frag>,
     /// A port's collected results.
@@ -124,6 +141,8 @@ struct Pe {
     cache: Vec<Frag>,
     /// Weights streamed in (`Kernel::Load`), whole tensors, by layer.
     weights: Vec<Frag>,
+    /// A partial run: the finished values this output gateway passed on.
+    tapped: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
     /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
@@ -184,8 +203,32 @@ impl PartValues {
             got.sort();
             eprintln!("{} claimed {}", at.name(), got.join(" "));
         }
+        // A partial run: nothing to compute from where a refused region's mark arrived (or was kept).
+        let marked = |frags: &[Frag]| frags.iter().any(|f| f.tensor == NO_VALUES);
+        if self.setup.partial && (matches!(td, TaskData::Refused) || marked(&claimed) || marked(&self.pes[local].store))
+        {
+            let mark = Frag {
+                tensor: NO_VALUES,
+                view_cols: 0,
+                r0: 0,
+                r1: 0,
+                c0: 0,
+                c1: 0,
+                cover: 0,
+                src: at.id,
+                vals: Arc::from(Vec::new()),
+            };
+            let pe = &mut self.pes[local];
+            pe.acc.clear();
+            pe.stats = None;
+            if !marked(&pe.store) {
+                pe.store.push(mark.clone());
+            }
+            pe.out = vec![Some(Payload::from(vec![mark])); n_sends];
+            return Ok(());
+        }
         let outs = match td {
-            TaskData::None => vec![None; n_sends],
+            TaskData::None | TaskData::Refused => vec![None; n_sends],
             TaskData::Kernel(kernel) => self.kernel(local, at, kernel, claimed)?,
             &TaskData::Looped { ref kernel, lp, per_iter, stride, offset } => {
                 // The chunk this run is: its iteration's tensors, runs counted within the iteration.
@@ -220,6 +263,7 @@ impl PartValues {
         let mut out = Vec::new();
         for (l, c) in agents {
             let Some(pe) = self.pes.get(l) else { continue };
+            out.extend(pe.tapped.iter().map(|f| (Some(TAP), f.clone())));
             match c {
                 Some(c) if rects.iter().any(|r| r.contains(c)) => {
                     out.extend(pe.acc.iter().chain(&pe.cache).map(|f| (Some(c), f.clone())))
@@ -482,6 +526,10 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Route { views } => {
+                if self.setup.partial {
+                    let done = claimed.iter().filter(|f| f.cover == 0 && f.tensor < NO_VALUES).cloned();
+                    self.pes[local].tapped.extend(done);
+                }
                 let mut outs = Vec::with_capacity(n_sends);
                 for i in 0..n_sends {
                     let sel: Vec<Frag> = match views.get(i).copied().flatten() {
@@ -753,6 +801,7 @@ impl PartValues {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
                                 EwOp::Tanh => ins[0][i].tanh(),
+                                EwOp::GeluGrad => gelu_grad(num.gelu_tanh, ins[0][i]) * ins[1][i],
                                 EwOp::Select { .. } | EwOp::Copy => ins[0][i],
                                 EwOp::SwiGlu => {
                                     let (g, u) = (ins[0][i], ins[1][i]);
@@ -797,31 +846,64 @@ impl PartValues {
                 let (row0, _) = Self::run_rows(at, *rows_per_run);
                 let rows = (row0 + ro, row0 + ro + rl);
                 let xv = self.read(local, at, &claimed, x, rows)?;
-                self.resident(local, at, 2 * rl * cl + 2 * cl + 3 * rl)?;
-                let mut vals = Vec::with_capacity(3 * rl as usize);
+                let labels = match op {
+                    RowOp::CrossEntropy { labels, .. } => self.read(local, at, &claimed, labels, rows)?,
+                    _ => Vec::new(),
+                };
+                // A norm's backward: the forward's input and scale beside dy.
+                let (xin, gamma) = match *op {
+                    RowOp::NormGrad { x: xi, gamma, .. } => {
+                        (self.read(local, at, &claimed, &xi, rows)?, Some(self.weight(local, gamma, at)?))
+                    }
+                    _ => (Vec::new(), None),
+                };
+                let sw = stat_width(op);
+                self.resident(local, at, 2 * rl * cl + 2 * cl + sw as u64 * rl)?;
+                let mut vals = Vec::with_capacity(sw * rl as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
+                    if let (RowOp::NormGrad { rms, .. }, Some(gm)) = (op, &gamma) {
+                        let xr = &xin[i * *width as usize..(i + 1) * *width as usize];
+                        vals.extend(norm_grad_stats(*rms, row, xr, gm, st, co, cl));
+                        continue;
+                    }
                     let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
                     vals.extend([cl as f32, a, b]);
+                    if let Some(&l) = labels.get(i) {
+                        // The label's logit, where this PE holds it.
+                        let picked = label_col(l).filter(|&j| j >= co && j < co + cl).map_or(0.0, |j| row[j as usize]);
+                        vals.push(picked);
+                    }
                 }
-                // The row stays for the apply pass.
-                let keep: Vec<Frag> = claimed.iter().filter(|f| f.tensor == x.base).cloned().collect();
+                // The row (and its labels, or the forward's input) stay for the apply pass.
+                let lb = match op {
+                    RowOp::CrossEntropy { labels, .. } => Some(labels.base),
+                    RowOp::NormGrad { x, .. } => Some(x.base),
+                    _ => None,
+                };
+                let keep = claimed.iter().filter(|f| f.tensor == x.base || Some(f.tensor) == lb).cloned();
                 let pe = &mut self.pes[local];
-                pe.store = keep;
-                pe.stats = Some(Frag {
+                pe.store.retain(|f| f.tensor != x.base);
+                pe.store.extend(keep);
+                let stats = Frag {
                     tensor: STATS,
-                    view_cols: 3,
+                    view_cols: sw as u64,
                     r0: rows.0,
                     r1: rows.1,
                     c0: 0,
-                    c1: 3,
+                    c1: sw as u64,
                     cover: cl,
                     src: at.id,
                     vals: vals.into(),
-                });
+                };
+                if cl == *width {
+                    row_loss(op, pe, &stats);
+                }
+                pe.stats = Some(stats);
                 Ok(all(Payload::from(pe.stats.clone().into_iter().collect::<Vec<_>>())))
             }
-            Kernel::RowCombine { op } => {
+            Kernel::RowCombine { op, width } => {
+                let sw = stat_width(op);
                 let mut parts = claimed;
                 parts.sort_by_key(|f| f.src);
                 let pe = &mut self.pes[local];
@@ -840,13 +922,17 @@ impl PartValues {
                             own.r1
                         ));
                     }
-                    for (o, q) in vals.chunks_mut(3).zip(p.vals.chunks(3)) {
+                    for (o, q) in vals.chunks_mut(sw).zip(p.vals.chunks(sw)) {
                         combine(op, o, q);
                     }
                     own.cover += p.cover;
                 }
                 own.vals = vals.into();
-                Ok(all(Payload::from(vec![own.clone()])))
+                let own = own.clone();
+                if own.cover == *width {
+                    row_loss(op, pe, &own);
+                }
+                Ok(all(Payload::from(vec![own])))
             }
             Kernel::RowApply { grid, op, x, rows_per_run, width, out } => {
                 let (r, c) = at.pos(grid)?;
@@ -876,16 +962,92 @@ impl PartValues {
                         .chain(beta)
                         .map(|t| self.weight(local, t, at).map(|v| (t, v)))
                         .collect::<Result<_, _>>()?,
-                    RowOp::Softmax { .. } => Vec::new(),
+                    RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => Vec::new(),
+                    RowOp::NormGrad { gamma, .. } => vec![(gamma, self.weight(local, gamma, at)?)],
                 };
+                if let RowOp::NormGrad { x: xi, rms, dgamma, dbeta, .. } = *op {
+                    let xin = self.read(local, at, &[], &xi, rows)?;
+                    let gm = &params[0].1;
+                    let eps = num.norm_eps as f32;
+                    let w = *width as usize;
+                    let mut vals = Vec::with_capacity((rl * cl) as usize);
+                    let mut dg = vec![0f32; cl as usize];
+                    let mut db = vec![0f32; cl as usize];
+                    for i in 0..rl as usize {
+                        let (dyr, xr) = (&xv[i * w..(i + 1) * w], &xin[i * w..(i + 1) * w]);
+                        let s = &stats.vals[5 * i..5 * i + 5];
+                        let n = s[0];
+                        let (mean, rstd) = match rms {
+                            false => (s[1], 1.0 / (s[2] / n + eps).sqrt()),
+                            true => (0.0, 1.0 / (s[1] + eps).sqrt()),
+                        };
+                        let (m1, m2) = (s[3] / n, rstd * (s[4] - mean * s[3]) / n);
+                        for (j, cc) in (co..co + cl).enumerate() {
+                            let c = cc as usize;
+                            let xhat = (xr[c] - mean) * rstd;
+                            let g = dyr[c] * st.round(gm[c]);
+                            vals.push(if rms { rstd * (g - xhat * m2) } else { rstd * (g - m1 - xhat * m2) });
+                            dg[j] += dyr[c] * xhat;
+                            db[j] += dyr[c];
+                        }
+                    }
+                    // The rows' terms of the column sums, kept until the step's `ColSum`.
+                    let part = |t: u32, v: Vec<f32>| Frag {
+                        tensor: t,
+                        view_cols: *width,
+                        r0: 0,
+                        r1: 1,
+                        c0: co,
+                        c1: co + cl,
+                        cover: rl,
+                        src: at.id,
+                        vals: v.into(),
+                    };
+                    let mut new = vec![part(dgamma, dg)];
+                    new.extend(dbeta.map(|t| part(t, db)));
+                    let pe = &mut self.pes[local];
+                    if pe.cols.is_empty() {
+                        pe.cols = new;
+                    } else {
+                        for (acc, p) in pe.cols.iter_mut().zip(&new) {
+                            let mut v = acc.vals.to_vec();
+                            add_partials(acc, &mut v, std::slice::from_ref(p), at, "adds column sums to")?;
+                            acc.vals = v.into();
+                        }
+                    }
+                    let f = Frag {
+                        tensor: *out,
+                        view_cols: *width,
+                        r0: rows.0,
+                        r1: rows.1,
+                        c0: co,
+                        c1: co + cl,
+                        cover: 0,
+                        src: at.id,
+                        vals: vals.into(),
+                    };
+                    self.pes[local].acc = vec![f];
+                    return Ok(all(self.rounded(&self.pes[local].acc)));
+                }
+                // Cross-entropy: the rows' labels, and the step's count of labels not ignored.
+                let (labels, valid) = match op {
+                    RowOp::CrossEntropy { labels, .. } => {
+                        (self.read(local, at, &[], labels, rows)?, valid_labels(&self.tensor(labels.base, at)?))
+                    }
+                    _ => (Vec::new(), 0),
+                };
+                let sw = stat_width(op);
                 let mut vals = Vec::with_capacity((rl * cl) as usize);
                 for i in 0..rl as usize {
                     let row = &xv[i * *width as usize..(i + 1) * *width as usize];
-                    let s = &stats.vals[3 * i..3 * i + 3];
+                    let s = &stats.vals[sw * i..sw * i + sw];
                     for cc in co..co + cl {
-                        vals.push(row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
-                            params.iter().find(|p| p.0 == t).map_or(0.0, |p| st.round(p.1[j as usize]))
-                        }));
+                        vals.push(match labels.get(i) {
+                            Some(&l) => ce_grad(row[cc as usize], cc, label_col(l), s, valid),
+                            None => row_apply(op, &num, row, rows.0 + i as u64, cc, s, |t, j| {
+                                params.iter().find(|p| p.0 == t).map_or(0.0, |p| st.round(p.1[j as usize]))
+                            }),
+                        });
                     }
                 }
                 let f = Frag {
@@ -901,6 +1063,183 @@ impl PartValues {
                 };
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            Kernel::Adam { grid, w, g, m, v, master, rows, rows_per_run, width, outs } => {
+                // The gradient streams in the order its producers send it (blocks, not rows): the PE
+                // keeps what it claims and steps once it has all of it, at its last run, over its share
+                // of every run's rows.
+                let pe = &mut self.pes[local];
+                pe.store.extend(claimed.into_iter().filter(|f| f.tensor == g.base));
+                if at.run < rows / rows_per_run.max(&1) {
+                    return Ok(vec![None; n_sends]);
+                }
+                let (r, c) = at.pos(grid)?;
+                let (idx, parts) = flat_index(grid, r, c);
+                let (off, len) = Share { n: rows_per_run * width, parts }.range(idx);
+                let (wv, mv, vv) = (self.tensor(*w, at)?, self.tensor(*m, at)?, self.tensor(*v, at)?);
+                let pv = match master {
+                    Some(t) => self.tensor(*t, at)?,
+                    None => Arc::clone(&wv),
+                };
+                // Its share of the weight and both moments (the gradient streams through).
+                self.resident(local, at, 3 * len * (rows / rows_per_run.max(&1)))?;
+                let (lr, b1, b2, eps, step) = self.setup.adam;
+                let t = step.max(1) as i32;
+                let (c1, c2) = ((1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32);
+                let (lr, b1, b2, eps) = (lr as f32, b1 as f32, b2 as f32, eps as f32);
+                let gw = g.width.max(1);
+                let (mut kept, mut sent) = (Vec::new(), Vec::new());
+                for j in 0..rows / rows_per_run.max(&1) {
+                    let lo = j * rows_per_run * width + off;
+                    // The gradient's values of the share (flat positions of the weight), row piece by
+                    // row piece of the gradient's own rows (a vector's are one row).
+                    let mut gv = Vec::with_capacity(len as usize);
+                    let mut e = lo;
+                    while e < lo + len {
+                        let (row, c0) = (e / gw, e % gw);
+                        let c1 = gw.min(c0 + (lo + len - e));
+                        let piece = View { c0: g.c0 + c0, width: c1 - c0, ..*g };
+                        gv.extend(self.read(local, at, &[], &piece, (row, row + 1))?);
+                        e += c1 - c0;
+                    }
+                    let mut res: Vec<Vec<f32>> = vec![Vec::with_capacity(len as usize); outs.len()];
+                    for (i, &gi) in gv.iter().enumerate() {
+                        let e = lo as usize + i;
+                        let mi = b1 * mv[e] + (1.0 - b1) * gi;
+                        let vi = b2 * vv[e] + (1.0 - b2) * gi * gi;
+                        let p2 = pv[e] - lr * (mi / c1) / ((vi / c2).sqrt() + eps);
+                        for (o, x) in res.iter_mut().zip([p2, mi, vi, p2]) {
+                            o.push(x);
+                        }
+                    }
+                    for (&t, vals) in outs.iter().zip(&res) {
+                        kept.extend(flat_frags(t, *width, lo, vals, at.id));
+                    }
+                    sent.extend(flat_frags(outs[0], *width, lo, &res[0], at.id));
+                }
+                let pe = &mut self.pes[local];
+                pe.store.retain(|f| f.tensor != g.base);
+                pe.cache.extend(kept);
+                pe.acc.clear();
+                Ok(all(self.rounded(&sent)))
+            }
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let xv = self.read(local, at, &claimed, &View { c0: x.c0 + k0, width: kl, ..x }, rows)?;
+                let dyv = self.read(local, at, &claimed, &View { c0: dy.c0 + n0, width: nl, ..dy }, rows)?;
+                self.resident(local, at, 2 * kl * nl)?;
+                let pe = &mut self.pes[local];
+                // The block, laid out as the weight is: [k, n], or [n, k].
+                let (r0, r1, c0, c1, vc) =
+                    if w_out_in { (n0, n0 + nl, k0, k0 + kl, k) } else { (k0, k0 + kl, n0, n0 + nl, n) };
+                let fresh = |t: u32, r0: u64, r1: u64, c0: u64, c1: u64, vc: u64| Frag {
+                    tensor: t,
+                    view_cols: vc,
+                    r0,
+                    r1,
+                    c0,
+                    c1,
+                    cover: 0,
+                    src: at.id,
+                    vals: vec![0f32; ((r1 - r0) * (c1 - c0)) as usize].into(),
+                };
+                if at.run == 1 {
+                    pe.acc = vec![fresh(out, r0, r1, c0, c1, vc)];
+                    pe.cols = bias.filter(|_| r == 0).map(|b| fresh(b, 0, 1, n0, n0 + nl, n)).into_iter().collect();
+                }
+                let [acc] = pe.acc.as_mut_slice() else {
+                    return Err(format!("{}: accumulates a weight gradient but holds no block", at.name()));
+                };
+                let mut vals = acc.vals.to_vec();
+                let (kl, nl) = (kl as usize, nl as usize);
+                for i in 0..rows_per_run as usize {
+                    for kk in 0..kl {
+                        let xval = xv[i * kl + kk];
+                        for j in 0..nl {
+                            let idx = if w_out_in { j * kl + kk } else { kk * nl + j };
+                            vals[idx] += xval * dyv[i * nl + j];
+                        }
+                    }
+                }
+                acc.vals = vals.into();
+                if let Some(db) = pe.cols.first_mut() {
+                    let mut v = db.vals.to_vec();
+                    for i in 0..rows_per_run as usize {
+                        for j in 0..nl {
+                            v[j] += dyv[i * nl + j];
+                        }
+                    }
+                    db.vals = v.into();
+                }
+                Ok(vec![None; n_sends])
+            }
+            Kernel::WgradEmit => {
+                let pe = &self.pes[local];
+                let mut outs = vec![Some(self.rounded(&pe.acc))];
+                if n_sends > 1 {
+                    outs.push(Some(self.rounded(&pe.cols)));
+                }
+                outs.resize(n_sends, None);
+                Ok(outs)
+            }
+            &Kernel::ColSum { grid, total } => {
+                let (r, _) = at.pos(&grid)?;
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let mut cols = std::mem::take(&mut self.pes[local].cols);
+                if cols.is_empty() {
+                    return Err(format!("{}: sends column sums but has none", at.name()));
+                }
+                for acc in cols.iter_mut() {
+                    let mine: Vec<Frag> = parts.iter().filter(|p| p.tensor == acc.tensor).cloned().collect();
+                    let mut v = acc.vals.to_vec();
+                    add_partials(acc, &mut v, &mine, at, "adds column sums to")?;
+                    acc.vals = v.into();
+                    if r == 0 {
+                        complete(acc, total, at)?;
+                    }
+                }
+                Ok(all(self.rounded(&cols)))
+            }
+            &Kernel::LossSum { grid, total, labels, out } => {
+                let (r, _) = at.pos(&grid)?;
+                let mut parts = claimed;
+                parts.sort_by_key(|f| f.src);
+                let pe = &mut self.pes[local];
+                let (mut sum, mut rows) = std::mem::take(&mut pe.loss);
+                for p in parts.iter().filter(|f| f.tensor == out) {
+                    if p.cover == 0 || p.vals.len() != 1 {
+                        return Err(format!("{}: received {}, not a partial loss", at.name(), p.slice()));
+                    }
+                    sum += p.vals[0];
+                    rows += p.cover;
+                }
+                let mut f = Frag {
+                    tensor: out,
+                    view_cols: 1,
+                    r0: 0,
+                    r1: 1,
+                    c0: 0,
+                    c1: 1,
+                    cover: rows,
+                    src: at.id,
+                    vals: Arc::from(vec![sum]),
+                };
+                if r == 0 {
+                    if rows != total {
+                        return Err(format!(
+                            "{}: the loss sums {rows} of the step's {total} rows (a missing reduction)",
+                            at.name()
+                        ));
+                    }
+                    let valid = valid_labels(&self.tensor(labels, at)?);
+                    let inv = if valid == 0 { 0.0 } else { 1.0 / valid as f32 };
+                    f = Frag { cover: 0, vals: Arc::from(vec![sum * inv]), ..f };
+                }
+                Ok(all(Payload::from(vec![f])))
             }
             &Kernel::Lookup { grid, ids, table, vocab, width, rows_per_run, out } => {
                 let (r, c) = at.pos(&grid)?;
@@ -952,6 +1291,11 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
     let mut out = Vec::new();
     let mut base = 0u64;
     for f in p.iter() {
+        if f.tensor == NO_VALUES {
+            // A partial run's mark rides with every part of the train.
+            out.push(f.clone());
+            continue;
+        }
         let len = f.vals.len() as u64;
         let (a, b) = (lo.max(base), hi.min(base + len));
         if a < b {
@@ -1112,6 +1456,18 @@ fn gelu(tanh: bool, x: f32) -> f32 {
     }
 }
 
+/// GELU's derivative, in the reference's formulas.
+fn gelu_grad(tanh: bool, x: f32) -> f32 {
+    if tanh {
+        let th = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+        0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    } else {
+        let cdf = 0.5 * (1.0 + libm_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * x * x).exp() * (1.0 / (2.0 * std::f32::consts::PI).sqrt());
+        cdf + x * pdf
+    }
+}
+
 fn libm_erf(x: f32) -> f32 {
     <f32 as crate::functional::Real>::erf(x)
 }
@@ -1140,6 +1496,12 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
             (mean, m2)
         }
         RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
+        // Computed with the forward's input (`norm_grad_stats`).
+        RowOp::NormGrad { .. } => (0.0, 0.0),
+        RowOp::CrossEntropy { .. } => {
+            let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            (m, xs.iter().map(|x| (x - m).exp()).sum::<f32>())
+        }
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             let i = r % q.max(1);
@@ -1161,32 +1523,114 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
     }
 }
 
+/// Values of one row's statistics: (count, a, b), and the label's logit for cross-entropy.
+fn stat_width(op: &RowOp) -> usize {
+    match op {
+        RowOp::CrossEntropy { .. } => 4,
+        RowOp::NormGrad { .. } => 5,
+        _ => 3,
+    }
+}
+
+/// The class a label picks (None: ignored, -100).
+fn label_col(l: f32) -> Option<u64> {
+    (l >= 0.0).then_some(l as u64)
+}
+
+/// Labels of the step not ignored.
+fn valid_labels(labels: &[f32]) -> u64 {
+    labels.iter().filter(|&&l| l >= 0.0).count() as u64
+}
+
+/// A cross-entropy root with a row's complete statistics (count, max, sum of exp, the label's logit)
+/// adds the rows' `logsumexp - logit[label]` to its loss (ignored rows: their logit is 0 and their
+/// label none, so they are told apart by the labels the root keeps).
+fn row_loss(op: &RowOp, pe: &mut Pe, stats: &Frag) {
+    let RowOp::CrossEntropy { labels, grad: false } = op else { return };
+    let rows = stats.r1 - stats.r0;
+    for i in 0..rows {
+        let r = stats.r0 + i;
+        let label = pe
+            .store
+            .iter()
+            .find(|f| f.tensor == labels.base && f.r0 <= r && r < f.r1)
+            .map(|f| f.vals[((r - f.r0) * (f.c1 - f.c0)) as usize]);
+        let s = &stats.vals[4 * i as usize..4 * i as usize + 4];
+        if label.and_then(label_col).is_some() {
+            pe.loss.0 += s[1] + s[2].ln() - s[3];
+        }
+    }
+    pe.loss.1 += rows;
+}
+
+/// `d loss / d logit` of column `cc` given the row's statistics (count, max, sum of exp, label's logit),
+/// as the reference computes it: `exp(x - max) / sum / valid`, less `1 / valid` at the label.
+fn ce_grad(x: f32, cc: u64, label: Option<u64>, s: &[f32], valid: u64) -> f32 {
+    let Some(l) = label else { return 0.0 };
+    let inv = if valid == 0 { 0.0 } else { 1.0 / valid as f32 };
+    let p = (x - s[1]).exp() / s[2] * inv;
+    if cc == l {
+        p - inv
+    } else {
+        p
+    }
+}
+
+/// A norm backward's partial statistics of columns `co .. co + cl` of one row: (count, mean, M2) of x
+/// (RMSNorm: (count, mean square, 0)), the sum of `g = dy * gamma` and of `g * x`.
+fn norm_grad_stats(rms: bool, dy: &[f32], x: &[f32], gamma: &[f32], st: Storage, co: u64, cl: u64) -> [f32; 5] {
+    let r = co as usize..(co + cl) as usize;
+    let n = cl.max(1) as f32;
+    let xs = &x[r.clone()];
+    let (a, b) = if rms {
+        (xs.iter().map(|v| v * v).sum::<f32>() / n, 0.0)
+    } else {
+        let mean = xs.iter().sum::<f32>() / n;
+        (mean, xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
+    };
+    let (mut sg, mut sgx) = (0f32, 0f32);
+    for c in r {
+        let g = dy[c] * st.round(gamma[c]);
+        sg += g;
+        sgx += g * x[c];
+    }
+    [cl as f32, a, b, sg, sgx]
+}
+
 /// Combines statistics `q` into `o`, both (count, a, b): LayerNorm's (mean, M2) by Chan's formula,
 /// RMSNorm's mean square by counts, softmax's (max, sum) by rescaling to the larger max.
 fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
     let (na, nb) = (o[0], q[0]);
     let n = na + nb;
     match op {
-        RowOp::Norm { rms: false, .. } => {
+        RowOp::Norm { rms: false, .. } | RowOp::NormGrad { rms: false, .. } => {
             if n > 0.0 {
                 let delta = q[1] - o[1];
                 o[1] += delta * nb / n;
                 o[2] += q[2] + delta * delta * na * nb / n;
             }
         }
-        RowOp::Norm { rms: true, .. } => {
+        RowOp::Norm { rms: true, .. } | RowOp::NormGrad { rms: true, .. } => {
             if n > 0.0 {
                 o[1] = (na * o[1] + nb * q[1]) / n;
             }
         }
-        RowOp::Softmax { .. } => {
+        RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => {
             let m = o[1].max(q[1]);
             if m > f32::NEG_INFINITY {
                 let scale = |mx: f32| if mx == f32::NEG_INFINITY { 0.0 } else { (mx - m).exp() };
                 o[2] = o[2] * scale(o[1]) + q[2] * scale(q[1]);
                 o[1] = m;
             }
+            if o.len() > 3 {
+                // The label's logit: held by one PE of the row, zero on the others.
+                o[3] += q[3];
+            }
         }
+    }
+    if let RowOp::NormGrad { .. } = op {
+        o[3] += q[3];
+        o[4] += q[4];
     }
     o[0] = n;
 }
@@ -1203,6 +1647,8 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
             let rstd = 1.0 / (s[1] + num.norm_eps as f32).sqrt();
             w(gamma, cc) * (x * rstd)
         }
+        // Their own formulas (`ce_grad`, the norm backward in `Kernel::RowApply`).
+        RowOp::CrossEntropy { .. } | RowOp::NormGrad { .. } => 0.0,
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {

@@ -34,16 +34,33 @@ pub fn setup(
     numerics: &Numerics,
     reference: &Values<f32>,
 ) -> Result<Setup, FunctionalError> {
+    setup_with(program, graph, numerics, reference, false)
+}
+
+/// The start of a partial functional run (a development aid: `outputs_partial` reads its end): the
+/// regions functional mode refuses run without values, and so does everything downstream of them;
+/// the results computed in full are checked as in a whole run.
+pub fn setup_partial(
+    program: &MeshProgram,
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+) -> Result<Setup, FunctionalError> {
+    setup_with(program, graph, numerics, reference, true)
+}
+
+fn setup_with(
+    program: &MeshProgram,
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    partial: bool,
+) -> Result<Setup, FunctionalError> {
     let Some(data) = program.data.as_ref() else {
         return Err(FunctionalError::Unsupported("this program has no data side table (a synthetic program)".into()));
     };
-    if !data.unsupported.is_empty() {
-        let n = data.unsupported.len();
-        let mut lines: Vec<String> = data.unsupported.iter().take(4).cloned().collect();
-        if n > 4 {
-            lines.push(format!("and {} more", n - 4));
-        }
-        return Err(FunctionalError::Unsupported(lines.join("; ")));
+    if let (false, Some(why)) = (partial, data.refusal()) {
+        return Err(FunctionalError::Unsupported(why));
     }
     if data.readouts.is_empty() {
         return Err(FunctionalError::Unsupported("the program leaves no result a functional run can read".into()));
@@ -81,7 +98,11 @@ pub fn setup(
         gelu_tanh: numerics.act == Act::GeluTanh,
         sliding_window: numerics.sliding_window,
     };
-    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq })
+    // The reference's optimizer: one step of torch.optim.Adam's defaults (`AdamConfig::default`), the
+    // step `wafer run --functional` and `wafer reference` evaluate.
+    let a = super::AdamConfig::default();
+    let adam = (a.lr, a.beta1, a.beta2, a.eps, a.step);
+    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq, adam, partial })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there
@@ -92,10 +113,33 @@ pub fn outputs(
     results: &[(Option<Coord>, Frag)],
     reference: &Values<f32>,
 ) -> Result<Vec<MeshOutput>, FunctionalError> {
+    outputs_with(program, graph, results, reference, false).map(|(o, _)| o)
+}
+
+/// The end of a partial run (`setup_partial`): the results computed in full, checked as `outputs`
+/// checks them, and the names of the readouts no PE holds any value of (downstream of a refused
+/// region). A result held in part is still an error.
+pub fn outputs_partial(
+    program: &MeshProgram,
+    graph: &Graph,
+    results: &[(Option<Coord>, Frag)],
+    reference: &Values<f32>,
+) -> Result<(Vec<MeshOutput>, Vec<String>), FunctionalError> {
+    outputs_with(program, graph, results, reference, true)
+}
+
+fn outputs_with(
+    program: &MeshProgram,
+    graph: &Graph,
+    results: &[(Option<Coord>, Frag)],
+    reference: &Values<f32>,
+    partial: bool,
+) -> Result<(Vec<MeshOutput>, Vec<String>), FunctionalError> {
     let Some(data) = program.data.as_ref() else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let mut out = Vec::new();
+    let mut missing = Vec::new();
     for r in &data.readouts {
         let (rows, cols) = (r.rows as usize, r.cols as usize);
         let mut values = vec![0f32; rows * cols];
@@ -127,6 +171,10 @@ pub fn outputs(
                 values[idx] = *v;
             }
         }
+        if partial && !seen.iter().any(|&s| s) {
+            missing.push(r.name.clone());
+            continue;
+        }
         if let Some(i) = seen.iter().position(|s| !s) {
             return Err(FunctionalError::Mesh(format!(
                 "`{}`: element ({}, {}) is on no readout PE after the run",
@@ -145,5 +193,49 @@ pub fn outputs(
             max_rel_error,
         });
     }
-    Ok(out)
+    if partial {
+        out.extend(tapped(graph, results, reference, &out));
+    }
+    Ok((out, missing))
+}
+
+/// A partial run's intermediate tensors: those the output gateways passed on in full (`values::TAP`),
+/// beside the reference, besides the readouts already in `have`.
+fn tapped(
+    graph: &Graph,
+    results: &[(Option<Coord>, Frag)],
+    reference: &Values<f32>,
+    have: &[MeshOutput],
+) -> Vec<MeshOutput> {
+    let mut by: BTreeMap<u32, Vec<&Frag>> = BTreeMap::new();
+    for (_, f) in results.iter().filter(|(c, _)| *c == Some(values::TAP)) {
+        by.entry(f.tensor).or_default().push(f);
+    }
+    let mut out = Vec::new();
+    for (t, frags) in by {
+        let Some(tt) = graph.tensors.get(t as usize) else { continue };
+        if have.iter().any(|o| o.tensor.0 == t) || !matches!(reference.values[t as usize], Value::F(_)) {
+            continue;
+        }
+        let cols = frags[0].view_cols.max(1) as usize;
+        let n = tt.elems() as usize;
+        let mut values = vec![0f32; n];
+        let mut seen = vec![false; n];
+        for f in frags.iter().filter(|f| f.view_cols as usize == cols) {
+            let w = (f.c1 - f.c0).max(1) as usize;
+            for (i, v) in f.vals.iter().enumerate() {
+                let idx = (f.r0 as usize + i / w) * cols + f.c0 as usize + i % w;
+                if idx < n {
+                    seen[idx] = true;
+                    values[idx] = *v;
+                }
+            }
+        }
+        if seen.iter().all(|&s| s) {
+            let tensor = TensorId(t);
+            let max_rel_error = max_rel_error(&values, reference.f(tensor));
+            out.push(MeshOutput { name: tt.name.clone(), tensor, shape: tt.shape.clone(), values, max_rel_error });
+        }
+    }
+    out
 }

@@ -69,6 +69,8 @@ pub enum EwOp {
     Gelu,
     /// tanh of the one input.
     Tanh,
+    /// GELU's derivative at the first input times the second (x, dy), as the reference computes it.
+    GeluGrad,
     /// One token of every sequence of `seq` (the first, or the last): output row b is input row
     /// `b * seq + pick`.
     Select { seq: u64, last: bool },
@@ -88,6 +90,16 @@ pub enum RowOp {
     Norm { gamma: u32, beta: Option<u32>, rms: bool },
     /// Attention softmax over `kv` keys, scaled by `1 / sqrt(head_dim)`, causal over `q` queries.
     Softmax { q: u64, kv: u64, head_dim: u64, causal: bool },
+    /// Cross-entropy of logit rows against `labels` (one id per row, -100: ignored): statistics (max,
+    /// sum of exp, the label's logit); the apply pass (`grad`) gives `(softmax - onehot) / valid`, with
+    /// `valid` the step's labels not ignored (a count the host gives with its labels), else the root of
+    /// each row adds the row's `logsumexp - logit[label]` to the loss it keeps (`Kernel::LossSum`).
+    CrossEntropy { labels: View, grad: bool },
+    /// A norm's backward (LayerNorm, or RMSNorm with `rms`) over rows of dy (the reduction's main
+    /// input) with the forward's input `x` and scale `gamma`: statistics (mean and M2 of x, or its mean
+    /// square; the sums of `g = dy * gamma` and of `g * x`); the apply pass gives dx and adds the rows'
+    /// `dy * xhat` (and `dy`) into the PE's column sums of `dgamma` (and `dbeta`, `Kernel::ColSum`).
+    NormGrad { x: View, gamma: u32, rms: bool, dgamma: u32, dbeta: Option<u32> },
 }
 
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
@@ -166,10 +178,55 @@ pub enum Kernel {
     /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
     /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
     RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
-    /// Combines the statistics claimed with the PE's own (in sender order); sends the combined.
-    RowCombine { op: RowOp },
+    /// Combines the statistics claimed with the PE's own (in sender order); sends the combined. Once they
+    /// cover the row's `width` columns (a root), a cross-entropy's root adds its rows' losses.
+    RowCombine { op: RowOp, width: u64 },
     /// The elementwise pass with the row's final statistics (claimed, or the PE's own at the root).
     RowApply { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64, out: u32 },
+    /// The loss of a cross-entropy row reduction, once per step, on the roots of the rows (column 0 of
+    /// `grid`): a root's loss over its rows (kept by its combines, `RowOp::CrossEntropy`) plus those
+    /// claimed from the roots below (in sender order); the root in grid row 0 must then have every one
+    /// of the step's `total` rows, and divides by the count of labels not ignored (`labels`' values,
+    /// which the host gives): the scalar `out`.
+    LossSum { grid: Grid, total: u64, labels: u32, out: u32 },
+    /// A linear's weight gradient, output-stationary (summa): the PE at (r, c) accumulates, over the
+    /// step's runs, its block `dW[k-slice r, n-slice c] += x[rows, k-slice]^T dy[rows, n-slice]` (rows in
+    /// increasing order; `Share { k, grid.rows }` and `Share { n, grid.cols }`; the block laid out as `out`
+    /// is, `[n, k]` when `w_out_in`), and the PEs of grid row 0 the bias gradient `db[n-slice] += dy`.
+    WgradAcc {
+        grid: Grid,
+        x: View,
+        dy: View,
+        k: u64,
+        n: u64,
+        rows_per_run: u64,
+        w_out_in: bool,
+        out: u32,
+        bias: Option<u32>,
+    },
+    /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished.
+    WgradEmit,
+    /// One Adam step over the PE's flat share (as `Elementwise`) of each run's rows of the weight `w`
+    /// (`rows` of `width`): the gradient `g` claimed (kept until the PE's last run, when all of it has
+    /// arrived: it streams in its producers' order), the weight and the moments `m`, `v` (and the fp32
+    /// master copy) resident; the hyperparameters are the run's (`Setup::adam`). The PE keeps its
+    /// shares of the outputs `w'`, `m'`, `v'` (and `master'`) for the readouts, and sends `w'`.
+    Adam {
+        grid: Grid,
+        w: u32,
+        g: View,
+        m: u32,
+        v: u32,
+        master: Option<u32>,
+        rows: u64,
+        rows_per_run: u64,
+        width: u64,
+        outs: Vec<u32>,
+    },
+    /// Column sums of a row reduction (a norm's dgamma and dbeta, `RowOp::NormGrad`), once per step:
+    /// the PE's sums over its rows plus those claimed from the PEs below in its column (in sender
+    /// order); in grid row 0 they must then cover all `total` rows, and are sent as finished values.
+    ColSum { grid: Grid, total: u64 },
     /// The lookup tree's first step: the PE at (r, c) holds table rows `Share { vocab, grid.rows }` r,
     /// columns `Share { width, grid.cols }` c; for every id of this run it gives its row's slice, or
     /// zeros when another PE holds the row (a partial sum with one term per table share).
@@ -237,6 +294,10 @@ impl Kernel {
             | Kernel::Elementwise { grid, .. }
             | Kernel::RowStats { grid, .. }
             | Kernel::RowApply { grid, .. }
+            | Kernel::LossSum { grid, .. }
+            | Kernel::ColSum { grid, .. }
+            | Kernel::WgradAcc { grid, .. }
+            | Kernel::Adam { grid, .. }
             | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
             Kernel::Accumulate { .. }
             | Kernel::Relay
@@ -248,6 +309,7 @@ impl Kernel {
             | Kernel::Load
             | Kernel::Bias { .. }
             | Kernel::Reduce { .. }
+            | Kernel::WgradEmit
             | Kernel::RowCombine { .. } => {}
         }
         k
@@ -289,12 +351,21 @@ impl Kernel {
                 *op = op.map_tensors(&f);
                 *x = v(x);
             }
-            Kernel::RowCombine { op } => *op = op.map_tensors(&f),
+            Kernel::RowCombine { op, .. } => *op = op.map_tensors(&f),
             Kernel::RowApply { op, x, out, .. } => {
                 *op = op.map_tensors(&f);
                 (*x, *out) = (v(x), f(*out));
             }
             Kernel::Lookup { ids, table, out, .. } => (*ids, *table, *out) = (v(ids), f(*table), f(*out)),
+            Kernel::LossSum { labels, out, .. } => (*labels, *out) = (f(*labels), f(*out)),
+            Kernel::ColSum { .. } | Kernel::WgradEmit => {}
+            Kernel::Adam { w, g, m, v: vv, master, outs, .. } => {
+                (*w, *g, *m, *vv, *master) = (f(*w), v(g), f(*m), f(*vv), master.map(&f));
+                outs.iter_mut().for_each(|t| *t = f(*t));
+            }
+            Kernel::WgradAcc { x, dy, out, bias, .. } => {
+                (*x, *dy, *out, *bias) = (v(x), v(dy), f(*out), bias.map(&f));
+            }
             Kernel::Accumulate { .. } | Kernel::Relay | Kernel::Store | Kernel::Collect | Kernel::Load => {}
         }
         k
@@ -306,6 +377,16 @@ impl RowOp {
         match *self {
             RowOp::Norm { gamma, beta, rms } => RowOp::Norm { gamma: f(gamma), beta: beta.map(&f), rms },
             op @ RowOp::Softmax { .. } => op,
+            RowOp::NormGrad { x, gamma, rms, dgamma, dbeta } => RowOp::NormGrad {
+                x: View { base: f(x.base), ..x },
+                gamma: f(gamma),
+                rms,
+                dgamma: f(dgamma),
+                dbeta: dbeta.map(&f),
+            },
+            RowOp::CrossEntropy { labels, grad } => {
+                RowOp::CrossEntropy { labels: View { base: f(labels.base), ..labels }, grad }
+            }
         }
     }
 }
@@ -323,6 +404,10 @@ pub struct LoopMap {
 pub enum TaskData {
     /// Moves no values (a task whose wavelets nobody reads).
     None,
+    /// A task of a region functional mode refuses (`ProgramData::unsupported` says why): a functional
+    /// run refuses the program, except a partial run (`Setup::partial`), where its sends carry a mark
+    /// that no values were computed, and every task that claims the mark passes it on instead of values.
+    Refused,
     Kernel(Kernel),
     /// A task of a folded loop (`ProgramData::loops[lp]`): its run n is chunk
     /// `(n - 1) * stride + offset` (0-based) of the loop's `per_iter` chunks per iteration, in order
@@ -371,6 +456,7 @@ impl ProgramData {
                             offset: *offset,
                         },
                         TaskData::None => TaskData::None,
+                        TaskData::Refused => TaskData::Refused,
                     })
                     .collect()
             }));
@@ -382,6 +468,24 @@ impl ProgramData {
             out.unsupported.extend(d.unsupported.iter().map(|u| format!("wafer {k}: {u}")));
         }
         out
+    }
+}
+
+impl ProgramData {
+    /// Why a functional run refuses this program (None: it does not): the first reasons in full, then
+    /// how many more and the regions they name.
+    pub fn refusal(&self) -> Option<String> {
+        const SHOWN: usize = 4;
+        if self.unsupported.is_empty() {
+            return None;
+        }
+        let mut lines: Vec<String> = self.unsupported.iter().take(SHOWN).cloned().collect();
+        let rest = &self.unsupported[SHOWN.min(self.unsupported.len())..];
+        if !rest.is_empty() {
+            let names: Vec<&str> = rest.iter().filter_map(|u| u.split('`').nth(1)).collect();
+            lines.push(format!("and {} more ({})", rest.len(), names.join(", ")));
+        }
+        Some(lines.join("; "))
     }
 }
 
