@@ -42,7 +42,7 @@ impl B {
         }
     }
     fn template(&mut self, name: &str, tasks: Vec<Task>) -> TemplateId {
-        self.p.templates.push(Template { name: name.into(), region: RegionId(0), tasks, sram_bytes: 0 });
+        self.p.templates.push(Template { name: name.into(), region: RegionId(0), tasks, sram_bytes: 0, fifos: vec![] });
         TemplateId(self.p.templates.len() as u32 - 1)
     }
     fn tile(&mut self, x: u32, y: u32, w: u32, h: u32, t: TemplateId) {

@@ -172,3 +172,52 @@ fn traces_of_compiled_runs_are_identical_across_threads() {
     insta::assert_snapshot!("gpt-tiny-prefill-96x80-trace-summary", summary);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A residual add's skip input runs ahead of the branch it skips by the whole branch (attention takes
+/// every token before it gives its first result), so the add keeps it in the receive FIFO its tiling
+/// allocates and is paced by the branch. gpt-tiny widened to 256 and trained on 512 tokens (32 runs per
+/// layer) under weight streaming on 64 x 64 is the gpt3-175b step's deadlock in small: before the fix the
+/// adds were paced by the skip and buffered the branch, the skip filled the fabric back to the norm's
+/// gateway, and the step deadlocked at cycle 347,190 with the embedding sum's gateways held.
+#[test]
+fn residual_skips_wait_in_their_fifos() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/models/tiny/gpt-tiny.json")).unwrap()).unwrap();
+    for (k, v) in [("n_embd", 256), ("n_positions", 1024), ("n_ctx", 1024)] {
+        cfg[k] = v.into();
+    }
+    let dir = std::env::temp_dir().join(format!("wafer-skip-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gpt-tiny-256.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let path = path.to_str().unwrap();
+    let common = ["--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "512", "--mode", "weight-streaming"];
+    let mut run = vec!["run", path];
+    run.extend(common);
+    run.extend(["--fidelity", "detailed", "--json"]);
+    let r = report(&run);
+    assert!(r["cycles"].as_u64().expect("cycles") > 0);
+    let notes = r["notes"].as_array().expect("notes");
+    assert_eq!(notes.iter().filter(|n| n.as_str().is_some_and(|n| n.starts_with("phase "))).count(), 2, "{notes:?}");
+    // Every residual add is paced by its branch and keeps the skip for a whole layer (32 runs).
+    let mut compile = vec!["compile", path];
+    compile.extend(common);
+    compile.extend(["--dump-after", "lower"]);
+    let lower = wafer_ok(&compile);
+    let mut adds = 0;
+    let mut lines = lower.lines();
+    while let Some(l) = lines.next() {
+        if !(l.contains("attn.residual.ew ") || l.contains("ffn.residual.ew ")) {
+            continue;
+        }
+        let fifo = l.split(" fifo ").nth(1).unwrap_or_else(|| panic!("no FIFO: {l}"));
+        let (color, runs) = fifo.split_once(" x").unwrap();
+        assert_eq!(runs, "32", "{l}");
+        let ew = lines.next().unwrap();
+        assert!(ew.contains(" paced ") && !ew.contains(&format!("paced {color} ")), "{l}\n{ew}");
+        adds += 1;
+    }
+    assert_eq!(adds, 8, "the two residual adds' four PE classes:\n{lower}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use crate::hw::{PeSpec, SimdOp};
-use crate::mesh::{ColorId, Dir, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
+use crate::mesh::{ColorId, Dir, Fifo, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
 
 use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
 
@@ -829,6 +829,8 @@ pub(crate) struct Iface {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RegionCode {
     pub templates: Vec<(String, Vec<Task>, u64)>,
+    /// Receive FIFOs of the templates that have them, by template index.
+    pub fifos: BTreeMap<usize, Vec<Fifo>>,
     pub tiles: Vec<(Rect, usize)>,
     pub routes: Vec<Route>,
 }
@@ -909,6 +911,7 @@ impl XSplit {
 struct Pe {
     tasks: Vec<Task>,
     sram: u64,
+    fifos: Vec<Fifo>,
 }
 
 impl Pe {
@@ -1040,7 +1043,11 @@ impl<'a> Prog<'a> {
                         let made = make(self, rk, ck);
                         let t = made.map(|(name, pe)| {
                             self.code.templates.push((name, pe.tasks, pe.sram));
-                            self.code.templates.len() - 1
+                            let t = self.code.templates.len() - 1;
+                            if !pe.fifos.is_empty() {
+                                self.code.fifos.insert(t, pe.fifos);
+                            }
+                            t
                         });
                         self.template_of.insert(key, t);
                         t
@@ -1174,7 +1181,18 @@ impl<'a> Prog<'a> {
     /// Input tasks common to every working compute PE, before its compute chain: weight loads, stores,
     /// refreshes. Returns (task indices of weight loads, stores) and the needs the first compute task
     /// must add, given the index the first compute task will have.
-    fn inputs_pre(&self, pe: &mut Pe, main: Option<usize>, runs: u32, band: usize, tile_values: u64) -> PreInputs {
+    /// The tasks and needs of the inputs other than `main`. `fifo_runs`: the runs of each other live
+    /// input that the tiling's SRAM holds (a join's early input waits there for the late one; the
+    /// PE's program declares the FIFO so that the fabric does not hold those runs back).
+    fn inputs_pre(
+        &self,
+        pe: &mut Pe,
+        main: Option<usize>,
+        runs: u32,
+        band: usize,
+        tile_values: u64,
+        fifo_runs: u32,
+    ) -> PreInputs {
         let st = self.st;
         let mut pre = PreInputs::default();
         for (s, sl) in st.inputs.iter().enumerate() {
@@ -1225,7 +1243,12 @@ impl<'a> Prog<'a> {
                         0,
                     ));
                 }
-                SlotKind::Live => pre.live.push(s),
+                SlotKind::Live => {
+                    pre.live.push(s);
+                    if fifo_runs > 1 {
+                        pe.fifos.push(Fifo { color: self.rc(s), runs: fifo_runs });
+                    }
+                }
             }
         }
         pre
@@ -1584,6 +1607,9 @@ impl<'a> Prog<'a> {
                     tasks.push(task(&format!("credit{o}"), vec![recv(kc, 1)], mov(4), 0, None, vec![], runs, 0));
                     self.code.templates.push((name, tasks, sram));
                     let nt = self.code.templates.len() - 1;
+                    if let Some(f) = self.code.fifos.get(&t).cloned() {
+                        self.code.fifos.insert(nt, f);
+                    }
                     cloned.insert(t, nt);
                     nt
                 }
@@ -1723,7 +1749,7 @@ fn prog_bcast(p: &mut Prog) {
             return Some((format!("{}.idle", st.name), p.drain(band, runs)));
         }
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k * n_p);
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k * n_p, runs);
         let mut needs = vec![recv(p.rc(a), wa)];
         needs.extend(p.pre_needs(&pre, runs));
         let w_out = wl(rr * n_p, eb);
@@ -1944,7 +1970,7 @@ fn prog_tree(p: &mut Prog) {
         }
         let k_r = kr.q + rk[2];
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k_r * n_c);
+        let pre = p.inputs_pre(&mut pe, Some(a), runs, band, k_r * n_c, runs);
         // The streamed operand: the row band's slice when split, else the whole of it.
         let (xc, xw) = xb.and_then(|b| p.xfeed(b)).map_or((p.rc(a), wa), |(_, c, w)| (c, w));
         let mut needs = vec![recv(xc, xw)];
@@ -2017,7 +2043,7 @@ fn prog_summa(p: &mut Prog) {
         }
         let first_row = rk[1] == 1;
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c);
+        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, k_r * n_c, 2);
         let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
         let acc =
@@ -2099,7 +2125,7 @@ fn prog_rowreduce(p: &mut Prog) {
         let (role, gs) = (ck[2], ck[3]);
         let w_st = 2 * t_r; // (a, b) statistics per row, fp32
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, w_c);
+        let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, w_c, runs);
         let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
         let c1 = c > 1;
@@ -2285,7 +2311,7 @@ fn prog_elementwise(p: &mut Prog) {
             return Some((format!("{}.idle", st.name), p.drain(0, runs)));
         }
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, main, runs, 0, n);
+        let pre = p.inputs_pre(&mut pe, main, runs, 0, n, runs);
         let mut needs = Vec::new();
         if let Some(m) = main {
             needs.push(recv(p.rc(m), p.slot_w(m, runs)));
@@ -2376,7 +2402,7 @@ fn prog_lookup(p: &mut Prog) {
         }
         let w_p = wl(rr * w_c, eb);
         let mut pe = Pe::default();
-        let pre = p.inputs_pre(&mut pe, Some(ids), runs, 0, 0);
+        let pre = p.inputs_pre(&mut pe, Some(ids), runs, 0, 0, 1);
         let mut needs = vec![recv(p.rc(ids), wi)];
         needs.extend(p.pre_needs(&pre, runs));
         let sends = match role {

@@ -1284,9 +1284,13 @@ fn compile_wafer(
             }
         }
         pdata.unsupported.extend(rd.unsupported);
-        for (name, mut tasks, sram) in code.templates {
+        for (i, (name, mut tasks, sram)) in code.templates.into_iter().enumerate() {
             patch_tasks(&mut tasks);
-            program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram });
+            let mut fifos = code.fifos.get(&i).cloned().unwrap_or_default();
+            for f in fifos.iter_mut() {
+                f.color = patch(f.color);
+            }
+            program.templates.push(Template { name, region: rid, tasks, sram_bytes: sram, fifos });
         }
         for (r, ti) in code.tiles {
             program.tiles.push(Tile { rect: r, template: TemplateId(base + ti as u32) });
@@ -1369,6 +1373,7 @@ fn compile_wafer(
             region: io_region,
             tasks: pw.tasks,
             sram_bytes: 0,
+            fifos: vec![],
         });
         let peer = pw.peer.unwrap_or(Peer::Host);
         program.ports.push(Port {

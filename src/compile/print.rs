@@ -125,7 +125,11 @@ pub fn print_program(p: &MeshProgram, limit: usize) -> String {
     more(&mut s, p.regions.len());
     let _ = writeln!(s, "templates");
     for (i, t) in p.templates.iter().enumerate().take(limit) {
-        let _ = writeln!(s, "  t{i} {} r{} sram={}", t.name, t.region.0, t.sram_bytes);
+        let _ = write!(s, "  t{i} {} r{} sram={}", t.name, t.region.0, t.sram_bytes);
+        for f in &t.fifos {
+            let _ = write!(s, " fifo {} x{}", f.color, f.runs);
+        }
+        let _ = writeln!(s);
         for (k, task) in t.tasks.iter().enumerate() {
             let needs: Vec<String> = task
                 .needs

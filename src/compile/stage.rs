@@ -703,6 +703,20 @@ impl StageBuilder<'_> {
             Operand::Slot(s) => Some(*s),
             _ => None,
         });
+        // The input that arrives last: the one whose producer comes latest (ops are numbered in a
+        // topological order; the first of equals). A join is paced by it, and the tiling buffers the
+        // others for a whole iteration: a residual add's skip input runs ahead of the branch it skips
+        // by the whole branch (attention waits for every token), so it must be the one buffered.
+        let late_slot = operands
+            .iter()
+            .zip(&op.inputs)
+            .enumerate()
+            .filter_map(|(j, (od, &t))| match od {
+                Operand::Slot(s) => Some(((real_producer(g, producers, t), std::cmp::Reverse(j)), *s)),
+                _ => None,
+            })
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, s)| s);
         use crate::graph::ops::flops_per_elem as fpe;
         // Single ops: every operand is pre-placed.
         if self.single {
@@ -866,7 +880,7 @@ impl StageBuilder<'_> {
                 if self.single {
                     Work::SingleAdd { n: rows.rows * rows.width }
                 } else {
-                    ew(first_slot, rows.rows, rows.width, n - 1)
+                    ew(late_slot, rows.rows, rows.width, n - 1)
                 }
             }
             OpKind::Rotary { rows, heads, rot_dims, .. } | OpKind::RotaryGrad { rows, heads, rot_dims, .. } => {

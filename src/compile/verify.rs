@@ -84,6 +84,14 @@ pub fn verify_program(p: &MeshProgram) -> Vec<String> {
                 }
             }
         }
+        for f in &t.fifos {
+            if f.runs == 0 || !recv_colors.contains(&f.color) {
+                errs.push(format!(
+                    "template {} has a FIFO of {} runs on {} it does not receive",
+                    t.name, f.runs, f.color
+                ));
+            }
+        }
         // No cycle among the tasks' first runs.
         let mut indeg = vec![0usize; t.tasks.len()];
         let mut edges = vec![Vec::new(); t.tasks.len()];

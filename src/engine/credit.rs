@@ -7,16 +7,20 @@
 //! train addressed to it fill the queues of the train's own path, and then the sender stalls. The
 //! wavelets a path buffers for receiver d, `path_buffer`, are `queue_depth` per router it enters
 //! (the sender's router and one per hop) plus the PE's input queue, plus what the PE itself takes
-//! before its consumer claims: one run of the consumer, or the SRAM its plan left free, whichever is
-//! larger.
+//! before its consumer claims: one run of the consumer, the receive FIFO its program declares for the
+//! color (`mesh::Fifo`), or the SRAM its plan left free, whichever is larger.
+//! - A declared FIFO: a join's early input (a residual add's skip) waits in the SRAM the tiling
+//!   allocated for it, `runs` runs of the consumer (the PE keeps its share of each multicast run).
+//!   gpt3-175b's adds keep the skip for a whole layer (8 runs of 1,572,864 multicast wavelets);
+//!   without the FIFO the skip filled the fabric back to the norm's gateway, which starved the
+//!   attention the add was waiting for (a deadlock).
 //! - One run: the engine keeps trains whole, so a paced consumer starts only once its run's trains
 //!   are all sent (the machine would start on the first wavelet and consume the rest as they come),
 //!   and an asynchronous receive takes a whole run into the buffer the plan allocated.
-//! - Free SRAM as a receive FIFO: the compiled programs need it. Without it every shipped tiny
-//!   model deadlocks on its residual skip streams (a norm's gateway multicasts x both to the norm
-//!   and to the residual add far down the pipeline; the add cannot take x before the attention
-//!   output that x itself feeds, so with queues alone the gateway stalls and starves the attention).
-//!   A compiler that allocates skip FIFOs explicitly would let the engine drop this allowance.
+//! - Free SRAM as a receive FIFO: an approximation kept from before the compiler declared FIFOs
+//!   (every shipped tiny model deadlocked on its residual skip streams without it). Now that the
+//!   joins declare theirs, dropping it would make the engine count only what the plan allocated;
+//!   not yet done (it would move cycles wherever a stream runs ahead into free SRAM today).
 //!
 //! The engine keeps trains as units: a train still reserves its links when it is sent, and its
 //! wavelets are delivered with their scheduled arrival cycles. What backpressure adds is the

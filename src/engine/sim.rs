@@ -488,8 +488,17 @@ impl<'p> Shared<'p> {
                             let compute = prog.timing.pe.cycles(task.work.op, task.work.elems);
                             let pace =
                                 if paced && compute > wavelets { Pace::new(compute, wavelets) } else { Pace::FULL };
-                            let fifo = prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
-                            v.push((color, pace, paced, fifo.max(wavelets)));
+                            // What the PE takes before its consumer claims: one run, the FIFO the
+                            // program declares for the color, or its free SRAM (credit.rs).
+                            let free = prog.timing.sram_bytes.saturating_sub(t.sram_bytes) / WAVELET_BYTES;
+                            let fifo = t
+                                .fifos
+                                .iter()
+                                .filter(|f| f.color == color)
+                                .map(|f| (f.runs as u64).saturating_mul(wavelets))
+                                .max()
+                                .unwrap_or(0);
+                            v.push((color, pace, paced, free.max(fifo).max(wavelets)));
                         }
                     }
                 }

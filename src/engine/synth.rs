@@ -68,6 +68,7 @@ pub fn gemv(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32) -> MeshProgram {
                 region: RegionId(0),
                 tasks,
                 sram_bytes: fmac_elems * 2,
+                fifos: vec![],
             });
             TemplateId(templates.len() as u32 - 1)
         })
@@ -226,6 +227,7 @@ pub fn gemv_tree(hw: &WaferHw, k: u64, n: u64, cols: u32, rows: u32, group: u32)
                         region: RegionId(0),
                         tasks,
                         sram_bytes: fmac_elems * 2,
+                        fifos: vec![],
                     });
                     keys.push(key);
                     templates.len() - 1

@@ -264,6 +264,18 @@ pub struct Template {
     pub tasks: Vec<Task>,
     /// SRAM bytes the compiler allocated on each PE running this template (weights, buffers, KV cache).
     pub sram_bytes: u64,
+    /// Receive FIFOs the compiler allocated (inside `sram_bytes`) for inputs that arrive ahead of the
+    /// input their task waits for.
+    pub fifos: Vec<Fifo>,
+}
+
+/// A receive FIFO in a PE's SRAM: the PE takes up to `runs` runs of its task's `Recv` on `color` before
+/// the task claims them, keeping its share of each run (a join's early input, such as a residual add's
+/// skip, waits there for the late one instead of filling the fabric's queues back to its sender).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fifo {
+    pub color: ColorId,
+    pub runs: u32,
 }
 
 /// PEs running a template.

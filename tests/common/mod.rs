@@ -54,6 +54,7 @@ pub fn program(w: u32, h: u32, k: u64, n: u64, stream: u64) -> MeshProgram {
             flops: 0,
         }],
         sram_bytes: 0,
+        fifos: vec![],
     });
     let consume_t = TemplateId(p.templates.len() as u32);
     p.templates.push(Template {
@@ -68,6 +69,7 @@ pub fn program(w: u32, h: u32, k: u64, n: u64, stream: u64) -> MeshProgram {
             flops: 2 * stream,
         }],
         sram_bytes: 4 * stream,
+        fifos: vec![],
     });
     p.tiles.push(Tile { rect: Rect { x: w - 4, y: 0, w: 1, h: 1 }, template: consume_t });
     p.ports.push(Port {
