@@ -53,12 +53,29 @@ impl Error {
             Error::Gpu(_) => EXIT_INTERNAL,
             Error::Compile(c) if c.is_user_error() => EXIT_BAD_INPUT,
             Error::Compile(_) => EXIT_INTERNAL,
-            // A deadlock is a result about the program; an invalid program or a broken invariant is a bug.
+            // A deadlock is a result about the input: this model, workload and machine cannot progress
+            // (reported with what each blocked PE waits for). An invalid program or a broken invariant
+            // is a bug.
+            Error::Engine(crate::engine::EngineError::Deadlock(_)) => EXIT_BAD_INPUT,
             Error::Engine(_) => EXIT_INTERNAL,
             Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
             Error::Trace(_) => EXIT_INTERNAL,
             Error::Functional(f) if f.is_user_error() => EXIT_BAD_INPUT,
             Error::Functional(_) => EXIT_INTERNAL,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{DeadlockReport, EngineError};
+
+    #[test]
+    fn a_deadlock_exits_2_and_a_broken_invariant_1() {
+        let deadlock =
+            Error::Engine(EngineError::Deadlock(DeadlockReport { cycle: 7, blocked_agents: 2, blocked: vec![] }));
+        assert_eq!(deadlock.exit_code(), EXIT_BAD_INPUT);
+        assert_eq!(Error::Engine(EngineError::Invariant("flops".into())).exit_code(), EXIT_INTERNAL);
     }
 }
