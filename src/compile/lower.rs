@@ -634,6 +634,30 @@ fn compile_wafer(
             Err(e) => loop_bad.push(e),
         }
     }
+    // The weights of the layer loop come through every IO channel, not only those on their region's
+    // rows: MemoryX streams each layer to the whole wafer at the system's IO rate, and every region of
+    // the layer takes its weights at once, so each weight stream gets a share of the channels in
+    // proportion to its bytes (`io::apportion`). A weight stream outside the loop (the head, run once)
+    // has every channel to itself.
+    let max_bands = |b: usize| (rects[b].w / (tilings[b].gateways + 1)).max(1);
+    let spread_n: Vec<Option<u32>> = {
+        let spread_to = |s: &Stream| match (s.from, s.to) {
+            (End::Port(PeerKind::MemoryX), End::Stage { stage, .. }) if is_big(&stages, s) => Some(stage),
+            _ => None,
+        };
+        let looped: Vec<usize> =
+            (0..streams.len()).filter(|&i| spread_to(&streams[i].1).is_some_and(|b| stages[b].iters > 1)).collect();
+        let want: Vec<(u64, u32)> = looped
+            .iter()
+            .map(|&i| (streams[i].1.bytes_per_step(), spread_to(&streams[i].1).map_or(1, max_bands)))
+            .collect();
+        let mut n: Vec<Option<u32>> =
+            streams.iter().map(|(_, s)| spread_to(s).map(|b| max_bands(b).min(chans.len().max(1) as u32))).collect();
+        for (k, got) in io::apportion(chans.len(), &want).into_iter().enumerate() {
+            n[looped[k]] = Some(got);
+        }
+        n
+    };
     let mut feed_pos: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
     let mut forwards: Vec<(usize, usize)> = Vec::new();
     for (si, (gi, s)) in streams.iter().enumerate() {
@@ -707,7 +731,12 @@ fn compile_wafer(
                 let gws = tilings[b].gateways;
                 let width = rects[b].w;
                 let max_bands = if banded { (width / (gws + 1)).max(1) } else { 1 };
-                let nb = if banded { n_big(max_bands) } else { 1 };
+                let spread = spread_n[si].filter(|_| banded && !restore_ch.contains_key(gi));
+                let nb = match spread {
+                    Some(n) => n.min(max_bands),
+                    None if banded => n_big(max_bands),
+                    None => 1,
+                };
                 let near = gateway(b, slot);
                 // A channel linked to another wafer carries that one stream (its port has one peer port).
                 let avoid: Vec<usize> = (0..chans.len())
@@ -733,11 +762,54 @@ fn compile_wafer(
                 } else {
                     Vec::new()
                 };
-                let direct =
-                    !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_));
-                let chosen = match restore_ch.get(gi) {
-                    Some(&ch) => vec![ch],
-                    None if direct => {
+                // A spread weight stream goes straight in (row bands) only when channels on the region's
+                // rows are as little loaded as the least loaded anywhere; else it takes the least loaded
+                // channels of the wafer in column bands, each channel's train crossing the fabric to its
+                // band's gateway on the region's input row (hops and links the engine charges).
+                let spread_pick = spread.map(|_| {
+                    // Bytes per step of each band, in band order.
+                    let band_bytes = |bands: &[(u32, u32)], rows: bool| -> Vec<u64> {
+                        bands
+                            .iter()
+                            .map(|&(a, z)| {
+                                let v = kernel::weight_band_values(&stages[b], &tilings[b], a, z, rows);
+                                wl(v, s.elem_bytes) * 4 * send_count as u64
+                            })
+                            .collect()
+                    };
+                    let worst = |v: &[usize], by: &[u64]| v.iter().zip(by).map(|(&i, &x)| load[i] + x).max();
+                    let all: Vec<usize> = (0..chans.len()).filter(|i| !avoid.contains(i)).collect();
+                    let mut any = io::spread(&chans, &load, &nflows, nb as usize, near, &all, false);
+                    // Column bands from west to east: west channels take the western bands (their trains
+                    // run east along their rows to the band's gateway), east ones the eastern.
+                    any.sort_by_key(|&i| (chans[i].side != crate::mesh::Dir::West, chans[i].at.y, i));
+                    let any_bytes = band_bytes(&col_bands(width, any.len() as u32), false);
+                    let mut rows = io::spread(&chans, &load, &nflows, nb as usize, near, &direct_cands, true);
+                    rows.sort_by_key(|&i| (chans[i].at.y, i));
+                    let ys: Vec<u32> = rows.iter().map(|&i| chans[i].at.y - yc0).collect();
+                    let rows_bytes = band_bytes(&row_bands(&ys, yc1 - yc0), true);
+                    if rows.len() == nb as usize && worst(&rows, &rows_bytes) <= worst(&any, &any_bytes) {
+                        (true, rows, rows_bytes)
+                    } else {
+                        (false, any, any_bytes)
+                    }
+                });
+                let direct = match &spread_pick {
+                    Some((d, _, _)) => *d,
+                    None => {
+                        !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_))
+                    }
+                };
+                let chosen = match (restore_ch.get(gi), spread_pick) {
+                    (Some(&ch), _) => vec![ch],
+                    (None, Some((_, got, by))) => {
+                        for (&i, &x) in got.iter().zip(&by) {
+                            load[i] += x.max(1);
+                            nflows[i] += 1;
+                        }
+                        got
+                    }
+                    (None, None) if direct => {
                         let sub: Vec<Channel> = direct_cands.iter().map(|&i| chans[i].clone()).collect();
                         let mut sub_load: Vec<u64> = direct_cands.iter().map(|&i| load[i]).collect();
                         let mut sub_flows: Vec<u32> = direct_cands.iter().map(|&i| nflows[i]).collect();
@@ -757,7 +829,7 @@ fn compile_wafer(
                         }
                         got.into_iter().map(|k| direct_cands[k]).collect()
                     }
-                    None => {
+                    (None, None) => {
                         io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, is_big(&stages, s))
                     }
                 };
@@ -771,25 +843,11 @@ fn compile_wafer(
                 let nb = chosen.len() as u32;
                 if direct && banded && nb > 1 {
                     let ys: Vec<u32> = chosen.iter().map(|&i| chans[i].at.y - yc0).collect();
-                    let mut bands = Vec::new();
-                    for (j, &y) in ys.iter().enumerate() {
-                        let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
-                        let hi = if j + 1 == ys.len() { yc1 - yc0 } else { (y + ys[j + 1]) / 2 + 1 };
-                        bands.push((lo, hi));
-                    }
-                    ifaces[b].wbands = bands;
+                    ifaces[b].wbands = row_bands(&ys, yc1 - yc0);
                     ifaces[b].wband_rows = true;
                     ifaces[b].wslot = Some(slot);
                 } else if banded && nb > 1 {
-                    let sp = kernel::split(width as u64, nb as u64);
-                    let mut c0 = 0u32;
-                    let mut bands = Vec::new();
-                    for j in 0..nb {
-                        let wj = sp.at(j as u64) as u32;
-                        bands.push((c0, c0 + wj));
-                        c0 += wj;
-                    }
-                    ifaces[b].wbands = bands;
+                    ifaces[b].wbands = col_bands(width, nb);
                     ifaces[b].wslot = Some(slot);
                 }
                 let bands = if ifaces[b].wslot == Some(slot) { ifaces[b].wbands.clone() } else { vec![(0, width)] };
@@ -1444,6 +1502,31 @@ fn compile_wafer(
         bands: placement.bands,
         cross,
     })
+}
+
+/// Compute-row bands around channels on rows `ys` (sorted, relative to the compute block's first row)
+/// of a block of `rows`: each band from halfway to the previous channel's row to halfway to the next's.
+fn row_bands(ys: &[u32], rows: u32) -> Vec<(u32, u32)> {
+    let mut bands = Vec::new();
+    for (j, &y) in ys.iter().enumerate() {
+        let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
+        let hi = if j + 1 == ys.len() { rows } else { (y + ys[j + 1]) / 2 + 1 };
+        bands.push((lo, hi));
+    }
+    bands
+}
+
+/// `n` column bands of even width over `width` columns.
+fn col_bands(width: u32, n: u32) -> Vec<(u32, u32)> {
+    let sp = kernel::split(width as u64, n.max(1) as u64);
+    let mut c0 = 0u32;
+    let mut bands = Vec::new();
+    for j in 0..n.max(1) {
+        let wj = sp.at(j as u64) as u32;
+        bands.push((c0, c0 + wj));
+        c0 += wj;
+    }
+    bands
 }
 
 /// Streams big enough to share the IO channels in proportion: weights in, gradients out.
