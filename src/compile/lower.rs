@@ -773,36 +773,39 @@ fn compile_wafer(
                             .iter()
                             .map(|&(a, z)| {
                                 let v = kernel::weight_band_values(&stages[b], &tilings[b], a, z, rows);
-                                wl(v, s.elem_bytes) * 4 * send_count as u64
+                                // The whole step's (a cut loop decides as the whole does).
+                                wl(v, s.elem_bytes) * 4 * s.send_count as u64
                             })
                             .collect()
                     };
                     let worst = |v: &[usize], by: &[u64]| v.iter().zip(by).map(|(&i, &x)| load[i] + x).max();
                     let all: Vec<usize> = (0..chans.len()).filter(|i| !avoid.contains(i)).collect();
-                    let mut any = io::spread(&chans, &load, &nflows, nb as usize, near, &all, false);
+                    let cbands = col_bands(&stages[b], &tilings[b], width, nb, gws + 1);
+                    let mut any = io::spread(&chans, &load, &nflows, cbands.len(), near, &all, false);
                     // Column bands from west to east: west channels take the western bands (their trains
                     // run east along their rows to the band's gateway), east ones the eastern.
                     any.sort_by_key(|&i| (chans[i].side != crate::mesh::Dir::West, chans[i].at.y, i));
-                    let any_bytes = band_bytes(&col_bands(width, any.len() as u32), false);
+                    let any_bytes = band_bytes(&cbands, false);
                     let mut rows = io::spread(&chans, &load, &nflows, nb as usize, near, &direct_cands, true);
                     rows.sort_by_key(|&i| (chans[i].at.y, i));
                     let ys: Vec<u32> = rows.iter().map(|&i| chans[i].at.y - yc0).collect();
                     let rows_bytes = band_bytes(&row_bands(&ys, yc1 - yc0), true);
                     if rows.len() == nb as usize && worst(&rows, &rows_bytes) <= worst(&any, &any_bytes) {
-                        (true, rows, rows_bytes)
+                        (true, rows, rows_bytes, Vec::new())
                     } else {
-                        (false, any, any_bytes)
+                        (false, any, any_bytes, cbands)
                     }
                 });
                 let direct = match &spread_pick {
-                    Some((d, _, _)) => *d,
+                    Some((d, _, _, _)) => *d,
                     None => {
                         !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_))
                     }
                 };
+                let spread_bands = spread_pick.as_ref().map(|p| p.3.clone()).unwrap_or_default();
                 let chosen = match (restore_ch.get(gi), spread_pick) {
                     (Some(&ch), _) => vec![ch],
-                    (None, Some((_, got, by))) => {
+                    (None, Some((_, got, by, _))) => {
                         for (&i, &x) in got.iter().zip(&by) {
                             load[i] += x.max(1);
                             nflows[i] += 1;
@@ -847,7 +850,11 @@ fn compile_wafer(
                     ifaces[b].wband_rows = true;
                     ifaces[b].wslot = Some(slot);
                 } else if banded && nb > 1 {
-                    ifaces[b].wbands = col_bands(width, nb);
+                    ifaces[b].wbands = if spread_bands.len() == nb as usize {
+                        spread_bands
+                    } else {
+                        col_bands(&stages[b], &tilings[b], width, nb, gws + 1)
+                    };
                     ifaces[b].wslot = Some(slot);
                 }
                 let bands = if ifaces[b].wslot == Some(slot) { ifaces[b].wbands.clone() } else { vec![(0, width)] };
@@ -1516,17 +1523,37 @@ fn row_bands(ys: &[u32], rows: u32) -> Vec<(u32, u32)> {
     bands
 }
 
-/// `n` column bands of even width over `width` columns.
-fn col_bands(width: u32, n: u32) -> Vec<(u32, u32)> {
-    let sp = kernel::split(width as u64, n.max(1) as u64);
-    let mut c0 = 0u32;
+/// At most `n` column bands over `width` columns of a stage's weights, each at least `min_w` columns
+/// wide (its gateway, on its last column, clear of the slots' gateways) and each carrying about the same
+/// share of the weights: cut where the running sum of the columns' values reaches the next share. A
+/// band is never empty (columns past the matrix's hold no weights, and a band of no weights would
+/// leave its gateway waiting for a train its port never sends): the last band takes the empty columns.
+fn col_bands(st: &Stage, t: &kernel::Tiling, width: u32, n: u32, min_w: u32) -> Vec<(u32, u32)> {
+    let v: Vec<u64> = (0..width).map(|x| kernel::weight_band_values(st, t, x, x + 1, false)).collect();
+    let total: u64 = v.iter().sum();
+    let n = n.clamp(1, (width / min_w.max(1)).max(1)) as u64;
     let mut bands = Vec::new();
-    for j in 0..n.max(1) {
-        let wj = sp.at(j as u64) as u32;
-        bands.push((c0, c0 + wj));
-        c0 += wj;
+    let (mut c0, mut cum) = (0u32, 0u64);
+    for x in 0..width {
+        cum += v[x as usize];
+        let j = bands.len() as u64 + 1;
+        let room = width - (x + 1) >= (n - j) as u32 * min_w.max(1);
+        if j < n && x + 1 - c0 >= min_w.max(1) && room && cum as u128 * n as u128 >= total as u128 * j as u128 {
+            bands.push((c0, x + 1));
+            c0 = x + 1;
+        }
     }
-    bands
+    bands.push((c0, width));
+    // No band without weights: merge an empty one into its western neighbour.
+    let sum = |&(a, z): &(u32, u32)| v[a as usize..z as usize].iter().sum::<u64>();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for bd in bands {
+        match out.last_mut() {
+            Some(last) if sum(&bd) == 0 || sum(last) == 0 => last.1 = bd.1,
+            _ => out.push(bd),
+        }
+    }
+    out
 }
 
 /// Streams big enough to share the IO channels in proportion: weights in, gradients out.
