@@ -221,7 +221,21 @@ fn attempt_mode(
         }
         let (wafer, phase) = if phased { (0, w) } else { (w, 0) };
         let cut = LoopCut::new(st.layers, opts.layer_iters);
-        outs.push(compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut)?);
+        // Weights spread over every channel need a color at every router their trains cross; where
+        // they run short (a model too short to fold, whose every stream spreads at once), the weights
+        // come through the channels on their regions' rows, as the note says.
+        let out = match compile_wafer(g, hw, &k, mode, wafer, phase, stages.clone(), streams.clone(), cut, true) {
+            Err(CompileError::Colors { stream, .. }) => {
+                let mut o = compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut, false)?;
+                o.notes.push(format!(
+                    "weights spread over every IO channel ran out of router colors (stream `{stream}`): they \
+                     come through the channels on their regions' rows only"
+                ));
+                o
+            }
+            r => r?,
+        };
+        outs.push(out);
     }
     // Link the ports of streams that cross wafers.
     let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
@@ -524,6 +538,7 @@ fn compile_wafer(
     mut stages: Vec<Stage>,
     mut streams: Vec<(usize, Stream)>,
     cut: LoopCut,
+    spread: bool,
 ) -> Result<WaferOut, CompileError> {
     let mesh = hw.mesh;
     let mut notes = Vec::new();
@@ -637,24 +652,28 @@ fn compile_wafer(
     // The weights of the layer loop come through every IO channel, not only those on their region's
     // rows: MemoryX streams each layer to the whole wafer at the system's IO rate, and every region of
     // the layer takes its weights at once, so each weight stream gets a share of the channels in
-    // proportion to its bytes (`io::apportion`). A weight stream outside the loop (the head, run once)
-    // has every channel to itself.
+    // proportion to its bytes (`io::apportion`). The weight streams outside the loop (the head, run
+    // once) share every channel among themselves in the same way.
     let max_bands = |b: usize| (rects[b].w / (tilings[b].gateways + 1)).max(1);
     let spread_n: Vec<Option<u32>> = {
         let spread_to = |s: &Stream| match (s.from, s.to) {
             (End::Port(PeerKind::MemoryX), End::Stage { stage, .. }) if is_big(&stages, s) => Some(stage),
             _ => None,
         };
-        let looped: Vec<usize> =
-            (0..streams.len()).filter(|&i| spread_to(&streams[i].1).is_some_and(|b| stages[b].iters > 1)).collect();
-        let want: Vec<(u64, u32)> = looped
-            .iter()
-            .map(|&i| (streams[i].1.bytes_per_step(), spread_to(&streams[i].1).map_or(1, max_bands)))
-            .collect();
-        let mut n: Vec<Option<u32>> =
-            streams.iter().map(|(_, s)| spread_to(s).map(|b| max_bands(b).min(chans.len().max(1) as u32))).collect();
-        for (k, got) in io::apportion(chans.len(), &want).into_iter().enumerate() {
-            n[looped[k]] = Some(got);
+        // Two groups, each over every channel: the loop's streams (all at once, every layer), and the
+        // streams outside it (the head's, once; or every stream of a model too short to fold).
+        let mut n: Vec<Option<u32>> = vec![None; streams.len()];
+        for looped in [true, false].into_iter().filter(|_| spread) {
+            let group: Vec<usize> = (0..streams.len())
+                .filter(|&i| spread_to(&streams[i].1).is_some_and(|b| (stages[b].iters > 1) == looped))
+                .collect();
+            let want: Vec<(u64, u32)> = group
+                .iter()
+                .map(|&i| (streams[i].1.bytes_per_step(), spread_to(&streams[i].1).map_or(1, max_bands)))
+                .collect();
+            for (k, got) in io::apportion(chans.len(), &want).into_iter().enumerate() {
+                n[group[k]] = Some(got);
+            }
         }
         n
     };
