@@ -177,7 +177,7 @@ fn traces_of_compiled_runs_are_identical_across_threads() {
 /// hidden 1024, 4 layers, 101.7 MB of fp16 weights; decode of one token, whose compute is a few
 /// thousand cycles a layer) streams B bytes through the perimeter, so no step is shorter than B at the
 /// system's 1.2 Tb/s, and with the weights spread over all 48 channels the step stays within 2.5x of it.
-/// Measured 2.19x: 4 layers leave the pipeline's fill and drain in, the most loaded channel carries
+/// Measured 2.26x: 4 layers leave the pipeline's fill and drain in, the most loaded channel carries
 /// 1.33x the mean (column bands of a 21-column region are 2 or 3 columns wide), and each region's
 /// weights wait for its double buffer. Through the channels on the regions' rows only it took 5.97x.
 /// Every channel carries weights, and the engine's bytes per port are the plan's.
