@@ -528,3 +528,41 @@ fn long_results_leave_through_several_channels() {
     // 265,649 cycles a token through one channel; the logits no longer queue behind one port.
     assert!(run.cycles < 240_000, "{} cycles", run.cycles);
 }
+
+/// Weight streaming spreads every layer's weights over all the system's IO channels, not over the few
+/// on its region's rows: on a CS-2 (12 ports of 100 Gb/s, 4 channels each: 48), llama-2-70b decode
+/// streamed its FFN matrices (82% of the bytes) through 5 or 6 channels each and used 22 channels in all.
+/// Now every channel carries MemoryX weights, each FFN matrix goes through at least 10 channels, and the
+/// most loaded channel carries at most 1.2 x the mean (1.12 today: k and v take a channel each for a
+/// third of a share, and row or column bands are not all the same size).
+#[test]
+fn weight_streams_spread_over_every_io_channel() {
+    let cs2 = hw("cs2", &[], None);
+    let io = cs2.io.unwrap();
+    let per_port = (io.port_bits_per_s / (32.0 * cs2.clock_hz * cs2.fabric.link_wavelets_per_cycle as f64)).ceil();
+    let channels = io.ports as usize * per_port as usize;
+    assert_eq!(channels, 48);
+    for (name, ffn, balance) in [
+        ("llama-2-70b", &["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"][..], Some(1.2)),
+        // The tied head (wte, once per step, outside the loop) goes through every channel besides the
+        // loop's weights, so the channels' totals are not balanced; only the spread is checked.
+        ("gpt2-small", &["mlp.c_fc.weight", "mlp.c_proj.weight"][..], None),
+    ] {
+        let m = model::load(name).unwrap();
+        let w =
+            WorkloadArgs { phase: Some(Phase::Decode), context: Some(128), ..Default::default() }.resolve(&m).unwrap();
+        let g = graph::build(&m, &w).unwrap();
+        let c = compile::compile(&g, &cs2, &opts(Some(Mode::WeightStreaming), true)).unwrap();
+        let mx: Vec<_> = c.plan.ports.iter().filter(|p| p.peer == "memoryx" && p.bytes > 0).collect();
+        assert_eq!(mx.len(), channels, "{name}: channels carrying MemoryX weights");
+        for f in ffn {
+            let n = mx.iter().filter(|p| p.streams.iter().any(|s| s.ends_with(f))).count();
+            assert!(n >= 10, "{name}: {f} through {n} channels");
+        }
+        if let Some(limit) = balance {
+            let max = mx.iter().map(|p| p.bytes).max().unwrap() as f64;
+            let mean = mx.iter().map(|p| p.bytes).sum::<u64>() as f64 / mx.len() as f64;
+            assert!(max <= limit * mean, "{name}: most loaded channel {max} bytes, mean {mean}");
+        }
+    }
+}

@@ -172,6 +172,68 @@ pub(crate) fn pick(
     chosen
 }
 
+/// Channels for one of the weight streams spread over every channel: `n` of `cands`, the least loaded
+/// first (the loop's weight streams all run at once, so a channel carrying two sets the pace of both),
+/// then the nearest to `near`; with `rows`, at most one per row (row bands around each channel's row).
+/// Charges nothing to their load; fewer than `n` when `cands` has fewer.
+pub(crate) fn spread(
+    chans: &[Channel],
+    load: &[u64],
+    flows: &[u32],
+    n: usize,
+    near: Coord,
+    cands: &[usize],
+    rows: bool,
+) -> Vec<usize> {
+    let dist = |c: &Channel| c.at.y.abs_diff(near.y) as u64 + c.at.x.abs_diff(near.x) as u64;
+    let mut idx = cands.to_vec();
+    idx.sort_by_key(|&i| (flows[i] >= FLOWS_PER_CHANNEL, load[i], dist(&chans[i]), i));
+    if rows {
+        let mut seen = Vec::new();
+        idx.retain(|&i| {
+            let fresh = !seen.contains(&chans[i].at.y);
+            seen.push(chans[i].at.y);
+            fresh
+        });
+    }
+    idx.truncate(n.max(1));
+    idx
+}
+
+/// How many channels each of the layer loop's weight streams gets, out of `channels`: every stream
+/// one, then one more at a time to the stream whose channels carry the most bytes each (never past its
+/// `max` bands), while channels are left. The loop streams every layer's weights at once, so the
+/// slowest channel sets the pace: this minimises the bytes of the most loaded one (each channel
+/// carrying one stream when there are channels enough).
+pub(crate) fn apportion(channels: usize, want: &[(u64, u32)]) -> Vec<u32> {
+    let mut n: Vec<u32> = want.iter().map(|_| 1).collect();
+    let mut left = channels.saturating_sub(want.len());
+    while left > 0 {
+        let mut best: Option<usize> = None;
+        for (i, &(bytes, max)) in want.iter().enumerate() {
+            if n[i] >= max {
+                continue;
+            }
+            // bytes_i / n_i > bytes_b / n_b, exactly; ties to the first.
+            let better = match best {
+                None => true,
+                Some(b) => bytes as u128 * n[b] as u128 > want[b].0 as u128 * n[i] as u128,
+            };
+            if better {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(i) => {
+                n[i] += 1;
+                left -= 1;
+            }
+            None => break,
+        }
+    }
+    n
+}
+
 /// The mesh side a direction leaves through (for the printer).
 pub(crate) fn side_name(d: Dir) -> &'static str {
     match d {

@@ -221,7 +221,21 @@ fn attempt_mode(
         }
         let (wafer, phase) = if phased { (0, w) } else { (w, 0) };
         let cut = LoopCut::new(st.layers, opts.layer_iters);
-        outs.push(compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut)?);
+        // Weights spread over every channel need a color at every router their trains cross; where
+        // they run short (a model too short to fold, whose every stream spreads at once), the weights
+        // come through the channels on their regions' rows, as the note says.
+        let out = match compile_wafer(g, hw, &k, mode, wafer, phase, stages.clone(), streams.clone(), cut, true) {
+            Err(CompileError::Colors { stream, .. }) => {
+                let mut o = compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut, false)?;
+                o.notes.push(format!(
+                    "weights spread over every IO channel ran out of router colors (stream `{stream}`): they \
+                     come through the channels on their regions' rows only"
+                ));
+                o
+            }
+            r => r?,
+        };
+        outs.push(out);
     }
     // Link the ports of streams that cross wafers.
     let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
@@ -524,6 +538,7 @@ fn compile_wafer(
     mut stages: Vec<Stage>,
     mut streams: Vec<(usize, Stream)>,
     cut: LoopCut,
+    spread: bool,
 ) -> Result<WaferOut, CompileError> {
     let mesh = hw.mesh;
     let mut notes = Vec::new();
@@ -634,6 +649,34 @@ fn compile_wafer(
             Err(e) => loop_bad.push(e),
         }
     }
+    // The weights of the layer loop come through every IO channel, not only those on their region's
+    // rows: MemoryX streams each layer to the whole wafer at the system's IO rate, and every region of
+    // the layer takes its weights at once, so each weight stream gets a share of the channels in
+    // proportion to its bytes (`io::apportion`). The weight streams outside the loop (the head, run
+    // once) share every channel among themselves in the same way.
+    let max_bands = |b: usize| (rects[b].w / (tilings[b].gateways + 1)).max(1);
+    let spread_n: Vec<Option<u32>> = {
+        let spread_to = |s: &Stream| match (s.from, s.to) {
+            (End::Port(PeerKind::MemoryX), End::Stage { stage, .. }) if is_big(&stages, s) => Some(stage),
+            _ => None,
+        };
+        // Two groups, each over every channel: the loop's streams (all at once, every layer), and the
+        // streams outside it (the head's, once; or every stream of a model too short to fold).
+        let mut n: Vec<Option<u32>> = vec![None; streams.len()];
+        for looped in [true, false].into_iter().filter(|_| spread) {
+            let group: Vec<usize> = (0..streams.len())
+                .filter(|&i| spread_to(&streams[i].1).is_some_and(|b| (stages[b].iters > 1) == looped))
+                .collect();
+            let want: Vec<(u64, u32)> = group
+                .iter()
+                .map(|&i| (streams[i].1.bytes_per_step(), spread_to(&streams[i].1).map_or(1, max_bands)))
+                .collect();
+            for (k, got) in io::apportion(chans.len(), &want).into_iter().enumerate() {
+                n[group[k]] = Some(got);
+            }
+        }
+        n
+    };
     let mut feed_pos: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
     let mut forwards: Vec<(usize, usize)> = Vec::new();
     for (si, (gi, s)) in streams.iter().enumerate() {
@@ -707,7 +750,12 @@ fn compile_wafer(
                 let gws = tilings[b].gateways;
                 let width = rects[b].w;
                 let max_bands = if banded { (width / (gws + 1)).max(1) } else { 1 };
-                let nb = if banded { n_big(max_bands) } else { 1 };
+                let spread = spread_n[si].filter(|_| banded && !restore_ch.contains_key(gi));
+                let nb = match spread {
+                    Some(n) => n.min(max_bands),
+                    None if banded => n_big(max_bands),
+                    None => 1,
+                };
                 let near = gateway(b, slot);
                 // A channel linked to another wafer carries that one stream (its port has one peer port).
                 let avoid: Vec<usize> = (0..chans.len())
@@ -733,11 +781,57 @@ fn compile_wafer(
                 } else {
                     Vec::new()
                 };
-                let direct =
-                    !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_));
-                let chosen = match restore_ch.get(gi) {
-                    Some(&ch) => vec![ch],
-                    None if direct => {
+                // A spread weight stream goes straight in (row bands) only when channels on the region's
+                // rows are as little loaded as the least loaded anywhere; else it takes the least loaded
+                // channels of the wafer in column bands, each channel's train crossing the fabric to its
+                // band's gateway on the region's input row (hops and links the engine charges).
+                let spread_pick = spread.map(|_| {
+                    // Bytes per step of each band, in band order.
+                    let band_bytes = |bands: &[(u32, u32)], rows: bool| -> Vec<u64> {
+                        bands
+                            .iter()
+                            .map(|&(a, z)| {
+                                let v = kernel::weight_band_values(&stages[b], &tilings[b], a, z, rows);
+                                // The whole step's (a cut loop decides as the whole does).
+                                wl(v, s.elem_bytes) * 4 * s.send_count as u64
+                            })
+                            .collect()
+                    };
+                    let worst = |v: &[usize], by: &[u64]| v.iter().zip(by).map(|(&i, &x)| load[i] + x).max();
+                    let all: Vec<usize> = (0..chans.len()).filter(|i| !avoid.contains(i)).collect();
+                    let cbands = col_bands(&stages[b], &tilings[b], width, nb, gws + 1);
+                    let mut any = io::spread(&chans, &load, &nflows, cbands.len(), near, &all, false);
+                    // Column bands from west to east: west channels take the western bands (their trains
+                    // run east along their rows to the band's gateway), east ones the eastern.
+                    any.sort_by_key(|&i| (chans[i].side != crate::mesh::Dir::West, chans[i].at.y, i));
+                    let any_bytes = band_bytes(&cbands, false);
+                    let mut rows = io::spread(&chans, &load, &nflows, nb as usize, near, &direct_cands, true);
+                    rows.sort_by_key(|&i| (chans[i].at.y, i));
+                    let ys: Vec<u32> = rows.iter().map(|&i| chans[i].at.y - yc0).collect();
+                    let rows_bytes = band_bytes(&row_bands(&ys, yc1 - yc0), true);
+                    if rows.len() == nb as usize && worst(&rows, &rows_bytes) <= worst(&any, &any_bytes) {
+                        (true, rows, rows_bytes, Vec::new())
+                    } else {
+                        (false, any, any_bytes, cbands)
+                    }
+                });
+                let direct = match &spread_pick {
+                    Some((d, _, _, _)) => *d,
+                    None => {
+                        !direct_cands.is_empty() && !restore_ch.contains_key(gi) && !matches!(peer, PeerKind::Wafer(_))
+                    }
+                };
+                let spread_bands = spread_pick.as_ref().map(|p| p.3.clone()).unwrap_or_default();
+                let chosen = match (restore_ch.get(gi), spread_pick) {
+                    (Some(&ch), _) => vec![ch],
+                    (None, Some((_, got, by, _))) => {
+                        for (&i, &x) in got.iter().zip(&by) {
+                            load[i] += x.max(1);
+                            nflows[i] += 1;
+                        }
+                        got
+                    }
+                    (None, None) if direct => {
                         let sub: Vec<Channel> = direct_cands.iter().map(|&i| chans[i].clone()).collect();
                         let mut sub_load: Vec<u64> = direct_cands.iter().map(|&i| load[i]).collect();
                         let mut sub_flows: Vec<u32> = direct_cands.iter().map(|&i| nflows[i]).collect();
@@ -757,7 +851,7 @@ fn compile_wafer(
                         }
                         got.into_iter().map(|k| direct_cands[k]).collect()
                     }
-                    None => {
+                    (None, None) => {
                         io::pick(&chans, &mut load, &mut nflows, nb as usize, bytes, near, &avoid, is_big(&stages, s))
                     }
                 };
@@ -771,25 +865,15 @@ fn compile_wafer(
                 let nb = chosen.len() as u32;
                 if direct && banded && nb > 1 {
                     let ys: Vec<u32> = chosen.iter().map(|&i| chans[i].at.y - yc0).collect();
-                    let mut bands = Vec::new();
-                    for (j, &y) in ys.iter().enumerate() {
-                        let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
-                        let hi = if j + 1 == ys.len() { yc1 - yc0 } else { (y + ys[j + 1]) / 2 + 1 };
-                        bands.push((lo, hi));
-                    }
-                    ifaces[b].wbands = bands;
+                    ifaces[b].wbands = row_bands(&ys, yc1 - yc0);
                     ifaces[b].wband_rows = true;
                     ifaces[b].wslot = Some(slot);
                 } else if banded && nb > 1 {
-                    let sp = kernel::split(width as u64, nb as u64);
-                    let mut c0 = 0u32;
-                    let mut bands = Vec::new();
-                    for j in 0..nb {
-                        let wj = sp.at(j as u64) as u32;
-                        bands.push((c0, c0 + wj));
-                        c0 += wj;
-                    }
-                    ifaces[b].wbands = bands;
+                    ifaces[b].wbands = if spread_bands.len() == nb as usize {
+                        spread_bands
+                    } else {
+                        col_bands(&stages[b], &tilings[b], width, nb, gws + 1)
+                    };
                     ifaces[b].wslot = Some(slot);
                 }
                 let bands = if ifaces[b].wslot == Some(slot) { ifaces[b].wbands.clone() } else { vec![(0, width)] };
@@ -1449,6 +1533,51 @@ fn compile_wafer(
         bands: placement.bands,
         cross,
     })
+}
+
+/// Compute-row bands around channels on rows `ys` (sorted, relative to the compute block's first row)
+/// of a block of `rows`: each band from halfway to the previous channel's row to halfway to the next's.
+fn row_bands(ys: &[u32], rows: u32) -> Vec<(u32, u32)> {
+    let mut bands = Vec::new();
+    for (j, &y) in ys.iter().enumerate() {
+        let lo = if j == 0 { 0 } else { (ys[j - 1] + y) / 2 + 1 };
+        let hi = if j + 1 == ys.len() { rows } else { (y + ys[j + 1]) / 2 + 1 };
+        bands.push((lo, hi));
+    }
+    bands
+}
+
+/// At most `n` column bands over `width` columns of a stage's weights, each at least `min_w` columns
+/// wide (its gateway, on its last column, clear of the slots' gateways) and each carrying about the same
+/// share of the weights: cut where the running sum of the columns' values reaches the next share. A
+/// band is never empty (columns past the matrix's hold no weights, and a band of no weights would
+/// leave its gateway waiting for a train its port never sends): the last band takes the empty columns.
+fn col_bands(st: &Stage, t: &kernel::Tiling, width: u32, n: u32, min_w: u32) -> Vec<(u32, u32)> {
+    let v: Vec<u64> = (0..width).map(|x| kernel::weight_band_values(st, t, x, x + 1, false)).collect();
+    let total: u64 = v.iter().sum();
+    let n = n.clamp(1, (width / min_w.max(1)).max(1)) as u64;
+    let mut bands = Vec::new();
+    let (mut c0, mut cum) = (0u32, 0u64);
+    for x in 0..width {
+        cum += v[x as usize];
+        let j = bands.len() as u64 + 1;
+        let room = width - (x + 1) >= (n - j) as u32 * min_w.max(1);
+        if j < n && x + 1 - c0 >= min_w.max(1) && room && cum as u128 * n as u128 >= total as u128 * j as u128 {
+            bands.push((c0, x + 1));
+            c0 = x + 1;
+        }
+    }
+    bands.push((c0, width));
+    // No band without weights: merge an empty one into its western neighbour.
+    let sum = |&(a, z): &(u32, u32)| v[a as usize..z as usize].iter().sum::<u64>();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for bd in bands {
+        match out.last_mut() {
+            Some(last) if sum(&bd) == 0 || sum(last) == 0 => last.1 = bd.1,
+            _ => out.push(bd),
+        }
+    }
+    out
 }
 
 /// Streams big enough to share the IO channels in proportion: weights in, gradients out.
