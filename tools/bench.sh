@@ -30,12 +30,12 @@ row "run: gpt2-small prefill 4, full WSE-2 (cs2), 2 threads" $W run gpt2-small -
 row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 1 thread" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 1
 row "run: llama-3-8b decode ctx 4096, full WSE-3 (cs3), 2 threads" $W run llama-3-8b --hw cs3 --phase decode --context 4096 --threads 2
 row "demo: gpt2-small prefill 8 on cs2 vs h100, trace + heatmap" $W demo --out-dir /tmp/waferscale-bench-demo
-# Fast fidelity's loop aggregation against detailed: gpt-tiny deepened to 64 layers (the shipped tiny
+# Fast fidelity's loop aggregation against detailed: gpt-tiny deepened to 96 layers (the shipped tiny
 # models have 2, too few to aggregate), weight-streaming training on 32x32.
 DEEP=$(mktemp --suffix=.json)
-sed 's/"n_layer": 2,/"n_layer": 64,/' models/tiny/gpt-tiny.json > "$DEEP"
-row "run: gpt-tiny x64 layers WS train, 32x32, detailed, 2 threads" $W run "$DEEP" --hw wse2 --mesh 32x32 --mode ws --phase train --seq 16 --fidelity detailed --threads 2
-row "run: gpt-tiny x64 layers WS train, 32x32, fast, 2 threads" $W run "$DEEP" --hw wse2 --mesh 32x32 --mode ws --phase train --seq 16 --fidelity fast --threads 2
+sed 's/"n_layer": 2,/"n_layer": 96,/' models/tiny/gpt-tiny.json > "$DEEP"
+row "run: gpt-tiny x96 layers WS train, 32x32, detailed, 2 threads" $W run "$DEEP" --hw wse2 --mesh 32x32 --mode ws --phase train --seq 16 --fidelity detailed --threads 2
+row "run: gpt-tiny x96 layers WS train, 32x32, fast, 2 threads" $W run "$DEEP" --hw wse2 --mesh 32x32 --mode ws --phase train --seq 16 --fidelity fast --threads 2
 # gpt3-175b training step on a CS-2 (issue 4's 20 s target): weight streaming in 1024 micro-batches of one
 # 2048-token sequence. Capped at 5 minutes and 12 GB of address space: today it reaches neither the end
 # nor a bounded memory (see BENCHMARKS.md).

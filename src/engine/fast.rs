@@ -117,8 +117,11 @@ pub fn run_step(
 /// four, while weight-streaming decode (tiny layers, timing set by the weights' arrival) wanders
 /// without a period: cuts (3, 4) were off by up to 11%, (8, 16) by up to 3.5% (decode; under 1% for
 /// the rest), (12, 24) by up to 1.9% (2.05% on the sweep's 48-layer decode); (16, 32) on the sweep's
-/// 64-layer models by at most 1.03% (decode; training and prefill within 0.75%).
-pub const CUT: [u32; 2] = [16, 32];
+/// 64-layer models by at most 1.03% (decode; training and prefill within 0.75%). Once weights streamed
+/// through every IO channel and residual adds were paced by their branch, (16, 32) put the 64-layer
+/// decode at +3.48%, and (20, 40) the 80-layer gpt-tiny training at +2.27% (its period of 4 to 8
+/// layers does not divide 20); (24, 48) holds the sweep's 96-layer models within 0.87% (decode -0.04%).
+pub const CUT: [u32; 2] = [24, 48];
 
 /// Loops at least this long are aggregated (the two cuts emulate `CUT[0] + CUT[1]` layers).
 pub const MIN_LAYERS: u32 = 2 * CUT[1];
