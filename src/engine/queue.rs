@@ -74,17 +74,18 @@ impl<E> RadixQueue<E> {
                 return;
             };
             self.min_cache = None;
-            let mut items = std::mem::take(&mut self.buckets[b]);
+            let items = std::mem::take(&mut self.buckets[b]);
             self.last = items.iter().map(|i| i.0).min().unwrap_or(self.last);
-            // Relative to the new base every item of bucket b lands in a lower bucket (they share the
-            // bits above b - 1 with it), so bucket b gets its emptied vector back, allocation and all.
-            for it in items.drain(..) {
+            // The events at the new base go straight into `now` (empty here) and are put in push order
+            // there; no vector is grown for them. Bucket b's allocation is let go: kept, every bucket
+            // of every partition would hold its largest size for the whole run (+90 MB on llama-3-8b
+            // decode over a full WSE-3).
+            for it in items {
                 match self.bucket(it.0) {
                     0 => self.now.push_back(it),
                     nb => self.buckets[nb].push(it),
                 }
             }
-            self.buckets[b] = items;
             self.now.make_contiguous().sort_by_key(|i| i.1);
         }
     }

@@ -650,8 +650,6 @@ pub(crate) struct Part {
     port_released: BTreeMap<u32, (u64, Path)>,
     now: u64,
     walk_stack: Vec<(u32, u64)>,
-    /// Nodes of the last route tree this partition expanded (what the next one likely needs).
-    tree_hint: usize,
     scratch: Vec<Node>,
     scratch_kids: (Vec<u32>, Vec<u32>),
     scratch_fill: Vec<u32>,
@@ -715,7 +713,6 @@ impl Part {
             port_released: BTreeMap::new(),
             now: 0,
             walk_stack: Vec::new(),
-            tree_hint: 0,
             scratch: Vec::new(),
             scratch_kids: (Vec::new(), Vec::new()),
             scratch_fill: Vec::new(),
@@ -1203,9 +1200,6 @@ impl Part {
         entry: Coord,
     ) -> Result<Tree, EngineError> {
         let mut nodes = std::mem::take(&mut self.scratch);
-        // The scratch comes back only when no arrival still holds the last train, which is rare: room
-        // for the last tree's nodes spares `expand` growing the vector from nothing node by node.
-        nodes.reserve(self.tree_hint);
         expand(&sh.links, entry, pattern, &sh.prog.ports, &mut nodes).map_err(|e| {
             EngineError::Program(format!(
                 "{}: the route of color {c} ({:?}) leaves the mesh at ({},{})",
@@ -1229,7 +1223,6 @@ impl Part {
                 Deliver::Hop => {}
             }
         }
-        self.tree_hint = nodes.len();
         let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
         children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
         Ok(Tree { nodes, kids, kid_start, consumer_pace })
