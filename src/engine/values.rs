@@ -956,6 +956,18 @@ impl PartValues {
                 }
                 let xv = self.read(local, at, &[], x, rows)?;
                 let num = self.setup.numerics;
+                // This PE's block of the output: its rows, its share of the columns.
+                let block = |vals: Vec<f32>| Frag {
+                    tensor: *out,
+                    view_cols: *width,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: co,
+                    c1: co + cl,
+                    cover: 0,
+                    src: at.id,
+                    vals: vals.into(),
+                };
                 // The norm's scale and shift: resident, or streamed in with the layer.
                 let params: Vec<(u32, Arc<[f32]>)> = match *op {
                     RowOp::Norm { gamma, beta, .. } => std::iter::once(gamma)
@@ -1015,18 +1027,7 @@ impl PartValues {
                             acc.vals = v.into();
                         }
                     }
-                    let f = Frag {
-                        tensor: *out,
-                        view_cols: *width,
-                        r0: rows.0,
-                        r1: rows.1,
-                        c0: co,
-                        c1: co + cl,
-                        cover: 0,
-                        src: at.id,
-                        vals: vals.into(),
-                    };
-                    self.pes[local].acc = vec![f];
+                    self.pes[local].acc = vec![block(vals)];
                     return Ok(all(self.rounded(&self.pes[local].acc)));
                 }
                 // Cross-entropy: the rows' labels, and the step's count of labels not ignored.
@@ -1050,18 +1051,7 @@ impl PartValues {
                         });
                     }
                 }
-                let f = Frag {
-                    tensor: *out,
-                    view_cols: *width,
-                    r0: rows.0,
-                    r1: rows.1,
-                    c0: co,
-                    c1: co + cl,
-                    cover: 0,
-                    src: at.id,
-                    vals: vals.into(),
-                };
-                self.pes[local].acc = vec![f];
+                self.pes[local].acc = vec![block(vals)];
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Adam { grid, w, g, m, v, master, rows, rows_per_run, width, outs } => {
