@@ -46,6 +46,19 @@ pub struct Frag {
 }
 
 impl Frag {
+    /// A finished fragment (not a partial sum) of `tensor` (viewed `view_cols` wide): rows `r0..r1`
+    /// and columns `c0..c1`, made by agent `src`.
+    fn finished(
+        tensor: u32,
+        view_cols: u64,
+        (r0, r1): (u64, u64),
+        (c0, c1): (u64, u64),
+        src: u32,
+        vals: impl Into<Arc<[f32]>>,
+    ) -> Frag {
+        Frag { tensor, view_cols, r0, r1, c0, c1, cover: 0, src, vals: vals.into() }
+    }
+
     fn slice(&self) -> String {
         format!("t{}[{}..{}, {}..{}]", self.tensor, self.r0, self.r1, self.c0, self.c1)
     }
@@ -207,17 +220,7 @@ impl PartValues {
         let marked = |frags: &[Frag]| frags.iter().any(|f| f.tensor == NO_VALUES);
         if self.setup.partial && (matches!(td, TaskData::Refused) || marked(&claimed) || marked(&self.pes[local].store))
         {
-            let mark = Frag {
-                tensor: NO_VALUES,
-                view_cols: 0,
-                r0: 0,
-                r1: 0,
-                c0: 0,
-                c1: 0,
-                cover: 0,
-                src: at.id,
-                vals: Arc::from(Vec::new()),
-            };
+            let mark = Frag::finished(NO_VALUES, 0, (0, 0), (0, 0), at.id, Vec::new());
             let pe = &mut self.pes[local];
             pe.acc.clear();
             pe.stats = None;
@@ -566,17 +569,7 @@ impl PartValues {
                         .ok_or_else(|| format!("{}: id {id} is outside the table t{table}", at.name()))?;
                     vals.extend(row.iter().map(|&v| st.round(v)));
                 }
-                let f = Frag {
-                    tensor: out,
-                    view_cols: width,
-                    r0,
-                    r1,
-                    c0: 0,
-                    c1: width,
-                    cover: 0,
-                    src: at.id,
-                    vals: vals.into(),
-                };
+                let f = Frag::finished(out, width, (r0, r1), (0, width), at.id, vals);
                 Ok(all(Payload::from(vec![f])))
             }
             &Kernel::Source { view, rows_per_run } => {
@@ -592,17 +585,7 @@ impl PartValues {
                     let int = self.setup.ints.contains(&view.base);
                     vals.extend(row.iter().map(|&v| if int { v } else { st.round(v) }));
                 }
-                let f = Frag {
-                    tensor: view.base,
-                    view_cols: view.cols,
-                    r0,
-                    r1,
-                    c0: view.c0,
-                    c1: view.c0 + view.width,
-                    cover: 0,
-                    src: at.id,
-                    vals: vals.into(),
-                };
+                let f = Frag::finished(view.base, view.cols, (r0, r1), (view.c0, view.c0 + view.width), at.id, vals);
                 Ok(all(Payload::from(vec![f])))
             }
             &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out } => {
@@ -617,17 +600,7 @@ impl PartValues {
                 }
                 self.resident(local, at, k * nl + 2 * nl * rows_per_run)?;
                 let acc = block_matmul(&x, &wv, rows_per_run, (0, k), (n0, nl), (k, n), w_out_in, st);
-                let f = Frag {
-                    tensor: out,
-                    view_cols: n,
-                    r0: rows.0,
-                    r1: rows.1,
-                    c0: n0,
-                    c1: n0 + nl,
-                    cover: 0,
-                    src: at.id,
-                    vals: acc.into(),
-                };
+                let f = Frag::finished(out, n, (rows.0, rows.1), (n0, n0 + nl), at.id, acc);
                 self.pes[local].acc = vec![f];
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
@@ -680,17 +653,7 @@ impl PartValues {
                                 key_row(&cv, &fr, &attn, b, t, h / grp).iter().map(|&v| st.round(v)).collect();
                             let (r0, c0) = (b * attn.kv + t, h / grp * attn.head_dim);
                             let (r1, c1) = (r0 + 1, c0 + attn.head_dim);
-                            keep.push(Frag {
-                                tensor: app,
-                                view_cols: kvw,
-                                r0,
-                                r1,
-                                c0,
-                                c1,
-                                cover: 0,
-                                src: at.id,
-                                vals: row,
-                            });
+                            keep.push(Frag::finished(app, kvw, (r0, r1), (c0, c1), at.id, row));
                         }
                     }
                     let cache = &mut self.pes[local].cache;
@@ -741,17 +704,14 @@ impl PartValues {
                                 block.extend(vrow[d0 as usize..d1 as usize].iter().map(|&v| st.round(v)));
                             }
                             let c0 = h / grp * attn.head_dim;
-                            keep.push(Frag {
-                                tensor: app,
-                                view_cols: kvw,
-                                r0: b * attn.kv,
-                                r1: (b + 1) * attn.kv,
-                                c0: c0 + d0,
-                                c1: c0 + d1,
-                                cover: 0,
-                                src: at.id,
-                                vals: block.into(),
-                            });
+                            keep.push(Frag::finished(
+                                app,
+                                kvw,
+                                (b * attn.kv, (b + 1) * attn.kv),
+                                (c0 + d0, c0 + d1),
+                                at.id,
+                                block,
+                            ));
                         }
                         j += d1 - d0;
                     }
@@ -822,17 +782,7 @@ impl PartValues {
                                 }
                             });
                         }
-                        frags.push(Frag {
-                            tensor: *out,
-                            view_cols: *width,
-                            r0: row,
-                            r1: row + 1,
-                            c0,
-                            c1,
-                            cover: 0,
-                            src: at.id,
-                            vals: vals.into(),
-                        });
+                        frags.push(Frag::finished(*out, *width, (row, row + 1), (c0, c1), at.id, vals));
                         p += c1 - c0;
                     }
                 }
@@ -957,17 +907,7 @@ impl PartValues {
                 let xv = self.read(local, at, &[], x, rows)?;
                 let num = self.setup.numerics;
                 // This PE's block of the output: its rows, its share of the columns.
-                let block = |vals: Vec<f32>| Frag {
-                    tensor: *out,
-                    view_cols: *width,
-                    r0: rows.0,
-                    r1: rows.1,
-                    c0: co,
-                    c1: co + cl,
-                    cover: 0,
-                    src: at.id,
-                    vals: vals.into(),
-                };
+                let block = |vals: Vec<f32>| Frag::finished(*out, *width, (rows.0, rows.1), (co, co + cl), at.id, vals);
                 // The norm's scale and shift: resident, or streamed in with the layer.
                 let params: Vec<(u32, Arc<[f32]>)> = match *op {
                     RowOp::Norm { gamma, beta, .. } => std::iter::once(gamma)
@@ -1125,16 +1065,8 @@ impl PartValues {
                 // The block, laid out as the weight is: [k, n], or [n, k].
                 let (r0, r1, c0, c1, vc) =
                     if w_out_in { (n0, n0 + nl, k0, k0 + kl, k) } else { (k0, k0 + kl, n0, n0 + nl, n) };
-                let fresh = |t: u32, r0: u64, r1: u64, c0: u64, c1: u64, vc: u64| Frag {
-                    tensor: t,
-                    view_cols: vc,
-                    r0,
-                    r1,
-                    c0,
-                    c1,
-                    cover: 0,
-                    src: at.id,
-                    vals: vec![0f32; ((r1 - r0) * (c1 - c0)) as usize].into(),
+                let fresh = |t: u32, r0: u64, r1: u64, c0: u64, c1: u64, vc: u64| {
+                    Frag::finished(t, vc, (r0, r1), (c0, c1), at.id, vec![0f32; ((r1 - r0) * (c1 - c0)) as usize])
                 };
                 if at.run == 1 {
                     pe.acc = vec![fresh(out, r0, r1, c0, c1, vc)];
@@ -1686,7 +1618,7 @@ mod tests {
     fn frag(r0: u64, r1: u64, c0: u64, c1: u64, first: f32) -> Frag {
         let n = ((r1 - r0) * (c1 - c0)) as usize;
         let vals: Arc<[f32]> = (0..n).map(|i| first + i as f32).collect();
-        Frag { tensor: 1, view_cols: 8, r0, r1, c0, c1, cover: 0, src: 0, vals }
+        Frag::finished(1, 8, (r0, r1), (c0, c1), 0, vals)
     }
 
     /// Claims that split a train take, together, every value once, in order.
