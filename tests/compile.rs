@@ -165,6 +165,31 @@ fn every_algorithm_is_used() {
     }
 }
 
+/// A pipelined MoE layer keeps every expert's weights resident, not only those of the experts a
+/// balanced routing would make active: which experts receive a token is known only at run time. One
+/// decode token of mixtral-tiny activates 2 of its 4 experts; each expert linear's region must still
+/// hold all 4 experts' weights (it held half of them before).
+#[test]
+fn pipelined_experts_keep_every_expert_resident() {
+    let (g, c) = small("mixtral-tiny", Phase::Decode, Mode::Pipelined);
+    let mut checked = 0;
+    for o in g.op_ids() {
+        let op = g.op(o);
+        let waferscale::graph::OpKind::Linear(l) = op.kind else { continue };
+        if l.weight_groups == 1 {
+            continue;
+        }
+        assert!(l.groups < l.weight_groups, "{}: a decode token should activate fewer experts than exist", op.name);
+        let r = c.plan.regions.iter().find(|r| r.name == op.name).unwrap_or_else(|| panic!("no region {}", op.name));
+        let weights = g.tensor(op.inputs[1]).bytes;
+        let held = r.sram_mean * (r.w * r.h) as u64;
+        assert!(held >= weights, "{}: {held} bytes of SRAM in use for {weights} bytes of expert weights", op.name);
+        assert!(r.reason.contains("every expert's columns stay resident"), "{}: {}", op.name, r.reason);
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "gate, up and down of both layers");
+}
+
 /// A plan file stores the inputs; `wafer plan` recompiles it to the same plan, and `load_plan` gives
 /// the same programs as compiling directly.
 #[test]

@@ -499,6 +499,20 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 Operand::Held(h) if st.held[h].kind != HeldKind::Weight => st.held[h].bytes * st.held[h].copies,
                 _ => 0,
             };
+            // Columns of the resident weight: a grouped (expert) linear computes the `cols` of the experts
+            // that received tokens, but which experts those are is known only at run time, so every
+            // expert's columns stay resident (`weight_groups x n`), spread over the region like the rest.
+            let wcols = match b_held {
+                Some(h) if st.held[h].kind == HeldKind::Weight => (st.held[h].bytes / (kk * eb).max(1)).max(cols),
+                _ => cols,
+            };
+            let resident = |per: u64| {
+                if wcols > cols {
+                    format!("; every expert's columns stay resident ({} of {wcols} per PE)", per)
+                } else {
+                    String::new()
+                }
+            };
             // Double-buffered weight tiles for a loop when they fit, else single.
             let wbufs: &[u32] = if wslot.is_some() && st.iters > 1 { &[2, 1] } else { &[1] };
             'search: for &runs in &runs_list {
@@ -513,7 +527,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         + fresh_b;
                     // Broadcast: every PE owns whole-k columns; no reduction.
                     let s3 = split(cols, p);
-                    let tile_b = if b_other > 0 { share(b_other, p) } else { kk * s3.max() * eb };
+                    let tile_b = if b_other > 0 { share(b_other, p) } else { kk * split(wcols, p).max() * eb };
                     let bcast = wbuf as u64 * tile_b + rr * s3.max() * eb + common;
                     let bcast_ok = no_split_k || s3.q > 0;
                     if bcast_ok && bcast <= k.avail {
@@ -524,9 +538,10 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                             format!("compute PE (tile {} x {}, {} rows per run)", kk, s3.max(), rr),
                             format!(
                                 "every PE owns whole-k columns ({} x {}) and gets the streamed rows by multicast: \
-                                 results need no reduction",
+                                 results need no reduction{}",
                                 kk,
-                                s3.max()
+                                s3.max(),
+                                resident(split(wcols, p).max())
                             ),
                         );
                         break 'search;
@@ -536,7 +551,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                     if !no_split_k && rc > 1 && kk >= tr.compute_rows() {
                         let kr = split(kk, tr.compute_rows());
                         let nc = split(cols, c);
-                        let tile_t = if b_other > 0 { share(b_other, p) } else { kr.max() * nc.max() * eb };
+                        let tile_t =
+                            if b_other > 0 { share(b_other, p) } else { kr.max() * split(wcols, c).max() * eb };
                         let fan = FanIn { n: rc, g: tr.g };
                         // Compute PEs stream their partial sums out as they finish each row.
                         let tree = wbuf as u64 * tile_t + 2 * nc.max() * eb + common;
@@ -552,10 +568,11 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                             format!("compute PE (tile {} x {}, {} rows per run)", kr.max(), nc.max(), rr),
                             format!(
                                 "{why}: k split over {} rows, partial sums ({rr} x {}) stream down the columns to \
-                                 reducers in a two-level tree (groups of {}) and to the root",
+                                 reducers in a two-level tree (groups of {}) and to the root{}",
                                 tr.compute_rows(),
                                 nc.max(),
-                                fan.g
+                                fan.g,
+                                resident(split(wcols, c).max())
                             ),
                         );
                     } else {
