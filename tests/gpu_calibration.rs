@@ -82,7 +82,7 @@ fn gemm_tflops(hw: &str, d: &str, m: u64, n: u64, k: u64, method: Method, clock:
         return r.flops as f64 / r.seconds / 1e12;
     }
     let shape = GemmShape { batch: 1, m, n, k, dtype: dtype(d) };
-    let (t, _) = at_clock(&s, dtype(d), clock, |g| time_gemm(g, &shape));
+    let (t, _) = gpu::power_limited_gemm(&s.gpu, &shape, clock == ClockMode::Sustained);
     flops / measured_as(&s, t.seconds, method) / 1e12
 }
 
@@ -300,10 +300,13 @@ const HOST_DISPATCH: &str = "host-bound loop: PyTorch's eager dispatch on these 
     (launch_eager rows) and about 11-13 us for a matmul, longer than the kernel itself (5.6 us for 1024^3, 11.4 us for \
     256x2048x4096 in the KRN rows); the model launches at the hardware file's 5 us CUDA launch, and the host's CPU and \
     framework are not part of the GPU model";
-const SHORT_K: &str = "short K (4096x4096x256): cuBLAS ran nvjet_sm90 256x128 cooperative with 2-CTA clusters in \
-    18.9 us (KRN); the model's best candidate overlaps the 32 MB of C stores with the following tiles' main loops \
-    (14.4 us, bound by HBM writes). The real kernel takes about main loop plus stores in series; why its epilogue does \
-    not hide under the next tile's 4 K-steps is not modelled";
+const SHORT_K: &str = "short K (4096x4096x256): cuBLAS ran nvjet_sm90 256x128 cooperative (coopA) with 2-CTA \
+    clusters in 18.9 us on the H100 and 18.4 us on the H200 (KRN); the model's best candidate overlaps the 32 MB of C \
+    stores with the following tiles' main loops (14.4 and 12.2 us, bound by HBM writes). Stores serialized with the \
+    main loops of a cooperative kernel (no ping-pong) would give about 22.9 us on the H100 and 19.7 on the H200 (4 \
+    rounds of 2.66 us of math plus 3.9 rounds of 8.4 MB of C at the HBM write rate), but the two GPUs measured within \
+    3% of each other although the H200 writes 36% faster: the missing cost scales with neither HBM nor the L2 (the \
+    per-tile epilogue and pipeline refill, some 2.2 us a tile, is the suspect; no source gives its cost)";
 const GRAPH_GAP: &str = "CUDA graph replay of a 65,536-element add: 1.26-1.41 us per node measured here, against the \
     model's 1.3 us gap (scaling-book's JAX figure, 1.5 us per add, K1) plus the kernel; the two sources differ by more \
     than the tolerance and no modelled mechanism separates them";
@@ -689,7 +692,7 @@ fn measured_csv_rows() -> Vec<Row> {
                     {
                         let shape =
                             GemmShape { batch: 1, m: dims[0], n: dims[1], k: dims[2], dtype: dtype(v[c_dtype]) };
-                        at_clock(&sys(hw, &[]), shape.dtype, CSV_CLOCK, |g| time_gemm(g, &shape)).1 / 1e6
+                        gpu::power_limited_gemm(&sys(hw, &[]).gpu, &shape, CSV_CLOCK == ClockMode::Sustained).1 / 1e6
                     },
                 ),
                 bench if bench.starts_with("e2e_") => {

@@ -183,6 +183,16 @@ fn candidates(gpu: &GpuHw, shape: &GemmShape) -> Vec<Cand> {
 
 /// Times one GEMM kernel: the fastest candidate's simulated execution.
 pub fn time_gemm(gpu: &GpuHw, shape: &GemmShape) -> Timing {
+    pick_gemm(gpu, shape).1
+}
+
+/// The kernel the library picks for a shape (as cuBLAS's heuristics do, whatever the clock the
+/// GPU will run it at).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmPick(Cand);
+
+/// The fastest candidate and its simulated execution.
+pub fn pick_gemm(gpu: &GpuHw, shape: &GemmShape) -> (GemmPick, Timing) {
     let r = Rates::new(gpu, shape.dtype);
     let cands = candidates(gpu, shape);
     let mut bounded: Vec<(f64, usize)> =
@@ -201,14 +211,19 @@ pub fn time_gemm(gpu: &GpuHw, shape: &GemmShape) -> Timing {
     }
     ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     // Refine the best few at full resolution.
-    let mut best: Option<Timing> = None;
+    let mut best: Option<(GemmPick, Timing)> = None;
     for &(_, i) in ranked.iter().take(REFINED) {
         let t = simulate(gpu, &r, shape, &cands[i], ACCESS_BUDGET);
-        if best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
-            best = Some(t);
+        if best.as_ref().is_none_or(|b| t.seconds < b.1.seconds) {
+            best = Some((GemmPick(cands[i]), t));
         }
     }
-    best.unwrap_or_default()
+    best.unwrap_or_else(|| (GemmPick(cands[0]), Timing::default()))
+}
+
+/// Times the picked kernel on `gpu` (the same GPU at another clock, say).
+pub fn time_pick(gpu: &GpuHw, shape: &GemmShape, pick: &GemmPick) -> Timing {
+    simulate(gpu, &Rates::new(gpu, shape.dtype), shape, &pick.0, ACCESS_BUDGET)
 }
 
 /// Grid geometry of a candidate.

@@ -270,6 +270,9 @@ struct Timer<'a> {
     sys: &'a GpuSystem,
     /// Each kernel at the clock the power limit allows it under sustained load, instead of at boost.
     sustained: bool,
+    /// Tensor-core kernels timed at boost, kept across the runs of one `run` (`--clock auto` times
+    /// the step at boost first).
+    boost: &'a mut BTreeMap<KernelKind, Burst>,
     /// The timing and the SM clock it ran at.
     memo: BTreeMap<KernelKind, (Timing, f64)>,
 }
@@ -286,8 +289,28 @@ impl Timer<'_> {
         }
         let gpu = &self.sys.gpu;
         let t = match k {
-            KernelKind::Gemm(g) => power_limited(gpu, g.dtype, self.sustained, |at| gemm::time_gemm(at, g)),
-            KernelKind::Flash(f) => power_limited(gpu, f.dtype, self.sustained, |at| attention::time_flash(at, f)),
+            KernelKind::Gemm(g) => {
+                let (pick, burst) = match self.boost.get(k) {
+                    Some(Burst::Gemm(p, t)) => (*p, t.clone()),
+                    _ => {
+                        let (p, t) = gemm::pick_gemm(gpu, g);
+                        self.boost.insert(*k, Burst::Gemm(p, t.clone()));
+                        (p, t)
+                    }
+                };
+                at_power_limit(gpu, g.dtype, self.sustained, burst, |at| gemm::time_pick(at, g, &pick))
+            }
+            KernelKind::Flash(f) => {
+                let burst = match self.boost.get(k) {
+                    Some(Burst::Other(t)) => t.clone(),
+                    _ => {
+                        let t = attention::time_flash(gpu, f);
+                        self.boost.insert(*k, Burst::Other(t.clone()));
+                        t
+                    }
+                };
+                at_power_limit(gpu, f.dtype, self.sustained, burst, |at| attention::time_flash(at, f))
+            }
             // Memory-bound: their tensor utilization is nil, and the power of their bytes is not modelled.
             KernelKind::Stream(s) => (stream::time_stream(gpu, s), gpu.sm.clock_hz),
             KernelKind::Collective(c) => {
@@ -310,11 +333,37 @@ impl Timer<'_> {
     }
 }
 
+/// A tensor-core kernel timed at boost; a GEMM with the kernel the library picked, which it keeps
+/// at any clock.
+enum Burst {
+    Gemm(gemm::GemmPick, Timing),
+    Other(Timing),
+}
+
+/// A GEMM under the power limit: the library picks its kernel at boost (cuBLAS's heuristics do not
+/// know the clock), and under sustained load (`sustained`) that kernel runs at the clock the power
+/// limit allows it. Returns the timing and the clock.
+pub fn power_limited_gemm(gpu: &GpuHw, shape: &gemm::GemmShape, sustained: bool) -> (Timing, f64) {
+    let (pick, burst) = gemm::pick_gemm(gpu, shape);
+    at_power_limit(gpu, shape.dtype, sustained, burst, |at| gemm::time_pick(at, shape, &pick))
+}
+
 /// Times a tensor-core kernel at the boost clock and, under sustained load (`sustained`), again at the
 /// clock the power limit allows it (`GpuHw::power_limited_clock_hz` of its tensor utilization at
 /// boost, in `dtype`). Returns the timing and the clock.
 pub fn power_limited(gpu: &GpuHw, dtype: DType, sustained: bool, time: impl Fn(&GpuHw) -> Timing) -> (Timing, f64) {
     let burst = time(gpu);
+    at_power_limit(gpu, dtype, sustained, burst, time)
+}
+
+/// `power_limited` with the kernel's timing at boost (`burst`) already known.
+fn at_power_limit(
+    gpu: &GpuHw,
+    dtype: DType,
+    sustained: bool,
+    burst: Timing,
+    time: impl Fn(&GpuHw) -> Timing,
+) -> (Timing, f64) {
     if !sustained {
         return (burst, gpu.sm.clock_hz);
     }
@@ -392,15 +441,18 @@ fn pass_name(p: Pass) -> &'static str {
 pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOptions) -> Result<RunReport, GpuError> {
     let started = Instant::now();
     let window = sys.gpu.power.boost_window_s;
+    let mut boost = BTreeMap::new();
     let (mut report, why) = match opts.clock {
-        ClockMode::Boost => (run_at(model, workload, sys, opts, false)?, "boost (--clock boost)".to_string()),
+        ClockMode::Boost => {
+            (run_at(model, workload, sys, opts, false, &mut boost)?, "boost (--clock boost)".to_string())
+        }
         ClockMode::Sustained => (
-            run_at(model, workload, sys, opts, true)?,
+            run_at(model, workload, sys, opts, true, &mut boost)?,
             "sustained (--clock sustained): kernels above the power limit's utilization slowed to its clock"
                 .to_string(),
         ),
         ClockMode::Auto => {
-            let burst = run_at(model, workload, sys, opts, false)?;
+            let burst = run_at(model, workload, sys, opts, false, &mut boost)?;
             let at_boost = duration(burst.seconds);
             if burst.seconds <= window {
                 let why = format!(
@@ -416,7 +468,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
                      (--clock boost for a single burst)",
                     duration(window)
                 );
-                (run_at(model, workload, sys, opts, true)?, why)
+                (run_at(model, workload, sys, opts, true, &mut boost)?, why)
             }
         }
     };
@@ -443,6 +495,7 @@ fn run_at(
     sys: &GpuSystem,
     opts: &GpuOptions,
     sustained: bool,
+    boost: &mut BTreeMap<KernelKind, Burst>,
 ) -> Result<RunReport, GpuError> {
     let gpu = &sys.gpu;
     if workload.dtype == DType::Fp8 && gpu.tensor.flops_per_clk.fp8 == 0.0 {
@@ -482,7 +535,7 @@ fn run_at(
         return Err(does_not_fit(model, workload, sys, &par, worst_stage, &worst));
     }
 
-    let mut timer = Timer { sys, sustained, memo: BTreeMap::new() };
+    let mut timer = Timer { sys, sustained, boost, memo: BTreeMap::new() };
     let graphs = opts.cuda_graphs;
     let stages = low.stages as usize;
     let m = par.microbatches;
