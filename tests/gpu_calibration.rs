@@ -303,10 +303,11 @@ const HOST_DISPATCH: &str = "host-bound loop: PyTorch's eager dispatch on these 
 const SHORT_K: &str = "short K (4096x4096x256): cuBLAS ran nvjet_sm90 256x128 cooperative (coopA) with 2-CTA \
     clusters in 18.9 us on the H100 and 18.4 us on the H200 (KRN); the model's best candidate overlaps the 32 MB of C \
     stores with the following tiles' main loops (14.4 and 12.2 us, bound by HBM writes). Stores serialized with the \
-    main loops of a cooperative kernel (no ping-pong) would give about 22.9 us on the H100 and 19.7 on the H200 (4 \
-    rounds of 2.66 us of math plus 3.9 rounds of 8.4 MB of C at the HBM write rate), but the two GPUs measured within \
-    3% of each other although the H200 writes 36% faster: the missing cost scales with neither HBM nor the L2 (the \
-    per-tile epilogue and pipeline refill, some 2.2 us a tile, is the suspect; no source gives its cost)";
+    main loops of a cooperative kernel (no ping-pong) would give about 23.2 us on the H100 and 19.9 on the H200 (4 \
+    rounds of 2.66 us of math plus 3.88 rounds of 8.65 MB of C at the HBM write rate), but the two GPUs measured \
+    within 3% of each other although the H200 writes 36% faster: the missing cost scales with neither HBM nor the L2 \
+    (a per-tile cost of the epilogue and pipeline refill, about 2.1 us a tile beyond the math, is the suspect; no \
+    source gives it)";
 const GRAPH_GAP: &str = "CUDA graph replay of a 65,536-element add: 1.26-1.41 us per node measured here, against the \
     model's 1.3 us gap (scaling-book's JAX figure, 1.5 us per add, K1) plus the kernel; the two sources differ by more \
     than the tolerance and no modelled mechanism separates them";
@@ -685,6 +686,12 @@ fn measured_csv_rows() -> Vec<Row> {
                     format!("{hw} {} gemm {} (10-product burst, measured here)", v[c_dtype], v[c_shape]),
                     "TFLOP/s",
                     gemm_tflops(hw, v[c_dtype], dims[0], dims[1], dims[2], Method::Loop, ClockMode::Boost),
+                ),
+                // NVML's median SM clock during the 10-product burst: the model's boost clock.
+                "clock_sm_burst" => (
+                    format!("{hw} SM clock during the {} {} burst (measured here)", v[c_dtype], v[c_shape]),
+                    "MHz",
+                    sys(hw, &[]).gpu.sm.clock_hz / 1e6,
                 ),
                 "clock_sm" => (
                     format!("{hw} SM clock during the {} {} gemm loop (measured here)", v[c_dtype], v[c_shape]),
