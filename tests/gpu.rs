@@ -344,3 +344,31 @@ fn kernels_under_the_power_limit_keep_the_boost_clock() {
     let big = gemm(16384, 16384, 16384, "a100", ClockMode::Sustained);
     assert_eq!(kernel_clock(&big), a100.gpu.sm.clock_hz);
 }
+
+/// Operand alignment: GPT-2's vocabulary of 50257 leaves the LM head's leading dimensions off the 16
+/// bytes TMA needs, so on Hopper its three GEMMs run the pre-Hopper mma.sync kernels (no stream-K,
+/// BK of 64 bytes, half the wgmma rate) and take longer than the same GEMMs padded to 50304, as
+/// nanoGPT pads; the aligned layers keep the Hopper kernels.
+#[test]
+fn unaligned_gemms_fall_back_to_the_pre_hopper_kernels() {
+    use waferscale::gpu::gemm::{time_gemm, GemmShape};
+    let h100 = sys("h100");
+    let d = model::DType::Bf16;
+    assert!(!GemmShape::aligned_dim(50257, d) && GemmShape::aligned_dim(50304, d) && GemmShape::aligned_dim(768, d));
+    let odd = GemmShape { aligned: false, ..GemmShape::new(1, 8192, 50257, 768, d) };
+    let padded = GemmShape::new(1, 8192, 50304, 768, d);
+    let (t_odd, t_pad) = (time_gemm(&h100.gpu, &odd), time_gemm(&h100.gpu, &padded));
+    assert!(t_odd.config.contains("mma.sync") && t_odd.config.contains("x32,"), "{}", t_odd.config);
+    assert!(!t_pad.config.contains("mma.sync"), "{}", t_pad.config);
+    assert!(t_odd.seconds > 1.5 * t_pad.seconds, "{} against {}", t_odd.seconds, t_pad.seconds);
+    // The A100 has only the one kernel family: alignment changes nothing there.
+    let a100 = sys("a100");
+    assert_eq!(time_gemm(&a100.gpu, &odd).seconds, time_gemm(&a100.gpu, &GemmShape { aligned: true, ..odd }).seconds);
+
+    let r = run("gpt2-small", "h100", train(8, 1024), GpuOptions::default());
+    for k in &r.gpu.as_ref().unwrap().kernels {
+        if k.kind == "gemm" {
+            assert_eq!(k.shape.contains("50257"), k.config.contains("mma.sync"), "{}: {}", k.name, k.config);
+        }
+    }
+}
