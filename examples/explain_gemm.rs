@@ -18,12 +18,16 @@ fn main() {
         }
     };
     let num = |s: &str| s.parse::<u64>().unwrap_or(1);
+    let dtype = DType::parse(&a[2]).unwrap_or(DType::Bf16);
+    let (n, k) = (num(&a[4]), num(&a[5]));
     let shape = GemmShape {
         batch: a.get(6).map_or(1, |s| num(s)),
         m: num(&a[3]),
-        n: num(&a[4]),
-        k: num(&a[5]),
-        dtype: DType::parse(&a[2]).unwrap_or(DType::Bf16),
+        n,
+        k,
+        dtype,
+        // Row-major operands: N and K are the leading dimensions.
+        aligned: GemmShape::aligned_dim(n, dtype) && GemmShape::aligned_dim(k, dtype),
     };
     for (cfg, s) in explain_gemm(&sys.gpu, &shape).iter().take(25) {
         println!("{:>10.2} us  {:>7.1} TF  {cfg}", s * 1e6, shape.flops() / s / 1e12);

@@ -6,7 +6,7 @@ mod support;
 
 use support::wafer;
 
-use waferscale::gpu::{self, pipeline, GpuOptions};
+use waferscale::gpu::{self, pipeline, ClockMode, GpuOptions};
 use waferscale::hw::{load_with_overrides, GpuSystem};
 use waferscale::model::{self, Phase, WorkloadArgs};
 use waferscale::report::RunReport;
@@ -197,6 +197,8 @@ fn errors_name_what_does_not_fit_or_divide() {
         ("gpu-unknown-hw-key", vec!["gpt-tiny", "--hw", "h100", "--set", "l2.size=1"]),
         ("gpu-wafer-hw", vec!["gpt-tiny", "--hw", "wse2"]),
         ("gpu-bad-l2-latency", vec!["gpt-tiny", "--hw", "h100", "--set", "l2.far_latency_cycles=10"]),
+        ("gpu-bad-power-utilization", vec!["gpt-tiny", "--hw", "h100", "--set", "power.limit_utilization=0"]),
+        ("gpu-bad-clock-mode", vec!["gpt-tiny", "--hw", "h100", "--clock", "turbo"]),
     ] {
         let mut argv = vec!["gpu"];
         argv.extend(args);
@@ -271,4 +273,102 @@ fn lowering_follows_the_fusion_rules() {
     assert_eq!(low.kernels.iter().filter(|k| k.name.starts_with("adam")).count(), 1);
     let tp = GpuOptions { tp: Some(2), ..Default::default() };
     assert_eq!(count(tp, "dgx-h100", "allreduce"), 2 * 4 + 3);
+}
+
+fn gemm(m: u64, n: u64, k: u64, hw: &str, clock: ClockMode) -> RunReport {
+    let args = WorkloadArgs { dtype: Some(model::DType::Bf16), ..Default::default() };
+    run(&format!("gemm:{m}x{n}x{k}"), hw, args, GpuOptions { clock, ..Default::default() })
+}
+
+fn kernel_clock(r: &RunReport) -> f64 {
+    let g = r.gpu.as_ref().unwrap();
+    assert_eq!(g.kernels.len(), 1);
+    g.kernels[0].clock_hz
+}
+
+/// The power limit: under `auto`, a GEMM that fits in the boost window (8192^3, 1.4 ms) runs at
+/// the boost clock, and one that outlasts it (32768^3, about 90 ms) at the clock where its power is
+/// back at the limit, f_b (u* / u)^(1/3) for its tensor utilization u at boost, and slower by
+/// about that clock ratio; `--clock` forces either.
+#[test]
+fn a_long_gemm_runs_at_the_power_limited_clock_and_a_short_one_at_boost() {
+    let h100 = sys("h100");
+    let boost = h100.gpu.sm.clock_hz;
+    let short = gemm(8192, 8192, 8192, "h100", ClockMode::Auto);
+    assert_eq!(kernel_clock(&short), boost);
+    assert!(short.seconds < h100.gpu.power.boost_window_s);
+    assert!(short.notes.iter().any(|n| n.starts_with("SM clock: boost, as the step")), "{:?}", short.notes);
+
+    let long_boost = gemm(32768, 32768, 32768, "h100", ClockMode::Boost);
+    assert_eq!(kernel_clock(&long_boost), boost);
+    assert!(long_boost.seconds > h100.gpu.power.boost_window_s);
+    let long = gemm(32768, 32768, 32768, "h100", ClockMode::Auto);
+    let u = long_boost.flops as f64 / long_boost.seconds / h100.gpu.peak_flops_per_s(model::DType::Bf16);
+    assert!(u > h100.gpu.power.limit_utilization, "{u}");
+    let expect = boost * (h100.gpu.power.limit_utilization / u).cbrt();
+    let got = kernel_clock(&long);
+    assert!((got / expect - 1.0).abs() < 0.01, "clock {got} against {expect}");
+    // Compute-bound: the time follows the clock (within the launch and latency terms).
+    let slowdown = long.seconds / long_boost.seconds;
+    assert!((slowdown * got / boost - 1.0).abs() < 0.02, "slowdown {slowdown} at clock ratio {}", got / boost);
+    assert!(long.notes.iter().any(|n| n.starts_with("SM clock: sustained, as the step")), "{:?}", long.notes);
+
+    // Forced: the short GEMM at the sustained clock is slowed like the long one.
+    let forced = gemm(8192, 8192, 8192, "h100", ClockMode::Sustained);
+    assert!(kernel_clock(&forced) < 0.92 * boost);
+    assert!(forced.seconds > 1.08 * short.seconds);
+}
+
+/// Under sustained load only kernels above the limit's utilization slow down: memory-bound kernels
+/// (a GEMV, the elementwise kernels) and FlashAttention-2 (mma.sync, about a third of the tensor
+/// peak on Hopper) stay at boost; the A100 holds its boost clock under load [gpu.md 1].
+#[test]
+fn kernels_under_the_power_limit_keep_the_boost_clock() {
+    let h100 = sys("h100");
+    let boost = h100.gpu.sm.clock_hz;
+    let gemv = gemm(1, 8192, 8192, "h100", ClockMode::Sustained);
+    assert_eq!(kernel_clock(&gemv), boost);
+    let opts = GpuOptions {
+        clock: ClockMode::Sustained,
+        attention: Some(gpu::AttentionImpl::Fused(gpu::attention::FlashVariant::Fa2)),
+        ..Default::default()
+    };
+    let r = run("gpt2-small", "h100", train(8, 1024), opts);
+    for k in &r.gpu.as_ref().unwrap().kernels {
+        if k.kind != "gemm" {
+            assert_eq!(k.clock_hz, boost, "{} ({}) slowed under the power limit", k.name, k.kind);
+        }
+    }
+    assert!(r.gpu.as_ref().unwrap().kernels.iter().any(|k| k.kind == "gemm" && k.clock_hz < boost));
+    let a100 = sys("a100");
+    let big = gemm(16384, 16384, 16384, "a100", ClockMode::Sustained);
+    assert_eq!(kernel_clock(&big), a100.gpu.sm.clock_hz);
+}
+
+/// Operand alignment: GPT-2's vocabulary of 50257 leaves the LM head's leading dimensions off the 16
+/// bytes TMA needs, so on Hopper its three GEMMs run the pre-Hopper mma.sync kernels (no stream-K,
+/// BK of 64 bytes, half the wgmma rate) and take longer than the same GEMMs padded to 50304, as
+/// nanoGPT pads; the aligned layers keep the Hopper kernels.
+#[test]
+fn unaligned_gemms_fall_back_to_the_pre_hopper_kernels() {
+    use waferscale::gpu::gemm::{time_gemm, GemmShape};
+    let h100 = sys("h100");
+    let d = model::DType::Bf16;
+    assert!(!GemmShape::aligned_dim(50257, d) && GemmShape::aligned_dim(50304, d) && GemmShape::aligned_dim(768, d));
+    let odd = GemmShape { aligned: false, ..GemmShape::new(1, 8192, 50257, 768, d) };
+    let padded = GemmShape::new(1, 8192, 50304, 768, d);
+    let (t_odd, t_pad) = (time_gemm(&h100.gpu, &odd), time_gemm(&h100.gpu, &padded));
+    assert!(t_odd.config.contains("mma.sync") && t_odd.config.contains("x32,"), "{}", t_odd.config);
+    assert!(!t_pad.config.contains("mma.sync"), "{}", t_pad.config);
+    assert!(t_odd.seconds > 1.5 * t_pad.seconds, "{} against {}", t_odd.seconds, t_pad.seconds);
+    // The A100 has only the one kernel family: alignment changes nothing there.
+    let a100 = sys("a100");
+    assert_eq!(time_gemm(&a100.gpu, &odd).seconds, time_gemm(&a100.gpu, &GemmShape { aligned: true, ..odd }).seconds);
+
+    let r = run("gpt2-small", "h100", train(8, 1024), GpuOptions::default());
+    for k in &r.gpu.as_ref().unwrap().kernels {
+        if k.kind == "gemm" {
+            assert_eq!(k.shape.contains("50257"), k.config.contains("mma.sync"), "{}: {}", k.name, k.config);
+        }
+    }
 }

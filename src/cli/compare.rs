@@ -95,8 +95,7 @@ pub fn against_gpu(
 ) -> Result<Comparison, Error> {
     let sys = GpuSystem::from_doc(&load_with_overrides(vs, &[])?)?;
     let tp = tp.or_else(|| gpus.map(|g| g.min(8)));
-    let opts =
-        GpuOptions { gpus, tp, pp, dp: None, microbatches: None, zero: None, attention: None, cuda_graphs: false };
+    let opts = GpuOptions { gpus, tp, pp, ..Default::default() };
     let gpu = gpu::run(&p.model, &p.graph.workload, &sys, &opts)?;
     let mut notes = Vec::new();
     if wafer.flops != gpu.flops {

@@ -4,11 +4,22 @@ use clap::{Args, ValueEnum};
 
 use super::{emit, WorkloadFlags};
 use waferscale::gpu::attention::FlashVariant;
-use waferscale::gpu::{self, AttentionImpl, GpuOptions};
+use waferscale::gpu::{self, AttentionImpl, ClockMode, GpuOptions};
 use waferscale::graph::GraphError;
 use waferscale::hw::{load_with_overrides, GpuSystem};
 use waferscale::model;
 use waferscale::Error;
+
+/// The SM clock a step is timed at.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ClockFlag {
+    /// Boost for a step that fits in the boost window (sm.boost_window_s), else sustained.
+    Auto,
+    /// The boost clock (sm.clock_hz): a short burst on a rested GPU.
+    Boost,
+    /// The power limit's clock (sm.sustained_clock_hz): a GPU under load for longer than the window.
+    Sustained,
+}
 
 /// How attention runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -61,6 +72,10 @@ pub struct GpuCmd {
     /// Replay the step as a captured CUDA graph (GPU-side launch gap only) instead of eager launches.
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// SM clock: boost for a short step, the power limit's sustained clock for one longer than the
+    /// boost window (auto); or either for the whole step [default: auto].
+    #[arg(long, value_enum)]
+    pub clock: Option<ClockFlag>,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -89,6 +104,11 @@ pub fn run(cmd: GpuCmd) -> Result<(), Error> {
         zero: cmd.zero,
         attention,
         cuda_graphs: cmd.cuda_graphs,
+        clock: match cmd.clock {
+            None | Some(ClockFlag::Auto) => ClockMode::Auto,
+            Some(ClockFlag::Boost) => ClockMode::Boost,
+            Some(ClockFlag::Sustained) => ClockMode::Sustained,
+        },
     };
     let report = gpu::run(&model, &workload, &sys, &opts)?;
     let text = if cmd.json {

@@ -32,9 +32,24 @@ pub struct GemmShape {
     pub n: u64,
     pub k: u64,
     pub dtype: DType,
+    /// Every operand's leading dimension is a multiple of 16 bytes. TMA needs it (its global
+    /// strides are multiples of 16 bytes: CUDA Driver API, `cuTensorMapEncodeTiled`), so an
+    /// unaligned GEMM on Hopper runs the pre-Hopper kernels (`mma.sync` from registers, no TMA, no
+    /// persistent scheduling), as cuBLAS does when it falls back to its sm75/sm80 CUTLASS kernels.
+    pub aligned: bool,
 }
 
 impl GemmShape {
+    /// A GEMM whose leading dimensions are multiples of 16 bytes.
+    pub fn new(batch: u64, m: u64, n: u64, k: u64, dtype: DType) -> GemmShape {
+        GemmShape { batch, m, n, k, dtype, aligned: true }
+    }
+
+    /// Whether a dimension of `elems` elements of `dtype` can be a leading dimension for TMA.
+    pub fn aligned_dim(elems: u64, dtype: DType) -> bool {
+        (elems * dtype.bytes()).is_multiple_of(16)
+    }
+
     pub fn flops(&self) -> f64 {
         2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
     }
@@ -97,12 +112,19 @@ struct Rates {
 }
 
 impl Rates {
-    fn new(gpu: &GpuHw, dtype: DType) -> Rates {
-        let hopper = gpu.arch == GpuArch::Hopper;
+    fn new(gpu: &GpuHw, shape: &GemmShape) -> Rates {
+        let dtype = shape.dtype;
+        let hopper = hopper_kernels(gpu, shape);
         Rates {
             sms: gpu.sm.count as u64,
             clock: gpu.sm.clock_hz,
-            flops_per_clk: gpu.tensor.flops_per_clk.get(dtype) * gpu.tensor.sustained_fraction.get(dtype),
+            // Unaligned on Hopper: the pre-Hopper kernels' mma.sync rate (FP16/BF16 only; FP8 and the FP32
+            // pipes have no other path).
+            flops_per_clk: if gpu.arch == GpuArch::Hopper && !hopper && matches!(dtype, DType::Fp16 | DType::Bf16) {
+                gpu.tensor.mma_sync_flops_per_clk
+            } else {
+                gpu.tensor.flops_per_clk.get(dtype)
+            } * gpu.tensor.sustained_fraction.get(dtype),
             smem_bytes_per_clk: gpu.sm.smem_bytes_per_clk as f64,
             l2_bytes_per_s: gpu.l2.bytes_per_s,
             partitions: gpu.l2.partitions as u64,
@@ -120,6 +142,11 @@ impl Rates {
     }
 }
 
+/// Hopper's TMA/wgmma persistent kernels run the GEMM: a Hopper GPU and 16-byte-aligned operands.
+fn hopper_kernels(gpu: &GpuHw, shape: &GemmShape) -> bool {
+    gpu.arch == GpuArch::Hopper && shape.aligned
+}
+
 /// Bytes of one element of the output: FP8 GEMMs write BF16, as cuBLASLt's FP8 kernels do.
 fn out_bytes(d: DType) -> u64 {
     d.bytes().max(2)
@@ -127,11 +154,8 @@ fn out_bytes(d: DType) -> u64 {
 
 /// Depth of one K step in elements: 128 bytes per operand row on Hopper (one line per row per
 /// TMA stage), 64 on Ampere (CUTLASS's default `cp.async` tiles, 128x128x32 for fp16).
-fn bk(arch: GpuArch, d: DType) -> u64 {
-    let row_bytes = match arch {
-        GpuArch::Hopper => 128,
-        GpuArch::Ampere => 64,
-    };
+fn bk(hopper: bool, d: DType) -> u64 {
+    let row_bytes = if hopper { 128 } else { 64 };
     (row_bytes / d.bytes()).max(1)
 }
 
@@ -146,7 +170,8 @@ fn smem_operand_bytes(hopper: bool, bm: u64, bn: u64, bk: u64, e: u64) -> u64 {
 
 fn candidates(gpu: &GpuHw, shape: &GemmShape) -> Vec<Cand> {
     let e = shape.dtype.bytes();
-    let bk = bk(gpu.arch, shape.dtype);
+    let hopper = hopper_kernels(gpu, shape);
+    let bk = bk(hopper, shape.dtype);
     let ksteps = shape.k.div_ceil(bk);
     let mut out = Vec::new();
     for (bm, bn) in TILES {
@@ -166,14 +191,14 @@ fn candidates(gpu: &GpuHw, shape: &GemmShape) -> Vec<Cand> {
         }
         for swizzle in SWIZZLES {
             // Hopper rasterizes clusters, so a band holds at least the cluster's two tile rows.
-            let swizzle = if gpu.arch == GpuArch::Hopper { swizzle.max(CLUSTER_M) } else { swizzle };
+            let swizzle = if hopper { swizzle.max(CLUSTER_M) } else { swizzle };
             for split in SPLITS {
                 if split > ksteps {
                     continue;
                 }
                 out.push(Cand { bm, bn, bk, swizzle, sched: Sched::DataParallel { split }, ctas_per_sm: ctas });
             }
-            if gpu.arch == GpuArch::Hopper {
+            if hopper {
                 out.push(Cand { bm, bn, bk, swizzle, sched: Sched::StreamK, ctas_per_sm: 1 });
             }
         }
@@ -183,7 +208,17 @@ fn candidates(gpu: &GpuHw, shape: &GemmShape) -> Vec<Cand> {
 
 /// Times one GEMM kernel: the fastest candidate's simulated execution.
 pub fn time_gemm(gpu: &GpuHw, shape: &GemmShape) -> Timing {
-    let r = Rates::new(gpu, shape.dtype);
+    pick_gemm(gpu, shape).1
+}
+
+/// The kernel the library picks for a shape (as cuBLAS's heuristics do, whatever the clock the
+/// GPU will run it at).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmPick(Cand);
+
+/// The fastest candidate and its simulated execution.
+pub fn pick_gemm(gpu: &GpuHw, shape: &GemmShape) -> (GemmPick, Timing) {
+    let r = Rates::new(gpu, shape);
     let cands = candidates(gpu, shape);
     let mut bounded: Vec<(f64, usize)> =
         cands.iter().enumerate().map(|(i, c)| (lower_bound(&r, shape, c), i)).collect();
@@ -201,14 +236,19 @@ pub fn time_gemm(gpu: &GpuHw, shape: &GemmShape) -> Timing {
     }
     ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     // Refine the best few at full resolution.
-    let mut best: Option<Timing> = None;
+    let mut best: Option<(GemmPick, Timing)> = None;
     for &(_, i) in ranked.iter().take(REFINED) {
         let t = simulate(gpu, &r, shape, &cands[i], ACCESS_BUDGET);
-        if best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
-            best = Some(t);
+        if best.as_ref().is_none_or(|b| t.seconds < b.1.seconds) {
+            best = Some((GemmPick(cands[i]), t));
         }
     }
-    best.unwrap_or_default()
+    best.unwrap_or_else(|| (GemmPick(cands[0]), Timing::default()))
+}
+
+/// Times the picked kernel on `gpu` (the same GPU at another clock, say).
+pub fn time_pick(gpu: &GpuHw, shape: &GemmShape, pick: &GemmPick) -> Timing {
+    simulate(gpu, &Rates::new(gpu, shape), shape, &pick.0, ACCESS_BUDGET)
 }
 
 /// Grid geometry of a candidate.
@@ -527,6 +567,9 @@ fn simulate_dp(gpu: &GpuHw, r: &Rates, s: &GemmShape, c: &Cand, split: u64, budg
         slots,
         c.ctas_per_sm
     ));
+    if gpu.arch == GpuArch::Hopper && !r.hopper {
+        config.push_str(", sm80 mma.sync kernel: a leading dimension is not a multiple of 16 bytes (no TMA)");
+    }
     Timing { seconds, shares, traffic, exec_flops: total.exec_flops, compute_busy_s: total.compute_busy_s, config }
 }
 
@@ -659,7 +702,7 @@ fn touch(cache: &mut L2Sim, key: u64, bytes: u64, part_bytes: &mut [u64], miss_b
 /// Every candidate simulated, in the library's preference order: (configuration, seconds). For
 /// inspecting why a tile was chosen; `time_gemm` simulates only the candidates that can win.
 pub fn explain_gemm(gpu: &GpuHw, shape: &GemmShape) -> Vec<(String, f64)> {
-    let r = Rates::new(gpu, shape.dtype);
+    let r = Rates::new(gpu, shape);
     let mut out: Vec<(String, f64)> = candidates(gpu, shape)
         .iter()
         .map(|c| {

@@ -493,7 +493,11 @@ pub fn lower(g: &Graph, spec: Option<&ModelSpec>, p: Parallel, layout: Layout, a
                 };
                 let div = if shard == Shard::Replicated { 1 } else { tp };
                 if let Some([b, m, n, k]) = sharded.matmul_bmnk() {
-                    let shape = GemmShape { batch: b, m, n, k, dtype: ctx.dtype };
+                    // The weight's two dimensions are the leading dimensions of the operands in the
+                    // forward, the input gradient and the weight gradient (row-major activations and
+                    // weights; the token dimension never is one).
+                    let aligned = GemmShape::aligned_dim(ls.k, ctx.dtype) && GemmShape::aligned_dim(ls.n, ctx.dtype);
+                    let shape = GemmShape { batch: b, m, n, k, dtype: ctx.dtype, aligned };
                     push(
                         &mut kernels,
                         name.clone(),
@@ -527,7 +531,9 @@ pub fn lower(g: &Graph, spec: Option<&ModelSpec>, p: Parallel, layout: Layout, a
                     _ => OpKind::AttnContextGradV(shard_attn(a, tp)),
                 };
                 if let Some([b, m, n, k]) = sharded.matmul_bmnk() {
-                    let shape = GemmShape { batch: b, m, n, k, dtype: ctx.dtype };
+                    // Sequence and head dimensions are each the leading dimension of Q, K, V or the scores.
+                    let aligned = [m, n, k].iter().all(|&d| GemmShape::aligned_dim(d, ctx.dtype));
+                    let shape = GemmShape { batch: b, m, n, k, dtype: ctx.dtype, aligned };
                     push(&mut kernels, name, KernelKind::Gemm(shape), op.cost.flops / tp, vec![op.name.clone()]);
                 }
             }

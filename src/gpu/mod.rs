@@ -27,9 +27,9 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::graph::{self, GraphError, Pass};
-use crate::hw::{GpuArch, GpuSystem};
+use crate::hw::{GpuArch, GpuHw, GpuSystem};
 use crate::model::{DType, Model, Phase, SingleOp, Workload};
-use crate::report::fmt::human;
+use crate::report::fmt::{duration, human};
 use crate::report::{
     Bottleneck, GpuDetails, HostInfo, KernelRow, LevelBytes, MachineSummary, MemoryFootprint, OpRow, RunReport,
     Utilization, WorkloadSummary,
@@ -109,6 +109,34 @@ pub struct GpuOptions {
     pub attention: Option<AttentionImpl>,
     /// Replay the step as a captured CUDA graph instead of launching eagerly.
     pub cuda_graphs: bool,
+    /// The SM clock the step is timed at.
+    pub clock: ClockMode,
+}
+
+/// The SM clock a step runs at: the boost clock of a short burst, or the clock the power limit holds
+/// under sustained load (`sm.clock_hz` and `sm.sustained_clock_hz` of the hardware description).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClockMode {
+    /// A step that lasts no longer than `sm.boost_window_s` at the boost clock is a burst from a rested
+    /// GPU and runs at boost; a longer one runs at the sustained clock, the steady state of steps run
+    /// back to back (the whole step, the first window's boost included: at most the window's share of
+    /// the clock difference is lost, 2 ms on an H100).
+    #[default]
+    Auto,
+    /// Every kernel at the boost clock (a burst from a rested GPU).
+    Boost,
+    /// Every kernel at the sustained clock (a GPU that has been under load for longer than the window).
+    Sustained,
+}
+
+impl ClockMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClockMode::Auto => "auto",
+            ClockMode::Boost => "boost",
+            ClockMode::Sustained => "sustained",
+        }
+    }
 }
 
 fn bytes_text(b: u64) -> String {
@@ -240,36 +268,112 @@ fn resolve_attention(sys: &GpuSystem, asked: Option<AttentionImpl>) -> Result<At
 /// Kernel time, memoized by the kernel's full description: each distinct shape is simulated once.
 struct Timer<'a> {
     sys: &'a GpuSystem,
-    memo: BTreeMap<KernelKind, Timing>,
+    /// Each kernel at the clock the power limit allows it under sustained load, instead of at boost.
+    sustained: bool,
+    /// Tensor-core kernels timed at boost, kept across the runs of one `run` (`--clock auto` times
+    /// the step at boost first).
+    boost: &'a mut BTreeMap<KernelKind, Burst>,
+    /// The timing and the SM clock it ran at.
+    memo: BTreeMap<KernelKind, (Timing, f64)>,
 }
 
 impl Timer<'_> {
     fn time(&mut self, k: &KernelKind) -> Timing {
+        self.timed(k).0
+    }
+
+    /// The kernel's timing and its SM clock.
+    fn timed(&mut self, k: &KernelKind) -> (Timing, f64) {
         if let Some(t) = self.memo.get(k) {
             return t.clone();
         }
         let gpu = &self.sys.gpu;
         let t = match k {
-            KernelKind::Gemm(g) => gemm::time_gemm(gpu, g),
-            KernelKind::Flash(f) => attention::time_flash(gpu, f),
-            KernelKind::Stream(s) => stream::time_stream(gpu, s),
+            KernelKind::Gemm(g) => {
+                let (pick, burst) = match self.boost.get(k) {
+                    Some(Burst::Gemm(p, t)) => (*p, t.clone()),
+                    _ => {
+                        let (p, t) = gemm::pick_gemm(gpu, g);
+                        self.boost.insert(*k, Burst::Gemm(p, t.clone()));
+                        (p, t)
+                    }
+                };
+                at_power_limit(gpu, g.dtype, self.sustained, burst, |at| gemm::time_pick(at, g, &pick))
+            }
+            KernelKind::Flash(f) => {
+                let burst = match self.boost.get(k) {
+                    Some(Burst::Other(t)) => t.clone(),
+                    _ => {
+                        let t = attention::time_flash(gpu, f);
+                        self.boost.insert(*k, Burst::Other(t.clone()));
+                        t
+                    }
+                };
+                at_power_limit(gpu, f.dtype, self.sustained, burst, |at| attention::time_flash(at, f))
+            }
+            // Memory-bound: their tensor utilization is nil, and the power of their bytes is not modelled.
+            KernelKind::Stream(s) => (stream::time_stream(gpu, s), gpu.sm.clock_hz),
             KernelKind::Collective(c) => {
                 let ct = time_collective(self.sys, c);
                 let mut shares = Shares::default();
                 shares.add(Resource::Network, ct.seconds);
-                Timing {
+                let t = Timing {
                     seconds: ct.seconds,
                     shares,
                     traffic: Traffic::default(),
                     exec_flops: 0.0,
                     compute_busy_s: 0.0,
                     config: format!("{}, bus bandwidth {}/s", ct.algorithm, human(ct.busbw_bytes_per_s, "B")),
-                }
+                };
+                (t, gpu.sm.clock_hz)
             }
         };
         self.memo.insert(*k, t.clone());
         t
     }
+}
+
+/// A tensor-core kernel timed at boost; a GEMM with the kernel the library picked, which it keeps
+/// at any clock.
+enum Burst {
+    Gemm(gemm::GemmPick, Timing),
+    Other(Timing),
+}
+
+/// A GEMM under the power limit: the library picks its kernel at boost (cuBLAS's heuristics do not
+/// know the clock), and under sustained load (`sustained`) that kernel runs at the clock the power
+/// limit allows it. Returns the timing and the clock.
+pub fn power_limited_gemm(gpu: &GpuHw, shape: &gemm::GemmShape, sustained: bool) -> (Timing, f64) {
+    let (pick, burst) = gemm::pick_gemm(gpu, shape);
+    at_power_limit(gpu, shape.dtype, sustained, burst, |at| gemm::time_pick(at, shape, &pick))
+}
+
+/// Times a tensor-core kernel at the boost clock and, under sustained load (`sustained`), again at the
+/// clock the power limit allows it (`GpuHw::power_limited_clock_hz` of its tensor utilization at
+/// boost, in `dtype`). Returns the timing and the clock.
+pub fn power_limited(gpu: &GpuHw, dtype: DType, sustained: bool, time: impl Fn(&GpuHw) -> Timing) -> (Timing, f64) {
+    let burst = time(gpu);
+    at_power_limit(gpu, dtype, sustained, burst, time)
+}
+
+/// `power_limited` with the kernel's timing at boost (`burst`) already known.
+fn at_power_limit(
+    gpu: &GpuHw,
+    dtype: DType,
+    sustained: bool,
+    burst: Timing,
+    time: impl Fn(&GpuHw) -> Timing,
+) -> (Timing, f64) {
+    if !sustained {
+        return (burst, gpu.sm.clock_hz);
+    }
+    let peak = gpu.peak_flops_per_s(dtype);
+    let utilization = if burst.seconds > 0.0 && peak > 0.0 { burst.exec_flops / burst.seconds / peak } else { 0.0 };
+    let clock = gpu.power_limited_clock_hz(utilization);
+    if clock >= gpu.sm.clock_hz {
+        return (burst, gpu.sm.clock_hz);
+    }
+    (time(&gpu.at_clock(clock)), clock)
 }
 
 /// The kernels of one pass on one GPU, laid on a stream.
@@ -333,9 +437,66 @@ fn pass_name(p: Pass) -> &'static str {
     p.name()
 }
 
-/// Runs the GPU model on a model and workload.
+/// Runs the GPU model on a model and workload, at the clock `opts.clock` chooses.
 pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOptions) -> Result<RunReport, GpuError> {
     let started = Instant::now();
+    let window = sys.gpu.power.boost_window_s;
+    let mut boost = BTreeMap::new();
+    let (mut report, why) = match opts.clock {
+        ClockMode::Boost => {
+            (run_at(model, workload, sys, opts, false, &mut boost)?, "boost (--clock boost)".to_string())
+        }
+        ClockMode::Sustained => (
+            run_at(model, workload, sys, opts, true, &mut boost)?,
+            "sustained (--clock sustained): kernels above the power limit's utilization slowed to its clock"
+                .to_string(),
+        ),
+        ClockMode::Auto => {
+            let burst = run_at(model, workload, sys, opts, false, &mut boost)?;
+            let at_boost = duration(burst.seconds);
+            if burst.seconds <= window {
+                let why = format!(
+                    "boost, as the step ({at_boost}) fits in the {} boost window (power.boost_window_s; \
+                     --clock sustained for steps run back to back)",
+                    duration(window)
+                );
+                (burst, why)
+            } else {
+                let why = format!(
+                    "sustained, as the step lasts {at_boost} at boost, longer than the {} boost window \
+                     (power.boost_window_s): kernels above the power limit's utilization run at its clock \
+                     (--clock boost for a single burst)",
+                    duration(window)
+                );
+                (run_at(model, workload, sys, opts, true, &mut boost)?, why)
+            }
+        }
+    };
+    let slowest = report
+        .gpu
+        .as_ref()
+        .map(|g| g.kernels.iter().map(|k| k.clock_hz).fold(f64::INFINITY, f64::min))
+        .filter(|c| c.is_finite())
+        .unwrap_or(sys.gpu.sm.clock_hz);
+    report.notes.push(format!(
+        "SM clock: {why}; boost {}, slowest kernel at {}",
+        human(sys.gpu.sm.clock_hz, "Hz"),
+        human(slowest, "Hz")
+    ));
+    report.host.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Runs the GPU model with every kernel at the boost clock, or (`sustained`) each at the clock the
+/// power limit allows it under sustained load.
+fn run_at(
+    model: &Model,
+    workload: &Workload,
+    sys: &GpuSystem,
+    opts: &GpuOptions,
+    sustained: bool,
+    boost: &mut BTreeMap<KernelKind, Burst>,
+) -> Result<RunReport, GpuError> {
     let gpu = &sys.gpu;
     if workload.dtype == DType::Fp8 && gpu.tensor.flops_per_clk.fp8 == 0.0 {
         return Err(GpuError::Unsupported {
@@ -374,7 +535,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
         return Err(does_not_fit(model, workload, sys, &par, worst_stage, &worst));
     }
 
-    let mut timer = Timer { sys, memo: BTreeMap::new() };
+    let mut timer = Timer { sys, sustained, boost, memo: BTreeMap::new() };
     let graphs = opts.cuda_graphs;
     let stages = low.stages as usize;
     let m = par.microbatches;
@@ -527,7 +688,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
     let mut rows: Vec<(KernelRow, Resource)> = Vec::new();
     let mut index: BTreeMap<(u8, String, String, String), usize> = BTreeMap::new();
     for k in &low.kernels {
-        let t = timer.time(&k.kind);
+        let (t, clock_hz) = timer.timed(&k.kind);
         let count = if k.pass == Pass::Optimizer { 1 } else { m };
         let key = (k.pass as u8, k.name.clone(), k.kind.label().to_string(), k.kind.shape_text());
         let i = *index.entry(key).or_insert_with(|| {
@@ -543,6 +704,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
                     kind: k.kind.label().to_string(),
                     shape: k.kind.shape_text(),
                     config: t.config.clone(),
+                    clock_hz,
                 },
                 t.bound(),
             ));
@@ -766,7 +928,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
             },
         }),
         host: HostInfo {
-            wall_seconds: started.elapsed().as_secs_f64(),
+            wall_seconds: 0.0,
             threads: 1,
             peak_rss_bytes: peak_rss_bytes(),
             version: env!("CARGO_PKG_VERSION").to_string(),

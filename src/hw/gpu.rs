@@ -35,7 +35,8 @@ impl GpuArch {
 #[serde(deny_unknown_fields)]
 pub struct SmSpec {
     pub count: u32,
-    /// The clock every rate is counted at (the clock NVIDIA's tensor peak uses).
+    /// The clock every rate is counted at (the clock NVIDIA's tensor peak uses): the boost clock of
+    /// a burst; under sustained load the power limit may hold a kernel below it ([`PowerSpec`]).
     pub clock_hz: f64,
     pub register_file_bytes: u64,
     /// The combined L1/SMEM pool per SM.
@@ -85,6 +86,23 @@ pub struct TensorSpec {
     /// FP16/BF16 FLOPs per clock per SM through the older synchronous `mma.sync` path, which
     /// FlashAttention-2 uses on every architecture.
     pub mma_sync_flops_per_clk: f64,
+}
+
+/// The board's power limit, as it bounds the SM clock under sustained load.
+///
+/// Dynamic power is switching activity x clock x voltage squared; with the voltage rising in step
+/// with the clock over the DVFS range, a kernel whose tensor cores are busy a fraction `u` of the
+/// clocks draws `P_static + k u f^3`. At the boost clock `f_b` the board reaches its limit when `u`
+/// reaches `limit_utilization` (`u*`); a busier kernel, once the GPU has been loaded for longer than
+/// `boost_window_s`, runs at `f_b (u* / u)^(1/3)`, the clock where its power is back at the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerSpec {
+    /// Tensor utilization (tensor FLOPs per clock over the peak's) at which the board reaches its
+    /// power limit at the boost clock.
+    pub limit_utilization: f64,
+    /// How long a rested GPU holds the boost clock under load before the power limit brings it down.
+    pub boost_window_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
@@ -191,6 +209,7 @@ pub struct GpuHw {
     pub nvlink: NvlinkSpec,
     pub nic: NicSpec,
     pub launch: LaunchSpec,
+    pub power: PowerSpec,
 }
 
 impl GpuHw {
@@ -206,6 +225,25 @@ impl GpuHw {
 
     pub fn cycles_to_s(&self, cycles: f64) -> f64 {
         cycles / self.sm.clock_hz
+    }
+
+    /// The same GPU with its SMs at `hz`: every per-clock rate (tensor, SMEM, FP32, MUFU) and every
+    /// latency counted in cycles follows; L2, HBM, NVLink and launch costs, given in seconds, do not.
+    pub fn at_clock(&self, hz: f64) -> GpuHw {
+        let mut g = self.clone();
+        g.sm.clock_hz = hz;
+        g
+    }
+
+    /// The SM clock the power limit allows under sustained load for a kernel whose tensor cores are
+    /// busy a fraction `utilization` of the clocks (at most the boost clock; see [`PowerSpec`]).
+    pub fn power_limited_clock_hz(&self, utilization: f64) -> f64 {
+        let u_star = self.power.limit_utilization;
+        if utilization <= u_star {
+            self.sm.clock_hz
+        } else {
+            self.sm.clock_hz * (u_star / utilization).cbrt()
+        }
     }
 }
 
@@ -246,6 +284,7 @@ struct GpuFile {
     nvlink: NvlinkSpec,
     nic: NicSpec,
     launch: LaunchSpec,
+    power: PowerSpec,
     /// Set by cluster files (which extend a GPU file): the system's name (`DGX H100`).
     cluster_name: Option<String>,
     node: Option<NodeSpec>,
@@ -308,6 +347,7 @@ impl GpuSystem {
                 nvlink: f.nvlink,
                 nic: f.nic,
                 launch: f.launch,
+                power: f.power,
             },
             node,
             network,
@@ -366,6 +406,8 @@ impl GpuSystem {
         c.range_f64("nic.effective_bytes_per_s", g.nic.effective_bytes_per_s, 1e5, g.nic.bits_per_s / 8.0)?;
         c.range_f64("launch.graph_ns", g.launch.graph_ns, 0.0, 1e9)?;
         c.range_f64("launch.eager_ns", g.launch.eager_ns, 0.0, 1e9)?;
+        c.range_f64("power.limit_utilization", g.power.limit_utilization, 0.01, 1.0)?;
+        c.range_f64("power.boost_window_s", g.power.boost_window_s, 0.0, 3600.0)?;
         c.range_u64("node.gpus", self.node.gpus as u64, 1, 1024)?;
         c.range_u64("network.nodes", self.network.nodes as u64, 1, 1 << 20)?;
         c.range_f64("network.bisection_fraction", self.network.bisection_fraction, 0.01, 1.0)?;

@@ -13,7 +13,7 @@ mod wafer;
 pub use cluster::ClusterHw;
 pub use gpu::{
     GpuArch, GpuHw, GpuSystem, HbmSpec, L2Spec, LaunchSpec, NcclSpec, NetworkSpec, NicSpec, NodeSpec, NvlinkSpec,
-    PerDtype, SmSpec, TensorSpec,
+    PerDtype, PowerSpec, SmSpec, TensorSpec,
 };
 pub use load::{apply_override, decode, kind, load_doc, load_with_overrides, HwDoc};
 pub use wafer::{Fabric, IoPlacement, IoSpec, MemoryX, MeshDims, PeSpec, SimdOp, SimdTable, SwarmX, WaferHw};

@@ -31,6 +31,8 @@ pub struct KernelRow {
     pub shape: String,
     /// The configuration the model chose (`tile 128x256x64, 16 waves of 132 CTAs (1/SM)`).
     pub config: String,
+    /// The SM clock the kernel ran at (boost, or the power limit's sustained clock).
+    pub clock_hz: f64,
 }
 
 /// Memory needed per GPU (the fullest GPU) against its capacity.

@@ -355,18 +355,19 @@ impl RunReport {
             let _ = writeln!(s, "\nkernels per GPU and step ({} distinct, slowest first)", g.kernels.len());
             let _ = writeln!(
                 s,
-                "  {:<34}{:>6}  {:<10}{:>12}{:>12}  {:<8} config",
-                "kernel", "count", "kind", "time", "FLOP/s", "bound"
+                "  {:<34}{:>6}  {:<10}{:>12}{:>12}{:>10}  {:<8} config",
+                "kernel", "count", "kind", "time", "FLOP/s", "clock", "bound"
             );
             for r in rows.iter().take(TEXT_KERNEL_ROWS) {
                 let _ = writeln!(
                     s,
-                    "  {:<34}{:>6}  {:<10}{:>12}{:>12}  {:<8} {} [{}]",
+                    "  {:<34}{:>6}  {:<10}{:>12}{:>12}{:>10}  {:<8} {} [{}]",
                     r.name,
                     r.count,
                     r.kind,
                     duration(r.seconds),
                     rate(r.achieved_flops_per_s),
+                    human(r.clock_hz, "Hz"),
                     r.bound,
                     r.shape,
                     r.config
