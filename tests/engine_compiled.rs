@@ -114,6 +114,56 @@ fn weight_streaming_training_runs_its_phases_in_sequence() {
     assert!(phases.iter().all(|&c| c > 0));
     assert_eq!(phases.iter().sum::<u64>(), total);
     assert!(v["breakdown"].as_array().unwrap().iter().any(|r| r["name"].as_str().unwrap().starts_with("backward/")));
+    // Both phases' channels added up, and the step's IO utilisation is theirs together.
+    let chans = check_io_channels(&v);
+    assert!(chans.iter().any(|c| c["peer"] == "swarmx"), "gradients leave to SwarmX");
+}
+
+/// The report's perimeter IO channels (`io_channels`) against its other numbers: each channel's
+/// utilisation is bytes / (bytes per cycle x cycles), the run's `utilization.io` is all channels' bytes
+/// over all channels' capacity, the bytes add up to the `io_bytes` counter, no channel beats its rate
+/// (its link was held at least bytes / rate cycles) and none is used above its capacity. Returns them.
+fn check_io_channels(v: &Value) -> Vec<Value> {
+    let cycles = v["cycles"].as_u64().unwrap() as f64;
+    let chans = v["io_channels"].as_array().expect("io_channels").clone();
+    assert!(!chans.is_empty());
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    let (mut bytes, mut cap) = (0u64, 0.0);
+    for c in &chans {
+        let b = c["bytes"].as_u64().unwrap();
+        let rate = c["bytes_per_cycle"].as_f64().unwrap();
+        let u = c["utilization"].as_f64().unwrap();
+        assert!(rate > 0.0, "{c}");
+        assert!(close(u, b as f64 / (rate * cycles)), "{c}");
+        assert!(u <= 1.0 + 1e-9, "{c}");
+        assert!(c["cycles_busy"].as_u64().unwrap() as f64 >= (b as f64 / rate).floor(), "{c}");
+        bytes += b;
+        cap += rate;
+    }
+    assert_eq!(bytes, v["counters"]["io_bytes"].as_u64().unwrap());
+    assert!(close(v["utilization"]["io"].as_f64().unwrap(), bytes as f64 / (cap * cycles)), "{}", v["utilization"]);
+    chans
+}
+
+/// Weight-streaming decode: every channel carries weights from MemoryX, the report lists them all in
+/// `--json` and the text names the extremes and the busiest.
+#[test]
+fn run_report_shows_each_io_channel() {
+    let args = ["run", "gpt-tiny", "--hw", "cs2", "--mesh", "32x32", "--mode", "weight-streaming", "--phase", "decode"];
+    let mut json = args.to_vec();
+    json.push("--json");
+    let v = report(&json);
+    let chans = check_io_channels(&v);
+    assert!(chans.iter().filter(|c| c["peer"] == "memoryx").count() > 1);
+    let text = wafer_ok(&args);
+    let n = chans.len();
+    assert!(text.contains(&format!("\nio channels {n}: ")), "{text}");
+    assert!(text.contains("  utilization min "), "{text}");
+    let busiest = chans
+        .iter()
+        .max_by(|a, b| a["utilization"].as_f64().unwrap().total_cmp(&b["utilization"].as_f64().unwrap()))
+        .unwrap();
+    assert!(text.contains(&format!("  {:<10}", busiest["name"].as_str().unwrap())), "{text}");
 }
 
 /// A reduced demo (gpt-tiny on 64x64 PEs): every stage runs, the comparison is printed, the trace and
@@ -278,4 +328,41 @@ fn weight_streaming_decode_is_bound_by_the_system_io() {
     println!("io-bound decode: {} cycles, {bytes} bytes at the system IO: {bound:.0} cycles, {ratio:.3}x", run.cycles);
     assert!(ratio >= 1.0, "faster than the system's IO: {ratio}");
     assert!(ratio <= 2.5, "{ratio}x the IO bound");
+}
+
+/// Spread weights that run out of router colors come through their regions' rows with less of the
+/// system's IO: `wafer compile` and `wafer run` say so on stderr and in the plan's and the report's
+/// notes, with the channels and bandwidth lost (llama-tiny decode on 32x32 with 9 colors per router;
+/// with the shipped 24 colors the same compile keeps every channel and warns of nothing).
+#[test]
+fn weights_that_run_out_of_colors_warn_of_the_lost_bandwidth() {
+    let base = ["llama-tiny", "--hw", "cs2", "--mesh", "32x32", "--mode", "weight-streaming", "--phase", "decode"];
+    let few = [&base[..], &["--set", "fabric.colors=9"]].concat();
+    let marker = "warning: weights spread over every IO channel ran out of router colors";
+    let (code, out, err) = support::wafer(&[&["compile"], &few[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let warning = err.lines().find(|l| l.starts_with(marker)).unwrap_or_else(|| panic!("no warning: {err}"));
+    // `N of the 48 channels (R/s of 150.00 GB/s; M channels and L/s lost)`.
+    let (used, rest) = warning.split_once(" of the 48 channels (").expect(warning);
+    let used: usize = used.rsplit(' ').next().unwrap().parse().expect(warning);
+    assert!(used < 48, "{warning}");
+    assert!(rest.contains(&format!("of 150.00 GB/s; {} channels and ", 48 - used)), "{warning}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert!(plan["notes"].as_array().unwrap().iter().any(|n| n == warning), "{}", plan["notes"]);
+    let (code, out, err) = support::wafer(&[&["run"], &few[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.lines().any(|l| l == warning), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["notes"].as_array().unwrap().iter().any(|n| n == warning), "{}", v["notes"]);
+    // Fewer channels carry the weights in the run too.
+    let carrying = v["io_channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["peer"] == "memoryx" && c["bytes"].as_u64() > Some(0))
+        .count();
+    assert_eq!(carrying, used);
+    let (code, _, err) = support::wafer(&[&["compile"], &base[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning:"), "{err}");
 }

@@ -751,6 +751,7 @@ pub fn run(model: &Model, workload: &Workload, sys: &GpuSystem, opts: &GpuOption
         bottleneck,
         breakdown,
         counters,
+        io_channels: Vec::new(),
         notes,
         gpu: Some(GpuDetails {
             levels,
