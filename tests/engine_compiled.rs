@@ -274,12 +274,20 @@ fn residual_skips_wait_in_their_fifos() {
 
 /// The IO-bound closed form of weight streaming: a model whose weights dominate (a llama-tiny widened to
 /// hidden 1024, 4 layers, 101.7 MB of fp16 weights; decode of one token, whose compute is a few
-/// thousand cycles a layer) streams B bytes through the perimeter, so no step is shorter than B at the
-/// system's 1.2 Tb/s, and with the weights spread over all 48 channels the step stays within 2.5x of it.
-/// Measured 2.26x: 4 layers leave the pipeline's fill and drain in, the most loaded channel carries
-/// 1.33x the mean (column bands of a 21-column region are 2 or 3 columns wide), and each region's
-/// weights wait for its double buffer. Through the channels on the regions' rows only it took 5.97x.
-/// Every channel carries weights, and the engine's bytes per port are the plan's.
+/// thousand cycles a layer) streams B bytes through the perimeter, so no step is shorter than
+/// B / (1.2 Tb/s / 8 / 850 MHz) = B / 176.5 bytes per cycle (576k cycles here), nor than the most loaded
+/// channel's bytes at its own rate (2.82 MB at 3.68 bytes per cycle: 766,512 cycles, 1.33x: column bands
+/// of a 21-column region are 2 or 3 columns wide). Measured 2.26x (1,305,319 cycles), held to 2.3x.
+/// Through the channels on the regions' rows only it took 5.97x. Every channel carries weights, and the
+/// engine's bytes per port are the plan's.
+/// FIXME (why not nearer 1.33x): the channels are done streaming at 59% of the step; the rest is the
+/// fabric. Each channel's train crosses the mesh to its column band's gateway at ~0.92 of a link for a
+/// layer's worth of cycles, and is reserved ahead (the ports run ahead into the gateways' SRAM); a train
+/// at a link's full rate finds no room beside it until it ends: the band multicasts whose first row is a
+/// channel's row (rows 1 and 22 here) wait up to 288k cycles, and the next layer's band multicast down
+/// the columns holds the links the layer's input multicast needs (waits of 175k). With router-to-router
+/// links made contention-free (a measurement hack, not committed) the step is 768,264 cycles, the
+/// busiest channel's streaming time; with only the ports' trains taking no link time, the same.
 #[test]
 fn weight_streaming_decode_is_bound_by_the_system_io() {
     use waferscale::compile::{compile_model, CompileOptions, Mode};
@@ -327,7 +335,15 @@ fn weight_streaming_decode_is_bound_by_the_system_io() {
     let ratio = run.cycles as f64 / bound;
     println!("io-bound decode: {} cycles, {bytes} bytes at the system IO: {bound:.0} cycles, {ratio:.3}x", run.cycles);
     assert!(ratio >= 1.0, "faster than the system's IO: {ratio}");
-    assert!(ratio <= 2.5, "{ratio}x the IO bound");
+    assert!(ratio <= 2.3, "{ratio}x the IO bound");
+    // No channel beats its own rate: the step is at least the most loaded channel's bytes at its rate.
+    let rate = |i: usize| p.ports[i].wavelets as f64 * 4.0 / p.ports[i].per_cycles as f64;
+    let slowest = mx.iter().map(|&i| run.totals.io_bytes[i] as f64 / rate(i)).fold(0.0, f64::max);
+    assert!(run.cycles as f64 >= slowest, "{} cycles, the busiest channel needs {slowest:.0}", run.cycles);
+    // FIXME (see above): the channels finish well before the step does; the fabric sets the pace.
+    let busiest = mx.iter().map(|&i| run.totals.io_busy[i]).max().unwrap();
+    assert!(busiest as f64 >= slowest.floor(), "a channel's link was held {busiest} cycles, less than it needs");
+    assert!((busiest as f64) < 0.65 * run.cycles as f64, "channels busy {busiest} of {} cycles", run.cycles);
 }
 
 /// Spread weights that run out of router colors come through their regions' rows with less of the
