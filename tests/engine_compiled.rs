@@ -114,6 +114,56 @@ fn weight_streaming_training_runs_its_phases_in_sequence() {
     assert!(phases.iter().all(|&c| c > 0));
     assert_eq!(phases.iter().sum::<u64>(), total);
     assert!(v["breakdown"].as_array().unwrap().iter().any(|r| r["name"].as_str().unwrap().starts_with("backward/")));
+    // Both phases' channels added up, and the step's IO utilisation is theirs together.
+    let chans = check_io_channels(&v);
+    assert!(chans.iter().any(|c| c["peer"] == "swarmx"), "gradients leave to SwarmX");
+}
+
+/// The report's perimeter IO channels (`io_channels`) against its other numbers: each channel's
+/// utilisation is bytes / (bytes per cycle x cycles), the run's `utilization.io` is all channels' bytes
+/// over all channels' capacity, the bytes add up to the `io_bytes` counter, no channel beats its rate
+/// (its link was held at least bytes / rate cycles) and none is used above its capacity. Returns them.
+fn check_io_channels(v: &Value) -> Vec<Value> {
+    let cycles = v["cycles"].as_u64().unwrap() as f64;
+    let chans = v["io_channels"].as_array().expect("io_channels").clone();
+    assert!(!chans.is_empty());
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    let (mut bytes, mut cap) = (0u64, 0.0);
+    for c in &chans {
+        let b = c["bytes"].as_u64().unwrap();
+        let rate = c["bytes_per_cycle"].as_f64().unwrap();
+        let u = c["utilization"].as_f64().unwrap();
+        assert!(rate > 0.0, "{c}");
+        assert!(close(u, b as f64 / (rate * cycles)), "{c}");
+        assert!(u <= 1.0 + 1e-9, "{c}");
+        assert!(c["cycles_busy"].as_u64().unwrap() as f64 >= (b as f64 / rate).floor(), "{c}");
+        bytes += b;
+        cap += rate;
+    }
+    assert_eq!(bytes, v["counters"]["io_bytes"].as_u64().unwrap());
+    assert!(close(v["utilization"]["io"].as_f64().unwrap(), bytes as f64 / (cap * cycles)), "{}", v["utilization"]);
+    chans
+}
+
+/// Weight-streaming decode: every channel carries weights from MemoryX, the report lists them all in
+/// `--json` and the text names the extremes and the busiest.
+#[test]
+fn run_report_shows_each_io_channel() {
+    let args = ["run", "gpt-tiny", "--hw", "cs2", "--mesh", "32x32", "--mode", "weight-streaming", "--phase", "decode"];
+    let mut json = args.to_vec();
+    json.push("--json");
+    let v = report(&json);
+    let chans = check_io_channels(&v);
+    assert!(chans.iter().filter(|c| c["peer"] == "memoryx").count() > 1);
+    let text = wafer_ok(&args);
+    let n = chans.len();
+    assert!(text.contains(&format!("\nio channels {n}: ")), "{text}");
+    assert!(text.contains("  utilization min "), "{text}");
+    let busiest = chans
+        .iter()
+        .max_by(|a, b| a["utilization"].as_f64().unwrap().total_cmp(&b["utilization"].as_f64().unwrap()))
+        .unwrap();
+    assert!(text.contains(&format!("  {:<10}", busiest["name"].as_str().unwrap())), "{text}");
 }
 
 /// A reduced demo (gpt-tiny on 64x64 PEs): every stage runs, the comparison is printed, the trace and
@@ -224,12 +274,20 @@ fn residual_skips_wait_in_their_fifos() {
 
 /// The IO-bound closed form of weight streaming: a model whose weights dominate (a llama-tiny widened to
 /// hidden 1024, 4 layers, 101.7 MB of fp16 weights; decode of one token, whose compute is a few
-/// thousand cycles a layer) streams B bytes through the perimeter, so no step is shorter than B at the
-/// system's 1.2 Tb/s, and with the weights spread over all 48 channels the step stays within 2.5x of it.
-/// Measured 2.26x: 4 layers leave the pipeline's fill and drain in, the most loaded channel carries
-/// 1.33x the mean (column bands of a 21-column region are 2 or 3 columns wide), and each region's
-/// weights wait for its double buffer. Through the channels on the regions' rows only it took 5.97x.
-/// Every channel carries weights, and the engine's bytes per port are the plan's.
+/// thousand cycles a layer) streams B bytes through the perimeter, so no step is shorter than
+/// B / (1.2 Tb/s / 8 / 850 MHz) = B / 176.5 bytes per cycle (576k cycles here), nor than the most loaded
+/// channel's bytes at its own rate (2.82 MB at 3.68 bytes per cycle: 766,512 cycles, 1.33x: column bands
+/// of a 21-column region are 2 or 3 columns wide). Measured 2.26x (1,305,319 cycles), held to 2.3x.
+/// Through the channels on the regions' rows only it took 5.97x. Every channel carries weights, and the
+/// engine's bytes per port are the plan's.
+/// FIXME (why not nearer 1.33x): the channels are done streaming at 59% of the step; the rest is the
+/// fabric. Each channel's train crosses the mesh to its column band's gateway at ~0.92 of a link for a
+/// layer's worth of cycles, and is reserved ahead (the ports run ahead into the gateways' SRAM); a train
+/// at a link's full rate finds no room beside it until it ends: the band multicasts whose first row is a
+/// channel's row (rows 1 and 22 here) wait up to 288k cycles, and the next layer's band multicast down
+/// the columns holds the links the layer's input multicast needs (waits of 175k). With router-to-router
+/// links made contention-free (a measurement hack, not committed) the step is 768,264 cycles, the
+/// busiest channel's streaming time; with only the ports' trains taking no link time, the same.
 #[test]
 fn weight_streaming_decode_is_bound_by_the_system_io() {
     use waferscale::compile::{compile_model, CompileOptions, Mode};
@@ -277,5 +335,50 @@ fn weight_streaming_decode_is_bound_by_the_system_io() {
     let ratio = run.cycles as f64 / bound;
     println!("io-bound decode: {} cycles, {bytes} bytes at the system IO: {bound:.0} cycles, {ratio:.3}x", run.cycles);
     assert!(ratio >= 1.0, "faster than the system's IO: {ratio}");
-    assert!(ratio <= 2.5, "{ratio}x the IO bound");
+    assert!(ratio <= 2.3, "{ratio}x the IO bound");
+    // No channel beats its own rate: the step is at least the most loaded channel's bytes at its rate.
+    let rate = |i: usize| p.ports[i].wavelets as f64 * 4.0 / p.ports[i].per_cycles as f64;
+    let slowest = mx.iter().map(|&i| run.totals.io_bytes[i] as f64 / rate(i)).fold(0.0, f64::max);
+    assert!(run.cycles as f64 >= slowest, "{} cycles, the busiest channel needs {slowest:.0}", run.cycles);
+    // FIXME (see above): the channels finish well before the step does; the fabric sets the pace.
+    let busiest = mx.iter().map(|&i| run.totals.io_busy[i]).max().unwrap();
+    assert!(busiest as f64 >= slowest.floor(), "a channel's link was held {busiest} cycles, less than it needs");
+    assert!((busiest as f64) < 0.65 * run.cycles as f64, "channels busy {busiest} of {} cycles", run.cycles);
+}
+
+/// Spread weights that run out of router colors come through their regions' rows with less of the
+/// system's IO: `wafer compile` and `wafer run` say so on stderr and in the plan's and the report's
+/// notes, with the channels and bandwidth lost (llama-tiny decode on 32x32 with 9 colors per router;
+/// with the shipped 24 colors the same compile keeps every channel and warns of nothing).
+#[test]
+fn weights_that_run_out_of_colors_warn_of_the_lost_bandwidth() {
+    let base = ["llama-tiny", "--hw", "cs2", "--mesh", "32x32", "--mode", "weight-streaming", "--phase", "decode"];
+    let few = [&base[..], &["--set", "fabric.colors=9"]].concat();
+    let marker = "warning: weights spread over every IO channel ran out of router colors";
+    let (code, out, err) = support::wafer(&[&["compile"], &few[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let warning = err.lines().find(|l| l.starts_with(marker)).unwrap_or_else(|| panic!("no warning: {err}"));
+    // `N of the 48 channels (R/s of 150.00 GB/s; M channels and L/s lost)`.
+    let (used, rest) = warning.split_once(" of the 48 channels (").expect(warning);
+    let used: usize = used.rsplit(' ').next().unwrap().parse().expect(warning);
+    assert!(used < 48, "{warning}");
+    assert!(rest.contains(&format!("of 150.00 GB/s; {} channels and ", 48 - used)), "{warning}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert!(plan["notes"].as_array().unwrap().iter().any(|n| n == warning), "{}", plan["notes"]);
+    let (code, out, err) = support::wafer(&[&["run"], &few[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.lines().any(|l| l == warning), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["notes"].as_array().unwrap().iter().any(|n| n == warning), "{}", v["notes"]);
+    // Fewer channels carry the weights in the run too.
+    let carrying = v["io_channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["peer"] == "memoryx" && c["bytes"].as_u64() > Some(0))
+        .count();
+    assert_eq!(carrying, used);
+    let (code, _, err) = support::wafer(&[&["compile"], &base[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning:"), "{err}");
 }

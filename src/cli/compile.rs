@@ -68,6 +68,7 @@ pub fn run(cmd: CompileCmd) -> Result<(), Error> {
         layer_iters: None,
     };
     let (_, c) = compile::compile_model(&m, &workload, &hw, &opts)?;
+    super::warn_notes(&c.plan.notes);
     if let Some(path) = &cmd.output {
         let inputs = PlanInputs::new(&cmd.model, &m, &workload, &doc, &cmd.hw.set, cmd.hw.mesh_dims()?, &opts)?;
         let file = PlanFile { version: PLAN_VERSION, inputs, summary: c.plan.clone() };

@@ -275,3 +275,11 @@ pub(crate) fn emit(text: &str, path: Option<&str>) -> Result<(), Error> {
         }
     }
 }
+
+/// Prints the compile's warnings (notes starting with `warning: `, such as weights that ran out of
+/// router colors and lost IO bandwidth) on stderr, where a user sees them beside `--json` too.
+pub(crate) fn warn_notes(notes: &[String]) {
+    for n in notes.iter().filter(|n| n.starts_with("warning: ")) {
+        eprintln!("{n}");
+    }
+}

@@ -173,6 +173,7 @@ pub struct Prepared {
 pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
     if is_plan(&cmd.model) {
         let (graph, hw, compiled) = compile::load_plan(&cmd.model)?;
+        super::warn_notes(&compiled.plan.notes);
         let model = model::load(&graph.model).or_else(|_| model::load(&compiled.plan.model))?;
         return Ok(Prepared { model, graph, hw, compiled, options: None });
     }
@@ -197,6 +198,7 @@ pub fn prepare(cmd: &RunCmd) -> Result<Prepared, Error> {
         layer_iters: None,
     };
     let (graph, compiled) = compile::compile_model(&model, &workload, &hw, &opts)?;
+    super::warn_notes(&compiled.plan.notes);
     Ok(Prepared { model, graph, hw, compiled, options: Some(opts) })
 }
 

@@ -223,14 +223,12 @@ fn attempt_mode(
         let cut = LoopCut::new(st.layers, opts.layer_iters);
         // Weights spread over every channel need a color at every router their trains cross; where
         // they run short (a model too short to fold, whose every stream spreads at once), the weights
-        // come through the channels on their regions' rows, as the note says.
+        // come through the channels on their regions' rows, with less bandwidth: a warning says how much.
         let out = match compile_wafer(g, hw, &k, mode, wafer, phase, stages.clone(), streams.clone(), cut, true) {
             Err(CompileError::Colors { stream, .. }) => {
                 let mut o = compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut, false)?;
-                o.notes.push(format!(
-                    "weights spread over every IO channel ran out of router colors (stream `{stream}`): they \
-                     come through the channels on their regions' rows only"
-                ));
+                let w = rows_only_warning(hw, &o.ports, &stream, phased.then_some(phase))?;
+                o.notes.push(w);
                 o
             }
             r => r?,
@@ -476,6 +474,45 @@ fn interleave_layer_streams(tasks: &mut [Task], iters: &BTreeMap<usize, (u32, u3
             tasks[i].needs.push(Need::After { task: TaskIdx(prev as u32), first, num: 1, den: 1 });
         }
     }
+}
+
+/// The warning of a wafer (or phase) whose weights, spread over every IO channel, ran out of router
+/// colors on `stream` and come through the channels on their regions' rows instead: how many channels
+/// carry weights from MemoryX then, the bandwidth the others leave unused, and how far the most loaded
+/// channel is above an even share of the weights over all of them (the factor by which the weights'
+/// stream time grows, when it is IO-bound). Notes starting with `warning: ` are also printed on stderr.
+fn rows_only_warning(
+    hw: &WaferHw,
+    ports: &[PlanPort],
+    stream: &str,
+    phase: Option<u32>,
+) -> Result<String, CompileError> {
+    use crate::report::fmt::human;
+    let all = io::channels(hw)?;
+    let total: f64 = all.iter().map(|c| c.bytes_per_s(hw.clock_hz)).sum();
+    let used: Vec<&PlanPort> = ports.iter().filter(|p| p.peer == "memoryx" && p.bytes > 0).collect();
+    let rate: f64 = used.iter().map(|p| p.bytes_per_s).sum();
+    let bytes: u64 = used.iter().map(|p| p.bytes).sum();
+    let most = used.iter().map(|p| p.bytes).max().unwrap_or(0);
+    let even = bytes as f64 / all.len().max(1) as f64;
+    let phase = match phase {
+        Some(0) => " (forward phase)",
+        Some(_) => " (backward phase)",
+        None => "",
+    };
+    Ok(format!(
+        "warning: weights spread over every IO channel ran out of router colors{phase} (stream `{stream}`): they \
+         come through the channels on their regions' rows only, {} of the {} channels ({}/s of {}/s; {} channels \
+         and {}/s lost), the most loaded carrying {} per step from MemoryX, {:.2}x an even share over all channels",
+        used.len(),
+        all.len(),
+        human(rate, "B"),
+        human(total, "B"),
+        all.len().saturating_sub(used.len()),
+        human((total - rate).max(0.0), "B"),
+        human(most as f64, "B"),
+        if even > 0.0 { most as f64 / even } else { 0.0 }
+    ))
 }
 
 /// The folded layer loop emitted for fewer iterations than the model has layers (`layer_iters`): the

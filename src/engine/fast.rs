@@ -186,6 +186,7 @@ pub fn extrapolate(a: &EngineRun, b: &EngineRun, layers: u32, whole: &MeshProgra
         .zip(&b.totals.io_bytes)
         .map(|(&x, &y)| lin("port bytes", x, y))
         .collect::<Result<Vec<u64>, String>>()?;
+    let io_busy = a.totals.io_busy.iter().zip(&b.totals.io_busy).map(|(&x, &y)| ext_sat(x, y, more)).collect();
     let totals = Totals {
         events: ext_sat(a.totals.events, b.totals.events, more),
         flops: lin("FLOPs", a.totals.flops, b.totals.flops)?,
@@ -194,6 +195,7 @@ pub fn extrapolate(a: &EngineRun, b: &EngineRun, layers: u32, whole: &MeshProgra
         wavelet_hops: lin("wavelet hops", a.totals.wavelet_hops, b.totals.wavelet_hops)?,
         relays: lin("relays", a.totals.relays, b.totals.relays)?,
         io_bytes,
+        io_busy,
     };
     if whole.graph_flops != 0 && totals.flops != whole.graph_flops {
         return Err(format!(

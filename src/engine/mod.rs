@@ -122,6 +122,9 @@ pub struct Totals {
     pub relays: u64,
     /// Bytes through each IO port (in or out).
     pub io_bytes: Vec<u64>,
+    /// Cycles each IO port's link was held by trains, summed over its trains (a train paced below the
+    /// port's rate holds it longer at a fraction of its bandwidth).
+    pub io_busy: Vec<u64>,
 }
 
 /// What one PE or port did.
@@ -287,7 +290,8 @@ fn run_with(
     if let Some(msg) = parts.iter().find_map(|p| p.unconsumed(&shared)) {
         return Err(EngineError::Program(msg));
     }
-    let mut totals = Totals { io_bytes: vec![0; program.ports.len()], ..Totals::default() };
+    let n_ports = program.ports.len();
+    let mut totals = Totals { io_bytes: vec![0; n_ports], io_busy: vec![0; n_ports], ..Totals::default() };
     let mut hop_unit_cycles = 0u128;
     let n_agents = program.mesh.pes() as usize + program.ports.len();
     let mut agents = vec![AgentStats::default(); n_agents];
@@ -300,6 +304,9 @@ fn run_with(
         totals.wavelet_hops += t.wavelet_hops;
         totals.relays += t.relays;
         for (a, b) in totals.io_bytes.iter_mut().zip(&t.io_bytes) {
+            *a += b;
+        }
+        for (a, b) in totals.io_busy.iter_mut().zip(&t.io_busy) {
             *a += b;
         }
         hop_unit_cycles += p.hop_unit_cycles;

@@ -5,8 +5,12 @@ use std::collections::BTreeMap;
 use super::{EngineRun, Res};
 use crate::hw::{SimdOp, WaferHw};
 use crate::mesh::MeshProgram;
+use crate::mesh::Peer;
 use crate::model::DType;
-use crate::report::{Bottleneck, HostInfo, MachineSummary, OpRow, RunReport, Utilization, WorkloadSummary};
+use crate::report::{
+    channel_utilization, io_utilization, Bottleneck, HostInfo, IoChannel, MachineSummary, OpRow, RunReport,
+    Utilization, WorkloadSummary,
+};
 
 /// What the report needs besides the run: who ran what, how.
 pub struct ReportContext<'a> {
@@ -82,13 +86,34 @@ pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunR
     let pes = program.mesh.pes();
     let n_pes = pes as usize;
     let busy: u64 = run.agents[..n_pes].iter().map(|a| a.busy).sum();
-    let io_capacity: f64 = program.ports.iter().map(|p| p.wavelets as f64 * 4.0 / p.per_cycles as f64).sum();
+    let io_channels: Vec<IoChannel> = program
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let bytes = run.totals.io_bytes.get(i).copied().unwrap_or(0);
+            let bytes_per_cycle = p.wavelets as f64 * 4.0 / p.per_cycles as f64;
+            IoChannel {
+                name: p.name.clone(),
+                peer: match p.peer {
+                    Peer::Host => "host".into(),
+                    Peer::MemoryX => "memoryx".into(),
+                    Peer::SwarmX => "swarmx".into(),
+                    Peer::Wafer(w) => format!("wafer{w}"),
+                },
+                bytes,
+                bytes_per_cycle,
+                cycles_busy: run.totals.io_busy.get(i).copied().unwrap_or(0),
+                utilization: channel_utilization(bytes, bytes_per_cycle, cycles),
+            }
+        })
+        .collect();
     let io_bytes: u64 = run.totals.io_bytes.iter().sum();
     let sram_used = program.sram_bytes();
     let utilization = Utilization {
         compute: busy as f64 / (pes as f64 * cycles as f64),
         fabric: run.fabric_utilization,
-        io: if io_capacity > 0.0 { io_bytes as f64 / (io_capacity * cycles as f64) } else { 0.0 },
+        io: io_utilization(&io_channels, cycles),
         memory: sram_used as f64 / (pes as f64 * program.timing.sram_bytes as f64),
     };
     let total_path = run.critical_path.total().max(1) as f64;
@@ -143,6 +168,7 @@ pub fn build(program: &MeshProgram, run: &EngineRun, ctx: ReportContext) -> RunR
         bottleneck: Bottleneck { dominant, shares },
         breakdown,
         counters,
+        io_channels,
         notes: ctx.notes,
         gpu: None,
         host: ctx.host,

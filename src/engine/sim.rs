@@ -716,7 +716,11 @@ impl Part {
             scratch: Vec::new(),
             scratch_kids: (Vec::new(), Vec::new()),
             scratch_fill: Vec::new(),
-            totals: Totals { io_bytes: vec![0; sh.prog.ports.len()], ..Totals::default() },
+            totals: Totals {
+                io_bytes: vec![0; sh.prog.ports.len()],
+                io_busy: vec![0; sh.prog.ports.len()],
+                ..Totals::default()
+            },
             stats: vec![AgentStats::default(); n_agents],
             hop_unit_cycles: 0,
             error: None,
@@ -1164,6 +1168,7 @@ impl Part {
         self.totals.relays += route.relays as u64;
         if g >= sh.n_pes {
             self.totals.io_bytes[(g - sh.n_pes) as usize] += n * 4;
+            self.totals.io_busy[(g - sh.n_pes) as usize] += len;
         }
         let train = Arc::new(Train {
             sender: g,
@@ -1292,6 +1297,7 @@ impl Part {
                 }
                 Deliver::Port(p) => {
                     self.totals.io_bytes[p as usize] += train.n * 4;
+                    self.totals.io_busy[p as usize] += train.len;
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
                         let k = shared_info(&mut self.infos);

@@ -913,6 +913,7 @@ fn run_at(
         bottleneck,
         breakdown,
         counters,
+        io_channels: Vec::new(),
         notes,
         gpu: Some(GpuDetails {
             levels,

@@ -12,4 +12,6 @@ pub use compare::Comparison;
 pub use gpu::{GpuDetails, KernelRow, LevelBytes, MemoryFootprint};
 pub use graph::{GraphSummary, KindRow, WorkloadSummary};
 pub use plan::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
-pub use run::{Bottleneck, HostInfo, MachineSummary, OpRow, RunReport, Utilization};
+pub use run::{
+    channel_utilization, io_utilization, Bottleneck, HostInfo, IoChannel, MachineSummary, OpRow, RunReport, Utilization,
+};

@@ -82,6 +82,29 @@ pub struct OpRow {
     pub bound: String,
 }
 
+/// One perimeter IO channel of a wafer run (a port's share of one edge link): what crossed it and how
+/// busy it was.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct IoChannel {
+    /// Channel name (`io3.1`: port 3, its channel 1).
+    pub name: String,
+    /// Who is on the other side: `memoryx`, `swarmx`, `host`, `wafer1`.
+    pub peer: String,
+    /// Bytes through it in the step, in or out.
+    pub bytes: u64,
+    /// Its rate: bytes per device cycle.
+    pub bytes_per_cycle: f64,
+    /// Cycles its link was held by trains, summed over its trains (a train paced below the channel's
+    /// rate, by a slower consumer, holds it longer).
+    pub cycles_busy: u64,
+    /// bytes / (bytes_per_cycle x cycles): the share of its capacity the step used. `utilization.io` is
+    /// the same over all channels together (their mean weighted by rate).
+    pub utilization: f64,
+}
+
+/// Channels the text printer names (the busiest first); `--json` has them all under `io_channels`.
+const TEXT_IO_ROWS: usize = 4;
+
 /// Facts about the emulator's own run: never compared between runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct HostInfo {
@@ -114,6 +137,9 @@ pub struct RunReport {
     pub breakdown: Vec<OpRow>,
     /// Named integer counters (`wavelets`, `wavelet_hops`, `io_bytes`, `relays`, `hbm_bytes`, ...).
     pub counters: BTreeMap<String, u64>,
+    /// Wafer runs: every perimeter IO channel in port order (empty for GPUs, and then not printed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub io_channels: Vec<IoChannel>,
     /// Notes a reader needs (assumptions taken, fallbacks used), in a stable order.
     pub notes: Vec<String>,
     /// GPU model only: bytes per memory level, kernels, footprint.
@@ -128,7 +154,65 @@ const WAFER_REGION_ROWS: usize = 12;
 /// Kernel rows the text printer shows (the slowest first); `--json` has them all.
 const TEXT_KERNEL_ROWS: usize = 40;
 
+/// bytes / (bytes_per_cycle x cycles), 0 for an empty run or a channel without rate.
+pub fn channel_utilization(bytes: u64, bytes_per_cycle: f64, cycles: u64) -> f64 {
+    let cap = bytes_per_cycle * cycles as f64;
+    if cap > 0.0 {
+        bytes as f64 / cap
+    } else {
+        0.0
+    }
+}
+
+/// The perimeter IO utilisation of a run: all channels' bytes over all channels' capacity.
+pub fn io_utilization(chans: &[IoChannel], cycles: u64) -> f64 {
+    let bytes: u64 = chans.iter().map(|c| c.bytes).sum();
+    channel_utilization(bytes, chans.iter().map(|c| c.bytes_per_cycle).sum(), cycles)
+}
+
 impl RunReport {
+    /// The IO channels section of the text: per peer, how many channels and bytes; utilisation min,
+    /// overall and max; the busiest few by name.
+    fn io_text(&self, s: &mut String) {
+        let ch = &self.io_channels;
+        let mut peers: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+        for c in ch {
+            let e = peers.entry(c.peer.as_str()).or_default();
+            e.0 += 1;
+            e.1 += c.bytes;
+        }
+        let peers: Vec<String> =
+            peers.iter().map(|(p, (n, b))| format!("{p} {n} ({})", human(*b as f64, "B"))).collect();
+        let _ = writeln!(s, "\nio channels {}: {}", ch.len(), peers.join(", "));
+        let min = ch.iter().map(|c| c.utilization).fold(f64::INFINITY, f64::min);
+        let max = ch.iter().map(|c| c.utilization).fold(0.0, f64::max);
+        let idle = ch.iter().filter(|c| c.bytes == 0).count();
+        let _ = writeln!(
+            s,
+            "  utilization min {}  all {}  max {}{}",
+            percent(min),
+            percent(self.utilization.io),
+            percent(max),
+            if idle > 0 { format!("  ({idle} idle)") } else { String::new() }
+        );
+        let mut rows: Vec<&IoChannel> = ch.iter().collect();
+        rows.sort_by(|a, b| b.utilization.total_cmp(&a.utilization).then(a.name.cmp(&b.name)));
+        for c in rows.iter().take(TEXT_IO_ROWS) {
+            let _ = writeln!(
+                s,
+                "  {:<10}{:<9}{:>12}{:>16} cycles busy{:>8}",
+                c.name,
+                c.peer,
+                human(c.bytes as f64, "B"),
+                thousands(c.cycles_busy),
+                percent(c.utilization)
+            );
+        }
+        if ch.len() > TEXT_IO_ROWS {
+            let _ = writeln!(s, "  ... {} more (--json: io_channels)", ch.len() - TEXT_IO_ROWS);
+        }
+    }
+
     /// One report for programs run one after the other on the same machine (weight-streaming training:
     /// the forward phase, then the backward phase): cycles, seconds, FLOPs and counters add up;
     /// utilisation and bottleneck shares are the phases' own, weighted by their cycles; memory is the
@@ -184,6 +268,27 @@ impl RunReport {
             }
         }
         out.counters = counters;
+        // Channels of every phase, by name (the phases run on the same wafer); the step's utilisation of
+        // perimeter IO is theirs together, so that it agrees with the channel rows.
+        let mut chans: Vec<IoChannel> = Vec::new();
+        for (_, r) in &all {
+            for c in &r.io_channels {
+                match chans.iter_mut().find(|x| x.name == c.name && x.peer == c.peer) {
+                    Some(x) => {
+                        x.bytes += c.bytes;
+                        x.cycles_busy += c.cycles_busy;
+                    }
+                    None => chans.push(c.clone()),
+                }
+            }
+        }
+        if !chans.is_empty() {
+            for c in &mut chans {
+                c.utilization = channel_utilization(c.bytes, c.bytes_per_cycle, cycles);
+            }
+            out.utilization.io = io_utilization(&chans, cycles);
+        }
+        out.io_channels = chans;
         let mut notes: Vec<String> = Vec::new();
         for (name, r) in &all {
             for n in &r.notes {
@@ -224,6 +329,10 @@ impl RunReport {
         }
         for v in self.counters.values_mut() {
             *v *= m;
+        }
+        for c in &mut self.io_channels {
+            c.bytes *= m;
+            c.cycles_busy *= m;
         }
         self.notes.push(format!(
             "the step is {m} micro-batches in a row through the same programs, each from an idle wafer: one is \
@@ -376,6 +485,9 @@ impl RunReport {
             if rows.len() > TEXT_KERNEL_ROWS {
                 let _ = writeln!(s, "  ... {} more (--json lists every kernel)", rows.len() - TEXT_KERNEL_ROWS);
             }
+        }
+        if !self.io_channels.is_empty() {
+            self.io_text(&mut s);
         }
         if !self.counters.is_empty() {
             let _ = writeln!(s, "\ncounters");
