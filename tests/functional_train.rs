@@ -1,8 +1,9 @@
 //! Training in functional mode (`wafer run --phase train --functional`): one step's loss, gradients and
 //! updated weights computed by the emulated PEs of a pipelined training program, against the reference.
 //!
-//! Every dense tiny decoder's whole step runs on the mesh: the forward pass, the loss, the backward pass
-//! (attention's included) and Adam. What is still refused (MoE) is refused by region and op.
+//! Every dense tiny model's whole step runs on the mesh (the decoders and BERT with its two heads): the
+//! forward pass, the loss, the backward pass (attention's included) and Adam. What is still refused
+//! (MoE) is refused by region and op.
 
 mod support;
 
@@ -91,18 +92,23 @@ fn find<'a>(outs: &'a [MeshOutput], name: &str) -> Option<&'a MeshOutput> {
 
 /// Every dense tiny model's whole training step on the mesh matches the reference in fp32 within 1e-4,
 /// on meshes small and large enough for both linear algorithms: the loss, every weight's gradient (read
-/// back from the Adam region that received it), and every weight's w', m' and v' (an updated weight's
-/// elements whose gradient is below 100 x Adam's epsilon within 2 x the learning rate: see
-/// `functional::mesh::updated_weight_error`).
+/// back from the Adam region that received it), and every weight's w', m' and v' (elements whose
+/// reference gradient is below 100 x Adam's epsilon, rounding noise, are held to absolute bounds: see
+/// `functional::mesh::adam_error`).
 #[test]
 fn every_dense_tiny_models_step_matches_the_reference() {
-    for name in TINY {
-        for mesh in [32, 64] {
+    for name in TINY.iter().chain(&["bert-tiny"]) {
+        // (BERT's training step fits a 64x64 rectangle pipelined; 32x32 would stream its weights.)
+        for mesh in if *name == "bert-tiny" { &[64][..] } else { &[32, 64][..] } {
+            let mesh = *mesh;
             let s = step(name, mesh, 16, DType::Fp32);
             let (_, outs) = s.whole(s.setup(), 1);
             let what = format!("{name} on {mesh}x{mesh}");
-            let loss = find(&outs, "head.loss").unwrap_or_else(|| panic!("{what}: no loss"));
-            assert!(loss.max_rel_error < 1e-4, "{what}: loss off by {:.3e}", loss.max_rel_error);
+            let losses: Vec<&MeshOutput> = outs.iter().filter(|o| o.name.ends_with("loss")).collect();
+            assert!(!losses.is_empty(), "{what}: no loss");
+            for loss in losses {
+                assert!(loss.max_rel_error < 1e-4, "{what}: `{}` off by {:.3e}", loss.name, loss.max_rel_error);
+            }
             let adams = s.adams();
             assert!(adams.len() >= 10, "{what}: {} weights", adams.len());
             for (w, grad, next) in &adams {
@@ -159,7 +165,7 @@ fn timing_is_the_same_with_values_and_values_for_any_thread_count() {
     }
 }
 
-/// `wafer run --phase train --functional` runs the whole step of every dense tiny decoder and exits 0
+/// `wafer run --phase train --functional` runs the whole step of every dense tiny model and exits 0
 /// with the check; its `--out` file holds the loss and the wafer's updated weights under their
 /// checkpoint names and layouts: read back as a checkpoint (into the graph's layout again), they equal
 /// what `wafer reference --out` gives for the same step (`updated.NAME`) within the bound.
@@ -169,13 +175,14 @@ fn the_cli_trains_on_the_mesh_and_writes_the_updated_weights() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let lr = functional::AdamConfig::default().lr as f32;
     let floor = 100.0 * functional::AdamConfig::default().eps as f32;
-    for name in TINY {
+    for name in TINY.iter().chain(&["bert-tiny"]) {
+        let mesh = if *name == "bert-tiny" { "64x64" } else { "32x32" };
         let (mesh_out, ref_out) =
             (dir.join(format!("{name}.safetensors")), dir.join(format!("{name}.ref.safetensors")));
         let w = ["--phase", "train", "--seq", "16", "--dtype", "fp32"];
         let m = mesh_out.to_str().expect("path");
         let (code, out, stderr) =
-            wafer(&[&["run", name][..], &w, &["--mesh", "32x32", "--functional", "--out", m]].concat());
+            wafer(&[&["run", name][..], &w, &["--mesh", mesh, "--functional", "--out", m]].concat());
         assert_eq!(code, 0, "{name}: {stderr}");
         assert!(out.contains("functional: max relative error vs the reference"), "{name}: {out}");
         assert!(out.contains(".adam_v.next"), "{name}: no moments in the check: {out}");
@@ -192,10 +199,15 @@ fn the_cli_trains_on_the_mesh_and_writes_the_updated_weights() {
             let t = st.tensor(n).unwrap_or_else(|_| panic!("{name}: no `{n}`"));
             t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
         };
-        let (loss, want) = (f32s(&ms, "loss")[0], f32s(&rs, "loss")[0]);
-        assert!((loss - want).abs() <= 1e-4 * want.abs(), "{name}: loss {loss} vs {want}");
+        // The loss (BERT: `mlm_loss` and `nsp_loss`), as `wafer reference --out` names it.
+        let losses: Vec<String> = rs.names().into_iter().filter(|n| n.ends_with("loss")).map(String::from).collect();
+        assert!(!losses.is_empty(), "{name}: the reference wrote no loss");
+        for l in &losses {
+            let (loss, want) = (f32s(&ms, l)[0], f32s(&rs, l)[0]);
+            assert!((loss - want).abs() <= 1e-4 * want.abs(), "{name}: `{l}` {loss} vs {want}");
+        }
         // The updated weights, read back as a checkpoint.
-        let s = step(name, 32, 16, DType::Fp32);
+        let s = step(name, if *name == "bert-tiny" { 64 } else { 32 }, 16, DType::Fp32);
         let family = match &s.model {
             Model::Transformer(spec) => Some(spec.family),
             Model::Op(_) => None,

@@ -75,11 +75,11 @@ impl Checked {
         }
         // A training step has a result per weight and moment: named in the section above, counted here.
         let what = if names.len() > 8 { format!("{} results", names.len()) } else { names.join(", ") };
-        let held: usize = self.outputs.iter().map(|o| o.lr_held).sum();
+        let held: usize = self.outputs.iter().map(|o| o.held).sum();
         let held = match held {
             0 => String::new(),
             n => format!(
-                "; {n} elements of updated weights whose reference gradient is below 100 x Adam's epsilon held to 2 x the learning rate"
+                "; {n} elements whose reference gradient is below 100 x Adam's epsilon held to the bounds of rounding noise"
             ),
         };
         format!(
@@ -94,9 +94,9 @@ impl Checked {
     pub fn text(&self) -> String {
         let mut s = String::from("\nfunctional (values computed by the emulated PEs, checked against the reference)\n");
         let row = |o: &MeshOutput, indent: &str| {
-            let held = match o.lr_held {
+            let held = match o.held {
                 0 => String::new(),
-                n => format!(" ({n} elements with a gradient below 100 x Adam's epsilon within 2 x lr)"),
+                n => format!(" ({n} elements with a gradient below 100 x Adam's epsilon held to noise bounds)"),
             };
             format!("{indent}{:<28} {:?}  max relative error {:.3e}{held}\n", o.name, o.shape, o.max_rel_error)
         };

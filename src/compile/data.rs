@@ -596,7 +596,11 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 _ => None,
             };
             let width = view(g, TensorId(out)).width;
-            let rows_per_run = rows / runs;
+            // (A token select's gradient runs per sequence: its rows are sequences of `seq` output rows.)
+            let rows_per_run = match op.kind {
+                OpKind::TokenSelectGrad { seq, .. } => rows * seq / runs,
+                _ => rows / runs,
+            };
             by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out, out2 });
         }
         (&Work::Relay { rows, width, .. }, Algo::Elementwise) => {

@@ -22,46 +22,58 @@ pub struct MeshOutput {
     pub tensor: TensorId,
     pub shape: Vec<u64>,
     pub values: Vec<f32>,
-    /// Max |mesh - reference| over the elements, relative to the largest reference magnitude (for an
-    /// updated weight, over the elements not in `lr_held`).
+    /// Max |mesh - reference| over the elements, relative to the largest reference magnitude (for a
+    /// gradient or an Adam output, over the elements not in `held`).
     pub max_rel_error: f64,
-    /// An updated weight (Adam's w'): its elements whose reference gradient is below 100 x Adam's
-    /// epsilon, held to `|mesh - reference| <= 2 lr` instead of the relative bound (see
-    /// `updated_weight_error`); an element off by more counts in `max_rel_error`.
-    pub lr_held: usize,
+    /// A gradient or an Adam output: its elements whose reference gradient is below 100 x Adam's
+    /// epsilon that differ from the reference, held to an absolute bound instead of the relative one
+    /// (see `adam_error`); an element off by more counts in `max_rel_error`.
+    pub held: usize,
 }
 
-/// The error of an updated weight `values` of tensor `t` (Adam's first output; None for any other
-/// tensor) and how many elements were held to the learning rate. At step 1 Adam moves each weight by
-/// `lr * g / (|g| + eps)` (the bias corrections cancel), a value in (-lr, lr) that depends on the
-/// gradient's size only where |g| is within a few orders of `eps`; there (a gradient that cancels to
-/// about 1e-9, such as a key bias's, which is zero in exact arithmetic: the rows of dS sum to zero)
-/// the last bits of a sum, which differ between any two orders of summation in fp32, decide where in
-/// that interval the weight lands, so no order of sums can match it closer than 2 lr. Elsewhere the
-/// relative bound applies.
-pub fn updated_weight_error(
-    graph: &Graph,
-    t: TensorId,
-    values: &[f32],
-    reference: &Values<f32>,
-) -> Option<(f64, usize)> {
-    let op = graph
-        .op_ids()
-        .map(|i| graph.op(i))
-        .find(|op| matches!(op.kind, crate::graph::OpKind::Adam { .. }) && op.outputs.first() == Some(&t))?;
+/// The error of a result of an Adam op (its gradient input, w', m', v' or the master copy; None for
+/// any other tensor) and how many of its elements were held to an absolute bound instead of the
+/// relative one.
+///
+/// At step 1 Adam moves each weight by `lr * g / (|g| + eps)` (the bias corrections cancel), a value in
+/// (-lr, lr) that depends on the gradient's size only where |g| is within a few orders of `eps`. A
+/// gradient that cancels to nearly nothing (a key bias's is zero in exact arithmetic: the rows of dS
+/// sum to zero) is rounding noise, whose last bits differ between any two orders of summation in fp32,
+/// and they decide where in that interval the weight lands. So where the reference gradient is below
+/// `floor` = 100 x Adam's epsilon, an element is held to what that noise can move: the gradient within
+/// `floor`, m' within `(1 - beta1) floor`, v' within `(1 - beta2) floor^2`, w' within `2 lr`; an element
+/// off by more counts in the relative error (a wrong gradient is never hidden: it is far above the
+/// floor). Elsewhere the error is relative to the tensor's largest reference magnitude.
+pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> Option<(f64, usize)> {
+    let a = super::AdamConfig::default();
+    let floor = 100.0 * a.eps;
+    let (op, bound) = graph.op_ids().map(|i| graph.op(i)).find_map(|op| {
+        if !matches!(op.kind, crate::graph::OpKind::Adam { .. }) {
+            return None;
+        }
+        if op.inputs.get(1) == Some(&t) {
+            return Some((op, floor));
+        }
+        let i = op.outputs.iter().position(|&o| o == t)?;
+        let bound = match i {
+            1 => (1.0 - a.beta1) * floor,
+            2 => (1.0 - a.beta2) * floor * floor,
+            _ => 2.0 * a.lr,
+        };
+        Some((op, bound))
+    })?;
     let (r, grad) = (reference.f(t), reference.f(op.inputs[1]));
     if r.len() != values.len() || grad.len() != values.len() {
         return None;
     }
-    let (lr, floor) = (super::AdamConfig::default().lr, 100.0 * super::AdamConfig::default().eps);
-    let scale = r.iter().fold(0f64, |a, &b| a.max(b.abs() as f64)).max(f64::MIN_POSITIVE);
+    let scale = r.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
     let (mut worst, mut held) = (0f64, 0usize);
     for ((&m, &x), &g) in values.iter().zip(r).zip(grad) {
         let d = (m as f64 - x as f64).abs();
         if !d.is_finite() {
             return Some((f64::INFINITY, held));
         }
-        if (g.abs() as f64) < floor && d <= 2.0 * lr {
+        if (g.abs() as f64) < floor && d <= bound {
             // (Counted where the two differ at all: a zero gradient moves neither.)
             held += (d > 0.0) as usize;
         } else {
@@ -229,15 +241,15 @@ fn outputs_with(
             )));
         }
         let t = TensorId(r.tensor);
-        let (max_rel_error, lr_held) = updated_weight_error(graph, t, &values, reference)
-            .unwrap_or_else(|| (max_rel_error(&values, reference.f(t)), 0));
+        let (max_rel_error, held) =
+            adam_error(graph, t, &values, reference).unwrap_or_else(|| (max_rel_error(&values, reference.f(t)), 0));
         out.push(MeshOutput {
             name: r.name.clone(),
             tensor: t,
             shape: graph.tensor(t).shape.clone(),
             values,
             max_rel_error,
-            lr_held,
+            held,
         });
     }
     if partial {
@@ -282,7 +294,7 @@ fn tapped(
             let tensor = TensorId(t);
             let max_rel_error = max_rel_error(&values, reference.f(tensor));
             let shape = tt.shape.clone();
-            out.push(MeshOutput { name: tt.name.clone(), tensor, shape, values, max_rel_error, lr_held: 0 });
+            out.push(MeshOutput { name: tt.name.clone(), tensor, shape, values, max_rel_error, held: 0 });
         }
     }
     out
