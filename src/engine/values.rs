@@ -577,7 +577,10 @@ impl PartValues {
                 Ok(vec![None; n_sends])
             }
             Kernel::Load => {
-                self.pes[local].weights.extend(claimed);
+                // Kept whole: the rows a gateway forwarded one by one joined again into blocks.
+                let pe = &mut self.pes[local];
+                pe.weights.extend(claimed);
+                pe.weights = coalesce(std::mem::take(&mut pe.weights));
                 Ok(vec![None; n_sends])
             }
             &Kernel::Gather { ids, table, width, rows_per_run, out } => {
@@ -1448,13 +1451,13 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
     out.into()
 }
 
-/// Fragments in address order (tensor, row, column, sender), blocks of several rows cut into rows: how
-/// a gateway that buffers a stream forwards it (row by row, so a consumer that takes the train in
-/// several runs of rows gets its rows in each).
+/// Fragments in address order (tensor, row, column, sender), blocks of finished values several rows
+/// high cut into rows: how a gateway that buffers a stream forwards it (row by row, so a consumer that
+/// takes the train in several runs of rows gets its rows in each; partial sums keep their blocks).
 fn in_order(frags: Vec<Frag>) -> Vec<Frag> {
     let mut rows = Vec::with_capacity(frags.len());
     for f in frags {
-        if f.r1 <= f.r0 + 1 || f.tensor >= NO_VALUES {
+        if f.r1 <= f.r0 + 1 || f.tensor >= NO_VALUES || f.cover != 0 {
             rows.push(f);
             continue;
         }
@@ -1466,6 +1469,29 @@ fn in_order(frags: Vec<Frag>) -> Vec<Frag> {
     }
     rows.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
     rows
+}
+
+/// Fragments with consecutive rows of the same columns of a tensor joined into one block each (each
+/// value copied once).
+fn coalesce(mut frags: Vec<Frag>) -> Vec<Frag> {
+    frags.sort_by_key(|f| (f.tensor, f.view_cols, f.c0, f.c1, f.cover, f.r0, f.src));
+    let key = |f: &Frag| (f.tensor, f.view_cols, f.c0, f.c1, f.cover);
+    let mut out: Vec<Frag> = Vec::with_capacity(frags.len());
+    let mut i = 0;
+    while i < frags.len() {
+        let mut j = i + 1;
+        while j < frags.len() && key(&frags[j]) == key(&frags[i]) && frags[j].r0 == frags[j - 1].r1 {
+            j += 1;
+        }
+        if j == i + 1 {
+            out.push(frags[i].clone());
+        } else {
+            let vals: Vec<f32> = frags[i..j].iter().flat_map(|f| f.vals.iter().copied()).collect();
+            out.push(Frag { r1: frags[j - 1].r1, vals: vals.into(), ..frags[i].clone() });
+        }
+        i = j;
+    }
+    out
 }
 
 /// Values at scattered flat positions of a tensor with rows of `cols`, as fragments of contiguous runs.
