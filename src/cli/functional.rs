@@ -73,10 +73,18 @@ impl Checked {
                 names.push(&o.name);
             }
         }
+        // A training step has a result per weight and moment: named in the section above, counted here.
+        let what = if names.len() > 8 { format!("{} results", names.len()) } else { names.join(", ") };
+        let held: usize = self.outputs.iter().map(|o| o.held).sum();
+        let held = match held {
+            0 => String::new(),
+            n => format!(
+                "; {n} elements whose reference gradient is below 100 x Adam's epsilon held to the bounds of rounding noise"
+            ),
+        };
         format!(
-            "functional: max relative error vs the reference {:.3e} ({}; {} storage, fp32 arithmetic; values and timing from one detailed run{})",
+            "functional: max relative error vs the reference {:.3e} ({what}; {} storage, fp32 arithmetic; values and timing from one detailed run{}{held})",
             self.worst(),
-            names.join(", "),
             self.dtype.name(),
             if self.steps.is_empty() { "" } else { " per step" }
         )
@@ -86,7 +94,11 @@ impl Checked {
     pub fn text(&self) -> String {
         let mut s = String::from("\nfunctional (values computed by the emulated PEs, checked against the reference)\n");
         let row = |o: &MeshOutput, indent: &str| {
-            format!("{indent}{:<28} {:?}  max relative error {:.3e}\n", o.name, o.shape, o.max_rel_error)
+            let held = match o.held {
+                0 => String::new(),
+                n => format!(" ({n} elements with a gradient below 100 x Adam's epsilon held to noise bounds)"),
+            };
+            format!("{indent}{:<28} {:?}  max relative error {:.3e}{held}\n", o.name, o.shape, o.max_rel_error)
         };
         if self.steps.is_empty() {
             for o in &self.outputs {
@@ -193,7 +205,9 @@ pub fn emulate(
     let eopts = EngineOptions { fidelity, threads, trace: spec, progress: None };
     let (erun, results) = engine::run_functional(prog, &eopts, Arc::new(setup))?;
     let outputs = fmesh::outputs(prog, &run.graph, &results, &run.values)?;
-    if let Some(path) = &cmd.out {
+    if let (Some(path), Phase::Train) = (&cmd.out, workload.phase) {
+        write_training(path, p, &run, &outputs)?;
+    } else if let Some(path) = &cmd.out {
         // Under the names transformers gives them (`logits`, `last_hidden_state`), as `wafer reference` writes.
         let names = run.primary_outputs();
         let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = outputs
@@ -208,6 +222,41 @@ pub fn emulate(
     }
     let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
     Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
+}
+
+/// --out of a training step: the weights the wafer's Adam regions updated, as a checkpoint (their
+/// Hugging Face names, in the family's on-disk layout, so `--weights` reads them back for the next
+/// step), and the loss the wafer computed (`loss`, as `wafer reference --out` names it).
+fn write_training(
+    path: &std::path::Path,
+    p: &Prepared,
+    run: &functional::Run<f32>,
+    outputs: &[MeshOutput],
+) -> Result<(), Error> {
+    let g = &run.graph;
+    let mut updated = functional::weights::Weights::<f32> { tensors: Default::default(), source: "the wafer".into() };
+    for op in g.op_ids().map(|o| g.op(o)) {
+        if let waferscale::graph::OpKind::Adam { .. } = op.kind {
+            let w = g.tensor(op.inputs[0]);
+            let o = outputs
+                .iter()
+                .find(|o| Some(&o.tensor) == op.outputs.first())
+                .ok_or_else(|| FunctionalError::Internal(format!("the wafer's run left no updated `{}`", w.name)))?;
+            updated.tensors.insert(w.name.clone(), (w.shape.clone(), o.values.clone()));
+        }
+    }
+    let family = match &p.model {
+        Model::Transformer(s) => Some(s.family),
+        Model::Op(_) => None,
+    };
+    let mut tensors = updated.on_disk(g, family);
+    for (name, t) in run.primary_outputs() {
+        if let Some(o) = outputs.iter().find(|o| o.tensor == t) {
+            tensors.push((name, o.shape.clone(), o.values.clone()));
+        }
+    }
+    write_f32(path, &tensors)?;
+    Ok(())
 }
 
 /// Values run the whole program: a weight-streaming loop fast fidelity would cut runs every layer

@@ -57,6 +57,17 @@ fn view_with(g: &Graph, producers: &[Option<crate::graph::OpId>], t: TensorId) -
     View { base: t.0, cols, c0: 0, width: cols }
 }
 
+/// The tensors that are concatenations of others' columns (`split_grad` outputs, which never move
+/// themselves: their parts do), with their parts' views in column order.
+pub(crate) fn concats(g: &Graph) -> BTreeMap<u32, Vec<View>> {
+    let producers = g.producers();
+    g.op_ids()
+        .map(|o| g.op(o))
+        .filter(|op| matches!(op.kind, OpKind::SplitGrad { .. }))
+        .map(|op| (op.outputs[0].0, op.inputs.iter().map(|&t| view_with(g, &producers, t)).collect()))
+        .collect()
+}
+
 /// Rows of a view's tensor.
 pub(crate) fn view_rows(g: &Graph, t: TensorId, v: &View) -> u64 {
     g.tensor(t).elems() / v.width.max(1)
@@ -167,6 +178,9 @@ struct Compute {
     final_total: Option<(String, u64)>,
     /// Results the compute block holds at the end (an attention region's updated KV cache).
     readouts: Vec<Readout>,
+    /// An attention gradient on summa (dK, dV): its output gateways sum the per-head blocks over each
+    /// KV head's query heads (`Kernel::HeadSum`).
+    head_sum: Option<(AttnShape, u32)>,
 }
 
 /// The data table of the region `st` runs on `rect` with tiling `t`, for the templates its program has.
@@ -248,9 +262,13 @@ pub(crate) fn region(
                 // Weights streamed in: kept for the PE's kernels (also by PEs that only drain them).
                 "wload" => TaskData::Kernel(Kernel::Load),
                 "drain" if weight_slot(st, name) => TaskData::Kernel(Kernel::Load),
-                "out" => TaskData::Kernel(Kernel::Route {
-                    views: task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect(),
-                }),
+                "out" => {
+                    let views = task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect();
+                    TaskData::Kernel(match compute.head_sum {
+                        Some((attn, out)) => Kernel::HeadSum { attn, out, views },
+                        None => Kernel::Route { views },
+                    })
+                }
                 // The optimizer's updated weights (pipelined training), kept by the PEs that hold the
                 // weight for the next step; this step's kernels read the resident image.
                 "refresh" => TaskData::Kernel(Kernel::Load),
@@ -319,10 +337,18 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
     let mut by_name = BTreeMap::new();
     let mut final_total = None;
     let mut readouts = Vec::new();
+    let mut head_sum = None;
     let out_of = |o: usize| st.outputs.get(o).map(|s| s.tensor.0).ok_or("no output slot");
+    // The main op's input j (streamed in as slot s): a concatenation (`split_grad`) is read as itself,
+    // from its parts' slots (`ProgramData::concats`).
+    let producers = g.producers();
+    let in_view = |j: usize, s: usize| match op.inputs.get(j).and_then(|t| producers[t.idx()]) {
+        Some(p) if matches!(g.op(p).kind, OpKind::SplitGrad { .. }) => view(g, op.inputs[j]),
+        _ => view(g, st.inputs[s].tensor),
+    };
     match (&st.work, t.algo) {
         (&Work::Matmul { a, b, fresh, rows, k, cols, bias, out, .. }, Algo::GemvBroadcast) => {
-            let av = view(g, st.inputs[a].tensor);
+            let av = in_view(0, a);
             let rows_per_run = rows / runs;
             let out = out_of(out)?;
             match op.kind {
@@ -340,7 +366,12 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
                     }
                 }
-                OpKind::AttnScores(at) | OpKind::AttnContext(at) => {
+                // dP = dO . V^T is the scores product with dO as queries and V as keys; dQ = dS . K the
+                // context product with dS as probabilities and K as values.
+                OpKind::AttnScores(at)
+                | OpKind::AttnContext(at)
+                | OpKind::AttnContextGradP(at)
+                | OpKind::AttnScoresGradQ(at) => {
                     let read = st.ops.iter().map(|&o| g.op(o)).find(|o| {
                         matches!(o.kind, OpKind::KvCacheRead { .. }) && o.outputs.first() == op.inputs.get(1)
                     });
@@ -390,7 +421,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                         });
                     }
                     let append = append.map(|t| t.0);
-                    let kernel = if matches!(op.kind, OpKind::AttnScores(_)) {
+                    let kernel = if matches!(op.kind, OpKind::AttnScores(_) | OpKind::AttnContextGradP(_)) {
                         Kernel::AttnScores { grid, q: av, cache, fresh, attn: shape, out, append }
                     } else {
                         Kernel::AttnContext { grid, p: av, cache, fresh, attn: shape, out, append }
@@ -454,6 +485,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 OpKind::AttnSoftmax(a) => {
                     RowOp::Softmax { q: a.q_len, kv: a.kv_len, head_dim: a.head_dim, causal: a.causal }
                 }
+                OpKind::AttnSoftmaxGrad(a) => RowOp::SoftmaxGrad { p: view(g, op.inputs[0]), head_dim: a.head_dim },
                 _ => return Err("this row reduction has no data semantics yet".into()),
             };
             let rows_per_run = rows / runs;
@@ -472,7 +504,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 return Err("a streamed (non-weight) stationary operand".into());
             }
             let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
-            let (av, w, w_out_in) = (view(g, st.inputs[a].tensor), op.inputs[1].0, w_out_in(&op.kind, l.layout));
+            let (av, w, w_out_in) = (in_view(0, a), op.inputs[1].0, w_out_in(&op.kind, l.layout));
             let out = out_of(out)?;
             by_name.insert(
                 "mm",
@@ -493,7 +525,19 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             }
             let gv = view(g, op.inputs[1]);
             let rows_per_run = rows / runs;
-            // The updated weight and moments stay on the Adam region's PEs, each element on one.
+            // The gradient (where it is a whole tensor laid out as the weight), the updated weight and
+            // the moments stay on the Adam region's PEs, each element on one.
+            let whole = gv.c0 == 0 && gv.width == gv.cols && g.tensor(op.inputs[1]).elems() == rows * width;
+            if whole {
+                readouts.push(Readout {
+                    tensor: gv.base,
+                    name: g.tensor(TensorId(gv.base)).name.clone(),
+                    rect: Some(Rect { x: grid.origin.x, y: grid.origin.y, w: grid.cols, h: grid.rows }),
+                    rows: rows * width / gv.cols.max(1),
+                    cols: gv.cols,
+                    cover: 0,
+                });
+            }
             for &t in &outs {
                 readouts.push(Readout {
                     tensor: t,
@@ -517,6 +561,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     rows_per_run,
                     width,
                     outs: outs.clone(),
+                    keep_grad: whole,
                 },
             );
         }
@@ -526,21 +571,37 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 OpKind::Add { .. } => (EwOp::Add, op.inputs.clone()),
                 OpKind::Gelu(_) => (EwOp::Gelu, vec![op.inputs[0]]),
                 OpKind::SwiGlu(_) => (EwOp::SwiGlu, op.inputs.clone()),
+                OpKind::SwiGluGrad(_) => (EwOp::SwiGluGrad, op.inputs.clone()),
                 OpKind::Tanh(_) => (EwOp::Tanh, vec![op.inputs[0]]),
+                OpKind::TanhGrad(_) => (EwOp::TanhGrad, op.inputs.clone()),
+                OpKind::TokenSelectGrad { seq, pick, .. } => {
+                    (EwOp::SelectGrad { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
+                }
                 OpKind::GeluGrad(_) => (EwOp::GeluGrad, op.inputs.clone()),
                 OpKind::TokenSelect { seq, pick, .. } => {
                     (EwOp::Select { seq, last: pick == crate::graph::Pick::Last }, vec![op.inputs[0]])
                 }
-                OpKind::Rotary { heads, head_dim, rot_dims, .. } => {
-                    (EwOp::Rotary { heads, head_dim, rot_dims, pos0, seq: g.workload.seq }, vec![op.inputs[0]])
+                OpKind::Rotary { heads, head_dim, rot_dims, .. }
+                | OpKind::RotaryGrad { heads, head_dim, rot_dims, .. } => {
+                    let inverse = matches!(op.kind, OpKind::RotaryGrad { .. });
+                    let seq = g.workload.seq;
+                    (EwOp::Rotary { heads, head_dim, rot_dims, pos0, seq, inverse }, vec![op.inputs[0]])
                 }
                 _ => return Err("this elementwise op has no data semantics yet".into()),
             };
             let inputs: Vec<View> = inputs.iter().map(|&t| view(g, t)).collect();
             let out = out_of(0)?;
+            let out2 = match ewop {
+                EwOp::SwiGluGrad => Some(out_of(1)?),
+                _ => None,
+            };
             let width = view(g, TensorId(out)).width;
-            let rows_per_run = rows / runs;
-            by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out });
+            // (A token select's gradient runs per sequence: its rows are sequences of `seq` output rows.)
+            let rows_per_run = match op.kind {
+                OpKind::TokenSelectGrad { seq, .. } => rows * seq / runs,
+                _ => rows / runs,
+            };
+            by_name.insert("ew", Kernel::Elementwise { grid, op: ewop, inputs, rows_per_run, width, out, out2 });
         }
         (&Work::Relay { rows, width, .. }, Algo::Elementwise) => {
             // Rows MemoryX looked up (`Kernel::Gather`), relayed on as the embedding's output.
@@ -548,7 +609,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let inputs = vec![view(g, TensorId(out))];
             by_name.insert(
                 "ew",
-                Kernel::Elementwise { grid, op: EwOp::Copy, inputs, rows_per_run: rows / runs, width, out },
+                Kernel::Elementwise { grid, op: EwOp::Copy, inputs, rows_per_run: rows / runs, width, out, out2: None },
             );
         }
         (&Work::Lookup { ids, rows, width, out }, Algo::LookupTree) => {
@@ -562,14 +623,48 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 .insert("look", Kernel::Lookup { grid, ids: idv, table, vocab, width, rows_per_run: rows / runs, out });
             final_total = Some(("look2".to_string(), f.rc() as u64));
         }
+        (&Work::Accum { x, dy, out, .. }, Algo::Summa)
+            if matches!(op.kind, OpKind::AttnScoresGradK(_) | OpKind::AttnContextGradV(_)) =>
+        {
+            let (OpKind::AttnScoresGradK(at) | OpKind::AttnContextGradV(at)) = op.kind else {
+                unreachable!("matched above")
+            };
+            if runs != 1 {
+                return Err("attention gradients in token chunks have no data semantics yet".into());
+            }
+            let attn = AttnShape {
+                batch: at.batch,
+                heads: at.heads,
+                kv_heads: at.kv_heads,
+                kv: at.kv_len,
+                head_dim: at.head_dim,
+                q_len: at.q_len,
+                len: 0,
+            };
+            let (p, xv) = (view(g, st.inputs[x].tensor), view(g, st.inputs[dy].tensor));
+            let out = out_of(out)?;
+            by_name.insert("acc", Kernel::AttnKvGrad { grid, p, x: xv, attn, out });
+            by_name.insert("emit", Kernel::WgradEmit);
+            head_sum = Some((attn, out));
+        }
+        (&Work::Elementwise { main: Some(dy), rows, width, accumulate: true, .. }, Algo::Elementwise)
+            if matches!(op.kind, OpKind::EmbeddingGrad { .. }) =>
+        {
+            let OpKind::EmbeddingGrad { vocab, .. } = op.kind else { unreachable!("matched above") };
+            let (ids, dyv) = (view(g, op.inputs[0]), view(g, st.inputs[dy].tensor));
+            let out = out_of(0)?;
+            let rows_per_run = rows / runs;
+            by_name.insert("ew", Kernel::EmbedGradAcc { grid, ids, dy: dyv, vocab, width, rows_per_run, out });
+            by_name.insert("emit", Kernel::WgradEmit);
+        }
         (&Work::Accum { x, dy, rows, k, cols, out, bias_out }, Algo::Summa) => {
             let OpKind::LinearWgrad(l) = op.kind else {
-                return Err("attention gradients accumulated by summa have no data semantics yet".into());
+                return Err("this accumulation has no data semantics yet".into());
             };
             if l.groups != 1 || l.weight_groups != 1 {
                 return Err("grouped (expert) linear layers have no data semantics yet".into());
             }
-            let (xv, dyv) = (view(g, st.inputs[x].tensor), view(g, st.inputs[dy].tensor));
+            let (xv, dyv) = (in_view(0, x), in_view(1, dy));
             let out = out_of(out)?;
             let bias = match bias_out {
                 Some(b) => Some(out_of(b)?),
@@ -585,7 +680,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
         }
         _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
     }
-    Ok(Compute { by_name, final_total, readouts })
+    Ok(Compute { by_name, final_total, readouts, head_sum })
 }
 
 /// `gemv:KxN` on pre-placed operands (`kernel::prog_single_gemv`): the PE at (r, c) of the compute

@@ -1361,7 +1361,7 @@ fn compile_wafer(
         data: None,
     };
     let mut plan_regions = Vec::new();
-    let mut pdata = ProgramData::default();
+    let mut pdata = ProgramData { concats: super::data::concats(g), ..ProgramData::default() };
     for ((sid, st), code) in stages.iter().enumerate().zip(codes) {
         let t = &tilings[sid];
         let rid = RegionId(program.regions.len() as u32);

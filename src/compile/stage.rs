@@ -887,7 +887,9 @@ impl StageBuilder<'_> {
                 ew(first_slot, rows, heads * rot_dims, fpe::ROTARY)
             }
             OpKind::TokenSelect { batch, width, .. } => ew(first_slot, batch, width, 0),
-            OpKind::TokenSelectGrad { batch, seq, width, .. } => ew(first_slot, batch * seq, width, 0),
+            // Its input is one row per sequence, which every output row of the sequence waits for: the
+            // stage runs per sequence (rows of `seq * width`), never in token chunks of a sequence.
+            OpKind::TokenSelectGrad { batch, seq, width, .. } => ew(first_slot, batch, seq * width, 0),
             OpKind::MoeDispatch(r) => ew(first_slot, r.active() * r.capacity(), r.width, 0),
             OpKind::MoeDispatchGrad(r) => ew(first_slot, r.rows, r.width, r.top_k - 1),
             OpKind::MoeCombine(r) => ew(first_slot, r.rows, r.width, 2 * r.top_k),

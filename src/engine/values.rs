@@ -25,6 +25,11 @@ use crate::mesh::{Coord, Task};
 /// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
 const STATS: u32 = u32::MAX;
 
+/// An attention gradient per query head (`Kernel::AttnKvGrad`, before `Kernel::HeadSum` sums the heads
+/// of each KV head) travels as fragments of its output tensor's id with this bit set, laid out
+/// `[kv, batch * heads * head_dim]`.
+const PER_HEAD: u32 = 1 << 31;
+
 /// A partial run's mark that a train carries no values (a refused region sent it, or a task that
 /// claimed the mark): a fragment of this pseudo-tensor with no values.
 const NO_VALUES: u32 = u32::MAX - 1;
@@ -341,6 +346,25 @@ impl PartValues {
     fn read(&self, local: usize, at: &At, frags: &[Frag], v: &View, rows: (u64, u64)) -> Result<Vec<f32>, String> {
         let w = v.width as usize;
         let n = (rows.1 - rows.0) as usize * w;
+        if let Some(parts) = self.setup.data.concats.get(&v.base) {
+            // A concatenation: its columns come from its parts.
+            let mut buf = vec![0f32; n];
+            let mut off = 0u64;
+            for p in parts {
+                let (lo, hi) = (v.c0.max(off), (v.c0 + v.width).min(off + p.width));
+                if lo < hi {
+                    let part =
+                        self.read(local, at, frags, &View { c0: p.c0 + lo - off, width: hi - lo, ..*p }, rows)?;
+                    let pw = (hi - lo) as usize;
+                    for r in 0..(rows.1 - rows.0) as usize {
+                        let dst = r * w + (lo - v.c0) as usize;
+                        buf[dst..dst + pw].copy_from_slice(&part[r * pw..(r + 1) * pw]);
+                    }
+                }
+                off += p.width;
+            }
+            return Ok(buf);
+        }
         let mut buf = vec![0f32; n];
         let mut have = vec![false; n];
         for f in frags.iter().chain(&self.pes[local].store).filter(|f| f.tensor == v.base) {
@@ -553,7 +577,10 @@ impl PartValues {
                 Ok(vec![None; n_sends])
             }
             Kernel::Load => {
-                self.pes[local].weights.extend(claimed);
+                // Kept whole: the rows a gateway forwarded one by one joined again into blocks.
+                let pe = &mut self.pes[local];
+                pe.weights.extend(claimed);
+                pe.weights = coalesce(std::mem::take(&mut pe.weights));
                 Ok(vec![None; n_sends])
             }
             &Kernel::Gather { ids, table, width, rows_per_run, out } => {
@@ -722,12 +749,13 @@ impl PartValues {
                 self.pes[local].acc = scatter_frags(out, hd, vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            Kernel::Elementwise { grid, op, inputs, rows_per_run, width, out } => {
+            Kernel::Elementwise { grid, op, inputs, rows_per_run, width, out, out2 } => {
                 let (r, c) = at.pos(grid)?;
                 let (idx, parts) = flat_index(grid, r, c);
                 let (off, len) = Share { n: rows_per_run * width, parts }.range(idx);
                 let (row0, _) = Self::run_rows(at, *rows_per_run);
                 let mut frags = Vec::new();
+                let mut frags2 = Vec::new();
                 if len > 0 {
                     let first = row0 + off / width;
                     let end = row0 + (off + len - 1) / width + 1;
@@ -739,6 +767,20 @@ impl PartValues {
                             for row in first..end {
                                 let r = row * seq + pick;
                                 v.extend(self.read(local, at, &claimed, &inputs[0], (r, r + 1))?);
+                            }
+                            vec![v]
+                        }
+                        // Its picked rows read dy's row of their sequence; the others are zero.
+                        EwOp::SelectGrad { seq, last } => {
+                            let pick = if last { seq.saturating_sub(1) } else { 0 };
+                            let mut v = Vec::new();
+                            for row in first..end {
+                                if row % seq.max(1) == pick {
+                                    let r = row / seq.max(1);
+                                    v.extend(self.read(local, at, &claimed, &inputs[0], (r, r + 1))?);
+                                } else {
+                                    v.extend(std::iter::repeat_n(0f32, *width as usize));
+                                }
                             }
                             vec![v]
                         }
@@ -755,19 +797,29 @@ impl PartValues {
                         let c0 = p % width;
                         let c1 = (*width).min(c0 + (off + len - p));
                         let mut vals = Vec::with_capacity((c1 - c0) as usize);
+                        let mut vals2 = Vec::new();
                         for cc in c0..c1 {
                             let i = ((row - first) * width + cc) as usize;
                             vals.push(match *op {
                                 EwOp::Add => ins.iter().map(|x| x[i]).fold(0f32, |a, b| a + b),
                                 EwOp::Gelu => gelu(num.gelu_tanh, ins[0][i]),
                                 EwOp::Tanh => ins[0][i].tanh(),
+                                EwOp::TanhGrad => (1.0 - ins[0][i] * ins[0][i]) * ins[1][i],
+                                EwOp::SelectGrad { .. } => ins[0][i],
                                 EwOp::GeluGrad => gelu_grad(num.gelu_tanh, ins[0][i]) * ins[1][i],
                                 EwOp::Select { .. } | EwOp::Copy => ins[0][i],
                                 EwOp::SwiGlu => {
                                     let (g, u) = (ins[0][i], ins[1][i]);
                                     g * (1.0 / (1.0 + (-g).exp())) * u
                                 }
-                                EwOp::Rotary { head_dim, rot_dims, pos0, seq, .. } => {
+                                EwOp::SwiGluGrad => {
+                                    // As the reference: d_gate here, d_up into the second output.
+                                    let (g, u, dy) = (ins[0][i], ins[1][i], ins[2][i]);
+                                    let s = 1.0 / (1.0 + (-g).exp());
+                                    vals2.push(dy * g * s);
+                                    dy * u * s * (1.0 + g * (1.0 - s))
+                                }
+                                EwOp::Rotary { head_dim, rot_dims, pos0, seq, inverse, .. } => {
                                     let row_vals = &ins[0][((row - first) * width) as usize..][..*width as usize];
                                     let freqs = self.setup.inv_freq.get(&rot_dims).map_or(&[][..], |v| v.as_slice());
                                     rotary(
@@ -777,14 +829,27 @@ impl PartValues {
                                         rot_dims,
                                         pos0 + row % seq.max(1),
                                         freqs,
-                                        num.rotary_interleaved,
+                                        (num.rotary_interleaved, inverse),
                                     )
                                 }
                             });
                         }
                         frags.push(Frag::finished(*out, *width, (row, row + 1), (c0, c1), at.id, vals));
+                        if let Some(o2) = out2 {
+                            frags2.push(Frag::finished(*o2, *width, (row, row + 1), (c0, c1), at.id, vals2));
+                        }
                         p += c1 - c0;
                     }
+                }
+                if out2.is_some() {
+                    // Two outputs, each on its own send (both gathered: the same share of each).
+                    if n_sends != 2 && len > 0 {
+                        return Err(format!("{}: two outputs but {n_sends} sends", at.name()));
+                    }
+                    let (a, b) = (self.rounded(&frags), self.rounded(&frags2));
+                    frags.extend(frags2);
+                    self.pes[local].acc = frags;
+                    return Ok(if n_sends == 2 { vec![Some(a), Some(b)] } else { vec![None; n_sends] });
                 }
                 self.pes[local].acc = frags;
                 Ok(all(self.rounded(&self.pes[local].acc)))
@@ -801,10 +866,12 @@ impl PartValues {
                     _ => Vec::new(),
                 };
                 // A norm's backward: the forward's input and scale beside dy.
+                // (The softmax's backward: the forward's probabilities beside dP.)
                 let (xin, gamma) = match *op {
                     RowOp::NormGrad { x: xi, gamma, .. } => {
                         (self.read(local, at, &claimed, &xi, rows)?, Some(self.weight(local, gamma, at)?))
                     }
+                    RowOp::SoftmaxGrad { p, .. } => (self.read(local, at, &claimed, &p, rows)?, None),
                     _ => (Vec::new(), None),
                 };
                 let sw = stat_width(op);
@@ -815,6 +882,12 @@ impl PartValues {
                     if let (RowOp::NormGrad { rms, .. }, Some(gm)) = (op, &gamma) {
                         let xr = &xin[i * *width as usize..(i + 1) * *width as usize];
                         vals.extend(norm_grad_stats(*rms, row, xr, gm, st, co, cl));
+                        continue;
+                    }
+                    if let RowOp::SoftmaxGrad { .. } = op {
+                        let pr = &xin[i * *width as usize..(i + 1) * *width as usize];
+                        let dot = (co..co + cl).map(|c| pr[c as usize] * row[c as usize]).fold(0f32, |a, b| a + b);
+                        vals.extend([cl as f32, dot, 0.0]);
                         continue;
                     }
                     let (a, b) = row_stats(op, &self.setup.numerics, row, rows.0 + i as u64, co, cl);
@@ -829,6 +902,7 @@ impl PartValues {
                 let lb = match op {
                     RowOp::CrossEntropy { labels, .. } => Some(labels.base),
                     RowOp::NormGrad { x, .. } => Some(x.base),
+                    RowOp::SoftmaxGrad { p, .. } => Some(p.base),
                     _ => None,
                 };
                 let keep = claimed.iter().filter(|f| f.tensor == x.base || Some(f.tensor) == lb).cloned();
@@ -914,9 +988,24 @@ impl PartValues {
                         .chain(beta)
                         .map(|t| self.weight(local, t, at).map(|v| (t, v)))
                         .collect::<Result<_, _>>()?,
-                    RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => Vec::new(),
+                    RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } | RowOp::SoftmaxGrad { .. } => Vec::new(),
                     RowOp::NormGrad { gamma, .. } => vec![(gamma, self.weight(local, gamma, at)?)],
                 };
+                if let RowOp::SoftmaxGrad { p, head_dim } = *op {
+                    // dS = p * (dP - sum(p * dP)) / sqrt(head_dim), as the reference computes it.
+                    let pv = self.read(local, at, &[], &p, rows)?;
+                    let scale = 1.0 / (head_dim as f32).sqrt();
+                    let w = *width as usize;
+                    let mut vals = Vec::with_capacity((rl * cl) as usize);
+                    for i in 0..rl as usize {
+                        let dot = stats.vals[3 * i + 1];
+                        for cc in co as usize..(co + cl) as usize {
+                            vals.push(scale * pv[i * w + cc] * (xv[i * w + cc] - dot));
+                        }
+                    }
+                    self.pes[local].acc = vec![block(vals)];
+                    return Ok(all(self.rounded(&self.pes[local].acc)));
+                }
                 if let RowOp::NormGrad { x: xi, rms, dgamma, dbeta, .. } = *op {
                     let xin = self.read(local, at, &[], &xi, rows)?;
                     let gm = &params[0].1;
@@ -994,7 +1083,7 @@ impl PartValues {
                 self.pes[local].acc = vec![block(vals)];
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            Kernel::Adam { grid, w, g, m, v, master, rows, rows_per_run, width, outs } => {
+            Kernel::Adam { grid, w, g, m, v, master, rows, rows_per_run, width, outs, keep_grad } => {
                 // The gradient streams in the order its producers send it (blocks, not rows): the PE
                 // keeps what it claims and steps once it has all of it, at its last run, over its share
                 // of every run's rows.
@@ -1044,6 +1133,9 @@ impl PartValues {
                     }
                     for (&t, vals) in outs.iter().zip(&res) {
                         kept.extend(flat_frags(t, *width, lo, vals, at.id));
+                    }
+                    if *keep_grad {
+                        kept.extend(flat_frags(g.base, g.cols, lo, &gv, at.id));
                     }
                     sent.extend(flat_frags(outs[0], *width, lo, &res[0], at.id));
                 }
@@ -1095,6 +1187,121 @@ impl PartValues {
                         }
                     }
                     db.vals = v.into();
+                }
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::AttnKvGrad { grid, p, x, attn, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (hh, d, ql) = (attn.heads, attn.head_dim, attn.q_len);
+                let (j0, jl) = Share { n: attn.kv, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n: attn.batch * hh * d, parts: grid.cols as u64 }.range(c);
+                // The probabilities (or dS) of its keys for the (sequence, head)s of its columns, and
+                // the columns of dO (or Q) of those heads: every query row.
+                let pk = View { c0: p.c0 + j0, width: jl, ..p };
+                let mut prow: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+                let mut xcol: BTreeMap<u64, (u64, Vec<f32>)> = BTreeMap::new();
+                if nl > 0 && jl > 0 {
+                    for bh in n0 / d..(n0 + nl - 1) / d + 1 {
+                        prow.insert(bh, self.read(local, at, &claimed, &pk, (bh * ql, (bh + 1) * ql))?);
+                    }
+                    for b in n0 / (hh * d)..(n0 + nl - 1) / (hh * d) + 1 {
+                        let (lo, hi) = (n0.max(b * hh * d), (n0 + nl).min((b + 1) * hh * d));
+                        let xs = View { c0: x.c0 + lo - b * hh * d, width: hi - lo, ..x };
+                        xcol.insert(b, (lo, self.read(local, at, &claimed, &xs, (b * ql, (b + 1) * ql))?));
+                    }
+                }
+                self.resident(local, at, 2 * jl * nl)?;
+                let mut vals = vec![0f32; (jl * nl) as usize];
+                for j in 0..jl {
+                    for n in n0..n0 + nl {
+                        let (b, bh) = (n / (hh * d), n / d);
+                        let (pv, (lo, xv)) = (&prow[&bh], &xcol[&b]);
+                        let w = (xv.len() as u64 / ql.max(1)) as usize;
+                        let mut acc = 0f32;
+                        for i in 0..ql as usize {
+                            acc += pv[i * jl as usize + j as usize] * xv[i * w + (n - lo) as usize];
+                        }
+                        vals[(j * nl + n - n0) as usize] = acc;
+                    }
+                }
+                let cols = attn.batch * hh * d;
+                let f = Frag::finished(out | PER_HEAD, cols, (j0, j0 + jl), (n0, n0 + nl), at.id, vals);
+                self.pes[local].acc = if jl * nl > 0 { vec![f] } else { Vec::new() };
+                Ok(vec![None; n_sends])
+            }
+            Kernel::HeadSum { attn, out, views } => {
+                let (hh, kvh, d, kv) = (attn.heads, attn.kv_heads.max(1), attn.head_dim, attn.kv);
+                let grp = (hh / kvh).max(1);
+                let cols = attn.batch * hh * d;
+                let whole = View { base: out | PER_HEAD, cols, c0: 0, width: cols };
+                let pre = self.read(local, at, &claimed, &whole, (0, kv))?;
+                let w = kvh * d;
+                let mut vals = vec![0f32; (attn.batch * kv * w) as usize];
+                for b in 0..attn.batch {
+                    for j in 0..kv {
+                        for g in 0..kvh {
+                            for dd in 0..d {
+                                let mut acc = 0f32;
+                                for h in g * grp..(g + 1) * grp {
+                                    acc += pre[(j * cols + (b * hh + h) * d + dd) as usize];
+                                }
+                                vals[((b * kv + j) * w + g * d + dd) as usize] = acc;
+                            }
+                        }
+                    }
+                }
+                let f = Frag::finished(*out, w, (0, attn.batch * kv), (0, w), at.id, vals);
+                let f = self.rounded(std::slice::from_ref(&f))[0].clone();
+                if self.setup.partial {
+                    self.pes[local].tapped.push(f.clone());
+                }
+                let outs = (0..n_sends)
+                    .map(|i| {
+                        let sel: Vec<Frag> = match views.get(i).copied().flatten() {
+                            None => vec![f.clone()],
+                            Some(v) => crop(&f, &v).into_iter().collect(),
+                        };
+                        Some(Payload::from(sel))
+                    })
+                    .collect();
+                Ok(outs)
+            }
+            &Kernel::EmbedGradAcc { grid, ids, dy, vocab, width, rows_per_run, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (lo, len) = Share { n: vocab * width, parts }.range(idx);
+                let rows = Self::run_rows(at, rows_per_run);
+                if at.run == 1 {
+                    self.resident(local, at, len)?;
+                    self.pes[local].acc = flat_frags(out, width, lo, &vec![0f32; len as usize], at.id);
+                }
+                if len == 0 {
+                    return Ok(vec![None; n_sends]);
+                }
+                let idv = self.read(local, at, &claimed, &ids, rows)?;
+                // Only the rows whose id falls in its share: their dy rows must have come.
+                let mut add: Vec<(u64, Vec<f32>)> = Vec::new();
+                for (i, &id) in idv.iter().enumerate() {
+                    let id = id as u64;
+                    if id >= vocab {
+                        return Err(format!("{}: id {id} is outside the table of {vocab} rows", at.name()));
+                    }
+                    if id * width < lo + len && (id + 1) * width > lo {
+                        let row = rows.0 + i as u64;
+                        add.push((id, self.read(local, at, &claimed, &dy, (row, row + 1))?));
+                    }
+                }
+                let pe = &mut self.pes[local];
+                for f in pe.acc.iter_mut() {
+                    let mut v = f.vals.to_vec();
+                    for (id, row) in &add {
+                        if *id >= f.r0 && *id < f.r1 {
+                            for (k, cc) in (f.c0..f.c1).enumerate() {
+                                v[k] += row[cc as usize];
+                            }
+                        }
+                    }
+                    f.vals = v.into();
                 }
                 Ok(vec![None; n_sends])
             }
@@ -1244,11 +1451,47 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
     out.into()
 }
 
-/// Fragments in address order (tensor, row, column, sender): how a gateway that buffers a stream
-/// forwards it.
-fn in_order(mut frags: Vec<Frag>) -> Vec<Frag> {
-    frags.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
-    frags
+/// Fragments in address order (tensor, row, column, sender), blocks of finished values several rows
+/// high cut into rows: how a gateway that buffers a stream forwards it (row by row, so a consumer that
+/// takes the train in several runs of rows gets its rows in each; partial sums keep their blocks).
+fn in_order(frags: Vec<Frag>) -> Vec<Frag> {
+    let mut rows = Vec::with_capacity(frags.len());
+    for f in frags {
+        if f.r1 <= f.r0 + 1 || f.tensor >= NO_VALUES || f.cover != 0 {
+            rows.push(f);
+            continue;
+        }
+        let w = (f.c1 - f.c0) as usize;
+        for r in f.r0..f.r1 {
+            let i = (r - f.r0) as usize * w;
+            rows.push(Frag { r0: r, r1: r + 1, vals: f.vals[i..i + w].into(), ..f.clone() });
+        }
+    }
+    rows.sort_by_key(|f| (f.tensor, f.r0, f.c0, f.src));
+    rows
+}
+
+/// Fragments with consecutive rows of the same columns of a tensor joined into one block each (each
+/// value copied once).
+fn coalesce(mut frags: Vec<Frag>) -> Vec<Frag> {
+    frags.sort_by_key(|f| (f.tensor, f.view_cols, f.c0, f.c1, f.cover, f.r0, f.src));
+    let key = |f: &Frag| (f.tensor, f.view_cols, f.c0, f.c1, f.cover);
+    let mut out: Vec<Frag> = Vec::with_capacity(frags.len());
+    let mut i = 0;
+    while i < frags.len() {
+        let mut j = i + 1;
+        while j < frags.len() && key(&frags[j]) == key(&frags[i]) && frags[j].r0 == frags[j - 1].r1 {
+            j += 1;
+        }
+        if j == i + 1 {
+            out.push(frags[i].clone());
+        } else {
+            let vals: Vec<f32> = frags[i..j].iter().flat_map(|f| f.vals.iter().copied()).collect();
+            out.push(Frag { r1: frags[j - 1].r1, vals: vals.into(), ..frags[i].clone() });
+        }
+        i = j;
+    }
+    out
 }
 
 /// Values at scattered flat positions of a tensor with rows of `cols`, as fragments of contiguous runs.
@@ -1347,7 +1590,16 @@ fn key_row<'a>(cache: &'a [f32], fresh: &'a [f32], a: &AttnShape, b: u64, t: u64
 }
 
 /// Output column `cc` of a row after the rotary embedding at position `pos`, as the reference rotates.
-fn rotary(row: &[f32], cc: u64, head_dim: u64, rot: u64, pos: u64, freqs: &[f64], interleaved: bool) -> f32 {
+/// `inverse`: the rotation back (the sine negated), rotary's gradient.
+fn rotary(
+    row: &[f32],
+    cc: u64,
+    head_dim: u64,
+    rot: u64,
+    pos: u64,
+    freqs: &[f64],
+    (interleaved, inverse): (bool, bool),
+) -> f32 {
     let (h, d) = (cc / head_dim, cc % head_dim);
     if d >= rot || freqs.is_empty() {
         return row[cc as usize];
@@ -1358,7 +1610,7 @@ fn rotary(row: &[f32], cc: u64, head_dim: u64, rot: u64, pos: u64, freqs: &[f64]
     let (i, first) = if interleaved { (d / 2, d % 2 == 0) } else { (d % half, d < half) };
     let (a, b) = if interleaved { (base + 2 * i, base + 2 * i + 1) } else { (base + i, base + i + half) };
     let angle = (pos as f64 * freqs[i as usize]) as f32;
-    let (cos, sin) = (angle.cos(), angle.sin());
+    let (cos, sin) = (angle.cos(), if inverse { -angle.sin() } else { angle.sin() });
     let (xa, xb) = (row[a as usize], row[b as usize]);
     if first {
         xa * cos - xb * sin
@@ -1418,8 +1670,8 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
             (mean, m2)
         }
         RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
-        // Computed with the forward's input (`norm_grad_stats`).
-        RowOp::NormGrad { .. } => (0.0, 0.0),
+        // Computed with the forward's input (`norm_grad_stats`) or probabilities (`Kernel::RowStats`).
+        RowOp::NormGrad { .. } | RowOp::SoftmaxGrad { .. } => (0.0, 0.0),
         RowOp::CrossEntropy { .. } => {
             let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             (m, xs.iter().map(|x| (x - m).exp()).sum::<f32>())
@@ -1537,6 +1789,7 @@ fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
                 o[1] = (na * o[1] + nb * q[1]) / n;
             }
         }
+        RowOp::SoftmaxGrad { .. } => o[1] += q[1],
         RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => {
             let m = o[1].max(q[1]);
             if m > f32::NEG_INFINITY {
@@ -1570,7 +1823,7 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
             w(gamma, cc) * (x * rstd)
         }
         // Their own formulas (`ce_grad`, the norm backward in `Kernel::RowApply`).
-        RowOp::CrossEntropy { .. } | RowOp::NormGrad { .. } => 0.0,
+        RowOp::CrossEntropy { .. } | RowOp::NormGrad { .. } | RowOp::SoftmaxGrad { .. } => 0.0,
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {

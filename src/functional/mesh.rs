@@ -22,8 +22,65 @@ pub struct MeshOutput {
     pub tensor: TensorId,
     pub shape: Vec<u64>,
     pub values: Vec<f32>,
-    /// Max |mesh - reference| over the elements, relative to the largest reference magnitude.
+    /// Max |mesh - reference| over the elements, relative to the largest reference magnitude (for a
+    /// gradient or an Adam output, over the elements not in `held`).
     pub max_rel_error: f64,
+    /// A gradient or an Adam output: its elements whose reference gradient is below 100 x Adam's
+    /// epsilon that differ from the reference, held to an absolute bound instead of the relative one
+    /// (see `adam_error`); an element off by more counts in `max_rel_error`.
+    pub held: usize,
+}
+
+/// The error of a result of an Adam op (its gradient input, w', m', v' or the master copy; None for
+/// any other tensor) and how many of its elements were held to an absolute bound instead of the
+/// relative one.
+///
+/// At step 1 Adam moves each weight by `lr * g / (|g| + eps)` (the bias corrections cancel), a value in
+/// (-lr, lr) that depends on the gradient's size only where |g| is within a few orders of `eps`. A
+/// gradient that cancels to nearly nothing (a key bias's is zero in exact arithmetic: the rows of dS
+/// sum to zero) is rounding noise, whose last bits differ between any two orders of summation in fp32,
+/// and they decide where in that interval the weight lands. So where the reference gradient is below
+/// `floor` = 100 x Adam's epsilon, an element is held to what that noise can move: the gradient within
+/// `floor`, m' within `(1 - beta1) floor`, v' within `(1 - beta2) floor^2`, w' within `2 lr`; an element
+/// off by more counts in the relative error (a wrong gradient is never hidden: it is far above the
+/// floor). Elsewhere the error is relative to the tensor's largest reference magnitude.
+pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> Option<(f64, usize)> {
+    let a = super::AdamConfig::default();
+    let floor = 100.0 * a.eps;
+    let (op, bound) = graph.op_ids().map(|i| graph.op(i)).find_map(|op| {
+        if !matches!(op.kind, crate::graph::OpKind::Adam { .. }) {
+            return None;
+        }
+        if op.inputs.get(1) == Some(&t) {
+            return Some((op, floor));
+        }
+        let i = op.outputs.iter().position(|&o| o == t)?;
+        let bound = match i {
+            1 => (1.0 - a.beta1) * floor,
+            2 => (1.0 - a.beta2) * floor * floor,
+            _ => 2.0 * a.lr,
+        };
+        Some((op, bound))
+    })?;
+    let (r, grad) = (reference.f(t), reference.f(op.inputs[1]));
+    if r.len() != values.len() || grad.len() != values.len() {
+        return None;
+    }
+    let scale = r.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
+    let (mut worst, mut held) = (0f64, 0usize);
+    for ((&m, &x), &g) in values.iter().zip(r).zip(grad) {
+        let d = (m as f64 - x as f64).abs();
+        if !d.is_finite() {
+            return Some((f64::INFINITY, held));
+        }
+        if (g.abs() as f64) < floor && d <= bound {
+            // (Counted where the two differ at all: a zero gradient moves neither.)
+            held += (d > 0.0) as usize;
+        } else {
+            worst = worst.max(d / scale);
+        }
+    }
+    Some((worst, held))
 }
 
 /// The start of a functional run of `program`: fails (the user's request, exit 2) naming what the
@@ -184,13 +241,15 @@ fn outputs_with(
             )));
         }
         let t = TensorId(r.tensor);
-        let max_rel_error = max_rel_error(&values, reference.f(t));
+        let (max_rel_error, held) =
+            adam_error(graph, t, &values, reference).unwrap_or_else(|| (max_rel_error(&values, reference.f(t)), 0));
         out.push(MeshOutput {
             name: r.name.clone(),
             tensor: t,
             shape: graph.tensor(t).shape.clone(),
             values,
             max_rel_error,
+            held,
         });
     }
     if partial {
@@ -234,7 +293,8 @@ fn tapped(
         if seen.iter().all(|&s| s) {
             let tensor = TensorId(t);
             let max_rel_error = max_rel_error(&values, reference.f(tensor));
-            out.push(MeshOutput { name: tt.name.clone(), tensor, shape: tt.shape.clone(), values, max_rel_error });
+            let shape = tt.shape.clone();
+            out.push(MeshOutput { name: tt.name.clone(), tensor, shape, values, max_rel_error, held: 0 });
         }
     }
     out

@@ -205,6 +205,11 @@ impl<T: Real> Weights<T> {
 
     /// Writes the weights as a checkpoint in the family's on-disk layout (so `load` reads them back).
     pub fn save(&self, path: &Path, graph: &Graph, family: Option<Family>) -> Result<(), FunctionalError> {
+        write_f32(path, &self.on_disk(graph, family))
+    }
+
+    /// The weights as a checkpoint holds them: names, shapes and values in the family's on-disk layout.
+    pub fn on_disk(&self, graph: &Graph, family: Option<Family>) -> Vec<(String, Vec<u64>, Vec<f32>)> {
         let mut out: Vec<(String, Vec<u64>, Vec<f32>)> = Vec::new();
         for (name, (shape, vals)) in &self.tensors {
             let f: Vec<f32> = vals.iter().map(|v| v.to_f32()).collect();
@@ -230,7 +235,7 @@ impl<T: Real> Weights<T> {
                 out.push((name.clone(), shape.clone(), f));
             }
         }
-        write_f32(path, &out)
+        out
     }
 }
 

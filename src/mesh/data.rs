@@ -74,13 +74,22 @@ pub enum EwOp {
     /// One token of every sequence of `seq` (the first, or the last): output row b is input row
     /// `b * seq + pick`.
     Select { seq: u64, last: bool },
+    /// tanh's derivative from the output and dy: `(1 - y^2) * dy`.
+    TanhGrad,
+    /// The gradient of `Select`: output row r is input row `r / seq` where `r % seq` is the picked
+    /// token, else zero.
+    SelectGrad { seq: u64, last: bool },
     /// SwiGLU of (gate, up): `g * sigmoid(g) * u`.
     SwiGlu,
+    /// SwiGLU's gradient from (gate, up, dy): two outputs, `d_gate = dy * u * s * (1 + g * (1 - s))`
+    /// (`Kernel::Elementwise::out`) and `d_up = dy * g * s` (`out2`), with `s = sigmoid(g)`.
+    SwiGluGrad,
     /// The input as it is (rows looked up in MemoryX, relayed on).
     Copy,
     /// Rotary embedding of the first `rot_dims` dimensions of each of the `heads` heads of
     /// `head_dim`; row r is at position `pos0 + r % seq` (the numerics give frequencies and layout).
-    Rotary { heads: u64, head_dim: u64, rot_dims: u64, pos0: u64, seq: u64 },
+    /// `inverse`: the rotation back (the sine negated), which is rotary's gradient.
+    Rotary { heads: u64, head_dim: u64, rot_dims: u64, pos0: u64, seq: u64, inverse: bool },
 }
 
 /// What a row reduction computes.
@@ -100,6 +109,10 @@ pub enum RowOp {
     /// square; the sums of `g = dy * gamma` and of `g * x`); the apply pass gives dx and adds the rows'
     /// `dy * xhat` (and `dy`) into the PE's column sums of `dgamma` (and `dbeta`, `Kernel::ColSum`).
     NormGrad { x: View, gamma: u32, rms: bool, dgamma: u32, dbeta: Option<u32> },
+    /// The attention softmax's backward over rows of dP (the reduction's main input) with the forward's
+    /// probabilities `p`: statistics (the partial sums of `p * dP`); the apply pass gives
+    /// `dS = p * (dP - sum) / sqrt(head_dim)` (masked keys have `p = 0`, so their dS is 0).
+    SoftmaxGrad { p: View, head_dim: u64 },
 }
 
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
@@ -173,8 +186,10 @@ pub enum Kernel {
     /// columns it read (every key's) as its part of the updated cache, once per KV head as above.
     AttnContext { grid: Grid, p: View, cache: u32, fresh: View, attn: AttnShape, out: u32, append: Option<u32> },
     /// An elementwise op over the PE's flat share (`Share { n: rows_per_run * width, parts }` at index
-    /// `r * grid.cols + c`) of this run's rows of the output (`width` wide).
-    Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32 },
+    /// `r * grid.cols + c`) of this run's rows of the output (`width` wide). An op with two outputs
+    /// (`EwOp::SwiGluGrad`) gives the second as `out2` (the same share of it): the task's first send
+    /// carries `out`, its second `out2`.
+    Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32, out2: Option<u32> },
     /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
     /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
     RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
@@ -204,8 +219,24 @@ pub enum Kernel {
         out: u32,
         bias: Option<u32>,
     },
-    /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished.
+    /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished
+    /// (or the block an `AttnKvGrad` or `EmbedGradAcc` finished).
     WgradEmit,
+    /// dK (from dS and Q) or dV (from P and dO), output-stationary (summa over the query rows): the PE at
+    /// (r, c) computes its block of the gradient per query head, keys `Share { attn.kv, grid.rows }` r
+    /// by columns `Share { batch * heads * head_dim, grid.cols }` c (each a (sequence, head, dim)):
+    /// `G[j, (b, h, d)] = sum over queries i of p[b, h, i, j] x[b * q + i, h * head_dim + d]`, a block
+    /// of the per-head gradient (not yet summed over the query heads of a KV head: `HeadSum` does that).
+    AttnKvGrad { grid: Grid, p: View, x: View, attn: AttnShape, out: u32 },
+    /// The output gateway of an `AttnKvGrad` region: the per-head gradient it claimed (all of it) summed
+    /// over the query heads of each KV head (in head order) into `out` (`[batch * kv, kv_heads *
+    /// head_dim]`); send i carries the part `views[i]` covers (as `Route`).
+    HeadSum { attn: AttnShape, out: u32, views: Vec<Option<View>> },
+    /// An embedding table's gradient (the scatter-add of dy rows by id), accumulated over the step's
+    /// runs: the PE at (r, c) keeps its flat share (`Share { vocab * width, parts }` at index
+    /// `r * grid.cols + c`) of the `[vocab, width]` gradient `out`, and adds to it every row of this
+    /// run's `dy` whose id (`ids`) falls in it, rows in increasing order; `WgradEmit` sends it.
+    EmbedGradAcc { grid: Grid, ids: View, dy: View, vocab: u64, width: u64, rows_per_run: u64, out: u32 },
     /// One Adam step over the PE's flat share (as `Elementwise`) of each run's rows of the weight `w`
     /// (`rows` of `width`): the gradient `g` claimed (kept until the PE's last run, when all of it has
     /// arrived: it streams in its producers' order), the weight and the moments `m`, `v` (and the fp32
@@ -222,6 +253,9 @@ pub enum Kernel {
         rows_per_run: u64,
         width: u64,
         outs: Vec<u32>,
+        /// Keep its share of the gradient too (a readout: the gradient is a whole tensor laid out as the
+        /// weight).
+        keep_grad: bool,
     },
     /// Column sums of a row reduction (a norm's dgamma and dbeta, `RowOp::NormGrad`), once per step:
     /// the PE's sums over its rows plus those claimed from the PEs below in its column (in sender
@@ -297,6 +331,8 @@ impl Kernel {
             | Kernel::LossSum { grid, .. }
             | Kernel::ColSum { grid, .. }
             | Kernel::WgradAcc { grid, .. }
+            | Kernel::AttnKvGrad { grid, .. }
+            | Kernel::EmbedGradAcc { grid, .. }
             | Kernel::Adam { grid, .. }
             | Kernel::Lookup { grid, .. } => grid.origin.x += dx,
             Kernel::Accumulate { .. }
@@ -310,6 +346,7 @@ impl Kernel {
             | Kernel::Bias { .. }
             | Kernel::Reduce { .. }
             | Kernel::WgradEmit
+            | Kernel::HeadSum { .. }
             | Kernel::RowCombine { .. } => {}
         }
         k
@@ -343,10 +380,16 @@ impl Kernel {
                     *cache = f(*cache);
                 }
             }
-            Kernel::Elementwise { inputs, out, .. } => {
+            Kernel::Elementwise { inputs, out, out2, .. } => {
                 inputs.iter_mut().for_each(|x| *x = v(x));
-                *out = f(*out);
+                (*out, *out2) = (f(*out), out2.map(&f));
             }
+            Kernel::AttnKvGrad { p, x, out, .. } => (*p, *x, *out) = (v(p), v(x), f(*out)),
+            Kernel::HeadSum { out, views, .. } => {
+                *out = f(*out);
+                views.iter_mut().flatten().for_each(|x| *x = v(x));
+            }
+            Kernel::EmbedGradAcc { ids, dy, out, .. } => (*ids, *dy, *out) = (v(ids), v(dy), f(*out)),
             Kernel::RowStats { op, x, .. } => {
                 *op = op.map_tensors(&f);
                 *x = v(x);
@@ -387,6 +430,7 @@ impl RowOp {
             RowOp::CrossEntropy { labels, grad } => {
                 RowOp::CrossEntropy { labels: View { base: f(labels.base), ..labels }, grad }
             }
+            RowOp::SoftmaxGrad { p, head_dim } => RowOp::SoftmaxGrad { p: View { base: f(p.base), ..p }, head_dim },
         }
     }
 }
@@ -462,6 +506,7 @@ impl ProgramData {
             }));
             out.loops.extend(d.loops.iter().cloned());
             out.streamed.extend(d.streamed.iter().copied());
+            out.concats.extend(d.concats.iter().map(|(k, v)| (*k, v.clone())));
             out.readouts.extend(
                 d.readouts.iter().map(|r| Readout { rect: r.rect.map(|x| Rect { x: x.x + dx, ..x }), ..r.clone() }),
             );
@@ -502,4 +547,7 @@ pub struct ProgramData {
     pub loops: Vec<LoopMap>,
     /// Weights streamed in (every layer's): a kernel reads them from what its PE loaded (`Kernel::Load`).
     pub streamed: BTreeSet<u32>,
+    /// Tensors that are the concatenation of others' columns (a fused projection's gradient, the
+    /// graph's `split_grad`, which moves as its parts): per such tensor, its parts in column order.
+    pub concats: BTreeMap<u32, Vec<View>>,
 }
