@@ -519,11 +519,10 @@ fn a_consumer_that_starts_late_stalls_the_sender() {
     assert_eq!(run.agents[0].stalled, n, "the stream's own serialisation only");
 }
 
-#[test]
-fn finite_queues_can_deadlock_and_it_is_reported() {
-    // The sender streams 1000 wavelets on color 1 and only then sends one on color 0; the receiver
-    // consumes color 0 first. Its queues and one run (100) of color 1 fill, the sender stalls in its
-    // first task and never sends color 0: a deadlock of finite buffers, reported, never hung.
+/// The deadlock of finite buffers below, the sender at `sender_x` and the receiver beside it.
+fn finite_queue_deadlock(sender_x: u32) -> engine::DeadlockReport {
+    let receiver_x = 1 - sender_x;
+    let dx = receiver_x as i32 - sender_x as i32;
     let mut b = B::new(2, 1);
     let big = Send { color: ColorId(1), wavelets: 1000, streamed: true, runs: None };
     let first = task("send_b", vec![], SimdOp::Mov32, 0, None, vec![big]);
@@ -544,21 +543,33 @@ fn finite_queues_can_deadlock_and_it_is_reported() {
     };
     let r = b.template("recv", vec![recv_a, recv_b]);
     b.p.templates[r.0 as usize].sram_bytes = b.p.timing.sram_bytes;
-    b.tile(0, 0, 1, 1, s);
-    b.tile(1, 0, 1, 1, r);
-    b.route(0, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
-    b.route(1, rect(0, 0, 1, 1), Pattern::To { dx: 1, dy: 0 });
+    b.tile(sender_x, 0, 1, 1, s);
+    b.tile(receiver_x, 0, 1, 1, r);
+    b.route(0, rect(sender_x, 0, 1, 1), Pattern::To { dx, dy: 0 });
+    b.route(1, rect(sender_x, 0, 1, 1), Pattern::To { dx, dy: 0 });
     match b.run() {
-        Err(EngineError::Deadlock(d)) => {
-            let text = d.to_string();
-            println!("{text}");
-            assert_eq!(d.blocked_agents, 2);
-            assert!(text.contains("PE (0,0) task send_b (run 1) waits for: its sends on color c1 to drain"), "{text}");
-            assert!(text.contains("held at PE (1,0)"), "{text}");
-            assert!(text.contains("PE (1,0) task recv_a (run 1) waits for: 1 wavelets on color c0"), "{text}");
-        }
+        Err(EngineError::Deadlock(d)) => d,
         other => panic!("expected a deadlock, got {other:?}"),
     }
+}
+
+#[test]
+fn finite_queues_can_deadlock_and_it_is_reported() {
+    // The sender streams 1000 wavelets on color 1 and only then sends one on color 0; the receiver
+    // consumes color 0 first. Its queues and one run (100) of color 1 fill, the sender stalls in its
+    // first task and never sends color 0: a deadlock of finite buffers, reported, never hung.
+    let d = finite_queue_deadlock(0);
+    let text = d.to_string();
+    println!("{text}");
+    assert_eq!(d.blocked_agents, 2);
+    assert!(text.contains("PE (0,0) task send_b (run 1) waits for: its sends on color c1 to drain"), "{text}");
+    assert!(text.contains("held at PE (1,0)"), "{text}");
+    assert!(text.contains("PE (1,0) task recv_a (run 1) waits for: 1 wavelets on color c0"), "{text}");
+    // The held sender is listed first wherever it is: in a large knot it is the one to read, and the
+    // agents that merely starve behind it come after it (in mesh order).
+    let d = finite_queue_deadlock(1);
+    let order: Vec<(&str, bool)> = d.blocked.iter().map(|b| (b.agent.as_str(), b.held)).collect();
+    assert_eq!(order, [("PE (1,0)", true), ("PE (0,0)", false)], "{d}");
 }
 
 #[test]

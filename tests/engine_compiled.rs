@@ -223,6 +223,22 @@ fn traces_of_compiled_runs_are_identical_across_threads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A gradient op that joins a saved forward input with the backward's dy (GELU's, SwiGLU's) is paced by
+/// dy, the input that comes last, and keeps the forward input in its receive FIFO: that input arrives a
+/// whole forward pass earlier. Paced by it instead, the join took the saved activations only as far as
+/// the PE's free SRAM, and fp32 training of 128 tokens on 64 x 64 deadlocked (gpt-tiny at cycle 339,666,
+/// the forward GELU's gateway held by `l0.ffn.gelu.grad`); fp16, or 64 tokens, fit in the free SRAM.
+#[test]
+fn gradient_joins_are_paced_by_the_backward_input() {
+    for m in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny"] {
+        let args = ["run", m, "--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "128", "--dtype", "fp32"];
+        let mut run = args.to_vec();
+        run.extend(["--fidelity", "detailed", "--json"]);
+        let r = report(&run);
+        assert!(r["cycles"].as_u64().is_some_and(|c| c > 0), "{m}: {r}");
+    }
+}
+
 /// A residual add's skip input runs ahead of the branch it skips by the whole branch (attention takes
 /// every token before it gives its first result), so the add keeps it in the receive FIFO its tiling
 /// allocates and is paced by the branch. gpt-tiny widened to 256 and trained on 512 tokens (32 runs per

@@ -873,8 +873,10 @@ impl StageBuilder<'_> {
                 Work::Elementwise { main: Some(slot(operands[1])?), rows, width, per_elem: 1, accumulate: true }
             }
             OpKind::Gelu(r) | OpKind::Tanh(r) => ew(first_slot, r.rows, r.width, per(r.rows, r.width)),
+            // Joins: paced by the input that comes last (a gradient op's dy; its saved forward input
+            // arrives a whole forward pass earlier and waits in the FIFO the tiling declares).
             OpKind::GeluGrad(r) | OpKind::TanhGrad(r) | OpKind::SwiGlu(r) | OpKind::SwiGluGrad(r) => {
-                ew(first_slot, r.rows, r.width, per(r.rows, r.width))
+                ew(late_slot, r.rows, r.width, per(r.rows, r.width))
             }
             OpKind::Add { rows, n } => {
                 if self.single {

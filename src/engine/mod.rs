@@ -154,6 +154,9 @@ pub struct Blocked {
     pub task: String,
     pub run: u32,
     pub waits_for: Vec<String>,
+    /// A train this agent sent is held by a receiver whose queues are full: where a knot of waits
+    /// shows itself (the agents that merely starve behind it are many more), so these are listed first.
+    pub held: bool,
 }
 
 /// No event can fire while work remains.
@@ -161,7 +164,7 @@ pub struct Blocked {
 pub struct DeadlockReport {
     pub cycle: u64,
     pub blocked_agents: u64,
-    /// The first `DEADLOCK_LISTED` blocked agents, in mesh order.
+    /// The first `DEADLOCK_LISTED` blocked agents: those with held sends first, each group in mesh order.
     pub blocked: Vec<Blocked>,
 }
 
@@ -275,10 +278,10 @@ fn run_with(
     if std::env::var_os("WAFER_ENGINE_TIMING").is_some() {
         eprintln!("engine: setup {:.3}s, run {:.3}s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
     }
-    // Blocked tasks and unconsumed deliveries, in mesh order.
+    // Blocked tasks and unconsumed deliveries: held senders first, then in mesh order.
     let mut blocked: Vec<(u32, Blocked)> = parts.iter().flat_map(|p| p.blocked(&shared)).collect();
     if !blocked.is_empty() {
-        blocked.sort_by_key(|(id, _)| *id);
+        blocked.sort_by_key(|(id, b)| (!b.held, *id));
         let n = blocked.len() as u64;
         blocked.truncate(DEADLOCK_LISTED);
         return Err(EngineError::Deadlock(DeadlockReport {

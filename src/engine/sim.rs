@@ -1382,6 +1382,7 @@ impl Part {
                         task: tasks[k].name.clone(),
                         run: agent.runs_done[k] + 1,
                         waits_for: self.waits_for(sh, i as u32, k),
+                        held: !self.holds_of(sh, i as u32).is_empty(),
                     },
                 ));
             }
