@@ -20,7 +20,8 @@
 //! - Free SRAM as a receive FIFO: an approximation kept from before the compiler declared FIFOs
 //!   (every shipped tiny model deadlocked on its residual skip streams without it). Now that the
 //!   joins declare theirs, dropping it would make the engine count only what the plan allocated;
-//!   not yet done (it would move cycles wherever a stream runs ahead into free SRAM today).
+//!   not yet done: neox-tiny's weight-streaming prefill still deadlocks without it (BENCHMARKS.md,
+//!   "Residual FIFOs"), and it would move cycles wherever a stream runs ahead into free SRAM today.
 //!
 //! The engine keeps trains as units: a train still reserves its links when it is sent, and its
 //! wavelets are delivered with their scheduled arrival cycles. What backpressure adds is the
