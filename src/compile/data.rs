@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::graph::{Elem, Graph, OpKind, TensorId, WeightLayout};
+use crate::graph::{Attn, Elem, Graph, OpKind, TensorId, WeightLayout};
 use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, LoopMap, Readout, RowOp, TaskData, TreeRows, View};
 use crate::mesh::{ColorId, Coord, Rect, Task};
 use crate::model::{NormKind, Phase};
@@ -390,15 +390,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     if runs != 1 {
                         return Err("attention in token chunks has no data semantics yet".into());
                     }
-                    let shape = AttnShape {
-                        batch: at.batch,
-                        heads: at.heads,
-                        kv_heads: at.kv_heads,
-                        kv: at.kv_len,
-                        head_dim: at.head_dim,
-                        q_len: at.q_len,
-                        len,
-                    };
+                    let shape = attn_shape(&at, len);
                     // The cache append fused here (the same fresh rows): its PEs keep the updated
                     // cache, which a later decode step starts from.
                     let append = st.ops.iter().map(|&o| g.op(o)).find(|o| {
@@ -632,15 +624,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             if runs != 1 {
                 return Err("attention gradients in token chunks have no data semantics yet".into());
             }
-            let attn = AttnShape {
-                batch: at.batch,
-                heads: at.heads,
-                kv_heads: at.kv_heads,
-                kv: at.kv_len,
-                head_dim: at.head_dim,
-                q_len: at.q_len,
-                len: 0,
-            };
+            let attn = attn_shape(&at, 0);
             let (p, xv) = (view(g, st.inputs[x].tensor), view(g, st.inputs[dy].tensor));
             let out = out_of(out)?;
             by_name.insert("acc", Kernel::AttnKvGrad { grid, p, x: xv, attn, out });
@@ -731,6 +715,19 @@ fn single_gemv(
             cover: k,
         }],
         unsupported: None,
+    }
+}
+
+/// The values kernels' view of an attention op: its sizes, with `len` rows of KV cache already resident.
+fn attn_shape(at: &Attn, len: u64) -> AttnShape {
+    AttnShape {
+        batch: at.batch,
+        heads: at.heads,
+        kv_heads: at.kv_heads,
+        kv: at.kv_len,
+        head_dim: at.head_dim,
+        q_len: at.q_len,
+        len,
     }
 }
 
