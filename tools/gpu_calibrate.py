@@ -47,6 +47,23 @@ def device_hw(name):
     return None
 
 
+def cuda_hw():
+    """The visible GPU: its hardware file name (a100, h100, h200) and its CUDA name, or exit with why;
+    TF32 off, so fp32 rows are fp32."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("error: PyTorch is not installed")
+    if not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU visible; this script times kernels on a real GPU")
+    dev = torch.cuda.get_device_name()
+    hw = device_hw(dev)
+    if hw is None:
+        sys.exit(f"error: {dev} is not an A100, H100 or H200 (models/hardware has no description for it)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return hw, dev
+
+
 def graph_seconds(fn, reps, iters):
     """Seconds per call of `fn` replayed from a CUDA graph that captures it `reps` times (after three
     calls on a side stream, as capture requires), over `iters` replays after three."""
@@ -194,18 +211,10 @@ def main():
     ap.add_argument("--out", help="CSV path (default tests/data/gpu_calibration_<hw>.csv)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     args = ap.parse_args()
-    try:
-        import torch
-    except ImportError:
-        sys.exit("error: PyTorch is not installed")
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU visible; this script times kernels on a real GPU")
-    dev = torch.cuda.get_device_name()
-    hw = device_hw(dev)
-    if hw is None:
-        sys.exit(f"error: {dev} is not an A100, H100 or H200 (models/hardware has no description for it)")
+    hw, dev = cuda_hw()
+    import torch
+
     warm, iters = (5, 20) if args.quick else (50, 200)
-    torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
 
     def row(bench, shape, dtype, value, unit):

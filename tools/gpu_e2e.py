@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from gpu_calibrate import device_hw, time_loop, write_csv
+from gpu_calibrate import cuda_hw, time_loop, write_csv
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CASES = [
@@ -60,16 +60,10 @@ def main():
     ap.add_argument("--out", help="CSV path (default tests/data/gpu_e2e_<hw>.csv)")
     ap.add_argument("--profile", action="store_true", help="also print each case's top kernels (torch.profiler)")
     args = ap.parse_args()
+    hw, dev = cuda_hw()
     import torch
     import transformers
 
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU visible")
-    dev = torch.cuda.get_device_name()
-    hw = device_hw(dev)
-    if hw is None:
-        sys.exit(f"error: {dev} is not an A100, H100 or H200")
-    torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
 
     def build(cfg, dt):
