@@ -22,6 +22,9 @@ pub struct Checked {
     pub steps: Vec<StepCheck>,
     /// Notes for the timing report.
     pub notes: Vec<String>,
+    /// MoE layers' token copies dropped over an expert's capacity, by top-k op (the reference's routing,
+    /// which the wafer's must equal to match).
+    pub moe_dropped: Vec<(String, usize)>,
 }
 
 /// One decode step of --decode-steps.
@@ -128,6 +131,13 @@ impl Checked {
                 s.push_str(&row(o, "    "));
             }
         }
+        if !self.moe_dropped.is_empty() {
+            let per: Vec<String> = self.moe_dropped.iter().map(|(op, n)| format!("{op} {n}")).collect();
+            s.push_str(&format!(
+                "  MoE token copies dropped over an expert's capacity (on the wafer as in the reference): {}\n",
+                per.join(", ")
+            ));
+        }
         s.push_str(&format!("  {}\n", self.line()));
         if let Some(l) = self.steps_line() {
             s.push_str(&format!("  {l}\n"));
@@ -220,7 +230,9 @@ pub fn emulate(
             .collect();
         write_f32(path, &tensors)?;
     }
-    let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
+    let moe_dropped = run.values.moe_dropped.clone();
+    let checked =
+        Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new(), moe_dropped };
     Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
 }
 
@@ -349,7 +361,7 @@ fn decode_steps(
         first.context
     )];
     runs.truncate(1);
-    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes };
+    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes, moe_dropped: Vec::new() };
     Ok((Emulated { programs, runs, notes: fast_notes(p, eopts.fidelity) }, checked))
 }
 
