@@ -477,6 +477,9 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 }
                 OpKind::AttnSoftmaxGrad(a) => RowOp::SoftmaxGrad { p: view(g, op.inputs[0]), head_dim: a.head_dim },
                 OpKind::MoeTopK(r) => RowOp::MoeTopK { k: r.top_k },
+                // The renormalised top-k is a softmax over the chosen logits: its gradient is the
+                // softmax's, `p * (dp - sum(p * dp))`, unscaled (the probabilities are zero elsewhere).
+                OpKind::MoeTopKGrad(_) => RowOp::SoftmaxGrad { p: view(g, op.inputs[0]), head_dim: 1 },
                 _ => return Err("this row reduction has no data semantics yet".into()),
             };
             let rows_per_run = rows / runs;
@@ -556,7 +559,10 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             );
         }
         (&Work::Elementwise { accumulate: false, .. }, Algo::Elementwise)
-            if matches!(op.kind, OpKind::MoeDispatch(_) | OpKind::MoeCombine(_)) =>
+            if matches!(
+                op.kind,
+                OpKind::MoeDispatch(_) | OpKind::MoeCombine(_) | OpKind::MoeDispatchGrad(_) | OpKind::MoeCombineGrad(_)
+            ) =>
         {
             // The routing of every token decides which rows go where: only one run over them all has it.
             if runs != 1 {
@@ -566,6 +572,11 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let kernel = match op.kind {
                 OpKind::MoeDispatch(route) => Kernel::MoeDispatch { grid, x, probs, route, out },
                 OpKind::MoeCombine(route) => Kernel::MoeCombine { grid, yd: x, probs, route, out },
+                OpKind::MoeDispatchGrad(route) => Kernel::MoeDispatchGrad { grid, dxd: x, probs, route, out },
+                OpKind::MoeCombineGrad(route) => {
+                    let (yd, probs) = (view(g, op.inputs[1]), view(g, op.inputs[2]));
+                    Kernel::MoeCombineGrad { grid, dy: x, yd, probs, route, out, dprobs: out_of(1)? }
+                }
                 _ => unreachable!("matched above"),
             };
             by_name.insert("ew", kernel);
@@ -658,10 +669,29 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let OpKind::LinearWgrad(l) = op.kind else {
                 return Err("this accumulation has no data semantics yet".into());
             };
+            let (mut xv, mut dyv) = (in_view(0, x), in_view(1, dy));
+            let (mut k, mut cols, mut grouped) = (k, cols, None);
             if l.groups != 1 || l.weight_groups != 1 {
-                return Err("grouped (expert) linear layers have no data semantics yet".into());
+                // Slot e is expert e's when every expert is active (`Route::dispatch`): the block of
+                // slot e's columns is expert e's gradient. With fewer slots than experts two slots
+                // may hold one expert, whose gradient would need a sum across PEs.
+                if l.groups != l.weight_groups {
+                    return Err("the weight gradient of an expert linear with fewer active slots than experts has no \
+                                data semantics yet"
+                        .into());
+                }
+                if bias_out.is_some() {
+                    return Err("a grouped (expert) linear layer with a bias has no data semantics yet".into());
+                }
+                let whole = |v: &View, w: u64| v.c0 == 0 && v.width == v.cols && v.width == w;
+                if !whole(&xv, l.k) || !whole(&dyv, l.n) {
+                    return Err("a grouped (expert) linear layer on a slice of its operand".into());
+                }
+                let s = l.groups;
+                xv = View { base: xv.base, cols: s * l.k, c0: 0, width: s * l.k };
+                dyv = View { base: dyv.base, cols: s * l.n, c0: 0, width: s * l.n };
+                (k, cols, grouped) = (l.k, l.n, Some(Grouped { slots: s }));
             }
-            let (xv, dyv) = (in_view(0, x), in_view(1, dy));
             let out = out_of(out)?;
             let bias = match bias_out {
                 Some(b) => Some(out_of(b)?),
@@ -669,7 +699,8 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             };
             let w_out_in = l.layout == WeightLayout::OutIn;
             let rows_per_run = rows / runs;
-            let kernel = Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias };
+            let kernel =
+                Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias, grouped };
             by_name.insert("acc", kernel);
             // The bias gradient is summed by `acc`, which holds the rows of dy.
             by_name.insert("dbias", Kernel::Relay);
@@ -744,17 +775,16 @@ fn grouped_operands(
     if l.groups == 1 && l.weight_groups == 1 {
         return Ok((a, k, cols, None));
     }
-    if !matches!(kind, OpKind::Linear(_)) {
-        return Err("the gradients of grouped (expert) linear layers have no data semantics yet".into());
-    }
     if l.bias {
         return Err("a grouped (expert) linear layer with a bias has no data semantics yet".into());
     }
-    if a.c0 != 0 || a.width != a.cols || a.width != k || cols != l.groups * l.n {
+    // The data gradient multiplies by the transposed weight: its contraction is the layer's n.
+    let per_slot = if matches!(kind, OpKind::LinearDgrad(_)) { l.k } else { l.n };
+    if a.c0 != 0 || a.width != a.cols || a.width != k || cols != l.groups * per_slot {
         return Err("a grouped (expert) linear layer on a slice of its operand".into());
     }
     let slots = l.groups;
-    Ok((View { base: a.base, cols: slots * k, c0: 0, width: slots * k }, k, l.n, Some(Grouped { slots })))
+    Ok((View { base: a.base, cols: slots * k, c0: 0, width: slots * k }, k, per_slot, Some(Grouped { slots })))
 }
 
 /// The values kernels' view of an attention op: its sizes, with `len` rows of KV cache already resident.

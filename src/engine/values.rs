@@ -230,7 +230,9 @@ impl PartValues {
             self.pes[local].route = Some(r.clone());
         }
         let ends_routing = match td {
-            TaskData::Kernel(k) | TaskData::Looped { kernel: k, .. } => matches!(k, Kernel::MoeCombine { .. }),
+            TaskData::Kernel(k) | TaskData::Looped { kernel: k, .. } => {
+                matches!(k, Kernel::MoeCombine { .. } | Kernel::MoeDispatchGrad { .. })
+            }
             _ => false,
         };
         if self.debug {
@@ -1004,6 +1006,77 @@ impl PartValues {
                 self.pes[local].acc = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
+            &Kernel::MoeCombineGrad { grid, dy, yd, probs, route, out, dprobs } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (e, w, a) = (route.experts, route.width, route.active());
+                let (off, len) = Share { n: a * route.capacity() * w, parts }.range(idx);
+                let (poff, plen) = Share { n: route.rows * e, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                let dyv = self.read(local, at, &claimed, &dy, (0, route.rows))?;
+                let yv = self.read(local, at, &claimed, &yd, (0, a * route.capacity()))?;
+                self.resident(local, at, 2 * (len + plen))?;
+                // Each row of the buffer: its token and that copy's probability.
+                let mut copy = vec![None; (a * route.capacity()) as usize];
+                let mut dp = vec![0f32; (route.rows * e) as usize];
+                for (t, cs) in d.copies.iter().enumerate() {
+                    for &(ex, row) in cs {
+                        if let Some(row) = row {
+                            let pw = pv[t * e as usize + ex];
+                            copy[row] = Some((t, pw));
+                            let (dyr, yr) =
+                                (&dyv[t * w as usize..][..w as usize], &yv[row * w as usize..][..w as usize]);
+                            dp[t * e as usize + ex] = dyr.iter().zip(yr).fold(0f32, |s, (a, b)| s + a * b);
+                        }
+                    }
+                }
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| copy[(i / w) as usize].map_or(0.0, |(t, pw)| pw * dyv[t * w as usize + (i % w) as usize]))
+                    .collect();
+                let dyd = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                let dpf = if plen > 0 {
+                    flat_frags(dprobs, e, poff, &dp[poff as usize..(poff + plen) as usize], at.id)
+                } else {
+                    Vec::new()
+                };
+                let map: Vec<f32> = d.slot_expert.iter().map(|x| x.map_or(-1.0, |x| x as f32)).collect();
+                let mut sends = Vec::new();
+                if len > 0 {
+                    let mut p = self.rounded(&dyd).to_vec();
+                    p.push(Frag::finished(ROUTING, a, (0, 1), (0, a), at.id, map));
+                    sends.push(Some(Payload::from(p)));
+                }
+                if plen > 0 {
+                    sends.push(Some(self.rounded(&dpf)));
+                }
+                if sends.len() != n_sends {
+                    return Err(format!("{}: {} outputs to send but {n_sends} sends", at.name(), sends.len()));
+                }
+                self.pes[local].acc = dyd.into_iter().chain(dpf).collect();
+                Ok(sends)
+            }
+            &Kernel::MoeDispatchGrad { grid, dxd, probs, route, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let w = route.width;
+                let (off, len) = Share { n: route.rows * w, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                let dv = self.read(local, at, &claimed, &dxd, (0, route.active() * route.capacity()))?;
+                self.resident(local, at, 2 * len)?;
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| {
+                        let (t, col) = ((i / w) as usize, (i % w) as usize);
+                        d.copies[t].iter().fold(0f32, |acc, &(_, row)| match row {
+                            Some(row) => acc + dv[row * w as usize + col],
+                            None => acc,
+                        })
+                    })
+                    .collect();
+                self.pes[local].acc = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
             Kernel::RowStats { grid, op, x, rows_per_run, width } => {
                 let (r, c) = at.pos(grid)?;
                 let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
@@ -1302,7 +1375,66 @@ impl PartValues {
                 pe.acc.clear();
                 Ok(all(self.rounded(&sent)))
             }
-            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias } => {
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias: _, grouped: Some(gr) } => {
+                // Slot e is expert e: the PE's columns of slot e are a block of expert e's gradient,
+                // one fragment per slot its columns touch, laid out as the weight ([e, k, n] or
+                // [e, n, k], viewed as rows of n or of k).
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n: gr.slots * n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let groups: Vec<(u64, u64, u64)> = (0..gr.slots)
+                    .filter_map(|g| {
+                        let (a, b) = (n0.max(g * n), (n0 + nl).min((g + 1) * n));
+                        (a < b).then_some((g, a - g * n, b - g * n))
+                    })
+                    .collect();
+                let blocks: Vec<(Vec<f32>, Vec<f32>)> = groups
+                    .iter()
+                    .map(|&(g, j0, j1)| {
+                        let xv = self.read(local, at, &claimed, &View { c0: g * k + k0, width: kl, ..x }, rows)?;
+                        let dv =
+                            self.read(local, at, &claimed, &View { c0: g * n + j0, width: j1 - j0, ..dy }, rows)?;
+                        Ok((xv, dv))
+                    })
+                    .collect::<Result<_, String>>()?;
+                self.resident(local, at, 2 * kl * nl)?;
+                let pe = &mut self.pes[local];
+                if at.run == 1 {
+                    pe.acc = groups
+                        .iter()
+                        .map(|&(g, j0, j1)| {
+                            let (r0, r1, c0, c1, vc) = if w_out_in {
+                                (g * n + j0, g * n + j1, k0, k0 + kl, k)
+                            } else {
+                                (g * k + k0, g * k + k0 + kl, j0, j1, n)
+                            };
+                            let zeros = vec![0f32; ((r1 - r0) * (c1 - c0)) as usize];
+                            Frag::finished(out, vc, (r0, r1), (c0, c1), at.id, zeros)
+                        })
+                        .collect();
+                    pe.cols.clear();
+                }
+                if pe.acc.len() != groups.len() {
+                    return Err(format!("{}: accumulates an expert gradient but holds no block", at.name()));
+                }
+                for (acc, ((_, j0, j1), (xv, dv))) in pe.acc.iter_mut().zip(groups.iter().zip(&blocks)) {
+                    let (kl, jl) = (kl as usize, (j1 - j0) as usize);
+                    let mut vals = acc.vals.to_vec();
+                    for i in 0..rows_per_run as usize {
+                        for kk in 0..kl {
+                            let xval = xv[i * kl + kk];
+                            for j in 0..jl {
+                                let idx = if w_out_in { j * kl + kk } else { kk * jl + j };
+                                vals[idx] += xval * dv[i * jl + j];
+                            }
+                        }
+                    }
+                    acc.vals = vals.into();
+                }
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias, grouped: None } => {
                 let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
                 let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);

@@ -228,6 +228,15 @@ pub enum Kernel {
     /// width]`): each token's dispatched copies in `yd` weighted by their probabilities, summed in
     /// choice order (a copy dropped over capacity adds nothing).
     MoeCombine { grid: Grid, yd: View, probs: View, route: MoeRoute, out: u32 },
+    /// The combine's gradient over all the step's rows (one run): the PE's flat share of `out`
+    /// (dyd, `[active * capacity, width]`: each dispatched copy's `p * dy`, zero on padding rows) and
+    /// of `dprobs` (`[rows, experts]`: `<dy, yd>` of each dispatched copy, zero elsewhere); its first
+    /// send carries dyd with the slot map, its second dprobs (a PE with no share of one has no send
+    /// for it).
+    MoeCombineGrad { grid: Grid, dy: View, yd: View, probs: View, route: MoeRoute, out: u32, dprobs: u32 },
+    /// The dispatch's gradient over all the step's rows (one run): the PE's flat share of `out` (`[rows,
+    /// width]`): each token's dispatched copies' gradients in `dxd`, summed in choice order.
+    MoeDispatchGrad { grid: Grid, dxd: View, probs: View, route: MoeRoute, out: u32 },
     /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
     /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
     RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
@@ -256,6 +265,10 @@ pub enum Kernel {
         w_out_in: bool,
         out: u32,
         bias: Option<u32>,
+        /// An expert linear's (every expert active: slot e is expert e): `x` and `dy` are read as
+        /// `[capacity, slots * k]` and `[capacity, slots * n]`, `k` and `n` are per slot, and the
+        /// block's columns of slot e are expert e's gradient (`out` is `[experts, ...]`).
+        grouped: Option<Grouped>,
     },
     /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished
     /// (or the block an `AttnKvGrad` or `EmbedGradAcc` finished).
@@ -366,6 +379,8 @@ impl Kernel {
             | Kernel::Elementwise { grid, .. }
             | Kernel::MoeDispatch { grid, .. }
             | Kernel::MoeCombine { grid, .. }
+            | Kernel::MoeCombineGrad { grid, .. }
+            | Kernel::MoeDispatchGrad { grid, .. }
             | Kernel::RowStats { grid, .. }
             | Kernel::RowApply { grid, .. }
             | Kernel::LossSum { grid, .. }
@@ -425,8 +440,11 @@ impl Kernel {
                 (*out, *out2) = (f(*out), out2.map(&f));
             }
             Kernel::AttnKvGrad { p, x, out, .. } => (*p, *x, *out) = (v(p), v(x), f(*out)),
-            Kernel::MoeDispatch { x, probs, out, .. } | Kernel::MoeCombine { yd: x, probs, out, .. } => {
-                (*x, *probs, *out) = (v(x), v(probs), f(*out))
+            Kernel::MoeDispatch { x, probs, out, .. }
+            | Kernel::MoeCombine { yd: x, probs, out, .. }
+            | Kernel::MoeDispatchGrad { dxd: x, probs, out, .. } => (*x, *probs, *out) = (v(x), v(probs), f(*out)),
+            Kernel::MoeCombineGrad { dy, yd, probs, out, dprobs, .. } => {
+                (*dy, *yd, *probs, *out, *dprobs) = (v(dy), v(yd), v(probs), f(*out), f(*dprobs))
             }
             Kernel::HeadSum { out, views, .. } => {
                 *out = f(*out);
