@@ -404,7 +404,10 @@ impl PartValues {
         let mut buf = vec![0f32; n];
         let mut have = vec![false; n];
         for f in frags.iter().chain(&self.pes[local].store).filter(|f| f.tensor == v.base) {
-            if f.view_cols != v.cols && f.cover == 0 && (f.view_cols % v.cols == 0 || v.cols % f.view_cols == 0) {
+            if f.view_cols != v.cols
+                && f.cover == 0
+                && (f.view_cols.is_multiple_of(v.cols) || v.cols.is_multiple_of(f.view_cols))
+            {
                 // The same row-major tensor in rows of another length (a grouped linear's `[capacity,
                 // slots * n]` and the dispatched rows' `[slots * capacity, n]`): element by element.
                 let fw = f.c1 - f.c0;
@@ -707,7 +710,7 @@ impl PartValues {
                 let map = self.slot_map(local, at, gr.slots)?;
                 let x = self.read(local, at, &claimed, &a, rows)?;
                 let wv = self.weight(local, w, at)?;
-                if wv.len() as u64 % (k * n).max(1) != 0 {
+                if !(wv.len() as u64).is_multiple_of((k * n).max(1)) {
                     return Err(format!("{}: a weight of {} values for {k}x{n} experts", at.name(), wv.len()));
                 }
                 self.resident(local, at, wv.len() as u64 / parts.max(1) + 2 * nl * rows_per_run)?;
