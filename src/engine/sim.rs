@@ -264,6 +264,21 @@ enum Ev {
     Credit(u32),
 }
 
+/// How many route-tree nodes ahead of the one it reserves a walk fetches link timelines.
+const PREFETCH_NODES: usize = 8;
+
+/// Asks the CPU to bring `x` into the cache (a hint: no effect on any result).
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing architecturally and cannot fault.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(x as *const T as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// Route-tree nodes kept expanded over the whole run (about 24 bytes each: 200 MB at most). Sharing
 /// trees saves about 10% of the instructions of a weight-streaming run (callgrind, gpt-tiny train on
 /// 64x64 PEs: 3.52 G -> 3.15 G) and keeps the trains a port streams ahead from holding a tree each.
@@ -280,6 +295,9 @@ struct Tree {
     /// `nodes.len()` stands for the root.
     kids: Vec<u32>,
     kid_start: Vec<u32>,
+    /// (owning partition, local link index) of each node's link: the block arithmetic and the table
+    /// lookups of `Shared::link_home` done once per tree instead of once per train and link.
+    homes: Vec<(u32, u32)>,
     /// The slowest consumer pace and what it is charged to (first in node order among equals).
     consumer_pace: Option<(Pace, Res)>,
 }
@@ -653,6 +671,7 @@ pub(crate) struct Part {
     scratch: Vec<Node>,
     scratch_kids: (Vec<u32>, Vec<u32>),
     scratch_fill: Vec<u32>,
+    scratch_homes: Vec<(u32, u32)>,
     pub totals: Totals,
     pub stats: Vec<AgentStats>,
     pub hop_unit_cycles: u128,
@@ -716,6 +735,7 @@ impl Part {
             scratch: Vec::new(),
             scratch_kids: (Vec::new(), Vec::new()),
             scratch_fill: Vec::new(),
+            scratch_homes: Vec::new(),
             totals: Totals {
                 io_bytes: vec![0; sh.prog.ports.len()],
                 io_busy: vec![0; sh.prog.ports.len()],
@@ -1141,6 +1161,7 @@ impl Part {
                     t.nodes.shrink_to_fit();
                     t.kids.shrink_to_fit();
                     t.kid_start.shrink_to_fit();
+                    t.homes.shrink_to_fit();
                 }
                 let t = Arc::new(t);
                 if keep {
@@ -1190,6 +1211,7 @@ impl Part {
             if let Ok(tree) = Arc::try_unwrap(t.tree) {
                 self.scratch = tree.nodes;
                 self.scratch_kids = (tree.kids, tree.kid_start);
+                self.scratch_homes = tree.homes;
             }
         }
         Ok(start + len)
@@ -1230,7 +1252,10 @@ impl Part {
         }
         let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
         children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
-        Ok(Tree { nodes, kids, kid_start, consumer_pace })
+        let mut homes = std::mem::take(&mut self.scratch_homes);
+        homes.clear();
+        homes.extend(nodes.iter().map(|n| sh.link_home(n.link)));
+        Ok(Tree { nodes, kids, kid_start, homes, consumer_pace })
     }
 
     /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
@@ -1256,10 +1281,27 @@ impl Part {
         }
         let timing = &sh.prog.timing;
         let mut info: Option<u32> = None;
+        // Nodes are in pre-order (`route::expand` appends each subtree whole), and this walk visits
+        // them in that order, skipping other partitions' subtrees: so the timelines of the next few
+        // owned nodes are known before their reservations. Fetching them ahead overlaps the cache
+        // misses that dominate `Timeline::reserve` on a full wafer (a million links' timelines).
+        let homes = &tree.homes;
+        let mut ahead = match root_in {
+            Some(_) => 0,
+            None => first as usize,
+        };
         while let Some((i, t_in)) = stack.pop() {
             let i = i as usize;
             let node = nodes[i];
-            let (owner, local) = sh.link_home(node.link);
+            let (owner, local) = homes[i];
+            let horizon = (i + PREFETCH_NODES).min(nodes.len());
+            while ahead < horizon {
+                let (o, l) = homes[ahead];
+                if o == self.id {
+                    prefetch(&self.timelines[l as usize]);
+                }
+                ahead += 1;
+            }
             if owner != self.id {
                 self.outbox.push((owner, Cont { time: t_in, train: Arc::clone(train), node: i as u32 }));
                 continue;
@@ -1290,9 +1332,12 @@ impl Part {
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
                 Deliver::Pe(d) => {
+                    // The down ramp's local index is 4 * (PEs of the block) + 2 * (the PE's) + 1.
+                    let pe = (local - 4 * sh.block_pes[self.id as usize]) / 2;
+                    debug_assert_eq!(sh.home(d), (self.id, pe));
                     let k = shared_info(&mut self.infos);
-                    if self.deliver(sh, d, train, k, out)? {
-                        self.hold_if_full(sh, sh.home(d).1, d, train, k, i);
+                    if self.deliver(sh, d, pe, train, k, out)? {
+                        self.hold_if_full(sh, pe, d, train, k, i);
                     }
                 }
                 Deliver::Port(p) => {
@@ -1301,14 +1346,16 @@ impl Part {
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
                         let k = shared_info(&mut self.infos);
-                        let _ = self.deliver(sh, sh.n_pes + p, train, k, out)?;
+                        let g = sh.n_pes + p;
+                        let _ = self.deliver(sh, g, sh.home(g).1, train, k, out)?;
                     }
                 }
                 Deliver::PortIn(q) => {
                     // Counted where the data crosses the port: when the peer port injects it.
                     let link = Train { color: ColorId::LINK, ..train.clone_header() };
                     let k = self.infos.intern(&link);
-                    let _ = self.deliver(sh, sh.n_pes + q, &link, k, out)?;
+                    let g = sh.n_pes + q;
+                    let _ = self.deliver(sh, g, sh.home(g).1, &link, k, out)?;
                 }
             }
         }
@@ -1316,12 +1363,19 @@ impl Part {
         Ok(())
     }
 
-    /// Adds a train's arrival (sharing info slot `info`) to agent `d`'s inbox and wakes it; returns
-    /// whether the arrivals it has not claimed may exceed its buffering (then `hold_if_full` decides).
-    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, info: u32, head: u64) -> Result<bool, EngineError> {
+    /// Adds a train's arrival (sharing info slot `info`) to agent `d` (local index `local`)'s inbox and
+    /// wakes it; returns whether the arrivals it has not claimed may exceed its buffering (then
+    /// `hold_if_full` decides).
+    fn deliver(
+        &mut self,
+        sh: &Shared,
+        d: u32,
+        local: u32,
+        train: &Train,
+        info: u32,
+        head: u64,
+    ) -> Result<bool, EngineError> {
         let (c, n, pace) = (train.color, train.n, train.pace);
-        let (part, local) = sh.home(d);
-        debug_assert_eq!(part, self.id);
         let agent = &mut self.agents[local as usize];
         if agent.template == u32::MAX {
             return Err(EngineError::Program(format!(
