@@ -97,6 +97,11 @@ impl<E> RadixQueue<E> {
         }
     }
 
+    /// The next event of the present cycle, if it is already known (no refill).
+    pub fn peek_now(&self) -> Option<&E> {
+        self.now.front().map(|e| &e.2)
+    }
+
     pub fn pop(&mut self) -> Option<(u64, E)> {
         self.refill();
         let (t, _, e) = self.now.pop_front()?;

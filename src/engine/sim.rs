@@ -811,6 +811,15 @@ impl Part {
             let Some((t, ev)) = self.queue.pop() else { break };
             self.now = t;
             self.totals.events += 1;
+            // The agent of the next event is most often a cache miss (a wake comes long after the
+            // delivery that asked for it): fetch it while this event runs.
+            if let Some(Ev::Wake(a) | Ev::Done(a, _)) = self.queue.peek_now() {
+                let agent = &self.agents[*a as usize];
+                prefetch(&agent.busy_until as *const u64);
+                prefetch(&agent.runs_done as *const SmallVec<[u32; 4]>);
+                prefetch(&agent.inbox as *const SmallVec<[(ColorId, Inbox); 2]>);
+                prefetch(&self.stats[*a as usize] as *const AgentStats);
+            }
             let res = match ev {
                 Ev::Wake(a) => self.try_start(sh, a),
                 Ev::Done(a, k) => self.finish(sh, a, k),
