@@ -346,7 +346,8 @@ fn run_with(
     // instructions, callgrind) is work nobody waits for: where the run was given more than one thread,
     // another one does it while the caller goes on with the report.
     if opts.threads > 1 && parts.len() > BACKGROUND_DROP_PARTS {
-        std::thread::spawn(move || drop(parts));
+        // Where no thread can be started, the closure (and the partitions with it) is dropped here.
+        let _ = std::thread::Builder::new().name("wafer-free".into()).spawn(move || drop(parts));
     }
     Ok((run, results))
 }
