@@ -64,7 +64,27 @@ pub struct Timeline {
     base: u64,
 }
 
+/// Asks the CPU to bring `x` into the cache (a hint: no effect on any result).
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing architecturally and cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(x as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 impl Timeline {
+    /// Fetches the breakpoints of a timeline that keeps them on the heap (more than two).
+    #[inline(always)]
+    pub(crate) fn prefetch_steps(&self) {
+        if self.steps.spilled() {
+            prefetch(self.steps.as_ptr());
+        }
+    }
+
     /// Reserves `len` cycles at `units` of a link of capacity `cap` units per cycle, starting at the
     /// earliest cycle >= `t` where it fits. `now` is the simulation's present (nothing can start earlier).
     /// Returns the start.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use smallvec::{smallvec, SmallVec};
 
 use super::credit::{path_buffer, Credit, CreditKind, PendingHold, SenderHold};
-use super::link::{Pace, Timeline, UNIT};
+use super::link::{prefetch, Pace, Timeline, UNIT};
 use super::queue::RadixQueue;
 use super::record::{Metric, PartRecorder, Span, TraceSpec};
 use super::route::{expand, Deliver, Links, Node, ROOT};
@@ -264,22 +264,30 @@ enum Ev {
     Credit(u32),
 }
 
+/// How many route-tree nodes ahead of the one it reserves a walk fetches link timelines, and (closer,
+/// once the timeline itself is in the cache) the breakpoints of those that keep them on the heap.
+const PREFETCH_NODES: usize = 8;
+const PREFETCH_STEPS: usize = 4;
+
 /// Route-tree nodes kept expanded over the whole run (about 24 bytes each: 200 MB at most). Sharing
 /// trees saves about 10% of the instructions of a weight-streaming run (callgrind, gpt-tiny train on
 /// 64x64 PEs: 3.52 G -> 3.15 G) and keeps the trains a port streams ahead from holding a tree each.
 const TREE_CACHE_NODES: u64 = 8 << 20;
 
-/// The expanded route tree of one sender on one route: the links in depth-first order with their
-/// parents and children, and the slowest pace its consumers (PEs and ports) take with the resource that
+/// The expanded route tree of one sender on one route: the links in pre-order (each node's subtree
+/// follows it, whole: `route::expand` builds them so, and `expand_tree` checks it) with their parents and
+/// subtree sizes, and the slowest pace its consumers (PEs and ports) take with the resource that
 /// pace is charged to. It depends only on the program, so every train of that sender on that route
 /// shares it.
 #[derive(Debug, Default)]
 struct Tree {
     nodes: Vec<Node>,
-    /// Children of each node (CSR): node i's are `kids[kid_start[i]..kid_start[i + 1]]`; index
-    /// `nodes.len()` stands for the root.
-    kids: Vec<u32>,
-    kid_start: Vec<u32>,
+    /// Nodes in each node's subtree, itself included: node i's subtree is `i..i + size[i]`, so a walk
+    /// goes down the tree in index order and skips another partition's subtree in one step.
+    size: Vec<u32>,
+    /// (owning partition, local link index) of each node's link: the block arithmetic and the table
+    /// lookups of `Shared::link_home` done once per tree instead of once per train and link.
+    homes: Vec<(u32, u32)>,
     /// The slowest consumer pace and what it is charged to (first in node order among equals).
     consumer_pace: Option<(Pace, Res)>,
 }
@@ -303,28 +311,21 @@ struct Train {
     data: Option<Payload>,
 }
 
-/// Fills the children lists of a route tree, in node order (the root's at index `nodes.len()`),
-/// reusing the vectors' allocations (`fill` is scratch).
-fn children(nodes: &[Node], kids: &mut Vec<u32>, start: &mut Vec<u32>, fill: &mut Vec<u32>) {
-    let n = nodes.len();
-    let slot = |p: u32| if p == ROOT { n } else { p as usize };
-    start.clear();
-    start.resize(n + 2, 0);
-    for node in nodes {
-        start[slot(node.parent) + 1] += 1;
+/// Fills the subtree sizes of a route tree in pre-order; false if it is not in pre-order (a node before
+/// its parent, or outside its parent's subtree).
+fn subtree_sizes(nodes: &[Node], size: &mut Vec<u32>) -> bool {
+    size.clear();
+    size.resize(nodes.len(), 1);
+    for (i, node) in nodes.iter().enumerate().rev() {
+        if node.parent != ROOT {
+            if node.parent as usize >= i {
+                return false;
+            }
+            size[node.parent as usize] += size[i];
+        }
     }
-    for i in 0..=n {
-        start[i + 1] += start[i];
-    }
-    fill.clear();
-    fill.extend_from_slice(start);
-    kids.clear();
-    kids.resize(n, 0);
-    for (i, node) in nodes.iter().enumerate() {
-        let k = slot(node.parent);
-        kids[fill[k] as usize] = i as u32;
-        fill[k] += 1;
-    }
+    // Each subtree contiguous: a node lies within its parent's range.
+    nodes.iter().enumerate().all(|(i, n)| n.parent == ROOT || i < n.parent as usize + size[n.parent as usize] as usize)
 }
 
 impl Train {
@@ -649,10 +650,13 @@ pub(crate) struct Part {
     /// (the consumer's late claim), for the port's next task start to carry.
     port_released: BTreeMap<u32, (u64, Path)>,
     now: u64,
-    walk_stack: Vec<(u32, u64)>,
+    /// The head's exit cycle of each node of the current walk (indexed from its first node).
+    walk_out: Vec<u64>,
     scratch: Vec<Node>,
-    scratch_kids: (Vec<u32>, Vec<u32>),
-    scratch_fill: Vec<u32>,
+    scratch_size: Vec<u32>,
+    scratch_homes: Vec<(u32, u32)>,
+    /// Nodes of the last tree expanded.
+    last_tree_nodes: usize,
     pub totals: Totals,
     pub stats: Vec<AgentStats>,
     pub hop_unit_cycles: u128,
@@ -712,10 +716,11 @@ impl Part {
             deferred: BTreeMap::new(),
             port_released: BTreeMap::new(),
             now: 0,
-            walk_stack: Vec::new(),
+            walk_out: Vec::new(),
             scratch: Vec::new(),
-            scratch_kids: (Vec::new(), Vec::new()),
-            scratch_fill: Vec::new(),
+            scratch_size: Vec::new(),
+            scratch_homes: Vec::new(),
+            last_tree_nodes: 0,
             totals: Totals {
                 io_bytes: vec![0; sh.prog.ports.len()],
                 io_busy: vec![0; sh.prog.ports.len()],
@@ -806,6 +811,15 @@ impl Part {
             let Some((t, ev)) = self.queue.pop() else { break };
             self.now = t;
             self.totals.events += 1;
+            // The agent of the next event is most often a cache miss (a wake comes long after the
+            // delivery that asked for it): fetch it while this event runs.
+            if let Some(Ev::Wake(a) | Ev::Done(a, _)) = self.queue.peek_now() {
+                let agent = &self.agents[*a as usize];
+                prefetch(&agent.busy_until as *const u64);
+                prefetch(&agent.runs_done as *const SmallVec<[u32; 4]>);
+                prefetch(&agent.inbox as *const SmallVec<[(ColorId, Inbox); 2]>);
+                prefetch(&self.stats[*a as usize] as *const AgentStats);
+            }
             let res = match ev {
                 Ev::Wake(a) => self.try_start(sh, a),
                 Ev::Done(a, k) => self.finish(sh, a, k),
@@ -1139,8 +1153,8 @@ impl Part {
                     // The cache counts nodes, so a kept tree gives back the room of the scratch vectors it
                     // was built in (which a larger tree before it may have grown).
                     t.nodes.shrink_to_fit();
-                    t.kids.shrink_to_fit();
-                    t.kid_start.shrink_to_fit();
+                    t.size.shrink_to_fit();
+                    t.homes.shrink_to_fit();
                 }
                 let t = Arc::new(t);
                 if keep {
@@ -1189,7 +1203,8 @@ impl Part {
         if let Ok(t) = Arc::try_unwrap(train) {
             if let Ok(tree) = Arc::try_unwrap(t.tree) {
                 self.scratch = tree.nodes;
-                self.scratch_kids = (tree.kids, tree.kid_start);
+                self.scratch_size = tree.size;
+                self.scratch_homes = tree.homes;
             }
         }
         Ok(start + len)
@@ -1205,6 +1220,9 @@ impl Part {
         entry: Coord,
     ) -> Result<Tree, EngineError> {
         let mut nodes = std::mem::take(&mut self.scratch);
+        // A tree a continuation still holds does not come back as scratch: size the new vector as the
+        // last tree was, rather than grow it node by node (3.3% of a llama-3-8b decode's instructions).
+        nodes.reserve(self.last_tree_nodes);
         expand(&sh.links, entry, pattern, &sh.prog.ports, &mut nodes).map_err(|e| {
             EngineError::Program(format!(
                 "{}: the route of color {c} ({:?}) leaves the mesh at ({},{})",
@@ -1214,6 +1232,7 @@ impl Part {
                 e.at.y
             ))
         })?;
+        self.last_tree_nodes = nodes.len();
         let mut consumer_pace: Option<(Pace, Res)> = None;
         let mut slower = |p: Pace, res: Res| match consumer_pace {
             Some((q, _)) if p.max(q) == q => {}
@@ -1228,9 +1247,17 @@ impl Part {
                 Deliver::Hop => {}
             }
         }
-        let (mut kids, mut kid_start) = std::mem::take(&mut self.scratch_kids);
-        children(&nodes, &mut kids, &mut kid_start, &mut self.scratch_fill);
-        Ok(Tree { nodes, kids, kid_start, consumer_pace })
+        let mut size = std::mem::take(&mut self.scratch_size);
+        if !subtree_sizes(&nodes, &mut size) {
+            return Err(EngineError::Invariant(format!(
+                "{}: the route tree of color {c} ({pattern:?}) is not in pre-order",
+                sh.agent_name(g)
+            )));
+        }
+        let mut homes = std::mem::take(&mut self.scratch_homes);
+        homes.clear();
+        homes.extend(nodes.iter().map(|n| sh.link_home(n.link)));
+        Ok(Tree { nodes, size, homes, consumer_pace })
     }
 
     /// Continues a train from node `first` (head entering at `first_in`), over the links this partition
@@ -1246,22 +1273,53 @@ impl Part {
     ) -> Result<(), EngineError> {
         let tree = &*train.tree;
         let nodes = &tree.nodes;
-        let kids_of = |i: usize| &tree.kids[tree.kid_start[i] as usize..tree.kid_start[i + 1] as usize];
-        // Depth first over this partition's part of the tree, each node with its head's arrival.
-        let mut stack = std::mem::take(&mut self.walk_stack);
-        stack.clear();
-        match root_in {
-            Some(t) => stack.extend(kids_of(nodes.len()).iter().rev().map(|&k| (k, t))),
-            None => stack.push((first, first_in)),
-        }
+        // This partition's part of the tree, depth first: in pre-order, node `first`'s subtree is the
+        // index range `lo..hi`, a node's head arrives when its parent's leaves (`out`), and a subtree
+        // in another partition is handed over whole and skipped.
+        let (lo, hi) = match root_in {
+            Some(_) => (0, nodes.len()),
+            None => (first as usize, first as usize + tree.size[first as usize] as usize),
+        };
+        let mut out_at = std::mem::take(&mut self.walk_out);
+        out_at.clear();
+        out_at.resize(hi - lo, 0);
         let timing = &sh.prog.timing;
         let mut info: Option<u32> = None;
-        while let Some((i, t_in)) = stack.pop() {
-            let i = i as usize;
+        // The timelines of the next few owned nodes are known before their reservations: fetching
+        // them ahead overlaps the cache misses that dominate `Timeline::reserve` on a full wafer (a
+        // million links' timelines).
+        let homes = &tree.homes;
+        let (mut ahead, mut ahead_steps) = (lo, lo);
+        let mut i = lo;
+        while i < hi {
             let node = nodes[i];
-            let (owner, local) = sh.link_home(node.link);
+            let t_in = if i == lo && root_in.is_none() {
+                first_in
+            } else if node.parent == ROOT {
+                root_in.unwrap_or(first_in)
+            } else {
+                out_at[node.parent as usize - lo]
+            };
+            let (owner, local) = homes[i];
+            let horizon = (i + PREFETCH_NODES).min(hi);
+            while ahead < horizon {
+                let (o, l) = homes[ahead];
+                if o == self.id {
+                    prefetch(&self.timelines[l as usize] as *const Timeline);
+                }
+                ahead += 1;
+            }
+            let horizon = (i + PREFETCH_STEPS).min(hi);
+            while ahead_steps < horizon {
+                let (o, l) = homes[ahead_steps];
+                if o == self.id {
+                    self.timelines[l as usize].prefetch_steps();
+                }
+                ahead_steps += 1;
+            }
             if owner != self.id {
                 self.outbox.push((owner, Cont { time: t_in, train: Arc::clone(train), node: i as u32 }));
+                i += tree.size[i] as usize;
                 continue;
             }
             let (cap, latency) = match node.deliver {
@@ -1281,7 +1339,7 @@ impl Part {
                 };
                 rec.add(agent, metric, s, train.len, train.units);
             }
-            stack.extend(kids_of(i).iter().rev().map(|&k| (k, out)));
+            out_at[i - lo] = out;
             // The train's share of its arrivals here, made at its first delivery in this walk.
             let mut shared_info = |infos: &mut Infos| *info.get_or_insert_with(|| infos.intern(train));
             match node.deliver {
@@ -1290,9 +1348,12 @@ impl Part {
                     self.hop_unit_cycles += train.len as u128 * train.units as u128;
                 }
                 Deliver::Pe(d) => {
+                    // The down ramp's local index is 4 * (PEs of the block) + 2 * (the PE's) + 1.
+                    let pe = (local - 4 * sh.block_pes[self.id as usize]) / 2;
+                    debug_assert_eq!(sh.home(d), (self.id, pe));
                     let k = shared_info(&mut self.infos);
-                    if self.deliver(sh, d, train, k, out)? {
-                        self.hold_if_full(sh, sh.home(d).1, d, train, k, i);
+                    if self.deliver(sh, d, pe, train, k, out)? {
+                        self.hold_if_full(sh, pe, d, train, k, i);
                     }
                 }
                 Deliver::Port(p) => {
@@ -1301,27 +1362,37 @@ impl Part {
                     // A port with a peer wafer forwards the train; it consumes nothing itself.
                     if sh.prog.ports[p as usize].peer_port.is_none() {
                         let k = shared_info(&mut self.infos);
-                        let _ = self.deliver(sh, sh.n_pes + p, train, k, out)?;
+                        let g = sh.n_pes + p;
+                        let _ = self.deliver(sh, g, sh.home(g).1, train, k, out)?;
                     }
                 }
                 Deliver::PortIn(q) => {
                     // Counted where the data crosses the port: when the peer port injects it.
                     let link = Train { color: ColorId::LINK, ..train.clone_header() };
                     let k = self.infos.intern(&link);
-                    let _ = self.deliver(sh, sh.n_pes + q, &link, k, out)?;
+                    let g = sh.n_pes + q;
+                    let _ = self.deliver(sh, g, sh.home(g).1, &link, k, out)?;
                 }
             }
+            i += 1;
         }
-        self.walk_stack = stack;
+        self.walk_out = out_at;
         Ok(())
     }
 
-    /// Adds a train's arrival (sharing info slot `info`) to agent `d`'s inbox and wakes it; returns
-    /// whether the arrivals it has not claimed may exceed its buffering (then `hold_if_full` decides).
-    fn deliver(&mut self, sh: &Shared, d: u32, train: &Train, info: u32, head: u64) -> Result<bool, EngineError> {
+    /// Adds a train's arrival (sharing info slot `info`) to agent `d` (local index `local`)'s inbox and
+    /// wakes it; returns whether the arrivals it has not claimed may exceed its buffering (then
+    /// `hold_if_full` decides).
+    fn deliver(
+        &mut self,
+        sh: &Shared,
+        d: u32,
+        local: u32,
+        train: &Train,
+        info: u32,
+        head: u64,
+    ) -> Result<bool, EngineError> {
         let (c, n, pace) = (train.color, train.n, train.pace);
-        let (part, local) = sh.home(d);
-        debug_assert_eq!(part, self.id);
         let agent = &mut self.agents[local as usize];
         if agent.template == u32::MAX {
             return Err(EngineError::Program(format!(
