@@ -210,15 +210,14 @@ pub fn emulate(
         }
     };
     let programs = programs_of(p)?;
-    if programs.len() != 1 {
-        return Err(FunctionalError::Unsupported(format!(
-            "a step run as {} phases (weight-streaming training)",
-            programs.len()
-        ))
-        .into());
+    let phased = programs.len() > 1;
+    if phased && (p.compiled.layout != compile::Layout::Phases || workload.phase != Phase::Train) {
+        return Err(
+            FunctionalError::Unsupported(format!("a step run as {} programs side by side", programs.len())).into()
+        );
     }
-    // Refuse what the program cannot do before the reference runs.
-    if let Some(why) = programs[0].1.data.as_ref().and_then(|d| d.refusal()) {
+    // Refuse what the programs cannot do before the reference runs.
+    if let Some(why) = programs.iter().find_map(|(_, prog)| prog.data.as_ref().and_then(|d| d.refusal())) {
         return Err(FunctionalError::Unsupported(why).into());
     }
     let given = super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
@@ -237,8 +236,27 @@ pub fn emulate(
     if run.graph.tensors.len() != p.graph.tensors.len() {
         return Err(FunctionalError::Internal("the reference built a different graph than the compile".into()).into());
     }
-    let (_, prog) = &programs[0];
     let numerics = functional::numerics_of(&p.model)?;
+    if phased {
+        // Weight-streaming training: the forward and backward phases in turn, MemoryX between and after.
+        let eopts: Vec<EngineOptions> = programs
+            .iter()
+            .map(|(_, prog)| EngineOptions {
+                fidelity,
+                threads,
+                trace: trace.map(|t| waferscale::trace::spec_for(prog, t)),
+                progress: None,
+            })
+            .collect();
+        let done = fmesh::run_phases(&programs, &run.graph, &numerics, &run.values, &eopts)?;
+        if let Some(path) = &cmd.out {
+            write_training(path, p, &run, &done.outputs)?;
+        }
+        let notes = vec!["weight-streaming training with values: the forward and backward phases ran in turn, the activations saved for the backward pass and the weight gradients through MemoryX, the optimizer in MemoryX (on the values the wafer sent it)".to_string()];
+        let checked = Checked { outputs: done.outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes };
+        return Ok((Emulated { programs, runs: done.runs, notes: fast_notes(p, fidelity) }, checked));
+    }
+    let (_, prog) = &programs[0];
     let setup = fmesh::setup(prog, &run.graph, &numerics, &run.values)?;
     let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
     let eopts = EngineOptions { fidelity, threads, trace: spec, progress: None };

@@ -340,7 +340,11 @@ fn outputs_with(
             for (i, v) in f.vals.iter().enumerate() {
                 let (row, col) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
                 let idx = row * cols + col;
-                if row >= rows || col >= cols || f.view_cols as usize != cols || seen[idx] {
+                // A port may be sent one value twice (a tensor saved to MemoryX for two consumers):
+                // the same bits again are the same value.
+                let again =
+                    at.is_none() && row < rows && col < cols && seen[idx] && values[idx].to_bits() == v.to_bits();
+                if row >= rows || col >= cols || f.view_cols as usize != cols || (seen[idx] && !again) {
                     return Err(FunctionalError::Mesh(format!(
                         "`{}`: {who} holds element ({row}, {col}) outside the result or held twice",
                         r.name
@@ -429,4 +433,115 @@ fn tapped(
         }
     }
     out
+}
+
+/// The results of weight-streaming training, run as the compiler splits it (`compile::Compiled::phases`):
+/// the engine's run of each phase and every result, beside the reference.
+pub struct Phased {
+    pub runs: Vec<crate::engine::EngineRun>,
+    pub outputs: Vec<MeshOutput>,
+}
+
+/// Weight-streaming training on the mesh: the forward phase, then the backward phase, on the same wafer,
+/// with MemoryX between and after them (`eopts`: the engine's options for each phase).
+///
+/// Each phase runs with values like any program (weights streaming in from MemoryX every iteration).
+/// What a phase sends to MemoryX or SwarmX its ports collect (`Kernel::Collect`, read back like any
+/// result and checked against the reference): the forward phase's activations saved for the backward
+/// pass, the backward phase's weight gradients and the embedding rows' gradient. The next phase starts
+/// with what MemoryX holds: its ports stream those saved tensors back in (`Kernel::Source`, layer by
+/// layer in the backward loop's order). After the last phase MemoryX runs the ops the plan places off
+/// the wafer (`compile::runs_in_memoryx`: the embedding gradients' scatter-add, the sums of tied weights'
+/// gradients, and Adam) on the values the wafer sent it, with the reference's semantics and rounding
+/// (`functional::reference::evaluate_ops`): every input of those ops must be a step input (weights, Adam
+/// state, ids), an output of another of them, or a value the wafer sent, else the run fails naming it;
+/// the gradients they leave, w', m', v' (and the master copy) are checked as the pipelined step's are
+/// (`adam_error`).
+pub fn run_phases(
+    programs: &[(String, MeshProgram)],
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    eopts: &[crate::engine::EngineOptions],
+) -> Result<Phased, crate::Error> {
+    let mut runs = Vec::new();
+    let mut outputs: Vec<MeshOutput> = Vec::new();
+    // What MemoryX holds: the tensors the phases sent out through the ports, by tensor.
+    let mut held: BTreeMap<u32, Arc<[f32]>> = BTreeMap::new();
+    for ((_, prog), eopts) in programs.iter().zip(eopts) {
+        let mut s = setup(prog, graph, numerics, reference)?;
+        for (&t, v) in &held {
+            s.tensors.insert(t, Arc::clone(v));
+        }
+        let (run, results) = crate::engine::run_functional(prog, eopts, Arc::new(s))?;
+        let outs = self::outputs(prog, graph, &results, reference)?;
+        let readouts = prog.data.as_ref().map_or(&[][..], |d| d.readouts.as_slice());
+        for (r, o) in readouts.iter().zip(&outs) {
+            if r.rect.is_none() {
+                held.insert(o.tensor.0, Arc::from(o.values.as_slice()));
+            }
+        }
+        runs.push(run);
+        outputs.extend(outs);
+    }
+    outputs.extend(memoryx(graph, numerics, reference, &held)?);
+    Ok(Phased { runs, outputs })
+}
+
+/// MemoryX's part of a weight-streaming training step (see `run_phases`): the off-wafer ops on what the
+/// wafer sent (`sent`, by tensor), their results beside the reference.
+fn memoryx(
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    sent: &BTreeMap<u32, Arc<[f32]>>,
+) -> Result<Vec<MeshOutput>, FunctionalError> {
+    let ops: Vec<crate::graph::OpId> = graph.op_ids().filter(|&o| crate::compile::runs_in_memoryx(graph, o)).collect();
+    let producers = graph.producers();
+    let mut vals = reference.clone();
+    for (&t, v) in sent {
+        vals.values[t as usize] = Value::F(v.to_vec());
+    }
+    for &o in &ops {
+        for &t in &graph.op(o).inputs {
+            let from_wafer = producers[t.idx()].is_some_and(|p| !ops.contains(&p));
+            if from_wafer && !sent.contains_key(&t.0) {
+                return Err(FunctionalError::Mesh(format!(
+                    "MemoryX runs `{}`, which reads `{}`, and the wafer did not send it",
+                    graph.op(o).name,
+                    graph.tensor(t).name
+                )));
+            }
+        }
+    }
+    let precision =
+        if graph.workload.dtype == DType::Fp32 { super::Precision::Exact } else { super::Precision::Storage };
+    let opts = super::Options { precision, ..super::Options::default() };
+    super::reference::evaluate_ops(graph, numerics, &opts, &mut vals, &ops)?;
+    // The Adam ops' gradients MemoryX summed itself, and every Adam output.
+    let mut out = Vec::new();
+    for &o in &ops {
+        let op = graph.op(o);
+        if !matches!(op.kind, crate::graph::OpKind::Adam { .. }) {
+            continue;
+        }
+        let grad = op.inputs[1];
+        let summed = (!sent.contains_key(&grad.0)).then_some(grad);
+        for t in summed.into_iter().chain(op.outputs.iter().copied()) {
+            let values = vals.f(t).to_vec();
+            let (max_rel_error, held, bound) = adam_error(graph, t, &values, reference).ok_or_else(|| {
+                FunctionalError::Internal(format!("`{}` is not an Adam tensor", graph.tensor(t).name))
+            })?;
+            out.push(MeshOutput {
+                name: graph.tensor(t).name.clone(),
+                tensor: t,
+                shape: graph.tensor(t).shape.clone(),
+                values,
+                max_rel_error,
+                held,
+                bound: Some(bound),
+            });
+        }
+    }
+    Ok(out)
 }
