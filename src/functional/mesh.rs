@@ -121,8 +121,8 @@ pub fn training_bound(dtype: DType, what: TrainResult) -> f64 {
 /// of the tensor's largest |g| (`training_bound`). So where the reference gradient is below the floor
 /// `N` = max(100 x Adam's epsilon, k u max|g|), an element is held to what that noise can move: the
 /// gradient within `N`, m' within `(1 - beta1) N`, v' within `(1 - beta2) 3 N^2` (|g'^2 - g^2| with
-/// |g|, |g' - g| <= N), the master copy within `2 lr` and w' as stored within `2 lr` and one storage
-/// ulp of the weight; an element off by more counts in the relative error (a wrong gradient is never
+/// |g|, |g' - g| <= N), the master copy within `2 lr` (and fp32's bound: a flipped step moves it by
+/// 2 lr exactly, give or take its rounding) and w' as stored one storage ulp more; an element off by more counts in the relative error (a wrong gradient is never
 /// hidden: it is far above the floor). Elsewhere the error is relative to the tensor's largest
 /// reference magnitude.
 pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> Option<(f64, usize, f64)> {
@@ -166,8 +166,9 @@ pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values
         TrainResult::Linear if op.inputs.get(1) == Some(&t) => floor,
         TrainResult::Linear => (1.0 - a.beta1) * floor,
         TrainResult::Square => (1.0 - a.beta2) * 3.0 * floor * floor,
-        TrainResult::Master => 2.0 * a.lr,
-        TrainResult::Weight => 2.0 * a.lr + 2.0 * u * scale,
+        // (A flipped step moves w by 2 lr exactly, give or take the rounding of w itself.)
+        TrainResult::Master => 2.0 * a.lr + FP32_BOUND * scale,
+        TrainResult::Weight => 2.0 * a.lr + (FP32_BOUND + 2.0 * u) * scale,
     };
     let (mut worst, mut held) = (0f64, 0usize);
     for ((&m, &x), &g) in values.iter().zip(r).zip(grad) {
@@ -185,24 +186,48 @@ pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values
     Some((worst, held, training_bound(dtype, what)))
 }
 
-/// A bias gradient (the second output of a linear's weight gradient): the largest column sum of |dy|
-/// in the reference, the size of the terms the gradient sums. None for any other tensor.
+/// A gradient that sums rows of dy: the largest sum of |dy| over the rows one element sums, in the
+/// reference, the size of the terms however much they cancel. A bias gradient (the second output of a
+/// linear's weight gradient) sums each column over every row; an embedding gradient each column over
+/// the rows whose id is the table row; a sum of gradients (tied weights) the terms of its parts. None
+/// for any other tensor.
 fn bias_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> Option<f64> {
     let op = graph.op(graph.producers()[g.0 as usize]?);
-    if !matches!(op.kind, crate::graph::OpKind::LinearWgrad(_)) || op.outputs.get(1) != Some(&g) {
-        return None;
-    }
-    let (dy, n) = (reference.f(*op.inputs.get(1)?), graph.tensor(g).elems() as usize);
-    if n == 0 || dy.len() % n != 0 {
-        return None;
-    }
-    let mut sums = vec![0f64; n];
-    for row in dy.chunks_exact(n) {
-        for (s, &x) in sums.iter_mut().zip(row) {
-            *s += x.abs() as f64;
+    let n = graph.tensor(g).elems() as usize;
+    let sums = |dy: &[f32], width: usize, row_of: &dyn Fn(usize) -> Option<usize>| -> Option<f64> {
+        let mut sums = vec![0f64; n];
+        if width == 0 || dy.len() % width != 0 {
+            return None;
         }
+        for (r, row) in dy.chunks_exact(width).enumerate() {
+            let at = row_of(r)? * width;
+            for (s, &x) in sums.get_mut(at..at + width)?.iter_mut().zip(row) {
+                *s += x.abs() as f64;
+            }
+        }
+        Some(sums.into_iter().fold(0.0, f64::max))
+    };
+    match op.kind {
+        crate::graph::OpKind::LinearWgrad(_) if op.outputs.get(1) == Some(&g) => {
+            sums(reference.f(*op.inputs.get(1)?), n, &|_| Some(0))
+        }
+        crate::graph::OpKind::EmbeddingGrad { width, .. } => {
+            let Value::I(ids) = &reference.values[op.inputs.first()?.idx()] else { return None };
+            let width = width as usize;
+            sums(reference.f(*op.inputs.get(1)?), width, &|r| ids.get(r).and_then(|&i| usize::try_from(i).ok()))
+        }
+        crate::graph::OpKind::Add { .. } => Some(
+            op.inputs
+                .iter()
+                .map(|&t| bias_terms(graph, reference, t).unwrap_or(0.0).max(max_abs(reference.f(t))))
+                .sum(),
+        ),
+        _ => None,
     }
-    Some(sums.into_iter().fold(0.0, f64::max))
+}
+
+fn max_abs(xs: &[f32]) -> f64 {
+    xs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64))
 }
 
 /// The start of a functional run of `program`: fails (the user's request, exit 2) naming what the
@@ -464,11 +489,27 @@ pub fn run_phases(
     reference: &Values<f32>,
     eopts: &[crate::engine::EngineOptions],
 ) -> Result<Phased, crate::Error> {
+    run_phases_with(programs, graph, numerics, reference, eopts, |_| {})
+}
+
+/// `run_phases`, with `between` given what MemoryX holds (by tensor) before each later phase starts
+/// and at the end, before its own ops: a test's way to show a phase really starts from it.
+pub fn run_phases_with(
+    programs: &[(String, MeshProgram)],
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    eopts: &[crate::engine::EngineOptions],
+    mut between: impl FnMut(&mut BTreeMap<u32, Arc<[f32]>>),
+) -> Result<Phased, crate::Error> {
     let mut runs = Vec::new();
     let mut outputs: Vec<MeshOutput> = Vec::new();
     // What MemoryX holds: the tensors the phases sent out through the ports, by tensor.
     let mut held: BTreeMap<u32, Arc<[f32]>> = BTreeMap::new();
-    for ((_, prog), eopts) in programs.iter().zip(eopts) {
+    for (i, ((_, prog), eopts)) in programs.iter().zip(eopts).enumerate() {
+        if i > 0 {
+            between(&mut held);
+        }
         let mut s = setup(prog, graph, numerics, reference)?;
         for (&t, v) in &held {
             s.tensors.insert(t, Arc::clone(v));
@@ -484,6 +525,7 @@ pub fn run_phases(
         runs.push(run);
         outputs.extend(outs);
     }
+    between(&mut held);
     outputs.extend(memoryx(graph, numerics, reference, &held)?);
     Ok(Phased { runs, outputs })
 }
