@@ -196,7 +196,7 @@ fn bias_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> Option<f64
     let n = graph.tensor(g).elems() as usize;
     let sums = |dy: &[f32], width: usize, row_of: &dyn Fn(usize) -> Option<usize>| -> Option<f64> {
         let mut sums = vec![0f64; n];
-        if width == 0 || dy.len() % width != 0 {
+        if width == 0 || !dy.len().is_multiple_of(width) {
             return None;
         }
         for (r, row) in dy.chunks_exact(width).enumerate() {
