@@ -25,6 +25,7 @@ fn bad_model_configs() {
         ("zero-layers", "zero-layers.json"),
         ("negative-size", "negative.json"),
         ("count-overflows-u64", "overflow.json"),
+        ("moe-capacity-factor-zero", "moe-capacity-zero.json"),
     ] {
         check(name, &["graph", &format!("{dir}/{file}")]);
     }

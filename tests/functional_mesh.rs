@@ -36,6 +36,9 @@ fn decode_logits_match_the_reference() {
         ("llama-tiny", "32x32"),
         ("neox-tiny", "32x32"),
         ("gptj-tiny", "32x32"),
+        ("mixtral-tiny", "32x32"),
+        ("mixtral-tiny", "16x16"),
+        ("mixtral-tiny", "64x64"),
     ] {
         let args = ["--hw", "cs2", "--mesh", mesh, "--phase", "decode", "--context", "15", "--dtype", "fp32"];
         let mut a = vec![model];
@@ -44,7 +47,7 @@ fn decode_logits_match_the_reference() {
         assert!(err < 1e-4, "{model} on {mesh}: max relative error {err}");
     }
     // Two wafers, the hidden state crossing between them through their ports.
-    for model in ["gpt-tiny", "llama-tiny"] {
+    for model in ["gpt-tiny", "llama-tiny", "mixtral-tiny"] {
         let args =
             [model, "--mesh", "32x32", "--phase", "decode", "--context", "15", "--dtype", "fp32", "--wafers", "2"];
         let (_, err) = functional(&args, None);
@@ -67,6 +70,8 @@ fn timing_is_identical_with_and_without_values() {
         vec!["gpt-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15", "--dtype", "fp32"],
         vec!["llama-tiny", "--mesh", "16x16", "--phase", "decode", "--context", "15"],
         vec!["bert-tiny", "--mesh", "32x32", "--phase", "prefill", "--seq", "64", "--dtype", "fp32"],
+        vec!["mixtral-tiny", "--mesh", "64x64", "--phase", "prefill", "--seq", "16", "--dtype", "fp32"],
+        vec!["mixtral-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15"],
         vec!["gemv:1000x300", "--mesh", "16x16"],
     ] {
         let (with, _) = functional(&args, None);
@@ -112,14 +117,14 @@ fn fp16_storage_is_close() {
 #[test]
 fn unsupported_programs_are_refused() {
     for (args, says) in [
-        (vec!["mixtral-tiny", "--mesh", "32x32", "--phase", "decode", "--context", "15"], "moe_topk"),
-        // Weight-streaming training of the dense models runs (tests/functional_ws.rs); MoE does not.
+        // Weight-streaming training of the dense models runs (tests/functional_ws.rs); MoE's does not yet.
         (
             vec!["mixtral-tiny", "--mesh", "64x64", "--phase", "train", "--seq", "8", "--mode", "weight-streaming"],
-            "(moe_topk with row-reduce)",
+            "weight-streaming training of a mixture of experts",
         ),
-        // Pipelined training of the dense models runs on the mesh (tests/functional_train.rs); MoE does not.
-        (vec!["mixtral-tiny", "--mesh", "64x64", "--phase", "train", "--seq", "8"], "(moe_topk with row-reduce)"),
+        // Pipelined training runs on the mesh (tests/functional_train.rs), but not an expert linear's
+        // weight gradient with fewer active slots than experts (one token).
+        (vec!["mixtral-tiny", "--mesh", "96x96", "--phase", "train", "--seq", "1"], "(linear_wgrad with summa)"),
         (vec!["gemm:64x64x64", "--mesh", "16x16"], "cannon"),
     ] {
         let mut a = vec!["run"];
@@ -132,6 +137,44 @@ fn unsupported_programs_are_refused() {
     }
 }
 
+/// MoE routing has a capacity: the dispatched buffer holds `capacity` rows per expert (a balanced share
+/// at the default factor of 1.0) and copies routed past it are dropped (Switch Transformer, GShard), on
+/// the wafer exactly as in the reference. The prefill of 16 seeded tokens overflows mixtral-tiny's
+/// experts: the wafer still matches the reference, and the check counts the dropped copies per layer;
+/// with a capacity factor of experts / top_k nothing is dropped.
+#[test]
+fn moe_overflow_drops_copies_as_the_reference_does() {
+    let dropped = |model: &str| -> Vec<u64> {
+        let a =
+            ["run", model, "--mesh", "64x64", "--phase", "prefill", "--seq", "16", "--dtype", "fp32", "--functional"];
+        let (code, stdout, stderr) = wafer(&a);
+        assert_eq!(code, 0, "{model}: {stderr}");
+        let err: f64 = stdout
+            .split("max relative error vs the reference ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{model}: no check line in {stdout}"));
+        assert!(err < 1e-4, "{model}: max relative error {err}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("MoE token copies dropped"))
+            .unwrap_or_else(|| panic!("{model}: no MoE line in {stdout}"));
+        let counts: Vec<u64> = line
+            .split(": ")
+            .nth(1)
+            .unwrap_or("")
+            .split(", ")
+            .filter_map(|p| p.split(' ').nth(1)?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), 2, "{model}: a count per layer in `{line}`");
+        counts
+    };
+    let at_one = dropped("mixtral-tiny");
+    assert!(at_one.iter().sum::<u64>() > 0, "the seeded prefill no longer overflows an expert: {at_one:?}");
+    assert_eq!(dropped("tests/data/mixtral-tiny-nodrop.json"), vec![0, 0]);
+}
+
 /// Prefill at the tiny models' full length (128 tokens, their position limit), in token chunks, on
 /// meshes where the linears run as gemv-broadcast (32x32, 64x64) and gemv-tree (16x16): the logits (BERT:
 /// every token's hidden state and the pooler output) match the reference within 1e-4.
@@ -142,7 +185,7 @@ fn unsupported_programs_are_refused() {
 #[test]
 fn prefill_at_full_length_matches_the_reference() {
     for mesh in ["32x32", "16x16", "64x64"] {
-        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny", "mixtral-tiny"] {
             let args = [model, "--mesh", mesh, "--phase", "prefill", "--seq", "128", "--dtype", "fp32"];
             let (_, err) = functional(&args, None);
             assert!(err < 1e-4, "{model} prefill of 128 tokens on {mesh}: max relative error {err}");
@@ -235,9 +278,12 @@ fn wafer_decode_matches_reference_prefill_of_the_sequence() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("functional-mesh");
     std::fs::create_dir_all(&dir).expect("temp dir");
     let tokens = "3,14,15,92,65,35,89,79,32,38,46,26,43,38,32,79";
-    for model in ["gpt-tiny", "llama-tiny"] {
+    // Mixtral with a capacity factor that drops no token (the prefill of 16 tokens would drop copies
+    // at the default factor of 1.0, decode of one token never does).
+    for model in ["gpt-tiny", "llama-tiny", "tests/data/mixtral-tiny-nodrop.json"] {
+        let stem = std::path::Path::new(model).file_stem().and_then(|s| s.to_str()).unwrap_or(model);
         let (dec, pre) =
-            (dir.join(format!("{model}-decode.safetensors")), dir.join(format!("{model}-prefill.safetensors")));
+            (dir.join(format!("{stem}-decode.safetensors")), dir.join(format!("{stem}-prefill.safetensors")));
         let args = [model, "--mesh", "32x32", "--phase", "decode", "--dtype", "fp32", "--tokens", tokens];
         let (_, err) = functional(&args, Some(&dec));
         assert!(err < 1e-4, "{model}: {err}");

@@ -45,7 +45,7 @@ fn assert_folded(stderr: &str, report: &Value, what: &str) {
 #[test]
 fn weight_streaming_prefill_matches_the_reference() {
     for mesh in ["16x16", "32x32"] {
-        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny", "mixtral-tiny"] {
             for seq in ["16", "128"] {
                 let args = [model, "--hw", "wse2", "--mesh", mesh, "--phase", "prefill", "--seq", seq];
                 let (report, err, stderr) = functional(&args);
@@ -65,7 +65,7 @@ fn weight_streaming_prefill_matches_the_reference() {
 #[test]
 fn weight_streaming_decode_matches_the_reference() {
     for mesh in ["16x16", "32x32"] {
-        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny"] {
+        for model in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "mixtral-tiny"] {
             let args = [model, "--hw", "wse2", "--mesh", mesh, "--phase", "decode", "--context", "15"];
             let (report, err, stderr) = functional(&args);
             let what = format!("{model} decode on {mesh}");

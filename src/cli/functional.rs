@@ -22,6 +22,9 @@ pub struct Checked {
     pub steps: Vec<StepCheck>,
     /// Notes for the timing report.
     pub notes: Vec<String>,
+    /// MoE layers' token copies dropped over an expert's capacity, by top-k op (the reference's routing,
+    /// which the wafer's must equal to match).
+    pub moe_dropped: Vec<(String, usize)>,
 }
 
 /// One decode step of --decode-steps.
@@ -167,6 +170,13 @@ impl Checked {
                 s.push_str(&row(o, "    "));
             }
         }
+        if !self.moe_dropped.is_empty() {
+            let per: Vec<String> = self.moe_dropped.iter().map(|(op, n)| format!("{op} {n}")).collect();
+            s.push_str(&format!(
+                "  MoE token copies dropped over an expert's capacity (on the wafer as in the reference): {}\n",
+                per.join(", ")
+            ));
+        }
         s.push_str(&format!("  {}\n", self.line()));
         if let Some(l) = self.steps_line() {
             s.push_str(&format!("  {l}\n"));
@@ -216,6 +226,9 @@ pub fn emulate(
             FunctionalError::Unsupported(format!("a step run as {} programs side by side", programs.len())).into()
         );
     }
+    if let Some(why) = phased.then(|| fmesh::phases_refusal(&p.graph)).flatten() {
+        return Err(FunctionalError::Unsupported(why).into());
+    }
     // Refuse what the programs cannot do before the reference runs.
     if let Some(why) = programs.iter().find_map(|(_, prog)| prog.data.as_ref().and_then(|d| d.refusal())) {
         return Err(FunctionalError::Unsupported(why).into());
@@ -254,7 +267,15 @@ pub fn emulate(
         }
         // (No note: the timing report stays the one without values; `run_phases` says what ran where.)
         let notes = Vec::new();
-        let checked = Checked { outputs: done.outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes };
+        let moe_dropped = run.values.moe_dropped.clone();
+        let checked = Checked {
+            outputs: done.outputs,
+            dtype: workload.dtype,
+            context: None,
+            steps: Vec::new(),
+            notes,
+            moe_dropped,
+        };
         return Ok((Emulated { programs, runs: done.runs, notes: fast_notes(p, fidelity) }, checked));
     }
     let (_, prog) = &programs[0];
@@ -278,7 +299,9 @@ pub fn emulate(
             .collect();
         write_f32(path, &tensors)?;
     }
-    let checked = Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new() };
+    let moe_dropped = run.values.moe_dropped.clone();
+    let checked =
+        Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new(), moe_dropped };
     Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
 }
 
@@ -407,7 +430,7 @@ fn decode_steps(
         first.context
     )];
     runs.truncate(1);
-    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes };
+    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes, moe_dropped: Vec::new() };
     Ok((Emulated { programs, runs, notes: fast_notes(p, eopts.fidelity) }, checked))
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::graph::{Attn, Elem, Graph, OpKind, TensorId, WeightLayout};
-use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, LoopMap, Readout, RowOp, TaskData, TreeRows, View};
+use crate::mesh::data::{AttnShape, EwOp, Grid, Grouped, Kernel, LoopMap, Readout, RowOp, TaskData, TreeRows, View};
 use crate::mesh::{ColorId, Coord, Rect, Task};
 use crate::model::{NormKind, Phase};
 
@@ -342,15 +342,13 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let out = out_of(out)?;
             match op.kind {
                 OpKind::Linear(l) | OpKind::LinearDgrad(l) => {
-                    if l.groups != 1 || l.weight_groups != 1 {
-                        return Err("grouped (expert) linear layers have no data semantics yet".into());
-                    }
+                    let (av, k, n, grouped) = grouped_operands(&op.kind, &l, av, k, cols)?;
                     if !stationary(st, b) {
                         return Err("a streamed (non-weight) stationary operand".into());
                     }
                     let w = op.inputs[1].0;
                     let w_out_in = w_out_in(&op.kind, l.layout);
-                    by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n: cols, rows_per_run, out });
+                    by_name.insert("mm", Kernel::Linear { grid, a: av, w, w_out_in, k, n, rows_per_run, out, grouped });
                     if bias {
                         by_name.insert("bias", Kernel::Bias { b: op.inputs[2].0 });
                     }
@@ -467,6 +465,10 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     RowOp::Softmax { q: a.q_len, kv: a.kv_len, head_dim: a.head_dim, causal: a.causal }
                 }
                 OpKind::AttnSoftmaxGrad(a) => RowOp::SoftmaxGrad { p: view(g, op.inputs[0]), head_dim: a.head_dim },
+                OpKind::MoeTopK(r) => RowOp::MoeTopK { k: r.top_k },
+                // The renormalised top-k is a softmax over the chosen logits: its gradient is the
+                // softmax's, `p * (dp - sum(p * dp))`, unscaled (the probabilities are zero elsewhere).
+                OpKind::MoeTopKGrad(_) => RowOp::SoftmaxGrad { p: view(g, op.inputs[0]), head_dim: 1 },
                 _ => return Err("this row reduction has no data semantics yet".into()),
             };
             let rows_per_run = rows / runs;
@@ -478,18 +480,17 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let (OpKind::Linear(l) | OpKind::LinearDgrad(l)) = op.kind else {
                 return Err("this matmul has no data semantics yet".into());
             };
-            if l.groups != 1 || l.weight_groups != 1 {
-                return Err("grouped (expert) linear layers have no data semantics yet".into());
-            }
+            let (av, kg, n, grouped) = grouped_operands(&op.kind, &l, in_view(0, a), k, cols)?;
             if !stationary(st, b) {
                 return Err("a streamed (non-weight) stationary operand".into());
             }
             let tree = TreeRows { rc: f.rc() as u64, g: Tree::new(f.rc() as u64).g };
-            let (av, w, w_out_in) = (in_view(0, a), op.inputs[1].0, w_out_in(&op.kind, l.layout));
+            let (w, w_out_in) = (op.inputs[1].0, w_out_in(&op.kind, l.layout));
             let out = out_of(out)?;
+            let rows_per_run = rows / runs;
             by_name.insert(
                 "mm",
-                Kernel::TreePartial { grid, tree, a: av, w, w_out_in, k, n: cols, rows_per_run: rows / runs, out },
+                Kernel::TreePartial { grid, tree, a: av, w, w_out_in, k: kg, n, rows_per_run, out, grouped },
             );
             by_name.insert("red1", Kernel::Reduce { total: None, bias: None });
             let b = bias.then(|| op.inputs[2].0);
@@ -545,6 +546,29 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                     keep_grad: whole,
                 },
             );
+        }
+        (&Work::Elementwise { accumulate: false, .. }, Algo::Elementwise)
+            if matches!(
+                op.kind,
+                OpKind::MoeDispatch(_) | OpKind::MoeCombine(_) | OpKind::MoeDispatchGrad(_) | OpKind::MoeCombineGrad(_)
+            ) =>
+        {
+            // The routing of every token decides which rows go where: only one run over them all has it.
+            if runs != 1 {
+                return Err(format!("a MoE dispatch or combine in {runs} token chunks has no data semantics"));
+            }
+            let (x, probs, out) = (view(g, op.inputs[0]), view(g, op.inputs[1]), out_of(0)?);
+            let kernel = match op.kind {
+                OpKind::MoeDispatch(route) => Kernel::MoeDispatch { grid, x, probs, route, out },
+                OpKind::MoeCombine(route) => Kernel::MoeCombine { grid, yd: x, probs, route, out },
+                OpKind::MoeDispatchGrad(route) => Kernel::MoeDispatchGrad { grid, dxd: x, probs, route, out },
+                OpKind::MoeCombineGrad(route) => {
+                    let (yd, probs) = (view(g, op.inputs[1]), view(g, op.inputs[2]));
+                    Kernel::MoeCombineGrad { grid, dy: x, yd, probs, route, out, dprobs: out_of(1)? }
+                }
+                _ => unreachable!("matched above"),
+            };
+            by_name.insert("ew", kernel);
         }
         (&Work::Elementwise { rows, accumulate: false, .. }, Algo::Elementwise) => {
             let pos0 = if g.workload.phase == Phase::Decode { g.workload.context } else { 0 };
@@ -634,10 +658,29 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let OpKind::LinearWgrad(l) = op.kind else {
                 return Err("this accumulation has no data semantics yet".into());
             };
+            let (mut xv, mut dyv) = (in_view(0, x), in_view(1, dy));
+            let (mut k, mut cols, mut grouped) = (k, cols, None);
             if l.groups != 1 || l.weight_groups != 1 {
-                return Err("grouped (expert) linear layers have no data semantics yet".into());
+                // Slot e is expert e's when every expert is active (`Route::dispatch`): the block of
+                // slot e's columns is expert e's gradient. With fewer slots than experts two slots
+                // may hold one expert, whose gradient would need a sum across PEs.
+                if l.groups != l.weight_groups {
+                    return Err("the weight gradient of an expert linear with fewer active slots than experts has no \
+                                data semantics yet"
+                        .into());
+                }
+                if bias_out.is_some() {
+                    return Err("a grouped (expert) linear layer with a bias has no data semantics yet".into());
+                }
+                let whole = |v: &View, w: u64| v.c0 == 0 && v.width == v.cols && v.width == w;
+                if !whole(&xv, l.k) || !whole(&dyv, l.n) {
+                    return Err("a grouped (expert) linear layer on a slice of its operand".into());
+                }
+                let s = l.groups;
+                xv = View { base: xv.base, cols: s * l.k, c0: 0, width: s * l.k };
+                dyv = View { base: dyv.base, cols: s * l.n, c0: 0, width: s * l.n };
+                (k, cols, grouped) = (l.k, l.n, Some(Grouped { slots: s }));
             }
-            let (xv, dyv) = (in_view(0, x), in_view(1, dy));
             let out = out_of(out)?;
             let bias = match bias_out {
                 Some(b) => Some(out_of(b)?),
@@ -645,7 +688,8 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             };
             let w_out_in = l.layout == WeightLayout::OutIn;
             let rows_per_run = rows / runs;
-            let kernel = Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias };
+            let kernel =
+                Kernel::WgradAcc { grid, x: xv, dy: dyv, k, n: cols, rows_per_run, w_out_in, out, bias, grouped };
             by_name.insert("acc", kernel);
             // The bias gradient is summed by `acc`, which holds the rows of dy.
             by_name.insert("dbias", Kernel::Relay);
@@ -705,6 +749,31 @@ fn single_gemv(
         }],
         unsupported: None,
     }
+}
+
+/// A linear's operand view, contraction and output columns as its kernel reads them: a plain layer's
+/// as they are; a grouped (expert) linear's operand as `[capacity, slots * k]` (the capacity-major
+/// dispatched rows, `Route::dispatch`), with `k` and `n` per slot and the slot count.
+fn grouped_operands(
+    kind: &OpKind,
+    l: &crate::graph::Linear,
+    a: View,
+    k: u64,
+    cols: u64,
+) -> Result<(View, u64, u64, Option<Grouped>), String> {
+    if l.groups == 1 && l.weight_groups == 1 {
+        return Ok((a, k, cols, None));
+    }
+    if l.bias {
+        return Err("a grouped (expert) linear layer with a bias has no data semantics yet".into());
+    }
+    // The data gradient multiplies by the transposed weight: its contraction is the layer's n.
+    let per_slot = if matches!(kind, OpKind::LinearDgrad(_)) { l.k } else { l.n };
+    if a.c0 != 0 || a.width != a.cols || a.width != k || cols != l.groups * per_slot {
+        return Err("a grouped (expert) linear layer on a slice of its operand".into());
+    }
+    let slots = l.groups;
+    Ok((View { base: a.base, cols: slots * k, c0: 0, width: slots * k }, k, per_slot, Some(Grouped { slots })))
 }
 
 /// The values kernels' view of an attention op: its sizes, with `len` rows of KV cache already resident.

@@ -274,6 +274,9 @@ pub(crate) fn runs_candidates(st: &Stage, io: &StageIo) -> Vec<u32> {
     let rows = match st.work {
         Work::Matmul { no_split_k: true, .. } => return vec![1],
         _ if is_grouped(st) => return vec![1],
+        // A MoE dispatch or combine moves rows by the routing of every token of the step: it runs once
+        // over all of them (its region is made wide enough to hold them), never in token chunks.
+        _ if st.routes_rows => return vec![1],
         Work::Matmul { rows, .. } | Work::Accum { rows, .. } => rows,
         Work::RowReduce { rows, .. } | Work::Elementwise { rows, .. } => rows,
         Work::Lookup { rows, .. } | Work::Relay { rows, .. } => rows,

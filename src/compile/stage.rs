@@ -201,6 +201,9 @@ pub(crate) struct Stage {
     pub dtype_bytes: u64,
     /// The pass of the main op (forward, backward, ...), for reports.
     pub pass: Pass,
+    /// A MoE dispatch or combine (or their gradients): which rows go where is data (the routing of
+    /// every token of the step), so the tiling runs it once over all the rows where that fits.
+    pub routes_rows: bool,
 }
 
 impl Stage {
@@ -544,6 +547,10 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
             outputs: st.outputs,
             dtype_bytes: g.workload.dtype.bytes(),
             pass: op.pass,
+            routes_rows: matches!(
+                op.kind,
+                OpKind::MoeDispatch(_) | OpKind::MoeCombine(_) | OpKind::MoeDispatchGrad(_) | OpKind::MoeCombineGrad(_)
+            ),
         });
         slot_maps.push(st.slot_map);
         instances.push(by_iter);

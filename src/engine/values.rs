@@ -34,6 +34,12 @@ const PER_HEAD: u32 = 1 << 31;
 /// claimed the mark): a fragment of this pseudo-tensor with no values.
 const NO_VALUES: u32 = u32::MAX - 1;
 
+/// A MoE layer's slot map (each slot's expert, -1 for a slot no token was routed to) travels as a
+/// fragment of this pseudo-tensor, `[1, slots]`: the dispatch makes it, and it rides with every send
+/// of every task that claimed it (the dispatched rows, the expert linears' outputs) until the combine.
+/// The map is `active` ids beside rows of thousands of values: its wavelets are not in the program.
+const ROUTING: u32 = u32::MAX - 2;
+
 /// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frag {
@@ -163,6 +169,8 @@ struct Pe {
     tapped: Vec<Frag>,
     /// What each send of the running task carries.
     out: Vec<Option<Payload>>,
+    /// The slot map of the MoE layer whose dispatched rows this PE's running task claimed.
+    route: Option<Frag>,
     /// Resident tiles loaded (once, as the program's initial SRAM image) and their bytes.
     resident: bool,
     sram: u64,
@@ -215,6 +223,18 @@ impl PartValues {
         let td = data.tasks.get(at.template).and_then(|t| t.get(at.k)).unwrap_or(&TaskData::None);
         let n_sends = at.task.sends.len();
         let claimed: Vec<Frag> = claimed.into_iter().flatten().flat_map(|p| p.to_vec()).collect();
+        // A MoE slot map rides with the rows it came with: kept for the task's kernel, passed on with
+        // each of its sends (but for the combine, where the dispatched rows end).
+        let (routing, claimed): (Vec<Frag>, Vec<Frag>) = claimed.into_iter().partition(|f| f.tensor == ROUTING);
+        if let Some(r) = routing.first() {
+            self.pes[local].route = Some(r.clone());
+        }
+        let ends_routing = match td {
+            TaskData::Kernel(k) | TaskData::Looped { kernel: k, .. } => {
+                matches!(k, Kernel::MoeCombine { .. } | Kernel::MoeDispatchGrad { .. })
+            }
+            _ => false,
+        };
         if self.debug {
             let mut got: Vec<String> =
                 claimed.iter().map(|f| format!("t{}[{}..{},{}..{}]", f.tensor, f.r0, f.r1, f.c0, f.c1)).collect();
@@ -253,6 +273,13 @@ impl PartValues {
                 let inner = At { run: chunk % per_iter.max(1) + 1, ..*at };
                 self.kernel(local, &inner, &kernel, claimed)?
             }
+        };
+        let outs = match routing.first() {
+            Some(r) if !ends_routing => outs
+                .into_iter()
+                .map(|p| p.map(|p| p.iter().cloned().chain(std::iter::once(r.clone())).collect::<Vec<_>>().into()))
+                .collect(),
+            _ => outs,
         };
         self.pes[local].out = outs;
         Ok(())
@@ -329,6 +356,15 @@ impl PartValues {
         Ok(())
     }
 
+    /// The slot map (each slot's expert, -1: none) of the dispatched rows the running task claimed.
+    fn slot_map(&self, local: usize, at: &At, slots: u64) -> Result<Vec<f32>, String> {
+        match &self.pes[local].route {
+            Some(f) if f.vals.len() as u64 == slots => Ok(f.vals.to_vec()),
+            Some(f) => Err(format!("{}: a slot map of {} slots, expected {slots}", at.name(), f.vals.len())),
+            None => Err(format!("{}: no MoE slot map came with the dispatched rows", at.name())),
+        }
+    }
+
     fn rounded(&self, frags: &[Frag]) -> Payload {
         let st = self.setup.storage;
         frags
@@ -368,6 +404,24 @@ impl PartValues {
         let mut buf = vec![0f32; n];
         let mut have = vec![false; n];
         for f in frags.iter().chain(&self.pes[local].store).filter(|f| f.tensor == v.base) {
+            if f.view_cols != v.cols
+                && f.cover == 0
+                && (f.view_cols.is_multiple_of(v.cols) || v.cols.is_multiple_of(f.view_cols))
+            {
+                // The same row-major tensor in rows of another length (a grouped linear's `[capacity,
+                // slots * n]` and the dispatched rows' `[slots * capacity, n]`): element by element.
+                let fw = f.c1 - f.c0;
+                for (i, &x) in f.vals.iter().enumerate() {
+                    let flat = (f.r0 + i as u64 / fw) * f.view_cols + f.c0 + i as u64 % fw;
+                    let (r, c) = (flat / v.cols, flat % v.cols);
+                    if r >= rows.0 && r < rows.1 && c >= v.c0 && c < v.c0 + v.width {
+                        let j = (r - rows.0) as usize * w + (c - v.c0) as usize;
+                        buf[j] = x;
+                        have[j] = true;
+                    }
+                }
+                continue;
+            }
             if f.view_cols != v.cols {
                 return Err(format!(
                     "{}: received {} in rows of {}, expected {}",
@@ -502,7 +556,40 @@ impl PartValues {
                 self.pes[local].acc = flat_frags(*out, *n, lo, &vals, at.id);
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
-            &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out } => {
+            &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out, grouped: Some(gr) } => {
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: tree.compute_rows() }.range(tree.compute_index(r));
+                let (n0, nl) = Share { n: gr.slots * n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let map = self.slot_map(local, at, gr.slots)?;
+                // The PE's contraction slice of every slot, side by side.
+                let mut x = vec![0f32; (rows_per_run * gr.slots * kl) as usize];
+                for g in 0..gr.slots {
+                    let xs = View { c0: g * k + k0, width: kl, ..a };
+                    let part = self.read(local, at, &claimed, &xs, rows)?;
+                    for i in 0..rows_per_run as usize {
+                        let dst = i * (gr.slots * kl) as usize + (g * kl) as usize;
+                        x[dst..dst + kl as usize].copy_from_slice(&part[i * kl as usize..(i + 1) * kl as usize]);
+                    }
+                }
+                let wv = self.weight(local, w, at)?;
+                self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
+                let acc = grouped_matmul(&x, &wv, &map, rows_per_run, (k0, kl), (n0, nl), (k, n), w_out_in, st);
+                let f = Frag {
+                    tensor: out,
+                    view_cols: gr.slots * n,
+                    r0: rows.0,
+                    r1: rows.1,
+                    c0: n0,
+                    c1: n0 + nl,
+                    cover: kl,
+                    src: at.id,
+                    vals: acc.into(),
+                };
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out, grouped: None } => {
                 let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: tree.compute_rows() }.range(tree.compute_index(r));
                 let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
@@ -615,7 +702,24 @@ impl PartValues {
                 let f = Frag::finished(view.base, view.cols, (r0, r1), (view.c0, view.c0 + view.width), at.id, vals);
                 Ok(all(Payload::from(vec![f])))
             }
-            &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out } => {
+            &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out, grouped: Some(gr) } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (n0, nl) = Share { n: gr.slots * n, parts }.range(idx);
+                let rows = Self::run_rows(at, rows_per_run);
+                let map = self.slot_map(local, at, gr.slots)?;
+                let x = self.read(local, at, &claimed, &a, rows)?;
+                let wv = self.weight(local, w, at)?;
+                if !(wv.len() as u64).is_multiple_of((k * n).max(1)) {
+                    return Err(format!("{}: a weight of {} values for {k}x{n} experts", at.name(), wv.len()));
+                }
+                self.resident(local, at, wv.len() as u64 / parts.max(1) + 2 * nl * rows_per_run)?;
+                let acc = grouped_matmul(&x, &wv, &map, rows_per_run, (0, k), (n0, nl), (k, n), w_out_in, st);
+                let f = Frag::finished(out, gr.slots * n, (rows.0, rows.1), (n0, n0 + nl), at.id, acc);
+                self.pes[local].acc = vec![f];
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::Linear { grid, a, w, w_out_in, k, n, rows_per_run, out, grouped: None } => {
                 let (r, c) = at.pos(&grid)?;
                 let (idx, parts) = flat_index(&grid, r, c);
                 let (n0, nl) = Share { n, parts }.range(idx);
@@ -854,6 +958,128 @@ impl PartValues {
                 self.pes[local].acc = frags;
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
+            &Kernel::MoeDispatch { grid, x, probs, route, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (a, cap, w) = (route.active(), route.capacity(), route.width);
+                let (off, len) = Share { n: a * cap * w, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                // Which token each row of the buffer holds.
+                let mut token = vec![None; (a * cap) as usize];
+                for (t, cs) in d.copies.iter().enumerate() {
+                    for &(_, row) in cs {
+                        if let Some(row) = row {
+                            token[row] = Some(t as u64);
+                        }
+                    }
+                }
+                let xv = self.read(local, at, &claimed, &x, (0, route.rows))?;
+                self.resident(local, at, 2 * len)?;
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| token[(i / w) as usize].map_or(0.0, |t| xv[(t * w + i % w) as usize]))
+                    .collect();
+                self.pes[local].acc = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                let map: Vec<f32> = d.slot_expert.iter().map(|e| e.map_or(-1.0, |e| e as f32)).collect();
+                let slot_map = Frag::finished(ROUTING, a, (0, 1), (0, a), at.id, map);
+                let mut p = self.rounded(&self.pes[local].acc).to_vec();
+                p.push(slot_map);
+                Ok(all(p.into()))
+            }
+            &Kernel::MoeCombine { grid, yd, probs, route, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (e, w) = (route.experts, route.width);
+                let (off, len) = Share { n: route.rows * w, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                let yv = self.read(local, at, &claimed, &yd, (0, route.active() * route.capacity()))?;
+                self.resident(local, at, 2 * len)?;
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| {
+                        let (t, col) = (i / w, i % w);
+                        d.copies[t as usize].iter().fold(0f32, |acc, &(ex, row)| match row {
+                            Some(row) => {
+                                acc + st.round(pv[(t * e) as usize + ex]) * yv[row * w as usize + col as usize]
+                            }
+                            None => acc,
+                        })
+                    })
+                    .collect();
+                self.pes[local].acc = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
+            &Kernel::MoeCombineGrad { grid, dy, yd, probs, route, out, dprobs } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let (e, w, a) = (route.experts, route.width, route.active());
+                let (off, len) = Share { n: a * route.capacity() * w, parts }.range(idx);
+                let (poff, plen) = Share { n: route.rows * e, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                let dyv = self.read(local, at, &claimed, &dy, (0, route.rows))?;
+                let yv = self.read(local, at, &claimed, &yd, (0, a * route.capacity()))?;
+                self.resident(local, at, 2 * (len + plen))?;
+                // Each row of the buffer: its token and that copy's probability.
+                let mut copy = vec![None; (a * route.capacity()) as usize];
+                let mut dp = vec![0f32; (route.rows * e) as usize];
+                for (t, cs) in d.copies.iter().enumerate() {
+                    for &(ex, row) in cs {
+                        if let Some(row) = row {
+                            let pw = pv[t * e as usize + ex];
+                            copy[row] = Some((t, pw));
+                            let (dyr, yr) =
+                                (&dyv[t * w as usize..][..w as usize], &yv[row * w as usize..][..w as usize]);
+                            dp[t * e as usize + ex] = dyr.iter().zip(yr).fold(0f32, |s, (a, b)| s + a * b);
+                        }
+                    }
+                }
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| copy[(i / w) as usize].map_or(0.0, |(t, pw)| pw * dyv[t * w as usize + (i % w) as usize]))
+                    .collect();
+                let dyd = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                let dpf = if plen > 0 {
+                    flat_frags(dprobs, e, poff, &dp[poff as usize..(poff + plen) as usize], at.id)
+                } else {
+                    Vec::new()
+                };
+                let map: Vec<f32> = d.slot_expert.iter().map(|x| x.map_or(-1.0, |x| x as f32)).collect();
+                let mut sends = Vec::new();
+                if len > 0 {
+                    let mut p = self.rounded(&dyd).to_vec();
+                    p.push(Frag::finished(ROUTING, a, (0, 1), (0, a), at.id, map));
+                    sends.push(Some(Payload::from(p)));
+                }
+                if plen > 0 {
+                    sends.push(Some(self.rounded(&dpf)));
+                }
+                if sends.len() != n_sends {
+                    return Err(format!("{}: {} outputs to send but {n_sends} sends", at.name(), sends.len()));
+                }
+                self.pes[local].acc = dyd.into_iter().chain(dpf).collect();
+                Ok(sends)
+            }
+            &Kernel::MoeDispatchGrad { grid, dxd, probs, route, out } => {
+                let (r, c) = at.pos(&grid)?;
+                let (idx, parts) = flat_index(&grid, r, c);
+                let w = route.width;
+                let (off, len) = Share { n: route.rows * w, parts }.range(idx);
+                let pv = self.read(local, at, &claimed, &probs, (0, route.rows))?;
+                let d = routing(&route, &pv);
+                let dv = self.read(local, at, &claimed, &dxd, (0, route.active() * route.capacity()))?;
+                self.resident(local, at, 2 * len)?;
+                let vals: Vec<f32> = (off..off + len)
+                    .map(|i| {
+                        let (t, col) = ((i / w) as usize, (i % w) as usize);
+                        d.copies[t].iter().fold(0f32, |acc, &(_, row)| match row {
+                            Some(row) => acc + dv[row * w as usize + col],
+                            None => acc,
+                        })
+                    })
+                    .collect();
+                self.pes[local].acc = if len > 0 { flat_frags(out, w, off, &vals, at.id) } else { Vec::new() };
+                Ok(all(self.rounded(&self.pes[local].acc)))
+            }
             Kernel::RowStats { grid, op, x, rows_per_run, width } => {
                 let (r, c) = at.pos(grid)?;
                 let (ro, rl) = Share { n: *rows_per_run, parts: grid.rows as u64 }.range(r);
@@ -882,6 +1108,10 @@ impl PartValues {
                     if let (RowOp::NormGrad { rms, .. }, Some(gm)) = (op, &gamma) {
                         let xr = &xin[i * *width as usize..(i + 1) * *width as usize];
                         vals.extend(norm_grad_stats(*rms, row, xr, gm, st, co, cl));
+                        continue;
+                    }
+                    if let RowOp::MoeTopK { k } = *op {
+                        vals.extend(topk_stats(row, co, cl, k));
                         continue;
                     }
                     if let RowOp::SoftmaxGrad { .. } = op {
@@ -988,7 +1218,10 @@ impl PartValues {
                         .chain(beta)
                         .map(|t| self.weight(local, t, at).map(|v| (t, v)))
                         .collect::<Result<_, _>>()?,
-                    RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } | RowOp::SoftmaxGrad { .. } => Vec::new(),
+                    RowOp::Softmax { .. }
+                    | RowOp::CrossEntropy { .. }
+                    | RowOp::SoftmaxGrad { .. }
+                    | RowOp::MoeTopK { .. } => Vec::new(),
                     RowOp::NormGrad { gamma, .. } => vec![(gamma, self.weight(local, gamma, at)?)],
                 };
                 if let RowOp::SoftmaxGrad { p, head_dim } = *op {
@@ -1145,7 +1378,66 @@ impl PartValues {
                 pe.acc.clear();
                 Ok(all(self.rounded(&sent)))
             }
-            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias } => {
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias: _, grouped: Some(gr) } => {
+                // Slot e is expert e: the PE's columns of slot e are a block of expert e's gradient,
+                // one fragment per slot its columns touch, laid out as the weight ([e, k, n] or
+                // [e, n, k], viewed as rows of n or of k).
+                let (r, c) = at.pos(&grid)?;
+                let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
+                let (n0, nl) = Share { n: gr.slots * n, parts: grid.cols as u64 }.range(c);
+                let rows = Self::run_rows(at, rows_per_run);
+                let groups: Vec<(u64, u64, u64)> = (0..gr.slots)
+                    .filter_map(|g| {
+                        let (a, b) = (n0.max(g * n), (n0 + nl).min((g + 1) * n));
+                        (a < b).then_some((g, a - g * n, b - g * n))
+                    })
+                    .collect();
+                let blocks: Vec<(Vec<f32>, Vec<f32>)> = groups
+                    .iter()
+                    .map(|&(g, j0, j1)| {
+                        let xv = self.read(local, at, &claimed, &View { c0: g * k + k0, width: kl, ..x }, rows)?;
+                        let dv =
+                            self.read(local, at, &claimed, &View { c0: g * n + j0, width: j1 - j0, ..dy }, rows)?;
+                        Ok((xv, dv))
+                    })
+                    .collect::<Result<_, String>>()?;
+                self.resident(local, at, 2 * kl * nl)?;
+                let pe = &mut self.pes[local];
+                if at.run == 1 {
+                    pe.acc = groups
+                        .iter()
+                        .map(|&(g, j0, j1)| {
+                            let (r0, r1, c0, c1, vc) = if w_out_in {
+                                (g * n + j0, g * n + j1, k0, k0 + kl, k)
+                            } else {
+                                (g * k + k0, g * k + k0 + kl, j0, j1, n)
+                            };
+                            let zeros = vec![0f32; ((r1 - r0) * (c1 - c0)) as usize];
+                            Frag::finished(out, vc, (r0, r1), (c0, c1), at.id, zeros)
+                        })
+                        .collect();
+                    pe.cols.clear();
+                }
+                if pe.acc.len() != groups.len() {
+                    return Err(format!("{}: accumulates an expert gradient but holds no block", at.name()));
+                }
+                for (acc, ((_, j0, j1), (xv, dv))) in pe.acc.iter_mut().zip(groups.iter().zip(&blocks)) {
+                    let (kl, jl) = (kl as usize, (j1 - j0) as usize);
+                    let mut vals = acc.vals.to_vec();
+                    for i in 0..rows_per_run as usize {
+                        for kk in 0..kl {
+                            let xval = xv[i * kl + kk];
+                            for j in 0..jl {
+                                let idx = if w_out_in { j * kl + kk } else { kk * jl + j };
+                                vals[idx] += xval * dv[i * jl + j];
+                            }
+                        }
+                    }
+                    acc.vals = vals.into();
+                }
+                Ok(vec![None; n_sends])
+            }
+            &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias, grouped: None } => {
                 let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
                 let (n0, nl) = Share { n, parts: grid.cols as u64 }.range(c);
@@ -1415,13 +1707,13 @@ pub fn slice_payload(p: &Payload, n: u64, from: u64, to: u64) -> Payload {
     if from == 0 && to >= n {
         return Arc::clone(p);
     }
-    let total: u64 = p.iter().map(|f| f.vals.len() as u64).sum();
+    let total: u64 = p.iter().filter(|f| f.tensor != ROUTING).map(|f| f.vals.len() as u64).sum();
     let (lo, hi) = (from * total / n.max(1), to * total / n.max(1));
     let mut out = Vec::new();
     let mut base = 0u64;
     for f in p.iter() {
-        if f.tensor == NO_VALUES {
-            // A partial run's mark rides with every part of the train.
+        if f.tensor == NO_VALUES || f.tensor == ROUTING {
+            // A partial run's mark (a MoE slot map) rides with every part of the train.
             out.push(f.clone());
             continue;
         }
@@ -1543,6 +1835,75 @@ fn block_matmul(
     acc
 }
 
+/// A row's partial top-k statistics over columns `co..co + cl`: (count, then k (logit, column) pairs,
+/// the highest first, ties to the lower column; missing ones are (-inf, -1)).
+fn topk_stats(row: &[f32], co: u64, cl: u64, k: u64) -> Vec<f32> {
+    let mut cols: Vec<u64> = (co..co + cl).collect();
+    // A stable sort keeps column order among equals.
+    cols.sort_by(|&a, &b| row[b as usize].partial_cmp(&row[a as usize]).unwrap_or(std::cmp::Ordering::Equal));
+    let mut v = vec![cl as f32];
+    for i in 0..k as usize {
+        match cols.get(i) {
+            Some(&c) => v.extend([row[c as usize], c as f32]),
+            None => v.extend([f32::NEG_INFINITY, -1.0]),
+        }
+    }
+    v
+}
+
+/// The dispatch layout (`Route::dispatch`) of the routing the probabilities `probs` (`[rows,
+/// experts]`, zero off each token's top k) give: each token's k experts by probability, the highest
+/// first, ties to the lower expert (the order of their logits, as the reference chooses them).
+fn routing(route: &crate::graph::Route, probs: &[f32]) -> crate::graph::Dispatch {
+    let e = route.experts as usize;
+    let chosen: Vec<Vec<usize>> = probs
+        .chunks(e.max(1))
+        .map(|row| {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+            order.truncate(route.top_k as usize);
+            order
+        })
+        .collect();
+    route.dispatch(&chosen)
+}
+
+/// One PE's block of a grouped (expert) linear: `rows` rows of `x` (`[rows, slots * k]`, of which the
+/// PE reads the contraction slice `k0..k0 + kl` of every slot) times columns `n0..n0 + nl` of the
+/// `[rows, slots * n]` output; slot s's columns use the weights of expert `map[s]` (`w` holds every
+/// expert's, `[k, n]` or `[n, k]` each), zero for an empty slot (-1).
+#[allow(clippy::too_many_arguments)]
+fn grouped_matmul(
+    x: &[f32],
+    wv: &[f32],
+    map: &[f32],
+    rows: u64,
+    (k0, kl): (u64, u64),
+    (n0, nl): (u64, u64),
+    (k, n): (u64, u64),
+    w_out_in: bool,
+    st: Storage,
+) -> Vec<f32> {
+    let slots = map.len() as u64;
+    let mut acc = vec![0f32; (rows * nl) as usize];
+    for i in 0..rows as usize {
+        for j in 0..nl {
+            let (g, col) = ((n0 + j) / n, (n0 + j) % n);
+            let Some(&e) = map.get(g as usize).filter(|&&e| e >= 0.0) else { continue };
+            let base = e as u64 * k * n;
+            let xr = &x[i * (slots * kl) as usize + (g * kl) as usize..][..kl as usize];
+            let mut s = 0f32;
+            for (kk, &xv) in xr.iter().enumerate() {
+                let kk = k0 + kk as u64;
+                let wi = base + if w_out_in { col * k + kk } else { kk * n + col };
+                s += xv * st.round(wv[wi as usize]);
+            }
+            acc[i * nl as usize + j as usize] = s;
+        }
+    }
+    acc
+}
+
 fn flat_frags(tensor: u32, cols: u64, lo: u64, vals: &[f32], src: u32) -> Vec<Frag> {
     let mut out = Vec::new();
     let (mut p, mut i) = (lo, 0usize);
@@ -1562,6 +1923,10 @@ fn flat_frags(tensor: u32, cols: u64, lo: u64, vals: &[f32], src: u32) -> Vec<Fr
 fn crop(f: &Frag, v: &View) -> Option<Frag> {
     if f.tensor != v.base {
         return None;
+    }
+    if v.c0 == 0 && v.width == v.cols {
+        // The whole tensor, whatever rows its fragments are cut in.
+        return Some(f.clone());
     }
     let (c0, c1) = (f.c0.max(v.c0), f.c1.min(v.c0 + v.width));
     if c0 >= c1 {
@@ -1671,7 +2036,7 @@ fn row_stats(op: &RowOp, num: &Numerics, row: &[f32], r: u64, co: u64, cl: u64) 
         }
         RowOp::Norm { rms: true, .. } => (xs.iter().map(|x| x * x).sum::<f32>() / cl.max(1) as f32, 0.0),
         // Computed with the forward's input (`norm_grad_stats`) or probabilities (`Kernel::RowStats`).
-        RowOp::NormGrad { .. } | RowOp::SoftmaxGrad { .. } => (0.0, 0.0),
+        RowOp::NormGrad { .. } | RowOp::SoftmaxGrad { .. } | RowOp::MoeTopK { .. } => (0.0, 0.0),
         RowOp::CrossEntropy { .. } => {
             let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             (m, xs.iter().map(|x| (x - m).exp()).sum::<f32>())
@@ -1702,6 +2067,7 @@ fn stat_width(op: &RowOp) -> usize {
     match op {
         RowOp::CrossEntropy { .. } => 4,
         RowOp::NormGrad { .. } => 5,
+        RowOp::MoeTopK { k } => 1 + 2 * *k as usize,
         _ => 3,
     }
 }
@@ -1790,6 +2156,24 @@ fn combine(op: &RowOp, o: &mut [f32], q: &[f32]) {
             }
         }
         RowOp::SoftmaxGrad { .. } => o[1] += q[1],
+        RowOp::MoeTopK { k } => {
+            // Both lists are sorted (highest first, ties to the lower column): merge the k best.
+            let k = *k as usize;
+            let pair = |v: &[f32], i: usize| (v[1 + 2 * i], v[2 + 2 * i]);
+            let (mut a, mut b) = (0, 0);
+            let mut merged = Vec::with_capacity(2 * k);
+            for _ in 0..k {
+                let (x, y) = (pair(o, a), pair(q, b));
+                if y.0 > x.0 || (y.0 == x.0 && y.1 < x.1) {
+                    merged.extend([y.0, y.1]);
+                    b += 1;
+                } else {
+                    merged.extend([x.0, x.1]);
+                    a += 1;
+                }
+            }
+            o[1..].copy_from_slice(&merged);
+        }
         RowOp::Softmax { .. } | RowOp::CrossEntropy { .. } => {
             let m = o[1].max(q[1]);
             if m > f32::NEG_INFINITY {
@@ -1824,6 +2208,15 @@ fn row_apply(op: &RowOp, num: &Numerics, row: &[f32], r: u64, cc: u64, s: &[f32]
         }
         // Their own formulas (`ce_grad`, the norm backward in `Kernel::RowApply`).
         RowOp::CrossEntropy { .. } | RowOp::NormGrad { .. } | RowOp::SoftmaxGrad { .. } => 0.0,
+        RowOp::MoeTopK { k } => {
+            // A softmax over the chosen logits (s[1] the highest), summed in choice order.
+            let chosen = (0..k as usize).map(|i| (s[1 + 2 * i], s[2 + 2 * i]));
+            let sum = chosen.clone().fold(0f32, |a, (v, _)| a + (v - s[1]).exp());
+            match chosen.clone().any(|(_, c)| c == cc as f32) {
+                true => (x - s[1]).exp() / sum,
+                false => 0.0,
+            }
+        }
         RowOp::Softmax { q, kv, head_dim, causal } => {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if visible(q, kv, causal, num.sliding_window, r % q.max(1), cc) {

@@ -10,10 +10,12 @@
 //!   position (`kv_len - q_len + i`, so decode sees the whole cache) and outside a sliding window.
 //! - Rotary: row r of a `[batch * seq, heads * head_dim]` tensor is at position `context + r % seq`.
 //! - MoE: the router's softmax over all experts, the top k by probability (ties to the lower index),
-//!   renormalised to sum to one (Mixtral). Routing is real, not the graph's balanced estimate: the
-//!   dispatched buffer holds each expert's tokens in token order, experts in order, packed from row 0
-//!   (it always fits: `rows * top_k <= active * capacity`), and padding rows stay zero. Grouped linear
-//!   ops use expert e's weights on expert e's rows.
+//!   renormalised to sum to one (Mixtral). Routing is real, not the graph's balanced estimate, laid out
+//!   in the graph's fixed `active x capacity` buffer as `Route::dispatch` says: with every expert
+//!   active, slot e holds up to `capacity` of expert e's copies and the copies over it are dropped
+//!   (Switch Transformer's and GShard's capacity; first choices first, then tokens in order): a dropped
+//!   copy adds nothing to its token's output, the other copy keeps its renormalised weight. Padding
+//!   rows stay zero. Grouped linear ops use expert e's weights on expert e's rows.
 //! - Cross-entropy: mean over rows whose label is not -100 (transformers' ignore index).
 //! - Adam: `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2`, `w' = w - lr m'/(1 - b1^t) /
 //!   (sqrt(v'/(1 - b2^t)) + eps)`, applied to the fp32 master copy when there is one.
@@ -89,6 +91,8 @@ impl Default for Options {
 #[derive(Clone, Debug)]
 pub struct Values<T> {
     pub values: Vec<Value<T>>,
+    /// Per MoE top-k op (by name, in op order): the token copies dropped over an expert's capacity.
+    pub moe_dropped: Vec<(String, usize)>,
 }
 
 impl<T: Real> Values<T> {
@@ -112,8 +116,10 @@ struct Routing {
     /// For each token, its top-k experts (by probability, ties to the lower index) and the row of the
     /// dispatched buffer its copy for that expert occupies.
     slots: Vec<Vec<(usize, usize)>>,
-    /// (expert, first row, rows) of every expert that received tokens, in expert order.
+    /// (expert, first row, rows) of the dispatched buffer's used rows, in row order.
     segments: Vec<(usize, usize, usize)>,
+    /// Copies dropped over an expert's capacity.
+    dropped: usize,
 }
 
 struct Ctx<'a, T> {
@@ -122,6 +128,7 @@ struct Ctx<'a, T> {
     opts: &'a Options,
     vals: Vec<Option<Value<T>>>,
     routing: Vec<Option<Rc<Routing>>>,
+    dropped: Vec<(String, usize)>,
 }
 
 fn internal(msg: String) -> FunctionalError {
@@ -138,7 +145,7 @@ pub fn evaluate<T: Real>(
 ) -> Result<Values<T>, FunctionalError> {
     let n = graph.tensors.len();
     let producers = graph.producers();
-    let mut cx = Ctx { graph, num: numerics, opts, vals: vec![None; n], routing: vec![None; n] };
+    let mut cx = Ctx { graph, num: numerics, opts, vals: vec![None; n], routing: vec![None; n], dropped: Vec::new() };
     for (i, t) in graph.tensors.iter().enumerate() {
         if producers[i].is_some() {
             continue;
@@ -194,7 +201,7 @@ pub fn evaluate<T: Real>(
         .enumerate()
         .map(|(i, v)| v.ok_or_else(|| internal(format!("tensor {} was never computed", graph.tensors[i].name))))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Values { values })
+    Ok(Values { values, moe_dropped: cx.dropped })
 }
 
 /// Evaluates `ops`, in the order given, on `values` (which hold every input they read), replacing their
@@ -210,7 +217,7 @@ pub fn evaluate_ops<T: Real>(
 ) -> Result<(), FunctionalError> {
     let n = graph.tensors.len();
     let vals = std::mem::take(&mut values.values).into_iter().map(Some).collect();
-    let mut cx = Ctx { graph, num: numerics, opts, vals, routing: vec![None; n] };
+    let mut cx = Ctx { graph, num: numerics, opts, vals, routing: vec![None; n], dropped: Vec::new() };
     let mut done = Ok(());
     for &o in ops {
         let op = graph.op(o);
@@ -511,6 +518,7 @@ impl<T: Real> Ctx<'_, T> {
             }
             OpKind::MoeTopK(r) => {
                 let (probs, routing) = moe_topk(&r, self.f(ins[0])?);
+                self.dropped.push((op.name.clone(), routing.dropped));
                 // The routing belongs to the probabilities; everything downstream of them inherits it.
                 self.routing[op.outputs[0].idx()] = Some(Rc::new(routing));
                 one(probs)
@@ -1012,51 +1020,45 @@ fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], 
     (dx, dg, db)
 }
 
-/// Mixtral's routing: softmax over the experts, the top k, renormalised; and the dispatch layout.
+/// Mixtral's routing: the top k experts by router logit (ties to the lower index; the softmax over all
+/// experts keeps their order), their probabilities renormalised over the k (a softmax over the chosen
+/// logits, which is Mixtral's `softmax`, `topk`, divide by the sum); and the dispatch layout
+/// (`Route::dispatch`, with its capacity and drops).
 fn moe_topk<T: Real>(r: &Route, logits: &[T]) -> (Vec<T>, Routing) {
     let (rows, e, k) = (r.rows as usize, r.experts as usize, r.top_k as usize);
     let mut probs = vec![T::zero(); rows * e];
     let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(rows);
     for t in 0..rows {
         let row = &logits[t * e..(t + 1) * e];
-        let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-        let ex: Vec<T> = row.iter().map(|&x| (x - m).exp()).collect();
-        let mut sum = T::zero();
-        for &v in &ex {
-            sum += v;
-        }
-        let soft: Vec<T> = ex.iter().map(|&v| v / sum).collect();
         let mut order: Vec<usize> = (0..e).collect();
-        // Highest probability first; ties to the lower expert index (a stable sort keeps index order).
-        order.sort_by(|&a, &b| soft[b].partial_cmp(&soft[a]).unwrap_or(std::cmp::Ordering::Equal));
+        // Highest logit first; ties to the lower expert index (a stable sort keeps index order).
+        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
         let top: Vec<usize> = order[..k].to_vec();
-        let mut tsum = T::zero();
+        let m = row[top[0]];
+        let mut sum = T::zero();
         for &x in &top {
-            tsum += soft[x];
+            sum += (row[x] - m).exp();
         }
         for &x in &top {
-            probs[t * e + x] = soft[x] / tsum;
+            probs[t * e + x] = (row[x] - m).exp() / sum;
         }
         chosen.push(top);
     }
-    let mut slots: Vec<Vec<(usize, usize)>> = vec![Vec::new(); rows];
+    let d = r.dispatch(&chosen);
+    let a = r.active() as usize;
+    // Each used row of the buffer is its own segment, in row order (capacity-major: rows of one slot
+    // are `active` apart).
     let mut segments = Vec::new();
-    let mut next = 0usize;
-    for ex in 0..e {
-        let start = next;
-        for (t, top) in chosen.iter().enumerate() {
-            if top.contains(&ex) {
-                slots[t].push((ex, next));
-                next += 1;
+    for p in 0..r.capacity() as usize {
+        for s in 0..a {
+            if let (Some(ex), true) = (d.slot_expert[s], p < d.slot_rows[s]) {
+                segments.push((ex, p * a + s, 1));
             }
         }
-        if next > start {
-            segments.push((ex, start, next - start));
-        }
     }
-    // Each token's slots in its top-k order (probability order), as the combine sums them.
-    for (t, top) in chosen.iter().enumerate() {
-        slots[t].sort_by_key(|&(ex, _)| top.iter().position(|&x| x == ex));
-    }
-    (probs, Routing { slots, segments })
+    let dropped = d.dropped();
+    // Only the copies that were dispatched, in each token's choice order (as the combine sums them).
+    let slots =
+        d.copies.into_iter().map(|cs| cs.into_iter().filter_map(|(ex, row)| row.map(|r| (ex, r))).collect()).collect();
+    (probs, Routing { slots, segments, dropped })
 }

@@ -246,8 +246,8 @@ impl<'a> Fwd<'a> {
                 let act = b.apply(&format!("{p}.swiglu"), OpKind::SwiGlu(Rows { rows, width: f }), vec![gate, up])?;
                 self.linear(b, &format!("{p}.down"), act, rows, f, h, Part::Down, l, bias)
             }
-            (Moe::Experts { experts, top_k }, _) => {
-                let route = Route { rows, width: h, experts, top_k };
+            (Moe::Experts { experts, top_k, capacity_pct }, _) => {
+                let route = Route { rows, width: h, experts, top_k, capacity_pct };
                 let logits = self.linear(b, &format!("{p}.router"), x, rows, h, experts, Part::Router, l, false)?;
                 let probs = b.apply(&format!("{p}.topk"), OpKind::MoeTopK(route), vec![logits])?;
                 let xd = b.apply(&format!("{p}.dispatch"), OpKind::MoeDispatch(route), vec![x, probs])?;

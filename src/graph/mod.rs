@@ -14,7 +14,7 @@ mod verify;
 
 pub use ir::{Cost, Elem, Graph, Op, OpId, Pass, Role, Tensor, TensorId};
 pub use names::{hf_name, Param, Part};
-pub use ops::{Attn, Linear, OpKind, Pick, Route, Rows, WeightLayout};
+pub use ops::{Attn, Dispatch, Linear, OpKind, Pick, Route, Rows, WeightLayout};
 pub use print::{print_dot, print_graph};
 pub use verify::{verify, VerifyError};
 

@@ -150,13 +150,16 @@ impl Attn {
 
 /// Mixture-of-experts routing sizes: `rows` tokens, each sent to `top_k` of `experts`. Routing is
 /// taken as balanced: min(experts, rows * top_k) experts are active and each receives
-/// `capacity` = ceil(rows * top_k / active) rows.
+/// `capacity` = ceil(rows * top_k / active) rows, times the capacity factor (`capacity_pct` / 100,
+/// at most `rows`: no expert gets a token twice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub rows: u64,
     pub width: u64,
     pub experts: u64,
     pub top_k: u64,
+    /// The capacity factor in percent (100: a balanced share).
+    pub capacity_pct: u64,
 }
 
 impl Route {
@@ -165,10 +168,84 @@ impl Route {
         self.experts.min(self.rows * self.top_k)
     }
     pub fn capacity(&self) -> u64 {
-        (self.rows * self.top_k).div_ceil(self.active())
+        if self.active() < self.experts {
+            // One copy per slot.
+            return 1;
+        }
+        let pct = self.capacity_pct.max(1);
+        (self.rows * self.top_k * pct).div_ceil(self.active() * 100).clamp(1, self.rows.max(1))
     }
     fn dispatched_shape(&self) -> Shape {
         vec![self.active() * self.capacity(), self.width]
+    }
+
+    /// Where a real routing puts each token's copies in the dispatched buffer: the one layout the
+    /// reference and the wafer's values kernels share. The buffer is `active` slots of `capacity` rows,
+    /// laid out capacity-major: position p of slot s is row `p * active + s`, so that the grouped
+    /// linears' `[capacity, active * n]` view of their operands (a run's rows are positions of every
+    /// slot) is the buffer itself.
+    /// - With every expert active (`active == experts`), slot e is expert e's and holds at most
+    ///   `capacity` copies: first choices before second choices (GShard's priority), tokens in order
+    ///   within a choice; a copy over its expert's capacity is dropped (it adds nothing to the token's
+    ///   output), as Switch Transformer and GShard drop overflow tokens.
+    /// - Otherwise `active = rows * top_k` and `capacity = 1`: every copy takes its own slot, copies in
+    ///   expert order and tokens in order within an expert; nothing is dropped.
+    ///
+    /// `chosen[t]` are token t's `top_k` experts in choice order.
+    pub fn dispatch(&self, chosen: &[Vec<usize>]) -> Dispatch {
+        let (a, cap) = (self.active() as usize, self.capacity() as usize);
+        debug_assert!(cap >= 1);
+        let mut d = Dispatch {
+            slot_expert: vec![None; a],
+            slot_rows: vec![0; a],
+            copies: chosen.iter().map(|top| top.iter().map(|&e| (e, None)).collect()).collect(),
+        };
+        if self.active() == self.experts {
+            let k = chosen.iter().map(Vec::len).max().unwrap_or(0);
+            for rank in 0..k {
+                for (t, top) in chosen.iter().enumerate() {
+                    let Some(&e) = top.get(rank) else { continue };
+                    if e < a && d.slot_rows[e] < cap {
+                        d.copies[t][rank].1 = Some(d.slot_rows[e] * a + e);
+                        d.slot_expert[e] = Some(e);
+                        d.slot_rows[e] += 1;
+                    }
+                }
+            }
+        } else {
+            let mut next = 0usize;
+            for e in 0..self.experts as usize {
+                for (t, top) in chosen.iter().enumerate() {
+                    for (rank, &x) in top.iter().enumerate() {
+                        if x == e && next < a {
+                            d.copies[t][rank].1 = Some(next);
+                            d.slot_expert[next] = Some(e);
+                            d.slot_rows[next] = 1;
+                            next += 1;
+                        }
+                    }
+                }
+            }
+        }
+        d
+    }
+}
+
+/// A routing's dispatched layout ([`Route::dispatch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The expert of each slot (None: it received no copy).
+    pub slot_expert: Vec<Option<usize>>,
+    /// Copies in each slot (its positions `0..slot_rows[s]` are used).
+    pub slot_rows: Vec<usize>,
+    /// Token t's copies in choice order: (expert, its row of the dispatched buffer, None: dropped).
+    pub copies: Vec<Vec<(usize, Option<usize>)>>,
+}
+
+impl Dispatch {
+    /// Copies dropped over capacity.
+    pub fn dropped(&self) -> usize {
+        self.copies.iter().flatten().filter(|c| c.1.is_none()).count()
     }
 }
 
@@ -564,5 +641,39 @@ impl OpKind {
             OpKind::EmbeddingGrad { rows, .. } => rows.checked_mul(row_bytes).map(|b| b.min(output_bytes[0])),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every expert active each slot is its expert's and holds `capacity` copies, first choices
+    /// before second ones, capacity-major; the rest drop. With fewer active slots than experts every
+    /// copy gets its own slot, in expert order.
+    #[test]
+    fn dispatch_fills_slots_to_capacity_and_drops_the_rest() {
+        // 4 tokens, 2 experts, top 2: capacity 4, nothing can drop.
+        let r = Route { rows: 4, width: 8, experts: 2, top_k: 2, capacity_pct: 100 };
+        assert_eq!((r.active(), r.capacity()), (2, 4));
+        let d = r.dispatch(&vec![vec![0, 1]; 4]);
+        assert_eq!(d.dropped(), 0);
+        assert_eq!(d.copies[1], vec![(0, Some(2)), (1, Some(3))]);
+        // 4 tokens, 4 experts, top 1: capacity 1; tokens 0 and 2 pick expert 3, token 2 drops.
+        let r = Route { rows: 4, width: 8, experts: 4, top_k: 1, capacity_pct: 100 };
+        let d = r.dispatch(&[vec![3], vec![1], vec![3], vec![0]]);
+        assert_eq!(d.slot_expert, vec![Some(0), Some(1), None, Some(3)]);
+        assert_eq!(d.copies[2], vec![(3, None)]);
+        assert_eq!(d.dropped(), 1);
+        // First choices fill before second choices: token 1's first choice takes expert 0's last row.
+        let r = Route { rows: 2, width: 8, experts: 2, top_k: 2, capacity_pct: 50 };
+        assert_eq!(r.capacity(), 1);
+        let d = r.dispatch(&[vec![1, 0], vec![0, 1]]);
+        assert_eq!(d.copies, vec![vec![(1, Some(1)), (0, None)], vec![(0, Some(0)), (1, None)]]);
+        // Decode: 1 token, 4 experts, top 2: two slots of one row, in expert order.
+        let r = Route { rows: 1, width: 8, experts: 4, top_k: 2, capacity_pct: 100 };
+        let d = r.dispatch(&[vec![3, 1]]);
+        assert_eq!(d.slot_expert, vec![Some(1), Some(3)]);
+        assert_eq!(d.copies[0], vec![(3, Some(1)), (1, Some(0))]);
     }
 }

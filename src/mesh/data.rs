@@ -113,6 +113,23 @@ pub enum RowOp {
     /// probabilities `p`: statistics (the partial sums of `p * dP`); the apply pass gives
     /// `dS = p * (dP - sum) / sqrt(head_dim)` (masked keys have `p = 0`, so their dS is 0).
     SoftmaxGrad { p: View, head_dim: u64 },
+    /// A MoE router's top-k over the experts' logits: statistics (the row's `k` largest logits with
+    /// their columns, the highest first, ties to the lower column); the apply pass gives the chosen
+    /// experts' probabilities renormalised over the k (a softmax over the chosen logits), zero elsewhere.
+    MoeTopK { k: u64 },
+}
+
+/// A MoE layer's routing sizes for the values kernels (the graph's `Route`): `rows` tokens of
+/// `width`, each to `top_k` of `experts`, dispatched into `active` slots of `capacity` rows.
+pub type MoeRoute = crate::graph::Route;
+
+/// A grouped (expert) linear's view of its operands: `[capacity, slots * k]` in, `[capacity, slots *
+/// n]` out (the dispatched buffer is capacity-major, `Route::dispatch`); the columns of slot s are
+/// computed with the weights of the expert the routing gave it (the slot map that travels with the
+/// dispatched rows), zero for a slot that received no token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grouped {
+    pub slots: u64,
 }
 
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
@@ -153,7 +170,18 @@ pub enum Kernel {
     Load,
     /// `out[rows, n-slice] = a[rows, :] x w[:, n-slice]` (plus nothing: a `Bias` task adds the bias):
     /// the PE's n-slice is `Share { n, parts: grid.rows * grid.cols }` at index `r * grid.cols + c`.
-    Linear { grid: Grid, a: View, w: u32, w_out_in: bool, k: u64, n: u64, rows_per_run: u64, out: u32 },
+    /// `grouped`: an expert linear (`k` and `n` are then per slot; the weight is every expert's).
+    Linear {
+        grid: Grid,
+        a: View,
+        w: u32,
+        w_out_in: bool,
+        k: u64,
+        n: u64,
+        rows_per_run: u64,
+        out: u32,
+        grouped: Option<Grouped>,
+    },
     /// Adds the bias `b` to the accumulator's columns.
     Bias { b: u32 },
     /// A gemv-tree compute row: the PE at (r, c) multiplies this run's rows of `a`'s k-slice
@@ -169,6 +197,7 @@ pub enum Kernel {
         n: u64,
         rows_per_run: u64,
         out: u32,
+        grouped: Option<Grouped>,
     },
     /// A reducer: the sum of the partial sums claimed (in sender order); with `total`, it must have all
     /// its terms and becomes a finished value (plus the bias `bias`). The sends carry it.
@@ -190,6 +219,24 @@ pub enum Kernel {
     /// (`EwOp::SwiGluGrad`) gives the second as `out2` (the same share of it): the task's first send
     /// carries `out`, its second `out2`.
     Elementwise { grid: Grid, op: EwOp, inputs: Vec<View>, rows_per_run: u64, width: u64, out: u32, out2: Option<u32> },
+    /// A MoE dispatch over all the step's rows (one run): the PE's flat share (as `Elementwise`) of the
+    /// dispatched buffer `out` (`[active * capacity, width]`, `Route::dispatch`'s layout) from the token
+    /// rows `x` and the routing the probabilities `probs` (`[rows, experts]`, zero off the top k) give;
+    /// its sends also carry the slot map (each slot's expert), which rides on with the dispatched rows.
+    MoeDispatch { grid: Grid, x: View, probs: View, route: MoeRoute, out: u32 },
+    /// A MoE combine over all the step's rows (one run): the PE's flat share of `out` (`[rows,
+    /// width]`): each token's dispatched copies in `yd` weighted by their probabilities, summed in
+    /// choice order (a copy dropped over capacity adds nothing).
+    MoeCombine { grid: Grid, yd: View, probs: View, route: MoeRoute, out: u32 },
+    /// The combine's gradient over all the step's rows (one run): the PE's flat share of `out`
+    /// (dyd, `[active * capacity, width]`: each dispatched copy's `p * dy`, zero on padding rows) and
+    /// of `dprobs` (`[rows, experts]`: `<dy, yd>` of each dispatched copy, zero elsewhere); its first
+    /// send carries dyd with the slot map, its second dprobs (a PE with no share of one has no send
+    /// for it).
+    MoeCombineGrad { grid: Grid, dy: View, yd: View, probs: View, route: MoeRoute, out: u32, dprobs: u32 },
+    /// The dispatch's gradient over all the step's rows (one run): the PE's flat share of `out` (`[rows,
+    /// width]`): each token's dispatched copies' gradients in `dxd`, summed in choice order.
+    MoeDispatchGrad { grid: Grid, dxd: View, probs: View, route: MoeRoute, out: u32 },
     /// A row reduction's first pass: the PE's rows (`Share { rows_per_run, grid.rows }` r) and columns
     /// (`Share { width, grid.cols }` c) of `x` give partial statistics, kept and sent.
     RowStats { grid: Grid, op: RowOp, x: View, rows_per_run: u64, width: u64 },
@@ -218,6 +265,10 @@ pub enum Kernel {
         w_out_in: bool,
         out: u32,
         bias: Option<u32>,
+        /// An expert linear's (every expert active: slot e is expert e): `x` and `dy` are read as
+        /// `[capacity, slots * k]` and `[capacity, slots * n]`, `k` and `n` are per slot, and the
+        /// block's columns of slot e are expert e's gradient (`out` is `[experts, ...]`).
+        grouped: Option<Grouped>,
     },
     /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished
     /// (or the block an `AttnKvGrad` or `EmbedGradAcc` finished).
@@ -326,6 +377,10 @@ impl Kernel {
             | Kernel::AttnScores { grid, .. }
             | Kernel::AttnContext { grid, .. }
             | Kernel::Elementwise { grid, .. }
+            | Kernel::MoeDispatch { grid, .. }
+            | Kernel::MoeCombine { grid, .. }
+            | Kernel::MoeCombineGrad { grid, .. }
+            | Kernel::MoeDispatchGrad { grid, .. }
             | Kernel::RowStats { grid, .. }
             | Kernel::RowApply { grid, .. }
             | Kernel::LossSum { grid, .. }
@@ -385,6 +440,12 @@ impl Kernel {
                 (*out, *out2) = (f(*out), out2.map(&f));
             }
             Kernel::AttnKvGrad { p, x, out, .. } => (*p, *x, *out) = (v(p), v(x), f(*out)),
+            Kernel::MoeDispatch { x, probs, out, .. }
+            | Kernel::MoeCombine { yd: x, probs, out, .. }
+            | Kernel::MoeDispatchGrad { dxd: x, probs, out, .. } => (*x, *probs, *out) = (v(x), v(probs), f(*out)),
+            Kernel::MoeCombineGrad { dy, yd, probs, out, dprobs, .. } => {
+                (*dy, *yd, *probs, *out, *dprobs) = (v(dy), v(yd), v(probs), f(*out), f(*dprobs))
+            }
             Kernel::HeadSum { out, views, .. } => {
                 *out = f(*out);
                 views.iter_mut().flatten().for_each(|x| *x = v(x));
@@ -431,6 +492,7 @@ impl RowOp {
                 RowOp::CrossEntropy { labels: View { base: f(labels.base), ..labels }, grad }
             }
             RowOp::SoftmaxGrad { p, head_dim } => RowOp::SoftmaxGrad { p: View { base: f(p.base), ..p }, head_dim },
+            op @ RowOp::MoeTopK { .. } => op,
         }
     }
 }

@@ -306,7 +306,16 @@ fn llama(keys: &Keys, name: &str, family: Family) -> Result<ModelSpec, ModelErro
                 expected: format!("at most num_local_experts = {experts}"),
             });
         }
-        s.moe = Moe::Experts { experts, top_k };
+        // Not a Hugging Face key (Mixtral has no capacity): the capacity factor of the wafer's fixed
+        // dispatch buffer, as Switch Transformer's and GShard's; experts / top_k never drops a token.
+        let capacity_pct = match keys.find(&["moe_capacity_factor"]) {
+            None => 100,
+            Some((k, v)) => match v.as_f64() {
+                Some(f) if (0.01..=experts as f64).contains(&f) => (f * 100.0).round() as u64,
+                _ => return Err(keys.bad(k, v, &format!("a number in [0.01, num_local_experts = {experts}]"))),
+            },
+        };
+        s.moe = Moe::Experts { experts, top_k, capacity_pct };
     }
     Ok(s)
 }

@@ -91,7 +91,13 @@ pub enum Residual {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Moe {
     Dense,
-    Experts { experts: u64, top_k: u64 },
+    /// `capacity_pct`: each expert's capacity in percent of a balanced routing's share (the config's
+    /// `moe_capacity_factor`, default 1.0): copies routed past it are dropped.
+    Experts {
+        experts: u64,
+        top_k: u64,
+        capacity_pct: u64,
+    },
 }
 
 /// Which linear layers carry biases.
