@@ -248,3 +248,98 @@ fn uncovered_training_is_refused_by_region_and_op() {
     assert!(stderr.contains("fewer active slots than experts"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// fp16 and bf16 training (values stored and sent in the dtype, fp32 arithmetic, fp32 Adam state and
+/// master weights) of every dense tiny model is within the bound the rounding model states for each
+/// result (`functional::mesh::training_bound`: the loss, gradients and m' within 8 storage roundings of
+/// the tensor's largest value, v' twice that, the master w' in fp32's bound and w' one storage ulp more,
+/// elements with a gradient below the noise floor within what noise moves), on the meshes the fp32 test
+/// uses. Every result of a training step carries a bound.
+#[test]
+fn fp16_and_bf16_training_is_within_the_rounding_models_bound() {
+    for dtype in [DType::Fp16, DType::Bf16] {
+        for name in TINY.iter().chain(&["bert-tiny"]) {
+            for mesh in if *name == "bert-tiny" { &[64][..] } else { &[32, 64][..] } {
+                let s = step(name, *mesh, 16, dtype);
+                let (_, outs) = s.whole(s.setup(), 1);
+                let what = format!("{name} {} on {mesh}x{mesh}", dtype.name());
+                assert!(outs.iter().any(|o| o.name.ends_with("loss")), "{what}: no loss");
+                for o in &outs {
+                    let b = o.bound.unwrap_or_else(|| panic!("{what}: `{}` has no bound", o.name));
+                    assert!(o.max_rel_error <= b, "{what}: `{}` off by {:.3e}, bound {b:.3e}", o.name, o.max_rel_error);
+                }
+                // The step really ran in the dtype: the reference's w' as stored is its master copy rounded.
+                let (w, _, next) = &s.adams()[0];
+                let by = |n: &str| find(&outs, n).unwrap_or_else(|| panic!("{what}: no `{n}`")).tensor;
+                let (stored, master) = (s.run.values.f(by(&next[0])), s.run.values.f(by(&next[3])));
+                assert!(stored != master, "{what}: `{w}` w' is not rounded in the reference");
+            }
+        }
+    }
+}
+
+/// The fp16/bf16 bound still catches wrong values: other labels on the wafer put the loss's gradient,
+/// the first layer's and the moments outside it; and in a right run, moving one element of the master
+/// w' by more than noise can (where its gradient is below the noise floor) or by a little (above it)
+/// puts the weight outside its bound.
+#[test]
+fn the_fp16_and_bf16_bounds_catch_wrong_values() {
+    for dtype in [DType::Fp16, DType::Bf16] {
+        let s = step("gpt-tiny", 32, 16, dtype);
+        let mut setup = s.setup();
+        let labels = s.run.graph.tensors.iter().position(|t| t.name == "labels").expect("labels") as u32;
+        let old = setup.tensors[&labels].clone();
+        let shifted: Arc<[f32]> = old.iter().map(|&l| if l >= 0.0 { (l + 1.0) % 256.0 } else { l }).collect();
+        setup.tensors.insert(labels, shifted);
+        let (_, outs) = s.whole(setup, 1);
+        let qkv = s.adams().into_iter().find(|a| a.0 == "h.0.attn.c_attn.weight").expect("c_attn").1;
+        for n in [
+            qkv.as_str(),
+            "ln_f.weight.adam_m.next",
+            "h.1.mlp.c_fc.weight.adam_v.next",
+            "h.0.attn.c_attn.weight.adam_m.next",
+            "wpe.weight.adam_m.next",
+        ] {
+            let o = find(&outs, n).unwrap_or_else(|| panic!("no `{n}`"));
+            assert!(!o.within_bound(), "{}: other labels: `{n}` off by only {:.3e}", dtype.name(), o.max_rel_error);
+        }
+
+        let (_, outs) = s.whole(s.setup(), 1);
+        let a = functional::AdamConfig::default();
+        let (w, grad, next) = s.adams().into_iter().find(|a| a.0 == "h.1.mlp.c_fc.weight").expect("c_fc");
+        let master = find(&outs, &next[3]).expect("master w'");
+        assert!(master.within_bound(), "{w}: {:.3e}", master.max_rel_error);
+        let g = s.run.values.f(s
+            .run
+            .graph
+            .tensors
+            .iter()
+            .position(|t| t.name == grad)
+            .map(|i| waferscale::graph::TensorId(i as u32))
+            .expect("gradient"));
+        let gmax = g.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        let floor = functional::mesh::STORAGE_ROUNDINGS as f32 * functional::mesh::unit_roundoff(dtype) as f32 * gmax;
+        let small = g.iter().position(|x| x.abs() < floor).expect("an element below the noise floor");
+        let large = g.iter().position(|x| x.abs() > 2.0 * floor).expect("an element above the noise floor");
+        let wmax = master.values.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        for (i, by) in [(small, 2.5 * a.lr as f32), (large, 1e-3 * wmax)] {
+            let mut v = master.values.clone();
+            v[i] += by;
+            let (err, _, bound) =
+                functional::mesh::adam_error(&s.run.graph, master.tensor, &v, &s.run.values).expect("an Adam output");
+            assert!(err > bound, "{}: `{w}` master moved by {by:e} at {i}: {err:.3e} within {bound:.3e}", dtype.name());
+        }
+    }
+}
+
+/// The CLI applies the bound: fp16 and bf16 training runs say every result is within it and exit 0.
+#[test]
+fn the_cli_checks_fp16_and_bf16_training_against_the_bound() {
+    for dtype in ["fp16", "bf16"] {
+        let a = ["run", "llama-tiny", "--phase", "train", "--seq", "16", "--mesh", "32x32", "--functional"];
+        let (code, out, stderr) = wafer(&[&a[..], &["--dtype", dtype]].concat());
+        assert_eq!(code, 0, "{dtype}: {stderr}");
+        assert!(out.contains("every result within its bound from the rounding model"), "{dtype}: {out}");
+        assert!(out.contains(".adam_v.next") && out.contains("(bound "), "{dtype}: {out}");
+    }
+}

@@ -13,7 +13,9 @@ use serde_json::Value;
 use support::{check_error, functional_json, run_json, wafer};
 use waferscale::compile::{compile_model, CompileOptions, Mode};
 use waferscale::engine::{self, EngineOptions, Fidelity};
-use waferscale::functional::{self, Options, Tokens, WeightSource};
+use waferscale::functional::mesh::{MeshOutput, Phased};
+use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
+use waferscale::graph::OpKind;
 use waferscale::hw::WaferHw;
 use waferscale::mesh::data::{Kernel, LoopMap, TaskData};
 use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
@@ -98,16 +100,211 @@ fn weight_streaming_timing_is_identical_with_and_without_values() {
     }
 }
 
-/// Weight-streaming training stays refused by name (exit 2).
+/// One weight-streaming training step of `name` on a `mesh` x `mesh` WSE-2 rectangle, compiled (its two
+/// phases), with the reference's run of the same step (seeded weights and tokens).
+struct TrainStep {
+    programs: Vec<(String, waferscale::mesh::MeshProgram)>,
+    run: functional::Run<f32>,
+    numerics: functional::Numerics,
+}
+
+fn train_step(name: &str, mesh: u32, dtype: DType) -> TrainStep {
+    let model = model::load(name).expect("model");
+    let args = WorkloadArgs {
+        phase: Some(Phase::Train),
+        seq: Some(16),
+        dtype: Some(dtype),
+        batch: Some(1),
+        ..WorkloadArgs::default()
+    };
+    let w = args.resolve(&model).expect("workload");
+    let doc = waferscale::hw::load_with_overrides("wse2", &[]).expect("wse2");
+    let hw = WaferHw::from_doc(&doc).expect("wafer").with_mesh(mesh, mesh).expect("mesh");
+    let opts = CompileOptions { mode: Some(Mode::WeightStreaming), ..CompileOptions::default() };
+    let (_, c) = compile_model(&model, &w, &hw, &opts).expect("compile");
+    let programs = c.step_programs().expect("programs");
+    let names: Vec<&str> = programs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["forward", "backward"], "{name}: weight-streaming training runs as two phases");
+    let vocab = match &model {
+        Model::Transformer(s) => s.vocab,
+        Model::Op(_) => unreachable!("a transformer"),
+    };
+    let tokens = Tokens::seeded(3, 1, 16, vocab);
+    let precision = if dtype == DType::Fp32 { Precision::Exact } else { Precision::Storage };
+    let fopts = Options { precision, ..Options::default() };
+    let run = functional::run::<f32>(&model, &w, &WeightSource::Seeded(7), &tokens, &fopts).expect("reference");
+    let numerics = functional::numerics_of(&model).expect("numerics");
+    TrainStep { programs, run, numerics }
+}
+
+impl TrainStep {
+    fn phases(&self, threads: usize) -> Phased {
+        let eopts = vec![EngineOptions::new(Fidelity::Detailed, threads); self.programs.len()];
+        let (g, v) = (&self.run.graph, &self.run.values);
+        functional::mesh::run_phases(&self.programs, g, &self.numerics, v, &eopts).expect("phases")
+    }
+
+    /// The Adam ops of the step: (weight name, gradient tensor name, output tensor names).
+    fn adams(&self) -> Vec<(String, String, Vec<String>)> {
+        let g = &self.run.graph;
+        g.op_ids()
+            .map(|o| g.op(o))
+            .filter(|op| matches!(op.kind, OpKind::Adam { .. }))
+            .map(|op| {
+                let name = |t: &waferscale::graph::TensorId| g.tensor(*t).name.clone();
+                (name(&op.inputs[0]), name(&op.inputs[1]), op.outputs.iter().map(name).collect())
+            })
+            .collect()
+    }
+}
+
+fn find<'a>(outs: &'a [MeshOutput], name: &str) -> &'a MeshOutput {
+    outs.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no `{name}` in the results"))
+}
+
+/// Weight-streaming training of every dense tiny model on the mesh, in fp32: the forward phase (its
+/// loss), the activations it saves to MemoryX (checked as results), the backward phase from what
+/// MemoryX streams back, the weight gradients it sends out, and MemoryX's optimizer: the loss, every
+/// weight's gradient, w', m' and v' within 1e-4 of the reference (noise-floor elements as in pipelined
+/// training), on meshes where the linears run as gemv-broadcast and gemv-tree.
 #[test]
-fn weight_streaming_training_is_refused() {
-    let mut a = vec!["run", "gpt-tiny", "--mesh", "32x32", "--phase", "train", "--seq", "8"];
-    a.extend(WS);
-    a.push("--functional");
-    let (code, _, stderr) = wafer(&a);
-    assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("functional mode does not support this yet"), "{stderr}");
-    assert!(stderr.contains("weight-streaming training"), "{stderr}");
+fn weight_streaming_training_matches_the_reference() {
+    for (name, mesh) in [
+        ("gpt-tiny", 32),
+        ("llama-tiny", 32),
+        ("neox-tiny", 32),
+        ("gptj-tiny", 32),
+        ("bert-tiny", 32),
+        ("gpt-tiny", 64),
+        ("llama-tiny", 64),
+    ] {
+        let s = train_step(name, mesh, DType::Fp32);
+        let outs = s.phases(1).outputs;
+        let what = format!("{name} on {mesh}x{mesh}");
+        let losses: Vec<&MeshOutput> = outs.iter().filter(|o| o.name.ends_with("loss")).collect();
+        assert!(!losses.is_empty(), "{what}: no loss");
+        for o in &outs {
+            assert!(o.max_rel_error < 1e-4, "{what}: `{}` off by {:.3e}", o.name, o.max_rel_error);
+        }
+        let adams = s.adams();
+        assert!(adams.len() >= 10, "{what}: {} weights", adams.len());
+        for (w, grad, next) in &adams {
+            assert!(find(&outs, grad).max_rel_error < 1e-4, "{what}: gradient of `{w}`");
+            for n in next {
+                assert!(find(&outs, n).max_rel_error < 1e-4, "{what}: `{n}`");
+            }
+        }
+        // The saved activations crossed through MemoryX and were checked too.
+        assert!(outs.iter().any(|o| o.name == "l1.norm1"), "{what}: no saved activation in the check");
+    }
+}
+
+/// fp16 and bf16 weight-streaming training is within the rounding model's bound for every result
+/// (`functional::mesh::training_bound`), as pipelined training is.
+#[test]
+fn weight_streaming_training_in_fp16_and_bf16_is_within_the_bound() {
+    for dtype in [DType::Fp16, DType::Bf16] {
+        for name in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+            let s = train_step(name, 32, dtype);
+            let outs = s.phases(1).outputs;
+            for o in &outs {
+                let b = o.bound.unwrap_or_else(|| panic!("{name}: `{}` has no bound", o.name));
+                let what = format!("{name} {} on 32x32: `{}`", dtype.name(), o.name);
+                assert!(o.max_rel_error <= b, "{what} off by {:.3e}, bound {b:.3e}", o.max_rel_error);
+            }
+        }
+    }
+}
+
+/// The backward phase really starts from what the forward phase left in MemoryX, and the optimizer
+/// from the gradients the wafer sent: a saved activation changed in MemoryX between the phases moves
+/// the gradients that depend on it past the bound, and a changed gradient moves its weight's update.
+#[test]
+fn what_crosses_memoryx_is_what_the_next_step_uses() {
+    let s = train_step("gpt-tiny", 32, DType::Fp32);
+    let (g, v) = (&s.run.graph, &s.run.values);
+    let id = |n: &str| g.tensors.iter().position(|t| t.name == n).unwrap_or_else(|| panic!("no `{n}`")) as u32;
+    let eopts = vec![EngineOptions::new(Fidelity::Detailed, 1); 2];
+    let (gelu, up_grad) = (id("l0.ffn.gelu"), id("l1.ffn.up.wgrad.0"));
+    let mut calls = 0;
+    let done = functional::mesh::run_phases_with(&s.programs, g, &s.numerics, v, &eopts, |held| {
+        calls += 1;
+        let t = if calls == 1 { gelu } else { up_grad };
+        let x = held.get(&t).unwrap_or_else(|| panic!("MemoryX holds no t{t}")).clone();
+        held.insert(t, x.iter().map(|&x| x * 1.01).collect());
+    })
+    .expect("phases");
+    assert_eq!(calls, 2, "once between the phases, once before MemoryX's own ops");
+    let off = |n: &str| find(&done.outputs, n).max_rel_error;
+    // The saved GELU output feeds layer 0's down projection's weight gradient.
+    assert!(off("l0.ffn.down.wgrad.0") > 1e-3, "down_proj's gradient off by only {:.3e}", off("l0.ffn.down.wgrad.0"));
+    assert!(
+        off("h.1.mlp.c_fc.weight.adam_m.next") > 1e-3,
+        "m' of c_fc off by only {:.3e}",
+        off("h.1.mlp.c_fc.weight.adam_m.next")
+    );
+}
+
+/// Values observe, never steer: each phase's timing is the same with and without values, and the values
+/// are the same for 1 and 3 engine threads.
+#[test]
+fn weight_streaming_training_timing_is_the_same_with_values_and_values_for_any_thread_count() {
+    let s = train_step("llama-tiny", 32, DType::Fp32);
+    let one = s.phases(1);
+    for ((name, prog), with) in s.programs.iter().zip(&one.runs) {
+        let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
+        assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{name}: timing changed with values");
+    }
+    let three = s.phases(3);
+    assert_eq!(one.outputs.len(), three.outputs.len());
+    for (a, b) in one.outputs.iter().zip(&three.outputs) {
+        assert_eq!((&a.name, &a.values), (&b.name, &b.values), "values differ between 1 and 3 threads");
+    }
+}
+
+/// `wafer run --mode weight-streaming --phase train --functional --out` exits 0 with the check, and its
+/// file holds the loss and the updated weights (MemoryX's, gpt-tiny's tied embedding included) equal to
+/// what `wafer reference --out` gives within the bound; the timing report is the one without values.
+#[test]
+fn the_cli_trains_under_weight_streaming_and_writes_the_updated_weights() {
+    let dir = std::env::temp_dir().join(format!("wafer-ws-train-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (mesh_out, ref_out) = (dir.join("gpt.safetensors"), dir.join("gpt.ref.safetensors"));
+    let w = ["--phase", "train", "--seq", "16", "--dtype", "fp32"];
+    let m = mesh_out.to_str().expect("path");
+    let base = [&["gpt-tiny", "--hw", "wse2", "--mesh", "32x32", "--mode", "weight-streaming"][..], &w].concat();
+    let (code, out, stderr) = wafer(&[&["run"][..], &base, &["--functional", "--out", m]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("every result within its bound"), "{out}");
+    assert!(out.contains("wte.weight.adam_v.next") && out.contains("phase backward"), "{out}");
+    let (with, _, _) = functional_json(&base);
+    assert_eq!(with, run_json(&base).0, "the timing report changed with values");
+    let r = ref_out.to_str().expect("path");
+    let (code, _, stderr) = wafer(&[&["reference", "gpt-tiny"][..], &w, &["--out", r]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let (mb, rb) = (std::fs::read(&mesh_out).expect("--out"), std::fs::read(&ref_out).expect("reference --out"));
+    let ms = safetensors::SafeTensors::deserialize(&mb).expect("safetensors");
+    let rs = safetensors::SafeTensors::deserialize(&rb).expect("safetensors");
+    let f32s = |st: &safetensors::SafeTensors, n: &str| -> Vec<f32> {
+        let t = st.tensor(n).unwrap_or_else(|_| panic!("no `{n}`"));
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+    };
+    let (loss, want) = (f32s(&ms, "loss")[0], f32s(&rs, "loss")[0]);
+    assert!((loss - want).abs() <= 1e-4 * want.abs(), "loss {loss} vs {want}");
+    let lr = functional::AdamConfig::default().lr as f32;
+    let floor = 100.0 * functional::AdamConfig::default().eps as f32;
+    let mut weights = 0;
+    for n in rs.names().into_iter().filter_map(|n| n.strip_prefix("updated.")) {
+        let (got, want, grad) = (f32s(&ms, n), f32s(&rs, &format!("updated.{n}")), f32s(&rs, &format!("grad.{n}")));
+        let scale = want.iter().fold(0f32, |a, &b| a.max(b.abs()));
+        for ((&a, &b), &g) in got.iter().zip(&want).zip(&grad) {
+            let bound = if g.abs() < floor { 2.0 * lr } else { 1e-4 * scale };
+            assert!((a - b).abs() <= bound, "`{n}` in --out: {a} vs {b} (gradient {g:.3e})");
+        }
+        weights += 1;
+    }
+    assert!(weights >= 10, "{weights} updated weights in the reference's file");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The layers' weights really stream in, layer by layer: with MemoryX made to stream the first layer's

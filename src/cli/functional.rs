@@ -82,15 +82,49 @@ impl Checked {
         let held = match held {
             0 => String::new(),
             n => format!(
-                "; {n} elements whose reference gradient is below 100 x Adam's epsilon held to the bounds of rounding noise"
+                "; {n} elements whose reference gradient is below the noise floor held to the bounds of rounding noise"
             ),
         };
         format!(
-            "functional: max relative error vs the reference {:.3e} ({what}; {} storage, fp32 arithmetic; values and timing from one detailed run{}{held})",
+            "functional: max relative error vs the reference {:.3e} ({what}; {} storage, fp32 arithmetic; values and timing from one detailed run{}{held}){}",
             self.worst(),
             self.dtype.name(),
-            if self.steps.is_empty() { "" } else { " per step" }
+            if self.steps.is_empty() { "" } else { " per step" },
+            self.bound_line()
         )
+    }
+
+    /// A training step's results have bounds from the rounding model (`functional::mesh::training_bound`):
+    /// whether every one is within its own, and the bounds' range.
+    fn bound_line(&self) -> String {
+        let bounds: Vec<f64> = self.outputs.iter().filter_map(|o| o.bound).collect();
+        let (lo, hi) =
+            (bounds.iter().copied().fold(f64::INFINITY, f64::min), bounds.iter().copied().fold(0.0, f64::max));
+        let over = self.outputs.iter().filter(|o| !o.within_bound()).count();
+        match (bounds.len(), over) {
+            (0, _) => String::new(),
+            (_, 0) => format!("; every result within its bound from the rounding model ({lo:.1e} to {hi:.1e})"),
+            (_, n) => format!("; {n} results OUTSIDE their bounds from the rounding model ({lo:.1e} to {hi:.1e})"),
+        }
+    }
+
+    /// Fails (a bug: exit 1) when a result is outside the bound the rounding model states for it,
+    /// naming the worst.
+    pub fn verdict(&self) -> Result<(), Error> {
+        let worst = self.outputs.iter().filter(|o| !o.within_bound()).max_by(|a, b| {
+            (a.max_rel_error / a.bound.unwrap_or(1.0)).total_cmp(&(b.max_rel_error / b.bound.unwrap_or(1.0)))
+        });
+        match worst {
+            None => Ok(()),
+            Some(o) => Err(FunctionalError::Mesh(format!(
+                "`{}` is off the reference by {:.3e}, outside the bound {:.3e} the rounding model states for it ({} storage)",
+                o.name,
+                o.max_rel_error,
+                o.bound.unwrap_or(0.0),
+                self.dtype.name()
+            ))
+            .into()),
+        }
     }
 
     /// The check as a report section.
@@ -99,9 +133,14 @@ impl Checked {
         let row = |o: &MeshOutput, indent: &str| {
             let held = match o.held {
                 0 => String::new(),
-                n => format!(" ({n} elements with a gradient below 100 x Adam's epsilon held to noise bounds)"),
+                n => format!(" ({n} elements with a gradient below the noise floor held to noise bounds)"),
             };
-            format!("{indent}{:<28} {:?}  max relative error {:.3e}{held}\n", o.name, o.shape, o.max_rel_error)
+            let bound = match o.bound {
+                Some(b) if o.max_rel_error <= b => format!(" (bound {b:.1e})"),
+                Some(b) => format!(" OUTSIDE the bound {b:.1e}"),
+                None => String::new(),
+            };
+            format!("{indent}{:<28} {:?}  max relative error {:.3e}{bound}{held}\n", o.name, o.shape, o.max_rel_error)
         };
         if self.steps.is_empty() {
             for o in &self.outputs {
@@ -181,15 +220,17 @@ pub fn emulate(
         }
     };
     let programs = programs_of(p)?;
-    if programs.len() != 1 {
-        return Err(FunctionalError::Unsupported(format!(
-            "a step run as {} phases (weight-streaming training)",
-            programs.len()
-        ))
-        .into());
+    let phased = programs.len() > 1;
+    if phased && (p.compiled.layout != compile::Layout::Phases || workload.phase != Phase::Train) {
+        return Err(
+            FunctionalError::Unsupported(format!("a step run as {} programs side by side", programs.len())).into()
+        );
     }
-    // Refuse what the program cannot do before the reference runs.
-    if let Some(why) = programs[0].1.data.as_ref().and_then(|d| d.refusal()) {
+    if let Some(why) = phased.then(|| fmesh::phases_refusal(&p.graph)).flatten() {
+        return Err(FunctionalError::Unsupported(why).into());
+    }
+    // Refuse what the programs cannot do before the reference runs.
+    if let Some(why) = programs.iter().find_map(|(_, prog)| prog.data.as_ref().and_then(|d| d.refusal())) {
         return Err(FunctionalError::Unsupported(why).into());
     }
     let given = super::reference::given_tokens(cmd.tokens.as_deref(), cmd.input.as_deref())?;
@@ -208,8 +249,36 @@ pub fn emulate(
     if run.graph.tensors.len() != p.graph.tensors.len() {
         return Err(FunctionalError::Internal("the reference built a different graph than the compile".into()).into());
     }
-    let (_, prog) = &programs[0];
     let numerics = functional::numerics_of(&p.model)?;
+    if phased {
+        // Weight-streaming training: the forward and backward phases in turn, MemoryX between and after.
+        let eopts: Vec<EngineOptions> = programs
+            .iter()
+            .map(|(_, prog)| EngineOptions {
+                fidelity,
+                threads,
+                trace: trace.map(|t| waferscale::trace::spec_for(prog, t)),
+                progress: None,
+            })
+            .collect();
+        let done = fmesh::run_phases(&programs, &run.graph, &numerics, &run.values, &eopts)?;
+        if let Some(path) = &cmd.out {
+            write_training(path, p, &run, &done.outputs)?;
+        }
+        // (No note: the timing report stays the one without values; `run_phases` says what ran where.)
+        let notes = Vec::new();
+        let moe_dropped = run.values.moe_dropped.clone();
+        let checked = Checked {
+            outputs: done.outputs,
+            dtype: workload.dtype,
+            context: None,
+            steps: Vec::new(),
+            notes,
+            moe_dropped,
+        };
+        return Ok((Emulated { programs, runs: done.runs, notes: fast_notes(p, fidelity) }, checked));
+    }
+    let (_, prog) = &programs[0];
     let setup = fmesh::setup(prog, &run.graph, &numerics, &run.values)?;
     let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
     let eopts = EngineOptions { fidelity, threads, trace: spec, progress: None };

@@ -428,5 +428,7 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
             text.push_str(&c.text());
         }
     }
-    emit(&text, cmd.output.as_deref())
+    emit(&text, cmd.output.as_deref())?;
+    // The report and the check are out; a result outside its bound fails the run.
+    checked.as_ref().map_or(Ok(()), |c| c.verdict())
 }

@@ -192,17 +192,6 @@ pub(crate) fn region(
     iface: &Iface,
     templates: &[(String, Vec<Task>, u64)],
 ) -> RegionData {
-    if st.iters != 1 && st.pass != crate::graph::Pass::Forward {
-        return refuse(
-            templates,
-            format!(
-                "region `{}` ({} with {}): functional mode does not run the backward layer loop of weight streaming yet",
-                st.name,
-                st.kind_name(g),
-                t.algo.name()
-            ),
-        );
-    }
     if let Work::SingleGemv { k, n } = st.work {
         return single_gemv(g, st, t, rect, templates, k, n);
     }

@@ -1165,8 +1165,17 @@ fn compile_wafer(
                 } else {
                     let v = data::view(g, slot_t);
                     let rows = data::view_rows(g, slot_t, &v);
-                    pw.data
-                        .push(TaskData::Kernel(Kernel::Source { view: v, rows_per_run: rows / repeat.max(1) as u64 }));
+                    let iters = loop_of[b].map_or(0, |lp| loops[lp as usize].maps.len() as u64);
+                    pw.data.push(match loop_of[b] {
+                        // Saved by the forward phase, restored into the backward loop: one iteration's
+                        // layer per iteration (the loop map's).
+                        Some(lp) if peer == PeerKind::MemoryX && iters > 1 && (repeat as u64).is_multiple_of(iters) => {
+                            let per_iter = repeat as u64 / iters;
+                            let kernel = Kernel::Source { view: v, rows_per_run: rows / per_iter.max(1) };
+                            TaskData::Looped { kernel, lp, per_iter, stride: 1, offset: 0 }
+                        }
+                        _ => TaskData::Kernel(Kernel::Source { view: v, rows_per_run: rows / repeat.max(1) as u64 }),
+                    });
                 }
                 pw.send_iters.insert(pw.tasks.len(), iters);
                 pw.tasks.push(Task {
@@ -1184,7 +1193,11 @@ fn compile_wafer(
                 pw.peer.get_or_insert(peer.peer());
             }
             FlowUse::PortOut { ch, a, o, band, w, repeat, window, iters, peer, gi } => {
-                let tensor = Some(stages[a].outputs[o].tensor);
+                // A slot that carries several of the op's outputs (a norm gradient's dgamma and dbeta)
+                // leaves whole: its gateway forwards every tensor it gathers, not a slice of the first.
+                let n_out = g.op(stages[a].main).outputs.len();
+                let merged = o + 1 == stages[a].outputs.len() && n_out > stages[a].outputs.len();
+                let tensor = (!merged).then_some(stages[a].outputs[o].tensor);
                 ifaces[a].outs[o].dests.push(Dest { color, tensor, wavelets: w, runs: window, band });
                 let pw = port_work.entry(ch).or_default();
                 pw.streams.push(fl.name.clone());
@@ -1196,7 +1209,7 @@ fn compile_wafer(
                     pw.peer.get_or_insert(peer.peer());
                     continue;
                 }
-                if gi > usize::MAX / 2 || !matches!(peer, PeerKind::Host) {
+                if gi > usize::MAX / 2 || !matches!(peer, PeerKind::Host | PeerKind::MemoryX | PeerKind::SwarmX) {
                     pw.unsupported.push(format!(
                         "stream `{}`: functional mode does not carry values to MemoryX or SwarmX yet",
                         fl.name
@@ -1204,15 +1217,27 @@ fn compile_wafer(
                     pw.data.push(TaskData::None);
                 } else {
                     pw.data.push(TaskData::Kernel(Kernel::Collect));
-                    let t0 = stages[a].outputs[o].tensor;
-                    // From a folded loop: the layers' tensors of the iterations it sends on.
-                    let ts: Vec<u32> = match loop_of[a] {
-                        Some(lp) => (iters.0..iters.0 + iters.1)
-                            .filter_map(|i| loops[lp as usize].maps.get(i as usize))
-                            .map(|m| m.get(&t0.0).copied().unwrap_or(t0.0))
+                    // The op's outputs the slot carries: its own, and those merged into the last slot
+                    // (a norm gradient's dgamma and dbeta leave as one stream).
+                    let (main, n_out) = (g.op(stages[a].main), stages[a].outputs.len());
+                    let t0s: Vec<u32> = match main.outputs.iter().position(|&t| t == stages[a].outputs[o].tensor) {
+                        Some(_) => (main.outputs.iter().enumerate())
+                            .filter(|&(i, _)| i.min(n_out.saturating_sub(1)) == o)
+                            .map(|(_, t)| t.0)
                             .collect(),
-                        None => vec![t0.0],
+                        None => vec![stages[a].outputs[o].tensor.0],
                     };
+                    // From a folded loop: the layers' tensors of the iterations it sends on.
+                    let ts: Vec<u32> = t0s
+                        .iter()
+                        .flat_map(|&t0| match loop_of[a] {
+                            Some(lp) => (iters.0..iters.0 + iters.1)
+                                .filter_map(|i| loops[lp as usize].maps.get(i as usize))
+                                .map(|m| m.get(&t0).copied().unwrap_or(t0))
+                                .collect(),
+                            None => vec![t0],
+                        })
+                        .collect();
                     for t in ts.into_iter().map(crate::graph::TensorId) {
                         if pw.readouts.iter().any(|r| r.tensor == t.0) {
                             continue;

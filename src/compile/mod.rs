@@ -38,6 +38,7 @@ use crate::model::{DType, SingleOp};
 pub use file::{load_plan, PlanFile, PlanInputs, PLAN_VERSION};
 pub use micro::compile_model;
 pub use print::{print_program, Dump, Plan};
+pub use stage::runs_in_memoryx;
 pub use verify::{dry_run, verify_plan, verify_program};
 
 /// How the model runs on the wafer.

@@ -380,6 +380,15 @@ fn elem_bytes(g: &Graph, t: TensorId) -> u64 {
     g.tensor(t).elem.bytes()
 }
 
+/// Under weight streaming, whether op `o` runs in MemoryX: the optimizer, and with it the scatter-add of
+/// embedding gradients and the sums of tied weights' gradients (the tables never sit on the wafer).
+pub fn runs_in_memoryx(g: &Graph, o: OpId) -> bool {
+    let op = g.op(o);
+    op.pass == Pass::Optimizer
+        || matches!(op.kind, OpKind::EmbeddingGrad { .. })
+        || (matches!(op.kind, OpKind::Add { .. }) && g.tensor(op.outputs[0]).role == Role::WeightGrad)
+}
+
 /// Builds the stages of `g` for `mode`.
 pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, CompileError> {
     let producers = g.producers();
@@ -394,12 +403,7 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         if is_view(&op.kind) {
             on_wafer[o.idx()] = false;
         }
-        // Weight streaming: MemoryX applies the optimizer, and with it the scatter-add of embedding
-        // gradients and the sums of tied weights' gradients (the tables never sit on the wafer).
-        let to_memoryx = op.pass == Pass::Optimizer
-            || matches!(op.kind, OpKind::EmbeddingGrad { .. })
-            || (matches!(op.kind, OpKind::Add { .. }) && g.tensor(op.outputs[0]).role == Role::WeightGrad);
-        if mode == Mode::WeightStreaming && to_memoryx {
+        if mode == Mode::WeightStreaming && runs_in_memoryx(g, o) {
             on_wafer[o.idx()] = false;
             offload_ops.push(o);
             offload_flops += op.cost.flops;

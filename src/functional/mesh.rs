@@ -25,62 +25,209 @@ pub struct MeshOutput {
     /// Max |mesh - reference| over the elements, relative to the largest reference magnitude (for a
     /// gradient or an Adam output, over the elements not in `held`).
     pub max_rel_error: f64,
-    /// A gradient or an Adam output: its elements whose reference gradient is below 100 x Adam's
-    /// epsilon that differ from the reference, held to an absolute bound instead of the relative one
-    /// (see `adam_error`); an element off by more counts in `max_rel_error`.
+    /// A gradient or an Adam output: its elements whose reference gradient is below the noise floor
+    /// that differ from the reference, held to an absolute bound instead of the relative one (see
+    /// `adam_error`); an element off by more counts in `max_rel_error`.
     pub held: usize,
+    /// A result of a training step (the loss, a gradient, w', m', v', the master copy): the largest
+    /// `max_rel_error` the rounding model allows it (`training_bound`); None for inference results,
+    /// which their own tests bound.
+    pub bound: Option<f64>,
+}
+
+impl MeshOutput {
+    /// True when the result is within the bound the rounding model states for it (or has none).
+    pub fn within_bound(&self) -> bool {
+        self.bound.is_none_or(|b| self.max_rel_error <= b)
+    }
+}
+
+/// A training step's results in fp32 are held to 1e-4 relative to the tensor's largest reference
+/// magnitude: fp32 rounding, summed in other orders on the mesh than in the reference, is far below it
+/// (3e-6 measured on the tiny models).
+pub const FP32_BOUND: f64 = 1e-4;
+
+/// How many storage roundings (`unit_roundoff`) of a tensor's largest value a training step's value
+/// may differ by between the mesh and the reference with fp16/bf16 storage (see `training_bound`).
+pub const STORAGE_ROUNDINGS: f64 = 8.0;
+
+/// The unit roundoff of a storage dtype: the largest relative error of rounding to nearest, half the
+/// spacing of its numbers at 1 (fp16: 11 significant bits, 2^-11; bf16: 8, 2^-8); 0 for fp32, whose
+/// rounding `FP32_BOUND` covers.
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::Fp16 => (-11f64).exp2(),
+        DType::Bf16 => (-8f64).exp2(),
+        DType::Fp32 | DType::Fp8 => 0.0,
+    }
+}
+
+/// Which result of a training step a tensor is, for its bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainResult {
+    /// The loss, a gradient, or m' (the gradient scaled by 1 - beta1).
+    Linear,
+    /// v' (the gradient squared, scaled by 1 - beta2).
+    Square,
+    /// The weight w' as stored in the step's dtype.
+    Weight,
+    /// The fp32 master copy of w' (fp16/bf16 training), or w' itself in fp32.
+    Master,
+}
+
+/// The bound the rounding model states for a training step's result with `dtype` storage, relative to
+/// the tensor's largest reference magnitude (elements below the noise floor aside: `adam_error`).
+///
+/// The rounding model (`engine::values`, `functional::reference`): fp32 arithmetic everywhere, values
+/// rounded to the storage dtype where they are stored or sent (the mesh: when a PE loads its tiles and
+/// in every wavelet; the reference: every stored tensor), each rounding off by at most `u` (the unit
+/// roundoff) of the value rounded. The mesh and the reference round at different points of the same
+/// computation, so a value differs between them by the roundings one makes and the other does not,
+/// carried to it through the step. With the forward pass, the loss and the backward pass of the tiny
+/// models, we hold every linear result (the loss, each gradient, m' = (1 - beta1) g) to `k` =
+/// `STORAGE_ROUNDINGS` = 8 such roundings of the tensor's largest value: `k u`, 3.9e-3 in fp16 and
+/// 3.1e-2 in bf16 (measured: at most 3.2 u in fp16 and 4.3 u in bf16, gpt/llama/neox/gptj-tiny on
+/// 32x32 and 64x64 and bert-tiny on 64x64, 16 tokens). Then:
+/// - v' = (1 - beta2) g^2: |g'^2 - g^2| <= |g' - g| (2|g| + |g' - g|), so `2 k u + (k u)^2`.
+/// - The master copy of w': at step 1 Adam moves each weight by `lr g / (|g| + eps)`, sign(g) lr to
+///   within eps/|g|, whatever |g| is; so where the gradient's error cannot flip its sign (|g| above the
+///   noise floor `k u max|g|`) the master copy differs only by fp32 rounding: `FP32_BOUND`.
+/// - w' as stored: the master copy rounded to the dtype, by the mesh and the reference each (or kept
+///   unrounded by one of them): within one storage ulp, `2 u`, of the master copy's bound.
+///
+/// Where the gradient is below the noise floor its sign is noise, and `adam_error` holds those elements
+/// to what noise can move (w' by up to 2 lr) instead.
+pub fn training_bound(dtype: DType, what: TrainResult) -> f64 {
+    let ku = STORAGE_ROUNDINGS * unit_roundoff(dtype);
+    FP32_BOUND
+        + match what {
+            TrainResult::Linear => ku,
+            TrainResult::Square => 2.0 * ku + ku * ku,
+            TrainResult::Weight => 2.0 * unit_roundoff(dtype),
+            TrainResult::Master => 0.0,
+        }
 }
 
 /// The error of a result of an Adam op (its gradient input, w', m', v' or the master copy; None for
-/// any other tensor) and how many of its elements were held to an absolute bound instead of the
-/// relative one.
+/// any other tensor), how many of its elements were held to an absolute bound instead of the relative
+/// one, and the relative bound the rounding model states for it (`training_bound`).
 ///
 /// At step 1 Adam moves each weight by `lr * g / (|g| + eps)` (the bias corrections cancel), a value in
-/// (-lr, lr) that depends on the gradient's size only where |g| is within a few orders of `eps`. A
-/// gradient that cancels to nearly nothing (a key bias's is zero in exact arithmetic: the rows of dS
-/// sum to zero) is rounding noise, whose last bits differ between any two orders of summation in fp32,
-/// and they decide where in that interval the weight lands. So where the reference gradient is below
-/// `floor` = 100 x Adam's epsilon, an element is held to what that noise can move: the gradient within
-/// `floor`, m' within `(1 - beta1) floor`, v' within `(1 - beta2) floor^2`, w' within `2 lr`; an element
-/// off by more counts in the relative error (a wrong gradient is never hidden: it is far above the
-/// floor). Elsewhere the error is relative to the tensor's largest reference magnitude.
-pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> Option<(f64, usize)> {
+/// (-lr, lr) that depends on the gradient's size only where |g| is within a few orders of `eps`, and on
+/// its sign everywhere. A gradient element that is no larger than the noise the mesh and the reference
+/// differ by has a sign that is noise: a gradient that cancels to nearly nothing (a key bias's is zero
+/// in exact arithmetic: the rows of dS sum to zero) is fp32 rounding noise, whose last bits differ
+/// between any two orders of summation; with fp16/bf16 storage the noise is the gradient's bound, `k u`
+/// of the tensor's largest |g| (`training_bound`). So where the reference gradient is below the floor
+/// `N` = max(100 x Adam's epsilon, k u max|g|), an element is held to what that noise can move: the
+/// gradient within `N`, m' within `(1 - beta1) N`, v' within `(1 - beta2) 3 N^2` (|g'^2 - g^2| with
+/// |g|, |g' - g| <= N), the master copy within `2 lr` (and fp32's bound: a flipped step moves it by
+/// 2 lr exactly, give or take its rounding) and w' as stored one storage ulp more; an element off by more counts in the relative error (a wrong gradient is never
+/// hidden: it is far above the floor). Elsewhere the error is relative to the tensor's largest
+/// reference magnitude.
+pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> Option<(f64, usize, f64)> {
     let a = super::AdamConfig::default();
-    let floor = 100.0 * a.eps;
-    let (op, bound) = graph.op_ids().map(|i| graph.op(i)).find_map(|op| {
+    let dtype = graph.workload.dtype;
+    let u = unit_roundoff(dtype);
+    let (op, what) = graph.op_ids().map(|i| graph.op(i)).find_map(|op| {
         if !matches!(op.kind, crate::graph::OpKind::Adam { .. }) {
             return None;
         }
         if op.inputs.get(1) == Some(&t) {
-            return Some((op, floor));
+            return Some((op, TrainResult::Linear));
         }
         let i = op.outputs.iter().position(|&o| o == t)?;
-        let bound = match i {
-            1 => (1.0 - a.beta1) * floor,
-            2 => (1.0 - a.beta2) * floor * floor,
-            _ => 2.0 * a.lr,
+        let what = match i {
+            1 => TrainResult::Linear,
+            2 => TrainResult::Square,
+            // w' is the master copy itself where there is none (fp32).
+            0 if op.outputs.len() > 3 => TrainResult::Weight,
+            _ => TrainResult::Master,
         };
-        Some((op, bound))
+        Some((op, what))
     })?;
     let (r, grad) = (reference.f(t), reference.f(op.inputs[1]));
     if r.len() != values.len() || grad.len() != values.len() {
         return None;
     }
-    let scale = r.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
+    let max_of = |xs: &[f32]| xs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
+    // The size of the gradient's terms: a bias gradient is the column sum of dy, whose roundings are
+    // of |dy|'s column sums however much the terms cancel (a key bias's gradient is zero in exact
+    // arithmetic: what is left of it is noise of that size); any other gradient, its own largest value.
+    let terms = bias_terms(graph, reference, op.inputs[1]).unwrap_or(0.0).max(max_of(grad));
+    let scale = max_of(r).max(match (what, op.outputs.iter().position(|&o| o == t)) {
+        (TrainResult::Linear, None) => terms,
+        (TrainResult::Linear, Some(_)) => (1.0 - a.beta1) * terms,
+        (TrainResult::Square, _) => (1.0 - a.beta2) * terms * terms,
+        _ => 0.0,
+    });
+    let floor = (100.0 * a.eps).max(STORAGE_ROUNDINGS * u * terms);
+    let held_bound = match what {
+        TrainResult::Linear if op.inputs.get(1) == Some(&t) => floor,
+        TrainResult::Linear => (1.0 - a.beta1) * floor,
+        TrainResult::Square => (1.0 - a.beta2) * 3.0 * floor * floor,
+        // (A flipped step moves w by 2 lr exactly, give or take the rounding of w itself.)
+        TrainResult::Master => 2.0 * a.lr + FP32_BOUND * scale,
+        TrainResult::Weight => 2.0 * a.lr + (FP32_BOUND + 2.0 * u) * scale,
+    };
     let (mut worst, mut held) = (0f64, 0usize);
     for ((&m, &x), &g) in values.iter().zip(r).zip(grad) {
         let d = (m as f64 - x as f64).abs();
         if !d.is_finite() {
-            return Some((f64::INFINITY, held));
+            return Some((f64::INFINITY, held, training_bound(dtype, what)));
         }
-        if (g.abs() as f64) < floor && d <= bound {
+        if (g.abs() as f64) < floor && d <= held_bound {
             // (Counted where the two differ at all: a zero gradient moves neither.)
             held += (d > 0.0) as usize;
         } else {
             worst = worst.max(d / scale);
         }
     }
-    Some((worst, held))
+    Some((worst, held, training_bound(dtype, what)))
+}
+
+/// A gradient that sums rows of dy: the largest sum of |dy| over the rows one element sums, in the
+/// reference, the size of the terms however much they cancel. A bias gradient (the second output of a
+/// linear's weight gradient) sums each column over every row; an embedding gradient each column over
+/// the rows whose id is the table row; a sum of gradients (tied weights) the terms of its parts. None
+/// for any other tensor.
+fn bias_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> Option<f64> {
+    let op = graph.op(graph.producers()[g.0 as usize]?);
+    let n = graph.tensor(g).elems() as usize;
+    let sums = |dy: &[f32], width: usize, row_of: &dyn Fn(usize) -> Option<usize>| -> Option<f64> {
+        let mut sums = vec![0f64; n];
+        if width == 0 || !dy.len().is_multiple_of(width) {
+            return None;
+        }
+        for (r, row) in dy.chunks_exact(width).enumerate() {
+            let at = row_of(r)? * width;
+            for (s, &x) in sums.get_mut(at..at + width)?.iter_mut().zip(row) {
+                *s += x.abs() as f64;
+            }
+        }
+        Some(sums.into_iter().fold(0.0, f64::max))
+    };
+    match op.kind {
+        crate::graph::OpKind::LinearWgrad(_) if op.outputs.get(1) == Some(&g) => {
+            sums(reference.f(*op.inputs.get(1)?), n, &|_| Some(0))
+        }
+        crate::graph::OpKind::EmbeddingGrad { width, .. } => {
+            let Value::I(ids) = &reference.values[op.inputs.first()?.idx()] else { return None };
+            let width = width as usize;
+            sums(reference.f(*op.inputs.get(1)?), width, &|r| ids.get(r).and_then(|&i| usize::try_from(i).ok()))
+        }
+        crate::graph::OpKind::Add { .. } => Some(
+            op.inputs
+                .iter()
+                .map(|&t| bias_terms(graph, reference, t).unwrap_or(0.0).max(max_abs(reference.f(t))))
+                .sum(),
+        ),
+        _ => None,
+    }
+}
+
+fn max_abs(xs: &[f32]) -> f64 {
+    xs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64))
 }
 
 /// The start of a functional run of `program`: fails (the user's request, exit 2) naming what the
@@ -218,7 +365,11 @@ fn outputs_with(
             for (i, v) in f.vals.iter().enumerate() {
                 let (row, col) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
                 let idx = row * cols + col;
-                if row >= rows || col >= cols || f.view_cols as usize != cols || seen[idx] {
+                // A port may be sent one value twice (a tensor saved to MemoryX for two consumers):
+                // the same bits again are the same value.
+                let again =
+                    at.is_none() && row < rows && col < cols && seen[idx] && values[idx].to_bits() == v.to_bits();
+                if row >= rows || col >= cols || f.view_cols as usize != cols || (seen[idx] && !again) {
                     return Err(FunctionalError::Mesh(format!(
                         "`{}`: {who} holds element ({row}, {col}) outside the result or held twice",
                         r.name
@@ -241,8 +392,16 @@ fn outputs_with(
             )));
         }
         let t = TensorId(r.tensor);
-        let (max_rel_error, held) =
-            adam_error(graph, t, &values, reference).unwrap_or_else(|| (max_rel_error(&values, reference.f(t)), 0));
+        // A training step's other results (the loss) are linear in the values the step stores.
+        let training = graph.op_ids().any(|o| matches!(graph.op(o).kind, crate::graph::OpKind::Adam { .. }));
+        let (max_rel_error, held, bound) = match adam_error(graph, t, &values, reference) {
+            Some((e, held, bound)) => (e, held, Some(bound)),
+            None => (
+                max_rel_error(&values, reference.f(t)),
+                0,
+                training.then(|| training_bound(graph.workload.dtype, TrainResult::Linear)),
+            ),
+        };
         out.push(MeshOutput {
             name: r.name.clone(),
             tensor: t,
@@ -250,6 +409,7 @@ fn outputs_with(
             values,
             max_rel_error,
             held,
+            bound,
         });
     }
     if partial {
@@ -294,8 +454,149 @@ fn tapped(
             let tensor = TensorId(t);
             let max_rel_error = max_rel_error(&values, reference.f(tensor));
             let shape = tt.shape.clone();
-            out.push(MeshOutput { name: tt.name.clone(), tensor, shape, values, max_rel_error, held: 0 });
+            out.push(MeshOutput { name: tt.name.clone(), tensor, shape, values, max_rel_error, held: 0, bound: None });
         }
     }
     out
+}
+
+/// The results of weight-streaming training, run as the compiler splits it (`compile::Compiled::phases`):
+/// the engine's run of each phase and every result, beside the reference.
+pub struct Phased {
+    pub runs: Vec<crate::engine::EngineRun>,
+    pub outputs: Vec<MeshOutput>,
+}
+
+/// What `run_phases` does not cover yet, by name (the user's request, exit 2): a mixture of experts,
+/// whose saved expert activations and dispatched rows do not yet round-trip MemoryX as whole tensors.
+pub fn phases_refusal(graph: &Graph) -> Option<String> {
+    let moe = graph.op_ids().map(|o| graph.op(o)).find(|op| matches!(op.kind, crate::graph::OpKind::MoeTopK(_)))?;
+    Some(format!(
+        "weight-streaming training of a mixture of experts (`{}`): its saved expert activations through MemoryX",
+        moe.name
+    ))
+}
+
+/// Weight-streaming training on the mesh: the forward phase, then the backward phase, on the same wafer,
+/// with MemoryX between and after them (`eopts`: the engine's options for each phase).
+///
+/// Each phase runs with values like any program (weights streaming in from MemoryX every iteration).
+/// What a phase sends to MemoryX or SwarmX its ports collect (`Kernel::Collect`, read back like any
+/// result and checked against the reference): the forward phase's activations saved for the backward
+/// pass, the backward phase's weight gradients and the embedding rows' gradient. The next phase starts
+/// with what MemoryX holds: its ports stream those saved tensors back in (`Kernel::Source`, layer by
+/// layer in the backward loop's order). After the last phase MemoryX runs the ops the plan places off
+/// the wafer (`compile::runs_in_memoryx`: the embedding gradients' scatter-add, the sums of tied weights'
+/// gradients, and Adam) on the values the wafer sent it, with the reference's semantics and rounding
+/// (`functional::reference::evaluate_ops`): every input of those ops must be a step input (weights, Adam
+/// state, ids), an output of another of them, or a value the wafer sent, else the run fails naming it;
+/// the gradients they leave, w', m', v' (and the master copy) are checked as the pipelined step's are
+/// (`adam_error`).
+pub fn run_phases(
+    programs: &[(String, MeshProgram)],
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    eopts: &[crate::engine::EngineOptions],
+) -> Result<Phased, crate::Error> {
+    run_phases_with(programs, graph, numerics, reference, eopts, |_| {})
+}
+
+/// `run_phases`, with `between` given what MemoryX holds (by tensor) before each later phase starts
+/// and at the end, before its own ops: a test's way to show a phase really starts from it.
+pub fn run_phases_with(
+    programs: &[(String, MeshProgram)],
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    eopts: &[crate::engine::EngineOptions],
+    mut between: impl FnMut(&mut BTreeMap<u32, Arc<[f32]>>),
+) -> Result<Phased, crate::Error> {
+    if let Some(why) = phases_refusal(graph) {
+        return Err(FunctionalError::Unsupported(why).into());
+    }
+    let mut runs = Vec::new();
+    let mut outputs: Vec<MeshOutput> = Vec::new();
+    // What MemoryX holds: the tensors the phases sent out through the ports, by tensor.
+    let mut held: BTreeMap<u32, Arc<[f32]>> = BTreeMap::new();
+    for (i, ((_, prog), eopts)) in programs.iter().zip(eopts).enumerate() {
+        if i > 0 {
+            between(&mut held);
+        }
+        let mut s = setup(prog, graph, numerics, reference)?;
+        for (&t, v) in &held {
+            s.tensors.insert(t, Arc::clone(v));
+        }
+        let (run, results) = crate::engine::run_functional(prog, eopts, Arc::new(s))?;
+        let outs = self::outputs(prog, graph, &results, reference)?;
+        let readouts = prog.data.as_ref().map_or(&[][..], |d| d.readouts.as_slice());
+        for (r, o) in readouts.iter().zip(&outs) {
+            if r.rect.is_none() {
+                held.insert(o.tensor.0, Arc::from(o.values.as_slice()));
+            }
+        }
+        runs.push(run);
+        outputs.extend(outs);
+    }
+    between(&mut held);
+    outputs.extend(memoryx(graph, numerics, reference, &held)?);
+    Ok(Phased { runs, outputs })
+}
+
+/// MemoryX's part of a weight-streaming training step (see `run_phases`): the off-wafer ops on what the
+/// wafer sent (`sent`, by tensor), their results beside the reference.
+fn memoryx(
+    graph: &Graph,
+    numerics: &Numerics,
+    reference: &Values<f32>,
+    sent: &BTreeMap<u32, Arc<[f32]>>,
+) -> Result<Vec<MeshOutput>, FunctionalError> {
+    let ops: Vec<crate::graph::OpId> = graph.op_ids().filter(|&o| crate::compile::runs_in_memoryx(graph, o)).collect();
+    let producers = graph.producers();
+    let mut vals = reference.clone();
+    for (&t, v) in sent {
+        vals.values[t as usize] = Value::F(v.to_vec());
+    }
+    for &o in &ops {
+        for &t in &graph.op(o).inputs {
+            let from_wafer = producers[t.idx()].is_some_and(|p| !ops.contains(&p));
+            if from_wafer && !sent.contains_key(&t.0) {
+                return Err(FunctionalError::Mesh(format!(
+                    "MemoryX runs `{}`, which reads `{}`, and the wafer did not send it",
+                    graph.op(o).name,
+                    graph.tensor(t).name
+                )));
+            }
+        }
+    }
+    let precision =
+        if graph.workload.dtype == DType::Fp32 { super::Precision::Exact } else { super::Precision::Storage };
+    let opts = super::Options { precision, ..super::Options::default() };
+    super::reference::evaluate_ops(graph, numerics, &opts, &mut vals, &ops)?;
+    // The Adam ops' gradients MemoryX summed itself, and every Adam output.
+    let mut out = Vec::new();
+    for &o in &ops {
+        let op = graph.op(o);
+        if !matches!(op.kind, crate::graph::OpKind::Adam { .. }) {
+            continue;
+        }
+        let grad = op.inputs[1];
+        let summed = (!sent.contains_key(&grad.0)).then_some(grad);
+        for t in summed.into_iter().chain(op.outputs.iter().copied()) {
+            let values = vals.f(t).to_vec();
+            let (max_rel_error, held, bound) = adam_error(graph, t, &values, reference).ok_or_else(|| {
+                FunctionalError::Internal(format!("`{}` is not an Adam tensor", graph.tensor(t).name))
+            })?;
+            out.push(MeshOutput {
+                name: graph.tensor(t).name.clone(),
+                tensor: t,
+                shape: graph.tensor(t).shape.clone(),
+                values,
+                max_rel_error,
+                held,
+                bound: Some(bound),
+            });
+        }
+    }
+    Ok(out)
 }

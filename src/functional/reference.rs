@@ -204,6 +204,50 @@ pub fn evaluate<T: Real>(
     Ok(Values { values, moe_dropped: cx.dropped })
 }
 
+/// Evaluates `ops`, in the order given, on `values` (which hold every input they read), replacing their
+/// outputs: what an evaluator off the wafer computes from the values the wafer sent it (MemoryX's
+/// optimizer under weight streaming, `functional::mesh::memoryx`), with the reference's semantics and
+/// rounding.
+pub fn evaluate_ops<T: Real>(
+    graph: &Graph,
+    numerics: &Numerics,
+    opts: &Options,
+    values: &mut Values<T>,
+    ops: &[crate::graph::OpId],
+) -> Result<(), FunctionalError> {
+    let n = graph.tensors.len();
+    let vals = std::mem::take(&mut values.values).into_iter().map(Some).collect();
+    let mut cx = Ctx { graph, num: numerics, opts, vals, routing: vec![None; n], dropped: Vec::new() };
+    let mut done = Ok(());
+    for &o in ops {
+        let op = graph.op(o);
+        let outs = match cx.eval(op) {
+            Ok(outs) if outs.len() == op.outputs.len() => outs,
+            Ok(outs) => {
+                done = Err(internal(format!(
+                    "op {}: {} outputs, the graph has {}",
+                    op.name,
+                    outs.len(),
+                    op.outputs.len()
+                )));
+                break;
+            }
+            Err(e) => {
+                done = Err(e);
+                break;
+            }
+        };
+        for (&t, v) in op.outputs.iter().zip(outs) {
+            match cx.round(t, v) {
+                Ok(v) => cx.vals[t.idx()] = Some(v),
+                Err(e) => done = Err(e),
+            }
+        }
+    }
+    values.values = cx.vals.into_iter().map(|v| v.unwrap_or(Value::F(Vec::new()))).collect();
+    done
+}
+
 /// Rounds an f32 to fp16 or bf16 and back (round to nearest, ties to even).
 fn round_to(dtype: DType, x: f32) -> f32 {
     match dtype {
