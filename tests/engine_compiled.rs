@@ -239,6 +239,43 @@ fn gradient_joins_are_paced_by_the_backward_input() {
     }
 }
 
+/// A row reduction whose rows are narrower than its region's columns (a one-token step's attention rows
+/// hold one key each) leaves the columns past the row's width idle, and its statistics fan in over the
+/// columns that hold values. Before, the fan-in counted the idle columns too: the root waited for
+/// statistics no PE sent, and every model's one-token training step deadlocked (gpt-tiny on 64 x 64 at
+/// cycle 99,560, in `l1.attn.softmax.grad`) in both modes. The values check the step as well.
+#[test]
+fn row_reductions_narrower_than_their_region_fan_in_over_their_columns() {
+    for (m, mode) in [("gpt-tiny", "pipelined"), ("llama-tiny", "pipelined"), ("gpt-tiny", "weight-streaming")] {
+        let args = ["run", m, "--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "1", "--mode", mode];
+        let mut run = args.to_vec();
+        run.extend(["--dtype", "fp32", "--json"]);
+        let r = report(&run);
+        assert!(r["cycles"].as_u64().is_some_and(|c| c > 0), "{m} {mode}: {r}");
+    }
+    let (code, out, err) =
+        support::wafer(&["run", "bert-tiny", "--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "1"]);
+    assert_eq!(code, 0, "bert-tiny: {err}");
+    assert!(out.contains("cycles"), "{out}");
+    let (code, out, err) = support::wafer(&[
+        "run",
+        "gpt-tiny",
+        "--hw",
+        "cs2",
+        "--mesh",
+        "64x64",
+        "--phase",
+        "train",
+        "--seq",
+        "1",
+        "--dtype",
+        "fp32",
+        "--functional",
+    ]);
+    assert_eq!(code, 0, "functional: {err}");
+    assert!(out.contains("every result within its bound"), "{out}");
+}
+
 /// A residual add's skip input runs ahead of the branch it skips by the whole branch (attention takes
 /// every token before it gives its first result), so the add keeps it in the receive FIFO its tiling
 /// allocates and is paced by the branch. gpt-tiny widened to 256 and trained on 512 tokens (32 runs per

@@ -2106,7 +2106,10 @@ fn prog_rowreduce(p: &mut Prog) {
     let eb = p.eb();
     let tr = split(rr, rc);
     let wc = split(width, c);
-    let fan = FanIn::new(c);
+    // Columns holding values: a row narrower than the region (an attention row over one key) leaves
+    // the columns past `width` idle, and they take no part in the fan-in (as the tiling assumed).
+    let ce = c.min(width).max(1);
+    let fan = FanIn::new(ce);
     let rep = p.repeat(runs);
     let (r1, r2, rb) = (p.ac(0), p.ac(1), p.ac(2));
     let rcol = p.ac(3);
@@ -2114,8 +2117,8 @@ fn prog_rowreduce(p: &mut Prog) {
     let (c_apply, c_stats) = if out.is_some() { (1, per_elem - 1) } else { (0, per_elem) };
     let active_rows = rc.min(rr);
     let cs_per_col = colsum.map_or(0, |o| st.outputs[o].values / width.max(1));
-    // Column positions mirrored so that the fan-in converges west to column 0.
-    let pos = |cc: u64| c - 1 - cc;
+    // Column positions mirrored so that the fan-in converges west to column 0 (idle columns: none).
+    let pos = |cc: u64| ce.saturating_sub(1 + cc);
     let row_kinds: Vec<Vec<u64>> = (0..rc)
         .map(|r| {
             vec![
@@ -2148,7 +2151,7 @@ fn prog_rowreduce(p: &mut Prog) {
         let pre = p.inputs_pre(&mut pe, Some(main), runs, 0, w_c, runs);
         let mut needs = vec![recv(p.rc(main), p.slot_w(main, runs))];
         needs.extend(p.pre_needs(&pre, runs));
-        let c1 = c > 1;
+        let c1 = ce > 1;
         let stats_sends = match role {
             0 => vec![send(r1, w_st, false)],
             1 if gs == 1 => vec![send(r2, w_st, false)],
@@ -2261,22 +2264,22 @@ fn prog_rowreduce(p: &mut Prog) {
         Some((format!("{}.rr{role}", st.name), pe))
     });
     // Row reduction routes (per column, converging west), the broadcast back, the column sums.
-    for cc in 0..c {
+    for cc in 0..ce {
         let (role, _) = fan.role(pos(cc));
         let rect = p.rect_abs(f.row0(), cc as u32, active_rows.max(1) as u32, 1);
-        let lead = c - 1 - fan.leader_of(pos(cc));
+        let lead = ce - 1 - fan.leader_of(pos(cc));
         if role == 0 {
             p.route(r1, rect, Pattern::Line { dir: Dir::West, hops: (cc - lead) as u32, multicast: false });
         } else if role == 1 {
             p.route(r2, rect, Pattern::Line { dir: Dir::West, hops: cc as u32, multicast: false });
         }
     }
-    if c > 1 && out.is_some() {
+    if ce > 1 && out.is_some() {
         let rect = p.rect_abs(f.row0(), 0, active_rows.max(1) as u32, 1);
-        p.route(rb, rect, Pattern::Line { dir: Dir::East, hops: (c - 1) as u32, multicast: true });
+        p.route(rb, rect, Pattern::Line { dir: Dir::East, hops: (ce - 1) as u32, multicast: true });
     }
     if colsum.is_some() || scalar.is_some() {
-        let cols = if colsum.is_some() { c as u32 } else { 1 };
+        let cols = if colsum.is_some() { ce as u32 } else { 1 };
         for r in 1..active_rows as u32 {
             let rect = p.rect_abs(f.row0() + r, 0, 1, cols);
             p.route(rcol, rect, Pattern::Line { dir: Dir::North, hops: r, multicast: false });
