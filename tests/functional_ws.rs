@@ -362,3 +362,19 @@ fn a_memoryx_streaming_the_wrong_layer_is_caught() {
     let msg = err.to_string();
     assert!(msg.contains("has not streamed in whole"), "{msg}");
 }
+
+/// gpt-tiny's fp32 weight-streaming training step on 16x16, where `head.logits.wgrad` is 6 summa PEs
+/// with a 64 x 128 block each: the block is one fp32 accumulator of 32 KiB (the plan's 33,280 bytes
+/// with the double-buffered x panel), which the values' SRAM check counted twice (64 KiB, more than
+/// the PE's 48 KiB) and stopped the run. It runs, and matches the reference as on 32x32.
+#[test]
+fn weight_streaming_training_on_16x16_fits_the_weight_gradient_blocks() {
+    let s = train_step("gpt-tiny", 16, DType::Fp32);
+    let outs = s.phases(1).outputs;
+    assert!(outs.iter().any(|o| o.name.ends_with("loss")), "no loss");
+    for o in &outs {
+        assert!(o.max_rel_error < 1e-4, "gpt-tiny on 16x16: `{}` off by {:.3e}", o.name, o.max_rel_error);
+    }
+    let (w, grad, _) = s.adams().into_iter().find(|(w, ..)| w == "wte.weight").expect("wte's Adam");
+    assert!(find(&outs, &grad).max_rel_error < 1e-4, "gradient of `{w}`");
+}

@@ -97,6 +97,9 @@ pub enum Storage {
     Bf16,
 }
 
+/// Bytes of one accumulator value: sums stay fp32 whatever the storage dtype (the rounding model).
+const ACC_BYTES: u64 = 4;
+
 impl Storage {
     pub fn round(self, x: f32) -> f32 {
         match self {
@@ -338,7 +341,11 @@ impl PartValues {
     /// Loads a PE's resident tiles once (`values` of them): its SRAM image at the start of the step,
     /// checked against the PE's SRAM.
     fn resident(&mut self, local: usize, at: &At, values: u64) -> Result<(), String> {
-        let bytes = values * self.setup.storage.bytes();
+        self.resident_bytes(local, at, values * self.setup.storage.bytes())
+    }
+
+    /// `resident` in bytes, for a PE whose SRAM image mixes the storage dtype with fp32 accumulators.
+    fn resident_bytes(&mut self, local: usize, at: &At, bytes: u64) -> Result<(), String> {
         let pe = &mut self.pes[local];
         if pe.resident {
             return Ok(());
@@ -1401,7 +1408,10 @@ impl PartValues {
                         Ok((xv, dv))
                     })
                     .collect::<Result<_, String>>()?;
-                self.resident(local, at, 2 * kl * nl)?;
+                // One fp32 block (the emit streams it out before the next iteration's run 1) and
+                // each group's x panel, double-buffered.
+                let panels = 2 * rows_per_run * kl * groups.len() as u64 * self.setup.storage.bytes();
+                self.resident_bytes(local, at, ACC_BYTES * kl * nl + panels)?;
                 let pe = &mut self.pes[local];
                 if at.run == 1 {
                     pe.acc = groups
@@ -1444,7 +1454,16 @@ impl PartValues {
                 let rows = Self::run_rows(at, rows_per_run);
                 let xv = self.read(local, at, &claimed, &View { c0: x.c0 + k0, width: kl, ..x }, rows)?;
                 let dyv = self.read(local, at, &claimed, &View { c0: dy.c0 + n0, width: nl, ..dy }, rows)?;
-                self.resident(local, at, 2 * kl * nl)?;
+                // What the PE holds for the whole iteration: its block of dW (and of db in grid row 0)
+                // in fp32, once (`emit` streams the block out of SRAM, and the program's next run 1
+                // waits for it), and the x panel double-buffered; dy is the paced operand, consumed from
+                // the fabric (the compiler's summa sizing, which counts the block in the storage dtype:
+                // right in fp32, half the block in fp16/bf16). The accumulator was counted
+                // as two storage-dtype blocks, which is an fp32 block in fp16/bf16 but twice one in fp32
+                // (64 KiB against the plan's 33,280 bytes for gpt-tiny's head.logits.wgrad on 16x16).
+                let db = if bias.is_some() && r == 0 { nl } else { 0 };
+                let panel = 2 * rows_per_run * kl * self.setup.storage.bytes();
+                self.resident_bytes(local, at, ACC_BYTES * (kl * nl + db) + panel)?;
                 let pe = &mut self.pes[local];
                 // The block, laid out as the weight is: [k, n], or [n, k].
                 let (r0, r1, c0, c1, vc) =
