@@ -265,7 +265,7 @@ fn bias_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> Option<f64
 /// The softmax gradient dS = s P (dP - rowsum(P dP)) (s = 1/sqrt(head_dim)) sums to zero over each row:
 /// its elements are differences of terms of the size of s P |dP| and s P |rowsum|, and the roundings the
 /// mesh and the reference make differently are of the terms (`k u` of them, as for any linear result),
-/// not of the difference. So dS's terms are T = s P (|dP| + rowsum(P |dP|)), and each product after it
+/// not of the difference. So dS's terms are T = s P (|dP| + |rowsum(P dP)|), and each product after it
 /// carries its error through the same sums: dQ = dS K has terms T |K|, dK = dS^T Q has T^T |Q|, the
 /// rotary gradient mixes each element with its pair by cos and sin (at most the sum of the two pairs'
 /// terms; the pair is the element half a rotation away or its neighbour, by the model's style, and we
