@@ -332,6 +332,40 @@ fn the_fp16_and_bf16_bounds_catch_wrong_values() {
     }
 }
 
+/// The q/k weight gradients, measured against the size of the softmax gradient's terms carried to them
+/// (`functional::mesh::gradient_terms`, larger than the gradient itself because dS's rows cancel), are
+/// still caught wrong: one element of m' moved by 5% of the terms' size, or the whole gradient doubled
+/// (summed twice), is outside the bound in fp16 and bf16, and the right run is within it.
+#[test]
+fn a_wrong_q_or_k_gradient_is_caught() {
+    let a = functional::AdamConfig::default();
+    for dtype in [DType::Fp16, DType::Bf16] {
+        let s = step("llama-tiny", 32, 16, dtype);
+        let (_, outs) = s.whole(s.setup(), 1);
+        for proj in ["q_proj", "k_proj"] {
+            let w = format!("model.layers.0.self_attn.{proj}.weight");
+            let (_, grad, next) = s.adams().into_iter().find(|x| x.0 == w).expect("q/k Adam");
+            let m = find(&outs, &next[1]).unwrap_or_else(|| panic!("no `{}`", next[1]));
+            let what = format!("{} `{}`", dtype.name(), m.name);
+            assert!(m.within_bound(), "{what}: {:.3e}", m.max_rel_error);
+            let g = waferscale::graph::TensorId(
+                s.run.graph.tensors.iter().position(|t| t.name == grad).expect("gradient") as u32,
+            );
+            let terms = functional::mesh::gradient_terms(&s.run.graph, &s.run.values, g);
+            let r = s.run.values.f(m.tensor);
+            let top = (0..r.len()).max_by(|&i, &j| r[i].abs().total_cmp(&r[j].abs())).expect("elements");
+            let mut moved = m.values.clone();
+            moved[top] += (0.05 * (1.0 - a.beta1) * terms) as f32;
+            let doubled: Vec<f32> = m.values.iter().map(|x| 2.0 * x).collect();
+            for (how, v) in [("one element moved", moved), ("doubled", doubled)] {
+                let (err, _, bound) =
+                    functional::mesh::adam_error(&s.run.graph, m.tensor, &v, &s.run.values).expect("an Adam output");
+                assert!(err > bound, "{what} {how}: {err:.3e} within {bound:.3e}");
+            }
+        }
+    }
+}
+
 /// The CLI applies the bound: fp16 and bf16 training runs say every result is within it and exit 0.
 #[test]
 fn the_cli_checks_fp16_and_bf16_training_against_the_bound() {

@@ -200,7 +200,10 @@ fn weight_streaming_training_matches_the_reference() {
 }
 
 /// fp16 and bf16 weight-streaming training is within the rounding model's bound for every result
-/// (`functional::mesh::training_bound`), as pipelined training is.
+/// (`functional::mesh::training_bound`), as pipelined training is. (On 64x64 the q/k weight gradients
+/// are within it since they are measured against the softmax gradient's terms, but on WSE-2 llama-tiny
+/// fp16's `l0.ffn.residual.grad_sum` is at 1.02 of it: a residual gradient past the norm's gradient,
+/// where the score path's terms are not carried yet.)
 #[test]
 fn weight_streaming_training_in_fp16_and_bf16_is_within_the_bound() {
     for dtype in [DType::Fp16, DType::Bf16] {

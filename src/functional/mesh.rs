@@ -87,8 +87,12 @@ pub enum TrainResult {
 /// models, we hold every linear result (the loss, each gradient, m' = (1 - beta1) g) to `k` =
 /// `STORAGE_ROUNDINGS` = 8 such roundings of the tensor's largest value: `k u`, 3.9e-3 in fp16 and
 /// 3.1e-2 in bf16 (measured: at most 3.2 u in fp16 and 4.3 u in bf16, gpt/llama/neox/gptj-tiny on
-/// 32x32 and 64x64 and bert-tiny on 64x64, 16 tokens). Then:
-/// - v' = (1 - beta2) g^2: |g'^2 - g^2| <= |g' - g| (2|g| + |g' - g|), so `2 k u + (k u)^2`.
+/// 32x32 and 64x64 and bert-tiny on 64x64, 16 tokens). Where a gradient's terms cancel (a bias's, an
+/// embedding's, the attention's score path from the softmax gradient on) the roundings are of its
+/// terms, and the `k u` is of their size instead (`gradient_terms`). Then:
+/// - v' = (1 - beta2) g^2: |g'^2 - g^2| <= |g' - g| (2|g| + |g' - g|), so `2 k u + (k u)^2` of
+///   (1 - beta2) g^2; where the terms T are larger than g, of (1 - beta2) T (max|g| + k u T), which
+///   bounds (1 - beta2) e (2|g| + e) for e <= k u T.
 /// - The master copy of w': at step 1 Adam moves each weight by `lr g / (|g| + eps)`, sign(g) lr to
 ///   within eps/|g|, whatever |g| is; so where the gradient's error cannot flip its sign (|g| above the
 ///   noise floor `k u max|g|`) the master copy differs only by fp32 rounding: `FP32_BOUND`.
@@ -151,14 +155,11 @@ pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values
         return None;
     }
     let max_of = |xs: &[f32]| xs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
-    // The size of the gradient's terms: a bias gradient is the column sum of dy, whose roundings are
-    // of |dy|'s column sums however much the terms cancel (a key bias's gradient is zero in exact
-    // arithmetic: what is left of it is noise of that size); any other gradient, its own largest value.
-    let terms = bias_terms(graph, reference, op.inputs[1]).unwrap_or(0.0).max(max_of(grad));
+    let terms = gradient_terms(graph, reference, op.inputs[1]);
     let scale = max_of(r).max(match (what, op.outputs.iter().position(|&o| o == t)) {
         (TrainResult::Linear, None) => terms,
         (TrainResult::Linear, Some(_)) => (1.0 - a.beta1) * terms,
-        (TrainResult::Square, _) => (1.0 - a.beta2) * terms * terms,
+        (TrainResult::Square, _) => (1.0 - a.beta2) * terms * (max_of(grad) + STORAGE_ROUNDINGS * u * terms),
         _ => 0.0,
     });
     let floor = (100.0 * a.eps).max(STORAGE_ROUNDINGS * u * terms);
@@ -184,6 +185,34 @@ pub fn adam_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values
         }
     }
     Some((worst, held, training_bound(dtype, what)))
+}
+
+/// Max |mesh - reference| of a result that is no input or output of an Adam op, relative to the size
+/// of its terms: on the attention's score path (`score_terms`) the largest of its terms, elsewhere its
+/// own largest reference magnitude (`max_rel_error`).
+fn terms_rel_error(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> f64 {
+    let r = reference.f(t);
+    let e = max_rel_error(values, r);
+    match score_terms(graph, reference, t) {
+        Some(terms) if e.is_finite() && e > 0.0 => {
+            let diff = values.iter().zip(r).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+            diff / max_abs(&terms).max(max_abs(r)).max(f64::MIN_POSITIVE)
+        }
+        _ => e,
+    }
+}
+
+/// The size of a gradient's terms in the reference, which its roundings are of however much the terms
+/// cancel: a bias gradient is the column sum of dy, of the size of |dy|'s column sums (a key bias's
+/// gradient is zero in exact arithmetic: what is left of it is noise of that size; `bias_terms`); a
+/// gradient on the attention's score path, that of the softmax gradient's terms carried to it
+/// (`score_terms`); any other gradient, its own largest value.
+pub fn gradient_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> f64 {
+    bias_terms(graph, reference, g)
+        .unwrap_or(0.0)
+        .max(score_terms(graph, reference, g).map_or(0.0, |t| max_abs(&t)))
+        .max(max_abs(reference.f(g)))
+        .max(f64::MIN_POSITIVE)
 }
 
 /// A gradient that sums rows of dy: the largest sum of |dy| over the rows one element sums, in the
@@ -219,11 +248,124 @@ fn bias_terms(graph: &Graph, reference: &Values<f32>, g: TensorId) -> Option<f64
         crate::graph::OpKind::Add { .. } => Some(
             op.inputs
                 .iter()
-                .map(|&t| bias_terms(graph, reference, t).unwrap_or(0.0).max(max_abs(reference.f(t))))
+                .map(|&t| {
+                    let score = score_terms(graph, reference, t).map_or(0.0, |t| max_abs(&t));
+                    bias_terms(graph, reference, t).unwrap_or(0.0).max(score).max(max_abs(reference.f(t)))
+                })
                 .sum(),
         ),
         _ => None,
     }
+}
+
+/// The terms of a gradient on the attention's score path, element by element, in the reference: what
+/// its roundings are of, however much the terms cancel. None for a tensor off that path, whose terms
+/// are its own values.
+///
+/// The softmax gradient dS = s P (dP - rowsum(P dP)) (s = 1/sqrt(head_dim)) sums to zero over each row:
+/// its elements are differences of terms of the size of s P |dP| and s P |rowsum|, and the roundings the
+/// mesh and the reference make differently are of the terms (`k u` of them, as for any linear result),
+/// not of the difference. So dS's terms are T = s P (|dP| + |rowsum(P dP)|), and each product after it
+/// carries its error through the same sums: dQ = dS K has terms T |K|, dK = dS^T Q has T^T |Q|, the
+/// rotary gradient mixes each element with its pair by cos and sin (at most the sum of the two pairs'
+/// terms; the pair is the element half a rotation away or its neighbour, by the model's style, and we
+/// take the larger of both), the fused q/k/v gradient (`SplitGrad`) places them, a weight gradient
+/// X^T dY has |X|^T T and its bias the column sums of T, the data gradient dY W^T has T |W|^T, and a
+/// sum of gradients (the residual's) the sums of its parts' terms (or |values| where a part has none).
+/// Dense linears only (a grouped one's rows are routed). The terms stop at a norm's gradient, whose
+/// result is measured against its own size.
+fn score_terms(graph: &Graph, reference: &Values<f32>, t: TensorId) -> Option<Vec<f32>> {
+    use crate::graph::OpKind;
+    let op = graph.op(graph.producers()[t.0 as usize]?);
+    let abs = |t: TensorId| reference.f(t).iter().map(|x| x.abs()).collect::<Vec<f32>>();
+    let terms_or_abs = |t: TensorId| score_terms(graph, reference, t).unwrap_or_else(|| abs(t));
+    let out = op.outputs.iter().position(|&o| o == t)?;
+    let terms = match op.kind {
+        OpKind::AttnSoftmaxGrad(a) => {
+            let (p, dp) = (reference.f(op.inputs[0]), reference.f(op.inputs[1]));
+            let (kv, s) = (a.kv_len as usize, 1.0 / (a.head_dim as f32).sqrt());
+            if kv == 0 || p.len() != dp.len() || !p.len().is_multiple_of(kv) {
+                return None;
+            }
+            let mut t = vec![0f32; p.len()];
+            for ((t, p), dp) in t.chunks_exact_mut(kv).zip(p.chunks_exact(kv)).zip(dp.chunks_exact(kv)) {
+                let dot: f32 = p.iter().zip(dp).map(|(p, dp)| p * dp).sum::<f32>().abs();
+                for ((t, p), dp) in t.iter_mut().zip(p).zip(dp) {
+                    *t = s * p.abs() * (dp.abs() + dot);
+                }
+            }
+            t
+        }
+        OpKind::AttnScoresGradQ(a) => {
+            super::reference::attn_context(&a, &score_terms(graph, reference, op.inputs[0])?, &abs(op.inputs[1]))
+        }
+        OpKind::AttnScoresGradK(a) => {
+            super::reference::attn_kv_grad(&a, &score_terms(graph, reference, op.inputs[0])?, &abs(op.inputs[1]))
+        }
+        OpKind::RotaryGrad { heads, head_dim, rot_dims, .. } => {
+            let x = score_terms(graph, reference, op.inputs[0])?;
+            let (d, rot) = (head_dim as usize, rot_dims as usize);
+            let width = heads as usize * d;
+            if d == 0 || rot > d || width == 0 || !x.len().is_multiple_of(width) {
+                return None;
+            }
+            let mut y = x.clone();
+            for (e, y) in y.iter_mut().enumerate() {
+                let (base, i) = (e - e % d, e % d);
+                if i < rot {
+                    let half = if i < rot / 2 { i + rot / 2 } else { i - rot / 2 };
+                    *y += x[base + half].max(x[base + (i ^ 1)]);
+                }
+            }
+            y
+        }
+        OpKind::SplitGrad { rows, widths } => {
+            let parts: Vec<Option<Vec<f32>>> = op.inputs.iter().map(|&p| score_terms(graph, reference, p)).collect();
+            if parts.iter().all(Option::is_none) {
+                return None;
+            }
+            let parts: Vec<Vec<f32>> =
+                parts.into_iter().zip(&op.inputs).map(|(t, &p)| t.unwrap_or_else(|| abs(p))).collect();
+            let mut y = Vec::new();
+            for r in 0..rows as usize {
+                for (p, &w) in parts.iter().zip(&widths) {
+                    y.extend_from_slice(p.get(r * w as usize..(r + 1) * w as usize)?);
+                }
+            }
+            y
+        }
+        OpKind::LinearWgrad(l) if l.groups == 1 && l.weight_groups == 1 => {
+            let dy = score_terms(graph, reference, op.inputs[1])?;
+            let x = abs(op.inputs[0]);
+            if l.k == 0 || !x.len().is_multiple_of(l.k as usize) {
+                return None;
+            }
+            let (dw, db) = super::reference::linear_wgrad(&l, &[(0, 0, x.len() / l.k as usize)], &x, &dy);
+            if out == 0 {
+                dw
+            } else {
+                db
+            }
+        }
+        OpKind::LinearDgrad(l) if l.groups == 1 && l.weight_groups == 1 => {
+            let dy = score_terms(graph, reference, op.inputs[0])?;
+            super::reference::linear_dgrad(&l, &[(0, 0, l.m as usize)], &dy, &abs(op.inputs[1]))
+        }
+        OpKind::Add { .. } => {
+            if op.inputs.iter().all(|&p| score_terms(graph, reference, p).is_none()) {
+                return None;
+            }
+            let mut y = vec![0f32; reference.f(t).len()];
+            for &p in &op.inputs {
+                for (y, x) in y.iter_mut().zip(terms_or_abs(p)) {
+                    *y += x;
+                }
+            }
+            y
+        }
+        _ => return None,
+    };
+    (terms.len() == reference.f(t).len()).then_some(terms)
 }
 
 fn max_abs(xs: &[f32]) -> f64 {
@@ -397,7 +539,7 @@ fn outputs_with(
         let (max_rel_error, held, bound) = match adam_error(graph, t, &values, reference) {
             Some((e, held, bound)) => (e, held, Some(bound)),
             None => (
-                max_rel_error(&values, reference.f(t)),
+                terms_rel_error(graph, t, &values, reference),
                 0,
                 training.then(|| training_bound(graph.workload.dtype, TrainResult::Linear)),
             ),

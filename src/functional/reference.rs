@@ -815,7 +815,7 @@ fn linear<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], x: &[T], w: &[T],
     y
 }
 
-fn linear_dgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], dy: &[T], w: &[T]) -> Vec<T> {
+pub(super) fn linear_dgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], dy: &[T], w: &[T]) -> Vec<T> {
     let (k, n) = (l.k as usize, l.n as usize);
     let rows = (l.groups * l.m) as usize;
     let mut dx = vec![T::zero(); rows * k];
@@ -833,7 +833,7 @@ fn linear_dgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], dy: &[T], w
     dx
 }
 
-fn linear_wgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+pub(super) fn linear_wgrad<T: Real>(l: &Linear, segs: &[(usize, usize, usize)], x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let (k, n) = (l.k as usize, l.n as usize);
     let groups = l.weight_groups as usize;
     let mut dw = vec![T::zero(); groups * k * n];
@@ -884,7 +884,7 @@ fn attn_scores<T: Real>(a: &Attn, qm: &[T], km: &[T]) -> Vec<T> {
 }
 
 /// O[b*q + i, h, :] = sum_j P[b, h, i, j] V[b*kv + j, kvh(h), :] (the context, and dQ from dS and K).
-fn attn_context<T: Real>(a: &Attn, p: &[T], vm: &[T]) -> Vec<T> {
+pub(super) fn attn_context<T: Real>(a: &Attn, p: &[T], vm: &[T]) -> Vec<T> {
     let (bs, h, kvh, q, kv, d) = dims(a);
     let grp = h / kvh;
     let mut o = vec![T::zero(); bs * q * h * d];
@@ -907,7 +907,7 @@ fn attn_context<T: Real>(a: &Attn, p: &[T], vm: &[T]) -> Vec<T> {
 
 /// G[b*kv + j, g, :] = sum over the heads h of group g and queries i of P[b, h, i, j] X[b*q + i, h, :]
 /// (dK from dS and Q, dV from P and dO).
-fn attn_kv_grad<T: Real>(a: &Attn, p: &[T], xm: &[T]) -> Vec<T> {
+pub(super) fn attn_kv_grad<T: Real>(a: &Attn, p: &[T], xm: &[T]) -> Vec<T> {
     let (bs, h, kvh, q, kv, d) = dims(a);
     let grp = h / kvh;
     let mut g = vec![T::zero(); bs * kv * kvh * d];
