@@ -372,6 +372,35 @@ impl PartValues {
         }
     }
 
+    /// Keeps a partial sum as the PE's accumulator and gives what its sends carry: columns
+    /// `n0..n0 + nl` of `out` (viewed `view_cols` wide), rows `rows`, summed over `cover` terms of k.
+    #[allow(clippy::too_many_arguments)]
+    fn keep_partial(
+        &mut self,
+        local: usize,
+        at: &At,
+        out: u32,
+        view_cols: u64,
+        rows: (u64, u64),
+        (n0, nl): (u64, u64),
+        cover: u64,
+        acc: Vec<f32>,
+    ) -> Payload {
+        let f = Frag {
+            tensor: out,
+            view_cols,
+            r0: rows.0,
+            r1: rows.1,
+            c0: n0,
+            c1: n0 + nl,
+            cover,
+            src: at.id,
+            vals: acc.into(),
+        };
+        self.pes[local].acc = vec![f];
+        self.rounded(&self.pes[local].acc)
+    }
+
     fn rounded(&self, frags: &[Frag]) -> Payload {
         let st = self.setup.storage;
         frags
@@ -518,19 +547,7 @@ impl PartValues {
                         *a += st.round(xv[kk as usize]) * st.round(wv[wi as usize]);
                     }
                 }
-                let f = Frag {
-                    tensor: out,
-                    view_cols: n,
-                    r0: 0,
-                    r1: 1,
-                    c0: n0,
-                    c1: n0 + nl,
-                    cover: kl,
-                    src: at.id,
-                    vals: acc.into(),
-                };
-                self.pes[local].acc = vec![f];
-                Ok(all(self.rounded(&self.pes[local].acc)))
+                Ok(all(self.keep_partial(local, at, out, n, (0, 1), (n0, nl), kl, acc)))
             }
             &Kernel::Accumulate { total } => {
                 let mut parts = claimed;
@@ -582,19 +599,7 @@ impl PartValues {
                 let wv = self.weight(local, w, at)?;
                 self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
                 let acc = grouped_matmul(&x, &wv, &map, rows_per_run, (k0, kl), (n0, nl), (k, n), w_out_in, st);
-                let f = Frag {
-                    tensor: out,
-                    view_cols: gr.slots * n,
-                    r0: rows.0,
-                    r1: rows.1,
-                    c0: n0,
-                    c1: n0 + nl,
-                    cover: kl,
-                    src: at.id,
-                    vals: acc.into(),
-                };
-                self.pes[local].acc = vec![f];
-                Ok(all(self.rounded(&self.pes[local].acc)))
+                Ok(all(self.keep_partial(local, at, out, gr.slots * n, rows, (n0, nl), kl, acc)))
             }
             &Kernel::TreePartial { grid, tree, a, w, w_out_in, k, n, rows_per_run, out, grouped: None } => {
                 let (r, c) = at.pos(&grid)?;
@@ -609,19 +614,7 @@ impl PartValues {
                 }
                 self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
                 let acc = block_matmul(&x, &wv, rows_per_run, (k0, kl), (n0, nl), (k, n), w_out_in, st);
-                let f = Frag {
-                    tensor: out,
-                    view_cols: n,
-                    r0: rows.0,
-                    r1: rows.1,
-                    c0: n0,
-                    c1: n0 + nl,
-                    cover: kl,
-                    src: at.id,
-                    vals: acc.into(),
-                };
-                self.pes[local].acc = vec![f];
-                Ok(all(self.rounded(&self.pes[local].acc)))
+                Ok(all(self.keep_partial(local, at, out, n, rows, (n0, nl), kl, acc)))
             }
             &Kernel::Reduce { total, bias } => {
                 let mut parts = claimed;
