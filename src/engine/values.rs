@@ -1425,17 +1425,8 @@ impl PartValues {
                     return Err(format!("{}: accumulates an expert gradient but holds no block", at.name()));
                 }
                 for (acc, ((_, j0, j1), (xv, dv))) in pe.acc.iter_mut().zip(groups.iter().zip(&blocks)) {
-                    let (kl, jl) = (kl as usize, (j1 - j0) as usize);
                     let mut vals = acc.vals.to_vec();
-                    for i in 0..rows_per_run as usize {
-                        for kk in 0..kl {
-                            let xval = xv[i * kl + kk];
-                            for j in 0..jl {
-                                let idx = if w_out_in { j * kl + kk } else { kk * jl + j };
-                                vals[idx] += xval * dv[i * jl + j];
-                            }
-                        }
-                    }
+                    add_outer(&mut vals, xv, dv, rows_per_run as usize, (kl as usize, (j1 - j0) as usize), w_out_in);
                     acc.vals = vals.into();
                 }
                 Ok(vec![None; n_sends])
@@ -1450,10 +1441,8 @@ impl PartValues {
                 // What the PE holds for the whole iteration: its block of dW (and of db in grid row 0)
                 // in fp32, once (`emit` streams the block out of SRAM, and the program's next run 1
                 // waits for it), and the x panel double-buffered; dy is the paced operand, consumed from
-                // the fabric (the compiler's summa sizing, which counts the block in the storage dtype:
-                // right in fp32, half the block in fp16/bf16). The accumulator was counted
-                // as two storage-dtype blocks, which is an fp32 block in fp16/bf16 but twice one in fp32
-                // (64 KiB against the plan's 33,280 bytes for gpt-tiny's head.logits.wgrad on 16x16).
+                // the fabric (as the compiler's summa sizing counts it, except that the compiler counts
+                // the block in the storage dtype: half of it in fp16/bf16).
                 let db = if bias.is_some() && r == 0 { nl } else { 0 };
                 let panel = 2 * rows_per_run * kl * self.setup.storage.bytes();
                 self.resident_bytes(local, at, ACC_BYTES * (kl * nl + db) + panel)?;
@@ -1473,15 +1462,7 @@ impl PartValues {
                 };
                 let mut vals = acc.vals.to_vec();
                 let (kl, nl) = (kl as usize, nl as usize);
-                for i in 0..rows_per_run as usize {
-                    for kk in 0..kl {
-                        let xval = xv[i * kl + kk];
-                        for j in 0..nl {
-                            let idx = if w_out_in { j * kl + kk } else { kk * nl + j };
-                            vals[idx] += xval * dyv[i * nl + j];
-                        }
-                    }
-                }
+                add_outer(&mut vals, &xv, &dyv, rows_per_run as usize, (kl, nl), w_out_in);
                 acc.vals = vals.into();
                 if let Some(db) = pe.cols.first_mut() {
                     let mut v = db.vals.to_vec();
@@ -1845,6 +1826,20 @@ fn block_matmul(
         }
     }
     acc
+}
+
+/// Adds a run's rank update `x^T dy` to a weight-gradient block: `x` is `rows x kl`, `dy` is
+/// `rows x jl`, the block `[kl, jl]`, or `[jl, kl]` when the weight is stored out-by-in.
+fn add_outer(block: &mut [f32], x: &[f32], dy: &[f32], rows: usize, (kl, jl): (usize, usize), w_out_in: bool) {
+    for i in 0..rows {
+        for kk in 0..kl {
+            let xval = x[i * kl + kk];
+            for j in 0..jl {
+                let idx = if w_out_in { j * kl + kk } else { kk * jl + j };
+                block[idx] += xval * dy[i * jl + j];
+            }
+        }
+    }
 }
 
 /// A row's partial top-k statistics over columns `co..co + cl`: (count, then k (logit, column) pairs,
