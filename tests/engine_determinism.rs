@@ -50,3 +50,39 @@ fn recordings_agree_across_threads_and_with_stats() {
     }
     assert_eq!(rec.spans.iter().filter(|s| s.agent == 0).count() as u64, one.agents[0].runs);
 }
+
+/// Independent programs run side by side (`engine::run_each`: a step's phases, fast fidelity's cut
+/// loops) give, in their order, exactly what running them one after the other gives; a failing one
+/// fails alone.
+#[test]
+fn programs_run_side_by_side_agree_with_runs_one_after_the_other() {
+    let hw = WaferHw::from_doc(&load_with_overrides("wse2", &[]).unwrap()).unwrap();
+    let small = hw.clone().with_mesh(70, 40).unwrap();
+    let large = hw.with_mesh(130, 70).unwrap();
+    let mut broken = synth::gemv_tree(&small, 1024, 1024, 70, 40, 6);
+    broken.tiles.clear(); // no PE runs anything: the program's trains have nowhere to go
+    let progs = [
+        synth::gemv_tree(&large, 4096, 4096, 130, 70, 12),
+        synth::gemv_tree(&small, 2048, 1024, 70, 40, 6),
+        broken,
+        synth::gemv(&small, 1024, 2048, 70, 40),
+    ];
+    let opts = |threads| EngineOptions { fidelity: Fidelity::Detailed, threads, trace: None, progress: None };
+    let alone: Vec<_> = progs.iter().map(|p| engine::run(p, &opts(1))).collect();
+    let refs: Vec<&_> = progs.iter().collect();
+    for threads in [1, 2, 3, 5] {
+        let together = engine::run_each(&refs, &|_| opts(threads));
+        assert_eq!(together.len(), progs.len());
+        for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+            match (a, t) {
+                (Ok(a), Ok(t)) => {
+                    assert_eq!((a.cycles, &a.totals, &a.agents), (t.cycles, &t.totals, &t.agents), "{i}, {threads}");
+                    assert_eq!(a.critical_path, t.critical_path, "{i}, {threads}");
+                }
+                (Err(a), Err(t)) => assert_eq!(a.to_string(), t.to_string(), "{i}, {threads}"),
+                _ => panic!("program {i} with {threads} threads: {:?} alone, {:?} side by side", a.is_ok(), t.is_ok()),
+            }
+        }
+    }
+    assert!(alone[2].is_err() && alone.iter().filter(|r| r.is_ok()).count() == 3);
+}

@@ -65,7 +65,8 @@ fn both(c: &Case, layers: u32) -> (Vec<EngineRun>, fast::FastStep) {
             compile_model(&m, &w, &hw, &opts(Some(keep), Some(whole.micro_batches))).map_err(|e| e.to_string())?;
         c.step_programs().map_err(|e| e.to_string())
     };
-    let step = fast::run_step(&programs, Some(layers), &cut, &detailed).unwrap();
+    let run = |progs: &[&MeshProgram]| progs.iter().map(|p| detailed(p)).collect();
+    let step = fast::run_step(&programs, Some(layers), &cut, &run).unwrap();
     (det, step)
 }
 

@@ -262,9 +262,9 @@ pub fn emulate(
         run_fast(p, &programs, &opts)
     } else {
         let note = (fidelity == Fidelity::Fast).then(|| engine::fast::whole_note("a traced run is emulated whole"));
-        programs
-            .iter()
-            .map(|(_, prog)| engine::run(prog, &opts(prog)))
+        let progs: Vec<&MeshProgram> = programs.iter().map(|(_, prog)| prog).collect();
+        engine::run_each(&progs, &opts)
+            .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map(|r| (r, note))
             .map_err(Error::from)
@@ -288,7 +288,7 @@ pub(super) fn loop_layers(p: &Prepared) -> Option<u32> {
 fn run_fast(
     p: &Prepared,
     programs: &[(String, MeshProgram)],
-    opts: &dyn Fn(&MeshProgram) -> EngineOptions,
+    opts: &(dyn Fn(&MeshProgram) -> EngineOptions + Sync),
 ) -> Result<(Vec<EngineRun>, Option<String>), Error> {
     let layers = loop_layers(p);
     let cut = |keep: u32| -> Result<Vec<(String, MeshProgram)>, String> {
@@ -302,7 +302,7 @@ fn run_fast(
         let (_, c) = compile::compile_model(&p.model, &p.graph.workload, &p.hw, &o).map_err(|e| e.to_string())?;
         c.step_programs().map_err(|e| e.to_string())
     };
-    let run = |prog: &MeshProgram| engine::run(prog, &opts(prog));
+    let run = |progs: &[&MeshProgram]| engine::run_each(progs, opts);
     let step = engine::fast::run_step(programs, layers, &cut, &run)?;
     Ok((step.runs, Some(step.note)))
 }

@@ -52,18 +52,25 @@ pub fn whole_note(why: &str) -> String {
 /// why they cannot be.
 pub type CutFn<'a> = &'a dyn Fn(u32) -> Result<Vec<(String, MeshProgram)>, String>;
 
+/// Runs independent programs in detail, results in their order (`engine::run_each`: side by side when
+/// threads allow).
+pub type RunFn<'a> = &'a dyn Fn(&[&MeshProgram]) -> Vec<Result<EngineRun, EngineError>>;
+
 /// Runs a step's `programs` (in order) in fast fidelity. `layers`: the weight-streaming loop's length
-/// (None: not weight streaming). `cut` compiles the step with the loop cut; `run` runs one program in
+/// (None: not weight streaming). `cut` compiles the step with the loop cut; `run` runs programs in
 /// detail. A loop of at least `MIN_LAYERS` is emulated cut to `CUT[0]` and `CUT[1]` iterations and
 /// extrapolated; anything else, or a cut that does not lay out or extrapolate like the whole, runs whole.
+/// The cut programs (every phase of both cuts) are independent and go to `run` together, the longer
+/// cut first, so that runs side by side finish close together.
 pub fn run_step(
     programs: &[(String, MeshProgram)],
     layers: Option<u32>,
     cut: CutFn,
-    run: &dyn Fn(&MeshProgram) -> Result<EngineRun, EngineError>,
+    run: RunFn,
 ) -> Result<FastStep, EngineError> {
     let whole = |why: String| -> Result<FastStep, EngineError> {
-        let runs = programs.iter().map(|(_, p)| run(p)).collect::<Result<Vec<_>, _>>()?;
+        let progs: Vec<&MeshProgram> = programs.iter().map(|(_, p)| p).collect();
+        let runs = run(&progs).into_iter().collect::<Result<Vec<_>, _>>()?;
         Ok(FastStep { runs, note: whole_note(&why) })
     };
     if let Some(why) = not_aggregated(layers) {
@@ -86,17 +93,20 @@ pub fn run_step(
         }
         cuts.push(c);
     }
-    let mut runs = Vec::with_capacity(programs.len());
-    for (i, (_, whole_prog)) in programs.iter().enumerate() {
+    // The longer cut's programs first, then the shorter's: `ran[j * n + i]` is cut `CUT[1 - j]`'s phase i.
+    let n = programs.len();
+    let progs: Vec<&MeshProgram> = cuts.iter().rev().flat_map(|c| c.iter().map(|(_, p)| p)).collect();
+    let mut ran = Vec::with_capacity(progs.len());
+    for (k, r) in run(&progs).into_iter().enumerate() {
         // A cut that fails (a deadlock the whole loop would not have) leaves the answer to the whole.
-        let mut ran = Vec::with_capacity(2);
-        for (c, keep) in cuts.iter().zip(CUT) {
-            match run(&c[i].1) {
-                Ok(r) => ran.push(r),
-                Err(e) => return whole(format!("the loop cut to {keep} layers did not run ({e})")),
-            }
+        match r {
+            Ok(r) => ran.push(r),
+            Err(e) => return whole(format!("the loop cut to {} layers did not run ({e})", CUT[1 - k / n])),
         }
-        let (a, b) = (&ran[0], &ran[1]);
+    }
+    let mut runs = Vec::with_capacity(n);
+    for (i, (_, whole_prog)) in programs.iter().enumerate() {
+        let (a, b) = (&ran[n + i], &ran[i]);
         match extrapolate(a, b, layers, whole_prog) {
             Ok(r) => runs.push(r),
             Err(why) => return whole(format!("the cut loops do not extrapolate ({why})")),

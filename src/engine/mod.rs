@@ -239,6 +239,47 @@ pub fn run(program: &MeshProgram, opts: &EngineOptions) -> Result<EngineRun, Eng
     run_program(program, opts)
 }
 
+/// Runs independent programs (a step's phases, fast fidelity's cut loops), several at once when their
+/// options give more than one thread: with k of them side by side each run gets `threads / k` threads
+/// (at least one), and a worker that finishes takes the next in `programs`' order. A run's result does
+/// not depend on its threads (`tests/engine_determinism.rs`), so the results, returned in `programs`'
+/// order, are those of running them one after the other; only the wall time and the peak memory (the
+/// runs side by side hold their state at once) differ. The engine's windows are one cycle long and a
+/// pipelined program keeps few partitions busy, so a second thread does more here, on a whole run,
+/// than inside one (BENCHMARKS.md, "Engine speed against the targets").
+pub fn run_each(
+    programs: &[&MeshProgram],
+    opts: &(dyn Fn(&MeshProgram) -> EngineOptions + Sync),
+) -> Vec<Result<EngineRun, EngineError>> {
+    let threads = programs.first().map_or(1, |p| opts(p).threads.max(1));
+    let side_by_side = threads.min(programs.len());
+    if side_by_side <= 1 {
+        return programs.iter().map(|p| run(p, &opts(p))).collect();
+    }
+    let per_run = (threads / side_by_side).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<EngineRun, EngineError>>>> =
+        programs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..side_by_side {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(p) = programs.get(i) else { break };
+                let r = run(p, &EngineOptions { threads: per_run, ..opts(p) });
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(EngineError::Invariant("a run side by side did not finish".into())))
+        })
+        .collect()
+}
+
 /// Runs `program` with values (a functional run, `values` says where they start): the same run as
 /// `run` (its `EngineRun` is identical), and the values the program's readout PEs hold at the end.
 pub fn run_functional(
