@@ -217,6 +217,40 @@ fn fp16_accumulators_take_four_bytes() {
     assert_eq!(r.sram_max, (8 * 8 * 2 + 8 * 8 * 2) * 2 + 8 * 8 * 4, "{}", r.reason);
 }
 
+/// A MoE layer's slot map is data the program moves: every row of the dispatched buffer carries its
+/// slot's expert id in one 32-bit wavelet, on every stream from the dispatch to the combine (and from
+/// the combine's gradient to the dispatch's), and nowhere else.
+#[test]
+fn moe_slot_map_is_counted_on_the_dispatched_streams() {
+    for phase in [Phase::Decode, Phase::Train] {
+        let g = graph_of("mixtral-tiny", phase);
+        let c = compile::compile(&g, &hw("cs2", &[], Some((64, 64))), &opts(Some(Mode::Pipelined), true)).unwrap();
+        let mut carried = 0;
+        for o in g.op_ids() {
+            let op = g.op(o);
+            let (waferscale::graph::OpKind::MoeDispatch(r) | waferscale::graph::OpKind::MoeCombineGrad(r)) = op.kind
+            else {
+                continue;
+            };
+            let ids = r.active() * r.capacity() * 4;
+            let (name, rows) = (&g.tensor(op.outputs[0]).name, g.tensor(op.outputs[0]).bytes);
+            let out: Vec<_> = c.plan.streams.iter().filter(|s| s.from == op.name && &s.name == name).collect();
+            assert!(!out.is_empty(), "{phase:?}: no stream out of {}", op.name);
+            for s in out {
+                assert_eq!(s.bytes, rows + ids, "{phase:?}: {} -> {}: rows and one id per row", s.from, s.to);
+                carried += 1;
+            }
+        }
+        assert!(carried >= 2, "{phase:?}: {carried} dispatched streams");
+        // The router's probabilities and the combine's output carry no map.
+        for s in c.plan.streams.iter().filter(|s| s.from.ends_with("ffn.topk") || s.from.ends_with("ffn.combine")) {
+            if let Some(t) = g.tensors.iter().find(|t| t.name == s.name) {
+                assert_eq!(s.bytes, t.bytes, "{phase:?}: {} -> {}", s.from, s.to);
+            }
+        }
+    }
+}
+
 /// A plan file stores the inputs; `wafer plan` recompiles it to the same plan, and `load_plan` gives
 /// the same programs as compiling directly.
 #[test]

@@ -37,7 +37,8 @@ const NO_VALUES: u32 = u32::MAX - 1;
 /// A MoE layer's slot map (each slot's expert, -1 for a slot no token was routed to) travels as a
 /// fragment of this pseudo-tensor, `[1, slots]`: the dispatch makes it, and it rides with every send
 /// of every task that claimed it (the dispatched rows, the expert linears' outputs) until the combine.
-/// The map is `active` ids beside rows of thousands of values: its wavelets are not in the program.
+/// The timing program counts it as the compiler lays it out (`compile::stage::count_slot_maps`: one
+/// wavelet per dispatched row carrying its slot's expert id); here it rides as one fragment per payload.
 const ROUTING: u32 = u32::MAX - 2;
 
 /// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
