@@ -10,7 +10,7 @@ use waferscale::compile::{self, CompileError, CompileOptions, Compiled, Layout, 
 use waferscale::graph::{self, Graph};
 use waferscale::hw::{load_with_overrides, WaferHw};
 use waferscale::mesh::{ColorId, Senders};
-use waferscale::model::{self, Phase, WorkloadArgs};
+use waferscale::model::{self, DType, Phase, WorkloadArgs};
 
 fn hw(name: &str, sets: &[&str], mesh: Option<(u32, u32)>) -> WaferHw {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -190,6 +190,67 @@ fn pipelined_experts_keep_every_expert_resident() {
     assert_eq!(checked, 6, "gate, up and down of both layers");
 }
 
+/// A matmul's sums stay fp32 whatever the storage dtype, so its accumulator takes 4 bytes per value in
+/// fp16 too (`mesh::ACC_BYTES`), not the storage dtype's 2: a weight gradient's summa block and a single
+/// GEMM's C block, against hand-computed SRAM.
+#[test]
+fn fp16_accumulators_take_four_bytes() {
+    let m = model::load("llama-tiny").unwrap();
+    let w = WorkloadArgs { phase: Some(Phase::Train), seq: Some(16), dtype: Some(DType::Fp16), ..Default::default() }
+        .resolve(&m)
+        .unwrap();
+    let g = graph::build(&m, &w).unwrap();
+    let c = compile::compile(&g, &hw("cs2", &[], Some((64, 64))), &opts(Some(Mode::Pipelined), true)).unwrap();
+    let r = c.plan.regions.iter().find(|r| r.name == "l1.attn.q.wgrad").expect("the q projection's weight gradient");
+    assert_eq!((r.algorithm.as_str(), r.runs), ("summa", 16), "{}", r.reason);
+    assert!(r.reason.contains("output block (32 x 8)"), "{}", r.reason);
+    // dW's 32 x 8 block in fp32, and the saved x panel (16 rows x 32 columns) in fp16.
+    assert_eq!(r.sram_max, 32 * 8 * 4 + 16 * 32 * 2, "{}", r.reason);
+
+    // gemm:512x512x512 on a 64 x 64 grid: 8 x 8 blocks of A and B double-buffered in fp16, C in fp32.
+    let m = model::load("gemm:512x512x512").unwrap();
+    let w = WorkloadArgs { dtype: Some(DType::Fp16), ..Default::default() }.resolve(&m).unwrap();
+    let g = graph::build(&m, &w).unwrap();
+    let c = compile::compile(&g, &hw("wse2", &[], Some((64, 64))), &opts(None, true)).unwrap();
+    let r = &c.plan.regions[0];
+    assert_eq!(r.algorithm, "cannon", "{}", r.reason);
+    assert_eq!(r.sram_max, (8 * 8 * 2 + 8 * 8 * 2) * 2 + 8 * 8 * 4, "{}", r.reason);
+}
+
+/// A MoE layer's slot map is data the program moves: every row of the dispatched buffer carries its
+/// slot's expert id in one 32-bit wavelet, on every stream from the dispatch to the combine (and from
+/// the combine's gradient to the dispatch's), and nowhere else.
+#[test]
+fn moe_slot_map_is_counted_on_the_dispatched_streams() {
+    for phase in [Phase::Decode, Phase::Train] {
+        let g = graph_of("mixtral-tiny", phase);
+        let c = compile::compile(&g, &hw("cs2", &[], Some((64, 64))), &opts(Some(Mode::Pipelined), true)).unwrap();
+        let mut carried = 0;
+        for o in g.op_ids() {
+            let op = g.op(o);
+            let (waferscale::graph::OpKind::MoeDispatch(r) | waferscale::graph::OpKind::MoeCombineGrad(r)) = op.kind
+            else {
+                continue;
+            };
+            let ids = r.active() * r.capacity() * 4;
+            let (name, rows) = (&g.tensor(op.outputs[0]).name, g.tensor(op.outputs[0]).bytes);
+            let out: Vec<_> = c.plan.streams.iter().filter(|s| s.from == op.name && &s.name == name).collect();
+            assert!(!out.is_empty(), "{phase:?}: no stream out of {}", op.name);
+            for s in out {
+                assert_eq!(s.bytes, rows + ids, "{phase:?}: {} -> {}: rows and one id per row", s.from, s.to);
+                carried += 1;
+            }
+        }
+        assert!(carried >= 2, "{phase:?}: {carried} dispatched streams");
+        // The router's probabilities and the combine's output carry no map.
+        for s in c.plan.streams.iter().filter(|s| s.from.ends_with("ffn.topk") || s.from.ends_with("ffn.combine")) {
+            if let Some(t) = g.tensors.iter().find(|t| t.name == s.name) {
+                assert_eq!(s.bytes, t.bytes, "{phase:?}: {} -> {}", s.from, s.to);
+            }
+        }
+    }
+}
+
 /// A plan file stores the inputs; `wafer plan` recompiles it to the same plan, and `load_plan` gives
 /// the same programs as compiling directly.
 #[test]
@@ -341,11 +402,29 @@ fn every_model_compiles_for_wse2_and_wse3() {
     names.sort();
     assert!(names.len() >= 15, "{names:?}");
     let wafers = [hw("wse2", &[], None), hw("wse3", &[], None)];
+    // FIXME: Llama 3.1 405B's LM head gradient (128256 x 16384) accumulates in fp32 on summa over the
+    // whole step, 8.4 GB, which with the rest of the backward pass fits neither WSE-2's SRAM nor WSE-3's;
+    // it fitted only while the compiler counted the accumulator at the storage dtype's 2 bytes. Emitting
+    // the head's gradient to SwarmX in pieces would make it fit.
+    let does_not_fit = [
+        ("llama-3.1-405b", Phase::Train, "wse2", "head.logits.wgrad"),
+        ("llama-3.1-405b", Phase::Train, "wse3", "head.logits.wgrad"),
+    ];
     for name in &names {
         let encoder = name.starts_with("bert") || name.starts_with("all-minilm");
         for phase in [Phase::Train, if encoder { Phase::Prefill } else { Phase::Decode }] {
             let g = graph_of(name, phase);
             for h in &wafers {
+                if let Some(&(.., op)) =
+                    does_not_fit.iter().find(|(m, p, w, _)| m == name && *p == phase && h.name == *w)
+                {
+                    match compile::compile(&g, h, &opts(None, false)) {
+                        Err(CompileError::Sram { op: o, .. }) => assert_eq!(o, op, "{name} {phase:?} on {}", h.name),
+                        Err(e) => panic!("{name} {phase:?} on {}: {e}", h.name),
+                        Ok(_) => panic!("{name} {phase:?} on {} fits now: take it off does_not_fit", h.name),
+                    }
+                    continue;
+                }
                 let c = compile::compile(&g, h, &opts(None, false))
                     .unwrap_or_else(|e| panic!("{name} {phase:?} on {}: {e}", h.name));
                 let errs = compile::verify_plan(&g, &c);

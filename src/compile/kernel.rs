@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use crate::hw::{PeSpec, SimdOp};
-use crate::mesh::{ColorId, Dir, Fifo, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx};
+use crate::mesh::{ColorId, Dir, Fifo, Need, Pattern, Rect, Route, RunRange, Send, Senders, Task, TaskIdx, ACC_BYTES};
 
 use super::stage::{HeldKind, Operand, SlotKind, Stage, Work};
 
@@ -531,7 +531,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                     // Broadcast: every PE owns whole-k columns; no reduction.
                     let s3 = split(cols, p);
                     let tile_b = if b_other > 0 { share(b_other, p) } else { kk * split(wcols, p).max() * eb };
-                    let bcast = wbuf as u64 * tile_b + rr * s3.max() * eb + common;
+                    // The output block accumulates over k in fp32 until the run sends it.
+                    let bcast = wbuf as u64 * tile_b + rr * s3.max() * ACC_BYTES + common;
                     let bcast_ok = no_split_k || s3.q > 0;
                     if bcast_ok && bcast <= k.avail {
                         ch.consider(
@@ -557,8 +558,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                         let tile_t =
                             if b_other > 0 { share(b_other, p) } else { kr.max() * split(wcols, c).max() * eb };
                         let fan = FanIn { n: rc, g: tr.g };
-                        // Compute PEs stream their partial sums out as they finish each row.
-                        let tree = wbuf as u64 * tile_t + 2 * nc.max() * eb + common;
+                        // Compute PEs stream their partial sums out as they finish each row (two fp32 rows).
+                        let tree = wbuf as u64 * tile_t + 2 * nc.max() * ACC_BYTES + common;
                         let why = if bcast_ok {
                             format!("whole-k columns ({} x {}) do not fit", kk, s3.max())
                         } else {
@@ -603,7 +604,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
                 let rr = rows.div_ceil(runs as u64);
                 let kr = split(kk, rc);
                 let nc = split(cols, c);
-                let acc = kr.max() * nc.max() * eb;
+                // The dW block (and, on the grid's first row, db) accumulates in fp32 over the step.
+                let acc = (kr.max() * nc.max() + bias_out.map_or(0, |_| nc.max())) * ACC_BYTES;
                 let xs = match st.inputs[x].kind {
                     SlotKind::Stored { .. } => rows * kr.max() * eb * io.stored_copies.get(x).copied().unwrap_or(1),
                     _ => 2 * rr * kr.max() * eb,
@@ -667,8 +669,7 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
         Work::Elementwise { main, rows, width, accumulate, .. } => {
             for &runs in &runs_list {
                 let outs: u64 = st.outputs.iter().map(|o| share(o.values * o.elem_bytes / runs as u64, p)).sum();
-                let acc =
-                    if accumulate { st.outputs.iter().map(|o| share(o.values * o.elem_bytes, p)).sum() } else { 0 };
+                let acc = if accumulate { st.outputs.iter().map(|o| share(o.values * ACC_BYTES, p)).sum() } else { 0 };
                 let main_buf =
                     main.map_or(0, |m| share(st.inputs[m].values * st.inputs[m].elem_bytes / runs as u64, p));
                 let sram = main_buf
@@ -741,7 +742,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             let (rc, c) = (rc.min(kk), c.min(n));
             let kr = split(kk, rc);
             let nc = split(n, c);
-            let sram = (kr.max() * nc.max() + kr.max() + 2 * nc.max()) * eb;
+            // The tile, x's slice, an arriving partial, and the fp32 partial sum.
+            let sram = (kr.max() * nc.max() + kr.max() + nc.max()) * eb + nc.max() * ACC_BYTES;
             let fan = FanIn::new(rc);
             ch.consider(
                 Algo::GemvTree,
@@ -760,7 +762,8 @@ pub(crate) fn tile(st: &Stage, io: &StageIo, w: u32, h: u32, k: &KCtx) -> Result
             // A square grid no larger than any dimension: every block has work.
             let q = rc.min(c).min(m).min(n).min(kk);
             let (mi, nj, kb) = (split(m, q), split(n, q), kk.div_ceil(q));
-            let sram = (mi.max() * kb * 2 + kb * nj.max() * 2 + mi.max() * nj.max()) * eb;
+            // A and B blocks double-buffered for the shifts, C accumulating in fp32.
+            let sram = (mi.max() * kb * 2 + kb * nj.max() * 2) * eb + mi.max() * nj.max() * ACC_BYTES;
             ch.consider(
                 Algo::Cannon,
                 1,
@@ -1984,8 +1987,8 @@ fn prog_tree(p: &mut Prog) {
             } else {
                 pe.push(red(a_in, a_out, rep));
             }
-            // One accumulator row and one arriving row: partial sums stream through row by row.
-            pe.sram = 2 * n_c * eb;
+            // One fp32 accumulator row and one arriving row: partial sums stream through row by row.
+            pe.sram = n_c * (ACC_BYTES + eb);
             return Some((format!("{}.tree{role}", st.name), pe));
         }
         let k_r = kr.q + rk[2];

@@ -575,7 +575,70 @@ pub(crate) fn build(g: &Graph, mode: Mode, single: bool) -> Result<Stages, Compi
         mode,
     };
     ctx.link(&mut stages, &mut streams, &mut notes)?;
+    count_slot_maps(g, &mut stages, &mut streams);
     Ok(Stages { stages, streams, layers: fold.layers, offload_flops, notes })
+}
+
+/// Bytes of the expert id a dispatched row carries on the fabric: one 32-bit wavelet, as the wafer's
+/// other integer data (token ids, labels) travels.
+const EXPERT_ID_BYTES: u64 = 4;
+
+/// A MoE layer's slot map (which expert each slot of the dispatched buffer holds, `Route::dispatch`) rides
+/// with the dispatched rows from the dispatch to the combine, and with their gradients from the combine's
+/// gradient to the dispatch's gradient: the grouped linears read it to pick each slot's expert weights.
+/// It is data the program moves, so it is counted as the hardware would carry it: every row of the
+/// dispatched buffer (`active x capacity` rows, `Route::dispatch`) carries its slot's expert id in one
+/// 32-bit wavelet. With one copy per slot (decode) that is the map itself, `active` wavelets; with a
+/// capacity of c rows per slot it is the map c times, once per row that needs it. Every stream of a tensor
+/// in the dispatched layout, and the slots that send and receive it, count these wavelets as extra values
+/// of their dtype (`EXPERT_ID_BYTES / elem_bytes` per row), so wavelets sent and received, link time,
+/// buffers and cycles include them. Being a whole wavelet per row, they keep every run of rows a whole
+/// number of wavelets, so the tilings' runs do not change.
+fn count_slot_maps(g: &Graph, stages: &mut [Stage], streams: &mut [Stream]) {
+    // Tensors that carry a slot map, with the dispatched buffer's rows, in op order (a topological order).
+    let mut carries: BTreeMap<TensorId, u64> = BTreeMap::new();
+    for o in g.op_ids() {
+        let op = g.op(o);
+        let rows = match &op.kind {
+            OpKind::MoeDispatch(r) | OpKind::MoeCombineGrad(r) => {
+                carries.insert(op.outputs[0], r.active() * r.capacity());
+                continue;
+            }
+            // Where the dispatched rows end, and weight gradients (every expert's, in expert order).
+            OpKind::MoeCombine(_) | OpKind::MoeDispatchGrad(_) | OpKind::LinearWgrad(_) | OpKind::Adam { .. } => {
+                continue
+            }
+            _ => op.inputs.iter().filter_map(|t| carries.get(t).copied()).max(),
+        };
+        if let Some(rows) = rows {
+            for &t in &op.outputs {
+                carries.insert(t, rows);
+            }
+        }
+    }
+    if carries.is_empty() {
+        return;
+    }
+    let extra =
+        |t: TensorId, elem_bytes: u64| carries.get(&t).map_or(0, |&rows| rows * EXPERT_ID_BYTES / elem_bytes.max(1));
+    for sm in streams.iter_mut() {
+        let t = match (sm.from, sm.to) {
+            (End::Stage { stage, slot }, _) => Some(stages[stage].outputs[slot].tensor),
+            (_, End::Stage { stage, slot }) => Some(stages[stage].inputs[slot].tensor),
+            _ => None,
+        };
+        if let Some(t) = t {
+            sm.values += extra(t, sm.elem_bytes);
+        }
+    }
+    for st in stages.iter_mut() {
+        for sl in st.inputs.iter_mut() {
+            sl.values += extra(sl.tensor, sl.elem_bytes);
+        }
+        for o in st.outputs.iter_mut() {
+            o.values += extra(o.tensor, o.elem_bytes);
+        }
+    }
 }
 
 /// Builds one stage's description from its first instance.

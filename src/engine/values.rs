@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::mesh::data::{AttnShape, EwOp, Grid, Kernel, ProgramData, RowOp, Share, TaskData, View};
-use crate::mesh::{Coord, Task};
+use crate::mesh::{Coord, Task, ACC_BYTES};
 
 /// Statistics travel as fragments of this pseudo-tensor: per row (count, a, b).
 const STATS: u32 = u32::MAX;
@@ -37,7 +37,8 @@ const NO_VALUES: u32 = u32::MAX - 1;
 /// A MoE layer's slot map (each slot's expert, -1 for a slot no token was routed to) travels as a
 /// fragment of this pseudo-tensor, `[1, slots]`: the dispatch makes it, and it rides with every send
 /// of every task that claimed it (the dispatched rows, the expert linears' outputs) until the combine.
-/// The map is `active` ids beside rows of thousands of values: its wavelets are not in the program.
+/// The timing program counts it as the compiler lays it out (`compile::stage::count_slot_maps`: one
+/// wavelet per dispatched row carrying its slot's expert id); here it rides as one fragment per payload.
 const ROUTING: u32 = u32::MAX - 2;
 
 /// A block of a graph tensor viewed as rows of `view_cols`: rows r0..r1, columns c0..c1, row-major.
@@ -96,9 +97,6 @@ pub enum Storage {
     Fp16,
     Bf16,
 }
-
-/// Bytes of one accumulator value: sums stay fp32 whatever the storage dtype (the rounding model).
-const ACC_BYTES: u64 = 4;
 
 impl Storage {
     pub fn round(self, x: f32) -> f32 {
@@ -538,7 +536,8 @@ impl PartValues {
                         wv.len()
                     ));
                 }
-                self.resident(local, at, kl + kl * nl + nl)?;
+                // x's slice, the tile and an arriving partial in the storage dtype; the partial sum in fp32.
+                self.resident_bytes(local, at, (kl + kl * nl + nl) * st.bytes() + nl * ACC_BYTES)?;
                 let mut acc = vec![0f32; nl as usize];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let col = n0 + j as u64;
@@ -597,7 +596,7 @@ impl PartValues {
                     }
                 }
                 let wv = self.weight(local, w, at)?;
-                self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
+                self.resident_bytes(local, at, kl * nl * st.bytes() + 2 * nl * rows_per_run * ACC_BYTES)?;
                 let acc = grouped_matmul(&x, &wv, &map, rows_per_run, (k0, kl), (n0, nl), (k, n), w_out_in, st);
                 Ok(all(self.keep_partial(local, at, out, gr.slots * n, rows, (n0, nl), kl, acc)))
             }
@@ -612,7 +611,7 @@ impl PartValues {
                 if wv.len() as u64 != k * n || a.width != k {
                     return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
                 }
-                self.resident(local, at, kl * nl + 2 * nl * rows_per_run)?;
+                self.resident_bytes(local, at, kl * nl * st.bytes() + 2 * nl * rows_per_run * ACC_BYTES)?;
                 let acc = block_matmul(&x, &wv, rows_per_run, (k0, kl), (n0, nl), (k, n), w_out_in, st);
                 Ok(all(self.keep_partial(local, at, out, n, rows, (n0, nl), kl, acc)))
             }
@@ -713,7 +712,8 @@ impl PartValues {
                 if !(wv.len() as u64).is_multiple_of((k * n).max(1)) {
                     return Err(format!("{}: a weight of {} values for {k}x{n} experts", at.name(), wv.len()));
                 }
-                self.resident(local, at, wv.len() as u64 / parts.max(1) + 2 * nl * rows_per_run)?;
+                let tile = wv.len() as u64 / parts.max(1);
+                self.resident_bytes(local, at, tile * st.bytes() + 2 * nl * rows_per_run * ACC_BYTES)?;
                 let acc = grouped_matmul(&x, &wv, &map, rows_per_run, (0, k), (n0, nl), (k, n), w_out_in, st);
                 let f = Frag::finished(out, gr.slots * n, (rows.0, rows.1), (n0, n0 + nl), at.id, acc);
                 self.pes[local].acc = vec![f];
@@ -729,7 +729,7 @@ impl PartValues {
                 if wv.len() as u64 != k * n || a.width != k {
                     return Err(format!("{}: a weight of {} values for a {k}x{n} matmul", at.name(), wv.len()));
                 }
-                self.resident(local, at, k * nl + 2 * nl * rows_per_run)?;
+                self.resident_bytes(local, at, k * nl * st.bytes() + 2 * nl * rows_per_run * ACC_BYTES)?;
                 let acc = block_matmul(&x, &wv, rows_per_run, (0, k), (n0, nl), (k, n), w_out_in, st);
                 let f = Frag::finished(out, n, (rows.0, rows.1), (n0, n0 + nl), at.id, acc);
                 self.pes[local].acc = vec![f];
@@ -757,7 +757,8 @@ impl PartValues {
                 let qv = self.read(local, at, &claimed, &q, (0, attn.batch * ql))?;
                 let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
                 let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
-                self.resident(local, at, jl * attn.head_dim + jl * ql)?;
+                // The keys in the storage dtype, the scores accumulating over head_dim in fp32.
+                self.resident_bytes(local, at, jl * attn.head_dim * st.bytes() + jl * ql * ACC_BYTES)?;
                 let d = attn.head_dim as usize;
                 let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
                 let mut vals = Vec::with_capacity((jl * ql) as usize);
@@ -803,7 +804,8 @@ impl PartValues {
                 let pv = self.read(local, at, &claimed, &p, (0, attn.batch * attn.heads * ql))?;
                 let fr = self.read(local, at, &claimed, &fresh, (0, attn.batch * (attn.kv - attn.len)))?;
                 let cv = if attn.len > 0 { self.tensor(cache, at)? } else { Arc::from(Vec::new()) };
-                self.resident(local, at, jl * attn.kv + jl * ql)?;
+                // The values in the storage dtype, the context accumulating over the keys in fp32.
+                self.resident_bytes(local, at, jl * attn.kv * st.bytes() + jl * ql * ACC_BYTES)?;
                 let grp = (attn.heads / attn.kv_heads.max(1)).max(1);
                 let hd = attn.heads * attn.head_dim;
                 let mut vals = Vec::with_capacity((jl * ql) as usize);
@@ -1441,8 +1443,7 @@ impl PartValues {
                 // What the PE holds for the whole iteration: its block of dW (and of db in grid row 0)
                 // in fp32, once (`emit` streams the block out of SRAM, and the program's next run 1
                 // waits for it), and the x panel double-buffered; dy is the paced operand, consumed from
-                // the fabric (as the compiler's summa sizing counts it, except that the compiler counts
-                // the block in the storage dtype: half of it in fp16/bf16).
+                // the fabric (as the compiler's summa sizing counts it).
                 let db = if bias.is_some() && r == 0 { nl } else { 0 };
                 let panel = 2 * rows_per_run * kl * self.setup.storage.bytes();
                 self.resident_bytes(local, at, ACC_BYTES * (kl * nl + db) + panel)?;
@@ -1495,7 +1496,8 @@ impl PartValues {
                         xcol.insert(b, (lo, self.read(local, at, &claimed, &xs, (b * ql, (b + 1) * ql))?));
                     }
                 }
-                self.resident(local, at, 2 * jl * nl)?;
+                // The dK (or dV) block accumulating over the query rows in fp32, and its rounded copy.
+                self.resident_bytes(local, at, jl * nl * (ACC_BYTES + self.setup.storage.bytes()))?;
                 let mut vals = vec![0f32; (jl * nl) as usize];
                 for j in 0..jl {
                     for n in n0..n0 + nl {
@@ -1557,7 +1559,8 @@ impl PartValues {
                 let (lo, len) = Share { n: vocab * width, parts }.range(idx);
                 let rows = Self::run_rows(at, rows_per_run);
                 if at.run == 1 {
-                    self.resident(local, at, len)?;
+                    // The table's share of the gradient accumulates over the step in fp32.
+                    self.resident_bytes(local, at, len * ACC_BYTES)?;
                     self.pes[local].acc = flat_frags(out, width, lo, &vec![0f32; len as usize], at.id);
                 }
                 if len == 0 {

@@ -256,6 +256,11 @@ pub struct Task {
     pub flops: u64,
 }
 
+/// Bytes of one accumulator value in a PE's SRAM: a matmul's (or a scatter-add's) sums stay fp32 whatever
+/// the storage dtype (fp16/bf16 storage with fp32 accumulation, the hardware's mixed-precision FMAC and the
+/// values' rounding model), so the compiler sizes accumulators and functional runs count them at this.
+pub const ACC_BYTES: u64 = 4;
+
 /// The program of every PE that runs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Template {
