@@ -162,11 +162,13 @@ fn find<'a>(outs: &'a [MeshOutput], name: &str) -> &'a MeshOutput {
     outs.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no `{name}` in the results"))
 }
 
-/// Weight-streaming training of every dense tiny model on the mesh, in fp32: the forward phase (its
-/// loss), the activations it saves to MemoryX (checked as results), the backward phase from what
-/// MemoryX streams back, the weight gradients it sends out, and MemoryX's optimizer: the loss, every
-/// weight's gradient, w', m' and v' within 1e-4 of the reference (noise-floor elements as in pipelined
-/// training), on meshes where the linears run as gemv-broadcast and gemv-tree.
+/// Weight-streaming training of every tiny model on the mesh, in fp32: the forward phase (its loss), the
+/// activations it saves to MemoryX (checked as results), the backward phase from what MemoryX streams
+/// back, the weight gradients it sends out, and MemoryX's optimizer: the loss, every weight's gradient,
+/// w', m' and v' within 1e-4 of the reference (noise-floor elements as in pipelined training), on meshes
+/// where the linears run as gemv-broadcast and gemv-tree. Mixtral's experts save their activations in
+/// the dispatched layout (capacity-major slots, with the copies over capacity dropped: 16 tokens drop
+/// some), which cross MemoryX and come back for the experts' and the router's gradients.
 #[test]
 fn weight_streaming_training_matches_the_reference() {
     for (name, mesh) in [
@@ -175,8 +177,10 @@ fn weight_streaming_training_matches_the_reference() {
         ("neox-tiny", 32),
         ("gptj-tiny", 32),
         ("bert-tiny", 32),
+        ("mixtral-tiny", 32),
         ("gpt-tiny", 64),
         ("llama-tiny", 64),
+        ("mixtral-tiny", 64),
     ] {
         let s = train_step(name, mesh, DType::Fp32);
         let outs = s.phases(1).outputs;
@@ -196,6 +200,16 @@ fn weight_streaming_training_matches_the_reference() {
         }
         // The saved activations crossed through MemoryX and were checked too.
         assert!(outs.iter().any(|o| o.name == "l1.norm1"), "{what}: no saved activation in the check");
+        if name == "mixtral-tiny" {
+            for saved in ["l0.ffn.topk", "l0.ffn.dispatch", "l1.ffn.experts.gate", "l1.ffn.experts.swiglu"] {
+                assert!(outs.iter().any(|o| o.name == saved), "{what}: `{saved}` not saved and checked");
+            }
+            let dropped: usize = s.run.values.moe_dropped.iter().map(|d| d.1).sum();
+            assert!(dropped > 0, "{what}: no copy dropped over capacity");
+            for grad in ["l0.ffn.experts.down.wgrad", "l1.ffn.experts.gate.wgrad", "l0.ffn.router.wgrad"] {
+                assert!(find(&outs, grad).max_rel_error < 1e-4, "{what}: `{grad}`");
+            }
+        }
     }
 }
 
@@ -207,7 +221,7 @@ fn weight_streaming_training_matches_the_reference() {
 #[test]
 fn weight_streaming_training_in_fp16_and_bf16_is_within_the_bound() {
     for dtype in [DType::Fp16, DType::Bf16] {
-        for name in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+        for name in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny", "mixtral-tiny"] {
             let s = train_step(name, 32, dtype);
             let outs = s.phases(1).outputs;
             for o in &outs {
@@ -249,20 +263,52 @@ fn what_crosses_memoryx_is_what_the_next_step_uses() {
 }
 
 /// Values observe, never steer: each phase's timing is the same with and without values, and the values
-/// are the same for 1 and 3 engine threads.
+/// are the same for 1 and 3 engine threads (a dense model and a mixture of experts, whose slot maps ride
+/// with the dispatched rows as values).
 #[test]
 fn weight_streaming_training_timing_is_the_same_with_values_and_values_for_any_thread_count() {
-    let s = train_step("llama-tiny", 32, DType::Fp32);
-    let one = s.phases(1);
-    for ((name, prog), with) in s.programs.iter().zip(&one.runs) {
-        let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
-        assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{name}: timing changed with values");
+    for model in ["llama-tiny", "mixtral-tiny"] {
+        let s = train_step(model, 32, DType::Fp32);
+        let one = s.phases(1);
+        for ((name, prog), with) in s.programs.iter().zip(&one.runs) {
+            let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
+            assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{model} {name}: timing changed with values");
+        }
+        let three = s.phases(3);
+        assert_eq!(one.outputs.len(), three.outputs.len());
+        for (a, b) in one.outputs.iter().zip(&three.outputs) {
+            assert_eq!((&a.name, &a.values), (&b.name, &b.values), "{model}: values differ for 1 and 3 threads");
+        }
     }
-    let three = s.phases(3);
-    assert_eq!(one.outputs.len(), three.outputs.len());
-    for (a, b) in one.outputs.iter().zip(&three.outputs) {
-        assert_eq!((&a.name, &a.values), (&b.name, &b.values), "values differ between 1 and 3 threads");
+}
+
+/// A mixture of experts' backward phase really starts from the expert activations MemoryX holds: the
+/// dispatched rows and the SwiGLU output of layer 0, changed in MemoryX between the phases, move the
+/// gate and down projections' weight gradients (whose x they are) past the bound.
+#[test]
+fn saved_expert_activations_are_what_the_backward_phase_uses() {
+    let s = train_step("mixtral-tiny", 32, DType::Fp32);
+    let (g, v) = (&s.run.graph, &s.run.values);
+    let id = |n: &str| g.tensors.iter().position(|t| t.name == n).unwrap_or_else(|| panic!("no `{n}`")) as u32;
+    let eopts = vec![EngineOptions::new(Fidelity::Detailed, 1); 2];
+    let (dispatch, swiglu) = (id("l0.ffn.dispatch"), id("l0.ffn.experts.swiglu"));
+    let mut calls = 0;
+    let done = functional::mesh::run_phases_with(&s.programs, g, &s.numerics, v, &eopts, |held| {
+        calls += 1;
+        if calls == 1 {
+            for t in [dispatch, swiglu] {
+                let x = held.get(&t).unwrap_or_else(|| panic!("MemoryX holds no t{t}")).clone();
+                held.insert(t, x.iter().map(|&x| x * 1.01).collect());
+            }
+        }
+    })
+    .expect("phases");
+    let off = |n: &str| find(&done.outputs, n).max_rel_error;
+    for grad in ["l0.ffn.experts.gate.wgrad", "l0.ffn.experts.down.wgrad"] {
+        assert!(off(grad) > 1e-3, "`{grad}` off by only {:.3e}", off(grad));
     }
+    // Layer 1's experts read what layer 1 saved, untouched.
+    assert!(off("l1.ffn.experts.down.wgrad") < 1e-4, "layer 1: {:.3e}", off("l1.ffn.experts.down.wgrad"));
 }
 
 /// `wafer run --mode weight-streaming --phase train --functional --out` exits 0 with the check, and its

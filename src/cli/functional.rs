@@ -226,9 +226,6 @@ pub fn emulate(
             FunctionalError::Unsupported(format!("a step run as {} programs side by side", programs.len())).into()
         );
     }
-    if let Some(why) = phased.then(|| fmesh::phases_refusal(&p.graph)).flatten() {
-        return Err(FunctionalError::Unsupported(why).into());
-    }
     // Refuse what the programs cannot do before the reference runs.
     if let Some(why) = programs.iter().find_map(|(_, prog)| prog.data.as_ref().and_then(|d| d.refusal())) {
         return Err(FunctionalError::Unsupported(why).into());
