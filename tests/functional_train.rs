@@ -18,6 +18,7 @@ use waferscale::functional::weights::Weights;
 use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
 use waferscale::graph::OpKind;
 use waferscale::hw::WaferHw;
+use waferscale::mesh::data::TaskData;
 use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
 
 const TINY: [&str; 4] = ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny"];
@@ -273,6 +274,47 @@ fn a_step_with_fewer_tokens_than_experts_per_token_matches_the_reference() {
                 assert!(o.max_rel_error < 1e-4, "{what}: `{n}` off by {:.3e}", o.max_rel_error);
             }
         }
+    }
+}
+
+/// A partial run (`functional::mesh::setup_partial` / `outputs_partial`, a development aid) of a program
+/// with a refused region: no compiled program of a shipped tiny model is refused by region any more, so
+/// the test refuses one by hand, gpt-tiny's `l0.ffn.up.wgrad` in its training step. A whole run refuses
+/// the program; the partial run computes everything not downstream of the region, within 1e-4 as a whole
+/// run does, reads back the intermediate tensors the output gateways passed on (`values::TAP`), and
+/// names the results no PE holds (c_fc's gradients and their Adam outputs, downstream of the mark).
+#[test]
+fn a_partial_run_computes_what_is_upstream_of_a_refused_region() {
+    let mut s = step("gpt-tiny", 32, 16, DType::Fp32);
+    let mut data = (**s.prog.data.as_ref().expect("data table")).clone();
+    let mut refused = 0;
+    for (t, tasks) in s.prog.templates.iter().zip(data.tasks.iter_mut()) {
+        if t.name.starts_with("l0.ffn.up.wgrad.") {
+            tasks.iter_mut().for_each(|td| *td = TaskData::Refused);
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "no template of `l0.ffn.up.wgrad`");
+    data.unsupported.push("region `l0.ffn.up.wgrad`: refused by the test".into());
+    s.prog.data = Some(Arc::new(data));
+    let (g, v) = (&s.run.graph, &s.run.values);
+    let why = functional::mesh::setup(&s.prog, g, &s.numerics, v).expect_err("a whole run refuses it").to_string();
+    assert!(why.contains("refused by the test"), "{why}");
+    let setup = functional::mesh::setup_partial(&s.prog, g, &s.numerics, v).expect("partial setup");
+    let eopts = EngineOptions::new(Fidelity::Detailed, 1);
+    let (_, results) = engine::run_functional(&s.prog, &eopts, Arc::new(setup)).expect("partial run");
+    let (outs, missing) = functional::mesh::outputs_partial(&s.prog, g, &results, v).expect("partial outputs");
+    assert!(!missing.is_empty(), "nothing downstream of the refused region");
+    for m in &missing {
+        assert!(m.contains("c_fc") || m.starts_with("l0.ffn.up.wgrad"), "`{m}` is not downstream of it");
+    }
+    for o in &outs {
+        assert!(o.max_rel_error < 1e-4, "`{}` off by {:.3e}", o.name, o.max_rel_error);
+        assert!(!o.name.contains("h.0.mlp.c_fc"), "`{}` computed downstream of the refused region", o.name);
+    }
+    let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
+    for want in ["head.loss", "h.1.mlp.c_fc.weight.adam_m.next", "l0.ffn.gelu"] {
+        assert!(names.contains(&want), "no `{want}` among {names:?}");
     }
 }
 
