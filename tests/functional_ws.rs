@@ -316,6 +316,23 @@ fn weight_streaming_training_with_fewer_tokens_than_experts_per_token_matches_th
     }
 }
 
+/// FIXME: a MoE step in fp16/bf16 matches the reference only while both route alike. mixtral-tiny's
+/// weight-streaming step of 64 tokens in fp16 (the CLI's seed 0) routes token 60 of layer 0 to experts
+/// {2, 1} on the wafer and {2, 0} in the reference (probabilities 0.1771 and 0.1775: a near-tie of two
+/// router logits rounded to fp16 after sums in another order), and everything downstream is off by more
+/// than any rounding bound. Today the check fails (exit 1) and names the routing it found different (the
+/// forward phase's saved top-k); the reference does not follow the wafer's routing yet.
+#[test]
+fn a_routing_near_tie_settled_otherwise_in_fp16_is_named() {
+    let a = ["run", "mixtral-tiny", "--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "64"];
+    let (code, _, stderr) =
+        wafer(&[&a[..], &["--mode", "weight-streaming", "--dtype", "fp16", "--functional"]].concat());
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("the wafer's MoE routing differs from the reference's"), "{stderr}");
+    assert!(stderr.contains("`l0.ffn.topk` routes token 60 to experts [2, 1]"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// A mixture of experts' backward phase really starts from the expert activations MemoryX holds: the
 /// dispatched rows and the SwiGLU output of layer 0, changed in MemoryX between the phases, move the
 /// gate and down projections' weight gradients (whose x they are) past the bound.

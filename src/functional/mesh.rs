@@ -607,6 +607,42 @@ fn tapped(
     out
 }
 
+/// Where the wafer's MoE routing differs from the reference's, the first such token (None: it does not,
+/// or no top-k is among the results, as in a pipelined step): a top-k's probabilities read back (the
+/// weight-streaming forward phase saves them), compared by the experts each token chose, in choice order.
+/// In fp16/bf16 a near-tie of two router logits can round otherwise on the wafer than in the reference
+/// (sums in another order); what is downstream of it then differs by more than any rounding bound.
+pub fn routing_divergence(graph: &Graph, outputs: &[MeshOutput], reference: &Values<f32>) -> Option<String> {
+    let producers = graph.producers();
+    for o in outputs {
+        let Some(p) = producers.get(o.tensor.idx()).copied().flatten() else { continue };
+        let (crate::graph::OpKind::MoeTopK(_), Some(&e)) = (&graph.op(p).kind, o.shape.last()) else { continue };
+        let e = e as usize;
+        let r = reference.f(o.tensor);
+        if e == 0 || r.len() != o.values.len() {
+            continue;
+        }
+        // The chosen experts, highest probability first (ties to the lower expert, as the top-k's).
+        let chosen = |row: &[f32]| -> Vec<usize> {
+            let mut c: Vec<usize> = (0..row.len()).filter(|&i| row[i] != 0.0).collect();
+            c.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            c
+        };
+        for (t, (m, x)) in o.values.chunks_exact(e).zip(r.chunks_exact(e)).enumerate() {
+            if chosen(m) != chosen(x) {
+                return Some(format!(
+                    "`{}` routes token {t} to experts {:?} (probabilities {m:?}) on the wafer and {:?} ({x:?}) in \
+                     the reference",
+                    o.name,
+                    chosen(m),
+                    chosen(x)
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The results of weight-streaming training, run as the compiler splits it (`compile::Compiled::phases`):
 /// the engine's run of each phase and every result, beside the reference.
 pub struct Phased {
