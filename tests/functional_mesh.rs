@@ -117,15 +117,8 @@ fn fp16_storage_is_close() {
 #[test]
 fn unsupported_programs_are_refused() {
     for (args, says) in [
-        // Weight-streaming training of the dense models runs (tests/functional_ws.rs); MoE's does not yet.
-        (
-            vec!["mixtral-tiny", "--mesh", "64x64", "--phase", "train", "--seq", "8", "--mode", "weight-streaming"],
-            "weight-streaming training of a mixture of experts",
-        ),
-        // Pipelined training runs on the mesh (tests/functional_train.rs), but not an expert linear's
-        // weight gradient with fewer active slots than experts (one token).
-        (vec!["mixtral-tiny", "--mesh", "96x96", "--phase", "train", "--seq", "1"], "(linear_wgrad with summa)"),
         (vec!["gemm:64x64x64", "--mesh", "16x16"], "cannon"),
+        (vec!["allreduce:4096", "--mesh", "16x16"], "(allreduce with allreduce-tree)"),
     ] {
         let mut a = vec!["run"];
         a.extend(args.iter().copied());

@@ -109,10 +109,14 @@ struct TrainStep {
 }
 
 fn train_step(name: &str, mesh: u32, dtype: DType) -> TrainStep {
+    train_step_of(name, mesh, dtype, 16)
+}
+
+fn train_step_of(name: &str, mesh: u32, dtype: DType, seq: u64) -> TrainStep {
     let model = model::load(name).expect("model");
     let args = WorkloadArgs {
         phase: Some(Phase::Train),
-        seq: Some(16),
+        seq: Some(seq),
         dtype: Some(dtype),
         batch: Some(1),
         ..WorkloadArgs::default()
@@ -129,7 +133,7 @@ fn train_step(name: &str, mesh: u32, dtype: DType) -> TrainStep {
         Model::Transformer(s) => s.vocab,
         Model::Op(_) => unreachable!("a transformer"),
     };
-    let tokens = Tokens::seeded(3, 1, 16, vocab);
+    let tokens = Tokens::seeded(3, 1, seq as usize, vocab);
     let precision = if dtype == DType::Fp32 { Precision::Exact } else { Precision::Storage };
     let fopts = Options { precision, ..Options::default() };
     let run = functional::run::<f32>(&model, &w, &WeightSource::Seeded(7), &tokens, &fopts).expect("reference");
@@ -162,11 +166,13 @@ fn find<'a>(outs: &'a [MeshOutput], name: &str) -> &'a MeshOutput {
     outs.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no `{name}` in the results"))
 }
 
-/// Weight-streaming training of every dense tiny model on the mesh, in fp32: the forward phase (its
-/// loss), the activations it saves to MemoryX (checked as results), the backward phase from what
-/// MemoryX streams back, the weight gradients it sends out, and MemoryX's optimizer: the loss, every
-/// weight's gradient, w', m' and v' within 1e-4 of the reference (noise-floor elements as in pipelined
-/// training), on meshes where the linears run as gemv-broadcast and gemv-tree.
+/// Weight-streaming training of every tiny model on the mesh, in fp32: the forward phase (its loss), the
+/// activations it saves to MemoryX (checked as results), the backward phase from what MemoryX streams
+/// back, the weight gradients it sends out, and MemoryX's optimizer: the loss, every weight's gradient,
+/// w', m' and v' within 1e-4 of the reference (noise-floor elements as in pipelined training), on meshes
+/// where the linears run as gemv-broadcast and gemv-tree. Mixtral's experts save their activations in
+/// the dispatched layout (capacity-major slots, with the copies over capacity dropped: 16 tokens drop
+/// some), which cross MemoryX and come back for the experts' and the router's gradients.
 #[test]
 fn weight_streaming_training_matches_the_reference() {
     for (name, mesh) in [
@@ -175,8 +181,10 @@ fn weight_streaming_training_matches_the_reference() {
         ("neox-tiny", 32),
         ("gptj-tiny", 32),
         ("bert-tiny", 32),
+        ("mixtral-tiny", 32),
         ("gpt-tiny", 64),
         ("llama-tiny", 64),
+        ("mixtral-tiny", 64),
     ] {
         let s = train_step(name, mesh, DType::Fp32);
         let outs = s.phases(1).outputs;
@@ -196,6 +204,16 @@ fn weight_streaming_training_matches_the_reference() {
         }
         // The saved activations crossed through MemoryX and were checked too.
         assert!(outs.iter().any(|o| o.name == "l1.norm1"), "{what}: no saved activation in the check");
+        if name == "mixtral-tiny" {
+            for saved in ["l0.ffn.topk", "l0.ffn.dispatch", "l1.ffn.experts.gate", "l1.ffn.experts.swiglu"] {
+                assert!(outs.iter().any(|o| o.name == saved), "{what}: `{saved}` not saved and checked");
+            }
+            let dropped: usize = s.run.values.moe_dropped.iter().map(|d| d.1).sum();
+            assert!(dropped > 0, "{what}: no copy dropped over capacity");
+            for grad in ["l0.ffn.experts.down.wgrad", "l1.ffn.experts.gate.wgrad", "l0.ffn.router.wgrad"] {
+                assert!(find(&outs, grad).max_rel_error < 1e-4, "{what}: `{grad}`");
+            }
+        }
     }
 }
 
@@ -207,7 +225,7 @@ fn weight_streaming_training_matches_the_reference() {
 #[test]
 fn weight_streaming_training_in_fp16_and_bf16_is_within_the_bound() {
     for dtype in [DType::Fp16, DType::Bf16] {
-        for name in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny"] {
+        for name in ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny", "bert-tiny", "mixtral-tiny"] {
             let s = train_step(name, 32, dtype);
             let outs = s.phases(1).outputs;
             for o in &outs {
@@ -249,20 +267,99 @@ fn what_crosses_memoryx_is_what_the_next_step_uses() {
 }
 
 /// Values observe, never steer: each phase's timing is the same with and without values, and the values
-/// are the same for 1 and 3 engine threads.
+/// are the same for 1 and 3 engine threads (a dense model and a mixture of experts, whose slot maps ride
+/// with the dispatched rows as values).
 #[test]
 fn weight_streaming_training_timing_is_the_same_with_values_and_values_for_any_thread_count() {
-    let s = train_step("llama-tiny", 32, DType::Fp32);
-    let one = s.phases(1);
-    for ((name, prog), with) in s.programs.iter().zip(&one.runs) {
-        let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
-        assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{name}: timing changed with values");
+    for model in ["llama-tiny", "mixtral-tiny"] {
+        let s = train_step(model, 32, DType::Fp32);
+        let one = s.phases(1);
+        for ((name, prog), with) in s.programs.iter().zip(&one.runs) {
+            let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
+            assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{model} {name}: timing changed with values");
+        }
+        let three = s.phases(3);
+        assert_eq!(one.outputs.len(), three.outputs.len());
+        for (a, b) in one.outputs.iter().zip(&three.outputs) {
+            assert_eq!((&a.name, &a.values), (&b.name, &b.values), "{model}: values differ for 1 and 3 threads");
+        }
     }
-    let three = s.phases(3);
-    assert_eq!(one.outputs.len(), three.outputs.len());
-    for (a, b) in one.outputs.iter().zip(&three.outputs) {
-        assert_eq!((&a.name, &a.values), (&b.name, &b.values), "values differ between 1 and 3 threads");
+}
+
+/// Weight-streaming training of a mixture of experts with fewer tokens than experts / top_k (each copy
+/// in its own slot, so two slots may hold one expert: the expert weight gradients' output gateways sum
+/// the slots' blocks, `Kernel::ExpertSum`, in every iteration of the backward loop): mixtral-tiny with
+/// one token and an 8-expert top-2 variant with two tokens match the reference within 1e-4 in fp32, and
+/// each phase's timing is the run's without values.
+#[test]
+fn weight_streaming_training_with_fewer_tokens_than_experts_per_token_matches_the_reference() {
+    for (name, seq) in [("mixtral-tiny", 1), ("tests/data/mixtral-tiny-8x2.json", 2)] {
+        let s = train_step_of(name, 32, DType::Fp32, seq);
+        let what = format!("{name} with {seq} tokens on 32x32");
+        let g = &s.run.graph;
+        let few = g.op_ids().any(|o| matches!(g.op(o).kind, OpKind::LinearWgrad(l) if l.groups < l.weight_groups));
+        assert!(few, "{what}: every expert has a slot");
+        let done = s.phases(1);
+        for ((phase, prog), with) in s.programs.iter().zip(&done.runs) {
+            let plain = engine::run(prog, &EngineOptions::new(Fidelity::Detailed, 1)).expect("timing run");
+            assert_eq!(format!("{plain:?}"), format!("{with:?}"), "{what} {phase}: timing changed with values");
+        }
+        for o in &done.outputs {
+            assert!(o.max_rel_error < 1e-4, "{what}: `{}` off by {:.3e}", o.name, o.max_rel_error);
+        }
+        for (w, grad, next) in &s.adams() {
+            assert!(find(&done.outputs, grad).max_rel_error < 1e-4, "{what}: gradient of `{w}`");
+            for n in next {
+                assert!(find(&done.outputs, n).max_rel_error < 1e-4, "{what}: `{n}`");
+            }
+        }
     }
+}
+
+/// FIXME: a MoE step in fp16/bf16 matches the reference only while both route alike. mixtral-tiny's
+/// weight-streaming step of 64 tokens in fp16 (the CLI's seed 0) routes token 60 of layer 0 to experts
+/// {2, 1} on the wafer and {2, 0} in the reference (probabilities 0.1771 and 0.1775: a near-tie of two
+/// router logits rounded to fp16 after sums in another order), and everything downstream is off by more
+/// than any rounding bound. Today the check fails (exit 1) and names the routing it found different (the
+/// forward phase's saved top-k); the reference does not follow the wafer's routing yet.
+#[test]
+fn a_routing_near_tie_settled_otherwise_in_fp16_is_named() {
+    let a = ["run", "mixtral-tiny", "--hw", "cs2", "--mesh", "64x64", "--phase", "train", "--seq", "64"];
+    let (code, _, stderr) =
+        wafer(&[&a[..], &["--mode", "weight-streaming", "--dtype", "fp16", "--functional"]].concat());
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("the wafer's MoE routing differs from the reference's"), "{stderr}");
+    assert!(stderr.contains("`l0.ffn.topk` routes token 60 to experts [2, 1]"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A mixture of experts' backward phase really starts from the expert activations MemoryX holds: the
+/// dispatched rows and the SwiGLU output of layer 0, changed in MemoryX between the phases, move the
+/// gate and down projections' weight gradients (whose x they are) past the bound.
+#[test]
+fn saved_expert_activations_are_what_the_backward_phase_uses() {
+    let s = train_step("mixtral-tiny", 32, DType::Fp32);
+    let (g, v) = (&s.run.graph, &s.run.values);
+    let id = |n: &str| g.tensors.iter().position(|t| t.name == n).unwrap_or_else(|| panic!("no `{n}`")) as u32;
+    let eopts = vec![EngineOptions::new(Fidelity::Detailed, 1); 2];
+    let (dispatch, swiglu) = (id("l0.ffn.dispatch"), id("l0.ffn.experts.swiglu"));
+    let mut calls = 0;
+    let done = functional::mesh::run_phases_with(&s.programs, g, &s.numerics, v, &eopts, |held| {
+        calls += 1;
+        if calls == 1 {
+            for t in [dispatch, swiglu] {
+                let x = held.get(&t).unwrap_or_else(|| panic!("MemoryX holds no t{t}")).clone();
+                held.insert(t, x.iter().map(|&x| x * 1.01).collect());
+            }
+        }
+    })
+    .expect("phases");
+    let off = |n: &str| find(&done.outputs, n).max_rel_error;
+    for grad in ["l0.ffn.experts.gate.wgrad", "l0.ffn.experts.down.wgrad"] {
+        assert!(off(grad) > 1e-3, "`{grad}` off by only {:.3e}", off(grad));
+    }
+    // Layer 1's experts read what layer 1 saved, untouched.
+    assert!(off("l1.ffn.experts.down.wgrad") < 1e-4, "layer 1: {:.3e}", off("l1.ffn.experts.down.wgrad"));
 }
 
 /// `wafer run --mode weight-streaming --phase train --functional --out` exits 0 with the check, and its

@@ -25,6 +25,9 @@ pub struct Checked {
     /// MoE layers' token copies dropped over an expert's capacity, by top-k op (the reference's routing,
     /// which the wafer's must equal to match).
     pub moe_dropped: Vec<(String, usize)>,
+    /// Where the wafer's MoE routing differs from the reference's (`functional::mesh::routing_divergence`),
+    /// which the verdict names.
+    pub routing: Option<String>,
 }
 
 /// One decode step of --decode-steps.
@@ -117,11 +120,15 @@ impl Checked {
         match worst {
             None => Ok(()),
             Some(o) => Err(FunctionalError::Mesh(format!(
-                "`{}` is off the reference by {:.3e}, outside the bound {:.3e} the rounding model states for it ({} storage)",
+                "`{}` is off the reference by {:.3e}, outside the bound {:.3e} the rounding model states for it ({} storage){}",
                 o.name,
                 o.max_rel_error,
                 o.bound.unwrap_or(0.0),
-                self.dtype.name()
+                self.dtype.name(),
+                self.routing.as_ref().map_or(String::new(), |r| format!(
+                    "; the wafer's MoE routing differs from the reference's: {r}: a near-tie of router logits that \
+                     storage rounding settles otherwise, after which no result downstream can match"
+                ))
             ))
             .into()),
         }
@@ -226,9 +233,6 @@ pub fn emulate(
             FunctionalError::Unsupported(format!("a step run as {} programs side by side", programs.len())).into()
         );
     }
-    if let Some(why) = phased.then(|| fmesh::phases_refusal(&p.graph)).flatten() {
-        return Err(FunctionalError::Unsupported(why).into());
-    }
     // Refuse what the programs cannot do before the reference runs.
     if let Some(why) = programs.iter().find_map(|(_, prog)| prog.data.as_ref().and_then(|d| d.refusal())) {
         return Err(FunctionalError::Unsupported(why).into());
@@ -268,7 +272,9 @@ pub fn emulate(
         // (No note: the timing report stays the one without values; `run_phases` says what ran where.)
         let notes = Vec::new();
         let moe_dropped = run.values.moe_dropped.clone();
+        let routing = fmesh::routing_divergence(&run.graph, &done.outputs, &run.values);
         let checked = Checked {
+            routing,
             outputs: done.outputs,
             dtype: workload.dtype,
             context: None,
@@ -300,8 +306,15 @@ pub fn emulate(
         write_f32(path, &tensors)?;
     }
     let moe_dropped = run.values.moe_dropped.clone();
-    let checked =
-        Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes: Vec::new(), moe_dropped };
+    let checked = Checked {
+        outputs,
+        dtype: workload.dtype,
+        context: None,
+        steps: Vec::new(),
+        notes: Vec::new(),
+        moe_dropped,
+        routing: None,
+    };
     Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
 }
 
@@ -430,7 +443,8 @@ fn decode_steps(
         first.context
     )];
     runs.truncate(1);
-    let checked = Checked { outputs, dtype: first.dtype, context, steps: checks, notes, moe_dropped: Vec::new() };
+    let checked =
+        Checked { outputs, dtype: first.dtype, context, steps: checks, notes, moe_dropped: Vec::new(), routing: None };
     Ok((Emulated { programs, runs, notes: fast_notes(p, eopts.fidelity) }, checked))
 }
 

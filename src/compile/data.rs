@@ -181,6 +181,9 @@ struct Compute {
     /// An attention gradient on summa (dK, dV): its output gateways sum the per-head blocks over each
     /// KV head's query heads (`Kernel::HeadSum`).
     head_sum: Option<(AttnShape, u32)>,
+    /// An expert linear's weight gradient with fewer slots than experts: its output gateways sum the
+    /// per-slot blocks into each slot's expert (`Kernel::ExpertSum`, written here without its views).
+    expert_sum: Option<Kernel>,
 }
 
 /// The data table of the region `st` runs on `rect` with tiling `t`, for the templates its program has.
@@ -253,9 +256,13 @@ pub(crate) fn region(
                 "drain" if weight_slot(st, name) => TaskData::Kernel(Kernel::Load),
                 "out" => {
                     let views = task.sends.iter().map(|s| dest_view.get(&s.color).copied().flatten()).collect();
-                    TaskData::Kernel(match compute.head_sum {
-                        Some((attn, out)) => Kernel::HeadSum { attn, out, views },
-                        None => Kernel::Route { views },
+                    TaskData::Kernel(match (compute.head_sum, &compute.expert_sum) {
+                        (Some((attn, out)), _) => Kernel::HeadSum { attn, out, views },
+                        (None, Some(Kernel::ExpertSum { slots, experts, k, n, w_out_in, out, .. })) => {
+                            let (slots, experts, k, n, w_out_in, out) = (*slots, *experts, *k, *n, *w_out_in, *out);
+                            Kernel::ExpertSum { slots, experts, k, n, w_out_in, out, views }
+                        }
+                        _ => Kernel::Route { views },
                     })
                 }
                 // The optimizer's updated weights (pipelined training), kept by the PEs that hold the
@@ -327,6 +334,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
     let mut final_total = None;
     let mut readouts = Vec::new();
     let mut head_sum = None;
+    let mut expert_sum = None;
     let out_of = |o: usize| st.outputs.get(o).map(|s| s.tensor.0).ok_or("no output slot");
     // The main op's input j (streamed in as slot s): a concatenation (`split_grad`) is read as itself,
     // from its parts' slots (`ProgramData::concats`).
@@ -662,12 +670,11 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
             let (mut k, mut cols, mut grouped) = (k, cols, None);
             if l.groups != 1 || l.weight_groups != 1 {
                 // Slot e is expert e's when every expert is active (`Route::dispatch`): the block of
-                // slot e's columns is expert e's gradient. With fewer slots than experts two slots
-                // may hold one expert, whose gradient would need a sum across PEs.
-                if l.groups != l.weight_groups {
-                    return Err("the weight gradient of an expert linear with fewer active slots than experts has no \
-                                data semantics yet"
-                        .into());
+                // slot e's columns is expert e's gradient. With fewer slots than experts (each copy in
+                // its own slot) two slots may hold one expert, whose gradient is the sum of their
+                // blocks, held by other PEs: the output gateway, which gathers every block, sums them.
+                if l.groups > l.weight_groups {
+                    return Err("an expert linear's weight gradient with more slots than experts".into());
                 }
                 if bias_out.is_some() {
                     return Err("a grouped (expert) linear layer with a bias has no data semantics yet".into());
@@ -679,9 +686,13 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
                 let s = l.groups;
                 xv = View { base: xv.base, cols: s * l.k, c0: 0, width: s * l.k };
                 dyv = View { base: dyv.base, cols: s * l.n, c0: 0, width: s * l.n };
-                (k, cols, grouped) = (l.k, l.n, Some(Grouped { slots: s }));
+                (k, cols, grouped) = (l.k, l.n, Some(Grouped { slots: s, experts: l.weight_groups }));
             }
             let out = out_of(out)?;
+            if let Some(gr) = grouped.filter(|g| g.slots < g.experts) {
+                let (slots, experts, w_out_in) = (gr.slots, gr.experts, l.layout == WeightLayout::OutIn);
+                expert_sum = Some(Kernel::ExpertSum { slots, experts, k, n: cols, w_out_in, out, views: Vec::new() });
+            }
             let bias = match bias_out {
                 Some(b) => Some(out_of(b)?),
                 None => None,
@@ -697,7 +708,7 @@ fn compute(g: &Graph, st: &Stage, t: &Tiling, rect: Rect) -> Result<Compute, Str
         }
         _ => return Err("functional mode has no data semantics for this algorithm yet".into()),
     }
-    Ok(Compute { by_name, final_total, readouts, head_sum })
+    Ok(Compute { by_name, final_total, readouts, head_sum, expert_sum })
 }
 
 /// `gemv:KxN` on pre-placed operands (`kernel::prog_single_gemv`): the PE at (r, c) of the compute
@@ -772,8 +783,8 @@ fn grouped_operands(
     if a.c0 != 0 || a.width != a.cols || a.width != k || cols != l.groups * per_slot {
         return Err("a grouped (expert) linear layer on a slice of its operand".into());
     }
-    let slots = l.groups;
-    Ok((View { base: a.base, cols: slots * k, c0: 0, width: slots * k }, k, per_slot, Some(Grouped { slots })))
+    let grouped = Grouped { slots: l.groups, experts: l.weight_groups };
+    Ok((View { base: a.base, cols: l.groups * k, c0: 0, width: l.groups * k }, k, per_slot, Some(grouped)))
 }
 
 /// The values kernels' view of an attention op: its sizes, with `len` rows of KV cache already resident.

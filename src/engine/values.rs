@@ -30,6 +30,11 @@ const STATS: u32 = u32::MAX;
 /// `[kv, batch * heads * head_dim]`.
 const PER_HEAD: u32 = 1 << 31;
 
+/// An expert linear's weight gradient with fewer slots than experts (`Kernel::WgradAcc` with
+/// `Grouped::slots < experts`, before `Kernel::ExpertSum` sums each expert's slots) travels as fragments
+/// of its output tensor's id with this bit set, laid out as the weight with slots for experts.
+const PER_SLOT: u32 = 1 << 30;
+
 /// A partial run's mark that a train carries no values (a refused region sent it, or a task that
 /// claimed the mark): a fragment of this pseudo-tensor with no values.
 const NO_VALUES: u32 = u32::MAX - 1;
@@ -232,7 +237,7 @@ impl PartValues {
         }
         let ends_routing = match td {
             TaskData::Kernel(k) | TaskData::Looped { kernel: k, .. } => {
-                matches!(k, Kernel::MoeCombine { .. } | Kernel::MoeDispatchGrad { .. })
+                matches!(k, Kernel::MoeCombine { .. } | Kernel::MoeDispatchGrad { .. } | Kernel::ExpertSum { .. })
             }
             _ => false,
         };
@@ -403,7 +408,7 @@ impl PartValues {
         let st = self.setup.storage;
         frags
             .iter()
-            .map(|f| match self.setup.ints.contains(&f.tensor) {
+            .map(|f| match self.setup.ints.contains(&f.tensor) || f.tensor == ROUTING {
                 true => f.clone(),
                 false => Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() },
             })
@@ -1383,7 +1388,9 @@ impl PartValues {
             &Kernel::WgradAcc { grid, x, dy, k, n, rows_per_run, w_out_in, out, bias: _, grouped: Some(gr) } => {
                 // Slot e is expert e: the PE's columns of slot e are a block of expert e's gradient,
                 // one fragment per slot its columns touch, laid out as the weight ([e, k, n] or
-                // [e, n, k], viewed as rows of n or of k).
+                // [e, n, k], viewed as rows of n or of k). With fewer slots than experts the blocks are
+                // the slots' (`PER_SLOT`), which the output gateway sums into their experts.
+                let out = if gr.slots < gr.experts { out | PER_SLOT } else { out };
                 let (r, c) = at.pos(&grid)?;
                 let (k0, kl) = Share { n: k, parts: grid.rows as u64 }.range(r);
                 let (n0, nl) = Share { n: gr.slots * n, parts: grid.cols as u64 }.range(c);
@@ -1553,6 +1560,43 @@ impl PartValues {
                     .collect();
                 Ok(outs)
             }
+            Kernel::ExpertSum { slots, experts, k, n, w_out_in, out, views } => {
+                let (slots, experts, out) = (*slots, *experts, *out);
+                // Rows per expert (or slot) and their length, as the weight is laid out.
+                let (per, vc) = if *w_out_in { (*n, *k) } else { (*k, *n) };
+                let whole = View { base: out | PER_SLOT, cols: vc, c0: 0, width: vc };
+                let pre = self.read(local, at, &claimed, &whole, (0, slots * per))?;
+                let map = self.slot_map(local, at, slots)?;
+                let size = (per * vc) as usize;
+                let mut vals = vec![0f32; experts as usize * size];
+                for (s, &e) in map.iter().enumerate() {
+                    if e < 0.0 {
+                        continue;
+                    }
+                    let e = e as usize;
+                    let Some(dst) = vals.get_mut(e * size..(e + 1) * size) else {
+                        return Err(format!("{}: slot {s} holds expert {e} of {experts}", at.name()));
+                    };
+                    for (d, &x) in dst.iter_mut().zip(&pre[s * size..(s + 1) * size]) {
+                        *d += x;
+                    }
+                }
+                let f = Frag::finished(out, vc, (0, experts * per), (0, vc), at.id, vals);
+                let f = self.rounded(std::slice::from_ref(&f))[0].clone();
+                if self.setup.partial {
+                    self.pes[local].tapped.push(f.clone());
+                }
+                let outs = (0..n_sends)
+                    .map(|i| {
+                        let sel: Vec<Frag> = match views.get(i).copied().flatten() {
+                            None => vec![f.clone()],
+                            Some(v) => crop(&f, &v).into_iter().collect(),
+                        };
+                        Some(Payload::from(sel))
+                    })
+                    .collect();
+                Ok(outs)
+            }
             &Kernel::EmbedGradAcc { grid, ids, dy, vocab, width, rows_per_run, out } => {
                 let (r, c) = at.pos(&grid)?;
                 let (idx, parts) = flat_index(&grid, r, c);
@@ -1595,7 +1639,15 @@ impl PartValues {
             }
             Kernel::WgradEmit => {
                 let pe = &self.pes[local];
-                let mut outs = vec![Some(self.rounded(&pe.acc))];
+                let mut block = self.rounded(&pe.acc).to_vec();
+                if pe.acc.iter().any(|f| f.tensor & PER_SLOT != 0 && f.tensor < NO_VALUES) {
+                    // Per-slot blocks go with the slot map, which the output gateway sums them by.
+                    let map = pe.route.clone().ok_or_else(|| {
+                        format!("{}: sends per-slot expert gradients without the slot map", at.name())
+                    })?;
+                    block.push(map);
+                }
+                let mut outs = vec![Some(Payload::from(block))];
                 if n_sends > 1 {
                     outs.push(Some(self.rounded(&pe.cols)));
                 }

@@ -503,15 +503,20 @@ fn outputs_with(
                     r.name, f.c0, f.c1, f.cover, r.cover
                 )));
             }
-            let w = (f.c1 - f.c0) as usize;
+            // A fragment may view the result in rows of another length: a grouped (expert) linear's
+            // `[capacity, slots * n]` is the dispatched `[slots * capacity, n]`, the same row-major values.
+            let (w, vc) = ((f.c1 - f.c0) as usize, f.view_cols as usize);
+            let reshaped = vc != cols && vc > 0 && (rows * cols).is_multiple_of(vc);
             for (i, v) in f.vals.iter().enumerate() {
-                let (row, col) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
+                let (fr, fc) = (f.r0 as usize + i / w.max(1), f.c0 as usize + i % w.max(1));
+                let flat = fr * vc + fc;
+                let (row, col) = if reshaped { (flat / cols.max(1), flat % cols.max(1)) } else { (fr, fc) };
                 let idx = row * cols + col;
                 // A port may be sent one value twice (a tensor saved to MemoryX for two consumers):
                 // the same bits again are the same value.
                 let again =
                     at.is_none() && row < rows && col < cols && seen[idx] && values[idx].to_bits() == v.to_bits();
-                if row >= rows || col >= cols || f.view_cols as usize != cols || (seen[idx] && !again) {
+                if row >= rows || col >= cols || fc >= vc || (vc != cols && !reshaped) || (seen[idx] && !again) {
                     return Err(FunctionalError::Mesh(format!(
                         "`{}`: {who} holds element ({row}, {col}) outside the result or held twice",
                         r.name
@@ -602,21 +607,47 @@ fn tapped(
     out
 }
 
+/// Where the wafer's MoE routing differs from the reference's, the first such token (None: it does not,
+/// or no top-k is among the results, as in a pipelined step): a top-k's probabilities read back (the
+/// weight-streaming forward phase saves them), compared by the experts each token chose, in choice order.
+/// In fp16/bf16 a near-tie of two router logits can round otherwise on the wafer than in the reference
+/// (sums in another order); what is downstream of it then differs by more than any rounding bound.
+pub fn routing_divergence(graph: &Graph, outputs: &[MeshOutput], reference: &Values<f32>) -> Option<String> {
+    let producers = graph.producers();
+    for o in outputs {
+        let Some(p) = producers.get(o.tensor.idx()).copied().flatten() else { continue };
+        let (crate::graph::OpKind::MoeTopK(_), Some(&e)) = (&graph.op(p).kind, o.shape.last()) else { continue };
+        let e = e as usize;
+        let r = reference.f(o.tensor);
+        if e == 0 || r.len() != o.values.len() {
+            continue;
+        }
+        // The chosen experts, highest probability first (ties to the lower expert, as the top-k's).
+        let chosen = |row: &[f32]| -> Vec<usize> {
+            let mut c: Vec<usize> = (0..row.len()).filter(|&i| row[i] != 0.0).collect();
+            c.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            c
+        };
+        for (t, (m, x)) in o.values.chunks_exact(e).zip(r.chunks_exact(e)).enumerate() {
+            if chosen(m) != chosen(x) {
+                return Some(format!(
+                    "`{}` routes token {t} to experts {:?} (probabilities {m:?}) on the wafer and {:?} ({x:?}) in \
+                     the reference",
+                    o.name,
+                    chosen(m),
+                    chosen(x)
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The results of weight-streaming training, run as the compiler splits it (`compile::Compiled::phases`):
 /// the engine's run of each phase and every result, beside the reference.
 pub struct Phased {
     pub runs: Vec<crate::engine::EngineRun>,
     pub outputs: Vec<MeshOutput>,
-}
-
-/// What `run_phases` does not cover yet, by name (the user's request, exit 2): a mixture of experts,
-/// whose saved expert activations and dispatched rows do not yet round-trip MemoryX as whole tensors.
-pub fn phases_refusal(graph: &Graph) -> Option<String> {
-    let moe = graph.op_ids().map(|o| graph.op(o)).find(|op| matches!(op.kind, crate::graph::OpKind::MoeTopK(_)))?;
-    Some(format!(
-        "weight-streaming training of a mixture of experts (`{}`): its saved expert activations through MemoryX",
-        moe.name
-    ))
 }
 
 /// Weight-streaming training on the mesh: the forward phase, then the backward phase, on the same wafer,
@@ -627,7 +658,11 @@ pub fn phases_refusal(graph: &Graph) -> Option<String> {
 /// result and checked against the reference): the forward phase's activations saved for the backward
 /// pass, the backward phase's weight gradients and the embedding rows' gradient. The next phase starts
 /// with what MemoryX holds: its ports stream those saved tensors back in (`Kernel::Source`, layer by
-/// layer in the backward loop's order). After the last phase MemoryX runs the ops the plan places off
+/// layer in the backward loop's order). A mixture of experts' saved activations in the dispatched
+/// layout (`graph::Route::dispatch`) leave in the expert linears' `[capacity, slots * n]` view and are
+/// read back, and streamed in again, as the `[slots * capacity, n]` tensors they are (`outputs`); no slot
+/// map crosses MemoryX: the backward phase's combine gradient derives the routing again from the saved
+/// probabilities, as the pipelined step's does. After the last phase MemoryX runs the ops the plan places off
 /// the wafer (`compile::runs_in_memoryx`: the embedding gradients' scatter-add, the sums of tied weights'
 /// gradients, and Adam) on the values the wafer sent it, with the reference's semantics and rounding
 /// (`functional::reference::evaluate_ops`): every input of those ops must be a step input (weights, Adam
@@ -654,9 +689,6 @@ pub fn run_phases_with(
     eopts: &[crate::engine::EngineOptions],
     mut between: impl FnMut(&mut BTreeMap<u32, Arc<[f32]>>),
 ) -> Result<Phased, crate::Error> {
-    if let Some(why) = phases_refusal(graph) {
-        return Err(FunctionalError::Unsupported(why).into());
-    }
     let mut runs = Vec::new();
     let mut outputs: Vec<MeshOutput> = Vec::new();
     // What MemoryX holds: the tensors the phases sent out through the ports, by tensor.

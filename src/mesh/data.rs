@@ -126,10 +126,13 @@ pub type MoeRoute = crate::graph::Route;
 /// A grouped (expert) linear's view of its operands: `[capacity, slots * k]` in, `[capacity, slots *
 /// n]` out (the dispatched buffer is capacity-major, `Route::dispatch`); the columns of slot s are
 /// computed with the weights of the expert the routing gave it (the slot map that travels with the
-/// dispatched rows), zero for a slot that received no token.
+/// dispatched rows), zero for a slot that received no token. `experts`: the weight's expert count
+/// (`slots` when every expert is active and slot e is expert e; more when the step has fewer tokens
+/// than experts / top_k and each copy takes its own slot, `Route::dispatch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grouped {
     pub slots: u64,
+    pub experts: u64,
 }
 
 /// The values kernel of a task. Every kernel runs when the engine starts the task, on the payloads of
@@ -265,9 +268,12 @@ pub enum Kernel {
         w_out_in: bool,
         out: u32,
         bias: Option<u32>,
-        /// An expert linear's (every expert active: slot e is expert e): `x` and `dy` are read as
-        /// `[capacity, slots * k]` and `[capacity, slots * n]`, `k` and `n` are per slot, and the
-        /// block's columns of slot e are expert e's gradient (`out` is `[experts, ...]`).
+        /// An expert linear's: `x` and `dy` are read as `[capacity, slots * k]` and `[capacity, slots *
+        /// n]`, `k` and `n` are per slot. With every expert active (slot e is expert e) the block's
+        /// columns of slot e are expert e's gradient (`out` is `[experts, ...]`); with fewer slots than
+        /// experts two slots may hold one expert, so the blocks are per slot (`out` laid out with slots
+        /// for experts, a pseudo-tensor of the values engine) and go out with the slot map for the
+        /// output gateway's sum (`ExpertSum`).
         grouped: Option<Grouped>,
     },
     /// Sends the weight-gradient block (send 0) and the bias gradient (send 1) a `WgradAcc` finished
@@ -283,6 +289,13 @@ pub enum Kernel {
     /// over the query heads of each KV head (in head order) into `out` (`[batch * kv, kv_heads *
     /// head_dim]`); send i carries the part `views[i]` covers (as `Route`).
     HeadSum { attn: AttnShape, out: u32, views: Vec<Option<View>> },
+    /// The output gateway of an expert linear's weight gradient with fewer slots than experts
+    /// (`WgradAcc` with `Grouped::slots < experts`, whose PEs accumulate per-slot blocks and send them
+    /// with the slot map): the per-slot gradient it claimed (all of it) summed into each slot's expert,
+    /// slots in increasing order (the reference's row order), zero for an expert no slot holds, into
+    /// `out` (`[experts, k, n]`, or `[experts, n, k]` with `w_out_in`); send i carries the part
+    /// `views[i]` covers (as `Route`).
+    ExpertSum { slots: u64, experts: u64, k: u64, n: u64, w_out_in: bool, out: u32, views: Vec<Option<View>> },
     /// An embedding table's gradient (the scatter-add of dy rows by id), accumulated over the step's
     /// runs: the PE at (r, c) keeps its flat share (`Share { vocab * width, parts }` at index
     /// `r * grid.cols + c`) of the `[vocab, width]` gradient `out`, and adds to it every row of this
@@ -402,6 +415,7 @@ impl Kernel {
             | Kernel::Reduce { .. }
             | Kernel::WgradEmit
             | Kernel::HeadSum { .. }
+            | Kernel::ExpertSum { .. }
             | Kernel::RowCombine { .. } => {}
         }
         k
@@ -446,7 +460,7 @@ impl Kernel {
             Kernel::MoeCombineGrad { dy, yd, probs, out, dprobs, .. } => {
                 (*dy, *yd, *probs, *out, *dprobs) = (v(dy), v(yd), v(probs), f(*out), f(*dprobs))
             }
-            Kernel::HeadSum { out, views, .. } => {
+            Kernel::HeadSum { out, views, .. } | Kernel::ExpertSum { out, views, .. } => {
                 *out = f(*out);
                 views.iter_mut().flatten().for_each(|x| *x = v(x));
             }
