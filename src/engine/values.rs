@@ -404,6 +404,25 @@ impl PartValues {
         self.rounded(&self.pes[local].acc)
     }
 
+    /// What a gateway that finished one whole block `f` (a head or expert sum) sends: the block rounded
+    /// to the storage dtype, on each send the part its view takes (all of it without a view); a partial
+    /// run keeps the block as a tapped result.
+    fn send_views(&mut self, local: usize, f: Frag, views: &[Option<View>], n_sends: usize) -> Vec<Option<Payload>> {
+        let f = self.rounded(std::slice::from_ref(&f))[0].clone();
+        if self.setup.partial {
+            self.pes[local].tapped.push(f.clone());
+        }
+        (0..n_sends)
+            .map(|i| {
+                let sel: Vec<Frag> = match views.get(i).copied().flatten() {
+                    None => vec![f.clone()],
+                    Some(v) => crop(&f, &v).into_iter().collect(),
+                };
+                Some(Payload::from(sel))
+            })
+            .collect()
+    }
+
     fn rounded(&self, frags: &[Frag]) -> Payload {
         let st = self.setup.storage;
         frags
@@ -1545,20 +1564,7 @@ impl PartValues {
                     }
                 }
                 let f = Frag::finished(*out, w, (0, attn.batch * kv), (0, w), at.id, vals);
-                let f = self.rounded(std::slice::from_ref(&f))[0].clone();
-                if self.setup.partial {
-                    self.pes[local].tapped.push(f.clone());
-                }
-                let outs = (0..n_sends)
-                    .map(|i| {
-                        let sel: Vec<Frag> = match views.get(i).copied().flatten() {
-                            None => vec![f.clone()],
-                            Some(v) => crop(&f, &v).into_iter().collect(),
-                        };
-                        Some(Payload::from(sel))
-                    })
-                    .collect();
-                Ok(outs)
+                Ok(self.send_views(local, f, views, n_sends))
             }
             Kernel::ExpertSum { slots, experts, k, n, w_out_in, out, views } => {
                 let (slots, experts, out) = (*slots, *experts, *out);
@@ -1582,20 +1588,7 @@ impl PartValues {
                     }
                 }
                 let f = Frag::finished(out, vc, (0, experts * per), (0, vc), at.id, vals);
-                let f = self.rounded(std::slice::from_ref(&f))[0].clone();
-                if self.setup.partial {
-                    self.pes[local].tapped.push(f.clone());
-                }
-                let outs = (0..n_sends)
-                    .map(|i| {
-                        let sel: Vec<Frag> = match views.get(i).copied().flatten() {
-                            None => vec![f.clone()],
-                            Some(v) => crop(&f, &v).into_iter().collect(),
-                        };
-                        Some(Payload::from(sel))
-                    })
-                    .collect();
-                Ok(outs)
+                Ok(self.send_views(local, f, views, n_sends))
             }
             &Kernel::EmbedGradAcc { grid, ids, dy, vocab, width, rows_per_run, out } => {
                 let (r, c) = at.pos(&grid)?;
