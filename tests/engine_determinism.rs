@@ -85,4 +85,11 @@ fn programs_run_side_by_side_agree_with_runs_one_after_the_other() {
         }
     }
     assert!(alone[2].is_err() && alone.iter().filter(|r| r.is_ok()).count() == 3);
+    // A progress bar side by side shows the furthest run's cycle, whichever run published last.
+    let shown = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let with_bar = |_: &_| EngineOptions { progress: Some(std::sync::Arc::clone(&shown)), ..opts(2) };
+    engine::run_each(&refs, &with_bar);
+    let longest = alone.iter().flatten().map(|r| r.cycles).max().unwrap();
+    let reached = shown.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reached > longest / 2 && reached <= longest, "progress {reached} of {longest} cycles");
 }

@@ -256,20 +256,50 @@ pub fn run_each(
     if side_by_side <= 1 {
         return programs.iter().map(|p| run(p, &opts(p))).collect();
     }
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let per_run = (threads / side_by_side).max(1);
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<Result<EngineRun, EngineError>>>> =
         programs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    // Each worker publishes its run's cycle on its own counter; a progress bar shows the furthest.
+    let shown = programs.first().and_then(|p| opts(p).progress);
+    let reached: Vec<std::sync::Arc<AtomicU64>> = (0..side_by_side).map(|_| Default::default()).collect();
+    let working = AtomicUsize::new(side_by_side);
     std::thread::scope(|scope| {
-        for _ in 0..side_by_side {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(p) = programs.get(i) else { break };
-                let r = run(p, &EngineOptions { threads: per_run, ..opts(p) });
-                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        for mine in &reached {
+            let (next, results, working, shown) = (&next, &results, &working, &shown);
+            scope.spawn(move || {
+                // Counted out even if the run panics, so that the progress thread stops.
+                struct Out<'a>(&'a AtomicUsize);
+                impl Drop for Out<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::Release);
+                    }
+                }
+                let _out = Out(working);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = programs.get(i) else { break };
+                    let progress = shown.as_ref().map(|_| std::sync::Arc::clone(mine));
+                    let r = run(p, &EngineOptions { threads: per_run, progress, ..opts(p) });
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            });
+        }
+        if let Some(shown) = &shown {
+            let (reached, working) = (&reached, &working);
+            scope.spawn(move || {
+                while working.load(Ordering::Acquire) > 0 {
+                    shown
+                        .store(reached.iter().map(|r| r.load(Ordering::Relaxed)).max().unwrap_or(0), Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             });
         }
     });
+    if let Some(shown) = &shown {
+        shown.store(reached.iter().map(|r| r.load(Ordering::Relaxed)).max().unwrap_or(0), Ordering::Relaxed);
+    }
     results
         .into_iter()
         .map(|m| {
