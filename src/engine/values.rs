@@ -1908,7 +1908,7 @@ fn topk_stats(row: &[f32], co: u64, cl: u64, k: u64) -> Vec<f32> {
 
 /// The dispatch layout (`Route::dispatch`) of the routing the probabilities `probs` (`[rows,
 /// experts]`, zero off each token's top k) give: each token's k experts by probability, the highest
-/// first, ties to the lower expert (the order of their logits, as the reference chooses them).
+/// first, ties to the lower expert (as the reference ranks them, `functional::reference::moe_topk`).
 fn routing(route: &crate::graph::Route, probs: &[f32]) -> crate::graph::Dispatch {
     let e = route.experts as usize;
     let chosen: Vec<Vec<usize>> = probs

@@ -274,6 +274,14 @@ impl<T: Real> Ctx<'_, T> {
         }
     }
 
+    /// `x` as tensor `t` stores it (rounded to its fp16/bf16 storage where the run rounds).
+    fn stored(&self, t: TensorId, x: T) -> T {
+        match (self.opts.precision, self.graph.tensor(t).elem) {
+            (Precision::Storage, Elem::Float(d @ (DType::Fp16 | DType::Bf16))) => T::from_f32(round_to(d, x.to_f32())),
+            _ => x,
+        }
+    }
+
     fn f(&self, t: TensorId) -> Result<&[T], FunctionalError> {
         match self.vals[t.idx()].as_ref() {
             Some(Value::F(v)) => Ok(v),
@@ -517,7 +525,8 @@ impl<T: Real> Ctx<'_, T> {
                 one(dx)
             }
             OpKind::MoeTopK(r) => {
-                let (probs, routing) = moe_topk(&r, self.f(ins[0])?);
+                let stored = |p: T| self.stored(op.outputs[0], p);
+                let (probs, routing) = moe_topk(&r, self.f(ins[0])?, &stored);
                 self.dropped.push((op.name.clone(), routing.dropped));
                 // The routing belongs to the probabilities; everything downstream of them inherits it.
                 self.routing[op.outputs[0].idx()] = Some(Rc::new(routing));
@@ -1023,8 +1032,12 @@ fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], 
 /// Mixtral's routing: the top k experts by router logit (ties to the lower index; the softmax over all
 /// experts keeps their order), their probabilities renormalised over the k (a softmax over the chosen
 /// logits, which is Mixtral's `softmax`, `topk`, divide by the sum); and the dispatch layout
-/// (`Route::dispatch`, with its capacity and drops).
-fn moe_topk<T: Real>(r: &Route, logits: &[T]) -> (Vec<T>, Routing) {
+/// (`Route::dispatch`, with its capacity and drops). A token's choices are ranked (first choices take
+/// capacity before second ones) by their probabilities as stored (`stored`: rounded to the storage
+/// dtype in a rounding run), ties to the lower expert: what the wafer, which derives the routing from
+/// the stored probabilities it receives, can tell apart. In bf16 two chosen experts' probabilities
+/// often round to one value where their logits differ.
+fn moe_topk<T: Real>(r: &Route, logits: &[T], stored: &dyn Fn(T) -> T) -> (Vec<T>, Routing) {
     let (rows, e, k) = (r.rows as usize, r.experts as usize, r.top_k as usize);
     let mut probs = vec![T::zero(); rows * e];
     let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(rows);
@@ -1042,6 +1055,9 @@ fn moe_topk<T: Real>(r: &Route, logits: &[T]) -> (Vec<T>, Routing) {
         for &x in &top {
             probs[t * e + x] = (row[x] - m).exp() / sum;
         }
+        let rank = |x: usize| stored(probs[t * e + x]);
+        let mut top = top;
+        top.sort_by(|&a, &b| rank(b).partial_cmp(&rank(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
         chosen.push(top);
     }
     let d = r.dispatch(&chosen);
@@ -1061,4 +1077,25 @@ fn moe_topk<T: Real>(r: &Route, logits: &[T]) -> (Vec<T>, Routing) {
     let slots =
         d.copies.into_iter().map(|cs| cs.into_iter().filter_map(|(ex, row)| row.map(|r| (ex, r))).collect()).collect();
     (probs, Routing { slots, segments, dropped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token's choices are ranked by their probabilities as stored: two experts whose logits differ
+    /// but whose bf16 probabilities round to one value rank the lower expert first, as the wafer, which
+    /// sees only the stored probabilities, ranks them; unrounded, the higher logit comes first.
+    #[test]
+    fn choices_rank_by_their_stored_probabilities() {
+        let r = Route { rows: 1, width: 8, experts: 4, top_k: 2, capacity_pct: 200 };
+        let logits = [0.0f32, 0.001, -5.0, -5.0];
+        let first = |stored: &dyn Fn(f32) -> f32| -> Vec<usize> {
+            let (probs, routing) = moe_topk(&r, &logits, stored);
+            assert!(probs[2] == 0.0 && probs[3] == 0.0, "experts 0 and 1 are the top 2: {probs:?}");
+            routing.slots[0].iter().map(|&(e, _)| e).collect()
+        };
+        assert_eq!(first(&|p| p), [1, 0]);
+        assert_eq!(first(&|p| round_to(DType::Bf16, p)), [0, 1]);
+    }
 }
