@@ -1844,36 +1844,22 @@ fn scatter_frags(tensor: u32, cols: u64, mut vals: Vec<(u64, f32)>, src: u32) ->
     out
 }
 
-/// Values at flat positions `lo ..` of a tensor with rows of `cols`, as one fragment per row touched.
 /// One PE's block of a matmul: `rows` rows of `x` (each the `kl` values of the contraction slice
 /// starting at `k0`) times the weight's columns `n0..n0 + nl`, summed over k in increasing order.
 /// The weight is `[k, n]`, or `[n, k]` when `w_out_in`; its values are rounded to the storage type.
+/// (A grouped linear of one slot whose expert is the weight itself.)
 #[allow(clippy::too_many_arguments)]
 fn block_matmul(
     x: &[f32],
     wv: &[f32],
     rows: u64,
-    (k0, kl): (u64, u64),
-    (n0, nl): (u64, u64),
-    (k, n): (u64, u64),
+    kr: (u64, u64),
+    nr: (u64, u64),
+    kn: (u64, u64),
     w_out_in: bool,
     st: Storage,
 ) -> Vec<f32> {
-    let mut acc = vec![0f32; (rows * nl) as usize];
-    for i in 0..rows as usize {
-        let xr = &x[i * kl as usize..(i + 1) * kl as usize];
-        for j in 0..nl {
-            let col = n0 + j;
-            let mut s = 0f32;
-            for (kk, &xv) in xr.iter().enumerate() {
-                let kk = k0 + kk as u64;
-                let wi = if w_out_in { col * k + kk } else { kk * n + col };
-                s += xv * st.round(wv[wi as usize]);
-            }
-            acc[i * nl as usize + j as usize] = s;
-        }
-    }
-    acc
+    grouped_matmul(x, wv, &[0.0], rows, kr, nr, kn, w_out_in, st)
 }
 
 /// Adds a run's rank update `x^T dy` to a weight-gradient block: `x` is `rows x kl`, `dy` is
@@ -1959,6 +1945,7 @@ fn grouped_matmul(
     acc
 }
 
+/// Values at flat positions `lo ..` of a tensor with rows of `cols`, as one fragment per row touched.
 fn flat_frags(tensor: u32, cols: u64, lo: u64, vals: &[f32], src: u32) -> Vec<Frag> {
     let mut out = Vec::new();
     let (mut p, mut i) = (lo, 0usize);
