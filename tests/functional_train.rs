@@ -10,16 +10,14 @@ mod support;
 use std::sync::Arc;
 
 use support::wafer;
-use waferscale::compile::{compile_model, CompileOptions};
 use waferscale::engine::values::Setup;
 use waferscale::engine::{self, EngineOptions, EngineRun, Fidelity};
+use waferscale::functional;
 use waferscale::functional::mesh::MeshOutput;
 use waferscale::functional::weights::Weights;
-use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
 use waferscale::graph::OpKind;
-use waferscale::hw::WaferHw;
 use waferscale::mesh::data::TaskData;
-use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
+use waferscale::model::{DType, Model};
 
 const TINY: [&str; 4] = ["gpt-tiny", "llama-tiny", "neox-tiny", "gptj-tiny"];
 
@@ -33,30 +31,9 @@ struct Step {
 }
 
 fn step(name: &str, mesh: u32, seq: u64, dtype: DType) -> Step {
-    let model = model::load(name).expect("model");
-    let args = WorkloadArgs {
-        phase: Some(Phase::Train),
-        seq: Some(seq),
-        dtype: Some(dtype),
-        batch: Some(1),
-        ..WorkloadArgs::default()
-    };
-    let w = args.resolve(&model).expect("workload");
-    let doc = waferscale::hw::load_with_overrides("wse2", &[]).expect("wse2");
-    let hw = WaferHw::from_doc(&doc).expect("wafer").with_mesh(mesh, mesh).expect("mesh");
-    let (_, c) = compile_model(&model, &w, &hw, &CompileOptions::default()).expect("compile");
-    let mut progs = c.step_programs().expect("programs");
+    let (model, mut progs, run, numerics) = support::seeded_train_step(name, mesh, seq, dtype, None);
     assert_eq!(progs.len(), 1, "{name}: pipelined training is one program");
     let prog = progs.remove(0).1;
-    let vocab = match &model {
-        Model::Transformer(s) => s.vocab,
-        Model::Op(_) => unreachable!("a transformer"),
-    };
-    let tokens = Tokens::seeded(3, 1, seq as usize, vocab);
-    let precision = if dtype == DType::Fp32 { Precision::Exact } else { Precision::Storage };
-    let opts = Options { precision, ..Options::default() };
-    let run = functional::run::<f32>(&model, &w, &WeightSource::Seeded(7), &tokens, &opts).expect("reference");
-    let numerics = functional::numerics_of(&model).expect("numerics");
     Step { model, prog, run, numerics }
 }
 

@@ -14,7 +14,7 @@ use support::{check_error, functional_json, run_json, wafer};
 use waferscale::compile::{compile_model, CompileOptions, Mode};
 use waferscale::engine::{self, EngineOptions, Fidelity};
 use waferscale::functional::mesh::{MeshOutput, Phased};
-use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
+use waferscale::functional::{self, Options, Tokens, WeightSource};
 use waferscale::graph::OpKind;
 use waferscale::hw::WaferHw;
 use waferscale::mesh::data::{Kernel, LoopMap, TaskData};
@@ -113,31 +113,9 @@ fn train_step(name: &str, mesh: u32, dtype: DType) -> TrainStep {
 }
 
 fn train_step_of(name: &str, mesh: u32, dtype: DType, seq: u64) -> TrainStep {
-    let model = model::load(name).expect("model");
-    let args = WorkloadArgs {
-        phase: Some(Phase::Train),
-        seq: Some(seq),
-        dtype: Some(dtype),
-        batch: Some(1),
-        ..WorkloadArgs::default()
-    };
-    let w = args.resolve(&model).expect("workload");
-    let doc = waferscale::hw::load_with_overrides("wse2", &[]).expect("wse2");
-    let hw = WaferHw::from_doc(&doc).expect("wafer").with_mesh(mesh, mesh).expect("mesh");
-    let opts = CompileOptions { mode: Some(Mode::WeightStreaming), ..CompileOptions::default() };
-    let (_, c) = compile_model(&model, &w, &hw, &opts).expect("compile");
-    let programs = c.step_programs().expect("programs");
+    let (_, programs, run, numerics) = support::seeded_train_step(name, mesh, seq, dtype, Some(Mode::WeightStreaming));
     let names: Vec<&str> = programs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["forward", "backward"], "{name}: weight-streaming training runs as two phases");
-    let vocab = match &model {
-        Model::Transformer(s) => s.vocab,
-        Model::Op(_) => unreachable!("a transformer"),
-    };
-    let tokens = Tokens::seeded(3, 1, seq as usize, vocab);
-    let precision = if dtype == DType::Fp32 { Precision::Exact } else { Precision::Storage };
-    let fopts = Options { precision, ..Options::default() };
-    let run = functional::run::<f32>(&model, &w, &WeightSource::Seeded(7), &tokens, &fopts).expect("reference");
-    let numerics = functional::numerics_of(&model).expect("numerics");
     TrainStep { programs, run, numerics }
 }
 

@@ -67,3 +67,44 @@ pub fn functional_json(args: &[&str]) -> (serde_json::Value, f64, String) {
     let err = check_error(&stderr, CHECK_LINE);
     (v, err, stderr)
 }
+
+/// One seeded training step of `name` (batch 1 x `seq`, `dtype`) on a `mesh` x `mesh` WSE-2 rectangle,
+/// compiled in `mode` (None: the compiler's choice), with the reference's run of the same step
+/// (tokens seeded 3, weights seeded 7; fp16/bf16 rounded as stored): (model, the step's programs,
+/// the reference's run, numerics).
+pub fn seeded_train_step(
+    name: &str,
+    mesh: u32,
+    seq: u64,
+    dtype: waferscale::model::DType,
+    mode: Option<waferscale::compile::Mode>,
+) -> (
+    waferscale::model::Model,
+    Vec<(String, waferscale::mesh::MeshProgram)>,
+    waferscale::functional::Run<f32>,
+    waferscale::functional::Numerics,
+) {
+    use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
+    use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
+    let model = model::load(name).expect("model");
+    let args = WorkloadArgs {
+        phase: Some(Phase::Train),
+        seq: Some(seq),
+        dtype: Some(dtype),
+        batch: Some(1),
+        ..Default::default()
+    };
+    let w = args.resolve(&model).expect("workload");
+    let doc = waferscale::hw::load_with_overrides("wse2", &[]).expect("wse2");
+    let hw = waferscale::hw::WaferHw::from_doc(&doc).expect("wafer").with_mesh(mesh, mesh).expect("mesh");
+    let opts = waferscale::compile::CompileOptions { mode, ..Default::default() };
+    let (_, c) = waferscale::compile::compile_model(&model, &w, &hw, &opts).expect("compile");
+    let programs = c.step_programs().expect("programs");
+    let Model::Transformer(spec) = &model else { panic!("{name}: not a transformer") };
+    let tokens = Tokens::seeded(3, 1, seq as usize, spec.vocab);
+    let precision = if dtype == DType::Fp32 { Precision::Exact } else { Precision::Storage };
+    let fopts = Options { precision, ..Options::default() };
+    let run = functional::run::<f32>(&model, &w, &WeightSource::Seeded(7), &tokens, &fopts).expect("reference");
+    let numerics = functional::numerics_of(&model).expect("numerics");
+    (model, programs, run, numerics)
+}
