@@ -57,6 +57,8 @@ impl Error {
             // (reported with what each blocked PE waits for). An invalid program or a broken invariant
             // is a bug.
             Error::Engine(crate::engine::EngineError::Deadlock(_)) => EXIT_BAD_INPUT,
+            // Too large a run for this host: the user's request, not a bug.
+            Error::Engine(crate::engine::EngineError::Memory(_)) => EXIT_BAD_INPUT,
             Error::Engine(_) => EXIT_INTERNAL,
             Error::Trace(t) if t.is_user_error() => EXIT_BAD_INPUT,
             Error::Trace(_) => EXIT_INTERNAL,

@@ -108,3 +108,27 @@ fn bad_run_options() {
     check("compare-output-into-missing-dir", &["compare", "gpt-tiny", "--mesh", "16x16", "-o", "no-such-dir/c.txt"]);
     check("demo-threads-zero", &["demo", "--model", "gpt-tiny", "--mesh", "16x16", "--threads", "0"]);
 }
+
+/// A run that outgrows the memory limit (`--max-memory`; by default 90% of what the host had
+/// available) stops with exit code 2 and says why, instead of being killed by the OOM killer; it
+/// writes no report or trace. A limit below what the process holds at its first window stops it there.
+#[test]
+fn a_run_over_the_memory_limit_stops_with_exit_2() {
+    let dir = std::env::temp_dir().join(format!("wafer-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, trace) = (dir.join("r.json"), dir.join("r.wtrace"));
+    let (o, t) = (out.to_str().unwrap(), trace.to_str().unwrap());
+    for functional in [false, true] {
+        let mut args = vec!["run", "gpt-tiny", "--mesh", "32x32", "--max-memory", "1MB", "-o", o, "--trace", t];
+        if functional {
+            args.extend(["--dtype", "fp32", "--functional"]);
+        }
+        let (code, _, err) = support::wafer(&args);
+        assert_eq!(code, 2, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("the emulation stopped at cycle") && err.contains("over the limit of 1 MB"), "{err}");
+        assert_eq!(err.contains("a functional run keeps every value each PE stores"), functional, "{err}");
+        assert!(!out.exists() && !trace.exists(), "{err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -77,6 +77,7 @@ pub fn compare(cmd: &CompareCmd, quiet: bool) -> Result<Comparison, Error> {
         func: Default::default(),
     };
     let p = prepare(&run_cmd)?;
+    cmd.engine.set_memory_limit();
     let (fidelity, threads) = (cmd.engine.fidelity(), cmd.engine.threads());
     let em = emulate(&p, fidelity, threads, quiet, None)?;
     let wafer = report(&p, &em, threads, started.elapsed())?;

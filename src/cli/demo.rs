@@ -51,7 +51,7 @@ fn say(s: &str) -> Result<(), Error> {
 
 pub fn run(cmd: DemoCmd) -> Result<(), Error> {
     let started = Instant::now();
-    let engine = EngineFlags { fidelity: FidelityArg::Fast, threads: cmd.threads };
+    let engine = EngineFlags { fidelity: FidelityArg::Fast, threads: cmd.threads, max_memory: None };
     let threads = engine.threads();
     let run_cmd = RunCmd {
         model: cmd.model.clone(),

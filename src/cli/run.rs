@@ -36,9 +36,19 @@ pub struct EngineFlags {
     /// Engine threads [default: the cores available]. Results do not depend on it.
     #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
+    /// Stop with an error (exit 2) once the emulation holds more memory than this, e.g. 8GB
+    /// [default: 90% of the memory available when the run starts].
+    #[arg(long, value_name = "BYTES", value_parser = waferscale::trace::parse_bytes)]
+    pub max_memory: Option<u64>,
 }
 
 impl EngineFlags {
+    /// Applies `--max-memory` to the engine's memory guard (`engine::memory`), for the whole process.
+    pub fn set_memory_limit(&self) {
+        if let Some(b) = self.max_memory {
+            waferscale::engine::memory::set_limit(b);
+        }
+    }
     pub fn fidelity(&self) -> Fidelity {
         match self.fidelity {
             FidelityArg::Detailed => Fidelity::Detailed,
@@ -378,14 +388,7 @@ pub fn write_traces(
 
 /// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        })
-        .map_or(0, |kb| kb * 1024)
+    waferscale::engine::memory::status_bytes("VmHWM:").unwrap_or(0)
 }
 
 pub fn default_threads() -> usize {
@@ -398,6 +401,7 @@ pub fn run(cmd: RunCmd) -> Result<(), Error> {
         check_output_path(path)?;
     }
     let p = prepare(&cmd)?;
+    cmd.engine.set_memory_limit();
     let (fidelity, threads) = (cmd.engine.fidelity(), cmd.engine.threads());
     let trace_opts = waferscale::trace::TraceOptions {
         budget_bytes: cmd.trace_budget.unwrap_or(waferscale::trace::DEFAULT_BUDGET_BYTES),

@@ -13,6 +13,7 @@
 mod credit;
 pub mod fast;
 mod link;
+pub mod memory;
 mod queue;
 pub mod record;
 pub mod report;
@@ -203,6 +204,9 @@ pub enum EngineError {
     /// An end-of-run invariant failed.
     #[error("engine invariant violated: {0}")]
     Invariant(String),
+    /// The run outgrew the memory limit (`memory`): stopped before the host's OOM killer stops it.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// The outcome of one run.

@@ -1898,6 +1898,25 @@ impl Board {
     }
 }
 
+/// What a run that outgrew the host's memory (`memory::Guard`) reports.
+fn memory_message(cycle: u64, rss: u64, limit: u64, values: bool, pes: u32) -> String {
+    let gb = |b: u64| if b >= 10_000_000_000 { format!("{:.1} GB", b as f64 / 1e9) } else { format!("{} MB", b / 1_000_000) };
+    let hint = if values {
+        format!(
+            "; a functional run keeps every value each PE stores, and on {pes} PEs that outgrows this host: use a \
+             smaller --mesh or fewer tokens (--seq), or run without --functional"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "the emulation stopped at cycle {cycle}: it holds {} of memory, over the limit of {} (--max-memory; by \
+         default 90% of the memory this machine had available){hint}",
+        gb(rss),
+        gb(limit)
+    )
+}
+
 /// Runs all partitions to completion with `threads` worker threads; returns the last event's cycle.
 pub(crate) fn run_parts(
     sh: &Shared,
@@ -1911,6 +1930,10 @@ pub(crate) fn run_parts(
         }
     };
     let threads = threads.clamp(1, parts.len().max(1));
+    let mut guard = super::memory::Guard::new();
+    let values = parts.iter().any(|p| p.vals.is_some());
+    let pes = sh.n_pes;
+    let outgrown = |t: u64, (rss, limit): (u64, u64)| EngineError::Memory(memory_message(t, rss, limit, values, pes));
     let mut board = Board::new(parts);
     if threads == 1 {
         let mut end = 0;
@@ -1921,6 +1944,7 @@ pub(crate) fn run_parts(
                 board.run(sh, i as usize, &mut parts[i as usize], t);
             }
             board.settle(&mut |i, f| f(&mut parts[i]))?;
+            guard.check().map_err(|e| outgrown(t, e))?;
         }
         return Ok(end);
     }
@@ -1984,6 +2008,9 @@ pub(crate) fn run_parts(
             }
             if let Err(e) = board.settle(&mut |i, f| f(&mut lock(&cells[i]))) {
                 break Err(e);
+            }
+            if let Err(e) = guard.check() {
+                break Err(outgrown(t, e));
             }
             publish(t);
         };

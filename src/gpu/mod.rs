@@ -980,14 +980,7 @@ fn mode_text(p: &Parallel) -> String {
 
 /// Peak resident memory of this process (Linux; 0 elsewhere): host information only.
 fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        })
-        .map_or(0, |kb| kb * 1024)
+    crate::engine::memory::status_bytes("VmHWM:").unwrap_or(0)
 }
 
 /// Lowered kernels of a run, for tests and tools that inspect the lowering.
