@@ -670,3 +670,30 @@ fn weight_streams_spread_over_every_io_channel() {
         }
     }
 }
+
+/// Partial sums travel in fp32 whatever the storage dtype, one value per 32-bit wavelet, as the sums
+/// they are part of accumulate in fp32 (`mesh::ACC_BYTES`); only a finished result leaves in the
+/// storage dtype. A MeshGEMV's chains (each PE's partial row to the next, `mm` and `tree`) send as
+/// many wavelets in fp16 as in fp32, where its streamed x takes half as many.
+#[test]
+fn partial_sums_travel_in_fp32() {
+    let sends = |dtype: DType| -> Vec<(String, u64)> {
+        let m = model::load("gemv:4096x4096").unwrap();
+        let w = WorkloadArgs { dtype: Some(dtype), ..Default::default() }.resolve(&m).unwrap();
+        let g = graph::build(&m, &w).unwrap();
+        let c = compile::compile(&g, &hw("wse2", &[], Some((64, 64))), &opts(None, true)).unwrap();
+        let p = c.program();
+        let mut out: Vec<(String, u64)> = p
+            .templates
+            .iter()
+            .flat_map(|t| t.tasks.iter().flat_map(|k| k.sends.iter().map(|s| (k.name.clone(), s.wavelets))))
+            .filter(|(name, _)| name == "mm" || name == "tree")
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    };
+    let (half, full) = (sends(DType::Fp16), sends(DType::Fp32));
+    assert!(half.iter().any(|(n, _)| n == "mm") && half.iter().any(|(n, _)| n == "tree"), "{half:?}");
+    assert_eq!(half, full);
+}

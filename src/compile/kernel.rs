@@ -1963,11 +1963,13 @@ fn prog_tree(p: &mut Prog) {
         if n_c == 0 || (role == 0 && kr.q + rk[2] == 0) {
             return Some((format!("{}.idle", st.name), p.drain_row(band, runs, xb)));
         }
-        let w_p = wl(rr * n_c, eb);
+        let w_p = wl(rr * n_c, ACC_BYTES); // partial sums travel in fp32
         if role > 0 {
             // A reducer: drains the multicasts it does not use, adds the partial sums as they arrive.
             let mut pe = p.drain_row(band, runs, xb);
             let bias_flops = if role == 2 && bias { rr * n_c } else { 0 };
+            // The last reducer's sums are finished: they leave in the storage dtype.
+            let w_out = if role == 2 { wl(rr * n_c, eb) } else { w_p };
             let red = |color_in: ColorId, color_out: ColorId, runs: u32| {
                 task(
                     if role == 1 { "red1" } else { "red2" },
@@ -1975,7 +1977,7 @@ fn prog_tree(p: &mut Prog) {
                     arith(eb),
                     (sources.saturating_sub(1) * rr * n_c + bias_flops).max(1),
                     Some(color_in),
-                    vec![send(color_out, w_p, true)],
+                    vec![send(color_out, w_out, true)],
                     runs,
                     bias_flops,
                 )
@@ -2534,7 +2536,7 @@ fn prog_single_gemv(p: &mut Prog) {
         if k_r == 0 || n_c == 0 {
             return None;
         }
-        let w_p = wl(n_c, eb);
+        let w_p = wl(n_c, ACC_BYTES); // partial sums travel in fp32
         let own = p.ac(rpar as u32);
         let incoming = p.ac(1 - rpar as u32);
         let mut pe = Pe::default();

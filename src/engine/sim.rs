@@ -1900,7 +1900,13 @@ impl Board {
 
 /// What a run that outgrew the host's memory (`memory::Guard`) reports.
 fn memory_message(cycle: u64, rss: u64, limit: u64, values: bool, pes: u32) -> String {
-    let gb = |b: u64| if b >= 10_000_000_000 { format!("{:.1} GB", b as f64 / 1e9) } else { format!("{} MB", b / 1_000_000) };
+    let gb = |b: u64| {
+        if b >= 10_000_000_000 {
+            format!("{:.1} GB", b as f64 / 1e9)
+        } else {
+            format!("{} MB", b / 1_000_000)
+        }
+    };
     let hint = if values {
         format!(
             "; a functional run keeps every value each PE stores, and on {pes} PEs that outgrows this host: use a \

@@ -13,8 +13,12 @@
 //! so values do not depend on timing or on the thread count.
 //!
 //! Rounding model: arithmetic in fp32 (sums over k in increasing order within a PE, partial sums added
-//! in sender order); values stored in SRAM and sent in wavelets are rounded to the storage dtype
-//! (fp16/bf16: nearest even) when the program's dtype is narrower than fp32.
+//! in sender order); values stored in SRAM and finished values sent in wavelets are rounded to the
+//! storage dtype (fp16/bf16: nearest even) when the program's dtype is narrower than fp32. Partial sums
+//! (`Frag::cover` > 0: a MeshGEMV's chains and reducers, row statistics, column sums) are accumulators
+//! and travel in fp32, one value per 32-bit wavelet, as the compiler counts them (`mesh::ACC_BYTES`):
+//! rounding them at every hop made a sum's error grow with the length of its reduction chain (a MoE
+//! router's logits, a norm's dgamma over 128 tokens), past what the training bound allows.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -427,7 +431,7 @@ impl PartValues {
         let st = self.setup.storage;
         frags
             .iter()
-            .map(|f| match self.setup.ints.contains(&f.tensor) || f.tensor == ROUTING {
+            .map(|f| match self.setup.ints.contains(&f.tensor) || f.tensor == ROUTING || f.cover > 0 {
                 true => f.clone(),
                 false => Frag { vals: f.vals.iter().map(|&v| st.round(v)).collect(), ..f.clone() },
             })
