@@ -104,7 +104,8 @@ pub enum Layout {
     /// One program per wafer, run together (multi-wafer pipelined inference): `mesh::Cluster`.
     Wafers,
     /// Programs run one after the other on one wafer (weight-streaming training: forward, then
-    /// backward): `mesh::Phases`.
+    /// backward, or head-backward and backward when the backward pass does not fit at once):
+    /// `mesh::Phases`.
     Phases,
 }
 
