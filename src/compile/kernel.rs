@@ -3017,8 +3017,16 @@ pub(crate) fn weight_band_values(st: &Stage, t: &Tiling, a: u32, b: u32, rows: b
             let tree = Tree::new(rc);
             let kr = split(*k, tree.compute_rows());
             let nc = split(*cols, c);
-            let krs: u64 =
-                (r_range.0..r_range.1).filter(|&r| tree.role(r) == 0).map(|r| kr.at(tree.compute_index(r))).sum();
+            // The band's compute rows, counted from the first's index (one pass: `compute_index` per row
+            // would walk every row above it, quadratic in the rows for each of the region's columns).
+            let mut i = tree.compute_index(r_range.0);
+            let mut krs = 0;
+            for r in r_range.0..r_range.1 {
+                if tree.role(r) == 0 {
+                    krs += kr.at(i);
+                    i += 1;
+                }
+            }
             krs * (c_range.0..c_range.1).map(|x| nc.at(x)).sum::<u64>()
         }
         (Work::Matmul { k, cols, .. }, Algo::GemvBroadcast) => {

@@ -177,9 +177,11 @@ fn attempt_mode(
             }
         })
         .collect();
-    let groups = if phased { 2 } else { wafers };
+    let mut group_of = group_of;
+    let mut groups = if phased { 2 } else { wafers };
     let mut outs = Vec::new();
-    for w in 0..groups {
+    let mut w = 0;
+    while w < groups {
         let local: Vec<usize> = (0..st.stages.len()).filter(|&i| group_of[i] == w).collect();
         let map: BTreeMap<usize, usize> = local.iter().enumerate().map(|(i, &s)| (s, i)).collect();
         let mut stages: Vec<Stage> = local.iter().map(|&i| st.stages[i].clone()).collect();
@@ -227,13 +229,30 @@ fn attempt_mode(
         let out = match compile_wafer(g, hw, &k, mode, wafer, phase, stages.clone(), streams.clone(), cut, true) {
             Err(CompileError::Colors { stream, .. }) => {
                 let mut o = compile_wafer(g, hw, &k, mode, wafer, phase, stages, streams, cut, false)?;
-                let w = rows_only_warning(hw, &o.ports, &stream, phased.then_some(phase))?;
+                let w = rows_only_warning(hw, &o.ports, &stream, phased.then_some((phase, groups)))?;
                 o.notes.push(w);
-                o
+                Ok(o)
             }
+            r => r,
+        };
+        let out = match out {
+            // The backward pass does not fit the wafer at once: the once-stages before its layer loop
+            // (the model's head: loss gradient, LM head gradients, final norm gradient) take the whole
+            // wafer in a phase of their own, as weight streaming runs any layer, and the loop follows in a
+            // third phase; what crosses (the head's input gradient) goes out to MemoryX and comes back.
+            Err(e) if phased && groups == 2 && w == 1 && fits_error(&e) => match split_head(&st.stages, &group_of) {
+                Some(split) => {
+                    group_of = split;
+                    groups = 3;
+                    continue;
+                }
+                None => return Err(e),
+            },
+            Err(e) if groups == 3 && w == 2 => return Err(after_split(e)),
             r => r?,
         };
         outs.push(out);
+        w += 1;
     }
     // Link the ports of streams that cross wafers.
     let mut cross: BTreeMap<usize, Vec<(u32, PortId, bool)>> = BTreeMap::new();
@@ -274,7 +293,7 @@ fn attempt_mode(
         mode: mode.name().into(),
         mode_reason: reason,
         wafers,
-        phases: if phased { 2 } else { 1 },
+        phases: if phased { groups } else { 1 },
         micro_batches: 1,
         layers_folded: st.layers,
         bands: outs.iter().map(|o| o.bands).max().unwrap_or(1),
@@ -298,6 +317,35 @@ fn attempt_mode(
         },
         micro_batches: 1,
     })
+}
+
+/// A failure to fit the wafer (SRAM, mesh size), which a phase with fewer stages may not have.
+fn fits_error(e: &CompileError) -> bool {
+    matches!(e, CompileError::Sram { .. } | CompileError::MeshTooSmall { .. })
+}
+
+/// A failure to fit the backward layer loop's phase says that the head's backward already has its own.
+fn after_split(e: CompileError) -> CompileError {
+    const WHERE: &str =
+        "the backward layer loop's phase, the head's backward already split off into a phase of its own";
+    match e {
+        CompileError::Sram { op, class, needed, available, sram, reserve, hint } => {
+            CompileError::Sram { op, class: format!("{class}; in {WHERE}"), needed, available, sram, reserve, hint }
+        }
+        CompileError::MeshTooSmall { what, hint } => {
+            CompileError::MeshTooSmall { what: format!("{WHERE}: {what}"), hint }
+        }
+        e => e,
+    }
+}
+
+/// The groups of a weight-streaming training step with its backward phase (group 1) split in two: the
+/// once-stages before the backward layer loop stay in group 1, the loop and everything after it go to
+/// group 2. None when either part would be empty (nothing to gain from splitting).
+fn split_head(stages: &[Stage], group_of: &[u32]) -> Option<Vec<u32>> {
+    let first_loop = stages.iter().zip(group_of).position(|(s, &g)| g == 1 && s.lp != Loop::Once)?;
+    let head = (0..first_loop).any(|i| group_of[i] == 1);
+    head.then(|| (0..stages.len()).map(|i| if group_of[i] == 1 && i >= first_loop { 2 } else { group_of[i] }).collect())
 }
 
 /// The plan's one-line description of a workload.
@@ -485,7 +533,7 @@ fn rows_only_warning(
     hw: &WaferHw,
     ports: &[PlanPort],
     stream: &str,
-    phase: Option<u32>,
+    phase: Option<(u32, u32)>,
 ) -> Result<String, CompileError> {
     use crate::report::fmt::human;
     let all = io::channels(hw)?;
@@ -495,11 +543,7 @@ fn rows_only_warning(
     let bytes: u64 = used.iter().map(|p| p.bytes).sum();
     let most = used.iter().map(|p| p.bytes).max().unwrap_or(0);
     let even = bytes as f64 / all.len().max(1) as f64;
-    let phase = match phase {
-        Some(0) => " (forward phase)",
-        Some(_) => " (backward phase)",
-        None => "",
-    };
+    let phase = phase.map_or(String::new(), |(i, n)| format!(" ({} phase)", super::phase_name(i as usize, n as usize)));
     Ok(format!(
         "warning: weights spread over every IO channel ran out of router colors{phase} (stream `{stream}`): they \
          come through the channels on their regions' rows only, {} of the {} channels ({}/s of {}/s; {} channels \
@@ -1163,10 +1207,23 @@ fn compile_wafer(
                     let kernel = Kernel::Gather { ids, table: slot_t.0, width: *width, rows_per_run, out };
                     pw.data.push(TaskData::Kernel(kernel));
                 } else {
+                    let (send_first, send_count) = (iters.0 as u64, iters.1 as u64);
                     let v = data::view(g, slot_t);
                     let rows = data::view_rows(g, slot_t, &v);
                     let iters = loop_of[b].map_or(0, |lp| loops[lp as usize].maps.len() as u64);
                     pw.data.push(match loop_of[b] {
+                        // Restored into some iterations of the loop only (a gradient from a phase before
+                        // the loop into its first iteration): those iterations' tensors, in their order.
+                        Some(lp)
+                            if peer == PeerKind::MemoryX
+                                && send_count < iters
+                                && send_count > 0
+                                && (repeat as u64).is_multiple_of(send_count) =>
+                        {
+                            let per_iter = repeat as u64 / send_count;
+                            let kernel = Kernel::Source { view: v, rows_per_run: rows / per_iter.max(1) };
+                            TaskData::Looped { kernel, lp, per_iter, stride: 1, offset: send_first * per_iter }
+                        }
                         // Saved by the forward phase, restored into the backward loop: one iteration's
                         // layer per iteration (the loop map's).
                         Some(lp) if peer == PeerKind::MemoryX && iters > 1 && (repeat as u64).is_multiple_of(iters) => {

@@ -104,7 +104,8 @@ pub enum Layout {
     /// One program per wafer, run together (multi-wafer pipelined inference): `mesh::Cluster`.
     Wafers,
     /// Programs run one after the other on one wafer (weight-streaming training: forward, then
-    /// backward): `mesh::Phases`.
+    /// backward, or head-backward and backward when the backward pass does not fit at once):
+    /// `mesh::Phases`.
     Phases,
 }
 
@@ -134,12 +135,14 @@ impl Compiled {
     }
     /// What the engine runs for one step, in order, each with its phase name: one program (`""`), all
     /// wafers side by side as one (`""`), or one per phase of a weight-streaming training step
-    /// (`forward`, then `backward`: nothing stays on the wafer between them). A micro-batched step runs
+    /// (`forward`, then `backward`, with `head-backward` between them when the backward pass runs in two
+    /// phases: nothing stays on the wafer between them). A micro-batched step runs
     /// these `micro_batches` times (see `engine::report::build_step`).
     pub fn step_programs(&self) -> Result<Vec<(String, MeshProgram)>, CompileError> {
         Ok(match self.layout {
             Layout::Phases => {
-                self.programs.iter().enumerate().map(|(i, p)| (phase_name(i).to_string(), p.clone())).collect()
+                let n = self.programs.len();
+                self.programs.iter().enumerate().map(|(i, p)| (phase_name(i, n).to_string(), p.clone())).collect()
             }
             Layout::Wafers if self.programs.len() > 1 => {
                 vec![(String::new(), self.cluster().concat().map_err(CompileError::Internal)?)]
@@ -149,13 +152,9 @@ impl Compiled {
     }
 }
 
-/// The name of phase `i` of a phased step (as the plan printer names them).
-pub fn phase_name(i: usize) -> &'static str {
-    if i == 0 {
-        "forward"
-    } else {
-        "backward"
-    }
+/// The name of phase `i` of a phased step of `n` phases (as the plan printer names them).
+pub fn phase_name(i: usize, n: usize) -> &'static str {
+    crate::report::phase_name(i as u32, n as u32)
 }
 
 /// Errors of the compiler. Limits of the machine and bad requests are the user's (exit 2); an internal

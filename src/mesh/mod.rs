@@ -486,7 +486,9 @@ impl Cluster {
 }
 
 /// A step run as phases, one after the other, on the same wafer: weight-streaming training runs its
-/// forward pass (every layer, the whole wafer) and then its backward pass (the whole wafer again).
+/// forward pass (every layer, the whole wafer) and then its backward pass (the whole wafer again; when
+/// the backward pass does not fit at once, the head's backward and then the layers', each on the whole
+/// wafer).
 /// Each phase is a complete program run to completion before the next starts; nothing stays in SRAM
 /// from one phase to the next (data that crosses phases goes out to MemoryX and comes back), and the
 /// step takes the sum of the phases' cycles. The graph's FLOPs are the sum of the phases' `graph_flops`.

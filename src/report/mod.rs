@@ -11,7 +11,7 @@ mod run;
 pub use compare::Comparison;
 pub use gpu::{GpuDetails, KernelRow, LevelBytes, MemoryFootprint};
 pub use graph::{GraphSummary, KindRow, WorkloadSummary};
-pub use plan::{PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
+pub use plan::{phase_name, PlanPort, PlanRegion, PlanStream, PlanSummary, ProgramStats};
 pub use run::{
     channel_utilization, io_utilization, Bottleneck, HostInfo, IoChannel, MachineSummary, OpRow, RunReport, Utilization,
 };

@@ -7,11 +7,23 @@ use serde::{Deserialize, Serialize};
 
 use super::fmt::{human, thousands};
 
+/// The name of phase `i` of a weight-streaming training step of `phases` phases: the forward pass, then
+/// the backward pass; when the backward pass does not fit the wafer at once, the head's backward (the
+/// once-stages before the backward layer loop) runs first on the whole wafer, then the loop.
+pub fn phase_name(i: u32, phases: u32) -> &'static str {
+    match (i, phases) {
+        (0, _) => "forward",
+        (1, 3..) => "head-backward",
+        _ => "backward",
+    }
+}
+
 /// One region: the PEs of one stage (an op, or a fused group; all layers' instances when folded).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanRegion {
     pub wafer: u32,
-    /// Phase (weight-streaming training: 0 forward, 1 backward), else 0.
+    /// Phase (weight-streaming training: 0 forward, 1 backward; or 1 the head's backward and 2 the rest, see
+    /// `phase_name`), else 0.
     pub phase: u32,
     pub name: String,
     /// Op kind of the main op (`linear`, `attn_scores`, ...).
@@ -230,7 +242,7 @@ impl PlanSummary {
                     let _ = writeln!(s, "wafer {w}");
                 }
                 if self.phases > 1 {
-                    let _ = writeln!(s, "phase {ph}: {}", if ph == 0 { "forward" } else { "backward" });
+                    let _ = writeln!(s, "phase {ph}: {}", phase_name(ph, self.phases));
                 }
                 s.push_str(&self.map(w, ph, map_cols, (map_cols / 2).max(8)));
             }

@@ -84,6 +84,23 @@ pub fn seeded_train_step(
     waferscale::functional::Run<f32>,
     waferscale::functional::Numerics,
 ) {
+    seeded_train_step_with(name, mesh, &[], seq, dtype, mode)
+}
+
+/// `seeded_train_step` on WSE-2 with `sets` overriding its description (`--set KEY=VALUE`).
+pub fn seeded_train_step_with(
+    name: &str,
+    mesh: u32,
+    sets: &[&str],
+    seq: u64,
+    dtype: waferscale::model::DType,
+    mode: Option<waferscale::compile::Mode>,
+) -> (
+    waferscale::model::Model,
+    Vec<(String, waferscale::mesh::MeshProgram)>,
+    waferscale::functional::Run<f32>,
+    waferscale::functional::Numerics,
+) {
     use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
     use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
     let model = model::load(name).expect("model");
@@ -95,7 +112,8 @@ pub fn seeded_train_step(
         ..Default::default()
     };
     let w = args.resolve(&model).expect("workload");
-    let doc = waferscale::hw::load_with_overrides("wse2", &[]).expect("wse2");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let doc = waferscale::hw::load_with_overrides("wse2", &sets).expect("wse2");
     let hw = waferscale::hw::WaferHw::from_doc(&doc).expect("wafer").with_mesh(mesh, mesh).expect("mesh");
     let opts = waferscale::compile::CompileOptions { mode, ..Default::default() };
     let (_, c) = waferscale::compile::compile_model(&model, &w, &hw, &opts).expect("compile");
