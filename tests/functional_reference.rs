@@ -231,7 +231,7 @@ fn adam_update_matches_its_formula() {
         moments.insert(name.clone(), (m, v));
     }
     let adam = AdamConfig { lr: 3e-4, beta1: 0.8, beta2: 0.99, eps: 1e-7, step: 3 };
-    let opts = Options { adam, precision: Precision::Exact };
+    let opts = Options { adam, precision: Precision::Exact, ..Options::default() };
     let vals = evaluate(&g, &numerics_of(&model).unwrap(), &feeds, &opts).unwrap();
     let grads = weight_grads(&g);
     let mut checked = 0;

@@ -126,8 +126,8 @@ impl Checked {
                 o.bound.unwrap_or(0.0),
                 self.dtype.name(),
                 self.routing.as_ref().map_or(String::new(), |r| format!(
-                    "; the wafer's MoE routing differs from the reference's: {r}: a near-tie of router logits that \
-                     storage rounding settles otherwise, after which no result downstream can match"
+                    "; the wafer's MoE routing differs from the reference's by more than a near-tie of router \
+                     logits (which the reference would follow): {r}; no result downstream of it can match"
                 ))
             ))
             .into()),
@@ -266,22 +266,16 @@ pub fn emulate(
             })
             .collect();
         let done = fmesh::run_phases(&programs, &run.graph, &numerics, &run.values, &eopts)?;
+        let mut outputs = done.outputs;
+        // (No note on the timing: the report stays the one without values; `run_phases` says what ran where.)
+        let mut notes = Vec::new();
+        let (run, routing) = follow_routing(p, &source, &tokens, &opts, run, &mut outputs, &mut notes)?;
         if let Some(path) = &cmd.out {
-            write_training(path, p, &run, &done.outputs)?;
+            write_training(path, p, &run, &outputs)?;
         }
-        // (No note: the timing report stays the one without values; `run_phases` says what ran where.)
-        let notes = Vec::new();
         let moe_dropped = run.values.moe_dropped.clone();
-        let routing = fmesh::routing_divergence(&run.graph, &done.outputs, &run.values);
-        let checked = Checked {
-            routing,
-            outputs: done.outputs,
-            dtype: workload.dtype,
-            context: None,
-            steps: Vec::new(),
-            notes,
-            moe_dropped,
-        };
+        let checked =
+            Checked { routing, outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes, moe_dropped };
         return Ok((Emulated { programs, runs: done.runs, notes: fast_notes(p, fidelity) }, checked));
     }
     let (_, prog) = &programs[0];
@@ -289,7 +283,9 @@ pub fn emulate(
     let spec = trace.map(|t| waferscale::trace::spec_for(prog, t));
     let eopts = EngineOptions { fidelity, threads, trace: spec, progress: None };
     let (erun, results) = engine::run_functional(prog, &eopts, Arc::new(setup))?;
-    let outputs = fmesh::outputs(prog, &run.graph, &results, &run.values)?;
+    let mut outputs = fmesh::outputs(prog, &run.graph, &results, &run.values)?;
+    let mut notes = Vec::new();
+    let (run, routing) = follow_routing(p, &source, &tokens, &opts, run, &mut outputs, &mut notes)?;
     if let (Some(path), Phase::Train) = (&cmd.out, workload.phase) {
         write_training(path, p, &run, &outputs)?;
     } else if let Some(path) = &cmd.out {
@@ -306,16 +302,41 @@ pub fn emulate(
         write_f32(path, &tensors)?;
     }
     let moe_dropped = run.values.moe_dropped.clone();
-    let checked = Checked {
-        outputs,
-        dtype: workload.dtype,
-        context: None,
-        steps: Vec::new(),
-        notes: Vec::new(),
-        moe_dropped,
-        routing: None,
-    };
+    let checked =
+        Checked { outputs, dtype: workload.dtype, context: None, steps: Vec::new(), notes, moe_dropped, routing };
     Ok((Emulated { programs, runs: vec![erun], notes: fast_notes(p, fidelity) }, checked))
+}
+
+/// Where the wafer's read-back MoE top-k settled a near-tie of router logits otherwise than the
+/// reference (`fmesh::follow_routing`), runs the reference again following the wafer's routing for
+/// those tokens and judges `outputs` against it (a note says how many); returns the reference the
+/// results are judged against and, where the wafer routed a token otherwise by more than a near-tie,
+/// the first such token.
+fn follow_routing(
+    p: &Prepared,
+    source: &functional::WeightSource,
+    tokens: &Tokens,
+    opts: &Options,
+    run: functional::Run<f32>,
+    outputs: &mut [MeshOutput],
+    notes: &mut Vec<String>,
+) -> Result<(functional::Run<f32>, Option<String>), Error> {
+    match fmesh::follow_routing(&run.graph, outputs, &run.values) {
+        Ok(forced) if !forced.is_empty() => {
+            let n: usize = forced.values().map(|m| m.len()).sum();
+            let opts = Options { forced_routing: forced, ..opts.clone() };
+            let followed = functional::run::<f32>(&p.model, &p.graph.workload, source, tokens, &opts)?;
+            fmesh::rejudge(&followed.graph, outputs, &followed.values);
+            notes.push(format!(
+                "MoE routing: the wafer settled {n} near-tie(s) of router logits otherwise than the reference \
+                 (each within the rounding bound of its logits); the reference followed the wafer's routing there"
+            ));
+            let routing = fmesh::routing_divergence(&followed.graph, outputs, &followed.values);
+            Ok((followed, routing))
+        }
+        Ok(_) => Ok((run, None)),
+        Err(first) => Ok((run, Some(first))),
+    }
 }
 
 /// --out of a training step: the weights the wafer's Adam regions updated, as a checkpoint (their

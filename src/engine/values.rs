@@ -154,6 +154,9 @@ pub struct Setup {
     /// A partial run: the program's refused regions (`TaskData::Refused`) run without values, and so
     /// does every task downstream of them; only the results computed in full are read back.
     pub partial: bool,
+    /// Tensors whose finished values the output gateways keep as tapped results in any run (a MoE
+    /// top-k's probabilities: the wafer's routing, which the check compares with the reference's).
+    pub taps: std::collections::BTreeSet<u32>,
 }
 
 /// One PE's (or port's) values.
@@ -413,7 +416,7 @@ impl PartValues {
     /// run keeps the block as a tapped result.
     fn send_views(&mut self, local: usize, f: Frag, views: &[Option<View>], n_sends: usize) -> Vec<Option<Payload>> {
         let f = self.rounded(std::slice::from_ref(&f))[0].clone();
-        if self.setup.partial {
+        if self.setup.partial || self.setup.taps.contains(&f.tensor) {
             self.pes[local].tapped.push(f.clone());
         }
         (0..n_sends)
@@ -667,10 +670,10 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Route { views } => {
-                if self.setup.partial {
-                    let done = claimed.iter().filter(|f| f.cover == 0 && f.tensor < NO_VALUES).cloned();
-                    self.pes[local].tapped.extend(done);
-                }
+                let (partial, taps) = (self.setup.partial, &self.setup.taps);
+                let tap = |f: &&Frag| f.cover == 0 && f.tensor < NO_VALUES && (partial || taps.contains(&f.tensor));
+                let done: Vec<Frag> = claimed.iter().filter(tap).cloned().collect();
+                self.pes[local].tapped.extend(done);
                 let mut outs = Vec::with_capacity(n_sends);
                 for i in 0..n_sends {
                     let sel: Vec<Frag> = match views.get(i).copied().flatten() {

@@ -112,7 +112,7 @@ impl<'a> Decoder<'a> {
         }
         let (weights, seed) = weights_of(model, &graph, source)?;
         let numerics = numerics_of(model)?;
-        Ok(Decoder { model, first: first.clone(), tokens: tokens.clone(), weights, numerics, opts: *opts, seed })
+        Ok(Decoder { model, first: first.clone(), tokens: tokens.clone(), weights, numerics, opts: opts.clone(), seed })
     }
 
     /// Step `s`'s workload: the first one with `s` more tokens in the cache.

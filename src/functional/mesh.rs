@@ -448,7 +448,14 @@ fn setup_with(
     // step `wafer run --functional` and `wafer reference` evaluate.
     let a = super::AdamConfig::default();
     let adam = (a.lr, a.beta1, a.beta2, a.eps, a.step);
-    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq, adam, partial })
+    // The wafer's routing: every MoE top-k's probabilities, read back from its output gateway.
+    let taps = graph
+        .op_ids()
+        .map(|o| graph.op(o))
+        .filter(|op| matches!(op.kind, crate::graph::OpKind::MoeTopK(_)))
+        .map(|op| op.outputs[0].0)
+        .collect();
+    Ok(Setup { data: Arc::clone(data), tensors, storage, ints, numerics, inv_freq, adam, partial, taps })
 }
 
 /// Assembles the program's results from what its readout PEs hold, checks that every value is there
@@ -539,16 +546,7 @@ fn outputs_with(
             )));
         }
         let t = TensorId(r.tensor);
-        // A training step's other results (the loss) are linear in the values the step stores.
-        let training = graph.op_ids().any(|o| matches!(graph.op(o).kind, crate::graph::OpKind::Adam { .. }));
-        let (max_rel_error, held, bound) = match adam_error(graph, t, &values, reference) {
-            Some((e, held, bound)) => (e, held, Some(bound)),
-            None => (
-                terms_rel_error(graph, t, &values, reference),
-                0,
-                training.then(|| training_bound(graph.workload.dtype, TrainResult::Linear)),
-            ),
-        };
+        let (max_rel_error, held, bound) = judge(graph, t, &values, reference);
         out.push(MeshOutput {
             name: r.name.clone(),
             tensor: t,
@@ -559,10 +557,31 @@ fn outputs_with(
             bound,
         });
     }
-    if partial {
-        out.extend(tapped(graph, results, reference, &out));
-    }
+    // A partial run's intermediate tensors; in any run, the MoE top-k's probabilities (`Setup::taps`).
+    out.extend(tapped(graph, results, reference, &out));
     Ok((out, missing))
+}
+
+/// A result's error against the reference, the elements held to the noise floor, and its bound (see
+/// `MeshOutput`).
+fn judge(graph: &Graph, t: TensorId, values: &[f32], reference: &Values<f32>) -> (f64, usize, Option<f64>) {
+    // A training step's other results (the loss) are linear in the values the step stores.
+    let training = graph.op_ids().any(|o| matches!(graph.op(o).kind, crate::graph::OpKind::Adam { .. }));
+    match adam_error(graph, t, values, reference) {
+        Some((e, held, bound)) => (e, held, Some(bound)),
+        None => (
+            terms_rel_error(graph, t, values, reference),
+            0,
+            training.then(|| training_bound(graph.workload.dtype, TrainResult::Linear)),
+        ),
+    }
+}
+
+/// Judges every result again against another reference run (one that follows the wafer's routing).
+pub fn rejudge(graph: &Graph, outputs: &mut [MeshOutput], reference: &Values<f32>) {
+    for o in outputs {
+        (o.max_rel_error, o.held, o.bound) = judge(graph, o.tensor, &o.values, reference);
+    }
 }
 
 /// A partial run's intermediate tensors: those the output gateways passed on in full (`values::TAP`),
@@ -613,34 +632,103 @@ fn tapped(
 /// In fp16/bf16 a near-tie of two router logits can round otherwise on the wafer than in the reference
 /// (sums in another order); what is downstream of it then differs by more than any rounding bound.
 pub fn routing_divergence(graph: &Graph, outputs: &[MeshOutput], reference: &Values<f32>) -> Option<String> {
+    routed_otherwise(graph, outputs, reference).into_iter().next().map(|d| d.describe())
+}
+
+/// A token a top-k routed otherwise on the wafer than in the reference.
+struct Divergence<'a> {
+    topk: &'a str,
+    /// The router logits the top-k ranks.
+    logits: TensorId,
+    experts: usize,
+    token: usize,
+    wafer: &'a [f32],
+    reference: &'a [f32],
+}
+
+impl Divergence<'_> {
+    fn describe(&self) -> String {
+        let (m, x) = (self.wafer, self.reference);
+        format!(
+            "`{}` routes token {} to experts {:?} (probabilities {m:?}) on the wafer and {:?} ({x:?}) in the reference",
+            self.topk,
+            self.token,
+            chosen(m),
+            chosen(x)
+        )
+    }
+}
+
+/// The chosen experts of one token's stored probabilities, highest first (ties to the lower expert, as
+/// the top-k's).
+fn chosen(row: &[f32]) -> Vec<usize> {
+    let mut c: Vec<usize> = (0..row.len()).filter(|&i| row[i] != 0.0).collect();
+    c.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    c
+}
+
+/// Every token a read-back top-k routed otherwise than the reference, in result and token order.
+fn routed_otherwise<'a>(
+    graph: &'a Graph,
+    outputs: &'a [MeshOutput],
+    reference: &'a Values<f32>,
+) -> Vec<Divergence<'a>> {
     let producers = graph.producers();
+    let mut out = Vec::new();
     for o in outputs {
         let Some(p) = producers.get(o.tensor.idx()).copied().flatten() else { continue };
-        let (crate::graph::OpKind::MoeTopK(_), Some(&e)) = (&graph.op(p).kind, o.shape.last()) else { continue };
+        let op = graph.op(p);
+        let (crate::graph::OpKind::MoeTopK(_), Some(&e)) = (&op.kind, o.shape.last()) else { continue };
         let e = e as usize;
         let r = reference.f(o.tensor);
         if e == 0 || r.len() != o.values.len() {
             continue;
         }
-        // The chosen experts, highest probability first (ties to the lower expert, as the top-k's).
-        let chosen = |row: &[f32]| -> Vec<usize> {
-            let mut c: Vec<usize> = (0..row.len()).filter(|&i| row[i] != 0.0).collect();
-            c.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            c
-        };
         for (t, (m, x)) in o.values.chunks_exact(e).zip(r.chunks_exact(e)).enumerate() {
             if chosen(m) != chosen(x) {
-                return Some(format!(
-                    "`{}` routes token {t} to experts {:?} (probabilities {m:?}) on the wafer and {:?} ({x:?}) in \
-                     the reference",
-                    o.name,
-                    chosen(m),
-                    chosen(x)
-                ));
+                out.push(Divergence {
+                    topk: &op.name,
+                    logits: op.inputs[0],
+                    experts: e,
+                    token: t,
+                    wafer: m,
+                    reference: x,
+                });
             }
         }
     }
-    None
+    out
+}
+
+/// The routing a reference run must follow to compare with the wafer's results (`Options::forced_routing`:
+/// by top-k op and token, the wafer's experts in rank order), where the wafer's read-back top-k chose
+/// otherwise: accepted only where the wafer's choice is a near-tie, a ranking the reference's router
+/// logits give once each moves by at most the rounding bound of a result (`STORAGE_ROUNDINGS` storage
+/// roundings of the row's largest logit): every expert the wafer ranks before another has a logit at most
+/// twice that below the other's. Err names the first token routed otherwise by more than a near-tie
+/// (a wrong top-k or router, which no reference should follow). Empty: the wafer routed as the reference.
+pub fn follow_routing(
+    graph: &Graph,
+    outputs: &[MeshOutput],
+    reference: &Values<f32>,
+) -> Result<BTreeMap<String, BTreeMap<usize, Vec<usize>>>, String> {
+    let u = unit_roundoff(graph.workload.dtype);
+    let mut forced: BTreeMap<String, BTreeMap<usize, Vec<usize>>> = BTreeMap::new();
+    for d in routed_otherwise(graph, outputs, reference) {
+        let logits = reference.f(d.logits);
+        let row = logits.get(d.token * d.experts..(d.token + 1) * d.experts).unwrap_or(&[]);
+        let tol = 2.0 * STORAGE_ROUNDINGS * u * row.iter().fold(0f64, |m, &l| m.max(l.abs() as f64));
+        let wafer = chosen(d.wafer);
+        // Each chosen expert against every expert ranked after it: those chosen later, then the rest.
+        let after = |i: usize| wafer[i + 1..].iter().copied().chain((0..d.experts).filter(|x| !wafer.contains(x)));
+        let near = row.len() == d.experts
+            && (0..wafer.len()).all(|i| after(i).all(|b| row[wafer[i]] as f64 >= row[b] as f64 - tol));
+        if !near {
+            return Err(d.describe());
+        }
+        forced.entry(d.topk.to_string()).or_default().insert(d.token, wafer);
+    }
+    Ok(forced)
 }
 
 /// The results of weight-streaming training, run as the compiler splits it (`compile::Compiled::phases`):

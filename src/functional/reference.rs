@@ -20,6 +20,7 @@
 //! - Adam: `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2`, `w' = w - lr m'/(1 - b1^t) /
 //!   (sqrt(v'/(1 - b2^t)) + eps)`, applied to the fp32 master copy when there is one.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::inputs::feeds_check;
@@ -75,15 +76,19 @@ impl Default for AdamConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     pub adam: AdamConfig,
     pub precision: Precision,
+    /// MoE routing to follow instead of the top-k's own, by top-k op name and token: the experts in
+    /// rank order (`functional::mesh::follow_routing`: where the wafer settled a near-tie of router
+    /// logits otherwise, within their rounding bound). Empty: every token routed by its own top-k.
+    pub forced_routing: BTreeMap<String, BTreeMap<usize, Vec<usize>>>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { adam: AdamConfig::default(), precision: Precision::Exact }
+        Options { adam: AdamConfig::default(), precision: Precision::Exact, forced_routing: BTreeMap::new() }
     }
 }
 
@@ -526,7 +531,8 @@ impl<T: Real> Ctx<'_, T> {
             }
             OpKind::MoeTopK(r) => {
                 let stored = |p: T| self.stored(op.outputs[0], p);
-                let (probs, routing) = moe_topk(&r, self.f(ins[0])?, &stored);
+                let forced = self.opts.forced_routing.get(&op.name);
+                let (probs, routing) = moe_topk(&r, self.f(ins[0])?, &stored, forced);
                 self.dropped.push((op.name.clone(), routing.dropped));
                 // The routing belongs to the probabilities; everything downstream of them inherits it.
                 self.routing[op.outputs[0].idx()] = Some(Rc::new(routing));
@@ -1036,17 +1042,24 @@ fn norm_grad<T: Real>(kind: NormKind, w: usize, eps: f64, x: &[T], gamma: &[T], 
 /// capacity before second ones) by their probabilities as stored (`stored`: rounded to the storage
 /// dtype in a rounding run), ties to the lower expert: what the wafer, which derives the routing from
 /// the stored probabilities it receives, can tell apart. In bf16 two chosen experts' probabilities
-/// often round to one value where their logits differ.
-fn moe_topk<T: Real>(r: &Route, logits: &[T], stored: &dyn Fn(T) -> T) -> (Vec<T>, Routing) {
+/// often round to one value where their logits differ. A token `forced` names takes those experts in
+/// that rank instead (`Options::forced_routing`), its probabilities the softmax over their logits.
+fn moe_topk<T: Real>(
+    r: &Route,
+    logits: &[T],
+    stored: &dyn Fn(T) -> T,
+    forced: Option<&BTreeMap<usize, Vec<usize>>>,
+) -> (Vec<T>, Routing) {
     let (rows, e, k) = (r.rows as usize, r.experts as usize, r.top_k as usize);
     let mut probs = vec![T::zero(); rows * e];
     let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(rows);
     for t in 0..rows {
         let row = &logits[t * e..(t + 1) * e];
+        let forced = forced.and_then(|f| f.get(&t)).filter(|f| f.len() == k && f.iter().all(|&x| x < e));
         let mut order: Vec<usize> = (0..e).collect();
         // Highest logit first; ties to the lower expert index (a stable sort keeps index order).
         order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
-        let top: Vec<usize> = order[..k].to_vec();
+        let top: Vec<usize> = forced.cloned().unwrap_or_else(|| order[..k].to_vec());
         let m = row[top[0]];
         let mut sum = T::zero();
         for &x in &top {
@@ -1057,7 +1070,9 @@ fn moe_topk<T: Real>(r: &Route, logits: &[T], stored: &dyn Fn(T) -> T) -> (Vec<T
         }
         let rank = |x: usize| stored(probs[t * e + x]);
         let mut top = top;
-        top.sort_by(|&a, &b| rank(b).partial_cmp(&rank(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        if forced.is_none() {
+            top.sort_by(|&a, &b| rank(b).partial_cmp(&rank(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        }
         chosen.push(top);
     }
     let d = r.dispatch(&chosen);
@@ -1091,7 +1106,7 @@ mod tests {
         let r = Route { rows: 1, width: 8, experts: 4, top_k: 2, capacity_pct: 200 };
         let logits = [0.0f32, 0.001, -5.0, -5.0];
         let first = |stored: &dyn Fn(f32) -> f32| -> Vec<usize> {
-            let (probs, routing) = moe_topk(&r, &logits, stored);
+            let (probs, routing) = moe_topk(&r, &logits, stored, None);
             assert!(probs[2] == 0.0 && probs[3] == 0.0, "experts 0 and 1 are the top 2: {probs:?}");
             routing.slots[0].iter().map(|&(e, _)| e).collect()
         };
