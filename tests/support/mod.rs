@@ -68,6 +68,14 @@ pub fn functional_json(args: &[&str]) -> (serde_json::Value, f64, String) {
     (v, err, stderr)
 }
 
+/// A seeded training step: the model, the step's programs, the reference's run, numerics.
+pub type SeededStep = (
+    waferscale::model::Model,
+    Vec<(String, waferscale::mesh::MeshProgram)>,
+    waferscale::functional::Run<f32>,
+    waferscale::functional::Numerics,
+);
+
 /// One seeded training step of `name` (batch 1 x `seq`, `dtype`) on a `mesh` x `mesh` WSE-2 rectangle,
 /// compiled in `mode` (None: the compiler's choice), with the reference's run of the same step
 /// (tokens seeded 3, weights seeded 7; fp16/bf16 rounded as stored): (model, the step's programs,
@@ -78,12 +86,7 @@ pub fn seeded_train_step(
     seq: u64,
     dtype: waferscale::model::DType,
     mode: Option<waferscale::compile::Mode>,
-) -> (
-    waferscale::model::Model,
-    Vec<(String, waferscale::mesh::MeshProgram)>,
-    waferscale::functional::Run<f32>,
-    waferscale::functional::Numerics,
-) {
+) -> SeededStep {
     seeded_train_step_with(name, mesh, &[], seq, dtype, mode)
 }
 
@@ -95,12 +98,7 @@ pub fn seeded_train_step_with(
     seq: u64,
     dtype: waferscale::model::DType,
     mode: Option<waferscale::compile::Mode>,
-) -> (
-    waferscale::model::Model,
-    Vec<(String, waferscale::mesh::MeshProgram)>,
-    waferscale::functional::Run<f32>,
-    waferscale::functional::Numerics,
-) {
+) -> SeededStep {
     use waferscale::functional::{self, Options, Precision, Tokens, WeightSource};
     use waferscale::model::{self, DType, Model, Phase, WorkloadArgs};
     let model = model::load(name).expect("model");
