@@ -159,6 +159,14 @@ pub struct Setup {
     pub taps: std::collections::BTreeSet<u32>,
 }
 
+impl Setup {
+    /// Whether an output gateway keeps the finished values of `tensor` it passes on as a tapped result:
+    /// every tensor in a partial run, the `taps` in any run.
+    fn keeps(&self, tensor: u32) -> bool {
+        self.partial || self.taps.contains(&tensor)
+    }
+}
+
 /// One PE's (or port's) values.
 #[derive(Debug, Default)]
 struct Pe {
@@ -416,7 +424,7 @@ impl PartValues {
     /// run keeps the block as a tapped result.
     fn send_views(&mut self, local: usize, f: Frag, views: &[Option<View>], n_sends: usize) -> Vec<Option<Payload>> {
         let f = self.rounded(std::slice::from_ref(&f))[0].clone();
-        if self.setup.partial || self.setup.taps.contains(&f.tensor) {
+        if self.setup.keeps(f.tensor) {
             self.pes[local].tapped.push(f.clone());
         }
         (0..n_sends)
@@ -670,10 +678,11 @@ impl PartValues {
                 Ok(all(self.rounded(&self.pes[local].acc)))
             }
             Kernel::Route { views } => {
-                let (partial, taps) = (self.setup.partial, &self.setup.taps);
-                let tap = |f: &&Frag| f.cover == 0 && f.tensor < NO_VALUES && (partial || taps.contains(&f.tensor));
-                let done: Vec<Frag> = claimed.iter().filter(tap).cloned().collect();
-                self.pes[local].tapped.extend(done);
+                if self.setup.partial || !self.setup.taps.is_empty() {
+                    let setup = &self.setup;
+                    let done = claimed.iter().filter(|f| f.cover == 0 && f.tensor < NO_VALUES && setup.keeps(f.tensor));
+                    self.pes[local].tapped.extend(done.cloned());
+                }
                 let mut outs = Vec::with_capacity(n_sends);
                 for i in 0..n_sends {
                     let sel: Vec<Frag> = match views.get(i).copied().flatten() {
